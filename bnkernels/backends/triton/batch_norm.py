@@ -1,0 +1,602 @@
+"""BatchNorm in Triton: training/eval forward and backward, with optional fused ReLU.
+
+Every tensor is viewed as a 2-D, row-major *matrix* ``[ROWS, COLS]`` in one of two layouts
+(see :func:`bnkernels.backends.triton.common.view_layout`):
+
+* ``"ncs"`` -- NC(S)-contiguous input ``(N, C, *spatial)``: ROWS = N*C, COLS = S (product of the
+  spatial dims). The channel of row ``r`` is ``r % C``.
+* ``"mc"``  -- channels-last input (or ``(N, C)``): ROWS = M = N*S, COLS = C. The channel of
+  column ``c`` is ``c``.
+
+Per channel the statistics run over M = N*S values. The pipeline is
+
+forward (training)::
+
+    _bn_stats_{ncs,mc}_kernel   split reduction: per-lane Welford, k-way Chan merge of the lanes;
+                                one (count, mean, M2) partial per (channel, split)
+    _bn_stats_finalize_kernel   Chan merge of the splits in a fixed order -> mean, invstd (saved);
+                                running_mean/running_var updated in place (no host sync)
+    _bn_apply_kernel            y = (x - mean) * invstd * w + b  (+ ReLU)
+
+forward (eval): ``_bn_apply_kernel`` alone, with invstd = 1/sqrt(running_var + eps) computed in
+the kernel.
+
+backward::
+
+    _bn_bwd_reduce_{ncs,mc}_kernel   partial sum(g) and sum(g * (x - mean)) per (channel, split),
+                                     g = dy (or dy * [y > 0] with the fused ReLU, y recomputed)
+    _bn_bwd_finalize_kernel          fixed-order sum of the splits -> dweight, dbias and the
+                                     per-channel coefficients of dx
+    _bn_bwd_dx_kernel                training: dx = (g - sum_g/M - (x-mean)*invstd^2*sum_gxmu/M)
+                                                     * invstd * w
+                                     eval:     dx = g * invstd * w
+
+Reductions are split over many programs per channel and merged in a fixed order, so one input
+always gives bit-identical results. Statistics accumulate in fp32 (fp64 for fp64 input).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import (
+    acc_dtype,
+    apply_config,
+    as_layout,
+    reduce_config,
+    tl_dtype,
+    view_layout,
+)
+
+# ----------------------------------------------------------------------------- shared jit helpers
+
+
+@triton.jit
+def _welford_combine(mean_a, m2_a, n_a, mean_b, m2_b, n_b):
+    """Chan et al.'s merge of two (mean, M2, count) summaries; empty summaries are neutral."""
+    n = n_a + n_b
+    frac = tl.where(n == 0, 0.0, n_b / tl.where(n == 0, 1.0, n))
+    delta = mean_b - mean_a
+    return mean_a + delta * frac, m2_a + m2_b + delta * delta * n_a * frac, n
+
+
+@triton.jit
+def _welford_lanes_merge(mean, m2, cnt, axis: tl.constexpr):
+    """Merge per-lane (mean, M2, count) along ``axis`` in one step (Chan's formula, k-way):
+    n = sum n_l,  mean = sum n_l mean_l / n,  M2 = sum M2_l + sum n_l (mean_l - mean)^2.
+    Plain sums, so it costs a few reductions (a pairwise tl.reduce tree is far slower in the
+    interpreter) and deviations are taken from the merged mean, which keeps it stable."""
+    n = tl.sum(cnt, axis)
+    mean_t = tl.sum(cnt * mean, axis) / tl.maximum(n, 1.0)
+    if axis == 0:
+        d = mean - mean_t[None, :] if len(mean.shape) == 2 else mean - mean_t
+    else:
+        d = mean - mean_t[:, None]
+    m2_t = tl.sum(m2 + cnt * d * d, axis)
+    return mean_t, m2_t, n
+
+
+@triton.jit
+def _welford_update(mean, m2, cnt, x, mask):
+    """One Welford step per lane; masked lanes are left unchanged."""
+    cnt = cnt + mask.to(cnt.dtype)
+    delta = tl.where(mask, x - mean, 0.0)
+    mean = mean + delta / tl.maximum(cnt, 1.0)
+    m2 = m2 + delta * tl.where(mask, x - mean, 0.0)
+    return mean, m2, cnt
+
+
+@triton.jit
+def _relu_grad(g, x, mean, invstd, w, b):
+    """dy masked by the fused ReLU: y recomputed exactly as the forward computed it.
+
+    Like torch's threshold_backward, the gradient is dropped where y <= 0 (so NaN passes)."""
+    y = (x - mean) * invstd * w + b
+    return tl.where(y <= 0.0, 0.0, g)
+
+
+# ----------------------------------------------------------------------------- forward kernels
+
+
+@triton.jit
+def _bn_stats_ncs_kernel(
+    x_ptr,  # (N, C, S) contiguous
+    part_ptr,  # [3, C, SPLIT] ACC: count, mean, M2 of each split
+    C,  # channels
+    S,  # spatial size
+    M,  # values per channel (N * S)
+    CHUNK,  # values per split (a multiple of BLOCK)
+    SPLIT,  # splits per channel
+    BLOCK: tl.constexpr,
+    ACC: tl.constexpr,
+    INT64: tl.constexpr,
+):
+    c = tl.program_id(0)
+    p = tl.program_id(1)
+    mean = tl.zeros([BLOCK], ACC)
+    m2 = tl.zeros([BLOCK], ACC)
+    cnt = tl.zeros([BLOCK], ACC)
+    lane = tl.arange(0, BLOCK)
+    for off in range(0, CHUNK, BLOCK):
+        r = p * CHUNK + off + lane
+        if INT64:
+            r = r.to(tl.int64)
+        mask = r < M
+        n = r // S
+        ptr = x_ptr + (n * C + c) * S + (r - n * S)
+        x = tl.load(ptr, mask=mask, other=0.0).to(ACC)
+        mean, m2, cnt = _welford_update(mean, m2, cnt, x, mask)
+    mean, m2, cnt = _welford_lanes_merge(mean, m2, cnt, 0)
+    out = part_ptr + c * SPLIT + p
+    tl.store(out, cnt)
+    tl.store(out + C * SPLIT, mean)
+    tl.store(out + 2 * C * SPLIT, m2)
+
+
+@triton.jit
+def _bn_stats_mc_kernel(
+    x_ptr,  # (M, C) contiguous (channels last)
+    part_ptr,  # [3, C, SPLIT] ACC
+    C,
+    M,
+    CHUNK,  # rows per split (a multiple of BLOCK_M)
+    SPLIT,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    ACC: tl.constexpr,
+    INT64: tl.constexpr,
+):
+    pc = tl.program_id(0)
+    p = tl.program_id(1)
+    cols = pc * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    mean = tl.zeros([BLOCK_M, BLOCK_C], ACC)
+    m2 = tl.zeros([BLOCK_M, BLOCK_C], ACC)
+    cnt = tl.zeros([BLOCK_M, BLOCK_C], ACC)
+    for off in range(0, CHUNK, BLOCK_M):
+        rows = p * CHUNK + off + tl.arange(0, BLOCK_M)
+        if INT64:
+            rows = rows.to(tl.int64)
+        mask = (rows < M)[:, None] & cmask[None, :]
+        x = tl.load(x_ptr + rows[:, None] * C + cols[None, :], mask=mask, other=0.0).to(ACC)
+        mean, m2, cnt = _welford_update(mean, m2, cnt, x, mask)
+    mean, m2, cnt = _welford_lanes_merge(mean, m2, cnt, 0)
+    out = part_ptr + cols * SPLIT + p
+    tl.store(out, cnt, mask=cmask)
+    tl.store(out + C * SPLIT, mean, mask=cmask)
+    tl.store(out + 2 * C * SPLIT, m2, mask=cmask)
+
+
+@triton.jit
+def _bn_stats_finalize_kernel(
+    part_ptr,  # [3, C, SPLIT] ACC partials
+    mean_ptr,  # [C] ACC out: batch mean
+    invstd_ptr,  # [C] ACC out: 1 / sqrt(biased var + eps)
+    rmean_ptr,  # [C] running_mean (any float dtype), updated in place if UPDATE
+    rvar_ptr,  # [C] running_var, updated in place with the unbiased variance if UPDATE
+    C,
+    SPLIT,
+    momentum,
+    eps,
+    BLOCK_C: tl.constexpr,
+    ACC: tl.constexpr,
+    UPDATE: tl.constexpr,
+):
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    mean = tl.zeros([BLOCK_C], ACC)
+    m2 = tl.zeros([BLOCK_C], ACC)
+    cnt = tl.zeros([BLOCK_C], ACC)
+    for p in range(0, SPLIT):  # fixed order: deterministic
+        base = part_ptr + cols * SPLIT + p
+        n_b = tl.load(base, mask=cmask, other=0.0)
+        mean_b = tl.load(base + C * SPLIT, mask=cmask, other=0.0)
+        m2_b = tl.load(base + 2 * C * SPLIT, mask=cmask, other=0.0)
+        mean, m2, cnt = _welford_combine(mean, m2, cnt, mean_b, m2_b, n_b)
+    var = m2 / tl.maximum(cnt, 1.0)
+    invstd = 1.0 / tl.sqrt(var + eps)
+    tl.store(mean_ptr + cols, mean, mask=cmask)
+    tl.store(invstd_ptr + cols, invstd, mask=cmask)
+    if UPDATE:
+        rm = tl.load(rmean_ptr + cols, mask=cmask, other=0.0).to(ACC)
+        rv = tl.load(rvar_ptr + cols, mask=cmask, other=0.0).to(ACC)
+        unbiased = m2 / tl.maximum(cnt - 1.0, 1.0)
+        rm = momentum * mean + (1.0 - momentum) * rm
+        rv = momentum * unbiased + (1.0 - momentum) * rv
+        tl.store(rmean_ptr + cols, rm.to(rmean_ptr.dtype.element_ty), mask=cmask)
+        tl.store(rvar_ptr + cols, rv.to(rvar_ptr.dtype.element_ty), mask=cmask)
+
+
+@triton.jit
+def _bn_apply_kernel(
+    x_ptr,  # [ROWS, COLS] contiguous
+    y_ptr,  # [ROWS, COLS] out, x's dtype
+    mean_ptr,  # [C]
+    scale_ptr,  # [C] invstd, or running_var if FROM_VAR
+    w_ptr,  # [C] or dummy
+    b_ptr,  # [C] or dummy
+    ROWS,
+    COLS,
+    C,
+    eps,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    CHAN_ON_ROWS: tl.constexpr,  # "ncs" layout: channel = row % C; else channel = column
+    FROM_VAR: tl.constexpr,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    RELU: tl.constexpr,
+    ACC: tl.constexpr,
+    INT64: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    if INT64:
+        rows = rows.to(tl.int64)
+    rmask = rows < ROWS
+    kmask = cols < COLS
+    if CHAN_ON_ROWS:
+        ch = rows % C
+        cm = rmask
+    else:
+        ch = cols
+        cm = kmask
+    mean = tl.load(mean_ptr + ch, mask=cm, other=0.0).to(ACC)
+    scale = tl.load(scale_ptr + ch, mask=cm, other=1.0).to(ACC)
+    if FROM_VAR:
+        scale = 1.0 / tl.sqrt(scale + eps)
+    if HAS_W:
+        w = tl.load(w_ptr + ch, mask=cm, other=1.0).to(ACC)
+    else:
+        w = tl.full(ch.shape, 1.0, ACC)
+    if HAS_B:
+        b = tl.load(b_ptr + ch, mask=cm, other=0.0).to(ACC)
+    else:
+        b = tl.zeros(ch.shape, ACC)
+    if CHAN_ON_ROWS:
+        mean, scale, w, b = mean[:, None], scale[:, None], w[:, None], b[:, None]
+    else:
+        mean, scale, w, b = mean[None, :], scale[None, :], w[None, :], b[None, :]
+    offs = rows[:, None] * COLS + cols[None, :]
+    mask = rmask[:, None] & kmask[None, :]
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+    y = (x - mean) * scale * w + b
+    if RELU:
+        y = tl.where(y < 0.0, 0.0, y)  # NaN propagates, as torch.relu
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------- backward kernels
+
+
+@triton.jit
+def _bn_bwd_reduce_ncs_kernel(
+    dy_ptr,  # (N, C, S) contiguous
+    x_ptr,  # (N, C, S) contiguous
+    mean_ptr,  # [C] ACC
+    invstd_ptr,  # [C] ACC
+    w_ptr,
+    b_ptr,
+    part_ptr,  # [2, C, SPLIT] ACC: sum(g), sum(g * (x - mean))
+    C,
+    S,
+    M,
+    CHUNK,
+    SPLIT,
+    BLOCK: tl.constexpr,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    RELU: tl.constexpr,
+    ACC: tl.constexpr,
+    INT64: tl.constexpr,
+):
+    c = tl.program_id(0)
+    p = tl.program_id(1)
+    mean = tl.load(mean_ptr + c).to(ACC)
+    invstd = tl.load(invstd_ptr + c).to(ACC)
+    w = 1.0
+    b = 0.0
+    if HAS_W:
+        w = tl.load(w_ptr + c).to(ACC)
+    if HAS_B:
+        b = tl.load(b_ptr + c).to(ACC)
+    sum_g = tl.zeros([BLOCK], ACC)
+    sum_gx = tl.zeros([BLOCK], ACC)
+    lane = tl.arange(0, BLOCK)
+    for off in range(0, CHUNK, BLOCK):
+        r = p * CHUNK + off + lane
+        if INT64:
+            r = r.to(tl.int64)
+        mask = r < M
+        n = r // S
+        offs = (n * C + c) * S + (r - n * S)
+        g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+        if RELU:
+            g = _relu_grad(g, x, mean, invstd, w, b)
+        g = tl.where(mask, g, 0.0)
+        sum_g += g
+        sum_gx += g * tl.where(mask, x - mean, 0.0)
+    out = part_ptr + c * SPLIT + p
+    tl.store(out, tl.sum(sum_g, 0))
+    tl.store(out + C * SPLIT, tl.sum(sum_gx, 0))
+
+
+@triton.jit
+def _bn_bwd_reduce_mc_kernel(
+    dy_ptr,  # (M, C) contiguous
+    x_ptr,
+    mean_ptr,
+    invstd_ptr,
+    w_ptr,
+    b_ptr,
+    part_ptr,  # [2, C, SPLIT] ACC
+    C,
+    M,
+    CHUNK,
+    SPLIT,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    RELU: tl.constexpr,
+    ACC: tl.constexpr,
+    INT64: tl.constexpr,
+):
+    pc = tl.program_id(0)
+    p = tl.program_id(1)
+    cols = pc * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0).to(ACC)[None, :]
+    invstd = tl.load(invstd_ptr + cols, mask=cmask, other=0.0).to(ACC)[None, :]
+    if HAS_W:
+        w = tl.load(w_ptr + cols, mask=cmask, other=1.0).to(ACC)[None, :]
+    else:
+        w = 1.0
+    if HAS_B:
+        b = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(ACC)[None, :]
+    else:
+        b = 0.0
+    sum_g = tl.zeros([BLOCK_M, BLOCK_C], ACC)
+    sum_gx = tl.zeros([BLOCK_M, BLOCK_C], ACC)
+    for off in range(0, CHUNK, BLOCK_M):
+        rows = p * CHUNK + off + tl.arange(0, BLOCK_M)
+        if INT64:
+            rows = rows.to(tl.int64)
+        mask = (rows < M)[:, None] & cmask[None, :]
+        offs = rows[:, None] * C + cols[None, :]
+        g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+        if RELU:
+            g = _relu_grad(g, x, mean, invstd, w, b)
+        g = tl.where(mask, g, 0.0)
+        sum_g += g
+        sum_gx += g * tl.where(mask, x - mean, 0.0)
+    out = part_ptr + cols * SPLIT + p
+    tl.store(out, tl.sum(sum_g, 0), mask=cmask)
+    tl.store(out + C * SPLIT, tl.sum(sum_gx, 0), mask=cmask)
+
+
+@triton.jit
+def _bn_bwd_finalize_kernel(
+    part_ptr,  # [2, C, SPLIT] ACC
+    invstd_ptr,  # [C] ACC
+    coef_ptr,  # [2, C] ACC out: sum(g) / M, invstd^2 * sum(g*(x-mean)) / M
+    dw_ptr,  # [C] out (weight's dtype): sum(g * xhat)
+    db_ptr,  # [C] out (bias's dtype): sum(g)
+    C,
+    SPLIT,
+    inv_m,  # 1 / M
+    BLOCK_C: tl.constexpr,
+    ACC: tl.constexpr,
+    WRITE_COEF: tl.constexpr,
+    WRITE_DW: tl.constexpr,
+    WRITE_DB: tl.constexpr,
+):
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    sum_g = tl.zeros([BLOCK_C], ACC)
+    sum_gx = tl.zeros([BLOCK_C], ACC)
+    for p in range(0, SPLIT):  # fixed order: deterministic
+        sum_g += tl.load(part_ptr + cols * SPLIT + p, mask=cmask, other=0.0)
+        sum_gx += tl.load(part_ptr + C * SPLIT + cols * SPLIT + p, mask=cmask, other=0.0)
+    invstd = tl.load(invstd_ptr + cols, mask=cmask, other=0.0).to(ACC)
+    if WRITE_COEF:
+        tl.store(coef_ptr + cols, sum_g * inv_m, mask=cmask)
+        tl.store(coef_ptr + C + cols, sum_gx * invstd * invstd * inv_m, mask=cmask)
+    if WRITE_DW:
+        tl.store(dw_ptr + cols, (sum_gx * invstd).to(dw_ptr.dtype.element_ty), mask=cmask)
+    if WRITE_DB:
+        tl.store(db_ptr + cols, sum_g.to(db_ptr.dtype.element_ty), mask=cmask)
+
+
+@triton.jit
+def _bn_bwd_dx_kernel(
+    dy_ptr,  # [ROWS, COLS] contiguous, same layout as x
+    x_ptr,
+    dx_ptr,  # out, x's dtype
+    mean_ptr,  # [C] ACC
+    invstd_ptr,  # [C] ACC
+    w_ptr,
+    b_ptr,
+    coef_ptr,  # [2, C] ACC (training only)
+    ROWS,
+    COLS,
+    C,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    CHAN_ON_ROWS: tl.constexpr,
+    TRAINING: tl.constexpr,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    RELU: tl.constexpr,
+    ACC: tl.constexpr,
+    INT64: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    if INT64:
+        rows = rows.to(tl.int64)
+    rmask = rows < ROWS
+    kmask = cols < COLS
+    if CHAN_ON_ROWS:
+        ch = rows % C
+        cm = rmask
+    else:
+        ch = cols
+        cm = kmask
+    mean = tl.load(mean_ptr + ch, mask=cm, other=0.0).to(ACC)
+    invstd = tl.load(invstd_ptr + ch, mask=cm, other=0.0).to(ACC)
+    if HAS_W:
+        w = tl.load(w_ptr + ch, mask=cm, other=1.0).to(ACC)
+    else:
+        w = tl.full(ch.shape, 1.0, ACC)
+    if HAS_B:
+        b = tl.load(b_ptr + ch, mask=cm, other=0.0).to(ACC)
+    else:
+        b = tl.zeros(ch.shape, ACC)
+    if TRAINING:
+        k1 = tl.load(coef_ptr + ch, mask=cm, other=0.0)
+        k2 = tl.load(coef_ptr + C + ch, mask=cm, other=0.0)
+    else:
+        k1 = tl.zeros(ch.shape, ACC)
+        k2 = tl.zeros(ch.shape, ACC)
+    if CHAN_ON_ROWS:
+        mean, invstd, w, b = mean[:, None], invstd[:, None], w[:, None], b[:, None]
+        k1, k2 = k1[:, None], k2[:, None]
+    else:
+        mean, invstd, w, b = mean[None, :], invstd[None, :], w[None, :], b[None, :]
+        k1, k2 = k1[None, :], k2[None, :]
+    offs = rows[:, None] * COLS + cols[None, :]
+    mask = rmask[:, None] & kmask[None, :]
+    g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+    if RELU:
+        g = _relu_grad(g, x, mean, invstd, w, b)
+    if TRAINING:
+        dx = (g - k1 - (x - mean) * k2) * invstd * w
+    else:
+        dx = g * invstd * w
+    tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _partials(kernel_ncs, kernel_mc, lay, n_out, acc, ptr_args, flag_kwargs):
+    """Launch one split-reduction kernel over ``lay``; returns the [n_out, C, SPLIT] partials."""
+    cfg = reduce_config(lay)
+    part = torch.empty((n_out, lay.C, cfg.split), device=lay.device, dtype=acc)
+    if lay.kind == "ncs":
+        kernel_ncs[(lay.C, cfg.split)](
+            *ptr_args, part, lay.C, lay.S, lay.M, cfg.chunk, cfg.split,
+            BLOCK=cfg.block_m, ACC=tl_dtype(acc), INT64=lay.int64,
+            num_warps=cfg.num_warps, **flag_kwargs,
+        )
+    else:
+        kernel_mc[(triton.cdiv(lay.C, cfg.block_c), cfg.split)](
+            *ptr_args, part, lay.C, lay.M, cfg.chunk, cfg.split,
+            BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, ACC=tl_dtype(acc), INT64=lay.int64,
+            num_warps=cfg.num_warps, **flag_kwargs,
+        )
+    return part, cfg
+
+
+def _elementwise_grid(lay):
+    cfg = apply_config(lay)
+    grid = (triton.cdiv(lay.rows, cfg.block_r), triton.cdiv(lay.cols, cfg.block_k))
+    return grid, dict(BLOCK_R=cfg.block_r, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps)
+
+
+def batch_norm_fwd(x, running_mean, running_var, weight, bias, training, momentum, eps,
+                   activation):
+    """Forward BatchNorm; returns ``(y, save_mean, save_invstd)``.
+
+    In training the saved statistics are the batch mean and 1/sqrt(biased var + eps), in fp32
+    (fp64 for fp64 x), and the running buffers (if given) are updated in place on the device.
+    In eval mode the running statistics are used and ``(y, None, None)`` is returned.
+    Arguments are validated by :mod:`bnkernels.functional`.
+    """
+    lay = view_layout(x)
+    acc = acc_dtype(x.dtype)
+    xc = lay.tensor
+    y = torch.empty_like(xc)
+    dummy = xc
+    if training:
+        part, _ = _partials(_bn_stats_ncs_kernel, _bn_stats_mc_kernel, lay, 3, acc, (xc,), {})
+        mean = torch.empty(lay.C, device=x.device, dtype=acc)
+        invstd = torch.empty(lay.C, device=x.device, dtype=acc)
+        update = running_mean is not None
+        block_c = min(triton.next_power_of_2(lay.C), 1024)
+        _bn_stats_finalize_kernel[(triton.cdiv(lay.C, block_c),)](
+            part, mean, invstd,
+            running_mean if update else mean, running_var if update else invstd,
+            lay.C, part.shape[2], float(momentum), float(eps),
+            BLOCK_C=block_c, ACC=tl_dtype(acc), UPDATE=update,
+        )
+        stat_a, stat_b = mean, invstd
+    else:
+        mean = invstd = None
+        stat_a, stat_b = running_mean, running_var
+    grid, meta = _elementwise_grid(lay)
+    _bn_apply_kernel[grid](
+        xc, y, stat_a, stat_b,
+        weight if weight is not None else dummy, bias if bias is not None else dummy,
+        lay.rows, lay.cols, lay.C, float(eps),
+        CHAN_ON_ROWS=lay.kind == "ncs", FROM_VAR=not training,
+        HAS_W=weight is not None, HAS_B=bias is not None, RELU=activation == "relu",
+        ACC=tl_dtype(acc), INT64=lay.int64, **meta,
+    )
+    return lay.restore(y), mean, invstd
+
+
+def batch_norm_bwd(dy, x, mean, invstd, weight, bias, training, activation, needs):
+    """Backward BatchNorm; returns ``(dx, dweight, dbias)`` (None where ``needs`` says so).
+
+    ``mean``/``invstd`` are the saved batch statistics in training, and running_mean and
+    1/sqrt(running_var + eps) in eval mode.
+    """
+    need_dx, need_dw, need_db = needs
+    need_dw = need_dw and weight is not None
+    need_db = need_db and bias is not None
+    lay = view_layout(x)
+    acc = acc_dtype(x.dtype)
+    xc = lay.tensor
+    dyc = as_layout(dy, lay)
+    mean = mean.to(acc).contiguous()
+    invstd = invstd.to(acc).contiguous()
+    has_w, has_b, relu = weight is not None, bias is not None, activation == "relu"
+    w_arg = weight if has_w else invstd
+    b_arg = bias if has_b else invstd
+    dw = torch.empty_like(weight) if need_dw else None
+    db = torch.empty_like(bias) if need_db else None
+    coef = None
+    if (training and need_dx) or need_dw or need_db:
+        part, _ = _partials(
+            _bn_bwd_reduce_ncs_kernel, _bn_bwd_reduce_mc_kernel, lay, 2, acc,
+            (dyc, xc, mean, invstd, w_arg, b_arg),
+            dict(HAS_W=has_w, HAS_B=has_b, RELU=relu),
+        )
+        write_coef = training and need_dx
+        coef = torch.empty((2, lay.C), device=x.device, dtype=acc) if write_coef else invstd
+        block_c = min(triton.next_power_of_2(lay.C), 1024)
+        _bn_bwd_finalize_kernel[(triton.cdiv(lay.C, block_c),)](
+            part, invstd, coef, dw if need_dw else invstd, db if need_db else invstd,
+            lay.C, part.shape[2], 1.0 / lay.M,
+            BLOCK_C=block_c, ACC=tl_dtype(acc),
+            WRITE_COEF=write_coef, WRITE_DW=need_dw, WRITE_DB=need_db,
+        )
+    dx = None
+    if need_dx:
+        dxc = torch.empty_like(xc)
+        grid, meta = _elementwise_grid(lay)
+        _bn_bwd_dx_kernel[grid](
+            dyc, xc, dxc, mean, invstd, w_arg, b_arg, coef if training else invstd,
+            lay.rows, lay.cols, lay.C,
+            CHAN_ON_ROWS=lay.kind == "ncs", TRAINING=training,
+            HAS_W=has_w, HAS_B=has_b, RELU=relu, ACC=tl_dtype(acc), INT64=lay.int64, **meta,
+        )
+        dx = lay.restore(dxc)
+    return dx, dw, db

@@ -1,0 +1,173 @@
+"""Layouts and launch heuristics shared by the Triton kernels of every op family."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+# Read once, when the kernels are first imported: this is when @triton.jit decides between the
+# compiler and the interpreter.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+_INT32_MAX = 2**31 - 1
+
+# Launch-parameter overrides, for tests that need e.g. many splits on a tiny tensor.
+_OVERRIDES: dict[str, int] = {}
+
+
+@contextlib.contextmanager
+def override_config(**kwargs: int):
+    """Force launch parameters (``split``, ``block_m``, ``block_c``, ``block_r``, ``block_k``).
+
+    Only for tests and experiments with the heuristics; values are still clamped to what the
+    shape allows.
+    """
+    old = dict(_OVERRIDES)
+    _OVERRIDES.update(kwargs)
+    try:
+        yield
+    finally:
+        _OVERRIDES.clear()
+        _OVERRIDES.update(old)
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation (and saved-statistics) dtype: fp64 for fp64 input, fp32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def tl_dtype(dtype: torch.dtype):
+    return {torch.float32: tl.float32, torch.float64: tl.float64}[dtype]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A normalization input seen as a row-major ``[rows, cols]`` matrix.
+
+    kind "ncs": (N, C, S) contiguous, rows = N*C, cols = S, channel = row % C.
+    kind "mc":  (M, C) contiguous (channels last, or 2-D), rows = M, cols = C, channel = col.
+    """
+
+    kind: str
+    tensor: torch.Tensor  # the input, in the memory layout the kernels read
+    N: int
+    C: int
+    S: int
+
+    @property
+    def M(self) -> int:  # values per channel
+        return self.N * self.S
+
+    @property
+    def rows(self) -> int:
+        return self.N * self.C if self.kind == "ncs" else self.M
+
+    @property
+    def cols(self) -> int:
+        return self.S if self.kind == "ncs" else self.C
+
+    @property
+    def int64(self) -> bool:
+        return self.tensor.numel() > _INT32_MAX
+
+    @property
+    def device(self) -> torch.device:
+        return self.tensor.device
+
+    def restore(self, out: torch.Tensor) -> torch.Tensor:
+        """Outputs are allocated like ``tensor`` and keep its shape and memory format."""
+        return out
+
+
+def _channels_last_format(x: torch.Tensor):
+    return {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+
+
+def view_layout(x: torch.Tensor) -> Layout:
+    """Choose the kernel layout for ``x`` (N, C, *spatial); copies only for exotic strides."""
+    N, C = x.shape[0], x.shape[1]
+    S = math.prod(x.shape[2:])
+    if x.dim() > 2 and x.is_contiguous() and S > 1:
+        return Layout("ncs", x, N, C, S)
+    fmt = _channels_last_format(x)
+    if x.is_contiguous() or (fmt is not None and x.is_contiguous(memory_format=fmt)):
+        return Layout("mc", x, N, C, S)  # (N, C), (N, C, 1..), or channels last
+    # Any other strides: make the tensor contiguous explicitly, never read it wrongly.
+    xc = x.contiguous()
+    return Layout("ncs" if S > 1 else "mc", xc, N, C, S)
+
+
+def as_layout(t: torch.Tensor, lay: Layout) -> torch.Tensor:
+    """``t`` (same shape as the input) with exactly the strides the kernels read for ``lay``."""
+    if t.stride() == lay.tensor.stride():
+        return t
+    out = torch.empty_like(lay.tensor, dtype=t.dtype)
+    out.copy_(t)
+    return out
+
+
+@functools.cache
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _target_programs(device: torch.device) -> int:
+    if INTERPRET or device.type != "cuda":
+        return 2  # the interpreter runs programs one after another: few, large ones
+    return 4 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@dataclass(frozen=True)
+class ReduceConfig:
+    split: int  # programs per channel (group)
+    chunk: int  # values (ncs) or rows (mc) per program; a multiple of block_m
+    block_m: int
+    block_c: int
+    num_warps: int
+
+
+def reduce_config(lay: Layout) -> ReduceConfig:
+    """Tiles and split count of a per-channel reduction over ``lay``."""
+    big = INTERPRET or lay.device.type != "cuda"
+    if lay.kind == "ncs":
+        block_c = 1
+        block_m = min(triton.next_power_of_2(lay.M), 4096 if big else 1024)
+    else:
+        block_c = min(triton.next_power_of_2(lay.C), 256 if big else 32)
+        block_m = min(triton.next_power_of_2(lay.M), max(1, (8192 if big else 1024) // block_c))
+    block_c = _OVERRIDES.get("block_c", block_c) if lay.kind == "mc" else 1
+    block_m = _OVERRIDES.get("block_m", block_m)
+    groups = lay.C if lay.kind == "ncs" else triton.cdiv(lay.C, block_c)
+    max_split = triton.cdiv(lay.M, block_m)
+    split = _OVERRIDES.get("split", triton.cdiv(_target_programs(lay.device), groups))
+    split = max(1, min(split, max_split))
+    chunk = triton.cdiv(triton.cdiv(lay.M, split), block_m) * block_m
+    split = triton.cdiv(lay.M, chunk)
+    num_warps = 4 if block_m * block_c <= 512 else 8
+    return ReduceConfig(split, chunk, block_m, block_c, num_warps)
+
+
+@dataclass(frozen=True)
+class ApplyConfig:
+    block_r: int
+    block_k: int
+    num_warps: int
+
+
+def apply_config(lay: Layout) -> ApplyConfig:
+    """Tile of an elementwise pass over the ``[rows, cols]`` matrix."""
+    big = INTERPRET or lay.device.type != "cuda"
+    total = 16384 if big else 2048
+    block_k = min(triton.next_power_of_2(lay.cols), total if lay.kind == "ncs" else 128)
+    block_k = _OVERRIDES.get("block_k", block_k)
+    block_r = max(1, min(triton.next_power_of_2(lay.rows), total // block_k))
+    block_r = _OVERRIDES.get("block_r", block_r)
+    num_warps = 4 if block_r * block_k <= 1024 else 8
+    return ApplyConfig(block_r, block_k, num_warps)

@@ -1,0 +1,67 @@
+"""Backend registry: selection by name and environment, and errors that list every reason."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import bnkernels as bnk
+from bnkernels import backends
+from bnkernels.backends.triton_backend import TritonBackend
+
+
+def test_available_backends_lists_every_backend_with_reasons():
+    avail = bnk.available_backends()
+    assert set(avail) == {"triton", "reference"}
+    assert avail["reference"] == []
+    assert all(isinstance(r, list) for r in avail.values())
+    if not torch.cuda.is_available():  # conftest switched the interpreter on
+        assert avail["triton"] == []
+
+
+def test_set_backend_rejects_unknown_names():
+    with pytest.raises(ValueError, match="unknown backend 'cudnn'.*auto.*triton.*reference"):
+        bnk.set_backend("cudnn")
+
+
+def test_environment_variable_selects_backend(monkeypatch):
+    monkeypatch.setattr(backends, "_selected", None)
+    monkeypatch.setenv("BNKERNELS_BACKEND", "reference")
+    assert bnk.get_backend() == "reference"
+    assert backends.select("batch_norm", torch.randn(4, 3)).name == "reference"
+    monkeypatch.setenv("BNKERNELS_BACKEND", "fast")
+    with pytest.raises(ValueError, match="BNKERNELS_BACKEND: unknown backend 'fast'"):
+        bnk.get_backend()
+    bnk.set_backend("triton")  # set_backend wins over the environment
+    monkeypatch.setenv("BNKERNELS_BACKEND", "reference")
+    assert bnk.get_backend() == "triton"
+
+
+def test_auto_on_cpu_follows_the_interpreter(monkeypatch):
+    x = torch.randn(4, 3)
+    if torch.cuda.is_available():
+        assert backends.select("batch_norm", x.cuda()).name == "triton"
+    monkeypatch.setattr(TritonBackend, "interpreting", lambda self: True)
+    assert backends.select("batch_norm", x).name == "triton"
+    monkeypatch.setattr(TritonBackend, "interpreting", lambda self: False)
+    assert backends.select("batch_norm", x).name == "reference"
+
+
+def test_cpu_tensor_to_triton_without_interpreter_names_the_reason(monkeypatch):
+    monkeypatch.setattr(TritonBackend, "interpreting", lambda self: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    bnk.set_backend("triton")
+    with pytest.raises(RuntimeError) as info:
+        bnk.batch_norm(torch.randn(4, 3), None, None, training=True)
+    msg = str(info.value)
+    assert "no backend can run batch_norm (backend='triton')" in msg
+    assert "x is a CPU tensor" in msg and "no CUDA device" in msg
+
+
+def test_reasons_for_unsupported_dtype():
+    for name in ("triton", "reference"):
+        reasons = backends.backend(name).not_supported_reasons("batch_norm",
+                                                               torch.ones(2, 2, dtype=torch.int32))
+        assert any("dtype torch.int32" in r for r in reasons), name
+    with pytest.raises(ValueError, match="unknown backend 'auto'"):
+        backends.backend("auto")

@@ -3,7 +3,7 @@ toolkit reproducing "How Does Batch Normalization Help Optimization?" (Santurkar
 """
 
 from .backends import available_backends, get_backend, set_backend
-from .functional import batch_norm
+from .functional import NoiseConfig, batch_norm, noisy_batch_norm, noisy_batch_norm_noise
 from .nn import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 __version__ = "0.1.0"
@@ -12,8 +12,11 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "NoiseConfig",
     "available_backends",
     "batch_norm",
     "get_backend",
+    "noisy_batch_norm",
+    "noisy_batch_norm_noise",
     "set_backend",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -95,6 +96,93 @@ def batch_norm(x: torch.Tensor, running_mean: torch.Tensor | None,
     be = backends.select(op, x)
     return BatchNormFunction.apply(x, weight, bias, running_mean, running_var, bool(training),
                                    float(momentum), float(eps), activation, be)
+
+
+@dataclass(frozen=True)
+class NoiseConfig:
+    """The noise distribution of noisy BatchNorm (Algorithm 1 of Santurkar et al., 2018).
+
+    At every step, per channel j: mu_j ~ U(-n_mu, n_mu), sigma_j ~ U(1, n_sigma); per element:
+    m ~ U(mu_j - r_mu, mu_j + r_mu), s ~ N(sigma_j, r_sigma) (r_sigma a standard deviation).
+    Defaults are the paper's constants."""
+
+    n_mu: float = 0.5  # half-width of the per-channel mean shift
+    n_sigma: float = 1.25  # upper end of the per-channel scale (lower end 1)
+    r_mu: float = 0.1  # half-width of the per-element shift around mu_j
+    r_sigma: float = 0.1  # standard deviation of the per-element scale around sigma_j
+
+    def __post_init__(self):
+        for name in ("n_mu", "r_mu", "r_sigma"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"NoiseConfig: {name} must be finite and >= 0, got {v}")
+        if not (math.isfinite(self.n_sigma) and self.n_sigma >= 1):
+            raise ValueError(f"NoiseConfig: n_sigma must be finite and >= 1, got {self.n_sigma}")
+
+
+def _check_noise(op, x, noise, seed, step):
+    if not isinstance(noise, NoiseConfig):
+        raise TypeError(f"{op}: noise must be a bnkernels.NoiseConfig, got {type(noise).__name__}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise ValueError(f"{op}: seed must be an int in [0, 2**64), got {seed!r}")
+    if isinstance(step, torch.Tensor):
+        if step.numel() != 1 or step.is_floating_point() or step.is_complex():
+            raise ValueError(f"{op}: a step tensor must hold one integer, got {step.dtype} "
+                             f"of shape {tuple(step.shape)}")
+        if step.device != x.device:
+            raise ValueError(f"{op}: step is on {step.device} but the input is on {x.device}")
+    elif isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"{op}: step must be an int >= 0 or a 1-element integer tensor, "
+                         f"got {step!r}")
+
+
+def noisy_batch_norm(x: torch.Tensor, running_mean: torch.Tensor | None,
+                     running_var: torch.Tensor | None, weight: torch.Tensor | None = None,
+                     bias: torch.Tensor | None = None, training: bool = False,
+                     momentum: float = 0.1, eps: float = 1e-5,
+                     noise: NoiseConfig = NoiseConfig(), seed: int = 0,
+                     step: int | torch.Tensor = 0, activation: str | None = None) -> torch.Tensor:
+    """BatchNorm with the paper's time-varying noise (Algorithm 1): out = act(s * a + m).
+
+    ``a`` is the BatchNorm output after the affine weight/bias; (s, m) is drawn per channel
+    and per element from ``noise`` (see :class:`NoiseConfig`) by a counter-based RNG keyed by
+    ``seed``, ``step`` and the element's (N, C, *spatial) index: the same (seed, step) gives the
+    same noise on every backend call and in backward, which regenerates it instead of storing
+    it. ``step`` may be an int or a 1-element integer tensor on x's device (read on device: no
+    host synchronisation, so it works under CUDA graphs). In eval mode there is no noise: this
+    is :func:`batch_norm` with the running statistics.
+    """
+    op = "noisy_batch_norm"
+    _check_noise(op, x, noise, seed, step)
+    if not training:
+        return batch_norm(x, running_mean, running_var, weight, bias, False, momentum, eps,
+                          activation)
+    _check_input(op, x)
+    _check_per_channel(op, x, running_mean=running_mean, running_var=running_var,
+                       weight=weight, bias=bias)
+    _check_scalars(op, momentum, eps, activation)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"{op}: pass both running_mean and running_var, or neither")
+    _check_training_size(x)
+    if x.numel() == 0:
+        return _empty_batch(x, weight, bias, activation)
+    be = backends.select(op, x)
+    return BatchNormFunction.apply(x, weight, bias, running_mean, running_var, True,
+                                   float(momentum), float(eps), activation, be,
+                                   (noise, seed, step))
+
+
+def noisy_batch_norm_noise(x: torch.Tensor, noise: NoiseConfig = NoiseConfig(), seed: int = 0,
+                           step: int | torch.Tensor = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The noise ``(s, m)`` that :func:`noisy_batch_norm` applies to ``x`` in training at
+    (seed, step): fp32 tensors of x's shape, such that out = act(s * a + m).
+
+    For tests, and for plotting the noise. Backends agree on the bits of the uniforms; the
+    normals agree to rounding of log/cos."""
+    op = "noisy_batch_norm_noise"
+    _check_input(op, x)
+    _check_noise(op, x, noise, seed, step)
+    return backends.select(op, x).noisy_batch_norm_noise(x, (noise, seed, step))
 
 
 def _empty_batch(x, weight, bias, activation):

@@ -21,13 +21,18 @@ class BatchNormFunction(torch.autograd.Function):
 
     Eval: mean and invstd come from the running buffers, which are constants:
     dx = w * invstd * g. Running buffers never receive gradients.
+
+    Noisy BatchNorm (``noise`` = (NoiseConfig, seed, step)): out = act(s * a + m) with
+    a = w * xhat + b and per-element noise (s, m) regenerated from its key in backward, so
+    g = s * dy * [out > 0] and the formulas above hold with that g.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps,
-                activation, backend: Backend):
+                activation, backend: Backend, noise=None):
         y, mean, invstd = backend.batch_norm_fwd(
-            x, running_mean, running_var, weight, bias, training, momentum, eps, activation)
+            x, running_mean, running_var, weight, bias, training, momentum, eps, activation,
+            noise)
         if not training and any(ctx.needs_input_grad[:3]):
             # Snapshot of the eval statistics; running_mean is saved by reference, so autograd's
             # version check catches it if a later forward updates it before this backward.
@@ -38,6 +43,10 @@ class BatchNormFunction(torch.autograd.Function):
         ctx.training = training
         ctx.activation = activation
         ctx.backend = backend
+        if noise is not None and isinstance(noise[2], torch.Tensor):
+            # The backward regenerates this step's noise even if the step buffer moves on.
+            noise = (noise[0], noise[1], noise[2].clone())
+        ctx.noise = noise
         return y
 
     @staticmethod
@@ -46,5 +55,5 @@ class BatchNormFunction(torch.autograd.Function):
         x, weight, bias, mean, invstd = ctx.saved_tensors
         dx, dw, db = ctx.backend.batch_norm_bwd(
             dy, x, mean, invstd, weight, bias, ctx.training, ctx.activation,
-            tuple(ctx.needs_input_grad[:3]))
-        return dx, dw, db, None, None, None, None, None, None, None
+            tuple(ctx.needs_input_grad[:3]), ctx.noise)
+        return dx, dw, db, None, None, None, None, None, None, None, None

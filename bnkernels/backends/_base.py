@@ -14,9 +14,12 @@ class Backend:
     Op entry points (same signatures in every backend):
 
     * ``batch_norm_fwd(x, running_mean, running_var, weight, bias, training, momentum, eps,
-      activation) -> (y, save_mean, save_invstd)``; (y, None, None) in eval mode.
-    * ``batch_norm_bwd(dy, x, mean, invstd, weight, bias, training, activation, needs)
-      -> (dx, dweight, dbias)``.
+      activation, noise=None) -> (y, save_mean, save_invstd)``; (y, None, None) in eval mode.
+    * ``batch_norm_bwd(dy, x, mean, invstd, weight, bias, training, activation, needs,
+      noise=None) -> (dx, dweight, dbias)``.
+    * ``noisy_batch_norm_noise(x, noise) -> (s, m)``, the noise applied to ``x``.
+
+    ``noise`` is ``(NoiseConfig, seed, step)`` for noisy BatchNorm, None for plain BatchNorm.
     """
 
     name: str = ""

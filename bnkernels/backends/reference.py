@@ -56,10 +56,11 @@ def _relu_mask(g: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def batch_norm_reference_fwd(x, running_mean, running_var, weight, bias, training, momentum,
-                             eps, activation):
+                             eps, activation, noise=None):
     """Returns ``(y, save_mean, save_invstd)``; updates the running buffers in place.
 
     In eval mode ``(y, None, None)``: the statistics are the running buffers.
+    ``noise = (NoiseConfig, seed, step)``: noisy BatchNorm, y = act(s * a + m), a = w xhat + b.
     """
     acc = acc_dtype(x.dtype)
     xf = x.to(acc)
@@ -77,6 +78,9 @@ def batch_norm_reference_fwd(x, running_mean, running_var, weight, bias, trainin
         invstd = 1.0 / torch.sqrt(running_var.to(acc) + eps)
         save = (None, None)
     y = _affine((xf - _per_channel(mean, x)) * _per_channel(invstd, x), weight, bias, x, acc)
+    if noise is not None:
+        s, m = noisy_bn_noise_reference(x, noise)
+        y = s.to(acc) * y + m.to(acc)
     if activation == "relu":
         y = _relu(y)
     return _like(y, x), *save
@@ -97,18 +101,84 @@ def _like(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def batch_norm_reference_bwd(dy, x, mean, invstd, weight, bias, training, activation, needs):
+# ----------------------------------------------------------------------------- noisy BatchNorm
+# The noise of Algorithm 1, generated exactly as the Triton kernels generate it (see
+# bnkernels/backends/triton/noise.py): Philox4x32-10 keyed by the seed, counter
+# (logical index lo, hi, step, stream), written here in plain int64 torch arithmetic.
+
+_M32 = 0xFFFFFFFF
+_PHILOX_KEY_A, _PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
+_PHILOX_ROUND_A, _PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
+
+
+def philox4x32(seed: int, c0, c1, c2, c3, rounds: int = 10):
+    """Philox4x32 (Salmon et al., 2011) on int64 tensors holding uint32 values.
+
+    A product of two uint32 values wraps in int64 exactly as the uint64 product it equals mod
+    2^64, so the high and low words are recovered with a shift and a mask."""
+    k0, k1 = seed & _M32, (seed >> 32) & _M32
+    for _ in range(rounds):
+        pa = c0 * _PHILOX_ROUND_A
+        pb = c2 * _PHILOX_ROUND_B
+        c0, c1, c2, c3 = (((pb >> 32) & _M32) ^ c1 ^ k0, pb & _M32,
+                          ((pa >> 32) & _M32) ^ c3 ^ k1, pa & _M32)
+        k0, k1 = (k0 + _PHILOX_KEY_A) & _M32, (k1 + _PHILOX_KEY_B) & _M32
+    return c0, c1, c2, c3
+
+
+def _uniform(r: torch.Tensor) -> torch.Tensor:
+    return ((r >> 8).to(torch.float32) + 0.5) * 2.0**-24  # in (0, 1), exact in fp32
+
+
+def noisy_bn_noise_reference(x: torch.Tensor, noise) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, m), fp32 with x's shape, for ``noise = (NoiseConfig, seed, step)``.
+
+    Per channel j: mu_j ~ U(-n_mu, n_mu), sigma_j ~ U(1, n_sigma); per element:
+    m ~ U(mu_j - r_mu, mu_j + r_mu), s ~ N(sigma_j, r_sigma). ``step`` may be an int or a
+    1-element integer tensor (read without leaving the device)."""
+    cfg, seed, step = noise
+    dev = x.device
+    C = x.shape[1]
+    spatial = x.numel() // max(1, x.shape[0] * C)
+    idx = torch.arange(x.numel(), device=dev, dtype=torch.int64)
+    if isinstance(step, torch.Tensor):
+        stp = step.reshape(()).to(device=dev, dtype=torch.int64) & _M32
+    else:
+        stp = torch.tensor(int(step) & _M32, device=dev, dtype=torch.int64)
+    ch = torch.arange(C, device=dev, dtype=torch.int64)
+    zero_c = torch.zeros_like(ch)
+    q0, q1, _, _ = philox4x32(seed, ch, zero_c, zero_c + stp, zero_c + 1)
+    mu = cfg.n_mu * (2.0 * _uniform(q0) - 1.0)
+    sigma = 1.0 + (cfg.n_sigma - 1.0) * _uniform(q1)
+    zero = torch.zeros_like(idx)
+    r0, r1, r2, _ = philox4x32(seed, idx & _M32, idx >> 32, zero + stp, zero)
+    chan = (idx // spatial) % C
+    m = mu[chan] + cfg.r_mu * (2.0 * _uniform(r0) - 1.0)
+    z = torch.sqrt(-2.0 * torch.log(_uniform(r1))) * torch.cos(6.283185307179586 * _uniform(r2))
+    s = sigma[chan] + cfg.r_sigma * z
+    return s.reshape(x.shape), m.reshape(x.shape)
+
+
+def batch_norm_reference_bwd(dy, x, mean, invstd, weight, bias, training, activation, needs,
+                             noise=None):
     """Returns ``(dx, dweight, dbias)``, None where not needed (``needs`` = 3 booleans).
 
     ``mean``/``invstd`` are the saved batch statistics in training, and running_mean and
-    1/sqrt(running_var + eps) in eval mode.
+    1/sqrt(running_var + eps) in eval mode. With ``noise``, the gradient reaching a is
+    s * dL/dout (the noise regenerated from its key, as the kernels do).
     """
     acc = acc_dtype(x.dtype)
     dims = _reduce_dims(x)
     xhat = (x.to(acc) - _per_channel(mean.to(acc), x)) * _per_channel(invstd.to(acc), x)
     g = dy.to(acc)
+    s = m = None
+    if noise is not None:
+        s, m = (t.to(acc) for t in noisy_bn_noise_reference(x, noise))
     if activation == "relu":
-        g = _relu_mask(g, _affine(xhat, weight, bias, x, acc))
+        out = _affine(xhat, weight, bias, x, acc)
+        g = _relu_mask(g, out if s is None else s * out + m)
+    if s is not None:
+        g = g * s
     sum_g = g.sum(dims)
     sum_gxhat = (g * xhat).sum(dims)
     dx = dw = db = None

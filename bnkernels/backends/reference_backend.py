@@ -14,5 +14,12 @@ class ReferenceBackend(Backend):
             return [f"dtype {x.dtype} is not supported"]
         return []
 
-    batch_norm_fwd = staticmethod(reference.batch_norm_reference_fwd)
-    batch_norm_bwd = staticmethod(reference.batch_norm_reference_bwd)
+    def noisy_batch_norm_noise(self, x, noise):
+        return reference.noisy_bn_noise_reference(x, noise)
+
+    def __getattr__(self, name):
+        """``<family>_fwd`` / ``_bwd`` are ``reference.<family>_reference_fwd`` / ``_bwd``."""
+        family, _, kind = name.rpartition("_")
+        if not family or kind not in ("fwd", "bwd") or name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(reference, f"{family}_reference_{kind}")

@@ -43,12 +43,15 @@ class TritonBackend(Backend):
             reasons.append(f"device type {x.device.type!r} is not supported")
         return reasons
 
-    @staticmethod
-    def _module(name):
-        return importlib.import_module(f"bnkernels.backends.triton.{name}")
+    def noisy_batch_norm_noise(self, x, noise):
+        return importlib.import_module("bnkernels.backends.triton.noise").noisy_batch_norm_noise(
+            x, noise)
 
-    def batch_norm_fwd(self, *args):
-        return self._module("batch_norm").batch_norm_fwd(*args)
-
-    def batch_norm_bwd(self, *args):
-        return self._module("batch_norm").batch_norm_bwd(*args)
+    def __getattr__(self, name):
+        """``<family>_fwd`` / ``<family>_bwd`` come from ``bnkernels.backends.triton.<family>``
+        (imported on first use, so the kernels are defined only when needed)."""
+        family, _, kind = name.rpartition("_")
+        if not family or kind not in ("fwd", "bwd") or name.startswith("_"):
+            raise AttributeError(name)
+        module = importlib.import_module(f"bnkernels.backends.triton.{family}")
+        return getattr(module, name)

@@ -49,6 +49,13 @@ from .common import (
     tl_dtype,
     view_layout,
 )
+from .noise import channel_noise, element_noise, load_step, noise_args
+
+# Noisy BatchNorm (Algorithm 1 of the paper) runs through the same kernels with NOISY=True:
+# out = act(s * a + m), a = w * xhat + b, with (s, m) regenerated in-kernel by .noise from
+# (seed, step, logical element index). Seed and step are never specialized on, so a new step
+# does not recompile anything.
+_NOISE_NO_SPEC = ["seed", "step_val"]
 
 # ----------------------------------------------------------------------------- shared jit helpers
 
@@ -89,12 +96,26 @@ def _welford_update(mean, m2, cnt, x, mask):
 
 
 @triton.jit
-def _relu_grad(g, x, mean, invstd, w, b):
-    """dy masked by the fused ReLU: y recomputed exactly as the forward computed it.
+def _upstream_grad(g, x, mean, invstd, w, b, s, m, RELU: tl.constexpr, NOISY: tl.constexpr):
+    """dL/da for a = w * xhat + b, given g = dL/dout, out = act(s * a + m) or act(a).
 
-    Like torch's threshold_backward, the gradient is dropped where y <= 0 (so NaN passes)."""
-    y = (x - mean) * invstd * w + b
-    return tl.where(y <= 0.0, 0.0, g)
+    With the fused ReLU the output is recomputed exactly as the forward computed it and, like
+    torch's threshold_backward, the gradient is dropped where out <= 0 (so NaN passes)."""
+    if RELU:
+        out = (x - mean) * invstd * w + b
+        if NOISY:
+            out = s * out + m
+        g = tl.where(out <= 0.0, 0.0, g)
+    if NOISY:
+        g = g * s
+    return g
+
+
+@triton.jit
+def _logical_index_mc(rows, cols, C, S):
+    """NCHW-logical index of element (row = n*S + s, channel col) of a channels-last tensor."""
+    n = rows // S
+    return (n[:, None] * C + cols[None, :]) * S + (rows - n * S)[:, None]
 
 
 # ----------------------------------------------------------------------------- forward kernels
@@ -140,6 +161,7 @@ def _bn_stats_mc_kernel(
     x_ptr,  # (M, C) contiguous (channels last)
     part_ptr,  # [3, C, SPLIT] ACC
     C,
+    S,  # spatial size (unused here; the same signature as the other reductions)
     M,
     CHUNK,  # rows per split (a multiple of BLOCK_M)
     SPLIT,
@@ -209,7 +231,7 @@ def _bn_stats_finalize_kernel(
         tl.store(rvar_ptr + cols, rv.to(rvar_ptr.dtype.element_ty), mask=cmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NOISE_NO_SPEC)
 def _bn_apply_kernel(
     x_ptr,  # [ROWS, COLS] contiguous
     y_ptr,  # [ROWS, COLS] out, x's dtype
@@ -217,10 +239,18 @@ def _bn_apply_kernel(
     scale_ptr,  # [C] invstd, or running_var if FROM_VAR
     w_ptr,  # [C] or dummy
     b_ptr,  # [C] or dummy
+    step_ptr,  # noise step (a 1-element tensor) if STEP_PTR
     ROWS,
     COLS,
     C,
+    S,
     eps,
+    seed,  # noise: Philox key
+    step_val,  # noise: step, if not STEP_PTR
+    n_mu,
+    n_sigma,
+    r_mu,
+    r_sigma,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
     CHAN_ON_ROWS: tl.constexpr,  # "ncs" layout: channel = row % C; else channel = column
@@ -228,6 +258,8 @@ def _bn_apply_kernel(
     HAS_W: tl.constexpr,
     HAS_B: tl.constexpr,
     RELU: tl.constexpr,
+    NOISY: tl.constexpr,
+    STEP_PTR: tl.constexpr,
     ACC: tl.constexpr,
     INT64: tl.constexpr,
 ):
@@ -245,6 +277,13 @@ def _bn_apply_kernel(
         cm = kmask
     mean = tl.load(mean_ptr + ch, mask=cm, other=0.0).to(ACC)
     scale = tl.load(scale_ptr + ch, mask=cm, other=1.0).to(ACC)
+    if NOISY:
+        step = load_step(step_ptr, step_val, STEP_PTR)
+        mu, sigma = channel_noise(ch, seed, step, n_mu, n_sigma)
+        if CHAN_ON_ROWS:
+            mu, sigma = mu[:, None], sigma[:, None]
+        else:
+            mu, sigma = mu[None, :], sigma[None, :]
     if FROM_VAR:
         scale = 1.0 / tl.sqrt(scale + eps)
     if HAS_W:
@@ -263,6 +302,10 @@ def _bn_apply_kernel(
     mask = rmask[:, None] & kmask[None, :]
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
     y = (x - mean) * scale * w + b
+    if NOISY:
+        idx = offs if CHAN_ON_ROWS else _logical_index_mc(rows, cols, C, S)
+        ns, nm = element_noise(idx, mu, sigma, seed, step, r_mu, r_sigma, INT64)
+        y = ns * y + nm
     if RELU:
         y = tl.where(y < 0.0, 0.0, y)  # NaN propagates, as torch.relu
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
@@ -271,7 +314,7 @@ def _bn_apply_kernel(
 # ----------------------------------------------------------------------------- backward kernels
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NOISE_NO_SPEC)
 def _bn_bwd_reduce_ncs_kernel(
     dy_ptr,  # (N, C, S) contiguous
     x_ptr,  # (N, C, S) contiguous
@@ -279,7 +322,14 @@ def _bn_bwd_reduce_ncs_kernel(
     invstd_ptr,  # [C] ACC
     w_ptr,
     b_ptr,
-    part_ptr,  # [2, C, SPLIT] ACC: sum(g), sum(g * (x - mean))
+    step_ptr,
+    seed,
+    step_val,
+    n_mu,
+    n_sigma,
+    r_mu,
+    r_sigma,
+    part_ptr,  # [2, C, SPLIT] ACC: sum(g), sum(g * (x - mean)), g = dL/da
     C,
     S,
     M,
@@ -289,11 +339,19 @@ def _bn_bwd_reduce_ncs_kernel(
     HAS_W: tl.constexpr,
     HAS_B: tl.constexpr,
     RELU: tl.constexpr,
+    NOISY: tl.constexpr,
+    STEP_PTR: tl.constexpr,
     ACC: tl.constexpr,
     INT64: tl.constexpr,
 ):
     c = tl.program_id(0)
     p = tl.program_id(1)
+    mu = 0.0
+    sigma = 1.0
+    step = 0
+    if NOISY:
+        step = load_step(step_ptr, step_val, STEP_PTR)
+        mu, sigma = channel_noise(c, seed, step, n_mu, n_sigma)
     mean = tl.load(mean_ptr + c).to(ACC)
     invstd = tl.load(invstd_ptr + c).to(ACC)
     w = 1.0
@@ -314,8 +372,11 @@ def _bn_bwd_reduce_ncs_kernel(
         offs = (n * C + c) * S + (r - n * S)
         g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
-        if RELU:
-            g = _relu_grad(g, x, mean, invstd, w, b)
+        ns = 1.0
+        nm = 0.0
+        if NOISY:
+            ns, nm = element_noise(offs, mu, sigma, seed, step, r_mu, r_sigma, INT64)
+        g = _upstream_grad(g, x, mean, invstd, w, b, ns, nm, RELU, NOISY)
         g = tl.where(mask, g, 0.0)
         sum_g += g
         sum_gx += g * tl.where(mask, x - mean, 0.0)
@@ -324,7 +385,7 @@ def _bn_bwd_reduce_ncs_kernel(
     tl.store(out + C * SPLIT, tl.sum(sum_gx, 0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NOISE_NO_SPEC)
 def _bn_bwd_reduce_mc_kernel(
     dy_ptr,  # (M, C) contiguous
     x_ptr,
@@ -332,8 +393,16 @@ def _bn_bwd_reduce_mc_kernel(
     invstd_ptr,
     w_ptr,
     b_ptr,
+    step_ptr,
+    seed,
+    step_val,
+    n_mu,
+    n_sigma,
+    r_mu,
+    r_sigma,
     part_ptr,  # [2, C, SPLIT] ACC
     C,
+    S,
     M,
     CHUNK,
     SPLIT,
@@ -342,6 +411,8 @@ def _bn_bwd_reduce_mc_kernel(
     HAS_W: tl.constexpr,
     HAS_B: tl.constexpr,
     RELU: tl.constexpr,
+    NOISY: tl.constexpr,
+    STEP_PTR: tl.constexpr,
     ACC: tl.constexpr,
     INT64: tl.constexpr,
 ):
@@ -349,6 +420,13 @@ def _bn_bwd_reduce_mc_kernel(
     p = tl.program_id(1)
     cols = pc * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
+    mu = 0.0
+    sigma = 1.0
+    step = 0
+    if NOISY:
+        step = load_step(step_ptr, step_val, STEP_PTR)
+        mu, sigma = channel_noise(cols, seed, step, n_mu, n_sigma)
+        mu, sigma = mu[None, :], sigma[None, :]
     mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0).to(ACC)[None, :]
     invstd = tl.load(invstd_ptr + cols, mask=cmask, other=0.0).to(ACC)[None, :]
     if HAS_W:
@@ -369,8 +447,12 @@ def _bn_bwd_reduce_mc_kernel(
         offs = rows[:, None] * C + cols[None, :]
         g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
-        if RELU:
-            g = _relu_grad(g, x, mean, invstd, w, b)
+        ns = 1.0
+        nm = 0.0
+        if NOISY:
+            idx = _logical_index_mc(rows, cols, C, S)
+            ns, nm = element_noise(idx, mu, sigma, seed, step, r_mu, r_sigma, INT64)
+        g = _upstream_grad(g, x, mean, invstd, w, b, ns, nm, RELU, NOISY)
         g = tl.where(mask, g, 0.0)
         sum_g += g
         sum_gx += g * tl.where(mask, x - mean, 0.0)
@@ -412,7 +494,7 @@ def _bn_bwd_finalize_kernel(
         tl.store(db_ptr + cols, sum_g.to(db_ptr.dtype.element_ty), mask=cmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NOISE_NO_SPEC)
 def _bn_bwd_dx_kernel(
     dy_ptr,  # [ROWS, COLS] contiguous, same layout as x
     x_ptr,
@@ -422,9 +504,17 @@ def _bn_bwd_dx_kernel(
     w_ptr,
     b_ptr,
     coef_ptr,  # [2, C] ACC (training only)
+    step_ptr,
     ROWS,
     COLS,
     C,
+    S,
+    seed,
+    step_val,
+    n_mu,
+    n_sigma,
+    r_mu,
+    r_sigma,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
     CHAN_ON_ROWS: tl.constexpr,
@@ -432,6 +522,8 @@ def _bn_bwd_dx_kernel(
     HAS_W: tl.constexpr,
     HAS_B: tl.constexpr,
     RELU: tl.constexpr,
+    NOISY: tl.constexpr,
+    STEP_PTR: tl.constexpr,
     ACC: tl.constexpr,
     INT64: tl.constexpr,
 ):
@@ -473,8 +565,18 @@ def _bn_bwd_dx_kernel(
     mask = rmask[:, None] & kmask[None, :]
     g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
-    if RELU:
-        g = _relu_grad(g, x, mean, invstd, w, b)
+    ns = 1.0
+    nm = 0.0
+    if NOISY:
+        step = load_step(step_ptr, step_val, STEP_PTR)
+        mu, sigma = channel_noise(ch, seed, step, n_mu, n_sigma)
+        if CHAN_ON_ROWS:
+            mu, sigma = mu[:, None], sigma[:, None]
+        else:
+            mu, sigma = mu[None, :], sigma[None, :]
+        idx = offs if CHAN_ON_ROWS else _logical_index_mc(rows, cols, C, S)
+        ns, nm = element_noise(idx, mu, sigma, seed, step, r_mu, r_sigma, INT64)
+    g = _upstream_grad(g, x, mean, invstd, w, b, ns, nm, RELU, NOISY)
     if TRAINING:
         dx = (g - k1 - (x - mean) * k2) * invstd * w
     else:
@@ -485,23 +587,21 @@ def _bn_bwd_dx_kernel(
 # ----------------------------------------------------------------------------- launchers
 
 
-def _partials(kernel_ncs, kernel_mc, lay, n_out, acc, ptr_args, flag_kwargs):
-    """Launch one split-reduction kernel over ``lay``; returns the [n_out, C, SPLIT] partials."""
+def _partials(kernel_ncs, kernel_mc, lay, n_out, acc, args, kwargs):
+    """Launch one split-reduction kernel over ``lay``; returns the [n_out, C, SPLIT] partials.
+
+    ``args`` are the kernel's leading arguments (before ``part_ptr``)."""
     cfg = reduce_config(lay)
     part = torch.empty((n_out, lay.C, cfg.split), device=lay.device, dtype=acc)
+    common = dict(ACC=tl_dtype(acc), INT64=lay.int64, num_warps=cfg.num_warps, **kwargs)
     if lay.kind == "ncs":
         kernel_ncs[(lay.C, cfg.split)](
-            *ptr_args, part, lay.C, lay.S, lay.M, cfg.chunk, cfg.split,
-            BLOCK=cfg.block_m, ACC=tl_dtype(acc), INT64=lay.int64,
-            num_warps=cfg.num_warps, **flag_kwargs,
-        )
+            *args, part, lay.C, lay.S, lay.M, cfg.chunk, cfg.split, BLOCK=cfg.block_m, **common)
     else:
         kernel_mc[(triton.cdiv(lay.C, cfg.block_c), cfg.split)](
-            *ptr_args, part, lay.C, lay.M, cfg.chunk, cfg.split,
-            BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, ACC=tl_dtype(acc), INT64=lay.int64,
-            num_warps=cfg.num_warps, **flag_kwargs,
-        )
-    return part, cfg
+            *args, part, lay.C, lay.S, lay.M, cfg.chunk, cfg.split,
+            BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, **common)
+    return part
 
 
 def _elementwise_grid(lay):
@@ -510,22 +610,30 @@ def _elementwise_grid(lay):
     return grid, dict(BLOCK_R=cfg.block_r, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps)
 
 
+def _split_noise(noise, dummy):
+    """Noise kernel arguments split into (step_ptr, scalar args, constexpr flags)."""
+    a = noise_args(noise, dummy)
+    scalars = dict(seed=a["seed"], step_val=a["step_val"], n_mu=a["n_mu"],
+                   n_sigma=a["n_sigma"], r_mu=a["r_mu"], r_sigma=a["r_sigma"])
+    return a["step_ptr"], scalars, dict(NOISY=a["NOISY"], STEP_PTR=a["STEP_PTR"])
+
+
 def batch_norm_fwd(x, running_mean, running_var, weight, bias, training, momentum, eps,
-                   activation):
+                   activation, noise=None):
     """Forward BatchNorm; returns ``(y, save_mean, save_invstd)``.
 
     In training the saved statistics are the batch mean and 1/sqrt(biased var + eps), in fp32
     (fp64 for fp64 x), and the running buffers (if given) are updated in place on the device.
     In eval mode the running statistics are used and ``(y, None, None)`` is returned.
+    ``noise = (NoiseConfig, seed, step)`` turns it into noisy BatchNorm: y = act(s * a + m).
     Arguments are validated by :mod:`bnkernels.functional`.
     """
     lay = view_layout(x)
     acc = acc_dtype(x.dtype)
     xc = lay.tensor
     y = torch.empty_like(xc)
-    dummy = xc
     if training:
-        part, _ = _partials(_bn_stats_ncs_kernel, _bn_stats_mc_kernel, lay, 3, acc, (xc,), {})
+        part = _partials(_bn_stats_ncs_kernel, _bn_stats_mc_kernel, lay, 3, acc, (xc,), {})
         mean = torch.empty(lay.C, device=x.device, dtype=acc)
         invstd = torch.empty(lay.C, device=x.device, dtype=acc)
         update = running_mean is not None
@@ -540,23 +648,25 @@ def batch_norm_fwd(x, running_mean, running_var, weight, bias, training, momentu
     else:
         mean = invstd = None
         stat_a, stat_b = running_mean, running_var
+    step_ptr, noise_scalars, noise_flags = _split_noise(noise, xc)
     grid, meta = _elementwise_grid(lay)
     _bn_apply_kernel[grid](
         xc, y, stat_a, stat_b,
-        weight if weight is not None else dummy, bias if bias is not None else dummy,
-        lay.rows, lay.cols, lay.C, float(eps),
+        weight if weight is not None else xc, bias if bias is not None else xc, step_ptr,
+        lay.rows, lay.cols, lay.C, lay.S, float(eps), **noise_scalars,
         CHAN_ON_ROWS=lay.kind == "ncs", FROM_VAR=not training,
         HAS_W=weight is not None, HAS_B=bias is not None, RELU=activation == "relu",
-        ACC=tl_dtype(acc), INT64=lay.int64, **meta,
+        ACC=tl_dtype(acc), INT64=lay.int64, **noise_flags, **meta,
     )
     return lay.restore(y), mean, invstd
 
 
-def batch_norm_bwd(dy, x, mean, invstd, weight, bias, training, activation, needs):
+def batch_norm_bwd(dy, x, mean, invstd, weight, bias, training, activation, needs, noise=None):
     """Backward BatchNorm; returns ``(dx, dweight, dbias)`` (None where ``needs`` says so).
 
     ``mean``/``invstd`` are the saved batch statistics in training, and running_mean and
-    1/sqrt(running_var + eps) in eval mode.
+    1/sqrt(running_var + eps) in eval mode. ``noise`` as in :func:`batch_norm_fwd` (the noise
+    is regenerated, not stored).
     """
     need_dx, need_dw, need_db = needs
     need_dw = need_dw and weight is not None
@@ -570,17 +680,19 @@ def batch_norm_bwd(dy, x, mean, invstd, weight, bias, training, activation, need
     has_w, has_b, relu = weight is not None, bias is not None, activation == "relu"
     w_arg = weight if has_w else invstd
     b_arg = bias if has_b else invstd
+    step_ptr, noise_scalars, noise_flags = _split_noise(noise, invstd)
     dw = torch.empty_like(weight) if need_dw else None
     db = torch.empty_like(bias) if need_db else None
-    coef = None
+    coef = invstd
     if (training and need_dx) or need_dw or need_db:
-        part, _ = _partials(
+        part = _partials(
             _bn_bwd_reduce_ncs_kernel, _bn_bwd_reduce_mc_kernel, lay, 2, acc,
-            (dyc, xc, mean, invstd, w_arg, b_arg),
-            dict(HAS_W=has_w, HAS_B=has_b, RELU=relu),
+            (dyc, xc, mean, invstd, w_arg, b_arg, step_ptr, *noise_scalars.values()),
+            dict(HAS_W=has_w, HAS_B=has_b, RELU=relu, **noise_flags),
         )
         write_coef = training and need_dx
-        coef = torch.empty((2, lay.C), device=x.device, dtype=acc) if write_coef else invstd
+        if write_coef:
+            coef = torch.empty((2, lay.C), device=x.device, dtype=acc)
         block_c = min(triton.next_power_of_2(lay.C), 1024)
         _bn_bwd_finalize_kernel[(triton.cdiv(lay.C, block_c),)](
             part, invstd, coef, dw if need_dw else invstd, db if need_db else invstd,
@@ -593,10 +705,11 @@ def batch_norm_bwd(dy, x, mean, invstd, weight, bias, training, activation, need
         dxc = torch.empty_like(xc)
         grid, meta = _elementwise_grid(lay)
         _bn_bwd_dx_kernel[grid](
-            dyc, xc, dxc, mean, invstd, w_arg, b_arg, coef if training else invstd,
-            lay.rows, lay.cols, lay.C,
+            dyc, xc, dxc, mean, invstd, w_arg, b_arg, coef, step_ptr,
+            lay.rows, lay.cols, lay.C, lay.S, **noise_scalars,
             CHAN_ON_ROWS=lay.kind == "ncs", TRAINING=training,
-            HAS_W=has_w, HAS_B=has_b, RELU=relu, ACC=tl_dtype(acc), INT64=lay.int64, **meta,
+            HAS_W=has_w, HAS_B=has_b, RELU=relu, ACC=tl_dtype(acc), INT64=lay.int64,
+            **noise_flags, **meta,
         )
         dx = lay.restore(dxc)
     return dx, dw, db

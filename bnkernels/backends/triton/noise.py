@@ -1,0 +1,135 @@
+"""The noise of noisy BatchNorm (the paper's Algorithm 1), generated in-kernel.
+
+Counter-based: Philox4x32-10 keyed by ``seed`` (64 bits), with the counter
+(c0, c1, c2, c3) = (index low 32 bits, index high 32 bits, step, stream). Nothing is stored: the
+backward regenerates exactly the noise of the forward.
+
+* stream 1, index = channel j:  mu_j = n_mu (2 u0 - 1)            ~ U(-n_mu, n_mu)
+                                sigma_j = 1 + (n_sigma - 1) u1     ~ U(1, n_sigma)
+* stream 0, index = the element's *logical* NCHW index (so the noise does not depend on the
+  memory format):               m = mu_j + r_mu (2 u0 - 1)         ~ U(mu_j - r_mu, mu_j + r_mu)
+                                s = sigma_j + r_sigma z            ~ N(sigma_j, r_sigma)
+  with z = sqrt(-2 ln u1) cos(2 pi u2) (Box-Muller).
+
+Uniforms are u = (r >> 8 + 1/2) / 2^24 in (0, 1) for a 32-bit word r: exactly representable,
+so :func:`bnkernels.backends.reference.noisy_bn_noise_reference` (Philox in plain torch)
+reproduces them bit for bit; the normals agree to the last ulp of log/cos.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import view_layout
+
+STREAM_ELEMENT = 0
+STREAM_CHANNEL = 1
+
+
+@triton.jit
+def _uniform(r):
+    """uint32 -> float32 in (0, 1), exactly (r >> 8 + 0.5) * 2^-24."""
+    return ((r >> 8).to(tl.float32) + 0.5) * 5.9604644775390625e-08
+
+
+@triton.jit
+def _philox4(seed, idx, step, stream, INT64: tl.constexpr):
+    """Four uint32 words for counter (idx lo, idx hi, step, stream), idx a block of indices."""
+    if INT64:
+        lo = (idx & 0xFFFFFFFF).to(tl.uint32)
+        hi = (idx >> 32).to(tl.uint32)
+    else:
+        lo = idx.to(tl.uint32)
+        hi = lo * 0
+    c2 = lo * 0 + step.to(tl.uint32)
+    c3 = lo * 0 + stream
+    return tl.philox(seed, lo, hi, c2, c3)
+
+
+@triton.jit
+def channel_noise(ch, seed, step, n_mu, n_sigma):
+    """(mu_j, sigma_j) of channels ``ch`` at ``step``."""
+    r0, r1, _, _ = _philox4(seed, ch, step, 1, False)
+    mu = n_mu * (2.0 * _uniform(r0) - 1.0)
+    sigma = 1.0 + (n_sigma - 1.0) * _uniform(r1)
+    return mu, sigma
+
+
+@triton.jit
+def element_noise(idx, mu, sigma, seed, step, r_mu, r_sigma, INT64: tl.constexpr):
+    """(s, m) of the elements with logical indices ``idx`` (mu/sigma broadcast to idx)."""
+    r0, r1, r2, _ = _philox4(seed, idx, step, 0, INT64)
+    m = mu + r_mu * (2.0 * _uniform(r0) - 1.0)
+    z = tl.sqrt(-2.0 * tl.log(_uniform(r1))) * tl.cos(6.283185307179586 * _uniform(r2))
+    s = sigma + r_sigma * z
+    return s, m
+
+
+@triton.jit
+def load_step(step_ptr, step_val, STEP_PTR: tl.constexpr):
+    """The step: read on device from a tensor (CUDA-graph safe) or passed as an integer."""
+    if STEP_PTR:
+        return tl.load(step_ptr).to(tl.int64)
+    return step_val.to(tl.int64)
+
+
+@triton.jit(do_not_specialize=["seed", "step_val"])
+def _noise_kernel(
+    s_ptr,  # (N, C, S) contiguous out: multiplicative noise
+    m_ptr,  # (N, C, S) contiguous out: additive noise
+    step_ptr,
+    seed,
+    step_val,
+    total,
+    C,
+    S,
+    n_mu,
+    n_sigma,
+    r_mu,
+    r_sigma,
+    BLOCK: tl.constexpr,
+    STEP_PTR: tl.constexpr,
+    INT64: tl.constexpr,
+):
+    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    if INT64:
+        idx = idx.to(tl.int64)
+    mask = idx < total
+    step = load_step(step_ptr, step_val, STEP_PTR)
+    ch = (idx // S) % C
+    mu, sigma = channel_noise(ch, seed, step, n_mu, n_sigma)
+    s, m = element_noise(idx, mu, sigma, seed, step, r_mu, r_sigma, INT64)
+    tl.store(s_ptr + idx, s, mask=mask)
+    tl.store(m_ptr + idx, m, mask=mask)
+
+
+def noise_args(noise, dummy: torch.Tensor) -> dict:
+    """Kernel arguments for ``noise = (NoiseConfig, seed, step)`` (step an int or a 1-element
+    integer tensor read on device), or neutral ones when ``noise`` is None."""
+    if noise is None:
+        return dict(step_ptr=dummy, seed=0, step_val=0, n_mu=0.0, n_sigma=1.0, r_mu=0.0,
+                    r_sigma=0.0, NOISY=False, STEP_PTR=False)
+    cfg, seed, step = noise
+    step_is_tensor = isinstance(step, torch.Tensor)
+    return dict(
+        step_ptr=step if step_is_tensor else dummy, seed=int(seed),
+        step_val=0 if step_is_tensor else int(step),
+        n_mu=float(cfg.n_mu), n_sigma=float(cfg.n_sigma), r_mu=float(cfg.r_mu),
+        r_sigma=float(cfg.r_sigma), NOISY=True, STEP_PTR=step_is_tensor,
+    )
+
+
+def noisy_batch_norm_noise(x: torch.Tensor, noise) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (s, m) noise (fp32, x's shape, contiguous) that noisy BatchNorm applies to ``x``."""
+    lay = view_layout(x)
+    s = torch.empty(x.shape, device=x.device, dtype=torch.float32)
+    m = torch.empty_like(s)
+    total = s.numel()
+    block = 1024
+    args = noise_args(noise, s)
+    del args["NOISY"]
+    _noise_kernel[(triton.cdiv(total, block),)](
+        s, m, total=total, C=lay.C, S=lay.S, BLOCK=block, INT64=lay.int64, **args)
+    return s, m

@@ -3,8 +3,21 @@ toolkit reproducing "How Does Batch Normalization Help Optimization?" (Santurkar
 """
 
 from .backends import available_backends, get_backend, set_backend
-from .functional import NoiseConfig, batch_norm, noisy_batch_norm, noisy_batch_norm_noise
-from .nn import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .functional import batch_norm, lp_norm, noisy_batch_norm, noisy_batch_norm_noise
+from .nn import (
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    LpNorm1d,
+    LpNorm2d,
+    LpNorm3d,
+    NoisyBatchNorm1d,
+    NoisyBatchNorm2d,
+    NoisyBatchNorm3d,
+    SyncBatchNorm,
+    convert,
+)
+from .noise import NoiseConfig
 
 __version__ = "0.1.0"
 
@@ -12,10 +25,19 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "LpNorm1d",
+    "LpNorm2d",
+    "LpNorm3d",
     "NoiseConfig",
+    "NoisyBatchNorm1d",
+    "NoisyBatchNorm2d",
+    "NoisyBatchNorm3d",
+    "SyncBatchNorm",
     "available_backends",
     "batch_norm",
+    "convert",
     "get_backend",
+    "lp_norm",
     "noisy_batch_norm",
     "noisy_batch_norm_noise",
     "set_backend",

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
 from . import backends
 from .backends._base import FLOAT_DTYPES
-from .ops import BatchNormFunction
+from .noise import NoiseConfig
+from .ops import BatchNormFunction, LpNormFunction
 
 ACTIVATIONS = (None, "relu")
 
@@ -95,36 +95,15 @@ def batch_norm(x: torch.Tensor, running_mean: torch.Tensor | None,
         return _empty_batch(x, weight, bias, activation)
     be = backends.select(op, x)
     return BatchNormFunction.apply(x, weight, bias, running_mean, running_var, bool(training),
-                                   float(momentum), float(eps), activation, be)
-
-
-@dataclass(frozen=True)
-class NoiseConfig:
-    """The noise distribution of noisy BatchNorm (Algorithm 1 of Santurkar et al., 2018).
-
-    At every step, per channel j: mu_j ~ U(-n_mu, n_mu), sigma_j ~ U(1, n_sigma); per element:
-    m ~ U(mu_j - r_mu, mu_j + r_mu), s ~ N(sigma_j, r_sigma) (r_sigma a standard deviation).
-    Defaults are the paper's constants."""
-
-    n_mu: float = 0.5  # half-width of the per-channel mean shift
-    n_sigma: float = 1.25  # upper end of the per-channel scale (lower end 1)
-    r_mu: float = 0.1  # half-width of the per-element shift around mu_j
-    r_sigma: float = 0.1  # standard deviation of the per-element scale around sigma_j
-
-    def __post_init__(self):
-        for name in ("n_mu", "r_mu", "r_sigma"):
-            v = getattr(self, name)
-            if not (math.isfinite(v) and v >= 0):
-                raise ValueError(f"NoiseConfig: {name} must be finite and >= 0, got {v}")
-        if not (math.isfinite(self.n_sigma) and self.n_sigma >= 1):
-            raise ValueError(f"NoiseConfig: n_sigma must be finite and >= 1, got {self.n_sigma}")
+                                   float(momentum), float(eps), activation, None, 0, 0, None,
+                                   be.name)
 
 
 def _check_noise(op, x, noise, seed, step):
     if not isinstance(noise, NoiseConfig):
         raise TypeError(f"{op}: noise must be a bnkernels.NoiseConfig, got {type(noise).__name__}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
-        raise ValueError(f"{op}: seed must be an int in [0, 2**64), got {seed!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ValueError(f"{op}: seed must be an int in [0, 2**63), got {seed!r}")
     if isinstance(step, torch.Tensor):
         if step.numel() != 1 or step.is_floating_point() or step.is_complex():
             raise ValueError(f"{op}: a step tensor must hold one integer, got {step.dtype} "
@@ -167,9 +146,11 @@ def noisy_batch_norm(x: torch.Tensor, running_mean: torch.Tensor | None,
     if x.numel() == 0:
         return _empty_batch(x, weight, bias, activation)
     be = backends.select(op, x)
+    step_tensor = step if isinstance(step, torch.Tensor) else None
     return BatchNormFunction.apply(x, weight, bias, running_mean, running_var, True,
-                                   float(momentum), float(eps), activation, be,
-                                   (noise, seed, step))
+                                   float(momentum), float(eps), activation, noise.as_list(),
+                                   seed, 0 if step_tensor is not None else step, step_tensor,
+                                   be.name)
 
 
 def noisy_batch_norm_noise(x: torch.Tensor, noise: NoiseConfig = NoiseConfig(), seed: int = 0,
@@ -194,3 +175,55 @@ def _empty_batch(x, weight, bias, activation):
     if bias is not None:
         out = out + bias.reshape(1, -1, *([1] * (x.dim() - 2)))
     return torch.relu(out) if activation == "relu" else out
+
+
+LP_NORMS = (1, 2, math.inf)
+
+
+def _check_p(op: str, p):
+    """p as 1, 2 or math.inf; accepts 1, 2, float('inf') and the strings "1", "2", "inf"."""
+    if isinstance(p, str):
+        value = {"1": 1, "2": 2, "inf": math.inf}.get(p)
+    elif isinstance(p, (int, float)) and not isinstance(p, bool) and p in LP_NORMS:
+        value = LP_NORMS[LP_NORMS.index(p)]
+    else:
+        value = None
+    if value is None:
+        raise ValueError(f"{op}: p must be one of 1, 2, inf (or the strings '1', '2', 'inf'), "
+                         f"got p={p!r}")
+    return value
+
+
+def lp_norm(x: torch.Tensor, p, running_mean: torch.Tensor | None = None,
+            running_scale: torch.Tensor | None = None, weight: torch.Tensor | None = None,
+            bias: torch.Tensor | None = None, training: bool = False, momentum: float = 0.1,
+            eps: float = 1e-5, centered: bool = False) -> torch.Tensor:
+    """l_p normalization (p in {1, 2, inf}): ``y = weight * (x - mean) / (s_p + eps) + bias``.
+
+    Per channel of ``x`` (N, C, *spatial), over N and the spatial dims: mean = mean(x) and
+    s_1 = mean|z|, s_2 = sqrt(mean z^2), s_inf = max|z|, where z = x ("before shifting the
+    mean", the default) or z = x - mean (``centered=True``). In training the batch statistics
+    are used and, if given, ``running_mean``/``running_scale`` are updated in place:
+    r <- momentum * batch + (1 - momentum) * r (no unbiasing of the scale). In eval mode the
+    running statistics are used (and required), as constants. The gradient of the l_inf scale
+    is split equally among the values attaining max|z| (as torch.amax's). Statistics are
+    accumulated in fp32 (fp64 for fp64 input); the output has x's dtype and memory format.
+    """
+    op = "lp_norm"
+    _check_input(op, x)
+    p = _check_p(op, p)
+    _check_per_channel(op, x, running_mean=running_mean, running_scale=running_scale,
+                       weight=weight, bias=bias)
+    _check_scalars(op, momentum, eps, None)
+    if (running_mean is None) != (running_scale is None):
+        raise ValueError(f"{op}: pass both running_mean and running_scale, or neither")
+    if not training and running_mean is None:
+        raise ValueError(f"{op}: running_mean and running_scale must be given in eval mode "
+                         "(training=False)")
+    if training:
+        _check_training_size(x)
+    if x.numel() == 0:
+        return _empty_batch(x, weight, bias, None)
+    be = backends.select(op, x)
+    return LpNormFunction.apply(x, weight, bias, running_mean, running_scale, p, bool(training),
+                                float(momentum), float(eps), bool(centered), be.name)

@@ -1,66 +1,419 @@
-"""Drop-in normalization modules. Each subclasses its torch twin (same constructor arguments,
-parameters, buffers and state_dict keys) and runs bnkernels' ops."""
+"""Drop-in normalization modules and ``convert``.
+
+Modules subclass their torch twin where one exists (same constructor arguments, parameters,
+buffers and state_dict keys) and run bnkernels' ops: BatchNorm1d/2d/3d, NoisyBatchNorm1d/2d/3d,
+SyncBatchNorm; LpNorm1d/2d/3d have no twin and follow BatchNorm's conventions.
+"""
 
 from __future__ import annotations
 
-import torch
-from torch import nn
+import math
 
-from .functional import ACTIVATIONS, batch_norm
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from . import backends
+from .functional import ACTIVATIONS, _check_p, batch_norm, lp_norm, noisy_batch_norm
+from .noise import NoiseConfig
+from .ops import SyncBatchNormFunction
+
+
+def _check_activation(module, activation):
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"{type(module).__name__}: activation must be one of {ACTIVATIONS}, "
+                         f"got {activation!r}")
+    return activation
+
+
+def _check_channels(module, x: torch.Tensor) -> None:
+    if x.dim() >= 2 and x.shape[1] != module.num_features:
+        raise ValueError(
+            f"{type(module).__name__}: input has {x.shape[1]} channels (shape "
+            f"{tuple(x.shape)}) but the module was built for num_features={module.num_features}")
+
+
+def _check_num_features(cls, num_features):
+    if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
+        raise ValueError(f"{cls.__name__}: num_features must be a positive int, "
+                         f"got {num_features!r}")
+
+
+def _factor(module) -> float:
+    """torch's _BatchNorm rule: momentum, or the cumulative average 1/num_batches_tracked
+    (which reads the counter on the host, as torch does, only when momentum is None)."""
+    factor = 0.0 if module.momentum is None else module.momentum
+    if module.training and module.track_running_stats and module.num_batches_tracked is not None:
+        module.num_batches_tracked.add_(1)
+        if module.momentum is None:
+            factor = 1.0 / float(module.num_batches_tracked)
+    return factor
 
 
 class _BatchNormMixin:
-    """The forward of torch's ``_BatchNorm``, calling :func:`bnkernels.batch_norm`."""
+    """The forward of torch's ``_BatchNorm`` on :func:`bnkernels.batch_norm`."""
 
-    def _init_activation(self, activation):
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"{type(self).__name__}: activation must be one of {ACTIVATIONS}, "
-                             f"got {activation!r}")
-        self.activation = activation
+    def _init_extra(self, num_features, momentum, activation):
+        _check_num_features(type(self), num_features)
+        if momentum is not None and not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"{type(self).__name__}: momentum must be in [0, 1] or None, "
+                             f"got {momentum}")
+        self.activation = _check_activation(self, activation)
 
     def extra_repr(self) -> str:
         s = super().extra_repr()
         return s + (f", activation={self.activation!r}" if self.activation else "")
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        self._check_input_dim(input)
-        if input.shape[1] != self.num_features:
-            raise ValueError(
-                f"{type(self).__name__}: input has {input.shape[1]} channels (shape "
-                f"{tuple(input.shape)}) but the module was built for {self.num_features}")
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative moving average
-                factor = 1.0 / float(self.num_batches_tracked)
+    def _stats_args(self):
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
         track = not self.training or self.track_running_stats
-        return batch_norm(
-            input,
-            self.running_mean if track else None,
-            self.running_var if track else None,
-            self.weight, self.bias, bn_training, factor, self.eps, self.activation)
+        return (self.running_mean if track else None, self.running_var if track else None,
+                bn_training)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        _check_channels(self, input)
+        factor = _factor(self)
+        rm, rv, bn_training = self._stats_args()
+        return batch_norm(input, rm, rv, self.weight, self.bias, bn_training, factor, self.eps,
+                          self.activation)
+
+
+def _bn_init(cls_name, torch_cls):
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, *args, activation=None, **kwargs):
+        _BatchNormMixin._init_extra(self, num_features, momentum, activation)
+        torch_cls.__init__(self, num_features, eps, momentum, affine, track_running_stats,
+                           *args, **kwargs)
+        self.activation = activation
+
+    __init__.__qualname__ = f"{cls_name}.__init__"
+    return __init__
 
 
 class BatchNorm1d(_BatchNormMixin, nn.BatchNorm1d):
     """``torch.nn.BatchNorm1d`` on bnkernels' kernels; ``activation="relu"`` fuses a ReLU."""
 
-    def __init__(self, *args, activation: str | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._init_activation(activation)
+    __init__ = _bn_init("BatchNorm1d", nn.BatchNorm1d)
 
 
 class BatchNorm2d(_BatchNormMixin, nn.BatchNorm2d):
     """``torch.nn.BatchNorm2d`` on bnkernels' kernels; ``activation="relu"`` fuses a ReLU."""
 
-    def __init__(self, *args, activation: str | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._init_activation(activation)
+    __init__ = _bn_init("BatchNorm2d", nn.BatchNorm2d)
 
 
 class BatchNorm3d(_BatchNormMixin, nn.BatchNorm3d):
     """``torch.nn.BatchNorm3d`` on bnkernels' kernels; ``activation="relu"`` fuses a ReLU."""
 
-    def __init__(self, *args, activation: str | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._init_activation(activation)
+    __init__ = _bn_init("BatchNorm3d", nn.BatchNorm3d)
+
+
+# ----------------------------------------------------------------------------- noisy BatchNorm
+
+
+class _NoisyBatchNormMixin(_BatchNormMixin):
+    """BatchNorm with the paper's time-varying noise in training (Algorithm 1).
+
+    The noise of a training forward is keyed by (``seed``, ``noise_step``); ``noise_step`` is
+    a buffer that advances on the device after every training forward, so a checkpoint resumes
+    the same noise sequence and no host synchronisation is needed. Eval mode adds no noise."""
+
+    def _init_noise(self, noise, seed):
+        if not isinstance(noise, NoiseConfig):
+            raise TypeError(f"{type(self).__name__}: noise must be a bnkernels.NoiseConfig, "
+                            f"got {type(noise).__name__}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+            raise ValueError(f"{type(self).__name__}: seed must be an int in [0, 2**63), "
+                             f"got {seed!r}")
+        self.noise = noise
+        self.seed = seed
+        device = self.weight.device if self.weight is not None else None
+        self.register_buffer("noise_step", torch.zeros((), dtype=torch.long, device=device))
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", noise={self.noise}, seed={self.seed}"
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(input)
+        self._check_input_dim(input)
+        _check_channels(self, input)
+        factor = _factor(self)
+        rm, rv, _ = self._stats_args()
+        y = noisy_batch_norm(input, rm, rv, self.weight, self.bias, True, factor, self.eps,
+                             self.noise, self.seed, self.noise_step, self.activation)
+        self.noise_step.add_(1)
+        return y
+
+
+def _noisy_init(cls_name, torch_cls):
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, *args, noise=NoiseConfig(), seed=0, activation=None,
+                 **kwargs):
+        _BatchNormMixin._init_extra(self, num_features, momentum, activation)
+        torch_cls.__init__(self, num_features, eps, momentum, affine, track_running_stats,
+                           *args, **kwargs)
+        self.activation = activation
+        self._init_noise(noise, seed)
+
+    __init__.__qualname__ = f"{cls_name}.__init__"
+    return __init__
+
+
+class NoisyBatchNorm1d(_NoisyBatchNormMixin, nn.BatchNorm1d):
+    """BatchNorm1d with the paper's noise in training; ``noise``, ``seed``, ``activation``."""
+
+    __init__ = _noisy_init("NoisyBatchNorm1d", nn.BatchNorm1d)
+
+
+class NoisyBatchNorm2d(_NoisyBatchNormMixin, nn.BatchNorm2d):
+    """BatchNorm2d with the paper's noise in training; ``noise``, ``seed``, ``activation``."""
+
+    __init__ = _noisy_init("NoisyBatchNorm2d", nn.BatchNorm2d)
+
+
+class NoisyBatchNorm3d(_NoisyBatchNormMixin, nn.BatchNorm3d):
+    """BatchNorm3d with the paper's noise in training; ``noise``, ``seed``, ``activation``."""
+
+    __init__ = _noisy_init("NoisyBatchNorm3d", nn.BatchNorm3d)
+
+
+# ----------------------------------------------------------------------------- l_p normalization
+
+
+class _LpNorm(nn.Module):
+    """l_p normalization per channel (Section 3.3 of the paper), BatchNorm's conventions:
+    parameters ``weight``/``bias`` (if ``affine``), buffers ``running_mean``,
+    ``running_scale`` and ``num_batches_tracked`` (if ``track_running_stats``), ``momentum``
+    None for a cumulative average. See :func:`bnkernels.lp_norm` for the math."""
+
+    _expected_dims: tuple = ()
+
+    def __init__(self, num_features: int, p=2, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, centered: bool = False,
+                 device=None, dtype=None):
+        super().__init__()
+        _check_num_features(type(self), num_features)
+        self.p = _check_p(type(self).__name__, p)
+        if not (eps > 0 and math.isfinite(eps)):
+            raise ValueError(f"{type(self).__name__}: eps must be a positive finite number")
+        if momentum is not None and not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"{type(self).__name__}: momentum must be in [0, 1] or None")
+        factory = dict(device=device, dtype=dtype)
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        self.centered = bool(centered)
+        if affine:
+            self.weight = nn.Parameter(torch.ones(num_features, **factory))
+            self.bias = nn.Parameter(torch.zeros(num_features, **factory))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+            self.register_buffer("running_scale", torch.ones(num_features, **factory))
+            self.register_buffer("num_batches_tracked",
+                                 torch.tensor(0, dtype=torch.long, device=device))
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_scale", None)
+            self.register_buffer("num_batches_tracked", None)
+
+    def reset_running_stats(self) -> None:
+        if self.track_running_stats:
+            self.running_mean.zero_()
+            self.running_scale.fill_(1)
+            self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        if self.affine:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_features}, p={self.p}, eps={self.eps}, momentum={self.momentum}, "
+                f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
+                f"centered={self.centered}")
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() not in self._expected_dims:
+            want = " or ".join(f"{d}D" for d in self._expected_dims)
+            raise ValueError(f"{type(self).__name__}: expected {want} input (got {x.dim()}D "
+                             "input)")
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        _check_channels(self, input)
+        factor = _factor(self)
+        bn_training = self.training or self.running_mean is None
+        track = not self.training or self.track_running_stats
+        return lp_norm(input, self.p, self.running_mean if track else None,
+                       self.running_scale if track else None, self.weight, self.bias,
+                       bn_training, factor, self.eps, self.centered)
+
+
+class LpNorm1d(_LpNorm):
+    """l_p normalization of (N, C) or (N, C, L) input."""
+
+    _expected_dims = (2, 3)
+
+
+class LpNorm2d(_LpNorm):
+    """l_p normalization of (N, C, H, W) input."""
+
+    _expected_dims = (4,)
+
+
+class LpNorm3d(_LpNorm):
+    """l_p normalization of (N, C, D, H, W) input."""
+
+    _expected_dims = (5,)
+
+
+# ----------------------------------------------------------------------------- SyncBatchNorm
+
+
+class SyncBatchNorm(_BatchNormMixin, nn.SyncBatchNorm):
+    """``torch.nn.SyncBatchNorm`` on bnkernels' kernels.
+
+    In training with more than one process in ``process_group``, the per-process
+    (count, mean, biased var) are all-gathered and merged by Chan's count-weighted formula, and
+    the backward's per-channel gradient sums are all-reduced, so N processes compute what one
+    process would on the concatenated batch (weight/bias gradients stay per process, as in
+    torch, for DDP to reduce). Otherwise it is :class:`BatchNorm2d` for any input dims."""
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, process_group=None, *args, activation=None,
+                 **kwargs):
+        _BatchNormMixin._init_extra(self, num_features, momentum, activation)
+        nn.SyncBatchNorm.__init__(self, num_features, eps, momentum, affine,
+                                  track_running_stats, process_group, *args, **kwargs)
+        self.activation = activation
+
+    def _check_input_dim(self, input):
+        if input.dim() < 2:
+            raise ValueError(f"SyncBatchNorm: expected at least 2D input (got {input.dim()}D "
+                             "input)")
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        _check_channels(self, input)
+        factor = _factor(self)
+        rm, rv, bn_training = self._stats_args()
+        group = self.process_group or (dist.group.WORLD if dist.is_available() and
+                                       dist.is_initialized() else None)
+        world = dist.get_world_size(group) if group is not None else 1
+        if not (bn_training and self.training and world > 1):
+            return batch_norm(input, rm, rv, self.weight, self.bias, bn_training, factor,
+                              self.eps, self.activation)
+        if input.numel() // input.shape[1] == 0 and input.numel() != 0:
+            raise ValueError("SyncBatchNorm: empty channels")
+        be = backends.select("batch_norm", input)
+        return SyncBatchNormFunction.apply(input, self.weight, self.bias, rm, rv, self.eps,
+                                           factor, self.activation, group, world, be)
+
+
+# ----------------------------------------------------------------------------- convert
+
+TARGETS = ("batchnorm", "noisy", "l1", "l2", "linf", "none", "torch")
+_LP = {"l1": 1, "l2": 2, "linf": math.inf}
+_OURS = {
+    "batchnorm": {1: BatchNorm1d, 2: BatchNorm2d, 3: BatchNorm3d},
+    "noisy": {1: NoisyBatchNorm1d, 2: NoisyBatchNorm2d, 3: NoisyBatchNorm3d},
+    "lp": {1: LpNorm1d, 2: LpNorm2d, 3: LpNorm3d},
+    "torch": {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d},
+}
+
+
+def _is_norm(m: nn.Module) -> bool:
+    return isinstance(m, (_BatchNorm, _LpNorm))
+
+
+def _dim_of(m: nn.Module, default: int) -> int:
+    for d, classes in ((1, (nn.BatchNorm1d, LpNorm1d)), (2, (nn.BatchNorm2d, LpNorm2d)),
+                       (3, (nn.BatchNorm3d, LpNorm3d))):
+        if isinstance(m, classes):
+            return d
+    return default  # SyncBatchNorm takes any dims
+
+
+def _replacement(m: nn.Module, to: str, sync: bool, dim: int, kwargs: dict) -> nn.Module:
+    if to == "none":
+        return nn.Identity()
+    ref = m.weight if m.weight is not None else m.running_mean
+    factory = dict(device=ref.device if ref is not None else None,
+                   dtype=ref.dtype if ref is not None else None)
+    common = dict(eps=m.eps, momentum=m.momentum, affine=m.affine,
+                  track_running_stats=m.track_running_stats, **factory)
+    d = _dim_of(m, dim)
+    if to in _LP:
+        if sync:
+            raise NotImplementedError("convert: sync=True is only for to='batchnorm' or 'torch'")
+        return _OURS["lp"][d](m.num_features, p=_LP[to], **common, **kwargs)
+    if sync:
+        if to == "noisy":
+            raise NotImplementedError("convert: sync=True is only for to='batchnorm' or 'torch'")
+        cls = SyncBatchNorm if to == "batchnorm" else nn.SyncBatchNorm
+    else:
+        cls = _OURS[to][d]
+    return cls(m.num_features, **common, **kwargs)
+
+
+@torch.no_grad()
+def _copy_state(src: nn.Module, dst: nn.Module) -> None:
+    """Copy what the target has an equivalent for: weight, bias, running_mean, the batch
+    counter, and running_var <-> running_scale for l2 (s_2^2 = var, plus mean^2 uncentered)."""
+    if getattr(src, "affine", False) and getattr(dst, "affine", False):
+        dst.weight.copy_(src.weight)
+        dst.bias.copy_(src.bias)
+    if getattr(src, "running_mean", None) is None or getattr(dst, "running_mean", None) is None:
+        return
+    dst.running_mean.copy_(src.running_mean)
+    dst.num_batches_tracked.copy_(src.num_batches_tracked)
+    src_var = getattr(src, "running_var", None)
+    dst_var = getattr(dst, "running_var", None)
+    if src_var is not None and dst_var is not None:
+        dst_var.copy_(src_var)
+    elif isinstance(dst, _LpNorm) and src_var is not None and dst.p == 2:
+        shift = 0 if dst.centered else src.running_mean.square()
+        dst.running_scale.copy_((src_var + shift).sqrt())
+    elif isinstance(src, _LpNorm) and dst_var is not None and src.p == 2:
+        shift = 0 if src.centered else src.running_mean.square()
+        dst_var.copy_((src.running_scale.square() - shift).clamp_min(0))
+    elif isinstance(src, _LpNorm) and isinstance(dst, _LpNorm) and src.p == dst.p \
+            and src.centered == dst.centered:
+        dst.running_scale.copy_(src.running_scale)
+
+
+def convert(model: nn.Module, to: str = "batchnorm", sync: bool = False, dim: int = 2,
+            **kwargs) -> nn.Module:
+    """Replace every normalization layer of ``model`` (torch's BatchNorm*d and SyncBatchNorm,
+    and bnkernels' own) and return the model.
+
+    ``to``: "batchnorm" (bnkernels.BatchNorm*d), "noisy" (NoisyBatchNorm*d), "l1"/"l2"/"linf"
+    (LpNorm*d), "none" (nn.Identity: the paper's standard network), "torch" (torch.nn's
+    BatchNorm*d). ``sync=True`` gives SyncBatchNorm (to "batchnorm" or "torch"). Weights,
+    biases and running statistics are copied where the target has them; the layer keeps its
+    device, dtype and train/eval mode. ``dim`` is the BatchNorm dimensionality used for layers
+    that do not tell it (SyncBatchNorm). ``kwargs`` go to the new layers' constructors (e.g.
+    ``activation``, ``noise``, ``seed``, ``centered``). A model that is itself a
+    normalization layer is returned replaced.
+    """
+    if to not in TARGETS:
+        raise ValueError(f"convert: unknown target {to!r}; choose one of {TARGETS}")
+    if _is_norm(model):
+        new = _replacement(model, to, sync, dim, kwargs)
+        if to != "none":
+            _copy_state(model, new)
+        return new.train(model.training)
+    for name, child in model.named_children():
+        new = convert(child, to, sync, dim, **kwargs)
+        if new is not child:
+            setattr(model, name, new)
+    return model

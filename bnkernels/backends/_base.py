@@ -18,6 +18,12 @@ class Backend:
     * ``batch_norm_bwd(dy, x, mean, invstd, weight, bias, training, activation, needs,
       noise=None) -> (dx, dweight, dbias)``.
     * ``noisy_batch_norm_noise(x, noise) -> (s, m)``, the noise applied to ``x``.
+    * stages for SyncBatchNorm: ``batch_norm_stats(x) -> (mean, var)``,
+      ``batch_norm_apply(x, mean, invstd, weight, bias, activation, noise=None) -> y``,
+      ``batch_norm_bwd_reduce(dy, x, mean, invstd, weight, bias, activation, noise=None)
+      -> [sum(g), sum(g (x - mean))]``, ``batch_norm_bwd_dx(dy, x, mean, invstd, weight, bias,
+      mean_sums, activation, noise=None) -> dx``.
+    * ``lp_norm_fwd`` / ``lp_norm_bwd``: see :mod:`bnkernels.backends.reference`.
 
     ``noise`` is ``(NoiseConfig, seed, step)`` for noisy BatchNorm, None for plain BatchNorm.
     """
@@ -34,3 +40,15 @@ class Backend:
 
     def __repr__(self) -> str:
         return f"<bnkernels backend {self.name!r}>"
+
+
+# Op families: each backend provides ``<family>_<stage>`` entry points for these.
+FAMILIES = ("batch_norm", "lp_norm")
+
+
+def _family(name: str) -> str:
+    """The op family of an entry point name, or AttributeError (for __getattr__)."""
+    for family in FAMILIES:
+        if name.startswith(family + "_"):
+            return family
+    raise AttributeError(name)

@@ -63,27 +63,38 @@ def batch_norm_reference_fwd(x, running_mean, running_var, weight, bias, trainin
     ``noise = (NoiseConfig, seed, step)``: noisy BatchNorm, y = act(s * a + m), a = w xhat + b.
     """
     acc = acc_dtype(x.dtype)
-    xf = x.to(acc)
     if training:
-        var, mean = torch.var_mean(xf, dim=_reduce_dims(x), unbiased=False)  # stable
+        mean, var = batch_norm_reference_stats(x)
         invstd = 1.0 / torch.sqrt(var + eps)
         if running_mean is not None:
             m = x.numel() // x.shape[1]
             unbiased = var * (m / (m - 1))
             running_mean.copy_(momentum * mean + (1 - momentum) * running_mean.to(acc))
             running_var.copy_(momentum * unbiased + (1 - momentum) * running_var.to(acc))
-        save = (mean, invstd)
-    else:
-        mean = running_mean.to(acc)
-        invstd = 1.0 / torch.sqrt(running_var.to(acc) + eps)
-        save = (None, None)
-    y = _affine((xf - _per_channel(mean, x)) * _per_channel(invstd, x), weight, bias, x, acc)
+        y = batch_norm_reference_apply(x, mean, invstd, weight, bias, activation, noise)
+        return y, mean, invstd
+    invstd = 1.0 / torch.sqrt(running_var.to(acc) + eps)
+    y = batch_norm_reference_apply(x, running_mean, invstd, weight, bias, activation, noise)
+    return y, None, None
+
+
+def batch_norm_reference_stats(x):
+    """Per-channel (mean, biased var), fp32 (fp64 for fp64 x); torch.var_mean is stable."""
+    var, mean = torch.var_mean(x.to(acc_dtype(x.dtype)), dim=_reduce_dims(x), unbiased=False)
+    return mean, var
+
+
+def batch_norm_reference_apply(x, mean, invstd, weight, bias, activation, noise=None):
+    """y = act(s * a + m) (or act(a)), a = w * (x - mean) * invstd + b."""
+    acc = acc_dtype(x.dtype)
+    xhat = (x.to(acc) - _per_channel(mean.to(acc), x)) * _per_channel(invstd.to(acc), x)
+    y = _affine(xhat, weight, bias, x, acc)
     if noise is not None:
         s, m = noisy_bn_noise_reference(x, noise)
         y = s.to(acc) * y + m.to(acc)
     if activation == "relu":
         y = _relu(y)
-    return _like(y, x), *save
+    return _like(y, x)
 
 
 def _affine(xhat, weight, bias, x, acc):
@@ -159,16 +170,9 @@ def noisy_bn_noise_reference(x: torch.Tensor, noise) -> tuple[torch.Tensor, torc
     return s.reshape(x.shape), m.reshape(x.shape)
 
 
-def batch_norm_reference_bwd(dy, x, mean, invstd, weight, bias, training, activation, needs,
-                             noise=None):
-    """Returns ``(dx, dweight, dbias)``, None where not needed (``needs`` = 3 booleans).
-
-    ``mean``/``invstd`` are the saved batch statistics in training, and running_mean and
-    1/sqrt(running_var + eps) in eval mode. With ``noise``, the gradient reaching a is
-    s * dL/dout (the noise regenerated from its key, as the kernels do).
-    """
+def _upstream(dy, x, mean, invstd, weight, bias, activation, noise):
+    """(g, xhat) with g = dL/da, a = w * xhat + b, given dy = dL/dout."""
     acc = acc_dtype(x.dtype)
-    dims = _reduce_dims(x)
     xhat = (x.to(acc) - _per_channel(mean.to(acc), x)) * _per_channel(invstd.to(acc), x)
     g = dy.to(acc)
     s = m = None
@@ -179,15 +183,161 @@ def batch_norm_reference_bwd(dy, x, mean, invstd, weight, bias, training, activa
         g = _relu_mask(g, out if s is None else s * out + m)
     if s is not None:
         g = g * s
+    return g, xhat
+
+
+def _dx_from(g, xhat, x, invstd, weight, mean_g=None, mean_gxhat=None):
+    """dx = w * invstd * (g - mean(g) - xhat * mean(g * xhat)); eval: the means are absent."""
+    acc = g.dtype
+    scale = invstd.to(acc) if weight is None else invstd.to(acc) * weight.to(acc)
+    if mean_g is not None:
+        g = g - _per_channel(mean_g, x) - xhat * _per_channel(mean_gxhat, x)
+    return _like(g * _per_channel(scale, x), x)
+
+
+def batch_norm_reference_bwd(dy, x, mean, invstd, weight, bias, training, activation, needs,
+                             noise=None):
+    """Returns ``(dx, dweight, dbias)``, None where not needed (``needs`` = 3 booleans).
+
+    ``mean``/``invstd`` are the saved batch statistics in training, and running_mean and
+    1/sqrt(running_var + eps) in eval mode. With ``noise``, the gradient reaching a is
+    s * dL/dout (the noise regenerated from its key, as the kernels do).
+    """
+    dims = _reduce_dims(x)
+    g, xhat = _upstream(dy, x, mean, invstd, weight, bias, activation, noise)
     sum_g = g.sum(dims)
     sum_gxhat = (g * xhat).sum(dims)
     dx = dw = db = None
     if needs[0]:
-        scale = invstd.to(acc) if weight is None else invstd.to(acc) * weight.to(acc)
+        m = x.numel() // x.shape[1]
+        means = (sum_g / m, sum_gxhat / m) if training else ()
+        dx = _dx_from(g, xhat, x, invstd, weight, *means)
+    if needs[1] and weight is not None:
+        dw = sum_gxhat.to(weight.dtype)
+    if needs[2] and bias is not None:
+        db = sum_g.to(bias.dtype)
+    return dx, dw, db
+
+
+def batch_norm_reference_bwd_reduce(dy, x, mean, invstd, weight, bias, activation, noise=None):
+    """[sum(g), sum(g * (x - mean))] per channel ([2, C]), for SyncBatchNorm."""
+    dims = _reduce_dims(x)
+    g, xhat = _upstream(dy, x, mean, invstd, weight, bias, activation, noise)
+    xmu = xhat / _per_channel(invstd.to(g.dtype), x)
+    return torch.stack([g.sum(dims), (g * xmu).sum(dims)])
+
+
+def batch_norm_reference_bwd_dx(dy, x, mean, invstd, weight, bias, mean_sums, activation,
+                                noise=None):
+    """Training dx given [mean(g), mean(g * (x - mean))] over the whole batch."""
+    g, xhat = _upstream(dy, x, mean, invstd, weight, bias, activation, noise)
+    inv = invstd.to(g.dtype)
+    return _dx_from(g, xhat, x, invstd, weight, mean_sums[0].to(g.dtype),
+                    mean_sums[1].to(g.dtype) * inv)
+
+
+# ----------------------------------------------------------------------------- l_p normalization
+#
+# Per channel, over its M values, with p in {1, 2, inf} (``math.inf``)::
+#
+#     mean = sum(x) / M
+#     z    = x - mean  (centered)  or  x  (uncentered: the scale is taken before shifting the mean)
+#     s    = sum|z| / M,   sqrt(sum z^2 / M),   max|z|              (p = 1, 2, inf)
+#     a    = s + eps,   xhat = (x - mean) / a,   y = w * xhat + b
+#
+#     running_mean  <- momentum * mean + (1 - momentum) * running_mean
+#     running_scale <- momentum * s    + (1 - momentum) * running_scale        (no unbiasing)
+#
+# Backward (training), g = dy. The scale's derivative is ds/dz_i = f_i / D with
+#
+#     p = 1:    f = sign(z),               D = M
+#     p = 2:    f = z,                     D = M * s       (the term is 0 where s = 0)
+#     p = inf:  f = sign(z) * [|z| = s],   D = #{i : |z_i| = s}
+#
+# (the l_inf tie rule: the gradient of the max is split equally among all values attaining
+# max|z| in the channel, as torch.amax's; a unique maximum gets all of it), and::
+#
+#     dbias   = sum(g),   dweight = sum(g * xhat)
+#     dx      = w / a * (g - dbias / M) - k3 * (f - k4),   k3 = w * dweight / (a * D)
+#     k4      = sum(f) / M  if centered (z depends on x through the mean too), else 0
+#
+# Eval: running_mean and running_scale are constants, dx = w / a * g.
+
+
+def _lp_scale(z: torch.Tensor, p, dims) -> torch.Tensor:
+    """s_p of each channel of z: mean|z|, sqrt(mean z^2) or max|z| (NaN propagates)."""
+    if p == 1:
+        return z.abs().mean(dims)
+    if p == 2:
+        return (z * z).mean(dims).sqrt()
+    return z.abs().amax(dims)
+
+
+def _lp_direction(z: torch.Tensor, scale: torch.Tensor, p, dims, m: int):
+    """(f, D) with ds/dz = f / D (see above); for l_inf, ties share the gradient equally."""
+    if p == 1:
+        return torch.sign(z), torch.full_like(scale, float(m))
+    if p == 2:
+        return z, m * scale
+    at_max = z.abs() == _per_channel(scale, z)
+    return torch.where(at_max, torch.sign(z), 0.0), at_max.sum(dims).to(scale.dtype)
+
+
+def lp_norm_reference_fwd(x, p, running_mean, running_scale, weight, bias, training, momentum,
+                          eps, centered):
+    """Returns ``(y, save_mean, save_scale)``; updates the running buffers in place.
+
+    ``p`` is 1, 2 or ``math.inf``. The saved scale is s_p itself (not 1/(s_p + eps)). In eval
+    mode ``(y, None, None)``: the statistics are the running buffers.
+    """
+    acc = acc_dtype(x.dtype)
+    xf = x.to(acc)
+    dims = _reduce_dims(x)
+    if training:
+        mean = xf.mean(dims)
+        z = xf - _per_channel(mean, x) if centered else xf
+        scale = _lp_scale(z, p, dims)
+        if running_mean is not None:
+            running_mean.copy_(momentum * mean + (1 - momentum) * running_mean.to(acc))
+            running_scale.copy_(momentum * scale + (1 - momentum) * running_scale.to(acc))
+        save = (mean, scale)
+    else:
+        mean = running_mean.to(acc)
+        scale = running_scale.to(acc)
+        save = (None, None)
+    xhat = (xf - _per_channel(mean, x)) / _per_channel(scale + eps, x)
+    return _like(_affine(xhat, weight, bias, x, acc), x), *save
+
+
+def lp_norm_reference_bwd(dy, x, p, mean, scale, weight, bias, training, centered, eps, needs):
+    """Returns ``(dx, dweight, dbias)``, None where not needed (``needs`` = 3 booleans).
+
+    ``mean``/``scale`` are the saved batch mean and s_p in training, and running_mean and
+    running_scale in eval mode.
+    """
+    acc = acc_dtype(x.dtype)
+    dims = _reduce_dims(x)
+    m = x.numel() // x.shape[1]
+    xf = x.to(acc)
+    mean, scale = mean.to(acc), scale.to(acc)
+    a = scale + eps
+    d = xf - _per_channel(mean, x)  # bit-identical to the forward's z when centered
+    g = dy.to(acc)
+    sum_g = g.sum(dims)
+    sum_gxhat = (g * d).sum(dims) / a
+    dx = dw = db = None
+    if needs[0]:
+        w = weight.to(acc) if weight is not None else torch.ones_like(a)
         if training:
-            m = x.numel() // x.shape[1]
-            g = g - _per_channel(sum_g / m, x) - xhat * _per_channel(sum_gxhat / m, x)
-        dx = _like(g * _per_channel(scale, x), x)
+            f, den = _lp_direction(d if centered else xf, scale, p, dims, m)
+            safe = torch.where(den > 0, den, torch.ones_like(den))
+            k3 = torch.where(den > 0, w * sum_gxhat / (a * safe), torch.zeros_like(den))
+            k4 = f.sum(dims) / m if centered else torch.zeros_like(den)
+            dxf = ((g - _per_channel(sum_g / m, x)) * _per_channel(w / a, x)
+                   - _per_channel(k3, x) * (f - _per_channel(k4, x)))
+        else:
+            dxf = g * _per_channel(w / a, x)
+        dx = _like(dxf, x)
     if needs[1] and weight is not None:
         dw = sum_gxhat.to(weight.dtype)
     if needs[2] and bias is not None:

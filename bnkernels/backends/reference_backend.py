@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from . import reference
-from ._base import FLOAT_DTYPES, Backend
+from ._base import FLOAT_DTYPES, Backend, _family
 
 
 class ReferenceBackend(Backend):
@@ -18,8 +18,6 @@ class ReferenceBackend(Backend):
         return reference.noisy_bn_noise_reference(x, noise)
 
     def __getattr__(self, name):
-        """``<family>_fwd`` / ``_bwd`` are ``reference.<family>_reference_fwd`` / ``_bwd``."""
-        family, _, kind = name.rpartition("_")
-        if not family or kind not in ("fwd", "bwd") or name.startswith("_"):
-            raise AttributeError(name)
-        return getattr(reference, f"{family}_reference_{kind}")
+        """``<family>_<stage>`` is ``reference.<family>_reference_<stage>``."""
+        family = _family(name)
+        return getattr(reference, f"{family}_reference{name[len(family):]}")

@@ -7,7 +7,7 @@ import importlib.util
 import os
 import sys
 
-from ._base import FLOAT_DTYPES, Backend
+from ._base import FLOAT_DTYPES, Backend, _family
 
 _COMMON = "bnkernels.backends.triton.common"
 
@@ -48,10 +48,9 @@ class TritonBackend(Backend):
             x, noise)
 
     def __getattr__(self, name):
-        """``<family>_fwd`` / ``<family>_bwd`` come from ``bnkernels.backends.triton.<family>``
-        (imported on first use, so the kernels are defined only when needed)."""
-        family, _, kind = name.rpartition("_")
-        if not family or kind not in ("fwd", "bwd") or name.startswith("_"):
-            raise AttributeError(name)
+        """``<family>_<stage>`` (e.g. ``batch_norm_fwd``) comes from
+        ``bnkernels.backends.triton.<family>`` (imported on first use, so the kernels are
+        defined only when needed)."""
+        family = _family(name)
         module = importlib.import_module(f"bnkernels.backends.triton.{family}")
         return getattr(module, name)

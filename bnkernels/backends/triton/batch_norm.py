@@ -195,7 +195,7 @@ def _bn_stats_mc_kernel(
 def _bn_stats_finalize_kernel(
     part_ptr,  # [3, C, SPLIT] ACC partials
     mean_ptr,  # [C] ACC out: batch mean
-    invstd_ptr,  # [C] ACC out: 1 / sqrt(biased var + eps)
+    invstd_ptr,  # [C] ACC out: 1 / sqrt(biased var + eps), or the biased var if OUT_VAR
     rmean_ptr,  # [C] running_mean (any float dtype), updated in place if UPDATE
     rvar_ptr,  # [C] running_var, updated in place with the unbiased variance if UPDATE
     C,
@@ -205,6 +205,7 @@ def _bn_stats_finalize_kernel(
     BLOCK_C: tl.constexpr,
     ACC: tl.constexpr,
     UPDATE: tl.constexpr,
+    OUT_VAR: tl.constexpr,  # write var (for a merge across devices) instead of invstd
 ):
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
@@ -220,7 +221,7 @@ def _bn_stats_finalize_kernel(
     var = m2 / tl.maximum(cnt, 1.0)
     invstd = 1.0 / tl.sqrt(var + eps)
     tl.store(mean_ptr + cols, mean, mask=cmask)
-    tl.store(invstd_ptr + cols, invstd, mask=cmask)
+    tl.store(invstd_ptr + cols, var if OUT_VAR else invstd, mask=cmask)
     if UPDATE:
         rm = tl.load(rmean_ptr + cols, mask=cmask, other=0.0).to(ACC)
         rv = tl.load(rvar_ptr + cols, mask=cmask, other=0.0).to(ACC)
@@ -465,7 +466,7 @@ def _bn_bwd_reduce_mc_kernel(
 def _bn_bwd_finalize_kernel(
     part_ptr,  # [2, C, SPLIT] ACC
     invstd_ptr,  # [C] ACC
-    coef_ptr,  # [2, C] ACC out: sum(g) / M, invstd^2 * sum(g*(x-mean)) / M
+    coef_ptr,  # [2, C] ACC out: mean(g), mean(g * (x - mean)) (sums times inv_m)
     dw_ptr,  # [C] out (weight's dtype): sum(g * xhat)
     db_ptr,  # [C] out (bias's dtype): sum(g)
     C,
@@ -487,7 +488,7 @@ def _bn_bwd_finalize_kernel(
     invstd = tl.load(invstd_ptr + cols, mask=cmask, other=0.0).to(ACC)
     if WRITE_COEF:
         tl.store(coef_ptr + cols, sum_g * inv_m, mask=cmask)
-        tl.store(coef_ptr + C + cols, sum_gx * invstd * invstd * inv_m, mask=cmask)
+        tl.store(coef_ptr + C + cols, sum_gx * inv_m, mask=cmask)
     if WRITE_DW:
         tl.store(dw_ptr + cols, (sum_gx * invstd).to(dw_ptr.dtype.element_ty), mask=cmask)
     if WRITE_DB:
@@ -503,7 +504,7 @@ def _bn_bwd_dx_kernel(
     invstd_ptr,  # [C] ACC
     w_ptr,
     b_ptr,
-    coef_ptr,  # [2, C] ACC (training only)
+    coef_ptr,  # [2, C] ACC (training only): mean(g), mean(g * (x - mean)) over the batch
     step_ptr,
     ROWS,
     COLS,
@@ -551,7 +552,7 @@ def _bn_bwd_dx_kernel(
         b = tl.zeros(ch.shape, ACC)
     if TRAINING:
         k1 = tl.load(coef_ptr + ch, mask=cm, other=0.0)
-        k2 = tl.load(coef_ptr + C + ch, mask=cm, other=0.0)
+        k2 = tl.load(coef_ptr + C + ch, mask=cm, other=0.0) * invstd * invstd
     else:
         k1 = tl.zeros(ch.shape, ACC)
         k2 = tl.zeros(ch.shape, ACC)
@@ -618,6 +619,39 @@ def _split_noise(noise, dummy):
     return a["step_ptr"], scalars, dict(NOISY=a["NOISY"], STEP_PTR=a["STEP_PTR"])
 
 
+def _stats(lay, acc, running_mean=None, running_var=None, momentum=0.0, eps=0.0,
+           out_var=False):
+    """Per-channel batch mean and invstd (or biased var); updates running buffers if given."""
+    part = _partials(_bn_stats_ncs_kernel, _bn_stats_mc_kernel, lay, 3, acc, (lay.tensor,), {})
+    mean = torch.empty(lay.C, device=lay.device, dtype=acc)
+    second = torch.empty(lay.C, device=lay.device, dtype=acc)
+    update = running_mean is not None
+    block_c = min(triton.next_power_of_2(lay.C), 1024)
+    _bn_stats_finalize_kernel[(triton.cdiv(lay.C, block_c),)](
+        part, mean, second,
+        running_mean if update else mean, running_var if update else second,
+        lay.C, part.shape[2], float(momentum), float(eps),
+        BLOCK_C=block_c, ACC=tl_dtype(acc), UPDATE=update, OUT_VAR=out_var,
+    )
+    return mean, second
+
+
+def _apply(lay, acc, stat_a, stat_b, weight, bias, eps, from_var, activation, noise):
+    xc = lay.tensor
+    y = torch.empty_like(xc)
+    step_ptr, noise_scalars, noise_flags = _split_noise(noise, xc)
+    grid, meta = _elementwise_grid(lay)
+    _bn_apply_kernel[grid](
+        xc, y, stat_a, stat_b,
+        weight if weight is not None else xc, bias if bias is not None else xc, step_ptr,
+        lay.rows, lay.cols, lay.C, lay.S, float(eps), **noise_scalars,
+        CHAN_ON_ROWS=lay.kind == "ncs", FROM_VAR=from_var,
+        HAS_W=weight is not None, HAS_B=bias is not None, RELU=activation == "relu",
+        ACC=tl_dtype(acc), INT64=lay.int64, **noise_flags, **meta,
+    )
+    return lay.restore(y)
+
+
 def batch_norm_fwd(x, running_mean, running_var, weight, bias, training, momentum, eps,
                    activation, noise=None):
     """Forward BatchNorm; returns ``(y, save_mean, save_invstd)``.
@@ -630,35 +664,71 @@ def batch_norm_fwd(x, running_mean, running_var, weight, bias, training, momentu
     """
     lay = view_layout(x)
     acc = acc_dtype(x.dtype)
-    xc = lay.tensor
-    y = torch.empty_like(xc)
     if training:
-        part = _partials(_bn_stats_ncs_kernel, _bn_stats_mc_kernel, lay, 3, acc, (xc,), {})
-        mean = torch.empty(lay.C, device=x.device, dtype=acc)
-        invstd = torch.empty(lay.C, device=x.device, dtype=acc)
-        update = running_mean is not None
-        block_c = min(triton.next_power_of_2(lay.C), 1024)
-        _bn_stats_finalize_kernel[(triton.cdiv(lay.C, block_c),)](
-            part, mean, invstd,
-            running_mean if update else mean, running_var if update else invstd,
-            lay.C, part.shape[2], float(momentum), float(eps),
-            BLOCK_C=block_c, ACC=tl_dtype(acc), UPDATE=update,
-        )
-        stat_a, stat_b = mean, invstd
-    else:
-        mean = invstd = None
-        stat_a, stat_b = running_mean, running_var
-    step_ptr, noise_scalars, noise_flags = _split_noise(noise, xc)
+        mean, invstd = _stats(lay, acc, running_mean, running_var, momentum, eps)
+        y = _apply(lay, acc, mean, invstd, weight, bias, eps, False, activation, noise)
+        return y, mean, invstd
+    y = _apply(lay, acc, running_mean, running_var, weight, bias, eps, True, activation, noise)
+    return y, None, None
+
+
+# Stages, for SyncBatchNorm (statistics and gradient sums merged across processes in between).
+
+
+def batch_norm_stats(x):
+    """Per-channel (mean, biased var) of x over the batch and spatial dims, fp32/fp64."""
+    lay = view_layout(x)
+    return _stats(lay, acc_dtype(x.dtype), out_var=True)
+
+
+def batch_norm_apply(x, mean, invstd, weight, bias, activation, noise=None):
+    """y = act(w * (x - mean) * invstd + b) with given per-channel statistics."""
+    lay = view_layout(x)
+    acc = acc_dtype(x.dtype)
+    return _apply(lay, acc, mean.to(acc).contiguous(), invstd.to(acc).contiguous(), weight,
+                  bias, 0.0, False, activation, noise)
+
+
+def _grad_sums(lay, acc, dyc, mean, invstd, weight, bias, activation, noise, inv_m,
+               need_coef, need_dw, need_db):
+    """Split reduction of g = dL/da: writes [mean(g), mean(g (x - mean))] (sums * inv_m) and
+    dweight = sum(g xhat), dbias = sum(g) as asked."""
+    step_ptr, noise_scalars, noise_flags = _split_noise(noise, invstd)
+    w_arg = weight if weight is not None else invstd
+    b_arg = bias if bias is not None else invstd
+    part = _partials(
+        _bn_bwd_reduce_ncs_kernel, _bn_bwd_reduce_mc_kernel, lay, 2, acc,
+        (dyc, lay.tensor, mean, invstd, w_arg, b_arg, step_ptr, *noise_scalars.values()),
+        dict(HAS_W=weight is not None, HAS_B=bias is not None, RELU=activation == "relu",
+             **noise_flags),
+    )
+    coef = torch.empty((2, lay.C), device=lay.device, dtype=acc) if need_coef else invstd
+    dw = torch.empty_like(weight) if need_dw else None
+    db = torch.empty_like(bias) if need_db else None
+    block_c = min(triton.next_power_of_2(lay.C), 1024)
+    _bn_bwd_finalize_kernel[(triton.cdiv(lay.C, block_c),)](
+        part, invstd, coef, dw if need_dw else invstd, db if need_db else invstd,
+        lay.C, part.shape[2], float(inv_m),
+        BLOCK_C=block_c, ACC=tl_dtype(acc),
+        WRITE_COEF=need_coef, WRITE_DW=need_dw, WRITE_DB=need_db,
+    )
+    return (coef if need_coef else None), dw, db
+
+
+def _dx(lay, acc, dyc, mean, invstd, weight, bias, coef, training, activation, noise):
+    step_ptr, noise_scalars, noise_flags = _split_noise(noise, invstd)
+    dxc = torch.empty_like(lay.tensor)
     grid, meta = _elementwise_grid(lay)
-    _bn_apply_kernel[grid](
-        xc, y, stat_a, stat_b,
-        weight if weight is not None else xc, bias if bias is not None else xc, step_ptr,
-        lay.rows, lay.cols, lay.C, lay.S, float(eps), **noise_scalars,
-        CHAN_ON_ROWS=lay.kind == "ncs", FROM_VAR=not training,
+    _bn_bwd_dx_kernel[grid](
+        dyc, lay.tensor, dxc, mean, invstd,
+        weight if weight is not None else invstd, bias if bias is not None else invstd,
+        coef if coef is not None else invstd, step_ptr,
+        lay.rows, lay.cols, lay.C, lay.S, **noise_scalars,
+        CHAN_ON_ROWS=lay.kind == "ncs", TRAINING=training,
         HAS_W=weight is not None, HAS_B=bias is not None, RELU=activation == "relu",
         ACC=tl_dtype(acc), INT64=lay.int64, **noise_flags, **meta,
     )
-    return lay.restore(y), mean, invstd
+    return lay.restore(dxc)
 
 
 def batch_norm_bwd(dy, x, mean, invstd, weight, bias, training, activation, needs, noise=None):
@@ -673,43 +743,35 @@ def batch_norm_bwd(dy, x, mean, invstd, weight, bias, training, activation, need
     need_db = need_db and bias is not None
     lay = view_layout(x)
     acc = acc_dtype(x.dtype)
-    xc = lay.tensor
     dyc = as_layout(dy, lay)
     mean = mean.to(acc).contiguous()
     invstd = invstd.to(acc).contiguous()
-    has_w, has_b, relu = weight is not None, bias is not None, activation == "relu"
-    w_arg = weight if has_w else invstd
-    b_arg = bias if has_b else invstd
-    step_ptr, noise_scalars, noise_flags = _split_noise(noise, invstd)
-    dw = torch.empty_like(weight) if need_dw else None
-    db = torch.empty_like(bias) if need_db else None
-    coef = invstd
-    if (training and need_dx) or need_dw or need_db:
-        part = _partials(
-            _bn_bwd_reduce_ncs_kernel, _bn_bwd_reduce_mc_kernel, lay, 2, acc,
-            (dyc, xc, mean, invstd, w_arg, b_arg, step_ptr, *noise_scalars.values()),
-            dict(HAS_W=has_w, HAS_B=has_b, RELU=relu, **noise_flags),
-        )
-        write_coef = training and need_dx
-        if write_coef:
-            coef = torch.empty((2, lay.C), device=x.device, dtype=acc)
-        block_c = min(triton.next_power_of_2(lay.C), 1024)
-        _bn_bwd_finalize_kernel[(triton.cdiv(lay.C, block_c),)](
-            part, invstd, coef, dw if need_dw else invstd, db if need_db else invstd,
-            lay.C, part.shape[2], 1.0 / lay.M,
-            BLOCK_C=block_c, ACC=tl_dtype(acc),
-            WRITE_COEF=write_coef, WRITE_DW=need_dw, WRITE_DB=need_db,
-        )
+    coef = dw = db = None
+    need_coef = training and need_dx
+    if need_coef or need_dw or need_db:
+        coef, dw, db = _grad_sums(lay, acc, dyc, mean, invstd, weight, bias, activation, noise,
+                                  1.0 / lay.M, need_coef, need_dw, need_db)
     dx = None
     if need_dx:
-        dxc = torch.empty_like(xc)
-        grid, meta = _elementwise_grid(lay)
-        _bn_bwd_dx_kernel[grid](
-            dyc, xc, dxc, mean, invstd, w_arg, b_arg, coef, step_ptr,
-            lay.rows, lay.cols, lay.C, lay.S, **noise_scalars,
-            CHAN_ON_ROWS=lay.kind == "ncs", TRAINING=training,
-            HAS_W=has_w, HAS_B=has_b, RELU=relu, ACC=tl_dtype(acc), INT64=lay.int64,
-            **noise_flags, **meta,
-        )
-        dx = lay.restore(dxc)
+        dx = _dx(lay, acc, dyc, mean, invstd, weight, bias, coef, training, activation, noise)
     return dx, dw, db
+
+
+def batch_norm_bwd_reduce(dy, x, mean, invstd, weight, bias, activation, noise=None):
+    """Per-channel sums [sum(g), sum(g * (x - mean))] ([2, C], fp32/fp64) for SyncBatchNorm."""
+    lay = view_layout(x)
+    acc = acc_dtype(x.dtype)
+    coef, _, _ = _grad_sums(lay, acc, as_layout(dy, lay), mean.to(acc).contiguous(),
+                            invstd.to(acc).contiguous(), weight, bias, activation, noise, 1.0,
+                            True, False, False)
+    return coef
+
+
+def batch_norm_bwd_dx(dy, x, mean, invstd, weight, bias, mean_sums, activation, noise=None):
+    """Training dx given ``mean_sums`` = [mean(g), mean(g * (x - mean))] over the whole
+    (possibly multi-process) batch."""
+    lay = view_layout(x)
+    acc = acc_dtype(x.dtype)
+    return _dx(lay, acc, as_layout(dy, lay), mean.to(acc).contiguous(),
+               invstd.to(acc).contiguous(), weight, bias, mean_sums.to(acc).contiguous(), True,
+               activation, noise)

@@ -269,6 +269,22 @@ def test_int64_indexing_path(device):
         assert_close(wide[key], ref[key], torch.float32, key)
 
 
+def test_permuted_dense_input_keeps_its_strides(device):
+    """A dense but permuted input ((N, C, L) stored as (L, N, C)) is read correctly and the
+    output has the strides torch.empty_like gives it, as the registered op's fake promises."""
+    base = make_inputs(Case((7, 4, 6)), device)["x"]
+    x = base.permute(2, 0, 1).contiguous().permute(1, 2, 0)
+    assert not x.is_contiguous() and x.shape == (7, 4, 6)
+    for backend in BACKENDS:
+        bnk.set_backend(backend)
+        y = bnk.batch_norm(x, None, None, training=True)
+        assert y.stride() == torch.empty_like(x).stride()
+        assert_close(y, F.batch_norm(x.double(), None, None, training=True), torch.float32, "y")
+    torch.library.opcheck(torch.ops.bnkernels.batch_norm.default,
+                          (x, None, None, None, None, True, 0.1, 1e-5, None, None, 0, 0, None,
+                           "triton"))
+
+
 def test_odd_strides_are_made_contiguous(device):
     """A non-contiguous, non-channels-last input (a slice) is read correctly, not mis-strided."""
     base = make_inputs(Case((5, 6, 9, 8)), device)["x"]

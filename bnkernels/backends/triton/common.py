@@ -60,6 +60,7 @@ class Layout:
     N: int
     C: int
     S: int
+    source: torch.Tensor | None = None  # the caller's input, when ``tensor`` is a copy of it
 
     @property
     def M(self) -> int:  # values per channel
@@ -82,8 +83,14 @@ class Layout:
         return self.tensor.device
 
     def restore(self, out: torch.Tensor) -> torch.Tensor:
-        """Outputs are allocated like ``tensor`` and keep its shape and memory format."""
-        return out
+        """``out`` (allocated like ``tensor``) with the strides ``torch.empty_like`` gives the
+        caller's input, as PyTorch's own ops and the ops' fake implementations have them."""
+        if self.source is None:
+            return out
+        like = torch.empty_like(self.source)
+        if like.stride() == out.stride():
+            return out
+        return like.copy_(out)
 
 
 def _channels_last_format(x: torch.Tensor):
@@ -101,7 +108,7 @@ def view_layout(x: torch.Tensor) -> Layout:
         return Layout("mc", x, N, C, S)  # (N, C), (N, C, 1..), or channels last
     # Any other strides: make the tensor contiguous explicitly, never read it wrongly.
     xc = x.contiguous()
-    return Layout("ncs" if S > 1 else "mc", xc, N, C, S)
+    return Layout("ncs" if S > 1 else "mc", xc, N, C, S, source=x)
 
 
 def as_layout(t: torch.Tensor, lay: Layout) -> torch.Tensor:

@@ -45,7 +45,10 @@ from .common import (
     acc_dtype,
     apply_config,
     as_layout,
+    bcast,
+    chan_load,
     reduce_config,
+    tile,
     tl_dtype,
     view_layout,
 )
@@ -116,6 +119,21 @@ def _logical_index_mc(rows, cols, C, S):
     """NCHW-logical index of element (row = n*S + s, channel col) of a channels-last tensor."""
     n = rows // S
     return (n[:, None] * C + cols[None, :]) * S + (rows - n * S)[:, None]
+
+
+@triton.jit
+def _tile_noise(rows, cols, ch, offs, C, S, seed, step_ptr, step_val, n_mu, n_sigma, r_mu,
+                r_sigma, CHAN_ON_ROWS: tl.constexpr, STEP_PTR: tl.constexpr,
+                INT64: tl.constexpr):
+    """(s, m) of the elements of an elementwise tile (see .noise)."""
+    step = load_step(step_ptr, step_val, STEP_PTR)
+    mu, sigma = channel_noise(ch, seed, step, n_mu, n_sigma)
+    if CHAN_ON_ROWS:
+        idx = offs
+    else:
+        idx = _logical_index_mc(rows, cols, C, S)
+    return element_noise(idx, bcast(mu, CHAN_ON_ROWS), bcast(sigma, CHAN_ON_ROWS), seed, step,
+                         r_mu, r_sigma, INT64)
 
 
 # ----------------------------------------------------------------------------- forward kernels
@@ -264,48 +282,18 @@ def _bn_apply_kernel(
     ACC: tl.constexpr,
     INT64: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    if INT64:
-        rows = rows.to(tl.int64)
-    rmask = rows < ROWS
-    kmask = cols < COLS
-    if CHAN_ON_ROWS:
-        ch = rows % C
-        cm = rmask
-    else:
-        ch = cols
-        cm = kmask
-    mean = tl.load(mean_ptr + ch, mask=cm, other=0.0).to(ACC)
-    scale = tl.load(scale_ptr + ch, mask=cm, other=1.0).to(ACC)
-    if NOISY:
-        step = load_step(step_ptr, step_val, STEP_PTR)
-        mu, sigma = channel_noise(ch, seed, step, n_mu, n_sigma)
-        if CHAN_ON_ROWS:
-            mu, sigma = mu[:, None], sigma[:, None]
-        else:
-            mu, sigma = mu[None, :], sigma[None, :]
+    rows, cols, ch, cm, offs, mask = tile(ROWS, COLS, C, BLOCK_R, BLOCK_K, CHAN_ON_ROWS, INT64)
+    mean = chan_load(mean_ptr, ch, cm, 0.0, CHAN_ON_ROWS, ACC)
+    scale = chan_load(scale_ptr, ch, cm, 1.0, CHAN_ON_ROWS, ACC)
     if FROM_VAR:
         scale = 1.0 / tl.sqrt(scale + eps)
-    if HAS_W:
-        w = tl.load(w_ptr + ch, mask=cm, other=1.0).to(ACC)
-    else:
-        w = tl.full(ch.shape, 1.0, ACC)
-    if HAS_B:
-        b = tl.load(b_ptr + ch, mask=cm, other=0.0).to(ACC)
-    else:
-        b = tl.zeros(ch.shape, ACC)
-    if CHAN_ON_ROWS:
-        mean, scale, w, b = mean[:, None], scale[:, None], w[:, None], b[:, None]
-    else:
-        mean, scale, w, b = mean[None, :], scale[None, :], w[None, :], b[None, :]
-    offs = rows[:, None] * COLS + cols[None, :]
-    mask = rmask[:, None] & kmask[None, :]
+    w = chan_load(w_ptr, ch, cm, 1.0, CHAN_ON_ROWS, ACC, HAS_W)
+    b = chan_load(b_ptr, ch, cm, 0.0, CHAN_ON_ROWS, ACC, HAS_B)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
     y = (x - mean) * scale * w + b
     if NOISY:
-        idx = offs if CHAN_ON_ROWS else _logical_index_mc(rows, cols, C, S)
-        ns, nm = element_noise(idx, mu, sigma, seed, step, r_mu, r_sigma, INT64)
+        ns, nm = _tile_noise(rows, cols, ch, offs, C, S, seed, step_ptr, step_val, n_mu,
+                             n_sigma, r_mu, r_sigma, CHAN_ON_ROWS, STEP_PTR, INT64)
         y = ns * y + nm
     if RELU:
         y = tl.where(y < 0.0, 0.0, y)  # NaN propagates, as torch.relu
@@ -528,55 +516,20 @@ def _bn_bwd_dx_kernel(
     ACC: tl.constexpr,
     INT64: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    if INT64:
-        rows = rows.to(tl.int64)
-    rmask = rows < ROWS
-    kmask = cols < COLS
-    if CHAN_ON_ROWS:
-        ch = rows % C
-        cm = rmask
-    else:
-        ch = cols
-        cm = kmask
-    mean = tl.load(mean_ptr + ch, mask=cm, other=0.0).to(ACC)
-    invstd = tl.load(invstd_ptr + ch, mask=cm, other=0.0).to(ACC)
-    if HAS_W:
-        w = tl.load(w_ptr + ch, mask=cm, other=1.0).to(ACC)
-    else:
-        w = tl.full(ch.shape, 1.0, ACC)
-    if HAS_B:
-        b = tl.load(b_ptr + ch, mask=cm, other=0.0).to(ACC)
-    else:
-        b = tl.zeros(ch.shape, ACC)
-    if TRAINING:
-        k1 = tl.load(coef_ptr + ch, mask=cm, other=0.0)
-        k2 = tl.load(coef_ptr + C + ch, mask=cm, other=0.0) * invstd * invstd
-    else:
-        k1 = tl.zeros(ch.shape, ACC)
-        k2 = tl.zeros(ch.shape, ACC)
-    if CHAN_ON_ROWS:
-        mean, invstd, w, b = mean[:, None], invstd[:, None], w[:, None], b[:, None]
-        k1, k2 = k1[:, None], k2[:, None]
-    else:
-        mean, invstd, w, b = mean[None, :], invstd[None, :], w[None, :], b[None, :]
-        k1, k2 = k1[None, :], k2[None, :]
-    offs = rows[:, None] * COLS + cols[None, :]
-    mask = rmask[:, None] & kmask[None, :]
+    rows, cols, ch, cm, offs, mask = tile(ROWS, COLS, C, BLOCK_R, BLOCK_K, CHAN_ON_ROWS, INT64)
+    mean = chan_load(mean_ptr, ch, cm, 0.0, CHAN_ON_ROWS, ACC)
+    invstd = chan_load(invstd_ptr, ch, cm, 0.0, CHAN_ON_ROWS, ACC)
+    w = chan_load(w_ptr, ch, cm, 1.0, CHAN_ON_ROWS, ACC, HAS_W)
+    b = chan_load(b_ptr, ch, cm, 0.0, CHAN_ON_ROWS, ACC, HAS_B)
+    k1 = chan_load(coef_ptr, ch, cm, 0.0, CHAN_ON_ROWS, ACC, TRAINING)
+    k2 = chan_load(coef_ptr + C, ch, cm, 0.0, CHAN_ON_ROWS, ACC, TRAINING) * invstd * invstd
     g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
     ns = 1.0
     nm = 0.0
     if NOISY:
-        step = load_step(step_ptr, step_val, STEP_PTR)
-        mu, sigma = channel_noise(ch, seed, step, n_mu, n_sigma)
-        if CHAN_ON_ROWS:
-            mu, sigma = mu[:, None], sigma[:, None]
-        else:
-            mu, sigma = mu[None, :], sigma[None, :]
-        idx = offs if CHAN_ON_ROWS else _logical_index_mc(rows, cols, C, S)
-        ns, nm = element_noise(idx, mu, sigma, seed, step, r_mu, r_sigma, INT64)
+        ns, nm = _tile_noise(rows, cols, ch, offs, C, S, seed, step_ptr, step_val, n_mu,
+                             n_sigma, r_mu, r_sigma, CHAN_ON_ROWS, STEP_PTR, INT64)
     g = _upstream_grad(g, x, mean, invstd, w, b, ns, nm, RELU, NOISY)
     if TRAINING:
         dx = (g - k1 - (x - mean) * k2) * invstd * w

@@ -178,3 +178,52 @@ def apply_config(lay: Layout) -> ApplyConfig:
     block_r = _OVERRIDES.get("block_r", block_r)
     num_warps = 4 if block_r * block_k <= 1024 else 8
     return ApplyConfig(block_r, block_k, num_warps)
+
+
+# ----------------------------------------------------------------------------- jit helpers
+# Shared by the elementwise kernels of every op family: a program's tile of the [ROWS, COLS]
+# matrix, and per-channel values broadcast against it.
+
+
+@triton.jit
+def tile(ROWS, COLS, C, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+         CHAN_ON_ROWS: tl.constexpr, INT64: tl.constexpr):
+    """This program's tile: (rows, cols, channel per row or column, its mask, element offsets,
+    tile mask). Channel = row % C in the "ncs" layout (CHAN_ON_ROWS), = column in "mc"."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    if INT64:
+        rows = rows.to(tl.int64)
+    rmask = rows < ROWS
+    kmask = cols < COLS
+    if CHAN_ON_ROWS:
+        ch = rows % C
+        cm = rmask
+    else:
+        ch = cols
+        cm = kmask
+    offs = rows[:, None] * COLS + cols[None, :]
+    mask = rmask[:, None] & kmask[None, :]
+    return rows, cols, ch, cm, offs, mask
+
+
+@triton.jit
+def bcast(v, CHAN_ON_ROWS: tl.constexpr):
+    """A per-channel vector (one value per row or per column) broadcast against the tile."""
+    if CHAN_ON_ROWS:
+        out = v[:, None]
+    else:
+        out = v[None, :]
+    return out
+
+
+@triton.jit
+def chan_load(ptr, ch, cm, other, CHAN_ON_ROWS: tl.constexpr, ACC: tl.constexpr,
+              PRESENT: tl.constexpr = True):
+    """ptr[ch] in ACC, broadcast against the tile; ``other`` everywhere if not PRESENT (an
+    absent weight or bias)."""
+    if PRESENT:
+        v = tl.load(ptr + ch, mask=cm, other=other).to(ACC)
+    else:
+        v = tl.full(ch.shape, other, ACC)
+    return bcast(v, CHAN_ON_ROWS)

@@ -59,7 +59,7 @@ import triton
 import triton.language as tl
 
 from .batch_norm import _apply, _elementwise_grid, _partials, batch_norm_bwd
-from .common import acc_dtype, as_layout, tl_dtype, view_layout
+from .common import acc_dtype, as_layout, chan_load, tile, tl_dtype, view_layout
 
 # The kernels' constexpr P: 1, 2, or 0 for inf.
 _P_CODES = {1: 1, 2: 2, math.inf: 0}
@@ -454,32 +454,13 @@ def _lp_bwd_dx_kernel(
     ACC: tl.constexpr,
     INT64: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    if INT64:
-        rows = rows.to(tl.int64)
-    rmask = rows < ROWS
-    kmask = cols < COLS
-    if CHAN_ON_ROWS:
-        ch = rows % C
-        cm = rmask
-    else:
-        ch = cols
-        cm = kmask
-    mean = tl.load(mean_ptr + ch, mask=cm, other=0.0).to(ACC)
-    s = tl.load(scale_ptr + ch, mask=cm, other=0.0).to(ACC)
-    k1 = tl.load(coef_ptr + ch, mask=cm, other=0.0)
-    k2 = tl.load(coef_ptr + C + ch, mask=cm, other=0.0)
-    k3 = tl.load(coef_ptr + 2 * C + ch, mask=cm, other=0.0)
-    k4 = tl.load(coef_ptr + 3 * C + ch, mask=cm, other=0.0)
-    if CHAN_ON_ROWS:
-        mean, s, k1, k2, k3, k4 = (mean[:, None], s[:, None], k1[:, None], k2[:, None],
-                                   k3[:, None], k4[:, None])
-    else:
-        mean, s, k1, k2, k3, k4 = (mean[None, :], s[None, :], k1[None, :], k2[None, :],
-                                   k3[None, :], k4[None, :])
-    offs = rows[:, None] * COLS + cols[None, :]
-    mask = rmask[:, None] & kmask[None, :]
+    _, _, ch, cm, offs, mask = tile(ROWS, COLS, C, BLOCK_R, BLOCK_K, CHAN_ON_ROWS, INT64)
+    mean = chan_load(mean_ptr, ch, cm, 0.0, CHAN_ON_ROWS, ACC)
+    s = chan_load(scale_ptr, ch, cm, 0.0, CHAN_ON_ROWS, ACC)
+    k1 = chan_load(coef_ptr, ch, cm, 0.0, CHAN_ON_ROWS, ACC)
+    k2 = chan_load(coef_ptr + C, ch, cm, 0.0, CHAN_ON_ROWS, ACC)
+    k3 = chan_load(coef_ptr + 2 * C, ch, cm, 0.0, CHAN_ON_ROWS, ACC)
+    k4 = chan_load(coef_ptr + 3 * C, ch, cm, 0.0, CHAN_ON_ROWS, ACC)
     g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
     d = x - mean

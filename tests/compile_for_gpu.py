@@ -1,0 +1,79 @@
+"""Compile every Triton kernel of bnkernels for a real GPU target (sm_90), without a GPU.
+
+The CPU test run executes the kernels in the Triton interpreter, which accepts some code the
+compiler rejects; this script runs Triton's real compiler (to PTX and cubin) on each kernel with
+every boolean flag on and then off, so such code fails the tests here rather than on a GPU.
+Run as a script (the interpreter must be off): tests/test_triton_gpu_compile.py does.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import time
+
+assert os.environ.get("TRITON_INTERPRET", "0") != "1", "run with the interpreter off"
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+MODULES = ["batch_norm", "noise", "lp_norm"]
+DATA_PTRS = {"x_ptr", "y_ptr", "dy_ptr", "dx_ptr"}  # the input's dtype: fp16 here
+FLOATS = {"eps", "momentum", "n_mu", "n_sigma", "r_mu", "r_sigma", "inv_m"}
+WIDE_INTS = {"seed", "step_val"}
+BLOCKS = {"BLOCK": 256, "BLOCK_M": 32, "BLOCK_C": 16, "BLOCK_R": 4, "BLOCK_K": 64}
+
+
+def _arg_type(kernel, name):
+    if name.endswith("_ptr"):
+        return "*fp16" if name in DATA_PTRS else "*i64" if name == "step_ptr" else "*fp32"
+    if name in FLOATS or (name == "M" and "finalize" in kernel.__name__):
+        return "fp32"
+    return "i64" if name in WIDE_INTS else "i32"
+
+
+def _variants(kernel):
+    names = [p.name for p in kernel.params if p.is_constexpr]
+    flags = [n for n in names if n not in BLOCKS and n not in ("ACC", "P")]
+    p_values = [0, 1, 2] if "P" in names else [None]
+    for flag_value in (True, False):
+        for p in p_values:
+            values = {n: BLOCKS[n] for n in names if n in BLOCKS}
+            values.update({n: flag_value for n in flags})
+            if "ACC" in names:
+                values["ACC"] = tl.float32
+            if p is not None:
+                values["P"] = p
+            yield values
+
+
+def main() -> int:
+    target = GPUTarget("cuda", 90, 32)
+    count, start = 0, time.time()
+    for mod in MODULES:
+        m = importlib.import_module(f"bnkernels.backends.triton.{mod}")
+        kernels = [obj for name, obj in vars(m).items()
+                   if isinstance(obj, JITFunction) and name.endswith("_kernel")
+                   and obj.__module__ == m.__name__]
+        for kernel in kernels:
+            for values in _variants(kernel):
+                signature = {n: ("constexpr" if n in values else _arg_type(kernel, n))
+                             for n in kernel.arg_names}
+                constexprs = {(kernel.arg_names.index(n),): v for n, v in values.items()}
+                try:
+                    triton.compile(ASTSource(fn=kernel, signature=signature,
+                                             constexprs=constexprs), target=target)
+                except Exception as err:  # report which kernel and flags, then fail
+                    print(f"FAILED {mod}.{kernel.__name__} {values}: {err}", file=sys.stderr)
+                    return 1
+                count += 1
+    print(f"compiled {count} kernel variants for sm_90 in {time.time() - start:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -25,7 +25,8 @@ MODULES = ["batch_norm", "noise", "lp_norm"]
 DATA_PTRS = {"x_ptr", "y_ptr", "dy_ptr", "dx_ptr"}  # the input's dtype: fp16 here
 FLOATS = {"eps", "momentum", "n_mu", "n_sigma", "r_mu", "r_sigma", "inv_m"}
 WIDE_INTS = {"seed", "step_val"}
-BLOCKS = {"BLOCK": 256, "BLOCK_M": 32, "BLOCK_C": 16, "BLOCK_R": 4, "BLOCK_K": 64}
+BLOCKS = {"BLOCK": 256, "BLOCK_M": 32, "BLOCK_C": 16, "BLOCK_R": 4, "BLOCK_K": 64, "BLOCK_N": 4,
+          "BLOCK_S": 64}
 
 
 def _arg_type(kernel, name):

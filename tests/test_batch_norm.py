@@ -346,3 +346,12 @@ def test_empty_batch_like_torch():
     y.sum().backward()
     assert torch.equal(w.grad, torch.zeros(3)) and torch.equal(b.grad, torch.zeros(3))
     assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
+
+
+def test_pick_block_minimises_masked_lanes():
+    """Launch heuristic: S = 56*56 = 3136 tiles exactly by 64; 49 cannot be tiled without waste
+    by a power of two, and the largest block among the least wasteful is kept."""
+    assert triton_common.pick_block(3136, 2048) == 64
+    assert triton_common.pick_block(49, 2048) == 64
+    assert triton_common.pick_block(4096, 1024) == 1024
+    assert triton_common.pick_block(3, 1024, floor=1) == 1

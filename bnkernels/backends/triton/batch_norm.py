@@ -47,7 +47,9 @@ from .common import (
     as_layout,
     bcast,
     chan_load,
+    ncs_unit,
     reduce_config,
+    sum_all,
     tile,
     tl_dtype,
     view_layout,
@@ -143,30 +145,28 @@ def _tile_noise(rows, cols, ch, offs, C, S, seed, step_ptr, step_val, n_mu, n_si
 def _bn_stats_ncs_kernel(
     x_ptr,  # (N, C, S) contiguous
     part_ptr,  # [3, C, SPLIT] ACC: count, mean, M2 of each split
-    C,  # channels
-    S,  # spatial size
-    M,  # values per channel (N * S)
-    CHUNK,  # values per split (a multiple of BLOCK)
-    SPLIT,  # splits per channel
-    BLOCK: tl.constexpr,
+    C,
+    S,
+    N,
+    S_BLOCKS,  # position blocks per batch-row block
+    UNITS,  # [BLOCK_N, BLOCK_S] tiles per channel
+    CHUNK,  # tiles per split
+    SPLIT,
+    BLOCK_N: tl.constexpr,
+    BLOCK_S: tl.constexpr,
     ACC: tl.constexpr,
     INT64: tl.constexpr,
 ):
     c = tl.program_id(0)
     p = tl.program_id(1)
-    mean = tl.zeros([BLOCK], ACC)
-    m2 = tl.zeros([BLOCK], ACC)
-    cnt = tl.zeros([BLOCK], ACC)
-    lane = tl.arange(0, BLOCK)
-    for off in range(0, CHUNK, BLOCK):
-        r = p * CHUNK + off + lane
-        if INT64:
-            r = r.to(tl.int64)
-        mask = r < M
-        n = r // S
-        ptr = x_ptr + (n * C + c) * S + (r - n * S)
-        x = tl.load(ptr, mask=mask, other=0.0).to(ACC)
+    mean = tl.zeros([BLOCK_N, BLOCK_S], ACC)
+    m2 = tl.zeros([BLOCK_N, BLOCK_S], ACC)
+    cnt = tl.zeros([BLOCK_N, BLOCK_S], ACC)
+    for u in range(p * CHUNK, tl.minimum(p * CHUNK + CHUNK, UNITS)):
+        offs, mask = ncs_unit(c, u, N, C, S, S_BLOCKS, BLOCK_N, BLOCK_S, INT64)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
         mean, m2, cnt = _welford_update(mean, m2, cnt, x, mask)
+    mean, m2, cnt = _welford_lanes_merge(mean, m2, cnt, 1)  # over positions, then rows
     mean, m2, cnt = _welford_lanes_merge(mean, m2, cnt, 0)
     out = part_ptr + c * SPLIT + p
     tl.store(out, cnt)
@@ -321,10 +321,13 @@ def _bn_bwd_reduce_ncs_kernel(
     part_ptr,  # [2, C, SPLIT] ACC: sum(g), sum(g * (x - mean)), g = dL/da
     C,
     S,
-    M,
-    CHUNK,
+    N,
+    S_BLOCKS,  # position blocks per batch-row block
+    UNITS,  # [BLOCK_N, BLOCK_S] tiles per channel
+    CHUNK,  # tiles per split
     SPLIT,
-    BLOCK: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_S: tl.constexpr,
     HAS_W: tl.constexpr,
     HAS_B: tl.constexpr,
     RELU: tl.constexpr,
@@ -349,16 +352,10 @@ def _bn_bwd_reduce_ncs_kernel(
         w = tl.load(w_ptr + c).to(ACC)
     if HAS_B:
         b = tl.load(b_ptr + c).to(ACC)
-    sum_g = tl.zeros([BLOCK], ACC)
-    sum_gx = tl.zeros([BLOCK], ACC)
-    lane = tl.arange(0, BLOCK)
-    for off in range(0, CHUNK, BLOCK):
-        r = p * CHUNK + off + lane
-        if INT64:
-            r = r.to(tl.int64)
-        mask = r < M
-        n = r // S
-        offs = (n * C + c) * S + (r - n * S)
+    sum_g = tl.zeros([BLOCK_N, BLOCK_S], ACC)
+    sum_gx = tl.zeros([BLOCK_N, BLOCK_S], ACC)
+    for u in range(p * CHUNK, tl.minimum(p * CHUNK + CHUNK, UNITS)):
+        offs, mask = ncs_unit(c, u, N, C, S, S_BLOCKS, BLOCK_N, BLOCK_S, INT64)
         g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
         ns = 1.0
@@ -370,8 +367,8 @@ def _bn_bwd_reduce_ncs_kernel(
         sum_g += g
         sum_gx += g * tl.where(mask, x - mean, 0.0)
     out = part_ptr + c * SPLIT + p
-    tl.store(out, tl.sum(sum_g, 0))
-    tl.store(out + C * SPLIT, tl.sum(sum_gx, 0))
+    tl.store(out, sum_all(sum_g))
+    tl.store(out + C * SPLIT, sum_all(sum_gx))
 
 
 @triton.jit(do_not_specialize=_NOISE_NO_SPEC)
@@ -550,7 +547,8 @@ def _partials(kernel_ncs, kernel_mc, lay, n_out, acc, args, kwargs):
     common = dict(ACC=tl_dtype(acc), INT64=lay.int64, num_warps=cfg.num_warps, **kwargs)
     if lay.kind == "ncs":
         kernel_ncs[(lay.C, cfg.split)](
-            *args, part, lay.C, lay.S, lay.M, cfg.chunk, cfg.split, BLOCK=cfg.block_m, **common)
+            *args, part, lay.C, lay.S, lay.N, cfg.s_blocks, cfg.units, cfg.chunk, cfg.split,
+            BLOCK_N=cfg.block_n, BLOCK_S=cfg.block_s, **common)
     else:
         kernel_mc[(triton.cdiv(lay.C, cfg.block_c), cfg.split)](
             *args, part, lay.C, lay.S, lay.M, cfg.chunk, cfg.split,

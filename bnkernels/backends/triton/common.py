@@ -131,27 +131,62 @@ def _target_programs(device: torch.device) -> int:
     return 4 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def pick_block(extent: int, cap: int, floor: int = 32) -> int:
+    """The power-of-two block (between ``floor`` and ``cap``) that wastes the fewest masked
+    lanes covering ``extent``; the largest among equals (longer contiguous runs)."""
+    best, best_waste = None, None
+    b = min(triton.next_power_of_2(extent), cap)
+    while True:
+        waste = triton.cdiv(extent, b) * b - extent
+        if best is None or waste < best_waste:
+            best, best_waste = b, waste
+        if b <= floor or waste == 0:
+            return best
+        b //= 2
+
+
 @dataclass(frozen=True)
 class ReduceConfig:
-    split: int  # programs per channel (group)
-    chunk: int  # values (ncs) or rows (mc) per program; a multiple of block_m
-    block_m: int
+    """Launch of a per-channel split reduction.
+
+    "ncs": the (N, S) values of a channel are ``units`` tiles of [block_n, block_s] (s_blocks
+    per row block); each of ``split`` programs per channel takes ``chunk`` consecutive units.
+    "mc": each of ``split`` programs per channel group takes ``chunk`` rows of the (M, C)
+    matrix, in [block_m, block_c] tiles."""
+
+    split: int
+    chunk: int
+    block_m: int  # "mc": rows per tile; "ncs": block_n * block_s
     block_c: int
     num_warps: int
+    block_n: int = 1
+    block_s: int = 1
+    s_blocks: int = 1
+    units: int = 1
 
 
 def reduce_config(lay: Layout) -> ReduceConfig:
     """Tiles and split count of a per-channel reduction over ``lay``."""
     big = INTERPRET or lay.device.type != "cuda"
+    groups = lay.C
     if lay.kind == "ncs":
-        block_c = 1
-        block_m = min(triton.next_power_of_2(lay.M), 4096 if big else 1024)
-    else:
-        block_c = min(triton.next_power_of_2(lay.C), 256 if big else 32)
-        block_m = min(triton.next_power_of_2(lay.M), max(1, (8192 if big else 1024) // block_c))
-    block_c = _OVERRIDES.get("block_c", block_c) if lay.kind == "mc" else 1
+        total = _OVERRIDES.get("block_m", 4096 if big else 1024)
+        # Fewest masked lanes on a GPU; in the interpreter, fewest (largest) tiles.
+        block_s = pick_block(lay.S, total, floor=total if big else min(32, total))
+        block_n = max(1, min(triton.next_power_of_2(lay.N), total // block_s))
+        s_blocks = triton.cdiv(lay.S, block_s)
+        units = triton.cdiv(lay.N, block_n) * s_blocks
+        split = _OVERRIDES.get("split", triton.cdiv(_target_programs(lay.device), groups))
+        split = max(1, min(split, units))
+        chunk = triton.cdiv(units, split)
+        split = triton.cdiv(units, chunk)
+        num_warps = 4 if block_n * block_s <= 512 else 8
+        return ReduceConfig(split, chunk, block_n * block_s, 1, num_warps, block_n, block_s,
+                            s_blocks, units)
+    block_c = _OVERRIDES.get("block_c", min(triton.next_power_of_2(lay.C), 256 if big else 32))
+    block_m = min(triton.next_power_of_2(lay.M), max(1, (8192 if big else 1024) // block_c))
     block_m = _OVERRIDES.get("block_m", block_m)
-    groups = lay.C if lay.kind == "ncs" else triton.cdiv(lay.C, block_c)
+    groups = triton.cdiv(lay.C, block_c)
     max_split = triton.cdiv(lay.M, block_m)
     split = _OVERRIDES.get("split", triton.cdiv(_target_programs(lay.device), groups))
     split = max(1, min(split, max_split))
@@ -172,7 +207,10 @@ def apply_config(lay: Layout) -> ApplyConfig:
     """Tile of an elementwise pass over the ``[rows, cols]`` matrix."""
     big = INTERPRET or lay.device.type != "cuda"
     total = 16384 if big else 2048
-    block_k = min(triton.next_power_of_2(lay.cols), total if lay.kind == "ncs" else 128)
+    if lay.kind == "ncs":  # cols = S: the block that wastes fewest lanes at the row ends
+        block_k = pick_block(lay.cols, total, floor=total if big else 32)
+    else:
+        block_k = min(triton.next_power_of_2(lay.cols), 128)
     block_k = _OVERRIDES.get("block_k", block_k)
     block_r = max(1, min(triton.next_power_of_2(lay.rows), total // block_k))
     block_r = _OVERRIDES.get("block_r", block_r)
@@ -227,3 +265,25 @@ def chan_load(ptr, ch, cm, other, CHAN_ON_ROWS: tl.constexpr, ACC: tl.constexpr,
     else:
         v = tl.full(ch.shape, other, ACC)
     return bcast(v, CHAN_ON_ROWS)
+
+
+@triton.jit
+def ncs_unit(c, u, N, C, S, S_BLOCKS, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+             INT64: tl.constexpr):
+    """Offsets and mask of work unit ``u`` of channel ``c`` of an (N, C, S)-contiguous tensor:
+    a [BLOCK_N, BLOCK_S] tile of batch rows n and positions s (unit u covers row block
+    u // S_BLOCKS and position block u % S_BLOCKS; no per-element division)."""
+    nb = u // S_BLOCKS
+    n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+    s = (u - nb * S_BLOCKS) * BLOCK_S + tl.arange(0, BLOCK_S)
+    if INT64:
+        n = n.to(tl.int64)
+    offs = (n[:, None] * C + c) * S + s[None, :]
+    mask = (n < N)[:, None] & (s < S)[None, :]
+    return offs, mask
+
+
+@triton.jit
+def sum_all(a):
+    """Sum of a 2-D tile."""
+    return tl.sum(tl.sum(a, 1), 0)

@@ -59,7 +59,16 @@ import triton
 import triton.language as tl
 
 from .batch_norm import _apply, _elementwise_grid, _partials, batch_norm_bwd
-from .common import acc_dtype, as_layout, chan_load, tile, tl_dtype, view_layout
+from .common import (
+    acc_dtype,
+    as_layout,
+    chan_load,
+    ncs_unit,
+    sum_all,
+    tile,
+    tl_dtype,
+    view_layout,
+)
 
 # The kernels' constexpr P: 1, 2, or 0 for inf.
 _P_CODES = {1: 1, 2: 2, math.inf: 0}
@@ -120,10 +129,13 @@ def _lp_stats_ncs_kernel(
     part_ptr,  # [2, C, SPLIT] ACC: sum(x) (if SUM_X), stat(z) (if STAT) of each split
     C,
     S,
-    M,
-    CHUNK,
+    N,
+    S_BLOCKS,  # position blocks per batch-row block
+    UNITS,  # [BLOCK_N, BLOCK_S] tiles per channel
+    CHUNK,  # tiles per split
     SPLIT,
-    BLOCK: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_S: tl.constexpr,
     P: tl.constexpr,
     SUM_X: tl.constexpr,
     STAT: tl.constexpr,
@@ -136,25 +148,20 @@ def _lp_stats_ncs_kernel(
     mu = 0.0
     if CENTER:
         mu = tl.load(mean_ptr + c).to(ACC)
-    sum_x = tl.zeros([BLOCK], ACC)
-    stat = tl.zeros([BLOCK], ACC)
-    lane = tl.arange(0, BLOCK)
-    for off in range(0, CHUNK, BLOCK):
-        r = p * CHUNK + off + lane
-        if INT64:
-            r = r.to(tl.int64)
-        mask = r < M
-        n = r // S
-        x = tl.load(x_ptr + (n * C + c) * S + (r - n * S), mask=mask, other=0.0).to(ACC)
+    sum_x = tl.zeros([BLOCK_N, BLOCK_S], ACC)
+    stat = tl.zeros([BLOCK_N, BLOCK_S], ACC)
+    for u in range(p * CHUNK, tl.minimum(p * CHUNK + CHUNK, UNITS)):
+        offs, mask = ncs_unit(c, u, N, C, S, S_BLOCKS, BLOCK_N, BLOCK_S, INT64)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
         if SUM_X:
             sum_x += x
         if STAT:
             stat = _lp_stat_update(stat, x - mu, mask, P)
     out = part_ptr + c * SPLIT + p
     if SUM_X:
-        tl.store(out, tl.sum(sum_x, 0))
+        tl.store(out, sum_all(sum_x))
     if STAT:
-        tl.store(out + C * SPLIT, _lp_stat_lanes(stat, 0, P))
+        tl.store(out + C * SPLIT, _lp_stat_lanes(_lp_stat_lanes(stat, 1, P), 0, P))
 
 
 @triton.jit
@@ -269,10 +276,13 @@ def _lp_bwd_reduce_ncs_kernel(
     part_ptr,  # [4, C, SPLIT] ACC: sum(g), sum(g*d), sum(f) (if CENTERED), count (if P=0)
     C,
     S,
-    M,
-    CHUNK,
+    N,
+    S_BLOCKS,  # position blocks per batch-row block
+    UNITS,  # [BLOCK_N, BLOCK_S] tiles per channel
+    CHUNK,  # tiles per split
     SPLIT,
-    BLOCK: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_S: tl.constexpr,
     P: tl.constexpr,
     CENTERED: tl.constexpr,
     ACC: tl.constexpr,
@@ -282,18 +292,12 @@ def _lp_bwd_reduce_ncs_kernel(
     p = tl.program_id(1)
     mean = tl.load(mean_ptr + c).to(ACC)
     s = tl.load(scale_ptr + c).to(ACC)
-    sum_g = tl.zeros([BLOCK], ACC)
-    sum_gd = tl.zeros([BLOCK], ACC)
-    sum_f = tl.zeros([BLOCK], ACC)
-    cnt = tl.zeros([BLOCK], ACC)
-    lane = tl.arange(0, BLOCK)
-    for off in range(0, CHUNK, BLOCK):
-        r = p * CHUNK + off + lane
-        if INT64:
-            r = r.to(tl.int64)
-        mask = r < M
-        n = r // S
-        offs = (n * C + c) * S + (r - n * S)
+    sum_g = tl.zeros([BLOCK_N, BLOCK_S], ACC)
+    sum_gd = tl.zeros([BLOCK_N, BLOCK_S], ACC)
+    sum_f = tl.zeros([BLOCK_N, BLOCK_S], ACC)
+    cnt = tl.zeros([BLOCK_N, BLOCK_S], ACC)
+    for u in range(p * CHUNK, tl.minimum(p * CHUNK + CHUNK, UNITS)):
+        offs, mask = ncs_unit(c, u, N, C, S, S_BLOCKS, BLOCK_N, BLOCK_S, INT64)
         g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
         d = tl.where(mask, x - mean, 0.0)
@@ -307,12 +311,12 @@ def _lp_bwd_reduce_ncs_kernel(
         elif P == 0:
             cnt += tl.where(mask & (tl.abs(x) == s), 1.0, 0.0)
     out = part_ptr + c * SPLIT + p
-    tl.store(out, tl.sum(sum_g, 0))
-    tl.store(out + C * SPLIT, tl.sum(sum_gd, 0))
+    tl.store(out, sum_all(sum_g))
+    tl.store(out + C * SPLIT, sum_all(sum_gd))
     if CENTERED:
-        tl.store(out + 2 * C * SPLIT, tl.sum(sum_f, 0))
+        tl.store(out + 2 * C * SPLIT, sum_all(sum_f))
     if P == 0:
-        tl.store(out + 3 * C * SPLIT, tl.sum(cnt, 0))
+        tl.store(out + 3 * C * SPLIT, sum_all(cnt))
 
 
 @triton.jit

@@ -12,15 +12,17 @@ from bnkernels.backends.triton_backend import TritonBackend
 
 def test_available_backends_lists_every_backend_with_reasons():
     avail = bnk.available_backends()
-    assert set(avail) == {"triton", "reference"}
+    assert set(avail) == {"triton", "cuda", "reference"}
     assert avail["reference"] == []
     assert all(isinstance(r, list) for r in avail.values())
     if not torch.cuda.is_available():  # conftest switched the interpreter on
         assert avail["triton"] == []
+        assert any("no CUDA device" in r for r in avail["cuda"])
 
 
 def test_set_backend_rejects_unknown_names():
-    with pytest.raises(ValueError, match="unknown backend 'cudnn'.*auto.*triton.*reference"):
+    with pytest.raises(ValueError,
+                       match="unknown backend 'cudnn'.*auto.*triton.*cuda.*reference"):
         bnk.set_backend("cudnn")
 
 
@@ -59,7 +61,7 @@ def test_cpu_tensor_to_triton_without_interpreter_names_the_reason(monkeypatch):
 
 
 def test_reasons_for_unsupported_dtype():
-    for name in ("triton", "reference"):
+    for name in ("triton", "cuda", "reference"):
         reasons = backends.backend(name).not_supported_reasons("batch_norm",
                                                                torch.ones(2, 2, dtype=torch.int32))
         assert any("dtype torch.int32" in r for r in reasons), name

@@ -1,0 +1,332 @@
+// BatchNorm as Ops of the generic kernels in common.cuh, and the per-channel math they share.
+//
+// Per channel, over its M = N * S values (biased variance for normalization, unbiased for the
+// running estimate):
+//
+//   mean = sum(x) / M,  var = sum((x - mean)^2) / M,  invstd = 1 / sqrt(var + eps)
+//   a    = k (x - mean) + b,   k = w invstd               (w = 1, b = 0 without affine)
+//   out  = act(s a + m)                                    (s = 1, m = 0 without noise)
+//   running_mean <- momentum mean + (1 - momentum) running_mean
+//   running_var  <- momentum var M / (M - 1) + (1 - momentum) running_var
+//
+// Backward, g = dL/da = s dy [out > 0] (fused ReLU; out recomputed with the very same code):
+//
+//   dbias = sum(g),  dweight = sum(g (x - mean)) invstd
+//   dx    = k (g - mean(g) - (x - mean) mean(g (x - mean)) invstd^2)     (training)
+//   dx    = k g                                                          (eval)
+//
+// Statistics are Welford per thread (Chan-merging each loaded vector's exact two-pass summary),
+// Chan-merged across threads, warps and programs in a fixed order: never E[x^2] - E[x]^2.
+// This header is included by batch_norm.cu (plain), noisy.cu (NOISY = true) and persistent.cu.
+#pragma once
+
+#include "common.cuh"
+
+namespace bnk {
+
+// ------------------------------------------------------------------------------ channel math
+
+template <typename A> struct BnChan {
+  A mean, k, b;       // a = k (x - mean) + b
+  float mu, sigma;    // per-channel noise (mu = 0, sigma = 1 without noise)
+  A kg, kgx;          // dx coefficients (training backward)
+};
+
+// The forward coefficients of channel c from its statistics. One function for every kernel
+// (statistics finalize, coefficient kernel, backward, persistent): the backward's recomputed
+// output is then bit-identical to the forward's.
+template <typename A>
+__device__ __forceinline__ BnChan<A> make_chan(int64_t c, A mean, A invstd, const A* w,
+                                               const A* b, const Noise& noise) {
+  BnChan<A> ch;
+  ch.mean = mean;
+  ch.k = w != nullptr ? invstd * w[c] : invstd;
+  ch.b = b != nullptr ? b[c] : A(0);
+  ch.mu = 0.f;
+  ch.sigma = 1.f;
+  if (noise.on) channel_noise(noise, c, ch.mu, ch.sigma);
+  ch.kg = A(0);
+  ch.kgx = A(0);
+  return ch;
+}
+
+template <typename A>
+__device__ __forceinline__ void write_coef(A* coef, int64_t C, int64_t c, const BnChan<A>& ch) {
+  coef[kMean * C + c] = ch.mean;
+  coef[kScale * C + c] = ch.k;
+  coef[kBias * C + c] = ch.b;
+  coef[kMu * C + c] = static_cast<A>(ch.mu);
+  coef[kSigma * C + c] = static_cast<A>(ch.sigma);
+  coef[kG * C + c] = ch.kg;
+  coef[kGx * C + c] = ch.kgx;
+}
+
+template <typename A>
+__device__ __forceinline__ BnChan<A> read_coef(const A* coef, int64_t C, int64_t c) {
+  BnChan<A> ch;
+  ch.mean = coef[kMean * C + c];
+  ch.k = coef[kScale * C + c];
+  ch.b = coef[kBias * C + c];
+  ch.mu = static_cast<float>(coef[kMu * C + c]);
+  ch.sigma = static_cast<float>(coef[kSigma * C + c]);
+  ch.kg = coef[kG * C + c];
+  ch.kgx = coef[kGx * C + c];
+  return ch;
+}
+
+// out = act(s a + m), a = k (x - mean) + b; also returns the noise scale s (1 without noise).
+template <typename A, bool NOISY>
+__device__ __forceinline__ A bn_out(const BnChan<A>& ch, A x, int64_t idx, const Noise& noise,
+                                    bool relu, A& s_out) {
+  A out = acc_fma(x - ch.mean, ch.k, ch.b);
+  s_out = A(1);
+  if constexpr (NOISY) {
+    float s, m;
+    element_noise(noise, idx, ch.mu, ch.sigma, s, m);
+    s_out = static_cast<A>(s);
+    out = acc_fma(s_out, out, static_cast<A>(m));
+  }
+  if (relu && out < A(0)) out = A(0);  // NaN passes, as torch.relu
+  return out;
+}
+
+// g = dL/da from dy: zero where the fused ReLU's output is <= 0 (as threshold_backward, so NaN
+// passes), times the noise scale s.
+template <typename A, bool NOISY>
+__device__ __forceinline__ A bn_upstream(const BnChan<A>& ch, A x, A dy, int64_t idx,
+                                         const Noise& noise, bool relu) {
+  if (!NOISY && !relu) return dy;
+  A s;
+  const A out = bn_out<A, NOISY>(ch, x, idx, noise, false, s);
+  A g = (relu && out <= A(0)) ? A(0) : dy;
+  if constexpr (NOISY) g *= s;
+  return g;
+}
+
+// ------------------------------------------------------------------------------ statistics
+
+// Welford accumulator: v = (count, mean, M2).
+template <typename A_> struct WelfordOp {
+  using A = A_;
+  static constexpr int K = 3;
+  static constexpr bool kDy = false, kIndex = false;
+  using State = bnk::State<A, K>;
+  struct Chan {};
+
+  __device__ void init() {}
+  __device__ Chan chan(int64_t) const { return {}; }
+  __device__ State identity() const { return {{A(0), A(0), A(0)}}; }
+  __device__ State merge(const State& a, const State& b) const { return chan_merge(a, b); }
+
+  // Chan-merge the B values' own summary (an exact two-pass over B registers) into st:
+  // one division per vector instead of one per element.
+  template <int B>
+  __device__ void update(State& st, const Chan&, const A (&x)[B], const A (&)[B], int64_t,
+                         int64_t) const {
+    A sum = A(0);
+#pragma unroll
+    for (int j = 0; j < B; ++j) sum += x[j];
+    const A mean_b = sum * (A(1) / A(B));  // B is a power of two: exact
+    A m2_b = A(0);
+#pragma unroll
+    for (int j = 0; j < B; ++j) {
+      const A d = x[j] - mean_b;
+      m2_b += d * d;
+    }
+    const A n = st.v[0] + A(B);
+    const A delta = mean_b - st.v[1];
+    st.v[1] += delta * (A(B) / n);
+    st.v[2] += m2_b + delta * (mean_b - st.v[1]) * A(B);
+    st.v[0] = n;
+  }
+};
+
+// mean, biased var and invstd from a channel's merged (count, mean, M2); M exact, not the count.
+template <typename A> struct BnMoments { A mean, var, invstd; };
+template <typename A>
+__device__ __forceinline__ BnMoments<A> bn_moments(const State<A, 3>& st, A m, A eps) {
+  BnMoments<A> r;
+  r.mean = st.v[1];
+  r.var = st.v[2] / m;
+  r.invstd = A(1) / acc_sqrt(r.var + eps);
+  return r;
+}
+
+// running <- momentum batch + keep running (keep = 1 - momentum), the variance unbiased.
+template <typename A>
+__device__ __forceinline__ void bn_update_running(A* running_mean, A* running_var, int64_t c,
+                                                  const BnMoments<A>& r, A momentum, A keep,
+                                                  A unbias) {
+  if (running_mean == nullptr) return;
+  running_mean[c] = momentum * r.mean + keep * running_mean[c];
+  running_var[c] = momentum * (r.var * unbias) + keep * running_var[c];
+}
+
+// Statistics finalize: mean, invstd (or var), running buffers, forward coefficients.
+template <typename A_> struct BnStatsFin {
+  using A = A_;
+  using Op = WelfordOp<A>;
+  using State = typename Op::State;
+  Op op;
+  A* mean;
+  A* second;
+  bool out_var;
+  A* running_mean;
+  A* running_var;
+  A m, unbias, momentum, keep, eps;  // M, M / (M - 1), momentum, 1 - momentum, eps
+  const A* weight;
+  const A* bias;
+  A* coef;
+  int64_t C;
+  Noise noise;
+
+  __device__ void init() { resolve_step(noise); }
+  __device__ void finish(int64_t c, const State& st) {
+    const BnMoments<A> r = bn_moments(st, m, eps);
+    mean[c] = r.mean;
+    second[c] = out_var ? r.var : r.invstd;
+    bn_update_running(running_mean, running_var, c, r, momentum, keep, unbias);
+    if (coef != nullptr) {
+      write_coef(coef, C, c, make_chan(c, r.mean, r.invstd, weight, bias, noise));
+    }
+  }
+};
+
+// ------------------------------------------------------------------------------ apply / dx
+
+template <typename A_, bool NOISY> struct BnApplyOp {
+  using A = A_;
+  static constexpr bool kDy = false, kIndex = NOISY;
+  using Chan = BnChan<A>;
+  const A* coef;
+  int64_t C;
+  bool relu;
+  Noise noise;
+
+  __device__ void init() { resolve_step(noise); }
+  __device__ Chan chan(int64_t c) const { return read_coef(coef, C, c); }
+  __device__ A elem(const Chan& ch, A x, A, int64_t idx) const {
+    A s;
+    return bn_out<A, NOISY>(ch, x, idx, noise, relu, s);
+  }
+};
+
+template <typename A_, bool NOISY> struct BnDxOp {
+  using A = A_;
+  static constexpr bool kDy = true, kIndex = NOISY;
+  using Chan = BnChan<A>;
+  const A* coef;
+  int64_t C;
+  bool relu, training;
+  Noise noise;
+
+  __device__ void init() { resolve_step(noise); }
+  __device__ Chan chan(int64_t c) const { return read_coef(coef, C, c); }
+  __device__ A elem(const Chan& ch, A x, A dy, int64_t idx) const {
+    const A g = bn_upstream<A, NOISY>(ch, x, dy, idx, noise, relu);
+    return training ? ch.k * (g - ch.kg - (x - ch.mean) * ch.kgx) : ch.k * g;
+  }
+};
+
+// ------------------------------------------------------------------------------ gradient sums
+
+// v = (sum g, sum g (x - mean)).
+template <typename A_, bool NOISY> struct BnGradOp {
+  using A = A_;
+  static constexpr int K = 2;
+  static constexpr bool kDy = true, kIndex = NOISY;
+  using State = bnk::State<A, K>;
+  using Chan = BnChan<A>;
+  const A* mean;
+  const A* invstd;
+  const A* weight;
+  const A* bias;
+  bool relu;
+  Noise noise;
+
+  __device__ void init() { resolve_step(noise); }
+  __device__ Chan chan(int64_t c) const {
+    return make_chan(c, mean[c], invstd[c], weight, bias, noise);
+  }
+  __device__ State identity() const { return {{A(0), A(0)}}; }
+  __device__ State merge(const State& a, const State& b) const {
+    return {{a.v[0] + b.v[0], a.v[1] + b.v[1]}};
+  }
+  template <int B>
+  __device__ void update(State& st, const Chan& ch, const A (&x)[B], const A (&dy)[B],
+                         int64_t idx0, int64_t istride) const {
+#pragma unroll
+    for (int j = 0; j < B; ++j) {
+      const A g = bn_upstream<A, NOISY>(ch, x[j], dy[j], idx0 + j * istride, noise, relu);
+      st.v[0] += g;
+      st.v[1] += g * (x[j] - ch.mean);
+    }
+  }
+};
+
+template <typename A_, bool NOISY> struct BnGradFin {
+  using A = A_;
+  using Op = BnGradOp<A, NOISY>;
+  using State = typename Op::State;
+  Op op;
+  A inv_m;
+  A* coef;
+  A* dweight;
+  A* dbias;
+  A* sums;
+  int64_t C;
+
+  __device__ void init() { op.init(); }
+  __device__ void finish(int64_t c, const State& st) {
+    const A sum_g = st.v[0], sum_gx = st.v[1];
+    const A invstd = op.invstd[c];
+    if (sums != nullptr) {
+      sums[c] = sum_g;
+      sums[C + c] = sum_gx;
+    }
+    if (dweight != nullptr) dweight[c] = sum_gx * invstd;
+    if (dbias != nullptr) dbias[c] = sum_g;
+    if (coef != nullptr) {
+      BnChan<A> ch = op.chan(c);
+      ch.kg = sum_g * inv_m;
+      ch.kgx = sum_gx * inv_m * invstd * invstd;
+      write_coef(coef, C, c, ch);
+    }
+  }
+};
+
+// ------------------------------------------------------------------------------ launchers
+// Explicitly instantiated in batch_norm.cu (NOISY = false) and noisy.cu (NOISY = true), which
+// declare the other half `extern template`: each file compiles its own half of the kernels.
+
+template <bool NOISY> void bn_apply_launch(const Launch& l, const BnApplyArgs& a) {
+  BNK_DISPATCH(l.dtype, T, VEC, {
+    using A = acc_t<T>;
+    BnApplyOp<A, NOISY> op{static_cast<const A*>(a.coef), l.g.C, a.relu, a.noise};
+    launch_elementwise<T, VEC>(l, op, a.x, nullptr, a.y, "bn_apply");
+  });
+}
+
+template <bool NOISY> void bn_grad_sums_launch(const Launch& l, const BnGradArgs& a) {
+  BNK_DISPATCH(l.dtype, T, VEC, {
+    using A = acc_t<T>;
+    BnGradOp<A, NOISY> op{static_cast<const A*>(a.mean), static_cast<const A*>(a.invstd),
+                          static_cast<const A*>(a.weight), static_cast<const A*>(a.bias),
+                          a.relu, a.noise};
+    launch_reduce<T, VEC>(l, op, a.x, a.dy, a.part, "bn_grad_sums");
+    BnGradFin<A, NOISY> fin{op, static_cast<A>(a.inv_m), static_cast<A*>(a.coef),
+                            static_cast<A*>(a.dweight), static_cast<A*>(a.dbias),
+                            static_cast<A*>(a.sums), l.g.C};
+    launch_finalize(l, fin, a.part, "bn_grad_finalize");
+  });
+}
+
+template <bool NOISY> void bn_dx_launch(const Launch& l, const BnDxArgs& a) {
+  BNK_DISPATCH(l.dtype, T, VEC, {
+    using A = acc_t<T>;
+    BnDxOp<A, NOISY> op{static_cast<const A*>(a.coef), l.g.C, a.relu, a.training, a.noise};
+    launch_elementwise<T, VEC>(l, op, a.x, a.dy, a.dx, "bn_dx");
+  });
+}
+
+}  // namespace bnk

@@ -1,0 +1,240 @@
+// The interface between the binding (bindings.cpp, compiled by the host compiler with torch's
+// headers) and the kernels (*.cu, compiled by nvcc without them): plain structs of pointers and
+// sizes, and one launcher per kernel pipeline. Nothing here knows about at::Tensor, so the .cu
+// files include only CUDA headers and compile quickly.
+//
+// Tensor layouts (see bnkernels/backends/cuda.py, which views every input as one of them):
+//   "ncs": x is (N, C, S) contiguous: NCHW, (N, C, L), NCDHW...; S = product of spatial dims.
+//   "mc":  x is (M, C) contiguous with M = N * S rows: channels-last (NHWC, NDHWC) or (N, C).
+// Either way a channel has M = N * S values. The *logical* index of an element is its offset in
+// the NC(S)-contiguous order, whatever the memory layout: the noise of noisy BatchNorm is keyed
+// by it, so it does not depend on the memory format.
+//
+// Per-channel tensors (weights, statistics, coefficients) are always given to kernels in the
+// accumulation type A: float, or double for double input. The binding converts them.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define BNK_HOST_DEVICE __host__ __device__
+#else
+#define BNK_HOST_DEVICE
+#endif
+
+namespace bnk {
+
+enum class DType : int { kFloat = 0, kHalf = 1, kBFloat16 = 2, kDouble = 3 };
+
+// Threads per block of every kernel (the reductions assume a multiple of 32, at most 1024).
+constexpr int kThreads = 256;
+
+struct Geometry {
+  int64_t N = 0, C = 0, S = 0;
+  bool ncs = true;    // layout: true "ncs" (N, C, S), false "mc" (N*S, C)
+  bool wide = false;  // index arithmetic in 64 bits (numel >= 2^32; or forced, for tests)
+  BNK_HOST_DEVICE int64_t M() const { return N * S; }
+  BNK_HOST_DEVICE int64_t numel() const { return N * C * S; }
+};
+
+// Where kernels run, and the element type and vector width of x (and dy / y / dx).
+struct Launch {
+  DType dtype = DType::kFloat;
+  Geometry g;
+  int vec = 1;             // elements per 128-bit access (1: unaligned input, scalar accesses)
+  int num_sms = 1;         // streaming multiprocessors of the device
+  int split = 0;           // programs per channel of a split reduction (0: heuristic)
+  cudaStream_t stream = nullptr;
+};
+
+// Noisy BatchNorm (Algorithm 1): counter-based Philox4x32-10 noise, see common.cuh.
+struct Noise {
+  bool on = false;
+  uint64_t seed = 0;
+  uint32_t step = 0;                    // the step, when step_ptr is null
+  const int64_t* step_ptr = nullptr;    // a 1-element device tensor holding the step
+  // per channel: mu ~ U(-n_mu, n_mu), sigma ~ 1 + U(0, n_sigma_m1) (n_sigma_m1 = n_sigma - 1)
+  float n_mu = 0.f, n_sigma_m1 = 0.f;
+  // per element: m ~ mu + U(-r_mu, r_mu), s ~ sigma + r_sigma N(0, 1)
+  float r_mu = 0.f, r_sigma = 0.f;
+};
+
+// Programs per channel (or channel group) of every split reduction for this launch: the
+// workspaces "part" below are [K, C, reduce_split(l)].
+int reduce_split(const Launch& l);
+
+// BatchNorm per-channel coefficients, a [kBnCoefs, C] array in A:
+//   out = act(s * (k * (x - mean) + b) + m)       (s = 1, m = 0 without noise)
+//   dx  = k * (g - kg - (x - mean) * kgx)          (training; eval: dx = k * g)
+enum BnCoef : int { kMean = 0, kScale = 1, kBias = 2, kMu = 3, kSigma = 4, kG = 5, kGx = 6,
+                    kBnCoefs = 7 };
+
+// ------------------------------------------------------------------------------ BatchNorm
+
+// Training statistics: mean and invstd = 1/sqrt(var + eps) (or the biased var itself), the
+// running buffers updated in place, and (optionally) the coefficients of the forward.
+struct BnStatsArgs {
+  const void* x = nullptr;
+  void* part = nullptr;            // workspace [3, C, split] A
+  void* mean = nullptr;            // out [C] A
+  void* second = nullptr;          // out [C] A: invstd, or the biased variance if out_var
+  bool out_var = false;
+  void* running_mean = nullptr;    // [C] A, updated in place (nullable)
+  void* running_var = nullptr;     // [C] A, updated in place (unbiased variance)
+  double momentum = 0.0, eps = 0.0;
+  const void* weight = nullptr;    // [C] A (nullable: 1)
+  const void* bias = nullptr;      // [C] A (nullable: 0)
+  void* coef = nullptr;            // out [kBnCoefs, C] A (nullable): mean, scale, bias, noise
+  Noise noise;
+};
+void bn_stats(const Launch& l, const BnStatsArgs& a);
+
+// Coefficients from given statistics: mean and invstd, or mean and var (from_var:
+// invstd = 1/sqrt(var + eps)); with mean_sums = [mean(g), mean(g (x - mean))] ([2, C], nullable)
+// also the training dx coefficients.
+struct BnCoefArgs {
+  const void* mean = nullptr;      // [C] A
+  const void* second = nullptr;    // [C] A: invstd, or var if from_var
+  bool from_var = false;
+  double eps = 0.0;
+  const void* weight = nullptr;
+  const void* bias = nullptr;
+  const void* mean_sums = nullptr; // [2, C] A (nullable)
+  void* coef = nullptr;            // out [kBnCoefs, C] A
+  Noise noise;
+};
+void bn_coef(const Launch& l, const BnCoefArgs& a);
+
+// y = act(s * (k (x - mean) + b) + m) from the coefficients.
+struct BnApplyArgs {
+  const void* x = nullptr;
+  void* y = nullptr;
+  const void* coef = nullptr;      // [kBnCoefs, C] A
+  bool relu = false;
+  Noise noise;
+};
+void bn_apply(const Launch& l, const BnApplyArgs& a);
+
+// Backward sums: per channel sum(g) and sum(g (x - mean)), g = dL/da for a = k (x - mean) + b
+// (dy masked by the fused ReLU and scaled by the noise s, both recomputed). Then either the
+// coefficients of dx (and dweight = sum(g (x - mean)) invstd, dbias = sum(g)), or the raw sums.
+struct BnGradArgs {
+  const void* dy = nullptr;
+  const void* x = nullptr;
+  const void* mean = nullptr;      // [C] A: the saved (or running) statistics
+  const void* invstd = nullptr;    // [C] A
+  const void* weight = nullptr;    // [C] A (nullable)
+  const void* bias = nullptr;      // [C] A (nullable)
+  bool relu = false;
+  void* part = nullptr;            // workspace [2, C, split] A
+  double inv_m = 0.0;              // 1 / M: sums -> means for the coefficients
+  void* coef = nullptr;            // out [kBnCoefs, C] A (nullable)
+  void* dweight = nullptr;         // out [C] A (nullable)
+  void* dbias = nullptr;           // out [C] A (nullable)
+  void* sums = nullptr;            // out [2, C] A (nullable): sum(g), sum(g (x - mean))
+  Noise noise;
+};
+void bn_grad_sums(const Launch& l, const BnGradArgs& a);
+
+// dx = k (g - kg - (x - mean) kgx) (training) or k g (eval).
+struct BnDxArgs {
+  const void* dy = nullptr;
+  const void* x = nullptr;
+  void* dx = nullptr;
+  const void* coef = nullptr;      // [kBnCoefs, C] A
+  bool relu = false, training = true;
+  Noise noise;
+};
+void bn_dx(const Launch& l, const BnDxArgs& a);
+
+// The noise (s, m) itself, fp32, in logical (N, C, S)-contiguous order.
+void noisy_bn_noise(const Launch& l, const Noise& noise, float* s, float* m);
+
+// ------------------------------------------------------------------------------ persistent
+// Single-read training forward/backward: one cooperative launch keeps this block's share of x
+// (and dy) in registers across a grid-wide barrier between the statistics and the elementwise
+// pass. Only when every block of the grid is resident at once (see persistent.cu).
+
+struct PersistentPlan {
+  bool fits = false;
+  const char* why = "";  // when it does not fit
+  int blocks = 0;        // grid size
+  int per_channel = 0;   // blocks per channel ("ncs") or per channel group ("mc")
+  int64_t chunk = 0;     // vectors ("ncs") or rows ("mc") per block
+  int tx = 1;            // "mc": threads across the channels of a group
+};
+PersistentPlan bn_persistent_plan(const Launch& l, bool backward, int device);
+
+struct BnPersistentFwdArgs {
+  const void* x = nullptr;
+  void* y = nullptr;
+  void* ws = nullptr;              // workspace [3, C, per_channel] A
+  void* mean = nullptr;            // out [C] A
+  void* invstd = nullptr;          // out [C] A
+  void* running_mean = nullptr;    // [C] A (nullable)
+  void* running_var = nullptr;
+  double momentum = 0.0, eps = 0.0;
+  const void* weight = nullptr;
+  const void* bias = nullptr;
+  bool relu = false;
+};
+void bn_persistent_fwd(const Launch& l, const PersistentPlan& p, const BnPersistentFwdArgs& a);
+
+struct BnPersistentBwdArgs {
+  const void* dy = nullptr;
+  const void* x = nullptr;
+  void* dx = nullptr;              // out (nullable: only dweight / dbias)
+  void* ws = nullptr;              // workspace [2, C, per_channel] A
+  const void* mean = nullptr;
+  const void* invstd = nullptr;
+  const void* weight = nullptr;
+  const void* bias = nullptr;
+  void* dweight = nullptr;         // out [C] A (nullable)
+  void* dbias = nullptr;           // out [C] A (nullable)
+  bool relu = false;
+};
+void bn_persistent_bwd(const Launch& l, const PersistentPlan& p, const BnPersistentBwdArgs& a);
+
+// ------------------------------------------------------------------------------ l_p norm
+// p is 1, 2, or 0 for infinity. See lp_norm.cu for the formulas.
+
+// Lp coefficients, a [kLpCoefs, C] array in A: dx = (g - k1) k2 - k3 (f - k4).
+enum LpCoef : int { kLpMean = 0, kLpScale = 1, kLpK1 = 2, kLpK2 = 3, kLpK3 = 4, kLpK4 = 5,
+                    kLpCoefs = 6 };
+
+struct LpStatsArgs {
+  const void* x = nullptr;
+  int p = 2;
+  bool centered = false;
+  void* part = nullptr;            // workspace [2, C, split] A
+  void* mean = nullptr;            // out [C] A
+  void* scale = nullptr;           // out [C] A: s_p
+  void* running_mean = nullptr;    // [C] A (nullable)
+  void* running_scale = nullptr;
+  double momentum = 0.0, eps = 0.0;
+  const void* weight = nullptr;
+  const void* bias = nullptr;
+  void* coef = nullptr;            // out [kBnCoefs, C] A: BatchNorm's, for bn_apply
+};
+void lp_stats(const Launch& l, const LpStatsArgs& a);
+
+struct LpBwdArgs {
+  const void* dy = nullptr;
+  const void* x = nullptr;
+  void* dx = nullptr;              // out (nullable)
+  int p = 2;
+  bool centered = false;
+  const void* mean = nullptr;      // [C] A
+  const void* scale = nullptr;     // [C] A
+  const void* weight = nullptr;    // [C] A (nullable)
+  double eps = 0.0;
+  void* part = nullptr;            // workspace [4, C, split] A
+  void* coef = nullptr;            // workspace [kLpCoefs, C] A
+  void* dweight = nullptr;         // out [C] A (nullable)
+  void* dbias = nullptr;           // out [C] A (nullable)
+};
+void lp_bwd(const Launch& l, const LpBwdArgs& a);
+
+}  // namespace bnk

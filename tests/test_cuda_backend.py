@@ -1,0 +1,568 @@
+"""The CUDA C++ backend (csrc/ + bnkernels/backends/cuda.py).
+
+Three tiers, all collected everywhere:
+
+1. Registration and selection: the backend is listed with its reasons, rejects CPU tensors, and
+   "auto" follows the measured-speed table; the launchers' layouts (pure Python).
+2. The build check (the CI's): ``python -m bnkernels.backends.cuda build`` compiles the extension
+   with nvcc -- no GPU needed -- and the library imports. Skipped, with the reason, only where
+   there is no CUDA toolkit.
+3. The kernels, through the public API with backend "cuda", against PyTorch in fp64 (the same
+   checks and tolerances as test_batch_norm / test_noisy_batch_norm / test_lp_norm), the
+   reference, and on a GPU the Triton backend; gradcheck in fp64; determinism; persistent vs
+   multi-pass. On a GPU they run the real extension on CUDA tensors. Without one they run the
+   very same kernel code built for the CPU emulator (tests/cuda_emulator: every CUDA thread a
+   coroutine, real barrier and shuffle semantics) on CPU tensors -- a check of the kernels'
+   logic, not of GPU behaviour; the GPU-only tests are skipped there.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import test_batch_norm as bn_tests
+import test_lp_norm as lp_tests
+import test_noisy_batch_norm as noisy_tests
+import torch
+import torch.nn.functional as F
+from helpers import Case, assert_close, make_inputs
+
+import bnkernels as bnk
+from bnkernels import backends
+from bnkernels.backends import cuda, cuda_build, speed
+from bnkernels.backends import reference as R
+from bnkernels.backends.cuda_backend import CudaBackend
+
+GPU = torch.cuda.is_available()
+gpu_only = pytest.mark.skipif(not GPU, reason="needs a CUDA device (the emulator is no GPU)")
+
+ENTRY_POINTS = ("bn_forward_train", "bn_stats", "bn_apply", "bn_backward", "bn_bwd_reduce",
+                "bn_bwd_dx", "noisy_bn_noise", "lp_forward_train", "lp_backward_train",
+                "persistent_plan")
+CFG = bnk.NoiseConfig()
+
+
+# ============================================================================= 1. registration
+
+
+def test_registered_and_selectable():
+    assert "cuda" in bnk.available_backends()
+    bnk.set_backend("cuda")
+    assert bnk.get_backend() == "cuda"
+    assert backends.backend("cuda").name == "cuda"
+
+
+@pytest.mark.skipif(GPU, reason="checks the reasons given on a machine without a GPU")
+def test_unavailable_without_a_gpu_says_why():
+    reasons = bnk.available_backends()["cuda"]
+    assert any("no CUDA device" in r for r in reasons), reasons
+
+
+def test_rejects_cpu_tensors_and_other_dtypes():
+    be = backends.backend("cuda")
+    reasons = be.not_supported_reasons("batch_norm", torch.ones(2, 3))
+    assert reasons == ["the cuda backend needs CUDA tensors; x is on cpu"]
+    reasons = be.not_supported_reasons("batch_norm", torch.ones(2, 3, dtype=torch.int32))
+    assert "dtype torch.int32 is not supported" in reasons
+    bnk.set_backend("cuda")
+    with pytest.raises(RuntimeError, match="(?s)no backend can run batch_norm.*x is on cpu"):
+        bnk.batch_norm(torch.randn(4, 3), None, None, training=True)
+
+
+def test_entry_points_match_the_triton_backend():
+    """Same entry points as the other backends (ops.py calls them by name)."""
+    be = backends.backend("cuda")
+    for name in ("batch_norm_fwd", "batch_norm_bwd", "batch_norm_stats", "batch_norm_apply",
+                 "batch_norm_bwd_reduce", "batch_norm_bwd_dx", "noisy_batch_norm_noise",
+                 "lp_norm_fwd", "lp_norm_bwd"):
+        assert callable(getattr(be, name)), name
+    with pytest.raises(AttributeError):
+        be.not_an_entry_point  # noqa: B018
+
+
+def test_unbuildable_extension_reports_why(monkeypatch):
+    """As after `pip install .` on a machine without a toolkit: the reason is listed, and an
+    explicit build says what is missing."""
+    monkeypatch.setattr(cuda, "_ext", None)
+    monkeypatch.setattr(cuda, "is_built", lambda: False)
+    monkeypatch.setattr(cuda, "_toolkit_problem", lambda: "no CUDA toolkit (nvcc) found")
+    reasons = CudaBackend().unavailable_reasons()
+    assert any("not built, and cannot be built here: no CUDA toolkit" in r for r in reasons)
+    with pytest.raises(RuntimeError, match="(?s)cannot build the CUDA extension.*no CUDA toolkit"):
+        cuda.build()
+    monkeypatch.setenv("BNKERNELS_SKIP_CUDA_BUILD", "1")
+    assert any("BNKERNELS_SKIP_CUDA_BUILD=1" in r for r in cuda.build_reasons())
+
+
+def test_auto_uses_the_measured_speed_table(monkeypatch):
+    """CUDA tensors: the faster of cuda/triton per the table; triton where nothing was measured;
+    the cuda backend only once built (auto never compiles)."""
+    def x(numel):
+        return SimpleNamespace(device=torch.device("cuda", 0), numel=lambda: numel)
+
+    entries = ({"device": "GPU-X", "op": "batch_norm", "max_numel": 4096, "triton_us": 9.0,
+                "cuda_us": 5.0},
+               {"device": "GPU-X", "op": "batch_norm", "max_numel": 2**20, "triton_us": 50.0,
+                "cuda_us": 70.0})
+    monkeypatch.setattr(speed, "_entries", lambda: entries)
+    monkeypatch.setattr(speed, "_device_name", lambda index: "GPU-X")
+    monkeypatch.setattr(CudaBackend, "is_built", lambda self: True)
+    assert backends._auto_order(x(1000), "batch_norm") == ["cuda", "triton", "reference"]
+    assert backends._auto_order(x(10**5), "batch_norm") == ["triton", "cuda", "reference"]
+    assert backends._auto_order(x(10**8), "batch_norm") == ["triton", "cuda", "reference"]
+    assert backends._auto_order(x(1000), "lp_norm") == ["triton", "cuda", "reference"]
+    monkeypatch.setattr(speed, "_device_name", lambda index: "GPU-Y")
+    assert backends._auto_order(x(1000), "batch_norm") == ["triton", "cuda", "reference"]
+    monkeypatch.setattr(CudaBackend, "is_built", lambda self: False)
+    assert backends._auto_order(x(1000), "batch_norm") == ["triton", "reference"]
+
+
+def test_speed_table_from_benchmark_results():
+    def row(provider, us, numel=100, pass_="fwd-train"):
+        return {"provider": provider, "median_us": us, "op": "batch_norm", "p": None,
+                "pass": pass_, "shape": [1, 1, 10, 10], "dtype": "float32",
+                "layout": "nchw", "numel": numel}
+
+    results = {"device": "GPU-X", "rows": [
+        row("bnkernels-triton", 10.0), row("bnkernels-cuda", 6.0),
+        row("bnkernels-triton", 20.0, pass_="bwd"), row("bnkernels-cuda", 30.0, pass_="bwd"),
+        row("bnkernels-triton", 1.0, numel=7), row("cudnn", 1.0)]}  # no cuda row for numel 7
+    table = speed.table_from_results(results, "run.json")
+    assert table == [{"device": "GPU-X", "op": "batch_norm", "max_numel": 100,
+                      "triton_us": 30.0, "cuda_us": 36.0, "rows": 2, "source": "run.json"}]
+    shipped = json.loads(speed.TABLE.read_text())
+    assert isinstance(shipped["entries"], list) and "doc" in shipped
+
+
+LAYOUT_CASES = [((2, 3, 4, 5), None), ((2, 3, 4, 5), torch.channels_last), ((6, 3), None),
+                ((2, 3, 1, 1), None), ((2, 3, 2, 3, 2), torch.channels_last_3d), ((4, 5, 7), None)]
+
+
+@pytest.mark.parametrize("shape,fmt", LAYOUT_CASES, ids=str)
+def test_layouts_are_views_and_outputs_keep_the_strides(shape, fmt):
+    x = torch.randn(shape)
+    if fmt is not None:
+        x = x.contiguous(memory_format=fmt)
+    lay = cuda._layout(x)
+    N, C, S = shape[0], shape[1], math.prod(shape[2:])
+    assert lay.t.data_ptr() == x.data_ptr() and lay.t.is_contiguous()  # a view, no copy
+    assert lay.t.shape == ((N, C, S) if lay.kind == "ncs" else (N * S, C))
+    assert lay.kind == ("ncs" if fmt is None and S > 1 else "mc")
+    y, yk = lay.empty()
+    assert y.stride() == x.stride() and yk.data_ptr() == y.data_ptr()
+    # The kernel view of the output is laid out as x's: element (n, c, s) at the same offset.
+    yk.copy_(lay.t)
+    assert torch.equal(lay.restore(y), x)
+
+
+def test_layout_of_odd_strides_is_an_explicit_copy():
+    base = torch.randn(5, 6, 9, 8)
+    x = base[:, ::2, :, 1:7]
+    lay = cuda._layout(x)
+    assert lay.kind == "ncs" and lay.t.data_ptr() != x.data_ptr()
+    assert torch.equal(lay.t.view(x.shape), x)
+    y, yk = lay.empty()
+    yk.copy_(lay.t)
+    out = lay.restore(y)
+    assert torch.equal(out, x) and out.stride() == torch.empty_like(x).stride()
+    dy = torch.randn(x.shape).contiguous(memory_format=torch.channels_last)
+    assert torch.equal(lay.like(dy).view(x.shape), dy)
+
+
+# ============================================================================= 2. the build
+
+
+def _toolkit_env() -> dict | None:
+    """The environment for a build (CUDA_HOME defaulted to /usr/local/cuda), or None when no
+    toolkit is to be found."""
+    env = dict(os.environ)
+    if not (env.get("CUDA_HOME") or env.get("CUDA_PATH")):
+        if Path("/usr/local/cuda/bin/nvcc").exists():
+            env["CUDA_HOME"] = "/usr/local/cuda"
+    home = env.get("CUDA_HOME") or env.get("CUDA_PATH")
+    if not home or not Path(home, "bin", "nvcc").exists():
+        return None
+    return env
+
+
+def _build(env) -> tuple[subprocess.CompletedProcess, float]:
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "bnkernels.backends.cuda", "build"], env=env,
+                          capture_output=True, text=True, timeout=1800)
+    return proc, time.monotonic() - t0
+
+
+@pytest.mark.skipif(_toolkit_env() is None, reason="no CUDA toolkit (nvcc): set CUDA_HOME to "
+                    "check that the extension builds")
+def test_extension_builds_and_imports():
+    """The CI's build check: nvcc compiles csrc/ (for sm_80 and sm_90 on a machine without a
+    GPU), the library imports (no GPU needed for that), and a second build is a cache hit."""
+    env = _toolkit_env()
+    if not GPU and not env.get("TORCH_CUDA_ARCH_LIST"):
+        assert cuda_build.arch_list() == "8.0;9.0"
+        assert {"-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"} \
+            <= set(cuda_build.nvcc_flags(cuda_build.arch_list()))
+    proc, _ = _build(env)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    path = Path(proc.stdout.strip().splitlines()[-1])
+    assert path.is_file() and path.suffix == ".so", proc.stdout
+    assert path.parent.parent == cuda_build.cache_root()
+    mod = cuda._import_library(path)
+    assert mod.SOURCE_HASH == cuda_build.source_hash()
+    for name in ENTRY_POINTS:
+        assert callable(getattr(mod, name)), name
+    again, seconds = _build(env)  # cached: ninja finds nothing to do
+    assert again.returncode == 0 and again.stdout.strip().splitlines()[-1] == str(path)
+    assert seconds < 120, f"a cached build took {seconds:.0f} s"
+
+
+# ============================================================================= 3. the kernels
+
+
+@pytest.fixture(scope="module")
+def _kernel_module():
+    """The extension to test: the real one on a GPU, else the CPU emulation build."""
+    if GPU:
+        why = [] if cuda.is_built() else cuda.build_reasons()
+        if why:
+            pytest.skip("the CUDA extension is not built and cannot be built here: " +
+                        "; ".join(why))
+        return cuda.load(), torch.device("cuda")
+    try:
+        import cuda_emulator
+
+        return cuda_emulator.build(), torch.device("cpu")
+    except Exception as e:  # e.g. no host compiler
+        pytest.skip(f"cannot build the CPU emulation of the kernels: {e}")
+
+
+@pytest.fixture
+def dev(_kernel_module, monkeypatch):
+    """The device the cuda backend's kernels run on in this test (CPU under the emulator)."""
+    module, device = _kernel_module
+    if device.type == "cpu":  # route the cuda backend to the emulated kernels, on CPU tensors
+        monkeypatch.setattr(cuda, "_ext", module)
+        monkeypatch.setattr(CudaBackend, "unavailable_reasons", lambda self: [])
+        monkeypatch.setattr(CudaBackend, "not_supported_reasons",
+                            lambda self, op, x, **kw: [] if x.dtype in bnk.backends._base
+                            .FLOAT_DTYPES else [f"dtype {x.dtype} is not supported"])
+    return device
+
+
+@gpu_only
+def test_available_on_a_gpu(dev):
+    assert bnk.available_backends()["cuda"] == []
+
+
+# ----------------------------------------------------------------------------- BatchNorm
+
+# Beside test_batch_norm's odd shapes, aligned ones: 128-bit vector accesses in every layout.
+ALIGNED = [Case(s, cl, dt) for s, cl in [((4, 8, 8, 8), False), ((4, 16, 4, 4), True),
+                                         ((32, 24), False)]
+           for dt in (torch.float32, torch.float16, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("case", bn_tests.CASES + ALIGNED, ids=str)
+def test_batch_norm_training_matches_torch(case, dev):
+    bn_tests.check_against_torch(case, dev, "cuda", training=True)
+
+
+@pytest.mark.parametrize("case", bn_tests.CASES[::2] + ALIGNED[::2], ids=str)
+def test_batch_norm_eval_matches_torch(case, dev):
+    bn_tests.check_against_torch(case, dev, "cuda", training=False)
+
+
+@pytest.mark.parametrize("case", bn_tests.OPTION_CASES, ids=str)
+@pytest.mark.parametrize("options", [
+    dict(training=True, activation="relu"), dict(training=False, activation="relu"),
+    dict(training=True, affine=False), dict(training=False, affine=False),
+    dict(training=True, track=False), dict(training=True, momentum=0.0),
+    dict(training=True, momentum=1.0, eps=1e-3)],
+    ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_batch_norm_options_match_torch(case, options, dev):
+    bn_tests.check_against_torch(case, dev, "cuda", **options)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("activation", [None, "relu"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_batch_norm_gradcheck_fp64(training, activation, channels_last, dev):
+    bn_tests.test_gradcheck_fp64("cuda", training, True, activation, channels_last, dev)
+
+
+@pytest.mark.parametrize("case", [Case((5, 3, 17, 23)), Case((5, 6, 7, 9), True),
+                                  Case((37, 11))], ids=str)
+@pytest.mark.parametrize("split", [2, 7, 1000 if GPU else 64])  # the emulator is slow
+def test_split_reductions_match_torch(case, split, dev):
+    """Many programs per channel (forced), merged by Chan's formula in a fixed order."""
+    with cuda.override_config(split=split, path="multipass"):
+        bn_tests.check_against_torch(case, dev, "cuda", training=True, activation="relu")
+
+
+def test_numerics_like_the_other_backends(dev):
+    """Mean 1e3 / std 1e-2 (stable statistics), a constant channel, NaN and inf."""
+    for path in ("multipass", "persistent"):
+        with cuda.override_config(path=path):
+            bn_tests.test_large_mean_small_std_is_stable("cuda", 1, dev)
+            bn_tests.test_constant_channel("cuda", dev)
+            for bad in (float("nan"), float("inf")):
+                for cl in (False, True):
+                    bn_tests.test_nan_and_inf_propagate_like_torch("cuda", bad, cl, dev)
+
+
+def test_strided_inputs(dev):
+    """Permuted and sliced inputs are read correctly; outputs get empty_like's strides. So
+    does a contiguous input whose data starts off a 16-byte boundary (scalar accesses)."""
+    bnk.set_backend("cuda")
+    base = make_inputs(Case((7, 4, 6)), dev)["x"]
+    for x in (base.permute(2, 0, 1).contiguous().permute(1, 2, 0),
+              make_inputs(Case((5, 6, 9, 8)), dev)["x"][:, ::2, :, 1:7],
+              torch.randn(1 + 4 * 8 * 16, device=dev)[1:].view(4, 8, 16)):
+        y = bnk.batch_norm(x, None, None, training=True, activation="relu")
+        assert y.stride() == torch.empty_like(x).stride()
+        exact = F.relu(F.batch_norm(x.double(), None, None, training=True))
+        assert_close(y, exact, torch.float32, "y")
+
+
+@pytest.mark.parametrize("case", [Case((5, 3, 17, 23), False, torch.float16),
+                                  Case((3, 5, 7, 9), True), Case((4, 8, 8, 8))], ids=str)
+def test_64bit_index_path(case, dev, monkeypatch):
+    """The 64-bit index arithmetic (used from 2^32 elements on) computes the same result: forced
+    here on small tensors, for every kernel family."""
+    inp = make_inputs(case, dev)
+    narrow = bn_tests.run(bn_tests.bnk_bn("cuda"), inp, training=True, activation="relu")
+    monkeypatch.setenv("BNKERNELS_CUDA_INDEX64", "1")
+    for path in ("multipass", "persistent"):
+        with cuda.override_config(path=path):
+            wide = bn_tests.run(bn_tests.bnk_bn("cuda"), inp, training=True, activation="relu")
+        for key in narrow:
+            assert_close(wide[key], narrow[key], case.dtype if key in ("y", "dx") else
+                         case.pdtype, name=f"{path} {key}")
+    noisy_tests.test_matches_fp64_oracle("cuda", case, "relu", dev)
+    lp_tests.check(case, dev, "cuda", 2, training=True, centered=True)
+
+
+@pytest.mark.parametrize("case", [Case((5, 3, 17, 23)), Case((5, 6, 7, 9), True)], ids=str)
+def test_deterministic(case, dev):
+    """Same input, same bits (forward, backward, running statistics), on both paths."""
+    inp = make_inputs(case, dev)
+    for path in ("multipass", "persistent"):
+        with cuda.override_config(split=7, path=path):
+            a = bn_tests.run(bn_tests.bnk_bn("cuda"), inp, training=True, activation="relu")
+            b = bn_tests.run(bn_tests.bnk_bn("cuda"), inp, training=True, activation="relu")
+        for key in a:
+            assert torch.equal(a[key], b[key]), (path, key)
+
+
+# Inputs the persistent kernels take (also within the emulator's 4 SMs x 2 resident blocks),
+# several with more than one block per channel, so the grid barrier and the cross-block merge
+# are exercised.
+PERSISTENT = [Case((16, 2, 32, 32)), Case((8, 3, 16, 16), True), Case((4, 3, 5, 7)),
+              Case((4, 3, 5, 7), True, torch.float16), Case((8, 16, 4, 4), True, torch.bfloat16),
+              Case((64, 3), False), Case((2, 4, 3, 5, 6), True, torch.float16, torch.float32)]
+
+
+@pytest.mark.parametrize("case", PERSISTENT, ids=str)
+def test_persistent_equals_multipass(case, dev):
+    """Both paths, forced, agree with each other (to the rounding of the different merge
+    trees) and with PyTorch in fp64."""
+    inp = make_inputs(case, dev)
+    x = inp["x"]
+    assert cuda.persistent_plan(x)["fits"] and cuda.persistent_plan(x, backward=True)["fits"]
+    out = {}
+    for path in ("multipass", "persistent"):
+        with cuda.override_config(path=path):
+            bn_tests.check_against_torch(case, dev, "cuda", training=True, activation="relu")
+            out[path] = bn_tests.run(bn_tests.bnk_bn("cuda"), inp, training=True,
+                                     activation="relu")
+    for key, value in out["persistent"].items():
+        dt = case.dtype if key in ("y", "dx") else case.pdtype
+        assert_close(value, out["multipass"][key], dt, name=f"persistent vs multipass {key}")
+
+
+def test_persistent_path_refuses_what_it_cannot_take(dev):
+    bnk.set_backend("cuda")
+    # More channels (one block each) than blocks can be resident: the emulator's 4 SMs x 2, or
+    # any GPU's.
+    too_big = torch.randn(2, 20000 if GPU else 9, 2, device=dev)
+    plan = cuda.persistent_plan(too_big)
+    assert not plan["fits"] and "does not fit" in plan["why"]
+    with cuda.override_config(path="persistent"):
+        with pytest.raises(RuntimeError, match="persistent path was forced but the tensor "
+                                               "does not fit"):
+            bnk.batch_norm(too_big, None, None, training=True)
+        with pytest.raises(RuntimeError, match="float64"):
+            bnk.batch_norm(torch.randn(4, 3, 5, device=dev, dtype=torch.float64), None, None,
+                           training=True)
+        with pytest.raises(RuntimeError, match="no noisy variant"):
+            bnk.noisy_batch_norm(torch.randn(4, 3, 5, device=dev), None, None, training=True)
+    # Automatic: falls back to the multi-pass kernels.
+    y = bnk.batch_norm(too_big, None, None, training=True)
+    assert_close(y, F.batch_norm(too_big.double(), None, None, training=True), torch.float32,
+                 "y")
+
+
+def test_sync_batch_norm_stages_match_the_reference(dev):
+    """The SyncBatchNorm stages (statistics, apply, gradient sums, dx)."""
+    inp = make_inputs(Case((5, 6, 7, 9), True), dev)
+    x, dy, w, b = inp["x"], inp["dy"], inp["weight"], inp["bias"]
+    be, ref = backends.backend("cuda"), backends.backend("reference")
+    mean, var = be.batch_norm_stats(x)
+    rmean, rvar = ref.batch_norm_stats(x)
+    assert_close(mean, rmean, torch.float32, "mean")
+    assert_close(var, rvar, torch.float32, "var")
+    invstd = torch.rsqrt(rvar + 1e-5)
+    for act in (None, "relu"):
+        assert_close(be.batch_norm_apply(x, rmean, invstd, w, b, act),
+                     ref.batch_norm_apply(x, rmean, invstd, w, b, act), torch.float32, "y")
+        sums = be.batch_norm_bwd_reduce(dy, x, rmean, invstd, w, b, act)
+        rsums = ref.batch_norm_bwd_reduce(dy, x, rmean, invstd, w, b, act)
+        assert_close(sums, rsums, torch.float32, "sums")
+        m = x.numel() // x.shape[1]
+        dx = be.batch_norm_bwd_dx(dy, x, rmean, invstd, w, b, rsums / m, act)
+        assert_close(dx, ref.batch_norm_bwd_dx(dy, x, rmean, invstd, w, b, rsums / m, act),
+                     torch.float32, "dx")
+        assert dx.stride() == x.stride()
+
+
+def test_opcheck(dev):
+    from test_modules import _op_samples
+
+    for _name, op, args in _op_samples(dev):
+        torch.library.opcheck(op, (*args, "cuda"))
+
+
+# ----------------------------------------------------------------------------- noisy BatchNorm
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_noise_is_the_reference_noise(channels_last, dev):
+    """Same Philox counters as the reference: the uniforms (hence m) bit for bit, s to the
+    rounding of log/cos; a step tensor gives the same noise as the int."""
+    x = make_inputs(Case((3, 5, 6, 7), channels_last), dev)["x"]
+    bnk.set_backend("cuda")
+    s, m = bnk.noisy_batch_norm_noise(x, seed=2**40 + 17, step=123)
+    s_r, m_r = R.noisy_bn_noise_reference(x, (CFG, 2**40 + 17, 123))
+    assert torch.equal(m, m_r)
+    assert_close(s, s_r, torch.float32, "s")
+    s_t, m_t = bnk.noisy_batch_norm_noise(x, seed=2**40 + 17,
+                                          step=torch.tensor([123], device=dev))
+    assert torch.equal(m_t, m) and torch.equal(s_t, s)
+
+
+@pytest.mark.parametrize("case", noisy_tests.CASES, ids=str)
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_noisy_matches_fp64_oracle(case, activation, dev):
+    noisy_tests.test_matches_fp64_oracle("cuda", case, activation, dev)
+
+
+@pytest.mark.parametrize("activation", [None, "relu"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_noisy_gradcheck_fp64(activation, channels_last, dev):
+    noisy_tests.test_gradcheck_fp64("cuda", activation, True, channels_last, dev)
+
+
+def test_noisy_steps_and_seeds(dev):
+    noisy_tests.test_deterministic_by_seed_and_step("cuda", dev)
+    noisy_tests.test_step_tensor_is_read_on_device_and_snapshotted("cuda", dev)
+    noisy_tests.test_eval_mode_is_plain_batch_norm("cuda", dev)
+
+
+# ----------------------------------------------------------------------------- l_p norm
+
+
+@pytest.mark.parametrize("case,p,centered", lp_tests.TRAIN_CASES,
+                         ids=[f"{c}-{lp_tests._mode_id(p, k)}" for c, p, k in lp_tests.TRAIN_CASES])
+def test_lp_training_matches_oracle(case, p, centered, dev):
+    lp_tests.check(case, dev, "cuda", p, training=True, centered=centered)
+
+
+@pytest.mark.parametrize("case", lp_tests.CASES[::3], ids=str)
+@pytest.mark.parametrize("p", lp_tests.PS, ids=lp_tests.P_IDS.get)
+def test_lp_eval_matches_oracle(case, p, dev):
+    lp_tests.check(case, dev, "cuda", p, training=False, centered=False)
+
+
+@pytest.mark.parametrize("p", lp_tests.PS, ids=lp_tests.P_IDS.get)
+@pytest.mark.parametrize("centered", [False, True], ids=["raw", "centered"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_lp_gradcheck_fp64(p, centered, channels_last, dev):
+    lp_tests.test_gradcheck_fp64(p, centered, True, channels_last, "cuda", dev)
+
+
+@pytest.mark.parametrize("centered", [False, True], ids=["raw", "centered"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_lp_linf_tie_rule(centered, channels_last, dev):
+    lp_tests.test_linf_tie_rule_splits_equally("cuda", centered, channels_last, dev)
+
+
+@pytest.mark.parametrize("split", [1, 7])
+def test_lp_split_and_stability(split, dev):
+    with cuda.override_config(split=split):
+        lp_tests.test_centered_l2_is_stable_for_large_mean_small_spread("cuda", split, dev)
+        for p in lp_tests.PS:
+            for centered in (False, True):
+                lp_tests.check(Case((5, 6, 7, 9), True), dev, "cuda", p, training=True,
+                               centered=centered)
+
+
+# ----------------------------------------------------------------------------- GPU only
+
+
+@gpu_only
+@pytest.mark.parametrize("case", bn_tests.CASES[::5] + ALIGNED, ids=str)
+def test_matches_the_triton_backend(case, dev):
+    inp = make_inputs(case, dev)
+    ours = bn_tests.run(bn_tests.bnk_bn("cuda"), inp, training=True, activation="relu")
+    theirs = bn_tests.run(bn_tests.bnk_bn("triton"), inp, training=True, activation="relu")
+    for key, value in ours.items():
+        dt = case.dtype if key in ("y", "dx") else case.pdtype
+        assert_close(value, theirs[key], dt, name=f"cuda vs triton {case} {key}")
+
+
+@gpu_only
+def test_cuda_graph_capture(dev):
+    """No host synchronization on the training path: a captured forward + backward replays."""
+    bnk.set_backend("cuda")
+    x = torch.randn(8, 16, 12, 12, device=dev, requires_grad=True)
+    w = torch.ones(16, device=dev, requires_grad=True)
+    b = torch.zeros(16, device=dev, requires_grad=True)
+    rm, rv = torch.zeros(16, device=dev), torch.ones(16, device=dev)
+    step = torch.zeros(1, dtype=torch.int64, device=dev)
+
+    def train_step():
+        y = bnk.noisy_batch_norm(x, rm, rv, w, b, training=True, step=step, activation="relu")
+        y.square().sum().backward()
+        return y
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        train_step()  # warm up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = train_step()
+    graph.replay()
+    torch.cuda.synchronize()
+    expected = bnk.noisy_batch_norm(x.detach(), None, None, w.detach(), b.detach(),
+                                    training=True, step=step, activation="relu")
+    assert_close(y, expected, torch.float32, "y")
+
+
+@gpu_only
+def test_torch_compile_fullgraph(dev):
+    bnk.set_backend("cuda")
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), bnk.BatchNorm2d(8, activation="relu"),
+                                torch.nn.Conv2d(8, 4, 3), bnk.LpNorm2d(4, p=2)).to(dev)
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(4, 3, 10, 10, device=dev)
+    assert_close(compiled(x), model(x), torch.float32, "y")

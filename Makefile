@@ -18,7 +18,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(VENV)/bin/bnkernels demo
+	$(VENV)/bin/bnkernels reproduce --quick
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check bnkernels tests

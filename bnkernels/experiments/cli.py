@@ -1,0 +1,280 @@
+"""The ``bnkernels`` command line (also ``python -m bnkernels``).
+
+    bnkernels train       one run in runs/<id>/ (--resume continues a killed one; under
+                          torchrun: DistributedDataParallel with SyncBatchNorm)
+    bnkernels ics         runs with internal-covariate-shift measurements, and their plot
+    bnkernels landscape   runs with landscape probes (loss, gradient predictiveness, beta)
+    bnkernels lr-sweep    the same network at several learning rates
+    bnkernels lp          BatchNorm against l1 / l2 / l_inf normalization and none
+    bnkernels reproduce   every run behind Figs. 1-4 and 7-14, the figures and report.md
+                          (--quick: the 2-core-CPU version on bundled data, minutes)
+    bnkernels demo        bnkernels' BatchNorm against torch's, side by side
+    bnkernels bench       kernel benchmarks (when bnkernels.bench is installed)
+
+Every option of a run's config (``RunConfig``) can be overridden: ``--steps 500 --width 0.5``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from pathlib import Path
+
+from .models import NORMS
+from .train import CONFIGS, RunConfig, default_jobs
+
+
+def _csv(kind):
+    def parse(text: str):
+        return tuple(kind(v) for v in text.split(",") if v.strip())
+    parse.__name__ = f"comma-separated {kind.__name__}s"
+    return parse
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+_TUPLE_TYPES = {"ics_layers": int, "act_layers": int, "landscape_steps": float,
+                "landscape_directions": str}
+
+
+def add_config_options(p: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
+    """One ``--field`` per RunConfig field (but ``exclude``), to override the chosen config."""
+    g = p.add_argument_group("run config overrides (default: the chosen config's value)")
+    for f in dataclasses.fields(RunConfig):
+        if f.name in exclude:
+            continue
+        default = f.default
+        if f.name in _TUPLE_TYPES:
+            kind = _csv(_TUPLE_TYPES[f.name])
+        elif isinstance(default, bool):
+            kind = _bool
+        elif isinstance(default, int):
+            kind = int
+        elif isinstance(default, float):
+            kind = float
+        else:
+            kind = str
+        choices = NORMS if f.name == "norm" else None
+        g.add_argument("--" + f.name.replace("_", "-"), dest="cfg_" + f.name, type=kind,
+                       default=None, choices=choices, metavar=f.name.upper())
+
+
+def config_overrides(args: argparse.Namespace) -> dict:
+    return {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
+
+
+def _download_if_asked(cfg: RunConfig, args) -> None:
+    if getattr(args, "download", False) and cfg.dataset == "cifar10":
+        from .data import load_cifar10
+
+        load_cifar10(cfg.data_dir, download=True)
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def cmd_train(args) -> int:
+    from .train import read_metrics, run_id, train
+
+    cfg = dataclasses.replace(CONFIGS[args.config], **config_overrides(args))
+    _download_if_asked(cfg, args)
+    run_dir = Path(args.run_dir) if args.run_dir else Path(args.runs_root) / run_id(args.config,
+                                                                                     cfg)
+    train(cfg, run_dir, resume=args.resume, stop_after=args.stop_after, device=args.device,
+          progress=not args.no_progress)
+    if int(os.environ.get("RANK", "0")) == 0:
+        tr, te = read_metrics(run_dir, "train"), read_metrics(run_dir, "test")
+        msg = f"{run_dir}: {len(tr)} training records"
+        if tr:
+            last = tr[-1]
+            msg += f"; step {last['step']}: loss {last['loss']:.4g}"
+            msg += f", acc {last['acc']:.3f}" if "acc" in last else ""
+        if te:
+            msg += f"; test acc {te[-1]['acc']:.3f}"
+        print(msg)
+    return 0
+
+
+SWEEP_MEASURE = {
+    "ics": dict(landscape_every=0, act_every=0),
+    "landscape": dict(ics_every=0, act_every=0),
+    "lr-sweep": dict(ics_every=0, landscape_every=0, act_every=0),
+    "lp": dict(ics_every=0),
+}
+SWEEP_NORMS = {"ics": "none,batchnorm", "landscape": "none,batchnorm",
+               "lr-sweep": "none,batchnorm", "lp": "none,batchnorm,l1,l2,linf"}
+
+
+def cmd_sweep(args) -> int:
+    """ics / landscape / lr-sweep / lp: a grid of norms x learning rates, then a plot."""
+    from .plots import Run, plot_runs
+    from .report import final_test_acc, final_train, ics_mean, landscape_median
+    from .train import run_many
+
+    name = f"{args.model}-quick" if args.quick else args.model
+    base = dataclasses.replace(CONFIGS[name], **SWEEP_MEASURE[args.command])
+    base = dataclasses.replace(base, **config_overrides(args))
+    _download_if_asked(base, args)
+    lrs = args.lrs or (base.lr,)
+    out = Path(args.out or f"runs/{args.command}-{name}")
+    grid = [(dataclasses.replace(base, norm=n, lr=lr), out / f"{n}-lr{lr:g}")
+            for n in args.norms for lr in lrs]
+    run_many(grid, jobs=args.jobs or default_jobs(args.device), device=args.device,
+             progress=not args.no_progress)
+    runs = [Run.load(d) for _, d in grid]
+    png = plot_runs(runs, out / f"{args.command}.png", f"{args.command}: {name}")
+    classify = base.model == "vgg"
+    print(f"{'run':<24} {'train ' + ('acc' if classify else 'loss'):>11} {'test acc':>9} "
+          f"{'ICS cos':>8} {'beta':>10}")
+    for run in runs:
+        tr = final_train(run, "acc" if classify else "loss")
+        te = final_test_acc(run) if classify else float("nan")
+        print(f"{run.dir.name:<24} {tr:>11.4g} {te:>9.3f} {ics_mean(run, 'cosine'):>8.3f} "
+              f"{landscape_median(run, 'beta_smoothness'):>10.4g}")
+    print(f"plot: {png}")
+    return 0
+
+
+def cmd_reproduce(args) -> int:
+    from .report import SUITES, claims_table_text, reproduce, write_report
+
+    mode = "quick" if args.quick else args.mode
+    out = Path(args.out or ("runs/reproduce" if mode == "full" else f"runs/reproduce-{mode}"))
+    overrides = {k: v for k, v in (("dataset", args.dataset), ("data_dir", args.data_dir))
+                 if v is not None}
+    if args.download and (args.dataset or SUITES[mode].vgg.dataset) == "cifar10":
+        from .data import load_cifar10
+
+        load_cifar10(args.data_dir or "data", download=True)
+        overrides.setdefault("data_dir", args.data_dir or "data")
+    if args.report_only:
+        report = write_report(out)
+    else:
+        report = reproduce(out, mode=mode, jobs=args.jobs, device=args.device,
+                           overrides=overrides, progress=not args.no_progress)
+    print(claims_table_text(out))
+    print(f"report: {report}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from ..demo import run_demo
+
+    return run_demo(steps=args.steps, seed=args.seed)
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def add_bench_parser(sub) -> bool:
+    """The ``bench`` subcommand, when ``bnkernels.bench`` (benchmarks) can be imported: its
+    ``add_parser(sub)`` adds the parser and ``main(args)`` runs it. Otherwise there is none."""
+    try:
+        from .. import bench
+    except ImportError:
+        return False
+    bench.add_parser(sub)
+    parser = sub.choices.get("bench")
+    if parser is None:
+        return False
+    parser.set_defaults(func=bench.main)
+    return True
+
+
+def _common(p, jobs: bool = True) -> None:
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, ...")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    if jobs:
+        p.add_argument("--jobs", type=int, default=None,
+                       help="runs trained at once in separate processes (default: 2 on a CPU, "
+                            "1 on a GPU)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bnkernels", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train one run in runs/<id>/")
+    p.add_argument("--config", default="vgg", choices=sorted(CONFIGS),
+                   help="named config (vgg, dln: the paper's; *-quick: CPU-sized; tiny)")
+    p.add_argument("--run-dir", help="the run folder (default: <runs-root>/<config>-<norm>-"
+                                     "lr<lr>-seed<seed>)")
+    p.add_argument("--runs-root", default="runs")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an unfinished run from its last checkpoint")
+    p.add_argument("--stop-after", type=int, default=None,
+                   help="stop before this step without a final checkpoint (simulates a kill)")
+    p.add_argument("--download", action="store_true",
+                   help="download CIFAR-10 into --data-dir if missing (checksum verified)")
+    _common(p, jobs=False)
+    add_config_options(p)
+    p.set_defaults(func=cmd_train)
+
+    helps = {"ics": "internal covariate shift (Definition 2.1, Fig. 3)",
+             "landscape": "loss / gradient-predictiveness / beta-smoothness probes (Fig. 4)",
+             "lr-sweep": "several learning rates (Figs. 1, 10)",
+             "lp": "l_p normalizations against BatchNorm and none (Figs. 11-14)"}
+    for cmd, text in helps.items():
+        p = sub.add_parser(cmd, help=text)
+        p.add_argument("--model", default="vgg", choices=("vgg", "dln"))
+        p.add_argument("--quick", action="store_true",
+                       help="the CPU-sized config (vgg-quick / dln-quick)")
+        p.add_argument("--norms", type=_csv(str), default=_csv(str)(SWEEP_NORMS[cmd]),
+                       help=f"comma-separated, from {', '.join(NORMS)}")
+        p.add_argument("--lrs", type=_csv(float), default=(0.1, 0.5) if cmd == "lr-sweep"
+                       else None, help="comma-separated learning rates (default: the config's)")
+        p.add_argument("--out", help=f"folder for the runs and the plot (default runs/{cmd}-"
+                                     "<config>)")
+        p.add_argument("--download", action="store_true")
+        _common(p)
+        add_config_options(p, exclude=("model", "norm", "lr"))
+        p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("reproduce", help="all runs behind Figs. 1-4 and 7-14, figures and "
+                                         "report.md with the claims table")
+    p.add_argument("--quick", action="store_true",
+                   help="the 2-core-CPU version (bundled digits, short runs; minutes)")
+    p.add_argument("--mode", choices=("full", "quick", "tiny"), default="full",
+                   help="full: the paper's step counts (GPU); quick: as --quick; tiny: a "
+                        "seconds-long smoke test of the pipeline")
+    p.add_argument("--out", help="suite folder (default runs/reproduce-quick or runs/reproduce)")
+    p.add_argument("--dataset", choices=("cifar10", "digits"), default=None,
+                   help="VGG dataset (default: cifar10 full, digits quick)")
+    p.add_argument("--data-dir", default=None, help="CIFAR-10 folder")
+    p.add_argument("--download", action="store_true", help="download CIFAR-10 if missing")
+    p.add_argument("--report-only", action="store_true",
+                   help="only redraw figures and report.md from the saved runs")
+    _common(p)
+    p.set_defaults(func=cmd_reproduce)
+
+    p = sub.add_parser("demo", help="train a small CNN with bnkernels BatchNorm and with "
+                                    "torch's, side by side, and report how they match")
+    p.add_argument("--steps", type=int, default=20, help="SGD steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
+
+    add_bench_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (FileNotFoundError, FileExistsError) as e:  # missing data, occupied run folder
+        print(f"bnkernels {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

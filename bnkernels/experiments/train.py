@@ -1,0 +1,564 @@
+"""Run configurations and the training loop.
+
+A run lives in ``runs/<id>/``::
+
+    config.json        the RunConfig (every field), written once
+    versions.json      python / torch / numpy / bnkernels versions, git commit, device, backend
+    metrics.jsonl      one JSON object per line, each with "kind" and "step" (see below)
+    checkpoints/       step_<N>.pt: model, optimizer, metrics.jsonl length, RNG state
+    done.json          written when the run has finished all its steps (and its seconds)
+
+metrics.jsonl kinds: "train" (per-minibatch loss and accuracy of step t, before its update),
+"test" (test loss and accuracy after ``step`` updates), "ics" (Definition 2.1 at step t, one
+line per layer), "landscape" (one probe at step t), "act" (activation summaries at step t).
+
+Resume: the last checkpoint holds the byte length metrics.jsonl had when it was written; the
+file is cut back to it and the run goes on from the checkpoint's step. Minibatches are a pure
+function of (seed, step) and every measurement restores what it touches, so a resumed run writes
+exactly the lines an uninterrupted one would (nothing lost, nothing twice).
+
+Distributed: under ``torchrun`` (WORLD_SIZE > 1) each process takes its slice of every global
+batch, BatchNorm becomes SyncBatchNorm (``bnkernels.convert(..., sync=True)``) and the model is
+wrapped in DistributedDataParallel; only rank 0 writes. Measurements (ICS, landscape,
+activations) then see rank 0's slice of the batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import bnkernels as bnk
+
+from . import ics, landscape
+from .activations import ActivationSampler
+from .data import Dataset, DLNDataConfig, batch_indices, load_dataset
+from .models import NormOptions, build_model
+
+LOSSES = ("cross_entropy", "sum_squared", "half_sum_squared")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines one training run. Defaults: the paper's VGG on CIFAR-10."""
+
+    # --- the network
+    model: str = "vgg"  # "vgg" (image classifier) or "dln" (deep linear network)
+    arch: str = "vgg16"  # VGG depth: vgg11 | vgg13 | vgg16 | vgg19 (13 conv layers for vgg16)
+    width: float = 1.0  # VGG channel multiplier (1.0: 64..512 channels)
+    depth: int = 25  # DLN: number of square linear layers
+    dim: int = 10  # DLN: layer width = input = output dimension
+    norm: str = "batchnorm"  # none | batchnorm | noisy | l1 | l2 | linf | torch
+    centered: bool = False  # l_p norms: scale of x - mean instead of x
+    # --- the data
+    dataset: str = "cifar10"  # cifar10 | digits (bundled, offline) | gaussian (DLN regression)
+    data_dir: str | None = None  # CIFAR-10 folder (holding cifar-10-batches-py/)
+    num_samples: int = 1000  # gaussian: samples in the (full) batch
+    # --- optimization (plain SGD)
+    loss: str = "cross_entropy"  # cross_entropy (batch mean) | sum_squared | half_sum_squared
+    batch_size: int = 128  # samples per step; >= the dataset size means full-batch GD
+    lr: float = 0.1  # SGD step size
+    momentum: float = 0.0  # SGD momentum (the paper: none)
+    weight_decay: float = 0.0  # L2 penalty (the paper: none)
+    steps: int = 15_000  # optimizer steps (15k = ~38 CIFAR-10 epochs at batch 128)
+    seed: int = 0  # initialization, data order, noise, probe directions
+    # --- logging and measurements (every = 0 turns one off)
+    log_every: int = 100  # steps between per-minibatch loss/accuracy records
+    test_every: int = 1_000  # steps between test evaluations (also after the last step)
+    ics_every: int = 100  # steps between ICS measurements (Definition 2.1)
+    ics_layers: tuple[int, ...] = (5, 10)  # weight layers measured (from 1, forward order)
+    landscape_every: int = 100  # steps between landscape probes
+    landscape_steps: tuple[float, ...] = (0.05, 0.1, 0.2, 0.4)  # step lengths eta (absolute)
+    landscape_directions: tuple[str, ...] = ("gradient",)  # each probed: gradient | random
+    act_every: int = 100  # steps t at which activations are sampled (at t and t + 1)
+    act_layers: tuple[int, ...] = (2, 7, 12)  # weight layers sampled (early / middle / late)
+    act_units: int = 3  # random channels sampled per layer
+    checkpoint_every: int = 1_000  # steps between checkpoints (also after the last step)
+    keep_checkpoints: int = 2  # most recent checkpoints kept
+
+    def __post_init__(self):
+        if self.model not in ("vgg", "dln"):
+            raise ValueError(f"RunConfig.model must be 'vgg' or 'dln', got {self.model!r}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"RunConfig.loss must be one of {LOSSES}, got {self.loss!r}")
+        bad = set(self.landscape_directions) - set(landscape.DIRECTIONS)
+        if bad:
+            raise ValueError("RunConfig.landscape_directions must be among "
+                             f"{landscape.DIRECTIONS}, got {sorted(bad)}")
+        for name in ("steps", "batch_size", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"RunConfig.{name} must be >= 1")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RunConfig:
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"RunConfig: unknown fields {sorted(unknown)}")
+        d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+# The paper's setups (EXPERIMENTS.md) and the small ones used by `--quick` and the tests.
+PAPER_VGG = RunConfig()
+PAPER_DLN = RunConfig(
+    model="dln", norm="none", dataset="gaussian", loss="sum_squared", batch_size=1000,
+    lr=1e-6, steps=10_000, log_every=50, test_every=0, ics_every=50, ics_layers=(9, 17),
+    landscape_every=50, landscape_steps=(1e-8, 1e-7, 1e-6, 1e-5, 10 ** -4.5), act_every=50,
+    act_layers=(9, 17), checkpoint_every=1_000)
+
+CONFIGS: dict[str, RunConfig] = {
+    # VGG-16 on CIFAR-10, 15k steps of SGD, batch 128, lr 0.1 (Figs. 1-4, 7, 10, 11, 13, 14).
+    "vgg": PAPER_VGG,
+    # the 25-layer 10x10 deep linear network, full-batch GD, lr 1e-6, 10k steps (Figs. 3, 9, 12).
+    "dln": PAPER_DLN,
+    # what `reproduce --quick` runs on a 2-core CPU: VGG-13 (11 weight layers, so layers #5 and
+    # #10 exist as in the paper's ICS figure) at 1/8 width on the bundled digits.
+    "vgg-quick": replace(PAPER_VGG, arch="vgg13", width=0.125, dataset="digits", steps=200,
+                         log_every=10, test_every=50, ics_every=10, landscape_every=20,
+                         landscape_directions=("gradient", "random"), act_every=10,
+                         act_layers=(2, 6, 10), checkpoint_every=100),
+    "dln-quick": replace(PAPER_DLN, steps=2_000, log_every=20, ics_every=50,
+                         landscape_every=100, act_every=50, checkpoint_every=500),
+    # seconds-long runs for smoke tests.
+    "tiny": replace(PAPER_VGG, arch="vgg11", width=1 / 32, dataset="digits", batch_size=16,
+                    steps=6, log_every=1, test_every=3, ics_every=3, ics_layers=(2, 3),
+                    landscape_every=3, act_every=3, act_layers=(1, 2), checkpoint_every=2),
+    "dln-tiny": replace(PAPER_DLN, steps=6, log_every=1, ics_every=3, landscape_every=3,
+                        act_every=3, checkpoint_every=2),
+}
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def sum_squared_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """sum over samples and outputs of (out - target)^2: the DLN's ||f(x) - A x||^2 summed."""
+    return (out - target).square().sum()
+
+
+def half_sum_squared_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Half of :func:`sum_squared_loss` (TensorFlow's ``l2_loss`` convention; the paper's
+    plotted DLN losses start near 3.5e4-5.6e4, about half of E||A x||^2 * 1000 = 1e5)."""
+    return 0.5 * (out - target).square().sum()
+
+
+def make_loss(name: str):
+    if name == "cross_entropy":
+        return nn.CrossEntropyLoss()
+    if name == "sum_squared":
+        return sum_squared_loss
+    if name == "half_sum_squared":
+        return half_sum_squared_loss
+    raise ValueError(f"unknown loss {name!r}; choose one of {LOSSES}")
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def versions(device: torch.device) -> dict:
+    """What produced a run: library versions, git commit, device and bnkernels backend."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"],
+                                capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = bool(subprocess.run(["git", "-C", str(root), "status", "--porcelain"],
+                                    capture_output=True, text=True, timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = "", False
+    return {
+        "python": sys.version.split()[0], "platform": platform.platform(),
+        "torch": torch.__version__, "numpy": np.__version__, "bnkernels": bnk.__version__,
+        "git_commit": commit or None, "git_dirty": dirty,
+        "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else platform.processor() or "cpu"),
+        "torch_threads": torch.get_num_threads(),
+        "bnkernels_backend": bnk.get_backend(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+class MetricsWriter:
+    """Appends JSON lines to metrics.jsonl, flushed per line; ``size()`` is the byte length
+    a checkpoint records. Disabled on ranks other than 0."""
+
+    def __init__(self, path: Path, enabled: bool = True):
+        self.path, self.enabled = path, enabled
+        self._f = open(path, "a", encoding="utf-8") if enabled else None  # noqa: SIM115
+
+    def write(self, record: dict) -> None:
+        if self._f is not None:
+            self._f.write(json.dumps(record) + "\n")
+            self._f.flush()
+
+    def size(self) -> int:
+        return self._f.tell() if self._f is not None else 0
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+
+def read_metrics(run_dir: str | os.PathLike, kind: str | None = None) -> list[dict]:
+    """The records of a run's metrics.jsonl (those of one ``kind`` if given)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                rec = json.loads(line)
+                if kind is None or rec.get("kind") == kind:
+                    out.append(rec)
+    return out
+
+
+def _checkpoints(run_dir: Path) -> list[Path]:
+    d = run_dir / "checkpoints"
+    if not d.is_dir():
+        return []
+    return sorted(d.glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+
+
+def _atomic_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+@dataclass
+class _Dist:
+    world: int = 1
+    rank: int = 0
+    local_rank: int = 0
+    owns_group: bool = False
+
+    @classmethod
+    def from_env(cls) -> _Dist:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls()
+        owns = False
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            owns = True
+        return cls(dist.get_world_size(), dist.get_rank(),
+                   int(os.environ.get("LOCAL_RANK", "0")), owns)
+
+    def all_sum(self, values: list[float], device) -> list[float]:
+        if self.world == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+
+class _DDP(nn.parallel.DistributedDataParallel):
+    """DistributedDataParallel that lets bnkernels.SyncBatchNorm run on CPU (gloo) processes.
+
+    torch's DDP refuses every nn.SyncBatchNorm in a CPU module, because torch's own is
+    CUDA-only; bnkernels' subclass all-gathers with any backend, so only torch's is refused."""
+
+    def _passing_sync_batchnorm_handle(self, module):
+        if any(isinstance(m, nn.SyncBatchNorm) and not isinstance(m, bnk.SyncBatchNorm)
+               for m in module.modules()):
+            super()._passing_sync_batchnorm_handle(module)
+
+
+def _check_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> str:
+    """"new", "resume" or "done" for ``run_dir``; raises if it holds another config, or an
+    unfinished run without ``resume``. Only reads, so every process can call it."""
+    cfg_path = run_dir / "config.json"
+    if not cfg_path.is_file():
+        return "new"
+    saved = json.loads(cfg_path.read_text())
+    if saved != cfg.to_dict():
+        diff = {k: (saved.get(k), v) for k, v in cfg.to_dict().items() if saved.get(k) != v}
+        raise FileExistsError(f"{run_dir} holds a run with another config (saved, asked): "
+                              f"{diff}; choose another --run-dir or delete it")
+    if (run_dir / "done.json").is_file():
+        return "done"
+    if not resume:
+        raise FileExistsError(f"{run_dir} holds an unfinished run: pass --resume to continue "
+                              "it from its last checkpoint, or delete it to start over")
+    return "resume"
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train(cfg: RunConfig, run_dir: str | os.PathLike, *, resume: bool = False,
+          stop_after: int | None = None, device: str = "auto", progress: bool = True) -> Path:
+    """Train ``cfg`` in ``run_dir`` (created if needed) and return the folder.
+
+    ``resume``: continue an unfinished run from its last checkpoint (a finished run is left as
+    is). ``stop_after``: stop before step ``stop_after`` without a final checkpoint, as if the
+    process were killed there (for tests). Under torchrun, runs data-parallel."""
+    run_dir = Path(run_dir)
+    ddp = _Dist.from_env()
+    rank0 = ddp.rank == 0
+    dev = pick_device(device)
+    if dev.type == "cuda" and ddp.world > 1:
+        dev = torch.device("cuda", ddp.local_rank)
+        torch.cuda.set_device(dev)
+    try:
+        state = _check_run_dir(cfg, run_dir, resume)
+        if ddp.world > 1:
+            dist.barrier()  # every process has looked before rank 0 writes
+        if state == "done":
+            if rank0:
+                print(f"{run_dir}: already complete")
+            return run_dir
+        data = load_dataset(cfg.dataset, cfg.data_dir,
+                            dln=DLNDataConfig(num_samples=cfg.num_samples, dim=cfg.dim,
+                                              seed=cfg.seed))  # fails before the folder exists
+        if state == "new" and rank0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            _atomic_json(run_dir / "config.json", cfg.to_dict())
+        if ddp.world > 1:
+            dist.barrier()
+        _train(cfg, data, run_dir, ddp, dev, stop_after, progress and rank0)
+    finally:
+        if ddp.owns_group:
+            dist.destroy_process_group()
+    return run_dir
+
+
+def _train(cfg: RunConfig, data: Dataset, run_dir: Path, ddp: _Dist, dev: torch.device,
+           stop_after: int | None, progress: bool) -> None:
+    rank0 = ddp.rank == 0
+    model = build_model(cfg.model, cfg.norm, arch=cfg.arch, width=cfg.width,
+                        num_classes=data.num_classes or 10,
+                        in_channels=int(data.train_x.shape[1]), depth=cfg.depth, dim=cfg.dim,
+                        seed=cfg.seed,
+                        norm_options=NormOptions(centered=cfg.centered)).to(dev)
+    if ddp.world > 1:
+        if cfg.norm in ("batchnorm", "torch"):
+            model = bnk.convert(model, to=cfg.norm, sync=True)
+        elif cfg.norm != "none":
+            warnings.warn(f"norm {cfg.norm!r} has no synchronized version: each process "
+                          "normalizes with its own slice of the batch", stacklevel=2)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                          weight_decay=cfg.weight_decay)
+    start = 0
+    ckpts = _checkpoints(run_dir)
+    metrics_path = run_dir / "metrics.jsonl"
+    if ckpts:
+        state = torch.load(ckpts[-1], map_location=dev, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        start = state["step"]
+        keep = state["metrics_bytes"]
+        elapsed = state.get("elapsed", 0.0)
+    else:
+        keep, elapsed = 0, 0.0
+    if rank0:
+        if metrics_path.exists():
+            os.truncate(metrics_path, min(keep, metrics_path.stat().st_size))
+        _atomic_json(run_dir / "versions.json", versions(dev))
+    if ddp.world > 1:
+        dist.barrier()
+        base = model
+        model = _DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    else:
+        base = model
+    if cfg.batch_size % ddp.world and cfg.batch_size < data.num_train:
+        raise ValueError(f"batch_size {cfg.batch_size} does not split over {ddp.world} "
+                         "processes")
+    loss_fn = make_loss(cfg.loss)
+    # Each process takes a slice of the batch (full-batch runs: every process the whole batch).
+    shard = ddp.world > 1 and cfg.batch_size < data.num_train
+    # A summed loss over a slice is 1/world of the global one after DDP's gradient average.
+    loss_scale = float(ddp.world) if shard and cfg.loss.endswith("sum_squared") else 1.0
+    writer = MetricsWriter(metrics_path, enabled=rank0)
+    sampler = (ActivationSampler(base, cfg.act_layers, cfg.act_units, cfg.seed)
+               if cfg.act_every else None)
+    train_x, train_y = data.train_x, data.train_y
+    classify = data.num_classes is not None
+
+    def due(every: int, step: int) -> bool:
+        return every > 0 and step % every == 0
+
+    def save_checkpoint(step: int) -> None:
+        if not rank0:
+            return
+        d = run_dir / "checkpoints"
+        d.mkdir(exist_ok=True)
+        path = d / f"step_{step}.pt"
+        tmp = path.with_suffix(".tmp")
+        torch.save({"step": step, "model": base.state_dict(), "optimizer": opt.state_dict(),
+                    "metrics_bytes": writer.size(), "torch_rng": torch.get_rng_state(),
+                    "elapsed": elapsed + time.time() - t0, "config": cfg.to_dict()}, tmp)
+        os.replace(tmp, path)
+        for old in _checkpoints(run_dir)[:-cfg.keep_checkpoints]:
+            old.unlink()
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=cfg.steps, initial=start, desc=run_dir.name, disable=not progress,
+               dynamic_ncols=True, leave=False)
+    t0 = time.time()
+    try:
+        for step in range(start, cfg.steps):
+            if stop_after is not None and step >= stop_after:
+                return
+            idx = batch_indices(data.num_train, cfg.batch_size, step, cfg.seed)
+            if shard:
+                per = len(idx) // ddp.world
+                idx = idx[ddp.rank * per:(ddp.rank + 1) * per]
+            x, y = train_x[idx].to(dev), train_y[idx].to(dev)
+            base.train()
+            if due(cfg.ics_every, step):
+                for rec in ics.internal_covariate_shift(base, loss_fn, x, y, cfg.lr,
+                                                        cfg.ics_layers):
+                    writer.write({"kind": "ics", "step": step, **rec})
+            if due(cfg.landscape_every, step):
+                for direction in cfg.landscape_directions:
+                    rec = landscape.probe(base, loss_fn, x, y, cfg.landscape_steps, direction,
+                                          seed=cfg.seed * 1_000_003 + step)
+                    writer.write({"kind": "landscape", "step": step, **rec})
+            if sampler is not None:
+                sampler.armed = cfg.act_every > 0 and step % cfg.act_every in (0, 1)
+            opt.zero_grad(set_to_none=True)
+            out = model(x)
+            loss = loss_fn(out, y)
+            (loss * loss_scale if loss_scale != 1.0 else loss).backward()
+            opt.step()
+            if sampler is not None and sampler.armed:
+                sampler.armed = False
+                for rec in sampler.collect():
+                    writer.write({"kind": "act", "step": step, **rec})
+            if due(cfg.log_every, step) or step == cfg.steps - 1:
+                n = float(len(y))
+                correct = float((out.argmax(1) == y).sum()) if classify else 0.0
+                totals = [float(loss.detach()) * (n if classify else 1.0), correct, n]
+                tot_loss, tot_correct, tot_n = ddp.all_sum(totals, dev) if shard else totals
+                rec = {"kind": "train", "step": step,
+                       "loss": tot_loss / tot_n if classify else tot_loss}
+                if classify:
+                    rec["acc"] = tot_correct / tot_n
+                writer.write(rec)
+                bar.set_postfix(loss=f"{rec['loss']:.4g}", refresh=False)
+            done = step + 1
+            if classify and data.test_x is not None and (
+                    due(cfg.test_every, done) or done == cfg.steps):
+                writer.write({"kind": "test", "step": done, **evaluate(base, data, loss_fn, dev)})
+            if due(cfg.checkpoint_every, done) or done == cfg.steps:
+                save_checkpoint(done)
+            bar.update(1)
+        if rank0:
+            _atomic_json(run_dir / "done.json",
+                         {"steps": cfg.steps, "seconds": elapsed + time.time() - t0})
+    finally:
+        bar.close()
+        writer.close()
+        if sampler is not None:
+            sampler.remove()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data, loss_fn, device, batch_size: int = 1000) -> dict:
+    """Test loss (mean) and accuracy in eval mode (running statistics, no noise)."""
+    was = model.training
+    model.eval()
+    total_loss, correct, n = 0.0, 0, 0
+    for i in range(0, len(data.test_y), batch_size):
+        x = data.test_x[i:i + batch_size].to(device)
+        y = data.test_y[i:i + batch_size].to(device)
+        out = model(x)
+        total_loss += float(loss_fn(out, y)) * len(y)
+        correct += int((out.argmax(1) == y).sum())
+        n += len(y)
+    model.train(was)
+    return {"loss": total_loss / max(n, 1), "acc": correct / max(n, 1)}
+
+
+def run_id(name: str, cfg: RunConfig) -> str:
+    """A readable, deterministic folder name: <config>-<norm>-lr<lr>-seed<seed>."""
+    return f"{name}-{cfg.norm}-lr{cfg.lr:g}-seed{cfg.seed}"
+
+
+def config_with(cfg: RunConfig, **overrides) -> RunConfig:
+    """``cfg`` with the non-None ``overrides`` applied (tuples from lists / comma strings)."""
+    types = {f.name: f for f in dataclasses.fields(cfg)}
+    clean = {}
+    for k, v in overrides.items():
+        if v is None:
+            continue
+        if k not in types:
+            raise ValueError(f"unknown config field {k!r}")
+        if isinstance(getattr(cfg, k), tuple) and not isinstance(v, tuple):
+            v = tuple(v) if isinstance(v, list) else v
+        clean[k] = v
+    return replace(cfg, **clean)
+
+
+# ----------------------------------------------------------------------------- many runs
+
+
+def _run_worker(cfg_dict: dict, run_dir: str, device: str, threads: int) -> tuple[str, float]:
+    torch.set_num_threads(threads)
+    t0 = time.time()
+    train(RunConfig.from_dict(cfg_dict), run_dir, resume=True, device=device, progress=False)
+    return run_dir, time.time() - t0
+
+
+def default_jobs(device: str = "auto") -> int:
+    """Runs trained at once: 1 on a GPU (one device), else up to 2 CPU processes (small
+    networks use cores better as separate processes than as threads of one)."""
+    if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
+        return 1
+    return max(1, min(2, os.cpu_count() or 1))
+
+
+def run_many(jobs_list: list[tuple[RunConfig, Path]], jobs: int = 1, device: str = "auto",
+             progress: bool = True) -> dict[str, float]:
+    """Train (or resume, or skip when finished) every (config, run folder) pair, ``jobs`` at a
+    time in separate processes (each with cpu_count // jobs threads); returns the seconds
+    each run took in this call. ``jobs=1`` trains in this process."""
+    from tqdm.auto import tqdm
+
+    seconds: dict[str, float] = {}
+    if jobs <= 1 or len(jobs_list) <= 1:
+        for cfg, run_dir in jobs_list:
+            t0 = time.time()
+            train(cfg, run_dir, resume=True, device=device, progress=progress)
+            seconds[str(run_dir)] = time.time() - t0
+        return seconds
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    ctx = mp.get_context("spawn")
+    with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool, \
+            tqdm(total=len(jobs_list), desc="runs", disable=not progress) as bar:
+        futures = [pool.submit(_run_worker, cfg.to_dict(), str(run_dir), device, threads)
+                   for cfg, run_dir in jobs_list]
+        for fut in cf.as_completed(futures):
+            run_dir, secs = fut.result()
+            seconds[run_dir] = secs
+            bar.set_postfix_str(f"{Path(run_dir).name} {secs:.0f}s", refresh=False)
+            bar.update(1)
+    return seconds

@@ -1,0 +1,413 @@
+"""The research layer's library functions: ICS (Definition 2.1) against a hand computation,
+landscape probes on a quadratic with known smoothness, models, data, activations; every
+measurement leaves the model exactly as found."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+import pickle
+import tarfile
+
+import pytest
+import torch
+from torch import nn
+
+import bnkernels
+from bnkernels.experiments import data, ics, landscape, models
+from bnkernels.experiments.activations import (
+    ActivationSampler,
+    activation_site,
+    moment_changes,
+    sample_activations,
+)
+
+needs_modules = pytest.mark.skipif(not hasattr(bnkernels, "LpNorm2d"),
+                                   reason="modules issue pending")
+
+
+@pytest.fixture(autouse=True)
+def _reference_backend(_restore_backend):
+    """The experiments run the eager reference backend on the CPU (conftest turns the Triton
+    interpreter on for the kernel tests; it is far too slow for training)."""
+    bnkernels.set_backend("reference")
+
+
+def _state(model: nn.Module) -> dict:
+    """Everything a measurement could disturb: parameters, buffers, gradients, modes, RNG."""
+    return {
+        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "grads": {n: None if p.grad is None else p.grad.clone()
+                  for n, p in model.named_parameters()},
+        "modes": [m.training for m in model.modules()],
+        "rng": torch.get_rng_state(),
+    }
+
+
+def _assert_same_state(before: dict, after: dict) -> None:
+    assert before["state"].keys() == after["state"].keys()
+    for k in before["state"]:
+        assert torch.equal(before["state"][k], after["state"][k]), f"{k} changed"
+    for n, g in before["grads"].items():
+        h = after["grads"][n]
+        assert (g is None) == (h is None) and (g is None or torch.equal(g, h)), f"grad {n}"
+    assert before["modes"] == after["modes"]
+    assert torch.equal(before["rng"], after["rng"])
+
+
+def _tiny_vgg(norm: str) -> nn.Module:
+    return models.build_model("vgg", norm, arch="vgg11", width=1 / 32, seed=0)
+
+
+def _batch(n: int = 8):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+# ----------------------------------------------------------------------------- ICS
+
+
+def _half_sse(out, y):
+    return 0.5 * (out - y).square().sum()
+
+
+def test_ics_matches_hand_computation_on_3_layer_linear_net():
+    """f(x) = W3 W2 W1 x, L = 1/2 sum ||f(x) - y||^2. With R = W3 W2 W1 X - Y (columns are
+    samples): G1 = (W3 W2)^T R X^T, G2 = W3^T R (W1 X)^T, G3 = R (W2 W1 X)^T. G'_i is the same
+    formula after W_j <- W_j - lr G_j for j < i."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 5, bias=False), nn.Linear(5, 3, bias=False),
+                        nn.Linear(3, 2, bias=False)).double()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)
+    lr = 0.05
+    W1, W2, W3 = (m.weight.detach().clone() for m in net)
+    X, Y = x.T, y.T
+
+    def grads(W1, W2, W3):
+        R = W3 @ W2 @ W1 @ X - Y
+        return (W3 @ W2).T @ R @ X.T, W3.T @ R @ (W1 @ X).T, R @ (W2 @ W1 @ X).T
+
+    G1, G2, G3 = grads(W1, W2, W3)
+    W1n, W2n = W1 - lr * G1, W2 - lr * G2
+    Gp = {1: G1, 2: grads(W1n, W2, W3)[1], 3: grads(W1n, W2n, W3)[2]}
+    G = {1: G1, 2: G2, 3: G3}
+
+    before = _state(net)
+    got = ics.internal_covariate_shift(net, _half_sse, x, y, lr)
+    _assert_same_state(before, _state(net))
+    assert [r["layer"] for r in got] == [1, 2, 3]
+    assert set(got[0]) == {"layer", "l2", "cosine"}
+    for r in got:
+        g, gp = G[r["layer"]].flatten(), Gp[r["layer"]].flatten()
+        l2 = float((g - gp).norm())
+        cos = float(g @ gp / (g.norm() * gp.norm()))
+        assert r["l2"] == pytest.approx(l2, rel=1e-9, abs=1e-12)
+        assert r["cosine"] == pytest.approx(cos, rel=1e-9)
+    # Layer 1 has no preceding layers: G' = G. Deeper layers really shift here.
+    assert got[0]["l2"] == 0 and got[0]["cosine"] == pytest.approx(1.0)
+    assert got[2]["l2"] > 1e-3
+    # A subset gives the same numbers for those layers.
+    sub = ics.internal_covariate_shift(net, _half_sse, x, y, lr, layers=[3])
+    assert sub == [got[2]]
+    with pytest.raises(ValueError, match="out of range"):
+        ics.internal_covariate_shift(net, _half_sse, x, y, lr, layers=[4])
+
+
+def test_ics_updates_the_normalization_with_its_layer():
+    """Linear -> BatchNorm -> Linear: layer 1 is the first Linear with the BatchNorm's gamma and
+    beta, so G'_2 is taken after all three have stepped (checked against plain autograd)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 5), bnkernels.BatchNorm1d(5), nn.Linear(5, 3)).double()
+    with torch.no_grad():
+        net[1].weight.uniform_(0.5, 1.5)
+        net[1].bias.uniform_(-0.5, 0.5)
+    x, y = torch.randn(16, 4, dtype=torch.float64), torch.randn(16, 3, dtype=torch.float64)
+    lr = 0.1
+    ref = copy.deepcopy(net)
+    loss = _half_sse(ref(x), y)
+    block1 = [ref[0].weight, ref[0].bias, ref[1].weight, ref[1].bias]
+    grads = torch.autograd.grad(loss, block1 + [ref[2].weight, ref[2].bias])
+    G = torch.cat([g.flatten() for g in grads[4:]])
+    ref.load_state_dict(net.state_dict())  # running statistics as found
+    with torch.no_grad():
+        for p, g in zip(block1, grads[:4]):
+            p.sub_(lr * g)
+    Gp = torch.cat([g.flatten() for g in torch.autograd.grad(
+        _half_sse(ref(x), y), [ref[2].weight, ref[2].bias])])
+    before = _state(net)
+    (r,) = ics.internal_covariate_shift(net, _half_sse, x, y, lr, layers=[2])
+    _assert_same_state(before, _state(net))
+    assert r["l2"] == pytest.approx(float((G - Gp).norm()), rel=1e-9)
+    assert r["cosine"] == pytest.approx(float(G @ Gp / (G.norm() * Gp.norm())), rel=1e-9)
+
+
+@pytest.mark.parametrize("norm", ["none", "batchnorm",
+                                  pytest.param("noisy", marks=needs_modules),
+                                  pytest.param("l1", marks=needs_modules)])
+def test_measurements_leave_the_model_as_found(norm):
+    model = _tiny_vgg(norm)
+    x, y = _batch()
+    loss_fn = nn.CrossEntropyLoss()
+    loss_fn(model(x), y).backward()  # some gradients to keep, buffers already moved once
+    before = _state(model)
+    ics.internal_covariate_shift(model, loss_fn, x, y, 0.1, layers=[2, 5])
+    _assert_same_state(before, _state(model))
+    landscape.probe(model, loss_fn, x, y, [0.05, 0.4])
+    landscape.probe(model, loss_fn, x, y, [0.1], direction="random", seed=3)
+    _assert_same_state(before, _state(model))
+    sample_activations(model, x, [1, 3])
+    _assert_same_state(before, _state(model))
+    model.eval()
+    before = _state(model)
+    ics.internal_covariate_shift(model, loss_fn, x, y, 0.1, layers=[3])
+    landscape.probe(model, loss_fn, x, y, [0.1])
+    _assert_same_state(before, _state(model))
+
+
+@needs_modules
+def test_ics_sees_the_same_noise_in_g_and_g_prime():
+    """For layer 1 nothing precedes it, and with noisy BatchNorm every forward must reuse the
+    step's noise; a re-measurement gives bit-identical numbers."""
+    model = _tiny_vgg("noisy")
+    x, y = _batch()
+    a = ics.internal_covariate_shift(model, nn.CrossEntropyLoss(), x, y, 0.1, layers=[1, 4])
+    b = ics.internal_covariate_shift(model, nn.CrossEntropyLoss(), x, y, 0.1, layers=[1, 4])
+    assert a == b and a[0]["l2"] == 0.0
+
+
+# ----------------------------------------------------------------------------- landscape
+
+
+def _quadratic(n=12, d=5, seed=0):
+    """L(w) = 1/2 sum_i (x_i . w - y_i)^2: gradient X^T (X w - y), Hessian H = X^T X."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=g, dtype=torch.float64)
+    y = torch.randn(n, 1, generator=g, dtype=torch.float64)
+    model = nn.Linear(d, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.copy_(torch.randn(1, d, generator=g, dtype=torch.float64))
+    return model, X, y
+
+
+def test_probe_on_a_quadratic_matches_the_exact_values():
+    model, X, y = _quadratic()
+    w = model.weight.detach().flatten().clone()
+    H = X.T @ X
+    r = X @ w - y.flatten()
+    g = X.T @ r
+    L0 = 0.5 * float(r @ r)
+    etas = [1e-3, 1e-2, 5e-2]
+    before = _state(model)
+    out = landscape.probe(model, _half_sse, X, y, etas)
+    _assert_same_state(before, _state(model))
+    # Along -g: L(w - eta g) = L - eta |g|^2 + eta^2/2 g^T H g, and the gradient moves by
+    # -eta H g, so beta = |H g| / |g| for every eta.
+    losses = [L0 - e * float(g @ g) + 0.5 * e * e * float(g @ H @ g) for e in etas]
+    diffs = [e * float((H @ g).norm()) for e in etas]
+    beta = float((H @ g).norm() / g.norm())
+    assert out["loss"] == pytest.approx(L0, rel=1e-12)
+    assert out["grad_norm"] == pytest.approx(float(g.norm()), rel=1e-12)
+    assert out["losses"] == pytest.approx(losses, rel=1e-10)
+    assert out["grad_diffs"] == pytest.approx(diffs, rel=1e-10)
+    assert out["betas"] == pytest.approx([beta] * 3, rel=1e-10)
+    assert out["beta_smoothness"] == pytest.approx(beta, rel=1e-10)
+    assert out["loss_min"] == pytest.approx(min(losses), rel=1e-10)
+    assert out["loss_max"] == pytest.approx(max(losses), rel=1e-10)
+    assert out["grad_diff_min"] == pytest.approx(min(diffs), rel=1e-10)
+    assert out["grad_diff_max"] == pytest.approx(max(diffs), rel=1e-10)
+    eig = torch.linalg.eigvalsh(H)
+    assert float(eig[0]) <= beta <= float(eig[-1])
+
+
+def test_probe_along_an_eigenvector_gives_the_eigenvalue():
+    """X diagonal gives H = diag(lam); with the residual on one coordinate, g is an
+    eigenvector and the effective beta-smoothness is exactly its eigenvalue."""
+    lam = torch.tensor([0.5, 2.0, 7.0], dtype=torch.float64)
+    X = torch.diag(lam.sqrt())
+    model = nn.Linear(3, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[0.0, 1.0, 0.0]], dtype=torch.float64))
+    y = torch.zeros(3, 1, dtype=torch.float64)
+    out = landscape.probe(model, _half_sse, X, y, [0.01, 0.1, 0.3])
+    assert out["beta_smoothness"] == pytest.approx(2.0, rel=1e-12)
+
+
+def test_probe_random_direction_is_bounded_by_the_spectrum():
+    model, X, y = _quadratic(seed=2)
+    eig = torch.linalg.eigvalsh(X.T @ X)
+    out = landscape.probe(model, _half_sse, X, y, [1e-3, 1e-2], direction="random", seed=5)
+    assert out["direction"] == "random"
+    assert float(eig[0]) - 1e-9 <= out["beta_smoothness"] <= float(eig[-1]) + 1e-9
+    assert out["betas"][0] == pytest.approx(out["betas"][1], rel=1e-9)  # H d is linear in eta
+    again = landscape.probe(model, _half_sse, X, y, [1e-3, 1e-2], direction="random", seed=5)
+    assert again == out
+    with pytest.raises(ValueError):
+        landscape.probe(model, _half_sse, X, y, [0.1], direction="sideways")
+    with pytest.raises(ValueError):
+        landscape.probe(model, _half_sse, X, y, [])
+
+
+# ----------------------------------------------------------------------------- models
+
+
+@pytest.mark.parametrize("arch,convs", [("vgg11", 8), ("vgg13", 10), ("vgg16", 13),
+                                        ("vgg19", 16)])
+def test_vgg_depths_and_width(arch, convs):
+    model = models.VGG(arch, "batchnorm", width=0.125)
+    layers = models.weight_layers(model)
+    assert len(layers) == convs + 1 and isinstance(layers[-1], nn.Linear)
+    assert [m.out_channels for m in layers[:-1]] == [
+        round(v * 0.125) for v in models.VGG_CONFIGS[arch] if v != "M"]
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(norms) == convs and all(isinstance(m, bnkernels.BatchNorm2d) for m in norms)
+    # conv -> norm -> ReLU, and the activation of layer i is its norm's output
+    assert activation_site(model, 1) is norms[0]
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_standard_network_has_identity_norms():
+    model = _tiny_vgg("none")
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    assert isinstance(activation_site(model, 2), nn.Identity)
+
+
+def test_make_norm_by_name():
+    assert isinstance(models.make_norm("batchnorm", 4), bnkernels.BatchNorm2d)
+    assert isinstance(models.make_norm("batchnorm", 4, dim=1), bnkernels.BatchNorm1d)
+    assert isinstance(models.make_norm("none", 4), nn.Identity)
+    assert type(models.make_norm("torch", 4)) is nn.BatchNorm2d
+    with pytest.raises(ValueError, match="unknown normalization"):
+        models.make_norm("group", 4)
+
+
+@needs_modules
+def test_make_norm_noisy_and_lp():
+    noisy = models.make_norm("noisy", 4, seed=7)
+    assert isinstance(noisy, bnkernels.NoisyBatchNorm2d) and noisy.seed == 7
+    for name, p in (("l1", 1), ("l2", 2), ("linf", math.inf)):
+        m = models.make_norm(name, 4, dim=1)
+        assert isinstance(m, bnkernels.LpNorm1d) and m.p == p and not m.centered
+    opts = models.NormOptions(centered=True)
+    assert models.make_norm("l2", 3, options=opts).centered
+
+
+def test_deep_linear_network_and_glorot_init():
+    net = models.build_model("dln", "batchnorm", seed=0)
+    linears = models.weight_layers(net)
+    assert len(linears) == 25 and all(m.weight.shape == (10, 10) and m.bias is None
+                                      for m in linears)
+    norms = [m for m in net if isinstance(m, bnkernels.BatchNorm1d)]
+    assert len(norms) == 24 and isinstance(net[-1], nn.Linear)  # none after the last layer
+    w = torch.cat([m.weight.detach().flatten() for m in linears])
+    bound = math.sqrt(6 / 20)  # Glorot uniform for 10 x 10
+    assert float(w.abs().max()) <= bound
+    assert float(w.var()) == pytest.approx(bound ** 2 / 3, rel=0.15)
+    assert len([m for m in models.build_model("dln", "none") if isinstance(m, nn.Identity)]) == 24
+    # the same seed gives the same network
+    again = models.build_model("dln", "batchnorm", seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(),
+                                                 again.state_dict().values()))
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def test_cifar10_loader_on_a_fixture(tmp_path):
+    root = data.write_cifar10_fixture(tmp_path, per_batch=4, seed=3)
+    ds = data.load_cifar10(tmp_path)
+    assert ds.train_x.shape == (20, 3, 32, 32) and ds.test_x.shape == (4, 3, 32, 32)
+    assert ds.train_x.dtype == torch.float32 and ds.num_classes == 10
+    raw_x, raw_y = [], []
+    for name in (*data.CIFAR10_TRAIN, data.CIFAR10_TEST):
+        with open(root / name, "rb") as f:
+            entry = pickle.load(f, encoding="bytes")
+        raw_x.append(torch.tensor(entry[b"data"], dtype=torch.float32).view(-1, 3, 32, 32) / 255)
+        raw_y += entry[b"labels"]
+    train = torch.cat(raw_x[:5])
+    mean = train.mean(dim=(0, 2, 3), keepdim=True)
+    std = train.std(dim=(0, 2, 3), keepdim=True)
+    assert torch.allclose(ds.train_x, (train - mean) / std, atol=1e-5)
+    assert torch.allclose(ds.test_x, (raw_x[5] - mean) / std, atol=1e-5)  # train statistics
+    assert ds.train_y.tolist() + ds.test_y.tolist() == raw_y
+    # the folder holding the batches works too
+    assert torch.equal(data.load_cifar10(root).train_y, ds.train_y)
+
+
+def test_cifar10_missing_gives_a_clear_error_and_no_download(tmp_path, monkeypatch):
+    def no_network(*a, **k):
+        raise AssertionError("tried to download")
+
+    monkeypatch.setattr(data.urllib.request, "urlretrieve", no_network)
+    with pytest.raises(FileNotFoundError, match="--download"):
+        data.load_cifar10(tmp_path)
+    with pytest.raises(FileNotFoundError, match="--data-dir"):
+        data.load_cifar10(None)
+
+
+def test_cifar10_download_verifies_the_checksum(tmp_path):
+    """The download path on a local file:// URL: extracted when the md5 matches, refused
+    otherwise."""
+    src = tmp_path / "src"
+    data.write_cifar10_fixture(src, per_batch=2)
+    tarball = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(tarball, "w:gz") as tar:
+        tar.add(src / data.CIFAR10_DIR, arcname=data.CIFAR10_DIR)
+    md5 = hashlib.md5(tarball.read_bytes()).hexdigest()
+    dest = tmp_path / "dest"
+    got = data.download_cifar10(dest, url=tarball.as_uri(), md5=md5)
+    assert (got / "test_batch").is_file()
+    assert data.load_cifar10(dest).train_x.shape == (10, 3, 32, 32)
+    with pytest.raises(RuntimeError, match="md5"):
+        data.download_cifar10(tmp_path / "other", url=tarball.as_uri(), md5="0" * 32)
+    assert data.CIFAR10_MD5 == "c58f30108f718f92721af3b95e74349a"
+
+
+def test_digits_and_gaussian_data():
+    ds = data.load_digits()
+    assert ds.train_x.shape[1:] == (3, 32, 32) and ds.num_classes == 10
+    assert ds.num_train + len(ds.test_y) == 1797 and len(ds.test_y) == 359
+    assert set(ds.train_y.tolist()) == set(range(10))
+    dln = data.make_dln_data()
+    assert dln.train_x.shape == (1000, 10) and dln.num_classes is None
+    A = torch.linalg.lstsq(dln.train_x, dln.train_y).solution
+    assert float((dln.train_x @ A - dln.train_y).abs().max()) < 1e-4  # targets are A x
+
+
+def test_batches_are_a_function_of_seed_and_step():
+    a = [data.batch_indices(50, 16, s, seed=1) for s in range(6)]
+    b = [data.batch_indices(50, 16, s, seed=1) for s in range(6)]
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    epoch = torch.cat(a[:3])
+    assert len(set(epoch.tolist())) == 48  # 3 batches per epoch, without repeats
+    assert not torch.equal(a[0], a[3])  # a new permutation each epoch
+    assert torch.equal(data.batch_indices(50, 100, 7, seed=0), torch.arange(50))  # full batch
+
+
+# ----------------------------------------------------------------------------- activations
+
+
+def test_activation_sampler_and_moment_changes():
+    model = _tiny_vgg("batchnorm")
+    sampler = ActivationSampler(model, [1, 3], units=2, seed=0)
+    x, _ = _batch()
+    model(x)
+    assert sampler.collect() == []  # not armed
+    sampler.armed = True
+    out = {}
+    hook = activation_site(model, 1).register_forward_hook(lambda m, a, o: out.update(y=o))
+    model(x)
+    hook.remove()
+    recs = sampler.collect()
+    sampler.remove()
+    assert [r["layer"] for r in recs] == [1, 3]
+    u = recs[0]["units"]
+    vals = out["y"][:, u].transpose(0, 1).reshape(len(u), -1).double()
+    assert recs[0]["mean"] == pytest.approx(vals.mean(1).tolist(), abs=1e-9)
+    assert recs[0]["var"] == pytest.approx(vals.var(1, unbiased=False).tolist(), rel=1e-6)
+    # BatchNorm's output over the batch has mean beta = 0 and variance ~1
+    assert max(abs(m) for m in recs[0]["mean"]) < 1e-5
+    records = [{"step": 4, "layer": 1, "units": [0], "mean": [1.0], "var": [2.0]},
+               {"step": 5, "layer": 1, "units": [0], "mean": [0.5], "var": [2.5]},
+               {"step": 9, "layer": 1, "units": [0], "mean": [0.0], "var": [1.0]}]
+    assert moment_changes(records) == [{"step": 4, "layer": 1, "d_mean": [0.5], "d_var": [0.5]}]

@@ -191,7 +191,14 @@ def test_gradcheck_fp64(backend, activation, affine, channels_last, device):
         return bnk.noisy_batch_norm(x, None, None, w, b, True, seed=7, step=3,
                                     activation=activation)
 
-    assert torch.autograd.gradcheck(f, (x, w, b), eps=1e-6, atol=1e-6, rtol=1e-5)
+    # The interpreted Triton noise kernels cost ~0.1 s a launch, and a full gradcheck makes
+    # ~400 launches: there, one combination gets the full Jacobian check and the others the
+    # fast (random-projection) gradcheck, which still compares the analytical backward with
+    # finite differences in fp64.
+    fast = (backend == "triton" and device.type == "cpu"
+            and not (activation == "relu" and affine and channels_last))
+    assert torch.autograd.gradcheck(f, (x, w, b), eps=1e-6, atol=1e-6, rtol=1e-5,
+                                    fast_mode=fast)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

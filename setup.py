@@ -2,7 +2,7 @@
 (csrc/), built only when BNKERNELS_BUILD_CUDA=1 (which needs torch and a CUDA toolkit in the
 build environment: ``BNKERNELS_BUILD_CUDA=1 pip install --no-build-isolation .``). Without it,
 ``pip install .`` needs no toolkit, and the cuda backend builds itself on first use (JIT, see
-bnkernels/backends/cuda.py) or reports why it cannot.
+bnkernels/backends/cuda/) or reports why it cannot.
 """
 
 import importlib.util
@@ -18,7 +18,7 @@ def _cuda_extension():
     # The build configuration is shared with the JIT loader; load it by path (importing the
     # bnkernels package would import torch's whole stack and the package's own modules).
     spec = importlib.util.spec_from_file_location(
-        "_bnkernels_cuda_build", HERE / "bnkernels" / "backends" / "cuda_build.py")
+        "_bnkernels_cuda_build", HERE / "bnkernels" / "backends" / "cuda" / "build_config.py")
     cfg = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cfg)
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension

@@ -1,4 +1,16 @@
-"""Functional ops, ``torch.nn.functional``-style: validate, pick a backend, run autograd."""
+"""Functional ops, ``torch.nn.functional``-style.
+
+The hot path. A call looks its input signature up in a cache (shape, strides, dtype and device
+of the input and of the per-channel tensors, and the call's flags); only the first call of a
+signature validates it, selects the backend and makes the backend's plan (layout, strategy,
+grids, workspace). Later calls check the two scalars (momentum, eps) and go straight to the
+plan, through a plain autograd Function when a gradient is wanted, or to the plan alone when
+none is. No environment, import system, filesystem or device query is touched per call.
+
+Under torch.compile, export, fake tensors or a dispatch mode (FlopCounterMode, make_fx, ...),
+calls take the traced route instead: the same validation, then the registered torch ops
+(``bnkernels::batch_norm``, ...), which compilers and modes can see (see :mod:`.ops`).
+"""
 
 from __future__ import annotations
 
@@ -7,11 +19,51 @@ import math
 import torch
 
 from . import backends
-from .backends._base import FLOAT_DTYPES
+from .backends._base import FLOAT_DTYPES, Signature
 from .noise import NoiseConfig
-from .ops import BatchNormFunction, LpNormFunction
+from .ops import BatchNormFunction, BatchNormOpFunction, LpNormFunction, LpNormOpFunction
 
 ACTIVATIONS = (None, "relu")
+
+# ----------------------------------------------------------------------------- routing
+
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+_is_compiling = torch.compiler.is_compiling
+_dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 0)
+
+
+def _eager(x) -> bool:
+    """True for a plain tensor outside compilers and dispatch modes: the direct route."""
+    return not _is_compiling() and type(x) in _PLAIN_TENSORS and _dispatch_modes() == 0
+
+
+def _chan(t):
+    """The cache key of a per-channel tensor (None allowed)."""
+    return None if t is None else (t.shape, t.stride(), t.dtype, t.device)
+
+
+def _needs_grad(x, weight, bias) -> bool:
+    return torch.is_grad_enabled() and (
+        x.requires_grad or (weight is not None and weight.requires_grad)
+        or (bias is not None and bias.requires_grad))
+
+
+def _scalars_ok(momentum, eps) -> bool:
+    return (momentum is not None and 0.0 <= momentum <= 1.0
+            and 0.0 < eps < math.inf)
+
+
+def _bump(t1, t2) -> None:
+    """Tell autograd that the kernels updated the running buffers in place (through their
+    pointers, which autograd does not see), so a backward that saved them (eval mode) raises
+    as it does with torch's BatchNorm."""
+    torch.autograd.graph.increment_version(t1)
+    torch.autograd.graph.increment_version(t2)
+
+
+_EMPTY = "empty"  # the plan of an empty batch: no kernel
+_BN_PLANS: dict = backends.register_plan_cache({})
+_LP_PLANS: dict = backends.register_plan_cache({})
 
 
 def _check_input(op: str, x: torch.Tensor) -> None:
@@ -79,7 +131,44 @@ def batch_norm(x: torch.Tensor, running_mean: torch.Tensor | None,
     are used. ``activation="relu"`` fuses a ReLU on the output. Statistics are accumulated in
     fp32 (fp64 for fp64 input); the output has x's dtype and memory format.
     """
-    op = "batch_norm"
+    return _batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps,
+                       activation, None)
+
+
+def _batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, activation,
+                noise):
+    """batch_norm and noisy_batch_norm (``noise`` = (NoiseConfig, seed, step) or None)."""
+    if not _eager(x):
+        return _batch_norm_traced(x, running_mean, running_var, weight, bias, training,
+                                  momentum, eps, activation, noise)
+    try:
+        key = (x.shape, x.stride(), x.dtype, x.device, training, activation,
+               _chan(running_mean), _chan(running_var), _chan(weight), _chan(bias),
+               None if noise is None else isinstance(noise[2], torch.Tensor))
+        plan = _BN_PLANS.get(key)
+    except (AttributeError, TypeError):  # not tensors: validation below says what is wrong
+        key, plan = None, None
+    if plan is None:
+        plan = _batch_norm_plan(key, x, running_mean, running_var, weight, bias, training,
+                                momentum, eps, activation, noise)
+    if not _scalars_ok(momentum, eps):
+        _check_scalars("noisy_batch_norm" if noise else "batch_norm", momentum, eps, activation)
+    if plan is _EMPTY:
+        return _empty_batch(x, weight, bias, activation)
+    momentum, eps = float(momentum), float(eps)
+    if _needs_grad(x, weight, bias):
+        y = BatchNormFunction.apply(x, weight, bias, running_mean, running_var, plan, momentum,
+                                    eps, noise)
+    else:
+        y = plan.forward(x, running_mean, running_var, weight, bias, momentum, eps, noise,
+                         need_saved=False)[0]
+    if training and running_mean is not None:
+        _bump(running_mean, running_var)
+    return y
+
+
+def _validate_batch_norm(op, x, running_mean, running_var, weight, bias, training, momentum,
+                         eps, activation):
     _check_input(op, x)
     _check_per_channel(op, x, running_mean=running_mean, running_var=running_var,
                        weight=weight, bias=bias)
@@ -91,12 +180,78 @@ def batch_norm(x: torch.Tensor, running_mean: torch.Tensor | None,
                          "(training=False)")
     if training:
         _check_training_size(x)
+
+
+def _batch_norm_plan(key, x, running_mean, running_var, weight, bias, training, momentum, eps,
+                     activation, noise):
+    """Validate a new signature and make (and cache) its plan."""
+    op = "noisy_batch_norm" if noise is not None else "batch_norm"
+    _validate_batch_norm(op, x, running_mean, running_var, weight, bias, training, momentum,
+                         eps, activation)
+    if x.numel() == 0:
+        plan = _EMPTY
+    else:
+        plan = _ChannelsCopied.wrap(backends.plan(op, x, Signature.of(
+            x, bool(training), activation=activation, has_weight=weight is not None,
+            has_bias=bias is not None, has_running=running_mean is not None,
+            noisy=noise is not None,
+            step_tensor=noise is not None and isinstance(noise[2], torch.Tensor))),
+            running_mean, running_var, weight, bias)
+    if key is not None:
+        backends._base.bounded_cache_put(_BN_PLANS, key, plan)
+    return plan
+
+
+class _ChannelsCopied:
+    """A plan for per-channel tensors that are not contiguous (the kernels read them as
+    contiguous vectors): contiguous copies go in, and updated running buffers are copied back.
+    Rare (a view such as ``w[::2]``), so it stays off the common path."""
+
+    def __init__(self, plan):
+        self.plan = plan
+
+    @staticmethod
+    def wrap(plan, *tensors):
+        if all(t is None or t.is_contiguous() for t in tensors):
+            return plan
+        return _ChannelsCopied(plan)
+
+    def forward(self, x, running_mean, running_var, weight, bias, *args, **kwargs):
+        c = [t if t is None else t.contiguous() for t in (running_mean, running_var)]
+        out = self.plan.forward(x, c[0], c[1], weight if weight is None else weight.contiguous(),
+                                bias if bias is None else bias.contiguous(), *args, **kwargs)
+        for orig, copy in zip((running_mean, running_var), c):
+            if orig is not None and copy is not orig:
+                orig.copy_(copy)
+        return out
+
+    def backward(self, dy, x, a, b, weight, bias, *args):
+        a, b = a.contiguous(), b.contiguous()
+        return self.plan.backward(dy, x, a, b, weight if weight is None else weight.contiguous(),
+                                  bias if bias is None else bias.contiguous(), *args)
+
+
+def _batch_norm_traced(x, running_mean, running_var, weight, bias, training, momentum, eps,
+                       activation, noise):
+    """The traced route: the registered ops, through BatchNormOpFunction."""
+    op = "noisy_batch_norm" if noise is not None else "batch_norm"
+    _validate_batch_norm(op, x, running_mean, running_var, weight, bias, training, momentum,
+                         eps, activation)
     if x.numel() == 0:
         return _empty_batch(x, weight, bias, activation)
-    be = backends.select(op, x)
-    return BatchNormFunction.apply(x, weight, bias, running_mean, running_var, bool(training),
-                                   float(momentum), float(eps), activation, None, 0, 0, None,
-                                   be.name)
+    name = backends.backend_name_for_compile(
+        op, str(x.device), str(x.dtype).replace("torch.", ""),
+        x.numel() if isinstance(x.numel(), int) else 0, backends.GENERATION)
+    if noise is None:
+        return BatchNormOpFunction.apply(x, weight, bias, running_mean, running_var,
+                                         bool(training), float(momentum), float(eps),
+                                         activation, None, 0, 0, None, name)
+    cfg, seed, step = noise
+    step_tensor = step if isinstance(step, torch.Tensor) else None
+    return BatchNormOpFunction.apply(x, weight, bias, running_mean, running_var, True,
+                                     float(momentum), float(eps), activation, cfg.as_list(),
+                                     seed, 0 if step_tensor is not None else step, step_tensor,
+                                     name)
 
 
 def _check_noise(op, x, noise, seed, step):
@@ -131,26 +286,12 @@ def noisy_batch_norm(x: torch.Tensor, running_mean: torch.Tensor | None,
     host synchronisation, so it works under CUDA graphs). In eval mode there is no noise: this
     is :func:`batch_norm` with the running statistics.
     """
-    op = "noisy_batch_norm"
-    _check_noise(op, x, noise, seed, step)
+    _check_noise("noisy_batch_norm", x, noise, seed, step)
     if not training:
         return batch_norm(x, running_mean, running_var, weight, bias, False, momentum, eps,
                           activation)
-    _check_input(op, x)
-    _check_per_channel(op, x, running_mean=running_mean, running_var=running_var,
-                       weight=weight, bias=bias)
-    _check_scalars(op, momentum, eps, activation)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError(f"{op}: pass both running_mean and running_var, or neither")
-    _check_training_size(x)
-    if x.numel() == 0:
-        return _empty_batch(x, weight, bias, activation)
-    be = backends.select(op, x)
-    step_tensor = step if isinstance(step, torch.Tensor) else None
-    return BatchNormFunction.apply(x, weight, bias, running_mean, running_var, True,
-                                   float(momentum), float(eps), activation, noise.as_list(),
-                                   seed, 0 if step_tensor is not None else step, step_tensor,
-                                   be.name)
+    return _batch_norm(x, running_mean, running_var, weight, bias, True, momentum, eps,
+                       activation, (noise, seed, step))
 
 
 def noisy_batch_norm_noise(x: torch.Tensor, noise: NoiseConfig = NoiseConfig(), seed: int = 0,
@@ -209,7 +350,36 @@ def lp_norm(x: torch.Tensor, p, running_mean: torch.Tensor | None = None,
     is split equally among the values attaining max|z| (as torch.amax's). Statistics are
     accumulated in fp32 (fp64 for fp64 input); the output has x's dtype and memory format.
     """
-    op = "lp_norm"
+    if not _eager(x):
+        return _lp_norm_traced(x, p, running_mean, running_scale, weight, bias, training,
+                               momentum, eps, centered)
+    try:
+        key = (x.shape, x.stride(), x.dtype, x.device, p, training, centered,
+               _chan(running_mean), _chan(running_scale), _chan(weight), _chan(bias))
+        plan = _LP_PLANS.get(key)
+    except (AttributeError, TypeError):
+        key, plan = None, None
+    if plan is None:
+        plan = _lp_norm_plan(key, x, p, running_mean, running_scale, weight, bias, training,
+                             momentum, eps, centered)
+    if not _scalars_ok(momentum, eps):
+        _check_scalars("lp_norm", momentum, eps, None)
+    if plan is _EMPTY:
+        return _empty_batch(x, weight, bias, None)
+    momentum, eps = float(momentum), float(eps)
+    if _needs_grad(x, weight, bias):
+        y = LpNormFunction.apply(x, weight, bias, running_mean, running_scale, plan, momentum,
+                                 eps)
+    else:
+        y = plan.forward(x, running_mean, running_scale, weight, bias, momentum, eps,
+                         need_saved=False)[0]
+    if training and running_mean is not None:
+        _bump(running_mean, running_scale)
+    return y
+
+
+def _validate_lp_norm(op, x, p, running_mean, running_scale, weight, bias, training, momentum,
+                      eps):
     _check_input(op, x)
     p = _check_p(op, p)
     _check_per_channel(op, x, running_mean=running_mean, running_scale=running_scale,
@@ -222,8 +392,34 @@ def lp_norm(x: torch.Tensor, p, running_mean: torch.Tensor | None = None,
                          "(training=False)")
     if training:
         _check_training_size(x)
+    return p
+
+
+def _lp_norm_plan(key, x, p, running_mean, running_scale, weight, bias, training, momentum, eps,
+                  centered):
+    p = _validate_lp_norm("lp_norm", x, p, running_mean, running_scale, weight, bias, training,
+                          momentum, eps)
+    if x.numel() == 0:
+        plan = _EMPTY
+    else:
+        plan = _ChannelsCopied.wrap(backends.plan("lp_norm", x, Signature.of(
+            x, bool(training), has_weight=weight is not None, has_bias=bias is not None,
+            has_running=running_mean is not None, p=p, centered=bool(centered))),
+            running_mean, running_scale, weight, bias)
+    if key is not None:
+        backends._base.bounded_cache_put(_LP_PLANS, key, plan)
+    return plan
+
+
+def _lp_norm_traced(x, p, running_mean, running_scale, weight, bias, training, momentum, eps,
+                    centered):
+    p = _validate_lp_norm("lp_norm", x, p, running_mean, running_scale, weight, bias, training,
+                          momentum, eps)
     if x.numel() == 0:
         return _empty_batch(x, weight, bias, None)
-    be = backends.select(op, x)
-    return LpNormFunction.apply(x, weight, bias, running_mean, running_scale, p, bool(training),
-                                float(momentum), float(eps), bool(centered), be.name)
+    name = backends.backend_name_for_compile(
+        "lp_norm", str(x.device), str(x.dtype).replace("torch.", ""),
+        x.numel() if isinstance(x.numel(), int) else 0, backends.GENERATION)
+    return LpNormOpFunction.apply(x, weight, bias, running_mean, running_scale, p,
+                                  bool(training), float(momentum), float(eps), bool(centered),
+                                  name)

@@ -1,12 +1,19 @@
-"""Registered torch ops and their autograd wiring.
+"""Autograd wiring of the ops, in two routes.
 
-Each op family is a pair of ``torch.library`` custom ops, ``bnkernels::<family>`` (forward; it
-updates the running buffers in place, declared with ``mutates_args``) and
-``bnkernels::<family>_backward``, each with a fake (meta) implementation, so torch.compile
-traces them (fullgraph) and ``torch.library.opcheck`` checks them. The backend is an argument
-(its name), chosen by :mod:`bnkernels.functional`. A ``torch.autograd.Function`` per family
-connects forward and backward: the forward op mutates its inputs, and torch.library does not
-take an autograd formula for a mutating op.
+**Eager** (what a training step runs): ``BatchNormFunction`` / ``LpNormFunction``, plain
+``torch.autograd.Function``s that call a backend's plan (:mod:`bnkernels.backends`) directly:
+no Python dispatcher, no custom-op machinery between the module and the kernel launches.
+
+**Traced** (torch.compile, export, fake tensors, dispatch modes): each op family is a pair of
+``torch.library`` custom ops, ``bnkernels::<family>`` (forward; it updates the running buffers
+in place, declared with ``mutates_args``) and ``bnkernels::<family>_backward``, each with a
+fake (meta) implementation, so torch.compile traces them (fullgraph) and
+``torch.library.opcheck`` checks them; ``BatchNormOpFunction`` / ``LpNormOpFunction`` connect
+them (the forward op mutates its inputs, and torch.library does not take an autograd formula
+for a mutating op). The backend is an argument (its name). Both routes run the same kernels:
+the ops' implementations go through the same per-signature plans.
+
+:mod:`bnkernels.functional` picks the route.
 """
 
 import math
@@ -108,7 +115,56 @@ def _grads(needs, dx, dw, db, n_other):
 
 
 class BatchNormFunction(torch.autograd.Function):
-    """y = act(w * (x - mean) * invstd + b), see :mod:`bnkernels.backends.reference`.
+    """y = act(w * (x - mean) * invstd + b): the eager route, on a backend plan.
+
+    The formulas are those of :class:`BatchNormOpFunction`. In eval mode the forward kernel
+    snapshots the statistics it used (mean and invstd), so the backward is that of this
+    forward whatever happens to the running buffers in between; a noisy step given as a
+    tensor is snapshotted by the forward kernel for the backward too.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, plan, momentum, eps, noise):
+        y, a, b, used = plan.forward(x, running_mean, running_var, weight, bias, momentum, eps,
+                                     noise)
+        ctx.save_for_backward(x, weight, bias, a, b, used)
+        ctx.plan, ctx.eps, ctx.noise = plan, eps, noise
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, weight, bias, a, b, used = ctx.saved_tensors
+        noise = ctx.noise
+        if used is not None:
+            noise = (noise[0], noise[1], used)
+        needs = _needs(ctx, weight, bias)
+        dx, dw, db = ctx.plan.backward(dy, x, a, b, weight, bias, ctx.eps, needs, noise)
+        return _grads(needs, dx, dw, db, 6)
+
+
+class LpNormFunction(torch.autograd.Function):
+    """l_p normalization, the eager route (formulas: :class:`LpNormOpFunction`)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_scale, plan, momentum, eps):
+        y, a, b, _ = plan.forward(x, running_mean, running_scale, weight, bias, momentum, eps)
+        ctx.save_for_backward(x, weight, bias, a, b)
+        ctx.plan, ctx.eps = plan, eps
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, weight, bias, a, b = ctx.saved_tensors
+        needs = _needs(ctx, weight, bias)
+        dx, dw, db = ctx.plan.backward(dy, x, a, b, weight, bias, ctx.eps, needs)
+        return _grads(needs, dx, dw, db, 5)
+
+
+class BatchNormOpFunction(torch.autograd.Function):
+    """y = act(w * (x - mean) * invstd + b), see :mod:`bnkernels.backends.reference`; the
+    traced route, through the registered ops.
 
     Training: mean and invstd = 1/sqrt(var + eps) are the batch statistics (biased variance),
     and the backward is
@@ -198,8 +254,9 @@ def _(dy, x, mean, scale, weight, bias, p, training, centered, eps, needs, backe
     return _grads_like(x, weight, bias, needs)
 
 
-class LpNormFunction(torch.autograd.Function):
-    """y = w * (x - mean) / (s_p + eps) + b, see :mod:`bnkernels.backends.reference`.
+class LpNormOpFunction(torch.autograd.Function):
+    """y = w * (x - mean) / (s_p + eps) + b, see :mod:`bnkernels.backends.reference`; the
+    traced route, through the registered ops.
 
     Per channel, mean = mean(x) and s_1 = mean|z|, s_2 = sqrt(mean z^2), s_inf = max|z|, with
     z = x (uncentered, the default) or z = x - mean (``centered``). With a = s_p + eps,

@@ -5,6 +5,7 @@ bnkernels' kernel modules are first imported (bnkernels loads them lazily).
 """
 
 import os
+import sys
 
 import torch
 
@@ -25,7 +26,10 @@ def device():
 
 @pytest.fixture(autouse=True)
 def _restore_backend():
-    """Each test starts on "auto" and may switch backends freely."""
+    """Each test starts on "auto" with the default launch heuristics and may switch backends
+    and strategies freely (helpers.use_backend)."""
     bnkernels.set_backend("auto")
     yield
+    if "bnkernels.backends.triton.common" in sys.modules:
+        sys.modules["bnkernels.backends.triton.common"]._OVERRIDES.clear()
     bnkernels.set_backend("auto")

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
+import bnkernels as bnk
+
 # Elementwise bound |actual - expected| <= atol * scale + rtol * |expected|, where scale is
 # max(1, max|expected|) so sums over many values (weight and bias gradients) are judged relative
 # to their size. Low-precision rows follow one unit of rounding of the output dtype.
@@ -126,3 +128,16 @@ def make_inputs(case: Case, device, seed: int = 0, shift: float = 0.5, spread: f
 
 def numel_per_channel(shape) -> int:
     return shape[0] * math.prod(shape[2:])
+
+
+def use_backend(name: str) -> None:
+    """Select a backend by its test name: "reference", "triton" (its own choice of strategy
+    per shape), or "triton-fused" / "triton-split" (that strategy forced: one launch per
+    direction, or each channel split over many programs and finalized by the last)."""
+    from bnkernels.backends.triton import common
+
+    backend, _, strategy = name.partition("-")
+    common._OVERRIDES.pop("strategy", None)
+    if strategy:
+        common._OVERRIDES["strategy"] = strategy
+    bnk.set_backend(backend)  # forgets every plan made under the previous choice

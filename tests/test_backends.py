@@ -7,7 +7,7 @@ import torch
 
 import bnkernels as bnk
 from bnkernels import backends
-from bnkernels.backends.triton_backend import TritonBackend
+from bnkernels.backends.triton import TritonBackend
 
 
 def test_available_backends_lists_every_backend_with_reasons():

@@ -1,4 +1,4 @@
-"""The CUDA C++ backend (csrc/ + bnkernels/backends/cuda.py).
+"""The CUDA C++ backend (csrc/ + bnkernels/backends/cuda/).
 
 Three tiers, all collected everywhere:
 
@@ -37,9 +37,11 @@ from helpers import Case, assert_close, make_inputs
 
 import bnkernels as bnk
 from bnkernels import backends
-from bnkernels.backends import cuda, cuda_build, speed
 from bnkernels.backends import reference as R
-from bnkernels.backends.cuda_backend import CudaBackend
+from bnkernels.backends import speed
+from bnkernels.backends.cuda import CudaBackend
+from bnkernels.backends.cuda import build_config as cuda_build
+from bnkernels.backends.cuda import launch as cuda
 
 GPU = torch.cuda.is_available()
 gpu_only = pytest.mark.skipif(not GPU, reason="needs a CUDA device (the emulator is no GPU)")

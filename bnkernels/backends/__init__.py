@@ -1,16 +1,23 @@
-"""Backend registry and selection.
+"""Backend registry, selection, and the per-signature plan cache of the hot path.
 
-A backend is an object with a ``name``, ``unavailable_reasons()`` (why it cannot run at all on
-this machine) and ``not_supported_reasons(op, x)`` (why it cannot take this input), plus the op
-entry points (``batch_norm_fwd``/``batch_norm_bwd``). Selection follows ``set_backend`` or the
-``BNKERNELS_BACKEND`` environment variable; "auto" picks the fastest backend that fits the input
-and raises, listing every backend's reasons, when none does.
+A backend (one folder each: ``reference/``, ``triton/``, ``cuda/``) is an object with a
+``name``, ``unavailable_reasons()`` (why it cannot run at all on this machine),
+``not_supported_reasons(op, x)`` (why it cannot take this input), the op entry points
+(``batch_norm_fwd``/``batch_norm_bwd``/... , see :class:`~._base.Backend`) and
+``<family>_plan(signature)``, which resolves everything about a call that depends only on the
+input's signature (layout view, grids, blocks, warps, workspace) into a plan object whose
+``forward``/``backward`` launch the kernels with nothing left to decide.
 
-"auto" on a CUDA tensor orders cuda and triton by the measured-speed table
-(:mod:`bnkernels.backends.speed`, ``cuda_speed.json``): the faster one for the GPU, op and size
-first, triton first where nothing was measured (the table ships empty). It considers the cuda
-backend only once its extension is built (prebuilt or JIT-cached), so "auto" never starts a
-compile; ``set_backend("cuda")`` builds it on first use.
+Selection follows ``set_backend`` or the ``BNKERNELS_BACKEND`` environment variable; "auto"
+picks the fastest backend that fits the input and raises, listing every backend's reasons,
+when none does. "auto" on a CUDA tensor orders cuda and triton by the measured-speed table
+(:mod:`bnkernels.backends.speed`, ``cuda_speed.json``), triton first where nothing was
+measured; it considers the cuda backend only once its extension is built, so "auto" never
+starts a compile (``set_backend("cuda")`` builds it on first use).
+
+The hot path never selects: :func:`plan` is called once per input signature (device, dtype,
+shape, strides, flags) by :mod:`bnkernels.functional`, which caches what it returns.
+``set_backend`` clears those caches; the environment variable is read when a plan is made.
 """
 
 from __future__ import annotations
@@ -20,15 +27,31 @@ import os
 import torch
 
 from . import speed
-from ._base import Backend
-from .cuda_backend import CudaBackend
-from .reference_backend import ReferenceBackend
-from .triton_backend import TritonBackend
+from ._base import Backend, Signature
+from .cuda import CudaBackend
+from .reference import ReferenceBackend
+from .triton import TritonBackend
 
 _BACKENDS: dict[str, Backend] = {
     b.name: b for b in (TritonBackend(), CudaBackend(), ReferenceBackend())}
 _CHOICES = ("auto", *_BACKENDS)
 _selected: str | None = None  # None: read BNKERNELS_BACKEND
+_plan_caches: list[dict] = []  # cleared whenever the selection may change
+GENERATION = 0  # incremented whenever the selection may change (read by compiled graphs)
+
+
+def register_plan_cache(cache: dict) -> dict:
+    """Have ``cache`` (a dict of plans) cleared whenever the backend selection changes."""
+    _plan_caches.append(cache)
+    return cache
+
+
+def clear_plans() -> None:
+    """Forget every cached plan (the next call of each signature selects again)."""
+    global GENERATION
+    GENERATION += 1
+    for cache in _plan_caches:
+        cache.clear()
 
 
 def _check_name(name: str, source: str) -> str:
@@ -44,6 +67,7 @@ def set_backend(name: str) -> None:
     """
     global _selected
     _selected = _check_name(name, "set_backend")
+    clear_plans()
 
 
 def get_backend() -> str:
@@ -65,21 +89,24 @@ def backend(name: str) -> Backend:
     return _BACKENDS[name]
 
 
-def _auto_order(x: torch.Tensor, op: str = "batch_norm") -> list[str]:
+def _auto_order(x: torch.Tensor, op: str = "batch_norm", numel: int | None = None) -> list[str]:
     if x.device.type == "cuda":
         if not _BACKENDS["cuda"].is_built():
             return ["triton", "reference"]
-        if speed.faster(op, x) == "cuda":
+        if speed.faster(op, x, numel) == "cuda":
             return ["cuda", "triton", "reference"]
         return ["triton", "cuda", "reference"]
     # On the CPU the Triton interpreter is a correctness tool, chosen only when it is switched on.
     return ["triton", "reference"] if _BACKENDS["triton"].interpreting() else ["reference"]
 
 
-def select(op: str, x: torch.Tensor, **inputs) -> Backend:
-    """The backend that runs ``op`` on ``x``; raises listing every reason when none fits."""
+def select(op: str, x: torch.Tensor, numel: int | None = None, **inputs) -> Backend:
+    """The backend that runs ``op`` on ``x``; raises listing every reason when none fits.
+
+    Not for the hot path (it may read the environment and look for the CUDA extension):
+    :mod:`bnkernels.functional` calls it once per input signature and caches the result."""
     name = get_backend()
-    names = _auto_order(x, op) if name == "auto" else [name]
+    names = _auto_order(x, op, numel) if name == "auto" else [name]
     reasons = {}
     for n in names:
         b = _BACKENDS[n]
@@ -91,4 +118,26 @@ def select(op: str, x: torch.Tensor, **inputs) -> Backend:
     raise RuntimeError(f"bnkernels: no backend can run {op} (backend={name!r}):\n{lines}")
 
 
-__all__ = ["Backend", "available_backends", "backend", "get_backend", "select", "set_backend"]
+def plan(op: str, x: torch.Tensor, sig: Signature):
+    """Select the backend for ``op`` on ``x`` and resolve its plan for ``sig`` (noisy
+    BatchNorm is a BatchNorm plan with ``sig.noisy``)."""
+    family = "lp_norm" if op == "lp_norm" else "batch_norm"
+    return getattr(select(op, x), f"{family}_plan")(sig)
+
+
+@torch.compiler.assume_constant_result
+def backend_name_for_compile(op: str, device: str, dtype_name: str, numel: int,
+                             generation: int) -> str:
+    """The backend a compiled graph calls (through the registered ops), decided once when the
+    graph is traced: dynamo runs this function instead of tracing it and keeps its result as a
+    constant. ``generation`` is :data:`GENERATION`, which the caller reads as a module global:
+    dynamo guards on it, so a new selection retraces the graph. ``numel`` (0 when the shape is
+    dynamic) places the input in the measured-speed table."""
+    del generation  # only there to be guarded on
+    x = torch.empty(0, device=device, dtype=getattr(torch, dtype_name))
+    return select(op, x, numel=numel).name
+
+
+
+__all__ = ["Backend", "Signature", "available_backends", "backend", "backend_name_for_compile",
+           "clear_plans", "get_backend", "plan", "register_plan_cache", "select", "set_backend"]

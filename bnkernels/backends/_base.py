@@ -1,6 +1,8 @@
-"""The interface every backend implements."""
+"""The interface every backend implements, and the input signature plans are made for."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -8,10 +10,50 @@ import torch
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+@dataclass(frozen=True)
+class Signature:
+    """Everything about a call that a plan may depend on: the input's shape, strides, dtype
+    and device, and the call's flags. Values that change from call to call (the tensors
+    themselves, momentum, eps, the noise seed and step) are not part of it."""
+
+    shape: tuple
+    stride: tuple
+    dtype: torch.dtype
+    device: torch.device
+    training: bool
+    activation: str | None = None
+    has_weight: bool = True
+    has_bias: bool = True
+    has_running: bool = True  # running statistics given (updated in training)
+    noisy: bool = False  # noisy BatchNorm (Algorithm 1)
+    step_tensor: bool = False  # the noise step is a device tensor (else an int)
+    p: float = 2.0  # l_p norm: 1, 2 or inf
+    centered: bool = False  # l_p norm: the scale of x - mean
+
+    @staticmethod
+    def of(x: torch.Tensor, training: bool, **flags) -> Signature:
+        return Signature(tuple(x.shape), tuple(x.stride()), x.dtype, x.device, training,
+                         **flags)
+
+
 class Backend:
     """A set of kernels for every op, with the reasons it cannot take a given input.
 
-    Op entry points (same signatures in every backend):
+    Plans (the hot path; made once per :class:`Signature` and cached by the caller):
+
+    * ``batch_norm_plan(sig)`` -> an object with
+      ``forward(x, running_mean, running_var, weight, bias, momentum, eps, noise,
+      need_saved=True) -> (y, save_a, save_b, step_used)`` and
+      ``backward(dy, x, save_a, save_b, weight, bias, eps, needs, noise) -> (dx, dw, db)``.
+      ``save_a, save_b`` are what that plan's backward needs: the batch mean and
+      1/sqrt(var + eps) in training, snapshots of the statistics the forward used in eval
+      mode (None when ``need_saved`` is False: no backward will come). ``step_used`` is the
+      noise step the forward used (a 1-element int64 tensor) when the step was given as a
+      tensor, else None.
+    * ``lp_norm_plan(sig)`` -> the same shape of object (saved: mean and s_p in training).
+
+    Entry points (same signatures in every backend; used by the registered torch ops, which
+    torch.compile and opcheck see):
 
     * ``batch_norm_fwd(x, running_mean, running_var, weight, bias, training, momentum, eps,
       activation, noise=None) -> (y, save_mean, save_invstd)``; (y, None, None) in eval mode.
@@ -42,13 +84,10 @@ class Backend:
         return f"<bnkernels backend {self.name!r}>"
 
 
-# Op families: each backend provides ``<family>_<stage>`` entry points for these.
-FAMILIES = ("batch_norm", "lp_norm")
-
-
-def _family(name: str) -> str:
-    """The op family of an entry point name, or AttributeError (for __getattr__)."""
-    for family in FAMILIES:
-        if name.startswith(family + "_"):
-            return family
-    raise AttributeError(name)
+def bounded_cache_put(cache: dict, key, value, limit: int = 4096):
+    """``cache[key] = value``, dropping the oldest entry past ``limit`` (plans per signature:
+    a program that feeds ever new shapes must not grow memory without bound)."""
+    if len(cache) >= limit:
+        cache.pop(next(iter(cache)))
+    cache[key] = value
+    return value

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from bnkernels.backends import cuda_build
+from bnkernels.backends.cuda import build_config as cuda_build
 
 INCLUDE = Path(__file__).resolve().parent / "include"
 NAME = "bnkernels_cuda_emu"

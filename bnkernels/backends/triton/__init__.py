@@ -1,2 +1,75 @@
-"""Triton kernels, one file per op family. Importing this package defines the kernels, so set
-TRITON_INTERPRET=1 before it to run them on the CPU."""
+"""The Triton backend: @triton.jit kernels and their launchers, one file per op family
+(``batch_norm.py``, ``lp_norm.py``, ``noise.py``; shared layouts and launch heuristics in
+``common.py``).
+
+Importing this package defines no kernel: the kernel modules load on first use, because
+``@triton.jit`` decides between the compiler and the interpreter when a kernel is defined, so
+``TRITON_INTERPRET=1`` must be set before that to run them on the CPU. bnkernels imports
+without triton installed; the backend then reports why it cannot run.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+
+from .._base import FLOAT_DTYPES, Backend
+
+_PKG = __name__
+_COMMON = f"{_PKG}.common"
+_FAMILIES = ("batch_norm", "lp_norm")
+
+
+def _family_module(name: str):
+    """The kernel module of entry point ``name`` (``batch_norm_fwd`` -> ``.batch_norm``)."""
+    for family in _FAMILIES:
+        if name.startswith(family + "_"):
+            return importlib.import_module(f"{_PKG}.{family}")
+    raise AttributeError(name)
+
+
+class TritonBackend(Backend):
+    name = "triton"
+
+    def interpreting(self) -> bool:
+        """True when the kernels run (or, once loaded, will run) in the Triton interpreter."""
+        common = sys.modules.get(_COMMON)
+        if common is not None:
+            return common.INTERPRET
+        return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+    def unavailable_reasons(self):
+        if importlib.util.find_spec("triton") is None:
+            return ["triton is not installed"]
+        import torch
+
+        if not torch.cuda.is_available() and not self.interpreting():
+            return ["no CUDA device, and the Triton interpreter is off "
+                    "(set TRITON_INTERPRET=1 before bnkernels' kernels are first loaded)"]
+        return []
+
+    def not_supported_reasons(self, op, x, **inputs):
+        reasons = []
+        if x.dtype not in FLOAT_DTYPES:
+            reasons.append(f"dtype {x.dtype} is not supported")
+        if x.device.type == "cpu" and not self.interpreting():
+            reasons.append("x is a CPU tensor; Triton kernels run on CPU only under the "
+                           "interpreter (TRITON_INTERPRET=1 set before they are first loaded)")
+        elif x.device.type not in ("cpu", "cuda"):
+            reasons.append(f"device type {x.device.type!r} is not supported")
+        return reasons
+
+    def batch_norm_plan(self, sig):
+        return importlib.import_module(f"{_PKG}.batch_norm").batch_norm_plan(sig)
+
+    def lp_norm_plan(self, sig):
+        return importlib.import_module(f"{_PKG}.lp_norm").lp_norm_plan(sig)
+
+    def noisy_batch_norm_noise(self, x, noise):
+        return importlib.import_module(f"{_PKG}.noise").noisy_batch_norm_noise(x, noise)
+
+    def __getattr__(self, name):
+        """``<family>_<stage>`` (e.g. ``batch_norm_fwd``) comes from ``.<family>``."""
+        return getattr(_family_module(name), name)

@@ -1,38 +1,49 @@
-"""BatchNorm in Triton: training/eval forward and backward, with optional fused ReLU.
+"""BatchNorm in Triton: training/eval forward and backward, with optional fused ReLU and the
+paper's noise (noisy BatchNorm runs through the same kernels with NOISY=True).
 
 Every tensor is viewed as a 2-D, row-major *matrix* ``[ROWS, COLS]`` in one of two layouts
-(see :func:`bnkernels.backends.triton.common.view_layout`):
+(see :func:`bnkernels.backends.triton.common.layout_of`):
 
 * ``"ncs"`` -- NC(S)-contiguous input ``(N, C, *spatial)``: ROWS = N*C, COLS = S (product of the
   spatial dims). The channel of row ``r`` is ``r % C``.
 * ``"mc"``  -- channels-last input (or ``(N, C)``): ROWS = M = N*S, COLS = C. The channel of
   column ``c`` is ``c``.
 
-Per channel the statistics run over M = N*S values. The pipeline is
+Per channel the statistics run over M = N*S values, around a shift: the channel's first element
+K (x[0, c, 0, ...]). Each program keeps per-lane Welford summaries of x - K, merged with Chan's
+formula, so a channel of mean 1e4 and std 1e-2 loses nothing to its mean; the mean is
+K + mean(x - K), and the forward normalizes x - mean as (x - mean_hi) - mean_lo, the mean's
+fp32 rounding error kept apart (TwoSum). Divisions and square roots that make the statistics
+are correctly rounded (``div_rn``/``sqrt_rn``: Triton's fp32 ``/`` and ``sqrt`` are approximate
+on NVIDIA GPUs, exact in the interpreter).
 
-forward (training)::
+Two strategies, chosen once per input signature by :class:`BatchNormPlan`:
 
-    _bn_stats_{ncs,mc}_kernel   split reduction: per-lane Welford, k-way Chan merge of the lanes;
-                                one (count, mean, M2) partial per (channel, split)
-    _bn_stats_finalize_kernel   Chan merge of the splits in a fixed order -> mean, invstd (saved);
-                                running_mean/running_var updated in place (no host sync)
-    _bn_apply_kernel            y = (x - mean) * invstd * w + b  (+ ReLU)
+* **fused** (a channel's values fit a program: M <= ``FUSED_MAX_VALUES``): one launch per
+  direction. Forward: one program per channel (or channel group, channels last) reduces its
+  values, finalizes the statistics (saved mean/invstd, running statistics updated on the
+  device) and writes y, re-reading its values from cache. Backward: the same with the
+  gradient sums and dx.
+* **split**: two launches per direction. Forward: ``_bn_fwd_{ncs,mc}_kernel`` splits each
+  channel over SPLIT programs, each writing a (count, mean, M2) partial to the plan's cached
+  workspace; the last program of each channel to finish (an atomic ticket) merges the SPLIT
+  partials in a fixed order and finalizes. Then ``_bn_apply_kernel`` writes y. Backward:
+  ``_bn_bwd_{ncs,mc}_kernel`` (partial sum(g), sum(g (x - mean)); the last program writes
+  dweight, dbias and the coefficients of dx), then ``_bn_bwd_dx_kernel``.
 
-forward (eval): ``_bn_apply_kernel`` alone, with invstd = 1/sqrt(running_var + eps) computed in
-the kernel.
+Eval: the forward is ``_bn_apply_kernel`` alone (invstd = 1/sqrt(running_var + eps) computed in
+the kernel); the backward is ``_bn_bwd_dx_kernel`` alone, or, when dweight/dbias are wanted,
+the reduction kernel writing dx in the same pass (one launch either way).
 
-backward::
+Backward formulas, with g = dL/da (a = w * xhat + b; g = dy times [out > 0] with the fused ReLU,
+times the noise s when noisy)::
 
-    _bn_bwd_reduce_{ncs,mc}_kernel   partial sum(g) and sum(g * (x - mean)) per (channel, split),
-                                     g = dy (or dy * [y > 0] with the fused ReLU, y recomputed)
-    _bn_bwd_finalize_kernel          fixed-order sum of the splits -> dweight, dbias and the
-                                     per-channel coefficients of dx
-    _bn_bwd_dx_kernel                training: dx = (g - sum_g/M - (x-mean)*invstd^2*sum_gxmu/M)
-                                                     * invstd * w
-                                     eval:     dx = g * invstd * w
+    dbias = sum(g),  dweight = sum(g * xhat)
+    dx    = (g - mean(g) - (x - mean) * invstd^2 * mean(g * (x - mean))) * invstd * w  (training)
+    dx    = g * invstd * w                                                           (eval)
 
-Reductions are split over many programs per channel and merged in a fixed order, so one input
-always gives bit-identical results. Statistics accumulate in fp32 (fp64 for fp64 input).
+Merges are in a fixed order (never in the order programs finish), so one input always gives
+bit-identical results. Statistics accumulate in fp32 (fp64 for fp64 input).
 """
 
 from __future__ import annotations
@@ -41,47 +52,51 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import register_plan_cache
+from .._base import Signature, bounded_cache_put
 from .common import (
+    Workspaces,
     acc_dtype,
     apply_config,
-    as_layout,
     bcast,
     chan_load,
+    div_rn,
+    last_of_group,
+    layout_of,
     ncs_unit,
     reduce_config,
+    sqrt_rn,
+    strategy,
     sum_all,
     tile,
     tl_dtype,
-    view_layout,
+    two_sum_err,
 )
-from .noise import channel_noise, element_noise, load_step, noise_args
+from .noise import channel_noise, element_noise, load_step, noise_scalars
 
-# Noisy BatchNorm (Algorithm 1 of the paper) runs through the same kernels with NOISY=True:
-# out = act(s * a + m), a = w * xhat + b, with (s, m) regenerated in-kernel by .noise from
-# (seed, step, logical element index). Seed and step are never specialized on, so a new step
-# does not recompile anything.
+# Seed and step are never specialized on, so a new step does not recompile anything.
 _NOISE_NO_SPEC = ["seed", "step_val"]
 
-# ----------------------------------------------------------------------------- shared jit helpers
+# ----------------------------------------------------------------------------- jit helpers
 
 
 @triton.jit
-def _welford_combine(mean_a, m2_a, n_a, mean_b, m2_b, n_b):
+def _welford_combine(mean_a, m2_a, n_a, mean_b, m2_b, n_b, ACC: tl.constexpr):
     """Chan et al.'s merge of two (mean, M2, count) summaries; empty summaries are neutral."""
     n = n_a + n_b
-    frac = tl.where(n == 0, 0.0, n_b / tl.where(n == 0, 1.0, n))
+    frac = tl.where(n == 0, 0.0, div_rn(n_b, tl.where(n == 0, 1.0, n), ACC))
     delta = mean_b - mean_a
     return mean_a + delta * frac, m2_a + m2_b + delta * delta * n_a * frac, n
 
 
 @triton.jit
-def _welford_lanes_merge(mean, m2, cnt, axis: tl.constexpr):
+def _welford_lanes_merge(mean, m2, cnt, axis: tl.constexpr, ACC: tl.constexpr):
     """Merge per-lane (mean, M2, count) along ``axis`` in one step (Chan's formula, k-way):
     n = sum n_l,  mean = sum n_l mean_l / n,  M2 = sum M2_l + sum n_l (mean_l - mean)^2.
-    Plain sums, so it costs a few reductions (a pairwise tl.reduce tree is far slower in the
-    interpreter) and deviations are taken from the merged mean, which keeps it stable."""
+    Plain sums, so it costs a few reductions, and deviations are taken from the merged mean,
+    which keeps it stable."""
     n = tl.sum(cnt, axis)
-    mean_t = tl.sum(cnt * mean, axis) / tl.maximum(n, 1.0)
+    mean_t = div_rn(tl.sum(cnt * mean, axis), tl.maximum(n, 1.0), ACC)
     if axis == 0:
         d = mean - mean_t[None, :] if len(mean.shape) == 2 else mean - mean_t
     else:
@@ -92,7 +107,8 @@ def _welford_lanes_merge(mean, m2, cnt, axis: tl.constexpr):
 
 @triton.jit
 def _welford_update(mean, m2, cnt, x, mask):
-    """One Welford step per lane; masked lanes are left unchanged."""
+    """One Welford step per lane; masked lanes are left unchanged. (The lanes' running means
+    may use the fast division: their rounding is of the order of Welford's own.)"""
     cnt = cnt + mask.to(cnt.dtype)
     delta = tl.where(mask, x - mean, 0.0)
     mean = mean + delta / tl.maximum(cnt, 1.0)
@@ -101,19 +117,110 @@ def _welford_update(mean, m2, cnt, x, mask):
 
 
 @triton.jit
+def _merge_partials(base, stride, SPLIT, mask, ACC: tl.constexpr):
+    """Chan merge of SPLIT (count, mean, M2) partials at base + p, base + stride + p and
+    base + 2 * stride + p, p = 0..SPLIT-1, in that order (deterministic). Loads bypass L1:
+    other programs wrote them."""
+    n = tl.load(base, mask=mask, other=0.0, cache_modifier=".cg")
+    mean = tl.load(base + stride, mask=mask, other=0.0, cache_modifier=".cg")
+    m2 = tl.load(base + 2 * stride, mask=mask, other=0.0, cache_modifier=".cg")
+    for p in range(1, SPLIT):
+        n_b = tl.load(base + p, mask=mask, other=0.0, cache_modifier=".cg")
+        mean_b = tl.load(base + stride + p, mask=mask, other=0.0, cache_modifier=".cg")
+        m2_b = tl.load(base + 2 * stride + p, mask=mask, other=0.0, cache_modifier=".cg")
+        mean, m2, n = _welford_combine(mean, m2, n, mean_b, m2_b, n_b, ACC)
+    return mean, m2, n
+
+
+@triton.jit
+def _sum_partials(base, stride, SPLIT, mask):
+    """Fixed-order sums of SPLIT partials at base + p and base + stride + p."""
+    a = tl.load(base, mask=mask, other=0.0, cache_modifier=".cg")
+    b = tl.load(base + stride, mask=mask, other=0.0, cache_modifier=".cg")
+    for p in range(1, SPLIT):
+        a += tl.load(base + p, mask=mask, other=0.0, cache_modifier=".cg")
+        b += tl.load(base + stride + p, mask=mask, other=0.0, cache_modifier=".cg")
+    return a, b
+
+
+@triton.jit
+def _bn_finalize(ch, cm, mean_d, m2, cnt, shift, mean_ptr, invstd_ptr, rmean_ptr, rvar_ptr,
+                 momentum, eps, ACC: tl.constexpr, UPDATE: tl.constexpr,
+                 OUT_VAR: tl.constexpr):
+    """Statistics of channels ``ch`` from their merged (mean of x - shift, M2, count): stores
+    the mean and invstd (or the biased var if OUT_VAR), updates the running statistics
+    (unbiased variance) if UPDATE; returns (mean_hi, mean_lo, invstd) with mean_hi the fp32
+    mean and mean_lo its rounding error."""
+    var = div_rn(m2, tl.maximum(cnt, 1.0), ACC)
+    invstd = div_rn(1.0, sqrt_rn(var + eps, ACC), ACC)
+    hi = shift + mean_d
+    lo = two_sum_err(shift, mean_d, hi)
+    tl.store(mean_ptr + ch, hi, mask=cm)
+    if OUT_VAR:
+        tl.store(invstd_ptr + ch, var, mask=cm)
+    else:
+        tl.store(invstd_ptr + ch, invstd, mask=cm)
+    if UPDATE:
+        rm = tl.load(rmean_ptr + ch, mask=cm, other=0.0).to(ACC)
+        rv = tl.load(rvar_ptr + ch, mask=cm, other=0.0).to(ACC)
+        unbiased = div_rn(m2, tl.maximum(cnt - 1.0, 1.0), ACC)
+        rm = momentum * hi + (1.0 - momentum) * rm
+        rv = momentum * unbiased + (1.0 - momentum) * rv
+        tl.store(rmean_ptr + ch, rm.to(rmean_ptr.dtype.element_ty), mask=cm)
+        tl.store(rvar_ptr + ch, rv.to(rvar_ptr.dtype.element_ty), mask=cm)
+    return hi, lo, invstd
+
+
+@triton.jit
+def _bn_affine(x, mean, lo, invstd, w, b, HAS_LO: tl.constexpr):
+    """a = w * (x - mean) * invstd + b, with x - mean as (x - mean_hi) - mean_lo if HAS_LO.
+    The backward recomputes a (fused ReLU) through this same function, bit for bit."""
+    xc = x - mean
+    if HAS_LO:
+        xc = xc - lo
+    return tl.math.fma(xc * invstd, w, b)
+
+
+@triton.jit
+def _bn_out(a, s, m, RELU: tl.constexpr, NOISY: tl.constexpr):
+    """out = act(s * a + m) (noisy) or act(a)."""
+    if NOISY:
+        a = tl.math.fma(s, a, m)
+    if RELU:
+        a = tl.where(a < 0.0, 0.0, a)  # NaN propagates, as torch.relu
+    return a
+
+
+@triton.jit
 def _upstream_grad(g, x, mean, invstd, w, b, s, m, RELU: tl.constexpr, NOISY: tl.constexpr):
     """dL/da for a = w * xhat + b, given g = dL/dout, out = act(s * a + m) or act(a).
 
-    With the fused ReLU the output is recomputed exactly as the forward computed it and, like
-    torch's threshold_backward, the gradient is dropped where out <= 0 (so NaN passes)."""
+    With the fused ReLU the output is recomputed exactly as the forward computed it (the
+    forward keeps no mean_lo when RELU) and, like torch's threshold_backward, the gradient is
+    dropped where out <= 0 (so NaN passes)."""
     if RELU:
-        out = (x - mean) * invstd * w + b
+        out = _bn_affine(x, mean, 0.0, invstd, w, b, False)
         if NOISY:
-            out = s * out + m
+            out = tl.math.fma(s, out, m)
         g = tl.where(out <= 0.0, 0.0, g)
     if NOISY:
         g = g * s
     return g
+
+
+# What a per-channel "scale" argument holds (constexpr SCALE_FROM of the kernels).
+INVSTD, FROM_VAR, FROM_LP_SCALE = 0, 1, 2
+
+
+@triton.jit
+def _invstd_from(scale, eps, SCALE_FROM: tl.constexpr, ACC: tl.constexpr):
+    """The multiplier of x - mean: ``scale`` itself (0), 1/sqrt(var + eps) from a (running)
+    variance (1), or 1/(s + eps) from an l_p scale (2); correctly rounded."""
+    if SCALE_FROM == 1:
+        scale = div_rn(1.0, sqrt_rn(scale + eps, ACC), ACC)
+    elif SCALE_FROM == 2:
+        scale = div_rn(1.0, scale + eps, ACC)
+    return scale
 
 
 @triton.jit
@@ -124,11 +231,9 @@ def _logical_index_mc(rows, cols, C, S):
 
 
 @triton.jit
-def _tile_noise(rows, cols, ch, offs, C, S, seed, step_ptr, step_val, n_mu, n_sigma, r_mu,
-                r_sigma, CHAN_ON_ROWS: tl.constexpr, STEP_PTR: tl.constexpr,
-                INT64: tl.constexpr):
+def _tile_noise(rows, cols, ch, offs, C, S, seed, step, n_mu, n_sigma, r_mu, r_sigma,
+                CHAN_ON_ROWS: tl.constexpr, INT64: tl.constexpr):
     """(s, m) of the elements of an elementwise tile (see .noise)."""
-    step = load_step(step_ptr, step_val, STEP_PTR)
     mu, sigma = channel_noise(ch, seed, step, n_mu, n_sigma)
     if CHAN_ON_ROWS:
         idx = offs
@@ -138,53 +243,154 @@ def _tile_noise(rows, cols, ch, offs, C, S, seed, step_ptr, step_val, n_mu, n_si
                          r_mu, r_sigma, INT64)
 
 
+@triton.jit
+def _save_step(used_ptr, step, first, SAVE_STEP: tl.constexpr):
+    """The first program records the noise step it used, for the backward."""
+    if SAVE_STEP:
+        if first:
+            tl.store(used_ptr, step)
+
+
 # ----------------------------------------------------------------------------- forward kernels
 
 
-@triton.jit
-def _bn_stats_ncs_kernel(
+@triton.jit(do_not_specialize=_NOISE_NO_SPEC)
+def _bn_fwd_ncs_kernel(
     x_ptr,  # (N, C, S) contiguous
-    part_ptr,  # [3, C, SPLIT] ACC: count, mean, M2 of each split
+    y_ptr,  # (N, C, S) out (FUSED)
+    mean_ptr,  # [C] ACC out: mean
+    invstd_ptr,  # [C] ACC out: 1/sqrt(biased var + eps), or the biased var if OUT_VAR
+    rmean_ptr,  # [C] running_mean, updated in place if UPDATE
+    rvar_ptr,  # [C] running_var, updated in place (unbiased variance) if UPDATE
+    w_ptr,  # [C] weight (if HAS_W)
+    b_ptr,  # [C] bias (if HAS_B)
+    ws_ptr,  # ACC workspace (split): [3, C, SPLIT] partials, then [C] mean_lo
+    ticket_ptr,  # int32 [C] (split): programs of each channel done, reset by the last
+    step_ptr,  # noise step (1-element tensor) if STEP_PTR
+    used_ptr,  # int64 [1] out: the step used (SAVE_STEP)
     C,
     S,
     N,
     S_BLOCKS,  # position blocks per batch-row block
     UNITS,  # [BLOCK_N, BLOCK_S] tiles per channel
-    CHUNK,  # tiles per split
-    SPLIT,
+    CHUNK,  # tiles per program
+    SPLIT,  # programs per channel
+    momentum,
+    eps,
+    seed,  # noise: Philox key
+    step_val,  # noise: step, if not STEP_PTR
+    n_mu,
+    n_sigma,
+    r_mu,
+    r_sigma,
     BLOCK_N: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    FUSED: tl.constexpr,  # one program per channel: finalize and write y here
+    UPDATE: tl.constexpr,
+    OUT_VAR: tl.constexpr,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    HAS_LO: tl.constexpr,
+    RELU: tl.constexpr,
+    NOISY: tl.constexpr,
+    STEP_PTR: tl.constexpr,
+    SAVE_STEP: tl.constexpr,
     ACC: tl.constexpr,
     INT64: tl.constexpr,
 ):
     c = tl.program_id(0)
     p = tl.program_id(1)
+    if INT64:
+        shift = tl.load(x_ptr + c.to(tl.int64) * S).to(ACC)
+    else:
+        shift = tl.load(x_ptr + c * S).to(ACC)
     mean = tl.zeros([BLOCK_N, BLOCK_S], ACC)
     m2 = tl.zeros([BLOCK_N, BLOCK_S], ACC)
     cnt = tl.zeros([BLOCK_N, BLOCK_S], ACC)
     for u in range(p * CHUNK, tl.minimum(p * CHUNK + CHUNK, UNITS)):
         offs, mask = ncs_unit(c, u, N, C, S, S_BLOCKS, BLOCK_N, BLOCK_S, INT64)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC) - shift
         mean, m2, cnt = _welford_update(mean, m2, cnt, x, mask)
-    mean, m2, cnt = _welford_lanes_merge(mean, m2, cnt, 1)  # over positions, then rows
-    mean, m2, cnt = _welford_lanes_merge(mean, m2, cnt, 0)
-    out = part_ptr + c * SPLIT + p
-    tl.store(out, cnt)
-    tl.store(out + C * SPLIT, mean)
-    tl.store(out + 2 * C * SPLIT, m2)
+    mean, m2, cnt = _welford_lanes_merge(mean, m2, cnt, 1, ACC)  # over positions, then rows
+    mean, m2, cnt = _welford_lanes_merge(mean, m2, cnt, 0, ACC)
+    if FUSED:
+        hi, lo, invstd = _bn_finalize(c, c < C, mean, m2, cnt, shift, mean_ptr, invstd_ptr,
+                                      rmean_ptr, rvar_ptr, momentum, eps, ACC, UPDATE, OUT_VAR)
+        w = 1.0
+        b = 0.0
+        if HAS_W:
+            w = tl.load(w_ptr + c).to(ACC)
+        if HAS_B:
+            b = tl.load(b_ptr + c).to(ACC)
+        mu = 0.0
+        sigma = 1.0
+        step = 0
+        if NOISY:
+            step = load_step(step_ptr, step_val, STEP_PTR)
+            mu, sigma = channel_noise(c, seed, step, n_mu, n_sigma)
+            _save_step(used_ptr, step, c == 0, SAVE_STEP)
+        for u in range(0, UNITS):
+            offs, mask = ncs_unit(c, u, N, C, S, S_BLOCKS, BLOCK_N, BLOCK_S, INT64)
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+            ns = 1.0
+            nm = 0.0
+            if NOISY:
+                ns, nm = element_noise(offs, mu, sigma, seed, step, r_mu, r_sigma, INT64)
+            y = _bn_out(_bn_affine(x, hi, lo, invstd, w, b, HAS_LO), ns, nm, RELU, NOISY)
+            tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        part = ws_ptr + c * SPLIT + p
+        tl.store(part, cnt)
+        tl.store(part + C * SPLIT, mean)
+        tl.store(part + 2 * C * SPLIT, m2)
+        if last_of_group(ticket_ptr, c, SPLIT):
+            mean, m2, cnt = _merge_partials(ws_ptr + c * SPLIT, C * SPLIT, SPLIT, c < C, ACC)
+            hi, lo, invstd = _bn_finalize(c, c < C, mean, m2, cnt, shift, mean_ptr,
+                                          invstd_ptr, rmean_ptr, rvar_ptr, momentum, eps, ACC,
+                                          UPDATE, OUT_VAR)
+            tl.store(ws_ptr + 3 * C * SPLIT + c, lo)
+            tl.store(ticket_ptr + c, 0)
 
 
-@triton.jit
-def _bn_stats_mc_kernel(
+@triton.jit(do_not_specialize=_NOISE_NO_SPEC)
+def _bn_fwd_mc_kernel(
     x_ptr,  # (M, C) contiguous (channels last)
-    part_ptr,  # [3, C, SPLIT] ACC
+    y_ptr,
+    mean_ptr,
+    invstd_ptr,
+    rmean_ptr,
+    rvar_ptr,
+    w_ptr,
+    b_ptr,
+    ws_ptr,  # ACC workspace (split): [3, C, SPLIT] partials, then [C] mean_lo
+    ticket_ptr,  # int32 [cdiv(C, BLOCK_C)] (split)
+    step_ptr,
+    used_ptr,
     C,
-    S,  # spatial size (unused here; the same signature as the other reductions)
+    S,  # spatial size (the logical index of the noise)
     M,
-    CHUNK,  # rows per split (a multiple of BLOCK_M)
+    CHUNK,  # rows per program (a multiple of BLOCK_M)
     SPLIT,
+    momentum,
+    eps,
+    seed,
+    step_val,
+    n_mu,
+    n_sigma,
+    r_mu,
+    r_sigma,
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    FUSED: tl.constexpr,
+    UPDATE: tl.constexpr,
+    OUT_VAR: tl.constexpr,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    HAS_LO: tl.constexpr,
+    RELU: tl.constexpr,
+    NOISY: tl.constexpr,
+    STEP_PTR: tl.constexpr,
+    SAVE_STEP: tl.constexpr,
     ACC: tl.constexpr,
     INT64: tl.constexpr,
 ):
@@ -192,6 +398,7 @@ def _bn_stats_mc_kernel(
     p = tl.program_id(1)
     cols = pc * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
+    shift = tl.load(x_ptr + cols, mask=cmask, other=0.0).to(ACC)
     mean = tl.zeros([BLOCK_M, BLOCK_C], ACC)
     m2 = tl.zeros([BLOCK_M, BLOCK_C], ACC)
     cnt = tl.zeros([BLOCK_M, BLOCK_C], ACC)
@@ -201,64 +408,63 @@ def _bn_stats_mc_kernel(
             rows = rows.to(tl.int64)
         mask = (rows < M)[:, None] & cmask[None, :]
         x = tl.load(x_ptr + rows[:, None] * C + cols[None, :], mask=mask, other=0.0).to(ACC)
-        mean, m2, cnt = _welford_update(mean, m2, cnt, x, mask)
-    mean, m2, cnt = _welford_lanes_merge(mean, m2, cnt, 0)
-    out = part_ptr + cols * SPLIT + p
-    tl.store(out, cnt, mask=cmask)
-    tl.store(out + C * SPLIT, mean, mask=cmask)
-    tl.store(out + 2 * C * SPLIT, m2, mask=cmask)
-
-
-@triton.jit
-def _bn_stats_finalize_kernel(
-    part_ptr,  # [3, C, SPLIT] ACC partials
-    mean_ptr,  # [C] ACC out: batch mean
-    invstd_ptr,  # [C] ACC out: 1 / sqrt(biased var + eps), or the biased var if OUT_VAR
-    rmean_ptr,  # [C] running_mean (any float dtype), updated in place if UPDATE
-    rvar_ptr,  # [C] running_var, updated in place with the unbiased variance if UPDATE
-    C,
-    SPLIT,
-    momentum,
-    eps,
-    BLOCK_C: tl.constexpr,
-    ACC: tl.constexpr,
-    UPDATE: tl.constexpr,
-    OUT_VAR: tl.constexpr,  # write var (for a merge across devices) instead of invstd
-):
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
-    mean = tl.zeros([BLOCK_C], ACC)
-    m2 = tl.zeros([BLOCK_C], ACC)
-    cnt = tl.zeros([BLOCK_C], ACC)
-    for p in range(0, SPLIT):  # fixed order: deterministic
-        base = part_ptr + cols * SPLIT + p
-        n_b = tl.load(base, mask=cmask, other=0.0)
-        mean_b = tl.load(base + C * SPLIT, mask=cmask, other=0.0)
-        m2_b = tl.load(base + 2 * C * SPLIT, mask=cmask, other=0.0)
-        mean, m2, cnt = _welford_combine(mean, m2, cnt, mean_b, m2_b, n_b)
-    var = m2 / tl.maximum(cnt, 1.0)
-    invstd = 1.0 / tl.sqrt(var + eps)
-    tl.store(mean_ptr + cols, mean, mask=cmask)
-    tl.store(invstd_ptr + cols, var if OUT_VAR else invstd, mask=cmask)
-    if UPDATE:
-        rm = tl.load(rmean_ptr + cols, mask=cmask, other=0.0).to(ACC)
-        rv = tl.load(rvar_ptr + cols, mask=cmask, other=0.0).to(ACC)
-        unbiased = m2 / tl.maximum(cnt - 1.0, 1.0)
-        rm = momentum * mean + (1.0 - momentum) * rm
-        rv = momentum * unbiased + (1.0 - momentum) * rv
-        tl.store(rmean_ptr + cols, rm.to(rmean_ptr.dtype.element_ty), mask=cmask)
-        tl.store(rvar_ptr + cols, rv.to(rvar_ptr.dtype.element_ty), mask=cmask)
+        mean, m2, cnt = _welford_update(mean, m2, cnt, x - shift[None, :], mask)
+    mean, m2, cnt = _welford_lanes_merge(mean, m2, cnt, 0, ACC)
+    if FUSED:
+        hi, lo, invstd = _bn_finalize(cols, cmask, mean, m2, cnt, shift, mean_ptr, invstd_ptr,
+                                      rmean_ptr, rvar_ptr, momentum, eps, ACC, UPDATE, OUT_VAR)
+        w = chan_load(w_ptr, cols, cmask, 1.0, False, ACC, HAS_W)
+        b = chan_load(b_ptr, cols, cmask, 0.0, False, ACC, HAS_B)
+        mu = 0.0
+        sigma = 1.0
+        step = 0
+        if NOISY:
+            step = load_step(step_ptr, step_val, STEP_PTR)
+            mu, sigma = channel_noise(cols, seed, step, n_mu, n_sigma)
+            mu, sigma = mu[None, :], sigma[None, :]
+            _save_step(used_ptr, step, pc == 0, SAVE_STEP)
+        for off in range(0, M, BLOCK_M):
+            rows = off + tl.arange(0, BLOCK_M)
+            if INT64:
+                rows = rows.to(tl.int64)
+            mask = (rows < M)[:, None] & cmask[None, :]
+            offs = rows[:, None] * C + cols[None, :]
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+            ns = 1.0
+            nm = 0.0
+            if NOISY:
+                idx = _logical_index_mc(rows, cols, C, S)
+                ns, nm = element_noise(idx, mu, sigma, seed, step, r_mu, r_sigma, INT64)
+            y = _bn_out(_bn_affine(x, hi[None, :], lo[None, :], invstd[None, :], w, b, HAS_LO),
+                        ns, nm, RELU, NOISY)
+            tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        part = ws_ptr + cols * SPLIT + p
+        tl.store(part, cnt, mask=cmask)
+        tl.store(part + C * SPLIT, mean, mask=cmask)
+        tl.store(part + 2 * C * SPLIT, m2, mask=cmask)
+        if last_of_group(ticket_ptr, pc, SPLIT):
+            mean, m2, cnt = _merge_partials(ws_ptr + cols * SPLIT, C * SPLIT, SPLIT, cmask, ACC)
+            hi, lo, invstd = _bn_finalize(cols, cmask, mean, m2, cnt, shift, mean_ptr,
+                                          invstd_ptr, rmean_ptr, rvar_ptr, momentum, eps, ACC,
+                                          UPDATE, OUT_VAR)
+            tl.store(ws_ptr + 3 * C * SPLIT + cols, lo, mask=cmask)
+            tl.store(ticket_ptr + pc, 0)
 
 
 @triton.jit(do_not_specialize=_NOISE_NO_SPEC)
 def _bn_apply_kernel(
     x_ptr,  # [ROWS, COLS] contiguous
     y_ptr,  # [ROWS, COLS] out, x's dtype
-    mean_ptr,  # [C]
-    scale_ptr,  # [C] invstd, or running_var if FROM_VAR
+    mean_ptr,  # [C] mean (mean_hi)
+    lo_ptr,  # [C] ACC mean_lo (if HAS_LO)
+    scale_ptr,  # [C] invstd, or what SCALE_FROM says
     w_ptr,  # [C] or dummy
     b_ptr,  # [C] or dummy
     step_ptr,  # noise step (a 1-element tensor) if STEP_PTR
+    used_ptr,  # int64 [1] out: the step used (SAVE_STEP)
+    save_mean_ptr,  # [C] ACC out (SAVE_STATS): the mean used, for the backward
+    save_invstd_ptr,  # [C] ACC out (SAVE_STATS): the invstd used
     ROWS,
     COLS,
     C,
@@ -273,61 +479,111 @@ def _bn_apply_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
     CHAN_ON_ROWS: tl.constexpr,  # "ncs" layout: channel = row % C; else channel = column
-    FROM_VAR: tl.constexpr,
+    SCALE_FROM: tl.constexpr,
     HAS_W: tl.constexpr,
     HAS_B: tl.constexpr,
+    HAS_LO: tl.constexpr,
     RELU: tl.constexpr,
     NOISY: tl.constexpr,
     STEP_PTR: tl.constexpr,
+    SAVE_STEP: tl.constexpr,
+    SAVE_STATS: tl.constexpr,  # eval with a backward to come: snapshot the statistics
     ACC: tl.constexpr,
     INT64: tl.constexpr,
 ):
     rows, cols, ch, cm, offs, mask = tile(ROWS, COLS, C, BLOCK_R, BLOCK_K, CHAN_ON_ROWS, INT64)
+    if SAVE_STATS:  # the programs holding each channel's first row (or column block 0)
+        if CHAN_ON_ROWS:
+            first = cm & (rows < C) & (tl.program_id(1) == 0)
+        else:
+            first = cm & (tl.program_id(0) == 0)
+        tl.store(save_mean_ptr + ch, tl.load(mean_ptr + ch, mask=first, other=0.0).to(ACC),
+                 mask=first)
+        tl.store(save_invstd_ptr + ch, _invstd_from(
+            tl.load(scale_ptr + ch, mask=first, other=1.0).to(ACC), eps, SCALE_FROM, ACC),
+            mask=first)
     mean = chan_load(mean_ptr, ch, cm, 0.0, CHAN_ON_ROWS, ACC)
-    scale = chan_load(scale_ptr, ch, cm, 1.0, CHAN_ON_ROWS, ACC)
-    if FROM_VAR:
-        scale = 1.0 / tl.sqrt(scale + eps)
+    lo = chan_load(lo_ptr, ch, cm, 0.0, CHAN_ON_ROWS, ACC, HAS_LO)
+    invstd = _invstd_from(chan_load(scale_ptr, ch, cm, 1.0, CHAN_ON_ROWS, ACC), eps, SCALE_FROM,
+                          ACC)
     w = chan_load(w_ptr, ch, cm, 1.0, CHAN_ON_ROWS, ACC, HAS_W)
     b = chan_load(b_ptr, ch, cm, 0.0, CHAN_ON_ROWS, ACC, HAS_B)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
-    y = (x - mean) * scale * w + b
+    ns = 1.0
+    nm = 0.0
     if NOISY:
-        ns, nm = _tile_noise(rows, cols, ch, offs, C, S, seed, step_ptr, step_val, n_mu,
-                             n_sigma, r_mu, r_sigma, CHAN_ON_ROWS, STEP_PTR, INT64)
-        y = ns * y + nm
-    if RELU:
-        y = tl.where(y < 0.0, 0.0, y)  # NaN propagates, as torch.relu
+        step = load_step(step_ptr, step_val, STEP_PTR)
+        ns, nm = _tile_noise(rows, cols, ch, offs, C, S, seed, step, n_mu, n_sigma, r_mu,
+                             r_sigma, CHAN_ON_ROWS, INT64)
+        _save_step(used_ptr, step, (tl.program_id(0) == 0) & (tl.program_id(1) == 0),
+                   SAVE_STEP)
+    y = _bn_out(_bn_affine(x, mean, lo, invstd, w, b, HAS_LO), ns, nm, RELU, NOISY)
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------- backward kernels
 
 
+@triton.jit
+def _bn_bwd_finalize(ch, cm, sum_g, sum_gx, invstd, coef_ptr, dw_ptr, db_ptr, C, M,
+                     ACC: tl.constexpr, WRITE_COEF: tl.constexpr, WRITE_DW: tl.constexpr,
+                     WRITE_DB: tl.constexpr, DW_RAW: tl.constexpr):
+    """dweight = sum(g (x - mean)) invstd (sum(g (x - mean)) itself if DW_RAW, for
+    SyncBatchNorm), dbias = sum(g), and the coefficients of dx: k1 = mean(g),
+    k2 = mean(g (x - mean)) invstd^2 (stored at coef_ptr if WRITE_COEF)."""
+    k1 = div_rn(sum_g, M, ACC)
+    k2 = div_rn(sum_gx, M, ACC) * invstd * invstd
+    if WRITE_COEF:
+        tl.store(coef_ptr + ch, k1, mask=cm)
+        tl.store(coef_ptr + C + ch, k2, mask=cm)
+    if WRITE_DW:
+        if DW_RAW:
+            tl.store(dw_ptr + ch, sum_gx.to(dw_ptr.dtype.element_ty), mask=cm)
+        else:
+            tl.store(dw_ptr + ch, (sum_gx * invstd).to(dw_ptr.dtype.element_ty), mask=cm)
+    if WRITE_DB:
+        tl.store(db_ptr + ch, sum_g.to(db_ptr.dtype.element_ty), mask=cm)
+    return k1, k2
+
+
 @triton.jit(do_not_specialize=_NOISE_NO_SPEC)
-def _bn_bwd_reduce_ncs_kernel(
+def _bn_bwd_ncs_kernel(
     dy_ptr,  # (N, C, S) contiguous
     x_ptr,  # (N, C, S) contiguous
-    mean_ptr,  # [C] ACC
-    invstd_ptr,  # [C] ACC
+    dx_ptr,  # (N, C, S) out (FUSED, or eval with WRITE_DX)
+    mean_ptr,  # [C] mean (training) or running_mean (eval)
+    scale_ptr,  # [C] invstd (training) or running_var (eval; see SCALE_FROM)
     w_ptr,
     b_ptr,
+    dw_ptr,  # [C] out (weight's dtype) if WRITE_DW
+    db_ptr,  # [C] out (bias's dtype) if WRITE_DB
+    ws_ptr,  # ACC workspace (split): [2, C, SPLIT] partials at 0, [2, C] coefficients at 3*C*SPLIT
+    ticket_ptr,  # int32 [C] (split)
     step_ptr,
+    C,
+    S,
+    N,
+    S_BLOCKS,
+    UNITS,
+    CHUNK,
+    SPLIT,
+    M,  # values per channel, as a float
+    eps,
     seed,
     step_val,
     n_mu,
     n_sigma,
     r_mu,
     r_sigma,
-    part_ptr,  # [2, C, SPLIT] ACC: sum(g), sum(g * (x - mean)), g = dL/da
-    C,
-    S,
-    N,
-    S_BLOCKS,  # position blocks per batch-row block
-    UNITS,  # [BLOCK_N, BLOCK_S] tiles per channel
-    CHUNK,  # tiles per split
-    SPLIT,
     BLOCK_N: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    FUSED: tl.constexpr,
+    TRAINING: tl.constexpr,
+    SCALE_FROM: tl.constexpr,
+    WRITE_DX: tl.constexpr,
+    WRITE_DW: tl.constexpr,
+    WRITE_DB: tl.constexpr,
+    DW_RAW: tl.constexpr,
     HAS_W: tl.constexpr,
     HAS_B: tl.constexpr,
     RELU: tl.constexpr,
@@ -345,7 +601,7 @@ def _bn_bwd_reduce_ncs_kernel(
         step = load_step(step_ptr, step_val, STEP_PTR)
         mu, sigma = channel_noise(c, seed, step, n_mu, n_sigma)
     mean = tl.load(mean_ptr + c).to(ACC)
-    invstd = tl.load(invstd_ptr + c).to(ACC)
+    invstd = _invstd_from(tl.load(scale_ptr + c).to(ACC), eps, SCALE_FROM, ACC)
     w = 1.0
     b = 0.0
     if HAS_W:
@@ -362,38 +618,76 @@ def _bn_bwd_reduce_ncs_kernel(
         nm = 0.0
         if NOISY:
             ns, nm = element_noise(offs, mu, sigma, seed, step, r_mu, r_sigma, INT64)
-        g = _upstream_grad(g, x, mean, invstd, w, b, ns, nm, RELU, NOISY)
-        g = tl.where(mask, g, 0.0)
+        g = tl.where(mask, _upstream_grad(g, x, mean, invstd, w, b, ns, nm, RELU, NOISY), 0.0)
         sum_g += g
         sum_gx += g * tl.where(mask, x - mean, 0.0)
-    out = part_ptr + c * SPLIT + p
-    tl.store(out, sum_all(sum_g))
-    tl.store(out + C * SPLIT, sum_all(sum_gx))
+        if WRITE_DX and not TRAINING:  # eval: dx needs no sums, written in this pass
+            tl.store(dx_ptr + offs, (g * invstd * w).to(dx_ptr.dtype.element_ty), mask=mask)
+    sum_g = sum_all(sum_g)
+    sum_gx = sum_all(sum_gx)
+    if FUSED:
+        k1, k2 = _bn_bwd_finalize(c, c < C, sum_g, sum_gx, invstd, ws_ptr, dw_ptr, db_ptr, C, M,
+                                  ACC, False, WRITE_DW, WRITE_DB, DW_RAW)
+        if WRITE_DX and TRAINING:
+            for u in range(0, UNITS):
+                offs, mask = ncs_unit(c, u, N, C, S, S_BLOCKS, BLOCK_N, BLOCK_S, INT64)
+                g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
+                x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+                ns = 1.0
+                nm = 0.0
+                if NOISY:
+                    ns, nm = element_noise(offs, mu, sigma, seed, step, r_mu, r_sigma, INT64)
+                g = _upstream_grad(g, x, mean, invstd, w, b, ns, nm, RELU, NOISY)
+                dx = (g - k1 - (x - mean) * k2) * invstd * w
+                tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    else:
+        part = ws_ptr + c * SPLIT + p
+        tl.store(part, sum_g)
+        tl.store(part + C * SPLIT, sum_gx)
+        if last_of_group(ticket_ptr, c, SPLIT):
+            sum_g, sum_gx = _sum_partials(ws_ptr + c * SPLIT, C * SPLIT, SPLIT, c < C)
+            _bn_bwd_finalize(c, c < C, sum_g, sum_gx, invstd, ws_ptr + 3 * C * SPLIT, dw_ptr,
+                             db_ptr, C, M, ACC, WRITE_DX and TRAINING, WRITE_DW, WRITE_DB,
+                             DW_RAW)
+            tl.store(ticket_ptr + c, 0)
 
 
 @triton.jit(do_not_specialize=_NOISE_NO_SPEC)
-def _bn_bwd_reduce_mc_kernel(
+def _bn_bwd_mc_kernel(
     dy_ptr,  # (M, C) contiguous
     x_ptr,
+    dx_ptr,
     mean_ptr,
-    invstd_ptr,
+    scale_ptr,
     w_ptr,
     b_ptr,
+    dw_ptr,
+    db_ptr,
+    ws_ptr,
+    ticket_ptr,  # int32 [cdiv(C, BLOCK_C)] (split)
     step_ptr,
+    C,
+    S,
+    M_ROWS,  # rows (= values per channel)
+    CHUNK,
+    SPLIT,
+    M,  # values per channel, as a float
+    eps,
     seed,
     step_val,
     n_mu,
     n_sigma,
     r_mu,
     r_sigma,
-    part_ptr,  # [2, C, SPLIT] ACC
-    C,
-    S,
-    M,
-    CHUNK,
-    SPLIT,
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    FUSED: tl.constexpr,
+    TRAINING: tl.constexpr,
+    SCALE_FROM: tl.constexpr,
+    WRITE_DX: tl.constexpr,
+    WRITE_DW: tl.constexpr,
+    WRITE_DB: tl.constexpr,
+    DW_RAW: tl.constexpr,
     HAS_W: tl.constexpr,
     HAS_B: tl.constexpr,
     RELU: tl.constexpr,
@@ -413,23 +707,20 @@ def _bn_bwd_reduce_mc_kernel(
         step = load_step(step_ptr, step_val, STEP_PTR)
         mu, sigma = channel_noise(cols, seed, step, n_mu, n_sigma)
         mu, sigma = mu[None, :], sigma[None, :]
-    mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0).to(ACC)[None, :]
-    invstd = tl.load(invstd_ptr + cols, mask=cmask, other=0.0).to(ACC)[None, :]
-    if HAS_W:
-        w = tl.load(w_ptr + cols, mask=cmask, other=1.0).to(ACC)[None, :]
-    else:
-        w = 1.0
-    if HAS_B:
-        b = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(ACC)[None, :]
-    else:
-        b = 0.0
+    mean_v = tl.load(mean_ptr + cols, mask=cmask, other=0.0).to(ACC)
+    invstd_v = _invstd_from(tl.load(scale_ptr + cols, mask=cmask, other=1.0).to(ACC), eps,
+                            SCALE_FROM, ACC)
+    mean = mean_v[None, :]
+    invstd = invstd_v[None, :]
+    w = chan_load(w_ptr, cols, cmask, 1.0, False, ACC, HAS_W)
+    b = chan_load(b_ptr, cols, cmask, 0.0, False, ACC, HAS_B)
     sum_g = tl.zeros([BLOCK_M, BLOCK_C], ACC)
     sum_gx = tl.zeros([BLOCK_M, BLOCK_C], ACC)
     for off in range(0, CHUNK, BLOCK_M):
         rows = p * CHUNK + off + tl.arange(0, BLOCK_M)
         if INT64:
             rows = rows.to(tl.int64)
-        mask = (rows < M)[:, None] & cmask[None, :]
+        mask = (rows < M_ROWS)[:, None] & cmask[None, :]
         offs = rows[:, None] * C + cols[None, :]
         g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
@@ -438,46 +729,45 @@ def _bn_bwd_reduce_mc_kernel(
         if NOISY:
             idx = _logical_index_mc(rows, cols, C, S)
             ns, nm = element_noise(idx, mu, sigma, seed, step, r_mu, r_sigma, INT64)
-        g = _upstream_grad(g, x, mean, invstd, w, b, ns, nm, RELU, NOISY)
-        g = tl.where(mask, g, 0.0)
+        g = tl.where(mask, _upstream_grad(g, x, mean, invstd, w, b, ns, nm, RELU, NOISY), 0.0)
         sum_g += g
         sum_gx += g * tl.where(mask, x - mean, 0.0)
-    out = part_ptr + cols * SPLIT + p
-    tl.store(out, tl.sum(sum_g, 0), mask=cmask)
-    tl.store(out + C * SPLIT, tl.sum(sum_gx, 0), mask=cmask)
-
-
-@triton.jit
-def _bn_bwd_finalize_kernel(
-    part_ptr,  # [2, C, SPLIT] ACC
-    invstd_ptr,  # [C] ACC
-    coef_ptr,  # [2, C] ACC out: mean(g), mean(g * (x - mean)) (sums times inv_m)
-    dw_ptr,  # [C] out (weight's dtype): sum(g * xhat)
-    db_ptr,  # [C] out (bias's dtype): sum(g)
-    C,
-    SPLIT,
-    inv_m,  # 1 / M
-    BLOCK_C: tl.constexpr,
-    ACC: tl.constexpr,
-    WRITE_COEF: tl.constexpr,
-    WRITE_DW: tl.constexpr,
-    WRITE_DB: tl.constexpr,
-):
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
-    sum_g = tl.zeros([BLOCK_C], ACC)
-    sum_gx = tl.zeros([BLOCK_C], ACC)
-    for p in range(0, SPLIT):  # fixed order: deterministic
-        sum_g += tl.load(part_ptr + cols * SPLIT + p, mask=cmask, other=0.0)
-        sum_gx += tl.load(part_ptr + C * SPLIT + cols * SPLIT + p, mask=cmask, other=0.0)
-    invstd = tl.load(invstd_ptr + cols, mask=cmask, other=0.0).to(ACC)
-    if WRITE_COEF:
-        tl.store(coef_ptr + cols, sum_g * inv_m, mask=cmask)
-        tl.store(coef_ptr + C + cols, sum_gx * inv_m, mask=cmask)
-    if WRITE_DW:
-        tl.store(dw_ptr + cols, (sum_gx * invstd).to(dw_ptr.dtype.element_ty), mask=cmask)
-    if WRITE_DB:
-        tl.store(db_ptr + cols, sum_g.to(db_ptr.dtype.element_ty), mask=cmask)
+        if WRITE_DX and not TRAINING:
+            tl.store(dx_ptr + offs, (g * invstd * w).to(dx_ptr.dtype.element_ty), mask=mask)
+    sum_g_v = tl.sum(sum_g, 0)
+    sum_gx_v = tl.sum(sum_gx, 0)
+    if FUSED:
+        k1, k2 = _bn_bwd_finalize(cols, cmask, sum_g_v, sum_gx_v, invstd_v, ws_ptr, dw_ptr,
+                                  db_ptr, C, M, ACC, False, WRITE_DW, WRITE_DB, DW_RAW)
+        if WRITE_DX and TRAINING:
+            k1 = k1[None, :]
+            k2 = k2[None, :]
+            for off in range(0, M_ROWS, BLOCK_M):
+                rows = off + tl.arange(0, BLOCK_M)
+                if INT64:
+                    rows = rows.to(tl.int64)
+                mask = (rows < M_ROWS)[:, None] & cmask[None, :]
+                offs = rows[:, None] * C + cols[None, :]
+                g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
+                x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+                ns = 1.0
+                nm = 0.0
+                if NOISY:
+                    idx = _logical_index_mc(rows, cols, C, S)
+                    ns, nm = element_noise(idx, mu, sigma, seed, step, r_mu, r_sigma, INT64)
+                g = _upstream_grad(g, x, mean, invstd, w, b, ns, nm, RELU, NOISY)
+                dx = (g - k1 - (x - mean) * k2) * invstd * w
+                tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    else:
+        part = ws_ptr + cols * SPLIT + p
+        tl.store(part, sum_g_v, mask=cmask)
+        tl.store(part + C * SPLIT, sum_gx_v, mask=cmask)
+        if last_of_group(ticket_ptr, pc, SPLIT):
+            sum_g_v, sum_gx_v = _sum_partials(ws_ptr + cols * SPLIT, C * SPLIT, SPLIT, cmask)
+            _bn_bwd_finalize(cols, cmask, sum_g_v, sum_gx_v, invstd_v, ws_ptr + 3 * C * SPLIT,
+                             dw_ptr, db_ptr, C, M, ACC, WRITE_DX and TRAINING, WRITE_DW,
+                             WRITE_DB, DW_RAW)
+            tl.store(ticket_ptr + pc, 0)
 
 
 @triton.jit(do_not_specialize=_NOISE_NO_SPEC)
@@ -485,16 +775,17 @@ def _bn_bwd_dx_kernel(
     dy_ptr,  # [ROWS, COLS] contiguous, same layout as x
     x_ptr,
     dx_ptr,  # out, x's dtype
-    mean_ptr,  # [C] ACC
-    invstd_ptr,  # [C] ACC
+    mean_ptr,  # [C] mean (training) or running_mean (eval)
+    scale_ptr,  # [C] invstd, or what SCALE_FROM says
     w_ptr,
     b_ptr,
-    coef_ptr,  # [2, C] ACC (training only): mean(g), mean(g * (x - mean)) over the batch
+    coef_ptr,  # [2, C] ACC (training): mean(g), mean(g * (x - mean)) * invstd^2
     step_ptr,
     ROWS,
     COLS,
     C,
     S,
+    eps,
     seed,
     step_val,
     n_mu,
@@ -505,6 +796,7 @@ def _bn_bwd_dx_kernel(
     BLOCK_K: tl.constexpr,
     CHAN_ON_ROWS: tl.constexpr,
     TRAINING: tl.constexpr,
+    SCALE_FROM: tl.constexpr,
     HAS_W: tl.constexpr,
     HAS_B: tl.constexpr,
     RELU: tl.constexpr,
@@ -515,18 +807,20 @@ def _bn_bwd_dx_kernel(
 ):
     rows, cols, ch, cm, offs, mask = tile(ROWS, COLS, C, BLOCK_R, BLOCK_K, CHAN_ON_ROWS, INT64)
     mean = chan_load(mean_ptr, ch, cm, 0.0, CHAN_ON_ROWS, ACC)
-    invstd = chan_load(invstd_ptr, ch, cm, 0.0, CHAN_ON_ROWS, ACC)
+    invstd = _invstd_from(chan_load(scale_ptr, ch, cm, 1.0, CHAN_ON_ROWS, ACC), eps, SCALE_FROM,
+                          ACC)
     w = chan_load(w_ptr, ch, cm, 1.0, CHAN_ON_ROWS, ACC, HAS_W)
     b = chan_load(b_ptr, ch, cm, 0.0, CHAN_ON_ROWS, ACC, HAS_B)
     k1 = chan_load(coef_ptr, ch, cm, 0.0, CHAN_ON_ROWS, ACC, TRAINING)
-    k2 = chan_load(coef_ptr + C, ch, cm, 0.0, CHAN_ON_ROWS, ACC, TRAINING) * invstd * invstd
+    k2 = chan_load(coef_ptr + C, ch, cm, 0.0, CHAN_ON_ROWS, ACC, TRAINING)
     g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
     ns = 1.0
     nm = 0.0
     if NOISY:
-        ns, nm = _tile_noise(rows, cols, ch, offs, C, S, seed, step_ptr, step_val, n_mu,
-                             n_sigma, r_mu, r_sigma, CHAN_ON_ROWS, STEP_PTR, INT64)
+        step = load_step(step_ptr, step_val, STEP_PTR)
+        ns, nm = _tile_noise(rows, cols, ch, offs, C, S, seed, step, n_mu, n_sigma, r_mu,
+                             r_sigma, CHAN_ON_ROWS, INT64)
     g = _upstream_grad(g, x, mean, invstd, w, b, ns, nm, RELU, NOISY)
     if TRAINING:
         dx = (g - k1 - (x - mean) * k2) * invstd * w
@@ -535,72 +829,202 @@ def _bn_bwd_dx_kernel(
     tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-# ----------------------------------------------------------------------------- launchers
+# ----------------------------------------------------------------------------- plans
 
 
-def _partials(kernel_ncs, kernel_mc, lay, n_out, acc, args, kwargs):
-    """Launch one split-reduction kernel over ``lay``; returns the [n_out, C, SPLIT] partials.
+class _Workspace:
+    """Partials ([3, C, SPLIT], then [2, C] per-channel results) and ticket counters."""
 
-    ``args`` are the kernel's leading arguments (before ``part_ptr``)."""
-    cfg = reduce_config(lay)
-    part = torch.empty((n_out, lay.C, cfg.split), device=lay.device, dtype=acc)
-    common = dict(ACC=tl_dtype(acc), INT64=lay.int64, num_warps=cfg.num_warps, **kwargs)
-    if lay.kind == "ncs":
-        kernel_ncs[(lay.C, cfg.split)](
-            *args, part, lay.C, lay.S, lay.N, cfg.s_blocks, cfg.units, cfg.chunk, cfg.split,
-            BLOCK_N=cfg.block_n, BLOCK_S=cfg.block_s, **common)
-    else:
-        kernel_mc[(triton.cdiv(lay.C, cfg.block_c), cfg.split)](
-            *args, part, lay.C, lay.S, lay.M, cfg.chunk, cfg.split,
-            BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, **common)
-    return part
+    def __init__(self, lay, cfg, acc):
+        n = 3 * lay.C * cfg.split + 2 * lay.C
+        self.buf = torch.empty(n, device=lay.device, dtype=acc)
+        self.ticket = torch.zeros(cfg.groups, device=lay.device, dtype=torch.int32)
+        self.vec = self.buf[3 * lay.C * cfg.split:]  # mean_lo (forward), coefficients (bwd)
 
 
-def _elementwise_grid(lay):
-    cfg = apply_config(lay)
-    grid = (triton.cdiv(lay.rows, cfg.block_r), triton.cdiv(lay.cols, cfg.block_k))
-    return grid, dict(BLOCK_R=cfg.block_r, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps)
+class BatchNormPlan:
+    """Everything about a BatchNorm call that depends only on its :class:`Signature`, resolved
+    once: the layout view, the strategy ("fused": one launch per direction; "split": two),
+    grids, blocks, warps, the constexpr flags and a cached workspace. ``forward`` and
+    ``backward`` then allocate the outputs and launch."""
+
+    def __init__(self, sig: Signature):
+        self.sig = sig
+        self.lay = lay = layout_of(sig.shape, sig.stride, sig.device)
+        self.acc = acc_dtype(sig.dtype)
+        self.training = sig.training
+        self.fused = strategy(lay) == "fused"
+        cfg = self.cfg = reduce_config(lay, fused=self.fused)
+        acfg = apply_config(lay)
+        self.ncs = lay.kind == "ncs"
+        relu = sig.activation == "relu"
+        self.noisy = sig.noisy
+        self.save_step = sig.noisy and sig.step_tensor and sig.training
+        flags = dict(HAS_W=sig.has_weight, HAS_B=sig.has_bias, RELU=relu, NOISY=sig.noisy,
+                     STEP_PTR=sig.step_tensor, ACC=tl_dtype(self.acc), INT64=lay.int64)
+        # The reduction kernels: grid, leading shape arguments, tiles.
+        if self.ncs:
+            self.reduce_fwd, self.reduce_bwd = _bn_fwd_ncs_kernel, _bn_bwd_ncs_kernel
+            self.shape_args = (lay.C, lay.S, lay.N, cfg.s_blocks, cfg.units, cfg.chunk,
+                               cfg.split)
+            tiles = dict(BLOCK_N=cfg.block_n, BLOCK_S=cfg.block_s)
+        else:
+            self.reduce_fwd, self.reduce_bwd = _bn_fwd_mc_kernel, _bn_bwd_mc_kernel
+            self.shape_args = (lay.C, lay.S, lay.M, cfg.chunk, cfg.split)
+            tiles = dict(BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c)
+        self.reduce_grid = (cfg.groups, cfg.split)
+        self.fwd_meta = dict(FUSED=self.fused, UPDATE=sig.has_running, OUT_VAR=False,
+                             HAS_LO=not relu, SAVE_STEP=self.save_step,
+                             num_warps=cfg.num_warps, **tiles, **flags)
+        # The split strategy's statistics launch (the noise comes in the apply launch).
+        self.stats_meta = dict(self.fwd_meta, FUSED=False, NOISY=False, STEP_PTR=False,
+                               SAVE_STEP=False)
+        scale_from = INVSTD if sig.training else FROM_VAR  # eval forward: running_var
+        self.bwd_meta = dict(FUSED=self.fused, TRAINING=sig.training, SCALE_FROM=INVSTD,
+                             DW_RAW=False,
+                             HAS_W=sig.has_weight, HAS_B=sig.has_bias, RELU=relu,
+                             NOISY=sig.noisy, STEP_PTR=sig.step_tensor, ACC=tl_dtype(self.acc),
+                             INT64=lay.int64, num_warps=cfg.num_warps, **tiles)
+        # The elementwise kernels.
+        self.ew_grid = (triton.cdiv(lay.rows, acfg.block_r), triton.cdiv(lay.cols, acfg.block_k))
+        self.ew_args = (lay.rows, lay.cols, lay.C, lay.S)
+        ew = dict(BLOCK_R=acfg.block_r, BLOCK_K=acfg.block_k, CHAN_ON_ROWS=self.ncs,
+                  num_warps=acfg.num_warps, **flags)
+        self.apply_meta = dict(SCALE_FROM=scale_from, HAS_LO=sig.training and not relu,
+                               SAVE_STEP=self.save_step, SAVE_STATS=False, **ew)
+        # Eval with a backward to come: the apply snapshots (mean, invstd) for it, so the
+        # backward is that of the statistics this forward used, whatever happens to the
+        # running buffers in between.
+        self.apply_save_meta = dict(self.apply_meta, SAVE_STATS=not sig.training)
+        self.dx_meta = dict(TRAINING=sig.training, SCALE_FROM=INVSTD, **ew)
+        self.workspaces = Workspaces(lay.device, lambda: _Workspace(lay, cfg, self.acc))
+        self.M = float(lay.M)
+
+    # -- forward
+
+    def forward(self, x, running_mean, running_var, weight, bias, momentum, eps, noise,
+                need_saved=True):
+        """``(y, mean, invstd, step_used)``: the batch statistics in training; in eval mode
+        snapshots of the running statistics' mean and invstd (None unless ``need_saved``)."""
+        if self.training:
+            return self._train_forward(x, running_mean, running_var, weight, bias, momentum,
+                                       eps, noise, False)
+        if not need_saved:
+            return self._apply(x, running_mean, None, running_var, weight, bias, eps, noise,
+                               None), None, None, None
+        mean = torch.empty(self.lay.C, device=x.device, dtype=self.acc)
+        invstd = torch.empty(self.lay.C, device=x.device, dtype=self.acc)
+        y = self._apply(x, running_mean, None, running_var, weight, bias, eps, noise, None,
+                        meta=self.apply_save_meta, saved=(mean, invstd))
+        return y, mean, invstd, None
+
+    def _train_forward(self, x, running_mean, running_var, weight, bias, momentum, eps, noise,
+                       out_var=False):
+        """Training forward; ``out_var``: the statistics stage of SyncBatchNorm (mean and
+        biased var, no output, running buffers untouched)."""
+        lay = self.lay
+        xc = lay.prepare(x)
+        mean = torch.empty(lay.C, device=xc.device, dtype=self.acc)
+        second = torch.empty(lay.C, device=xc.device, dtype=self.acc)
+        used = torch.empty(1, device=xc.device, dtype=torch.int64) if self.save_step else None
+        update = running_mean is not None
+        rm, rv = (running_mean, running_var) if update else (mean, second)
+        if self.fused and not out_var:
+            y = torch.empty_like(xc)
+            step_ptr, scalars = noise_scalars(noise, mean)
+            self.reduce_fwd[self.reduce_grid](
+                xc, y, mean, second, rm, rv, weight if weight is not None else mean,
+                bias if bias is not None else mean, mean, mean, step_ptr,
+                used if used is not None else step_ptr, *self.shape_args, momentum, eps,
+                *scalars, **self.fwd_meta)
+            return lay.restore(y, x), mean, second, used
+        ws = self.workspaces.get()
+        meta = self.stats_meta if not out_var else dict(self.stats_meta, OUT_VAR=True,
+                                                         UPDATE=False)
+        self.reduce_fwd[self.reduce_grid](
+            xc, xc, mean, second, rm, rv, mean, mean, ws.buf, ws.ticket, mean, mean,
+            *self.shape_args, momentum, eps, *_NO_NOISE_SCALARS, **meta)
+        if out_var:
+            return None, mean, second, None
+        y = self._apply(x, mean, ws.vec, second, weight, bias, eps, noise, used, xc)
+        return y, mean, second, used
+
+    def _apply(self, x, mean, lo, scale, weight, bias, eps, noise, used, xc=None, meta=None,
+               saved=None):
+        lay = self.lay
+        xc = lay.prepare(x) if xc is None else xc
+        y = torch.empty_like(xc)
+        step_ptr, scalars = noise_scalars(noise, scale)
+        saved = saved or (scale, scale)
+        _bn_apply_kernel[self.ew_grid](
+            xc, y, mean, lo if lo is not None else scale, scale,
+            weight if weight is not None else scale, bias if bias is not None else scale,
+            step_ptr, used if used is not None else step_ptr, saved[0], saved[1],
+            *self.ew_args, eps, *scalars, **(meta or self.apply_meta))
+        return lay.restore(y, x)
+
+    # -- backward
+
+    def backward(self, dy, x, a, b, weight, bias, eps, needs, noise):
+        """``(dx, dweight, dbias)``, None where ``needs`` says so. ``a, b``: the mean and invstd
+        the forward saved."""
+        return self._backward(dy, x, a, b, weight, bias, eps, needs, noise, self.bwd_meta,
+                              self.dx_meta)
+
+    def _backward(self, dy, x, mean, scale, weight, bias, eps, needs, noise, bwd_meta, dx_meta):
+        need_dx, need_dw, need_db = needs
+        need_dw = need_dw and weight is not None
+        need_db = need_db and bias is not None
+        lay = self.lay
+        xc = lay.prepare(x)
+        dyc = lay.like(dy, xc)
+        step_ptr, scalars = noise_scalars(noise, scale)
+        w_arg = weight if weight is not None else scale
+        b_arg = bias if bias is not None else scale
+        dxc = torch.empty_like(xc) if need_dx else None
+        if not (need_dw or need_db or (need_dx and self.training)):
+            if need_dx:  # eval, dx alone: one elementwise pass
+                _bn_bwd_dx_kernel[self.ew_grid](
+                    dyc, xc, dxc, mean, scale, w_arg, b_arg, scale, step_ptr, *self.ew_args,
+                    eps, *scalars, **dx_meta)
+                return lay.restore(dxc, x), None, None
+            return None, None, None
+        dw = torch.empty_like(weight) if need_dw else None
+        db = torch.empty_like(bias) if need_db else None
+        ws = None if self.fused else self.workspaces.get()
+        self.reduce_bwd[self.reduce_grid](
+            dyc, xc, dxc if need_dx else xc, mean, scale, w_arg, b_arg,
+            dw if need_dw else scale, db if need_db else scale,
+            ws.buf if ws is not None else scale, ws.ticket if ws is not None else scale,
+            step_ptr, *self.shape_args, self.M, eps, *scalars,
+            WRITE_DX=need_dx, WRITE_DW=need_dw, WRITE_DB=need_db, **bwd_meta)
+        if need_dx and self.training and not self.fused:
+            _bn_bwd_dx_kernel[self.ew_grid](
+                dyc, xc, dxc, mean, scale, w_arg, b_arg, ws.vec, step_ptr, *self.ew_args, eps,
+                *scalars, **dx_meta)
+        return (lay.restore(dxc, x) if need_dx else None), dw, db
 
 
-def _split_noise(noise, dummy):
-    """Noise kernel arguments split into (step_ptr, scalar args, constexpr flags)."""
-    a = noise_args(noise, dummy)
-    scalars = dict(seed=a["seed"], step_val=a["step_val"], n_mu=a["n_mu"],
-                   n_sigma=a["n_sigma"], r_mu=a["r_mu"], r_sigma=a["r_sigma"])
-    return a["step_ptr"], scalars, dict(NOISY=a["NOISY"], STEP_PTR=a["STEP_PTR"])
+_NO_NOISE_SCALARS = (0, 0, 0.0, 1.0, 0.0, 0.0)
+_PLANS: dict = register_plan_cache({})
 
 
-def _stats(lay, acc, running_mean=None, running_var=None, momentum=0.0, eps=0.0,
-           out_var=False):
-    """Per-channel batch mean and invstd (or biased var); updates running buffers if given."""
-    part = _partials(_bn_stats_ncs_kernel, _bn_stats_mc_kernel, lay, 3, acc, (lay.tensor,), {})
-    mean = torch.empty(lay.C, device=lay.device, dtype=acc)
-    second = torch.empty(lay.C, device=lay.device, dtype=acc)
-    update = running_mean is not None
-    block_c = min(triton.next_power_of_2(lay.C), 1024)
-    _bn_stats_finalize_kernel[(triton.cdiv(lay.C, block_c),)](
-        part, mean, second,
-        running_mean if update else mean, running_var if update else second,
-        lay.C, part.shape[2], float(momentum), float(eps),
-        BLOCK_C=block_c, ACC=tl_dtype(acc), UPDATE=update, OUT_VAR=out_var,
-    )
-    return mean, second
+def batch_norm_plan(sig: Signature) -> BatchNormPlan:
+    """The cached plan of ``sig``."""
+    plan = _PLANS.get(sig)
+    if plan is None:
+        plan = bounded_cache_put(_PLANS, sig, BatchNormPlan(sig))
+    return plan
 
 
-def _apply(lay, acc, stat_a, stat_b, weight, bias, eps, from_var, activation, noise):
-    xc = lay.tensor
-    y = torch.empty_like(xc)
-    step_ptr, noise_scalars, noise_flags = _split_noise(noise, xc)
-    grid, meta = _elementwise_grid(lay)
-    _bn_apply_kernel[grid](
-        xc, y, stat_a, stat_b,
-        weight if weight is not None else xc, bias if bias is not None else xc, step_ptr,
-        lay.rows, lay.cols, lay.C, lay.S, float(eps), **noise_scalars,
-        CHAN_ON_ROWS=lay.kind == "ncs", FROM_VAR=from_var,
-        HAS_W=weight is not None, HAS_B=bias is not None, RELU=activation == "relu",
-        ACC=tl_dtype(acc), INT64=lay.int64, **noise_flags, **meta,
-    )
-    return lay.restore(y)
+def _plan_for(x, training, activation, noise, weight, bias, running):
+    return batch_norm_plan(Signature.of(
+        x, bool(training), activation=activation, has_weight=weight is not None,
+        has_bias=bias is not None, has_running=running is not None, noisy=noise is not None,
+        step_tensor=noise is not None and isinstance(noise[2], torch.Tensor)))
+
+
+# ----------------------------------------------------------------------------- entry points
 
 
 def batch_norm_fwd(x, running_mean, running_var, weight, bias, training, momentum, eps,
@@ -613,73 +1037,10 @@ def batch_norm_fwd(x, running_mean, running_var, weight, bias, training, momentu
     ``noise = (NoiseConfig, seed, step)`` turns it into noisy BatchNorm: y = act(s * a + m).
     Arguments are validated by :mod:`bnkernels.functional`.
     """
-    lay = view_layout(x)
-    acc = acc_dtype(x.dtype)
-    if training:
-        mean, invstd = _stats(lay, acc, running_mean, running_var, momentum, eps)
-        y = _apply(lay, acc, mean, invstd, weight, bias, eps, False, activation, noise)
-        return y, mean, invstd
-    y = _apply(lay, acc, running_mean, running_var, weight, bias, eps, True, activation, noise)
-    return y, None, None
-
-
-# Stages, for SyncBatchNorm (statistics and gradient sums merged across processes in between).
-
-
-def batch_norm_stats(x):
-    """Per-channel (mean, biased var) of x over the batch and spatial dims, fp32/fp64."""
-    lay = view_layout(x)
-    return _stats(lay, acc_dtype(x.dtype), out_var=True)
-
-
-def batch_norm_apply(x, mean, invstd, weight, bias, activation, noise=None):
-    """y = act(w * (x - mean) * invstd + b) with given per-channel statistics."""
-    lay = view_layout(x)
-    acc = acc_dtype(x.dtype)
-    return _apply(lay, acc, mean.to(acc).contiguous(), invstd.to(acc).contiguous(), weight,
-                  bias, 0.0, False, activation, noise)
-
-
-def _grad_sums(lay, acc, dyc, mean, invstd, weight, bias, activation, noise, inv_m,
-               need_coef, need_dw, need_db):
-    """Split reduction of g = dL/da: writes [mean(g), mean(g (x - mean))] (sums * inv_m) and
-    dweight = sum(g xhat), dbias = sum(g) as asked."""
-    step_ptr, noise_scalars, noise_flags = _split_noise(noise, invstd)
-    w_arg = weight if weight is not None else invstd
-    b_arg = bias if bias is not None else invstd
-    part = _partials(
-        _bn_bwd_reduce_ncs_kernel, _bn_bwd_reduce_mc_kernel, lay, 2, acc,
-        (dyc, lay.tensor, mean, invstd, w_arg, b_arg, step_ptr, *noise_scalars.values()),
-        dict(HAS_W=weight is not None, HAS_B=bias is not None, RELU=activation == "relu",
-             **noise_flags),
-    )
-    coef = torch.empty((2, lay.C), device=lay.device, dtype=acc) if need_coef else invstd
-    dw = torch.empty_like(weight) if need_dw else None
-    db = torch.empty_like(bias) if need_db else None
-    block_c = min(triton.next_power_of_2(lay.C), 1024)
-    _bn_bwd_finalize_kernel[(triton.cdiv(lay.C, block_c),)](
-        part, invstd, coef, dw if need_dw else invstd, db if need_db else invstd,
-        lay.C, part.shape[2], float(inv_m),
-        BLOCK_C=block_c, ACC=tl_dtype(acc),
-        WRITE_COEF=need_coef, WRITE_DW=need_dw, WRITE_DB=need_db,
-    )
-    return (coef if need_coef else None), dw, db
-
-
-def _dx(lay, acc, dyc, mean, invstd, weight, bias, coef, training, activation, noise):
-    step_ptr, noise_scalars, noise_flags = _split_noise(noise, invstd)
-    dxc = torch.empty_like(lay.tensor)
-    grid, meta = _elementwise_grid(lay)
-    _bn_bwd_dx_kernel[grid](
-        dyc, lay.tensor, dxc, mean, invstd,
-        weight if weight is not None else invstd, bias if bias is not None else invstd,
-        coef if coef is not None else invstd, step_ptr,
-        lay.rows, lay.cols, lay.C, lay.S, **noise_scalars,
-        CHAN_ON_ROWS=lay.kind == "ncs", TRAINING=training,
-        HAS_W=weight is not None, HAS_B=bias is not None, RELU=activation == "relu",
-        ACC=tl_dtype(acc), INT64=lay.int64, **noise_flags, **meta,
-    )
-    return lay.restore(dxc)
+    plan = _plan_for(x, training, activation, noise, weight, bias, running_mean)
+    y, a, b, _ = plan.forward(x, running_mean, running_var, weight, bias, float(momentum),
+                              float(eps), noise, need_saved=False)
+    return (y, a, b) if training else (y, None, None)
 
 
 def batch_norm_bwd(dy, x, mean, invstd, weight, bias, training, activation, needs, noise=None):
@@ -689,40 +1050,65 @@ def batch_norm_bwd(dy, x, mean, invstd, weight, bias, training, activation, need
     1/sqrt(running_var + eps) in eval mode. ``noise`` as in :func:`batch_norm_fwd` (the noise
     is regenerated, not stored).
     """
-    need_dx, need_dw, need_db = needs
-    need_dw = need_dw and weight is not None
-    need_db = need_db and bias is not None
-    lay = view_layout(x)
-    acc = acc_dtype(x.dtype)
-    dyc = as_layout(dy, lay)
-    mean = mean.to(acc).contiguous()
-    invstd = invstd.to(acc).contiguous()
-    coef = dw = db = None
-    need_coef = training and need_dx
-    if need_coef or need_dw or need_db:
-        coef, dw, db = _grad_sums(lay, acc, dyc, mean, invstd, weight, bias, activation, noise,
-                                  1.0 / lay.M, need_coef, need_dw, need_db)
-    dx = None
-    if need_dx:
-        dx = _dx(lay, acc, dyc, mean, invstd, weight, bias, coef, training, activation, noise)
-    return dx, dw, db
+    plan = _plan_for(x, training, activation, noise, weight, bias, None)
+    acc = plan.acc
+    mean, invstd = mean.to(acc).contiguous(), invstd.to(acc).contiguous()
+    return plan._backward(dy, x, mean, invstd, weight, bias, 0.0, needs, noise, plan.bwd_meta,
+                          plan.dx_meta)
+
+
+# Stages, for SyncBatchNorm (statistics and gradient sums merged across processes in between).
+
+
+def batch_norm_stats(x):
+    """Per-channel (mean, biased var) of x over the batch and spatial dims, fp32/fp64."""
+    plan = _plan_for(x, True, None, None, None, None, None)
+    _, mean, var, _ = plan._train_forward(x, None, None, None, None, 0.0, 0.0, None, True)
+    return mean, var
+
+
+def batch_norm_apply(x, mean, invstd, weight, bias, activation, noise=None):
+    """y = act(w * (x - mean) * invstd + b) with given per-channel statistics."""
+    plan = _plan_for(x, True, activation, noise, weight, bias, None)
+    acc = plan.acc
+    return plan._apply(x, mean.to(acc).contiguous(), None, invstd.to(acc).contiguous(), weight,
+                       bias, 0.0, noise, None,
+                       meta=dict(plan.apply_meta, HAS_LO=False, SAVE_STEP=False))
 
 
 def batch_norm_bwd_reduce(dy, x, mean, invstd, weight, bias, activation, noise=None):
     """Per-channel sums [sum(g), sum(g * (x - mean))] ([2, C], fp32/fp64) for SyncBatchNorm."""
-    lay = view_layout(x)
-    acc = acc_dtype(x.dtype)
-    coef, _, _ = _grad_sums(lay, acc, as_layout(dy, lay), mean.to(acc).contiguous(),
-                            invstd.to(acc).contiguous(), weight, bias, activation, noise, 1.0,
-                            True, False, False)
-    return coef
+    plan = _plan_for(x, True, activation, noise, weight, bias, None)
+    acc = plan.acc
+    mean, invstd = mean.to(acc).contiguous(), invstd.to(acc).contiguous()
+    sums = torch.empty((2, plan.lay.C), device=x.device, dtype=acc)
+    lay = plan.lay
+    xc = lay.prepare(x)
+    step_ptr, scalars = noise_scalars(noise, mean)
+    ws = None if plan.fused else plan.workspaces.get()
+    plan.reduce_bwd[plan.reduce_grid](
+        lay.like(dy, xc), xc, xc, mean, invstd, weight if weight is not None else mean,
+        bias if bias is not None else mean, sums[1], sums[0],
+        ws.buf if ws is not None else mean, ws.ticket if ws is not None else mean, step_ptr,
+        *plan.shape_args, plan.M, 0.0, *scalars, WRITE_DX=False, WRITE_DW=True, WRITE_DB=True,
+        **dict(plan.bwd_meta, DW_RAW=True))
+    return sums
 
 
 def batch_norm_bwd_dx(dy, x, mean, invstd, weight, bias, mean_sums, activation, noise=None):
     """Training dx given ``mean_sums`` = [mean(g), mean(g * (x - mean))] over the whole
     (possibly multi-process) batch."""
-    lay = view_layout(x)
-    acc = acc_dtype(x.dtype)
-    return _dx(lay, acc, as_layout(dy, lay), mean.to(acc).contiguous(),
-               invstd.to(acc).contiguous(), weight, bias, mean_sums.to(acc).contiguous(), True,
-               activation, noise)
+    plan = _plan_for(x, True, activation, noise, weight, bias, None)
+    acc = plan.acc
+    mean, invstd = mean.to(acc).contiguous(), invstd.to(acc).contiguous()
+    coef = torch.stack([mean_sums[0].to(acc), mean_sums[1].to(acc) * invstd * invstd])
+    lay = plan.lay
+    xc = lay.prepare(x)
+    dyc = lay.like(dy, xc)
+    dxc = torch.empty_like(xc)
+    step_ptr, scalars = noise_scalars(noise, invstd)
+    _bn_bwd_dx_kernel[plan.ew_grid](
+        dyc, xc, dxc, mean, invstd, weight if weight is not None else invstd,
+        bias if bias is not None else invstd, coef.contiguous(), step_ptr, *plan.ew_args, 0.0,
+        *scalars, **plan.dx_meta)
+    return lay.restore(dxc, x)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import os
 from dataclasses import dataclass
 
@@ -12,30 +11,57 @@ import torch
 import triton
 import triton.language as tl
 
+from ..layout import Layout, layout_of, view_layout  # noqa: F401  (re-exported)
+
 # Read once, when the kernels are first imported: this is when @triton.jit decides between the
 # compiler and the interpreter.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-_INT32_MAX = 2**31 - 1
 
 # Launch-parameter overrides, for tests that need e.g. many splits on a tiny tensor.
 _OVERRIDES: dict[str, int] = {}
 
 
+_STRATEGIES = ("fused", "split")
+
+
 @contextlib.contextmanager
-def override_config(**kwargs: int):
-    """Force launch parameters (``split``, ``block_m``, ``block_c``, ``block_r``, ``block_k``).
+def override_config(**kwargs):
+    """Force launch parameters (``strategy`` = "fused" | "split", ``split``, ``block_m``,
+    ``block_c``, ``block_r``, ``block_k``).
 
     Only for tests and experiments with the heuristics; values are still clamped to what the
-    shape allows.
+    shape allows. Plans made before or inside the block are forgotten on entry and exit.
     """
+    if kwargs.get("strategy", "fused") not in _STRATEGIES:
+        raise ValueError(f"strategy must be one of {_STRATEGIES}, got {kwargs['strategy']!r}")
+    from .. import clear_plans
+
     old = dict(_OVERRIDES)
     _OVERRIDES.update(kwargs)
+    clear_plans()
     try:
         yield
     finally:
         _OVERRIDES.clear()
         _OVERRIDES.update(old)
+        clear_plans()
+
+
+# A channel (or group of channels, channels last) of at most this many values per channel is
+# reduced and normalized by one program in one launch per direction ("fused": one program per
+# channel reads its values, finalizes the statistics and writes the output, re-reading its
+# values from cache); larger ones split each channel over many programs ("split": a reduction
+# launch whose last program per channel finalizes, then an elementwise launch).
+FUSED_MAX_VALUES = 8192
+
+
+def strategy(lay: Layout) -> str:
+    """"fused" (one launch per direction) or "split" (two) for ``lay``."""
+    forced = _OVERRIDES.get("strategy")
+    if forced is not None:
+        return forced
+    return "fused" if lay.M <= FUSED_MAX_VALUES else "split"
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -45,79 +71,6 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def tl_dtype(dtype: torch.dtype):
     return {torch.float32: tl.float32, torch.float64: tl.float64}[dtype]
-
-
-@dataclass(frozen=True)
-class Layout:
-    """A normalization input seen as a row-major ``[rows, cols]`` matrix.
-
-    kind "ncs": (N, C, S) contiguous, rows = N*C, cols = S, channel = row % C.
-    kind "mc":  (M, C) contiguous (channels last, or 2-D), rows = M, cols = C, channel = col.
-    """
-
-    kind: str
-    tensor: torch.Tensor  # the input, in the memory layout the kernels read
-    N: int
-    C: int
-    S: int
-    source: torch.Tensor | None = None  # the caller's input, when ``tensor`` is a copy of it
-
-    @property
-    def M(self) -> int:  # values per channel
-        return self.N * self.S
-
-    @property
-    def rows(self) -> int:
-        return self.N * self.C if self.kind == "ncs" else self.M
-
-    @property
-    def cols(self) -> int:
-        return self.S if self.kind == "ncs" else self.C
-
-    @property
-    def int64(self) -> bool:
-        return self.tensor.numel() > _INT32_MAX
-
-    @property
-    def device(self) -> torch.device:
-        return self.tensor.device
-
-    def restore(self, out: torch.Tensor) -> torch.Tensor:
-        """``out`` (allocated like ``tensor``) with the strides ``torch.empty_like`` gives the
-        caller's input, as PyTorch's own ops and the ops' fake implementations have them."""
-        if self.source is None:
-            return out
-        like = torch.empty_like(self.source)
-        if like.stride() == out.stride():
-            return out
-        return like.copy_(out)
-
-
-def _channels_last_format(x: torch.Tensor):
-    return {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
-
-
-def view_layout(x: torch.Tensor) -> Layout:
-    """Choose the kernel layout for ``x`` (N, C, *spatial); copies only for exotic strides."""
-    N, C = x.shape[0], x.shape[1]
-    S = math.prod(x.shape[2:])
-    if x.dim() > 2 and x.is_contiguous() and S > 1:
-        return Layout("ncs", x, N, C, S)
-    fmt = _channels_last_format(x)
-    if x.is_contiguous() or (fmt is not None and x.is_contiguous(memory_format=fmt)):
-        return Layout("mc", x, N, C, S)  # (N, C), (N, C, 1..), or channels last
-    # Any other strides: make the tensor contiguous explicitly, never read it wrongly.
-    xc = x.contiguous()
-    return Layout("ncs" if S > 1 else "mc", xc, N, C, S, source=x)
-
-
-def as_layout(t: torch.Tensor, lay: Layout) -> torch.Tensor:
-    """``t`` (same shape as the input) with exactly the strides the kernels read for ``lay``."""
-    if t.stride() == lay.tensor.stride():
-        return t
-    out = torch.empty_like(lay.tensor, dtype=t.dtype)
-    out.copy_(t)
-    return out
 
 
 @functools.cache
@@ -163,10 +116,12 @@ class ReduceConfig:
     block_s: int = 1
     s_blocks: int = 1
     units: int = 1
+    groups: int = 1  # programs along the channel axis: C ("ncs") or cdiv(C, block_c) ("mc")
 
 
-def reduce_config(lay: Layout) -> ReduceConfig:
-    """Tiles and split count of a per-channel reduction over ``lay``."""
+def reduce_config(lay: Layout, fused: bool = False) -> ReduceConfig:
+    """Tiles and split count of a per-channel reduction over ``lay`` (one program per channel
+    or channel group if ``fused``)."""
     big = INTERPRET or lay.device.type != "cuda"
     groups = lay.C
     if lay.kind == "ncs":
@@ -177,23 +132,23 @@ def reduce_config(lay: Layout) -> ReduceConfig:
         s_blocks = triton.cdiv(lay.S, block_s)
         units = triton.cdiv(lay.N, block_n) * s_blocks
         split = _OVERRIDES.get("split", triton.cdiv(_target_programs(lay.device), groups))
-        split = max(1, min(split, units))
+        split = 1 if fused else max(1, min(split, units))
         chunk = triton.cdiv(units, split)
         split = triton.cdiv(units, chunk)
         num_warps = 4 if block_n * block_s <= 512 else 8
         return ReduceConfig(split, chunk, block_n * block_s, 1, num_warps, block_n, block_s,
-                            s_blocks, units)
+                            s_blocks, units, lay.C)
     block_c = _OVERRIDES.get("block_c", min(triton.next_power_of_2(lay.C), 256 if big else 32))
     block_m = min(triton.next_power_of_2(lay.M), max(1, (8192 if big else 1024) // block_c))
     block_m = _OVERRIDES.get("block_m", block_m)
     groups = triton.cdiv(lay.C, block_c)
     max_split = triton.cdiv(lay.M, block_m)
     split = _OVERRIDES.get("split", triton.cdiv(_target_programs(lay.device), groups))
-    split = max(1, min(split, max_split))
+    split = 1 if fused else max(1, min(split, max_split))
     chunk = triton.cdiv(triton.cdiv(lay.M, split), block_m) * block_m
     split = triton.cdiv(lay.M, chunk)
     num_warps = 4 if block_m * block_c <= 512 else 8
-    return ReduceConfig(split, chunk, block_m, block_c, num_warps)
+    return ReduceConfig(split, chunk, block_m, block_c, num_warps, groups=groups)
 
 
 @dataclass(frozen=True)
@@ -218,7 +173,81 @@ def apply_config(lay: Layout) -> ApplyConfig:
     return ApplyConfig(block_r, block_k, num_warps)
 
 
+def _raw_stream_getter():
+    getter = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if getter is None:  # pragma: no cover - every CUDA build of torch >= 2.4 has it
+        return lambda index: torch.cuda.current_stream(index).cuda_stream
+    return getter
+
+
+class Workspaces:
+    """The cached workspace of a plan: one per CUDA stream it runs on (one on the CPU), made
+    by ``make()`` on first use and reused by every later call on that stream.
+
+    A split reduction's workspace holds its partials and one ticket counter per channel group;
+    the last program of a group resets its counter, so a workspace is zeroed once, when made.
+    Calls on one stream are ordered, so they can share it; calls on two streams at once get
+    two workspaces."""
+
+    def __init__(self, device: torch.device, make):
+        self._make = make
+        self._by_stream: dict = {}
+        if device.type == "cuda":
+            getter = _raw_stream_getter()
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            self._stream = lambda: getter(index)
+        else:
+            self._stream = lambda: 0
+
+    def get(self):
+        key = self._stream()
+        ws = self._by_stream.get(key)
+        if ws is None:
+            ws = self._by_stream[key] = self._make()
+        return ws
+
+
 # ----------------------------------------------------------------------------- jit helpers
+
+
+@triton.jit
+def div_rn(a, b, ACC: tl.constexpr):
+    """a / b correctly rounded: Triton's fp32 ``/`` is approximate on NVIDIA GPUs (fp64's is
+    IEEE), while the interpreter's and PyTorch's are exact. For results feeding statistics."""
+    if ACC == tl.float64:
+        out = a / b
+    else:
+        out = tl.math.div_rn(a, b)
+    return out
+
+
+@triton.jit
+def sqrt_rn(a, ACC: tl.constexpr):
+    """sqrt(a) correctly rounded (Triton's fp32 tl.sqrt is approximate on NVIDIA GPUs)."""
+    if ACC == tl.float64:
+        out = tl.sqrt(a)
+    else:
+        out = tl.math.sqrt_rn(a)
+    return out
+
+
+@triton.jit
+def two_sum_err(a, b, s):
+    """The rounding error of s = fl(a + b), exactly: a + b = s + err (Knuth's TwoSum)."""
+    bb = s - a
+    return (a - (s - bb)) + (b - bb)
+
+
+@triton.jit
+def last_of_group(ticket_ptr, group, n):
+    """Count this program in; True for the last of the ``n`` programs of ``group`` to arrive
+    (it then sees every other program's stores, and resets the ticket for the next launch).
+
+    The barrier orders this program's stores before the release of the ticket; the
+    acquire-release atomic makes the others' stores visible to the last program."""
+    tl.debug_barrier()
+    ticket = tl.atomic_add(ticket_ptr + group, 1, sem="acq_rel")
+    return ticket == n - 1
 # Shared by the elementwise kernels of every op family: a program's tile of the [ROWS, COLS]
 # matrix, and per-channel values broadcast against it.
 

@@ -8,28 +8,31 @@ Per channel, over its M = N * S values (the layouts are BatchNorm's, see
     s_1 = sum|z| / M,   s_2 = sqrt(sum z^2 / M),   s_inf = max|z|
     y    = w * (x - mean) / (s + eps) + b
 
-The pipeline is
+The strategies are BatchNorm's (see :mod:`.batch_norm`): **fused** (one program per channel
+or channel group does everything, one launch per direction) or **split** (each channel over
+SPLIT programs, the last to finish -- an atomic ticket -- merging the partials in a fixed order
+and finalizing; then an elementwise launch).
 
 forward (training)::
 
-    _lp_stats_{ncs,mc}_kernel   split reduction: one partial sum(x) and one partial stat(z)
-                                (sum|z|, sum z^2 or max|z|) per (channel, split)
-    _lp_stats_finalize_kernel   fixed-order merge of the splits -> mean, s, 1/(s + eps);
-                                running_mean/running_scale updated in place (no host sync)
-    _bn_apply_kernel            (BatchNorm's) y = (x - mean) * (1/(s + eps)) * w + b
+    _lp_fwd_{ncs,mc}_kernel     sum(x) and stat(z) (sum|z|, sum z^2 or max|z|) per channel ->
+                                mean, s, 1/(s + eps); running_mean/running_scale updated in
+                                place (no host sync); fused: y written by the same program
+    _bn_apply_kernel            (split; BatchNorm's) y = (x - mean) * (1/(s + eps)) * w + b
 
-  Uncentered, one reduction pass gives both sum(x) and stat(x). Centered, the stat needs the
-  mean first: pass 1 reduces sum(x) and is finalized to the mean, pass 2 reduces stat(x - mean)
-  (a two-pass, so s_2 is never E[x^2] - E[x]^2).
+  Uncentered, one pass gives both sum(x) and stat(x): 2 launches split, 1 fused. Centered, the
+  stat needs the mean first (a two-pass, so s_2 is never E[x^2] - E[x]^2): split, pass 1
+  reduces sum(x) to the mean and pass 2 stat(x - mean), 3 launches; fused, one program makes
+  both passes and the output, 1 launch.
 
-forward (eval): ``_bn_apply_kernel`` alone, with 1/(running_scale + eps).
+forward (eval): ``_bn_apply_kernel`` alone, with 1/(running_scale + eps) computed in it.
 
 backward (training), with a = s + eps, d = x - mean, xhat = d / a, g = dy::
 
-    _lp_bwd_reduce_{ncs,mc}_kernel   partial sum(g), sum(g*d), sum(f), count per (channel, split)
-    _lp_bwd_finalize_kernel          fixed-order sum of the splits -> dweight = sum(g*d)/a,
-                                     dbias = sum(g) and the per-channel coefficients of dx
-    _lp_bwd_dx_kernel                dx = (g - sum(g)/M) * w/a - k3 * (f - k4)
+    _lp_bwd_{ncs,mc}_kernel   sum(g), sum(g*d), sum(f), count per channel -> dweight =
+                              sum(g*d)/a, dbias = sum(g) and the per-channel coefficients of
+                              dx; fused: dx written by the same program
+    _lp_bwd_dx_kernel         (split) dx = (g - sum(g)/M) * w/a - k3 * (f - k4)
 
   where ds/dz_i = f_i / D is the derivative of the scale with respect to z::
 
@@ -44,7 +47,7 @@ backward (training), with a = s + eps, d = x - mean, xhat = d / a, g = dy::
   on the split into programs.
 
 backward (eval): running_mean and running_scale are constants, so l_p normalization is BatchNorm
-with invstd = 1/(running_scale + eps): BatchNorm's backward kernels run as they are.
+with invstd = 1/(running_scale + eps): BatchNorm's eval backward runs as it is (one launch).
 
 Reductions are split over many programs per channel and merged in a fixed order, so one input
 always gives bit-identical results. Statistics accumulate in fp32 (fp64 for fp64 input).
@@ -58,16 +61,24 @@ import torch
 import triton
 import triton.language as tl
 
-from .batch_norm import _apply, _elementwise_grid, _partials, batch_norm_bwd
+from .. import register_plan_cache
+from .._base import Signature, bounded_cache_put
+from .batch_norm import FROM_LP_SCALE, INVSTD, BatchNormPlan, _bn_apply_kernel
 from .common import (
+    Workspaces,
     acc_dtype,
-    as_layout,
+    apply_config,
     chan_load,
+    div_rn,
+    last_of_group,
+    layout_of,
     ncs_unit,
+    reduce_config,
+    sqrt_rn,
+    strategy,
     sum_all,
     tile,
     tl_dtype,
-    view_layout,
 )
 
 # The kernels' constexpr P: 1, 2, or 0 for inf.
@@ -119,67 +130,205 @@ def _lp_direction(z, s, P: tl.constexpr):
     return f
 
 
+@triton.jit
+def _lp_combine(a, b, P: tl.constexpr):
+    """Merge two partial scale statistics: a sum, or (l_inf) a max that keeps NaN."""
+    if P == 0:
+        out = tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+    else:
+        out = a + b
+    return out
+
+
+@triton.jit
+def _lp_finalize_mean(ch, cm, sum_x, M, mean_ptr, rmean_ptr, momentum, ACC: tl.constexpr,
+                      UPDATE: tl.constexpr):
+    """mean = sum(x) / M, stored; running_mean updated in place if UPDATE."""
+    mean = div_rn(sum_x, M, ACC)
+    tl.store(mean_ptr + ch, mean, mask=cm)
+    if UPDATE:
+        rm = tl.load(rmean_ptr + ch, mask=cm, other=0.0).to(ACC)
+        rm = momentum * mean + (1.0 - momentum) * rm
+        tl.store(rmean_ptr + ch, rm.to(rmean_ptr.dtype.element_ty), mask=cm)
+    return mean
+
+
+@triton.jit
+def _lp_finalize_scale(ch, cm, stat, M, scale_ptr, rscale_ptr, momentum, eps,
+                       P: tl.constexpr, ACC: tl.constexpr, UPDATE: tl.constexpr):
+    """s = stat / M (p=1), sqrt(stat / M) (p=2) or stat (p=inf), stored; running_scale updated
+    if UPDATE; returns (s, 1 / (s + eps))."""
+    if P == 1:
+        s = div_rn(stat, M, ACC)
+    elif P == 2:
+        s = sqrt_rn(div_rn(stat, M, ACC), ACC)
+    else:
+        s = stat
+    tl.store(scale_ptr + ch, s, mask=cm)
+    if UPDATE:
+        rs = tl.load(rscale_ptr + ch, mask=cm, other=0.0).to(ACC)
+        rs = momentum * s + (1.0 - momentum) * rs
+        tl.store(rscale_ptr + ch, rs.to(rscale_ptr.dtype.element_ty), mask=cm)
+    return s, div_rn(1.0, s + eps, ACC)
+
+
+@triton.jit
+def _lp_pass_ncs(x_ptr, c, u_start, u_end, mu, C, S, N, S_BLOCKS, BLOCK_N: tl.constexpr,
+                 BLOCK_S: tl.constexpr, P: tl.constexpr, STAT: tl.constexpr,
+                 ACC: tl.constexpr, INT64: tl.constexpr):
+    """(sum(x), stat(x - mu)) over tiles u_start..u_end-1 of channel c (stat 0 if not STAT)."""
+    sum_x = tl.zeros([BLOCK_N, BLOCK_S], ACC)
+    stat = tl.zeros([BLOCK_N, BLOCK_S], ACC)
+    for u in range(u_start, u_end):
+        offs, mask = ncs_unit(c, u, N, C, S, S_BLOCKS, BLOCK_N, BLOCK_S, INT64)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+        sum_x += x
+        if STAT:
+            stat = _lp_stat_update(stat, x - mu, mask, P)
+    return sum_all(sum_x), _lp_stat_lanes(_lp_stat_lanes(stat, 1, P), 0, P)
+
+
+@triton.jit
+def _lp_pass_mc(x_ptr, cols, cmask, r_start, r_end, mu, C, BLOCK_M: tl.constexpr,
+                BLOCK_C: tl.constexpr, P: tl.constexpr, STAT: tl.constexpr,
+                ACC: tl.constexpr, INT64: tl.constexpr):
+    """(sum(x), stat(x - mu)) per column over rows r_start..r_end-1 (a multiple of BLOCK_M
+    apart; rows past r_end are masked by the caller's r_end = min(.., M))."""
+    sum_x = tl.zeros([BLOCK_M, BLOCK_C], ACC)
+    stat = tl.zeros([BLOCK_M, BLOCK_C], ACC)
+    for off in range(r_start, r_end, BLOCK_M):
+        rows = off + tl.arange(0, BLOCK_M)
+        if INT64:
+            rows = rows.to(tl.int64)
+        mask = (rows < r_end)[:, None] & cmask[None, :]
+        x = tl.load(x_ptr + rows[:, None] * C + cols[None, :], mask=mask, other=0.0).to(ACC)
+        sum_x += x
+        if STAT:
+            stat = _lp_stat_update(stat, x - mu, mask, P)
+    return tl.sum(sum_x, 0), _lp_stat_lanes(stat, 0, P)
+
+
 # ----------------------------------------------------------------------------- forward kernels
 
 
 @triton.jit
-def _lp_stats_ncs_kernel(
+def _lp_fwd_ncs_kernel(
     x_ptr,  # (N, C, S) contiguous
-    mean_ptr,  # [C] ACC, read if CENTER
-    part_ptr,  # [2, C, SPLIT] ACC: sum(x) (if SUM_X), stat(z) (if STAT) of each split
+    y_ptr,  # (N, C, S) out (FUSED)
+    mean_ptr,  # [C] ACC out: mean (read in PHASE 2)
+    scale_ptr,  # [C] ACC out: s_p
+    rmean_ptr,  # [C] running_mean, updated in place if UPDATE
+    rscale_ptr,  # [C] running_scale, updated in place if UPDATE
+    w_ptr,
+    b_ptr,
+    ws_ptr,  # ACC workspace (split): [2, C, SPLIT] partials at 0, [C] 1/(s+eps) at 4*C*SPLIT
+    ticket_ptr,  # int32 [C] (split)
     C,
     S,
     N,
-    S_BLOCKS,  # position blocks per batch-row block
-    UNITS,  # [BLOCK_N, BLOCK_S] tiles per channel
-    CHUNK,  # tiles per split
+    S_BLOCKS,
+    UNITS,
+    CHUNK,
     SPLIT,
+    M,  # values per channel, as a float
+    momentum,
+    eps,
     BLOCK_N: tl.constexpr,
     BLOCK_S: tl.constexpr,
-    P: tl.constexpr,
-    SUM_X: tl.constexpr,
-    STAT: tl.constexpr,
-    CENTER: tl.constexpr,  # z = x - mean, else z = x
+    P: tl.constexpr,  # 1, 2, or 0 for inf
+    PHASE: tl.constexpr,  # split: 0 sum and stat of x; 1 sum (centered); 2 stat of x - mean
+    FUSED: tl.constexpr,
+    CENTERED: tl.constexpr,
+    UPDATE: tl.constexpr,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
     ACC: tl.constexpr,
     INT64: tl.constexpr,
 ):
     c = tl.program_id(0)
     p = tl.program_id(1)
-    mu = 0.0
-    if CENTER:
-        mu = tl.load(mean_ptr + c).to(ACC)
-    sum_x = tl.zeros([BLOCK_N, BLOCK_S], ACC)
-    stat = tl.zeros([BLOCK_N, BLOCK_S], ACC)
-    for u in range(p * CHUNK, tl.minimum(p * CHUNK + CHUNK, UNITS)):
-        offs, mask = ncs_unit(c, u, N, C, S, S_BLOCKS, BLOCK_N, BLOCK_S, INT64)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
-        if SUM_X:
-            sum_x += x
-        if STAT:
-            stat = _lp_stat_update(stat, x - mu, mask, P)
-    out = part_ptr + c * SPLIT + p
-    if SUM_X:
-        tl.store(out, sum_all(sum_x))
-    if STAT:
-        tl.store(out + C * SPLIT, _lp_stat_lanes(_lp_stat_lanes(stat, 1, P), 0, P))
+    cm = c < C
+    if FUSED:
+        if CENTERED:
+            sum_x, _ = _lp_pass_ncs(x_ptr, c, 0, UNITS, 0.0, C, S, N, S_BLOCKS, BLOCK_N, BLOCK_S,
+                                    P, False, ACC, INT64)
+            mean = _lp_finalize_mean(c, cm, sum_x, M, mean_ptr, rmean_ptr, momentum, ACC,
+                                     UPDATE)
+            _, stat = _lp_pass_ncs(x_ptr, c, 0, UNITS, mean, C, S, N, S_BLOCKS, BLOCK_N,
+                                   BLOCK_S, P, True, ACC, INT64)
+        else:
+            sum_x, stat = _lp_pass_ncs(x_ptr, c, 0, UNITS, 0.0, C, S, N, S_BLOCKS, BLOCK_N,
+                                       BLOCK_S, P, True, ACC, INT64)
+            mean = _lp_finalize_mean(c, cm, sum_x, M, mean_ptr, rmean_ptr, momentum, ACC,
+                                     UPDATE)
+        _, inv = _lp_finalize_scale(c, cm, stat, M, scale_ptr, rscale_ptr, momentum, eps, P,
+                                    ACC, UPDATE)
+        w = 1.0
+        b = 0.0
+        if HAS_W:
+            w = tl.load(w_ptr + c).to(ACC)
+        if HAS_B:
+            b = tl.load(b_ptr + c).to(ACC)
+        for u in range(0, UNITS):
+            offs, mask = ncs_unit(c, u, N, C, S, S_BLOCKS, BLOCK_N, BLOCK_S, INT64)
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+            y = (x - mean) * inv * w + b
+            tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        mu = 0.0
+        if PHASE == 2:
+            mu = tl.load(mean_ptr + c).to(ACC)
+        sum_x, stat = _lp_pass_ncs(x_ptr, c, p * CHUNK, tl.minimum(p * CHUNK + CHUNK, UNITS), mu,
+                                   C, S, N, S_BLOCKS, BLOCK_N, BLOCK_S, P, PHASE != 1, ACC,
+                                   INT64)
+        part = ws_ptr + c * SPLIT + p
+        tl.store(part, sum_x)
+        tl.store(part + C * SPLIT, stat)
+        if last_of_group(ticket_ptr, c, SPLIT):
+            base = ws_ptr + c * SPLIT
+            sum_x = tl.load(base, cache_modifier=".cg")
+            stat = tl.load(base + C * SPLIT, cache_modifier=".cg")
+            for q in range(1, SPLIT):  # fixed order: deterministic
+                sum_x += tl.load(base + q, cache_modifier=".cg")
+                stat = _lp_combine(stat, tl.load(base + C * SPLIT + q, cache_modifier=".cg"), P)
+            if PHASE != 2:
+                _lp_finalize_mean(c, cm, sum_x, M, mean_ptr, rmean_ptr, momentum, ACC, UPDATE)
+            if PHASE != 1:
+                _, inv = _lp_finalize_scale(c, cm, stat, M, scale_ptr, rscale_ptr, momentum,
+                                            eps, P, ACC, UPDATE)
+                tl.store(ws_ptr + 4 * C * SPLIT + c, inv)
+            tl.store(ticket_ptr + c, 0)
 
 
 @triton.jit
-def _lp_stats_mc_kernel(
+def _lp_fwd_mc_kernel(
     x_ptr,  # (M, C) contiguous (channels last)
-    mean_ptr,  # [C] ACC, read if CENTER
-    part_ptr,  # [2, C, SPLIT] ACC
+    y_ptr,
+    mean_ptr,
+    scale_ptr,
+    rmean_ptr,
+    rscale_ptr,
+    w_ptr,
+    b_ptr,
+    ws_ptr,
+    ticket_ptr,  # int32 [cdiv(C, BLOCK_C)] (split)
     C,
-    S,  # spatial size (unused here; the same signature as the other reductions)
-    M,
-    CHUNK,
+    S,  # unused (the signature of the BatchNorm reductions)
+    M_ROWS,
+    CHUNK,  # rows per program (a multiple of BLOCK_M)
     SPLIT,
+    M,  # values per channel, as a float
+    momentum,
+    eps,
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
     P: tl.constexpr,
-    SUM_X: tl.constexpr,
-    STAT: tl.constexpr,
-    CENTER: tl.constexpr,
+    PHASE: tl.constexpr,
+    FUSED: tl.constexpr,
+    CENTERED: tl.constexpr,
+    UPDATE: tl.constexpr,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
     ACC: tl.constexpr,
     INT64: tl.constexpr,
 ):
@@ -187,111 +336,163 @@ def _lp_stats_mc_kernel(
     p = tl.program_id(1)
     cols = pc * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
-    if CENTER:
-        mu = tl.load(mean_ptr + cols, mask=cmask, other=0.0).to(ACC)[None, :]
-    else:
-        mu = 0.0
-    sum_x = tl.zeros([BLOCK_M, BLOCK_C], ACC)
-    stat = tl.zeros([BLOCK_M, BLOCK_C], ACC)
-    for off in range(0, CHUNK, BLOCK_M):
-        rows = p * CHUNK + off + tl.arange(0, BLOCK_M)
-        if INT64:
-            rows = rows.to(tl.int64)
-        mask = (rows < M)[:, None] & cmask[None, :]
-        x = tl.load(x_ptr + rows[:, None] * C + cols[None, :], mask=mask, other=0.0).to(ACC)
-        if SUM_X:
-            sum_x += x
-        if STAT:
-            stat = _lp_stat_update(stat, x - mu, mask, P)
-    out = part_ptr + cols * SPLIT + p
-    if SUM_X:
-        tl.store(out, tl.sum(sum_x, 0), mask=cmask)
-    if STAT:
-        tl.store(out + C * SPLIT, _lp_stat_lanes(stat, 0, P), mask=cmask)
-
-
-@triton.jit
-def _lp_stats_finalize_kernel(
-    part_ptr,  # [2, C, SPLIT] ACC partials
-    mean_ptr,  # [C] ACC out (if WRITE_MEAN): batch mean
-    scale_ptr,  # [C] ACC out (if WRITE_SCALE): batch s_p (saved)
-    inv_ptr,  # [C] ACC out (if WRITE_SCALE): 1 / (s_p + eps)
-    rmean_ptr,  # [C] running_mean (any float dtype), updated in place if UPDATE and WRITE_MEAN
-    rscale_ptr,  # [C] running_scale, updated in place if UPDATE and WRITE_SCALE
-    C,
-    SPLIT,
-    M,  # values per channel, as a float
-    momentum,
-    eps,
-    BLOCK_C: tl.constexpr,
-    P: tl.constexpr,
-    ACC: tl.constexpr,
-    WRITE_MEAN: tl.constexpr,
-    WRITE_SCALE: tl.constexpr,
-    UPDATE: tl.constexpr,
-):
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
-    if WRITE_MEAN:
-        sum_x = tl.zeros([BLOCK_C], ACC)
-        for p in range(0, SPLIT):  # fixed order: deterministic
-            sum_x += tl.load(part_ptr + cols * SPLIT + p, mask=cmask, other=0.0)
-        mean = sum_x / M
-        tl.store(mean_ptr + cols, mean, mask=cmask)
-        if UPDATE:
-            rm = tl.load(rmean_ptr + cols, mask=cmask, other=0.0).to(ACC)
-            rm = momentum * mean + (1.0 - momentum) * rm
-            tl.store(rmean_ptr + cols, rm.to(rmean_ptr.dtype.element_ty), mask=cmask)
-    if WRITE_SCALE:
-        stat = tl.zeros([BLOCK_C], ACC)
-        for p in range(0, SPLIT):  # fixed order: deterministic
-            part = tl.load(part_ptr + C * SPLIT + cols * SPLIT + p, mask=cmask, other=0.0)
-            if P == 0:
-                stat = tl.maximum(stat, part, propagate_nan=tl.PropagateNan.ALL)
-            else:
-                stat += part
-        if P == 1:
-            s = stat / M
-        elif P == 2:
-            s = tl.sqrt(stat / M)
+    if FUSED:
+        if CENTERED:
+            sum_x, _ = _lp_pass_mc(x_ptr, cols, cmask, 0, M_ROWS, 0.0, C, BLOCK_M, BLOCK_C, P,
+                                   False, ACC, INT64)
+            mean = _lp_finalize_mean(cols, cmask, sum_x, M, mean_ptr, rmean_ptr, momentum, ACC,
+                                     UPDATE)
+            _, stat = _lp_pass_mc(x_ptr, cols, cmask, 0, M_ROWS, mean[None, :], C, BLOCK_M,
+                                  BLOCK_C, P, True, ACC, INT64)
         else:
-            s = stat
-        tl.store(scale_ptr + cols, s, mask=cmask)
-        tl.store(inv_ptr + cols, 1.0 / (s + eps), mask=cmask)
-        if UPDATE:
-            rs = tl.load(rscale_ptr + cols, mask=cmask, other=0.0).to(ACC)
-            rs = momentum * s + (1.0 - momentum) * rs
-            tl.store(rscale_ptr + cols, rs.to(rscale_ptr.dtype.element_ty), mask=cmask)
+            sum_x, stat = _lp_pass_mc(x_ptr, cols, cmask, 0, M_ROWS, 0.0, C, BLOCK_M, BLOCK_C,
+                                      P, True, ACC, INT64)
+            mean = _lp_finalize_mean(cols, cmask, sum_x, M, mean_ptr, rmean_ptr, momentum, ACC,
+                                     UPDATE)
+        _, inv = _lp_finalize_scale(cols, cmask, stat, M, scale_ptr, rscale_ptr, momentum, eps,
+                                    P, ACC, UPDATE)
+        w = chan_load(w_ptr, cols, cmask, 1.0, False, ACC, HAS_W)
+        b = chan_load(b_ptr, cols, cmask, 0.0, False, ACC, HAS_B)
+        for off in range(0, M_ROWS, BLOCK_M):
+            rows = off + tl.arange(0, BLOCK_M)
+            if INT64:
+                rows = rows.to(tl.int64)
+            mask = (rows < M_ROWS)[:, None] & cmask[None, :]
+            offs = rows[:, None] * C + cols[None, :]
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+            y = (x - mean[None, :]) * inv[None, :] * w + b
+            tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        mu = tl.zeros([BLOCK_C], ACC)
+        if PHASE == 2:
+            mu = tl.load(mean_ptr + cols, mask=cmask, other=0.0).to(ACC)
+        sum_x, stat = _lp_pass_mc(x_ptr, cols, cmask, p * CHUNK,
+                                  tl.minimum(p * CHUNK + CHUNK, M_ROWS), mu[None, :], C, BLOCK_M,
+                                  BLOCK_C, P, PHASE != 1, ACC, INT64)
+        part = ws_ptr + cols * SPLIT + p
+        tl.store(part, sum_x, mask=cmask)
+        tl.store(part + C * SPLIT, stat, mask=cmask)
+        if last_of_group(ticket_ptr, pc, SPLIT):
+            base = ws_ptr + cols * SPLIT
+            sum_x = tl.load(base, mask=cmask, other=0.0, cache_modifier=".cg")
+            stat = tl.load(base + C * SPLIT, mask=cmask, other=0.0, cache_modifier=".cg")
+            for q in range(1, SPLIT):  # fixed order: deterministic
+                sum_x += tl.load(base + q, mask=cmask, other=0.0, cache_modifier=".cg")
+                stat = _lp_combine(stat, tl.load(base + C * SPLIT + q, mask=cmask, other=0.0,
+                                                 cache_modifier=".cg"), P)
+            if PHASE != 2:
+                _lp_finalize_mean(cols, cmask, sum_x, M, mean_ptr, rmean_ptr, momentum, ACC,
+                                  UPDATE)
+            if PHASE != 1:
+                _, inv = _lp_finalize_scale(cols, cmask, stat, M, scale_ptr, rscale_ptr,
+                                            momentum, eps, P, ACC, UPDATE)
+                tl.store(ws_ptr + 4 * C * SPLIT + cols, inv, mask=cmask)
+            tl.store(ticket_ptr + pc, 0)
 
 
 # ----------------------------------------------------------------------------- backward kernels
 
 
 @triton.jit
-def _lp_bwd_reduce_ncs_kernel(
+def _lp_bwd_terms(g, x, mean, s, mask, P: tl.constexpr, CENTERED: tl.constexpr):
+    """Per-element (g, g * d, f, [|z| = s]) of the backward sums (0 where masked)."""
+    d = tl.where(mask, x - mean, 0.0)
+    g = tl.where(mask, g, 0.0)
+    if CENTERED:
+        z = d
+    else:
+        z = x
+    f = tl.where(mask, _lp_direction(z, s, P), 0.0)
+    at_max = tl.where(mask & (tl.abs(z) == s), 1.0, 0.0)
+    return g, g * d, f, at_max
+
+
+@triton.jit
+def _lp_bwd_finalize(ch, cm, sum_g, sum_gd, sum_f, cnt, s, w, M, eps, coef_ptr, dw_ptr,
+                     db_ptr, C, P: tl.constexpr, CENTERED: tl.constexpr, ACC: tl.constexpr,
+                     WRITE_COEF: tl.constexpr, WRITE_DW: tl.constexpr,
+                     WRITE_DB: tl.constexpr):
+    """dweight = sum(g d) / a, dbias = sum(g) and the coefficients of dx (module docstring):
+    k1 = sum(g) / M, k2 = w / a, k3 = w sum(g xhat) / (a D), k4 = sum(f) / M or 0."""
+    a = s + eps
+    sum_gxhat = div_rn(sum_gd, a, ACC)
+    if P == 1:
+        den = tl.zeros_like(s) + M
+    elif P == 2:
+        den = M * s
+    else:
+        den = cnt
+    k1 = div_rn(sum_g, M, ACC)
+    k2 = div_rn(w, a, ACC)
+    k3 = tl.where(den > 0.0, div_rn(w * sum_gxhat, a * tl.where(den > 0.0, den, 1.0), ACC), 0.0)
+    if CENTERED:
+        k4 = div_rn(sum_f, M, ACC)
+    else:
+        k4 = tl.zeros_like(s)
+    if WRITE_COEF:
+        tl.store(coef_ptr + ch, k1, mask=cm)
+        tl.store(coef_ptr + C + ch, k2, mask=cm)
+        tl.store(coef_ptr + 2 * C + ch, k3, mask=cm)
+        tl.store(coef_ptr + 3 * C + ch, k4, mask=cm)
+    if WRITE_DW:
+        tl.store(dw_ptr + ch, sum_gxhat.to(dw_ptr.dtype.element_ty), mask=cm)
+    if WRITE_DB:
+        tl.store(db_ptr + ch, sum_g.to(db_ptr.dtype.element_ty), mask=cm)
+    return k1, k2, k3, k4
+
+
+@triton.jit
+def _lp_dx(g, x, mean, s, k1, k2, k3, k4, P: tl.constexpr, CENTERED: tl.constexpr):
+    """dx = (g - k1) * k2 - k3 * (f - k4)."""
+    d = x - mean
+    if CENTERED:
+        f = _lp_direction(d, s, P)
+    else:
+        f = _lp_direction(x, s, P)
+    return (g - k1) * k2 - k3 * (f - k4)
+
+
+@triton.jit
+def _lp_bwd_ncs_kernel(
     dy_ptr,  # (N, C, S) contiguous
-    x_ptr,  # (N, C, S) contiguous
+    x_ptr,
+    dx_ptr,  # out (FUSED)
     mean_ptr,  # [C] ACC
     scale_ptr,  # [C] ACC: s_p
-    part_ptr,  # [4, C, SPLIT] ACC: sum(g), sum(g*d), sum(f) (if CENTERED), count (if P=0)
+    w_ptr,
+    dw_ptr,
+    db_ptr,
+    ws_ptr,  # ACC workspace (split): [4, C, SPLIT] partials at 0, [4, C] coefficients at 4*C*SPLIT
+    ticket_ptr,
     C,
     S,
     N,
-    S_BLOCKS,  # position blocks per batch-row block
-    UNITS,  # [BLOCK_N, BLOCK_S] tiles per channel
-    CHUNK,  # tiles per split
+    S_BLOCKS,
+    UNITS,
+    CHUNK,
     SPLIT,
+    M,  # values per channel, as a float
+    eps,
     BLOCK_N: tl.constexpr,
     BLOCK_S: tl.constexpr,
     P: tl.constexpr,
+    FUSED: tl.constexpr,
     CENTERED: tl.constexpr,
+    HAS_W: tl.constexpr,
+    WRITE_DX: tl.constexpr,
+    WRITE_DW: tl.constexpr,
+    WRITE_DB: tl.constexpr,
     ACC: tl.constexpr,
     INT64: tl.constexpr,
 ):
     c = tl.program_id(0)
     p = tl.program_id(1)
+    cm = c < C
     mean = tl.load(mean_ptr + c).to(ACC)
     s = tl.load(scale_ptr + c).to(ACC)
+    w = tl.zeros_like(s) + 1.0
+    if HAS_W:
+        w = tl.load(w_ptr + c).to(ACC)
     sum_g = tl.zeros([BLOCK_N, BLOCK_S], ACC)
     sum_gd = tl.zeros([BLOCK_N, BLOCK_S], ACC)
     sum_f = tl.zeros([BLOCK_N, BLOCK_S], ACC)
@@ -300,41 +501,77 @@ def _lp_bwd_reduce_ncs_kernel(
         offs, mask = ncs_unit(c, u, N, C, S, S_BLOCKS, BLOCK_N, BLOCK_S, INT64)
         g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
-        d = tl.where(mask, x - mean, 0.0)
-        sum_g += g
-        sum_gd += g * d
-        if CENTERED:
-            f = tl.where(mask, _lp_direction(d, s, P), 0.0)
-            sum_f += f
-            if P == 0:
-                cnt += tl.where(mask & (tl.abs(d) == s), 1.0, 0.0)
-        elif P == 0:
-            cnt += tl.where(mask & (tl.abs(x) == s), 1.0, 0.0)
-    out = part_ptr + c * SPLIT + p
-    tl.store(out, sum_all(sum_g))
-    tl.store(out + C * SPLIT, sum_all(sum_gd))
-    if CENTERED:
-        tl.store(out + 2 * C * SPLIT, sum_all(sum_f))
-    if P == 0:
-        tl.store(out + 3 * C * SPLIT, sum_all(cnt))
+        tg, tgd, tf, tc = _lp_bwd_terms(g, x, mean, s, mask, P, CENTERED)
+        sum_g += tg
+        sum_gd += tgd
+        sum_f += tf
+        cnt += tc
+    sum_g = sum_all(sum_g)
+    sum_gd = sum_all(sum_gd)
+    sum_f = sum_all(sum_f)
+    cnt = sum_all(cnt)
+    if FUSED:
+        k1, k2, k3, k4 = _lp_bwd_finalize(c, cm, sum_g, sum_gd, sum_f, cnt, s, w, M, eps, ws_ptr,
+                                          dw_ptr, db_ptr, C, P, CENTERED, ACC, False, WRITE_DW,
+                                          WRITE_DB)
+        if WRITE_DX:
+            for u in range(0, UNITS):
+                offs, mask = ncs_unit(c, u, N, C, S, S_BLOCKS, BLOCK_N, BLOCK_S, INT64)
+                g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
+                x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+                dx = _lp_dx(g, x, mean, s, k1, k2, k3, k4, P, CENTERED)
+                tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    else:
+        part = ws_ptr + c * SPLIT + p
+        tl.store(part, sum_g)
+        tl.store(part + C * SPLIT, sum_gd)
+        tl.store(part + 2 * C * SPLIT, sum_f)
+        tl.store(part + 3 * C * SPLIT, cnt)
+        if last_of_group(ticket_ptr, c, SPLIT):
+            base = ws_ptr + c * SPLIT
+            sum_g = tl.load(base, cache_modifier=".cg")
+            sum_gd = tl.load(base + C * SPLIT, cache_modifier=".cg")
+            sum_f = tl.load(base + 2 * C * SPLIT, cache_modifier=".cg")
+            cnt = tl.load(base + 3 * C * SPLIT, cache_modifier=".cg")
+            for q in range(1, SPLIT):  # fixed order: deterministic
+                sum_g += tl.load(base + q, cache_modifier=".cg")
+                sum_gd += tl.load(base + C * SPLIT + q, cache_modifier=".cg")
+                sum_f += tl.load(base + 2 * C * SPLIT + q, cache_modifier=".cg")
+                cnt += tl.load(base + 3 * C * SPLIT + q, cache_modifier=".cg")
+            _lp_bwd_finalize(c, cm, sum_g, sum_gd, sum_f, cnt, s, w, M, eps,
+                             ws_ptr + 4 * C * SPLIT, dw_ptr, db_ptr, C, P, CENTERED, ACC,
+                             WRITE_DX, WRITE_DW, WRITE_DB)
+            tl.store(ticket_ptr + c, 0)
 
 
 @triton.jit
-def _lp_bwd_reduce_mc_kernel(
+def _lp_bwd_mc_kernel(
     dy_ptr,  # (M, C) contiguous
     x_ptr,
+    dx_ptr,
     mean_ptr,
     scale_ptr,
-    part_ptr,  # [4, C, SPLIT] ACC
+    w_ptr,
+    dw_ptr,
+    db_ptr,
+    ws_ptr,
+    ticket_ptr,  # int32 [cdiv(C, BLOCK_C)] (split)
     C,
-    S,  # unused, as above
-    M,
+    S,  # unused
+    M_ROWS,
     CHUNK,
     SPLIT,
+    M,
+    eps,
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
     P: tl.constexpr,
+    FUSED: tl.constexpr,
     CENTERED: tl.constexpr,
+    HAS_W: tl.constexpr,
+    WRITE_DX: tl.constexpr,
+    WRITE_DW: tl.constexpr,
+    WRITE_DB: tl.constexpr,
     ACC: tl.constexpr,
     INT64: tl.constexpr,
 ):
@@ -342,8 +579,14 @@ def _lp_bwd_reduce_mc_kernel(
     p = tl.program_id(1)
     cols = pc * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
-    mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0).to(ACC)[None, :]
-    s = tl.load(scale_ptr + cols, mask=cmask, other=0.0).to(ACC)[None, :]
+    mean_v = tl.load(mean_ptr + cols, mask=cmask, other=0.0).to(ACC)
+    s_v = tl.load(scale_ptr + cols, mask=cmask, other=0.0).to(ACC)
+    if HAS_W:
+        w_v = tl.load(w_ptr + cols, mask=cmask, other=1.0).to(ACC)
+    else:
+        w_v = tl.full([BLOCK_C], 1.0, ACC)
+    mean = mean_v[None, :]
+    s = s_v[None, :]
     sum_g = tl.zeros([BLOCK_M, BLOCK_C], ACC)
     sum_gd = tl.zeros([BLOCK_M, BLOCK_C], ACC)
     sum_f = tl.zeros([BLOCK_M, BLOCK_C], ACC)
@@ -352,91 +595,59 @@ def _lp_bwd_reduce_mc_kernel(
         rows = p * CHUNK + off + tl.arange(0, BLOCK_M)
         if INT64:
             rows = rows.to(tl.int64)
-        mask = (rows < M)[:, None] & cmask[None, :]
+        mask = (rows < M_ROWS)[:, None] & cmask[None, :]
         offs = rows[:, None] * C + cols[None, :]
         g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
-        d = tl.where(mask, x - mean, 0.0)
-        sum_g += g
-        sum_gd += g * d
-        if CENTERED:
-            f = tl.where(mask, _lp_direction(d, s, P), 0.0)
-            sum_f += f
-            if P == 0:
-                cnt += tl.where(mask & (tl.abs(d) == s), 1.0, 0.0)
-        elif P == 0:
-            cnt += tl.where(mask & (tl.abs(x) == s), 1.0, 0.0)
-    out = part_ptr + cols * SPLIT + p
-    tl.store(out, tl.sum(sum_g, 0), mask=cmask)
-    tl.store(out + C * SPLIT, tl.sum(sum_gd, 0), mask=cmask)
-    if CENTERED:
-        tl.store(out + 2 * C * SPLIT, tl.sum(sum_f, 0), mask=cmask)
-    if P == 0:
-        tl.store(out + 3 * C * SPLIT, tl.sum(cnt, 0), mask=cmask)
-
-
-@triton.jit
-def _lp_bwd_finalize_kernel(
-    part_ptr,  # [4, C, SPLIT] ACC
-    scale_ptr,  # [C] ACC: s_p
-    w_ptr,  # [C] or dummy
-    coef_ptr,  # [4, C] ACC out: sum(g)/M, w/a, k3 = w*sum(g*xhat)/(a*D), k4 = sum(f)/M or 0
-    dw_ptr,  # [C] out (weight's dtype): sum(g * xhat)
-    db_ptr,  # [C] out (bias's dtype): sum(g)
-    C,
-    SPLIT,
-    M,  # values per channel, as a float
-    eps,
-    BLOCK_C: tl.constexpr,
-    P: tl.constexpr,
-    CENTERED: tl.constexpr,
-    HAS_W: tl.constexpr,
-    ACC: tl.constexpr,
-    WRITE_COEF: tl.constexpr,
-    WRITE_DW: tl.constexpr,
-    WRITE_DB: tl.constexpr,
-):
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
-    sum_g = tl.zeros([BLOCK_C], ACC)
-    sum_gd = tl.zeros([BLOCK_C], ACC)
-    sum_f = tl.zeros([BLOCK_C], ACC)
-    cnt = tl.zeros([BLOCK_C], ACC)
-    for p in range(0, SPLIT):  # fixed order: deterministic
-        base = part_ptr + cols * SPLIT + p
-        sum_g += tl.load(base, mask=cmask, other=0.0)
-        sum_gd += tl.load(base + C * SPLIT, mask=cmask, other=0.0)
-        if CENTERED and WRITE_COEF:
-            sum_f += tl.load(base + 2 * C * SPLIT, mask=cmask, other=0.0)
-        if P == 0 and WRITE_COEF:
-            cnt += tl.load(base + 3 * C * SPLIT, mask=cmask, other=0.0)
-    s = tl.load(scale_ptr + cols, mask=cmask, other=0.0).to(ACC)
-    a = s + eps
-    sum_gxhat = sum_gd / a
-    if WRITE_COEF:
-        if HAS_W:
-            w = tl.load(w_ptr + cols, mask=cmask, other=1.0).to(ACC)
-        else:
-            w = tl.full([BLOCK_C], 1.0, ACC)
-        if P == 1:
-            den = tl.full([BLOCK_C], 1.0, ACC) * M
-        elif P == 2:
-            den = M * s
-        else:
-            den = cnt
-        k3 = tl.where(den > 0.0, w * sum_gxhat / (a * tl.where(den > 0.0, den, 1.0)), 0.0)
-        if CENTERED:
-            k4 = sum_f / M
-        else:
-            k4 = tl.zeros([BLOCK_C], ACC)
-        tl.store(coef_ptr + cols, sum_g / M, mask=cmask)
-        tl.store(coef_ptr + C + cols, w / a, mask=cmask)
-        tl.store(coef_ptr + 2 * C + cols, k3, mask=cmask)
-        tl.store(coef_ptr + 3 * C + cols, k4, mask=cmask)
-    if WRITE_DW:
-        tl.store(dw_ptr + cols, sum_gxhat.to(dw_ptr.dtype.element_ty), mask=cmask)
-    if WRITE_DB:
-        tl.store(db_ptr + cols, sum_g.to(db_ptr.dtype.element_ty), mask=cmask)
+        tg, tgd, tf, tc = _lp_bwd_terms(g, x, mean, s, mask, P, CENTERED)
+        sum_g += tg
+        sum_gd += tgd
+        sum_f += tf
+        cnt += tc
+    sum_g_v = tl.sum(sum_g, 0)
+    sum_gd_v = tl.sum(sum_gd, 0)
+    sum_f_v = tl.sum(sum_f, 0)
+    cnt_v = tl.sum(cnt, 0)
+    if FUSED:
+        k1, k2, k3, k4 = _lp_bwd_finalize(cols, cmask, sum_g_v, sum_gd_v, sum_f_v, cnt_v, s_v,
+                                          w_v, M, eps, ws_ptr, dw_ptr, db_ptr, C, P, CENTERED,
+                                          ACC, False, WRITE_DW, WRITE_DB)
+        if WRITE_DX:
+            for off in range(0, M_ROWS, BLOCK_M):
+                rows = off + tl.arange(0, BLOCK_M)
+                if INT64:
+                    rows = rows.to(tl.int64)
+                mask = (rows < M_ROWS)[:, None] & cmask[None, :]
+                offs = rows[:, None] * C + cols[None, :]
+                g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
+                x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+                dx = _lp_dx(g, x, mean, s, k1[None, :], k2[None, :], k3[None, :], k4[None, :],
+                            P, CENTERED)
+                tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    else:
+        part = ws_ptr + cols * SPLIT + p
+        tl.store(part, sum_g_v, mask=cmask)
+        tl.store(part + C * SPLIT, sum_gd_v, mask=cmask)
+        tl.store(part + 2 * C * SPLIT, sum_f_v, mask=cmask)
+        tl.store(part + 3 * C * SPLIT, cnt_v, mask=cmask)
+        if last_of_group(ticket_ptr, pc, SPLIT):
+            base = ws_ptr + cols * SPLIT
+            sum_g_v = tl.load(base, mask=cmask, other=0.0, cache_modifier=".cg")
+            sum_gd_v = tl.load(base + C * SPLIT, mask=cmask, other=0.0, cache_modifier=".cg")
+            sum_f_v = tl.load(base + 2 * C * SPLIT, mask=cmask, other=0.0, cache_modifier=".cg")
+            cnt_v = tl.load(base + 3 * C * SPLIT, mask=cmask, other=0.0, cache_modifier=".cg")
+            for q in range(1, SPLIT):  # fixed order: deterministic
+                sum_g_v += tl.load(base + q, mask=cmask, other=0.0, cache_modifier=".cg")
+                sum_gd_v += tl.load(base + C * SPLIT + q, mask=cmask, other=0.0,
+                                    cache_modifier=".cg")
+                sum_f_v += tl.load(base + 2 * C * SPLIT + q, mask=cmask, other=0.0,
+                                   cache_modifier=".cg")
+                cnt_v += tl.load(base + 3 * C * SPLIT + q, mask=cmask, other=0.0,
+                                 cache_modifier=".cg")
+            _lp_bwd_finalize(cols, cmask, sum_g_v, sum_gd_v, sum_f_v, cnt_v, s_v, w_v, M, eps,
+                             ws_ptr + 4 * C * SPLIT, dw_ptr, db_ptr, C, P, CENTERED, ACC,
+                             WRITE_DX, WRITE_DW, WRITE_DB)
+            tl.store(ticket_ptr + pc, 0)
 
 
 @triton.jit
@@ -467,20 +678,154 @@ def _lp_bwd_dx_kernel(
     k4 = chan_load(coef_ptr + 3 * C, ch, cm, 0.0, CHAN_ON_ROWS, ACC)
     g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
-    d = x - mean
-    if CENTERED:
-        f = _lp_direction(d, s, P)
-    else:
-        f = _lp_direction(x, s, P)
-    dx = (g - k1) * k2 - k3 * (f - k4)
+    dx = _lp_dx(g, x, mean, s, k1, k2, k3, k4, P, CENTERED)
     tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-# ----------------------------------------------------------------------------- launchers
+# ----------------------------------------------------------------------------- plans
 
 
-def _finalize_block(C: int) -> int:
-    return min(triton.next_power_of_2(C), 1024)
+class _Workspace:
+    """Partials ([4, C, SPLIT]), per-channel results ([4, C]) and ticket counters."""
+
+    def __init__(self, lay, cfg, acc):
+        self.buf = torch.empty(4 * lay.C * cfg.split + 4 * lay.C, device=lay.device, dtype=acc)
+        self.ticket = torch.zeros(cfg.groups, device=lay.device, dtype=torch.int32)
+        self.vec = self.buf[4 * lay.C * cfg.split:]
+
+
+class LpNormPlan:
+    """Everything about an l_p normalization call that depends only on its signature, resolved
+    once (see :class:`~.batch_norm.BatchNormPlan`)."""
+
+    def __init__(self, sig: Signature):
+        self.lay = lay = layout_of(sig.shape, sig.stride, sig.device)
+        self.acc = acc_dtype(sig.dtype)
+        self.training = sig.training
+        self.centered = bool(sig.centered)
+        P = _p_code(sig.p)
+        if not sig.training:
+            # Constant statistics: BatchNorm's eval kernels with invstd = 1/(running_scale + eps).
+            bn = self.bn = BatchNormPlan(Signature(
+                sig.shape, sig.stride, sig.dtype, sig.device, False,
+                has_weight=sig.has_weight, has_bias=sig.has_bias))
+            self.eval_apply = dict(bn.apply_meta, SCALE_FROM=FROM_LP_SCALE)
+            self.eval_apply_save = dict(bn.apply_save_meta, SCALE_FROM=FROM_LP_SCALE)
+            return
+        self.fused = strategy(lay) == "fused"
+        cfg = reduce_config(lay, fused=self.fused)
+        acfg = apply_config(lay)
+        self.ncs = lay.kind == "ncs"
+        if self.ncs:
+            self.fwd_kernel, self.bwd_kernel = _lp_fwd_ncs_kernel, _lp_bwd_ncs_kernel
+            self.shape_args = (lay.C, lay.S, lay.N, cfg.s_blocks, cfg.units, cfg.chunk,
+                               cfg.split)
+            tiles = dict(BLOCK_N=cfg.block_n, BLOCK_S=cfg.block_s)
+        else:
+            self.fwd_kernel, self.bwd_kernel = _lp_fwd_mc_kernel, _lp_bwd_mc_kernel
+            self.shape_args = (lay.C, lay.S, lay.M, cfg.chunk, cfg.split)
+            tiles = dict(BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c)
+        self.grid = (cfg.groups, cfg.split)
+        common = dict(P=P, FUSED=self.fused, CENTERED=self.centered, ACC=tl_dtype(self.acc),
+                      INT64=lay.int64, num_warps=cfg.num_warps, **tiles)
+        self.fwd_meta = dict(UPDATE=sig.has_running, HAS_W=sig.has_weight, HAS_B=sig.has_bias,
+                             **common)
+        # Split: the phases of the reduction (uncentered: one; centered: mean, then scale).
+        self.phases = [dict(self.fwd_meta, PHASE=ph) for ph in ((1, 2) if self.centered else (0,))]
+        self.bwd_meta = dict(HAS_W=sig.has_weight, **common)
+        self.ew_grid = (triton.cdiv(lay.rows, acfg.block_r), triton.cdiv(lay.cols, acfg.block_k))
+        ew = dict(BLOCK_R=acfg.block_r, BLOCK_K=acfg.block_k, CHAN_ON_ROWS=self.ncs,
+                  ACC=tl_dtype(self.acc), INT64=lay.int64, num_warps=acfg.num_warps)
+        self.apply_meta = dict(SCALE_FROM=INVSTD, HAS_W=sig.has_weight, HAS_B=sig.has_bias,
+                               HAS_LO=False, RELU=False, NOISY=False, STEP_PTR=False,
+                               SAVE_STEP=False, SAVE_STATS=False, **ew)
+        self.dx_meta = dict(P=P, CENTERED=self.centered, **ew)
+        self.workspaces = Workspaces(lay.device, lambda: _Workspace(lay, cfg, self.acc))
+        self.M = float(lay.M)
+
+    def forward(self, x, running_mean, running_scale, weight, bias, momentum, eps, noise=None,
+                need_saved=True):
+        """``(y, save_a, save_b, None)``: the batch mean and s_p in training; in eval mode
+        snapshots of running_mean and 1/(running_scale + eps) (if ``need_saved``), for
+        BatchNorm's eval backward."""
+        if not self.training:
+            if not need_saved:
+                return self.bn._apply(x, running_mean, None, running_scale, weight, bias, eps,
+                                      None, None, meta=self.eval_apply), None, None, None
+            mean = torch.empty(self.lay.C, device=x.device, dtype=self.acc)
+            inv = torch.empty(self.lay.C, device=x.device, dtype=self.acc)
+            y = self.bn._apply(x, running_mean, None, running_scale, weight, bias, eps, None,
+                               None, meta=self.eval_apply_save, saved=(mean, inv))
+            return y, mean, inv, None
+        lay = self.lay
+        xc = lay.prepare(x)
+        y = torch.empty_like(xc)
+        mean = torch.empty(lay.C, device=xc.device, dtype=self.acc)
+        scale = torch.empty(lay.C, device=xc.device, dtype=self.acc)
+        update = running_mean is not None
+        rm, rs = (running_mean, running_scale) if update else (mean, scale)
+        w = weight if weight is not None else mean
+        b = bias if bias is not None else mean
+        if self.fused:
+            self.fwd_kernel[self.grid](xc, y, mean, scale, rm, rs, w, b, mean, mean,
+                                       *self.shape_args, self.M, momentum, eps, PHASE=0,
+                                       **self.fwd_meta)
+            return lay.restore(y, x), mean, scale, None
+        ws = self.workspaces.get()
+        for meta in self.phases:
+            self.fwd_kernel[self.grid](xc, xc, mean, scale, rm, rs, w, b, ws.buf, ws.ticket,
+                                       *self.shape_args, self.M, momentum, eps, **meta)
+        _bn_apply_kernel[self.ew_grid](
+            xc, y, mean, mean, ws.vec, w, b, mean, mean, mean, mean, lay.rows, lay.cols, lay.C,
+            lay.S, eps, 0, 0, 0.0, 1.0, 0.0, 0.0, **self.apply_meta)
+        return lay.restore(y, x), mean, scale, None
+
+    def backward(self, dy, x, a, b, weight, bias, eps, needs, noise=None):
+        """``(dx, dweight, dbias)``; ``a, b``: the saved mean and s_p, or (eval) the saved mean
+        and 1/(s_p + eps)."""
+        if not self.training:
+            return self.bn.backward(dy, x, a, b, weight, bias, eps, needs, None)
+        need_dx, need_dw, need_db = needs
+        need_dw = need_dw and weight is not None
+        need_db = need_db and bias is not None
+        if not (need_dx or need_dw or need_db):
+            return None, None, None
+        lay = self.lay
+        xc = lay.prepare(x)
+        dyc = lay.like(dy, xc)
+        dxc = torch.empty_like(xc) if need_dx else None
+        dw = torch.empty_like(weight) if need_dw else None
+        db = torch.empty_like(bias) if need_db else None
+        ws = None if self.fused else self.workspaces.get()
+        self.bwd_kernel[self.grid](
+            dyc, xc, dxc if need_dx else xc, a, b, weight if weight is not None else a,
+            dw if need_dw else a, db if need_db else a, ws.buf if ws is not None else a,
+            ws.ticket if ws is not None else a, *self.shape_args, self.M, eps,
+            WRITE_DX=need_dx, WRITE_DW=need_dw, WRITE_DB=need_db, **self.bwd_meta)
+        if need_dx and not self.fused:
+            _lp_bwd_dx_kernel[self.ew_grid](dyc, xc, dxc, a, b, ws.vec, lay.rows, lay.cols,
+                                            lay.C, **self.dx_meta)
+        return (lay.restore(dxc, x) if need_dx else None), dw, db
+
+
+_PLANS: dict = register_plan_cache({})
+
+
+def lp_norm_plan(sig: Signature) -> LpNormPlan:
+    """The cached plan of ``sig``."""
+    plan = _PLANS.get(sig)
+    if plan is None:
+        plan = bounded_cache_put(_PLANS, sig, LpNormPlan(sig))
+    return plan
+
+
+def _plan_for(x, p, training, centered, weight, bias, running):
+    return lp_norm_plan(Signature.of(
+        x, bool(training), has_weight=weight is not None, has_bias=bias is not None,
+        has_running=running is not None, p=p, centered=bool(centered)))
+
+
+# ----------------------------------------------------------------------------- entry points
 
 
 def lp_norm_fwd(x, p, running_mean, running_scale, weight, bias, training, momentum, eps,
@@ -493,42 +838,10 @@ def lp_norm_fwd(x, p, running_mean, running_scale, weight, bias, training, momen
     In eval mode the running statistics are used and ``(y, None, None)`` is returned.
     Arguments are validated by :mod:`bnkernels.functional`.
     """
-    lay = view_layout(x)
-    acc = acc_dtype(x.dtype)
-    xc = lay.tensor
-    P = _p_code(p)
-    if training:
-        mean = torch.empty(lay.C, device=x.device, dtype=acc)
-        scale = torch.empty(lay.C, device=x.device, dtype=acc)
-        inv = torch.empty(lay.C, device=x.device, dtype=acc)
-        update = running_mean is not None
-        block_c = _finalize_block(lay.C)
-
-        def finalize(part, write_mean, write_scale):
-            _lp_stats_finalize_kernel[(triton.cdiv(lay.C, block_c),)](
-                part, mean, scale, inv,
-                running_mean if update else mean, running_scale if update else scale,
-                lay.C, part.shape[2], float(lay.M), float(momentum), float(eps),
-                BLOCK_C=block_c, P=P, ACC=tl_dtype(acc),
-                WRITE_MEAN=write_mean, WRITE_SCALE=write_scale, UPDATE=update,
-            )
-
-        # Pass 1: sum(x) (and, uncentered, the scale statistic of x itself).
-        part = _partials(_lp_stats_ncs_kernel, _lp_stats_mc_kernel, lay, 2, acc, (xc, xc),
-                            dict(P=P, SUM_X=True, STAT=not centered, CENTER=False))
-        finalize(part, True, not centered)
-        if centered:  # pass 2: the scale statistic of x - mean
-            part = _partials(_lp_stats_ncs_kernel, _lp_stats_mc_kernel, lay, 2, acc,
-                                (xc, mean), dict(P=P, SUM_X=False, STAT=True, CENTER=True))
-            finalize(part, False, True)
-        stat_a, stat_b = mean, inv
-        save_mean, save_scale = mean, scale
-    else:
-        stat_a = running_mean
-        stat_b = 1.0 / (running_scale.to(acc) + eps)
-        save_mean = save_scale = None
-    y = _apply(lay, acc, stat_a, stat_b, weight, bias, eps, False, None, None)  # BatchNorm's
-    return y, save_mean, save_scale
+    plan = _plan_for(x, p, training, centered, weight, bias, running_mean)
+    y, a, b, _ = plan.forward(x, running_mean, running_scale, weight, bias, float(momentum),
+                              float(eps), need_saved=False)
+    return (y, a, b) if training else (y, None, None)
 
 
 def lp_norm_bwd(dy, x, p, mean, scale, weight, bias, training, centered, eps, needs):
@@ -537,46 +850,9 @@ def lp_norm_bwd(dy, x, p, mean, scale, weight, bias, training, centered, eps, ne
     ``mean``/``scale`` are the saved batch mean and s_p in training, and running_mean and
     running_scale in eval mode (constants: no gradient flows through them).
     """
-    need_dx, need_dw, need_db = needs
-    need_dw = need_dw and weight is not None
-    need_db = need_db and bias is not None
-    lay = view_layout(x)
-    acc = acc_dtype(x.dtype)
-    xc = lay.tensor
-    dyc = as_layout(dy, lay)
-    mean = mean.to(acc).contiguous()
-    scale = scale.to(acc).contiguous()
-    has_w = weight is not None
-    dw = torch.empty_like(weight) if need_dw else None
-    db = torch.empty_like(bias) if need_db else None
-    block_c = _finalize_block(lay.C)
-    grid_c = (triton.cdiv(lay.C, block_c),)
-    if not training:
-        # Constant statistics: BatchNorm's eval backward with invstd = 1 / (running_scale + eps).
-        return batch_norm_bwd(dy, x, mean, 1.0 / (scale + eps), weight, bias, False, None, needs)
-
-    P = _p_code(p)
-    centered = bool(centered)
-    if not (need_dx or need_dw or need_db):
-        return None, None, None
-    part = _partials(_lp_bwd_reduce_ncs_kernel, _lp_bwd_reduce_mc_kernel, lay, 4, acc,
-                        (dyc, xc, mean, scale), dict(P=P, CENTERED=centered))
-    coef = torch.empty((4, lay.C), device=x.device, dtype=acc) if need_dx else scale
-    _lp_bwd_finalize_kernel[grid_c](
-        part, scale, weight if has_w else scale, coef,
-        dw if need_dw else scale, db if need_db else scale,
-        lay.C, part.shape[2], float(lay.M), float(eps),
-        BLOCK_C=block_c, P=P, CENTERED=centered, HAS_W=has_w, ACC=tl_dtype(acc),
-        WRITE_COEF=need_dx, WRITE_DW=need_dw, WRITE_DB=need_db,
-    )
-    dx = None
-    if need_dx:
-        dxc = torch.empty_like(xc)
-        grid, meta = _elementwise_grid(lay)
-        _lp_bwd_dx_kernel[grid](
-            dyc, xc, dxc, mean, scale, coef, lay.rows, lay.cols, lay.C,
-            CHAN_ON_ROWS=lay.kind == "ncs", P=P, CENTERED=centered,
-            ACC=tl_dtype(acc), INT64=lay.int64, **meta,
-        )
-        dx = lay.restore(dxc)
-    return dx, dw, db
+    plan = _plan_for(x, p, training, centered, weight, bias, None)
+    acc = plan.acc
+    mean, scale = mean.to(acc).contiguous(), scale.to(acc).contiguous()
+    if not training:  # the eval plan's backward takes 1/(s + eps)
+        scale = 1.0 / (scale + eps)
+    return plan.backward(dy, x, mean, scale, weight, bias, float(eps), needs)

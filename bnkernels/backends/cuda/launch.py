@@ -5,7 +5,8 @@ install --no-build-isolation .``) if it was built from the current sources; else
 build with ``torch.utils.cpp_extension.load`` (ninja), cached under
 ``$XDG_CACHE_HOME/bnkernels/cuda-<hash>`` (default ``~/.cache/bnkernels``), the hash covering the
 sources, flags, torch, CUDA, Python and the GPU architectures (see
-:mod:`bnkernels.backends.cuda_build`); a cached build is imported directly, without the compiler.
+:mod:`bnkernels.backends.cuda.build_config`); a cached build is imported directly, without
+the compiler.
 
 Build explicitly (works with nvcc and no GPU; prints the path of the shared library)::
 
@@ -45,7 +46,8 @@ from pathlib import Path
 
 import torch
 
-from . import cuda_build
+from ..layout import layout_of
+from . import build_config as cuda_build
 
 # ----------------------------------------------------------------------------- loading
 
@@ -213,25 +215,33 @@ def override_config(**kwargs):
         raise ValueError(f"unknown launch overrides {sorted(unknown)}")
     if "path" in kwargs and kwargs["path"] not in _PATHS:
         raise ValueError(f"path must be one of {list(_PATHS)}, got {kwargs['path']!r}")
+    from .. import clear_plans
+
     old = dict(_OVERRIDES)
     _OVERRIDES.update(kwargs)
+    clear_plans()
     try:
         yield
     finally:
         _OVERRIDES.clear()
         _OVERRIDES.update(old)
+        clear_plans()
 
 
 def _split() -> int:
     return int(_OVERRIDES.get("split", 0))
 
 
+# Read once, at import: nothing on the hot path reads the environment.
+_MULTIPASS_ONLY = os.environ.get("BNKERNELS_CUDA_PERSISTENT", "1") == "0"
+
+
 def _path() -> int:
     """The BatchNorm training path: override, else BNKERNELS_CUDA_PERSISTENT=0 (multi-pass
-    only), else automatic (persistent where the tensor fits on chip)."""
+    only, read at import), else automatic (persistent where the tensor fits on chip)."""
     if "path" in _OVERRIDES:
         return _PATHS[_OVERRIDES["path"]]
-    return 1 if os.environ.get("BNKERNELS_CUDA_PERSISTENT", "1") == "0" else 0
+    return 1 if _MULTIPASS_ONLY else 0
 
 
 # ----------------------------------------------------------------------------- layouts
@@ -449,6 +459,98 @@ def lp_norm_bwd(dy, x, p, mean, scale, weight, bias, training, centered, eps, ne
     return (lay.restore(dx) if need_dx else None), dw, db
 
 
+# ----------------------------------------------------------------------------- plans (hot path)
+
+
+def _step_used(noise):
+    """A snapshot of a tensor noise step for the backward (the step may advance first)."""
+    if noise is not None and isinstance(noise[2], torch.Tensor):
+        return noise[2].reshape(1).to(torch.int64, copy=True)
+    return None
+
+
+class BatchNormPlan:
+    """One signature's BatchNorm calls: layout view, training path and split count resolved
+    once (the extension is loaded when the plan is made); ``forward``/``backward`` follow
+    :class:`bnkernels.backends._base.Backend`."""
+
+    def __init__(self, sig):
+        self.ext = load()
+        self.lay = layout_of(sig.shape, sig.stride, sig.device)
+        self.training = sig.training
+        self.relu = sig.activation == "relu"
+        self.split = _split()
+        self.path = _path()
+
+    def forward(self, x, running_mean, running_var, weight, bias, momentum, eps, noise,
+                need_saved=True):
+        lay = self.lay
+        xc = lay.prepare(x)
+        y = torch.empty_like(xc)
+        view = lay.kernel_view
+        if self.training:
+            used = _step_used(noise)
+            mean, invstd = self.ext.bn_forward_train(
+                view(xc), lay.S, view(y), weight, bias, running_mean, running_var, momentum,
+                eps, self.relu, *_noise_args(noise, xc.device), self.split, self.path)
+            return lay.restore(y, x), mean, invstd, used
+        self.ext.bn_apply(view(xc), lay.S, view(y), running_mean, running_var, True, eps, weight,
+                          bias, self.relu, *_noise_args(noise, xc.device))
+        if not need_saved:
+            return lay.restore(y, x), None, None, None
+        acc = _acc(x.dtype)  # snapshots: the backward of this forward's statistics
+        return (lay.restore(y, x), running_mean.to(acc, copy=True),
+                torch.rsqrt(running_var.to(acc) + eps), None)
+
+    def backward(self, dy, x, a, b, weight, bias, eps, needs, noise):
+        need_dx, need_dw, need_db = needs
+        lay = self.lay
+        xc = lay.prepare(x)
+        dx = torch.empty_like(xc) if need_dx else None
+        view = lay.kernel_view
+        dw, db = self.ext.bn_backward(
+            view(lay.like(dy, xc)), view(xc), lay.S, view(dx) if need_dx else None, a, b,
+            weight, bias, self.training, self.relu, bool(need_dw and weight is not None),
+            bool(need_db and bias is not None), *_noise_args(noise, xc.device), self.split,
+            self.path)
+        return (lay.restore(dx, x) if need_dx else None), dw, db
+
+
+class LpNormPlan:
+    """One signature's l_p normalization calls (see :class:`BatchNormPlan`)."""
+
+    def __init__(self, sig):
+        self.ext = load()
+        self.lay = layout_of(sig.shape, sig.stride, sig.device)
+        self.training = sig.training
+        self.p = float(sig.p)
+        self.centered = bool(sig.centered)
+        self.split = _split()
+        self.sig = sig
+
+    def forward(self, x, running_mean, running_scale, weight, bias, momentum, eps, noise=None,
+                need_saved=True):
+        if not self.training:
+            y, _, _ = lp_norm_fwd(x, self.p, running_mean, running_scale, weight, bias, False,
+                                  momentum, eps, self.centered)
+            if not need_saved:
+                return y, None, None, None
+            acc = _acc(x.dtype)
+            return y, running_mean.to(acc, copy=True), running_scale.to(acc, copy=True), None
+        lay = self.lay
+        xc = lay.prepare(x)
+        y = torch.empty_like(xc)
+        view = lay.kernel_view
+        mean, scale = self.ext.lp_forward_train(
+            view(xc), lay.S, view(y), self.p, self.centered, running_mean, running_scale,
+            weight, bias, momentum, eps, self.split)
+        return lay.restore(y, x), mean, scale, None
+
+    def backward(self, dy, x, a, b, weight, bias, eps, needs, noise=None):
+        return lp_norm_bwd(dy, x, self.p, a, b, weight, bias, self.training, self.centered, eps,
+                           needs)
+
+
 # ----------------------------------------------------------------------------- command line
 
 
@@ -477,13 +579,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"archs:        {cuda_build.arch_list()}")
     print(f"library:      {library_path()} ({'built' if library_path().exists() else 'absent'})")
     print(f"toolkit:      {_toolkit_problem() or 'ok'}")
-    from . import available_backends
+    from .. import available_backends
 
     reasons = available_backends()["cuda"]
     print("cuda backend: " + ("available" if not reasons else "unavailable:\n  " +
                               "\n  ".join(reasons)))
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

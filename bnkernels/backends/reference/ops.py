@@ -64,31 +64,50 @@ def batch_norm_reference_fwd(x, running_mean, running_var, weight, bias, trainin
     """
     acc = acc_dtype(x.dtype)
     if training:
-        mean, var = batch_norm_reference_stats(x)
+        shift, mean_d, var = _shifted_stats(x)
+        mean = shift + mean_d
         invstd = 1.0 / torch.sqrt(var + eps)
         if running_mean is not None:
             m = x.numel() // x.shape[1]
             unbiased = var * (m / (m - 1))
             running_mean.copy_(momentum * mean + (1 - momentum) * running_mean.to(acc))
             running_var.copy_(momentum * unbiased + (1 - momentum) * running_var.to(acc))
-        y = batch_norm_reference_apply(x, mean, invstd, weight, bias, activation, noise)
+        # x - mean as (x - shift) - mean_d: exact where the fp32 mean itself would round
+        centered = (x.to(acc) - _per_channel(shift, x)) - _per_channel(mean_d, x)
+        y = _apply_centered(centered, invstd, weight, bias, activation, noise, x)
         return y, mean, invstd
     invstd = 1.0 / torch.sqrt(running_var.to(acc) + eps)
     y = batch_norm_reference_apply(x, running_mean, invstd, weight, bias, activation, noise)
     return y, None, None
 
 
+def _shifted_stats(x):
+    """Per-channel (shift, mean(x - shift), biased var) with shift = the channel's first
+    element (x[0, c, 0, ...]): the statistics of x - shift lose nothing to a large mean (a
+    channel of mean 1e4 and std 1e-2 in fp32 keeps its variance and its mean's digits)."""
+    acc = acc_dtype(x.dtype)
+    shift = x[0].reshape(x.shape[1], -1)[:, 0].to(acc)
+    d = x.to(acc) - _per_channel(shift, x)
+    var, mean_d = torch.var_mean(d, dim=_reduce_dims(x), unbiased=False)
+    return shift, mean_d, var
+
+
 def batch_norm_reference_stats(x):
-    """Per-channel (mean, biased var), fp32 (fp64 for fp64 x); torch.var_mean is stable."""
-    var, mean = torch.var_mean(x.to(acc_dtype(x.dtype)), dim=_reduce_dims(x), unbiased=False)
-    return mean, var
+    """Per-channel (mean, biased var), fp32 (fp64 for fp64 x), around a per-channel shift."""
+    shift, mean_d, var = _shifted_stats(x)
+    return shift + mean_d, var
 
 
 def batch_norm_reference_apply(x, mean, invstd, weight, bias, activation, noise=None):
     """y = act(s * a + m) (or act(a)), a = w * (x - mean) * invstd + b."""
     acc = acc_dtype(x.dtype)
-    xhat = (x.to(acc) - _per_channel(mean.to(acc), x)) * _per_channel(invstd.to(acc), x)
-    y = _affine(xhat, weight, bias, x, acc)
+    centered = x.to(acc) - _per_channel(mean.to(acc), x)
+    return _apply_centered(centered, invstd, weight, bias, activation, noise, x)
+
+
+def _apply_centered(centered, invstd, weight, bias, activation, noise, x):
+    acc = centered.dtype
+    y = _affine(centered * _per_channel(invstd.to(acc), x), weight, bias, x, acc)
     if noise is not None:
         s, m = noisy_bn_noise_reference(x, noise)
         y = s.to(acc) * y + m.to(acc)

@@ -28,7 +28,7 @@ import re
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 CSRC = ROOT / "csrc"
 EXT_NAME = "bnkernels_cuda_ext"  # the JIT module; the prebuilt one is bnkernels._cuda_ext
 PREBUILT = "bnkernels._cuda_ext"

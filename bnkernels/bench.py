@@ -232,9 +232,11 @@ def main(args: argparse.Namespace) -> int:
         raise SystemExit("bnkernels bench: CUDA-graph timing (--cuda-graph, --modes graph) "
                          "needs a CUDA device")
     from .benchmarking import providers as P
-    from .benchmarking.report import write
+    from .benchmarking.report import write, write_partial
     from .benchmarking.suite import run
 
+    out = Path(args.out)
+    opts.checkpoint = lambda partial: print(f"partial results: {write_partial(partial, out)}")
     result = run(opts)
     if "kernels" in opts.sections:
         for name in P.PROVIDERS:
@@ -246,7 +248,7 @@ def main(args: argparse.Namespace) -> int:
                 else:
                     why = P.not_default_reason(name, opts.device)
                 result["skipped"].insert(0, {"provider": name, "reason": why})
-    paths = write(result, Path(args.out))
+    paths = write(result, out)
     for kind, path in paths.items():
         print(f"{kind}: {path}")
     for g in result["summary"]["goals"]:

@@ -378,6 +378,26 @@ def test_copy_baseline_is_measured_eagerly_in_every_mode(monkeypatch):
     assert gbps == pytest.approx(2 * 2**20 / (1000.0 * 1e3))  # 2 bytes moved per byte, 1 ms
 
 
+def test_a_run_checkpoints_each_finished_section():
+    """After each section the run hands its document so far to the checkpoint (the bench
+    command writes it to a partial file): finished sections, goals and targets included."""
+    seen = []
+    device = torch.device("cpu")
+    opts = suite.RunOptions(
+        device=device, shapes=(), dtypes=("fp32",), layouts=("NCHW",), sections=("overhead",),
+        copy_bytes=2**16, copy_reps=1, copy_warmup=0, flush=False, log=lambda _: None,
+        overhead=O.OverheadOptions((2, 3, 4, 4), calls=2, repeats=2, warmup=1,
+                                   providers=("torch-native",)),
+        checkpoint=lambda doc: seen.append(json.loads(json.dumps(doc))))
+    result = suite.run(opts)
+    assert [d["sections_done"] for d in seen] == [["overhead"]]
+    assert seen[0]["overhead"] == result["overhead"] and result["rows"] == result["e2e"] == []
+    assert {r["provider"] for r in result["overhead"]} == {"torch-native"}
+    assert [t["name"] for t in seen[0]["targets"]] == ["host fwd+bwd per call",
+                                                       "host fwd per call"]
+    assert all(t["value"] is None for t in seen[0]["targets"])  # no bnkernels-auto row
+
+
 def test_host_time_per_call_and_step_times_on_a_fake_clock(monkeypatch):
     clock = [0.0]
     monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])

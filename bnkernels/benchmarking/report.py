@@ -22,10 +22,27 @@ def device_slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "device"
 
 
+def partial_path(result: dict, out: Path) -> Path:
+    """Where :func:`write_partial` keeps a run's finished sections until :func:`write`."""
+    return Path(out) / device_slug(result["device"]) / f"{result['date'][:10]}-partial.json"
+
+
+def write_partial(result: dict, out: Path) -> Path:
+    """Write a partial result document (the sections finished so far), atomically."""
+    path = partial_path(result, out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    tmp.replace(path)
+    return path
+
+
 def write(result: dict, out: Path) -> dict[str, Path]:
-    """Write the JSON, markdown and plots under ``out/<device>/``; returns their paths."""
+    """Write the JSON, markdown and plots under ``out/<device>/`` (and remove the run's
+    partial file); returns their paths."""
     folder = Path(out) / device_slug(result["device"])
     folder.mkdir(parents=True, exist_ok=True)
+    partial_path(result, out).unlink(missing_ok=True)
     day = result["date"][:10]  # the run's date (UTC), YYYY-MM-DD
     stem, n = day, 1
     while (folder / f"{stem}.json").exists():
@@ -412,4 +429,5 @@ def plot_host(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-__all__ = ["device_slug", "markdown", "plot_host", "plot_roofline", "plot_speedup", "write"]
+__all__ = ["device_slug", "markdown", "partial_path", "plot_host", "plot_roofline",
+           "plot_speedup", "write", "write_partial"]

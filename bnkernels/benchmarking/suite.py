@@ -110,6 +110,9 @@ class RunOptions:
     overhead: OVH.OverheadOptions | None = None  # None: the device's defaults
     e2e: E2E.E2EOptions | None = None
     log: Callable[[str], None] = field(default=print)
+    # Called with the result document so far after each section (the bench command writes it
+    # to a partial file, so a run killed later keeps the finished sections).
+    checkpoint: Callable[[dict], None] | None = None
 
     @property
     def claims(self) -> bool:
@@ -201,7 +204,6 @@ def _run(opts: RunOptions) -> dict:
                              warmup=opts.copy_warmup, flush=opts.flush)
     log(f"device: {device_name(device)}; copy bandwidth {copy_bw:.1f} GB/s "
         f"({opts.copy_bytes / 2**20:.0f} MiB copied eagerly)")
-    skipped: list[dict] = []
     truncated: list[str] = []
     doc = {
         "schema_version": SCHEMA_VERSION,
@@ -214,75 +216,13 @@ def _run(opts: RunOptions) -> dict:
         "command": " ".join(sys.argv),
         "suite": opts.suite,
         "sections": [s for s in SECTIONS if s in opts.sections],
+        "sections_done": [],
+        "truncated": None,
         "copy_bw_gbps": copy_bw,
         "copy_bytes": opts.copy_bytes,
         "copy_bw_method": copy_method(device, opts.copy_reps, opts.copy_warmup, opts.flush),
-    }
-
-    overhead_rows: list[dict] = []
-    if "overhead" in opts.sections:
-        o = opts.overhead or OVH.OverheadOptions.for_device(device, opts.smoke,
-                                                            opts.requested)
-        skipped += o.left_out(device)
-        overhead_rows = OVH.run(device, o, skipped, log, opts.compile_mode)
-        doc["overhead_timing"] = OVH.settings(o, device)
-        _release(device)
-
-    e2e_rows: list[dict] = []
-    if "e2e" in opts.sections:
-        e = opts.e2e or E2E.E2EOptions.for_device(device, quick=True, smoke=opts.smoke,
-                                                  requested=opts.requested)
-        skipped += e.left_out(device)
-        e2e_deadline = deadline
-        if deadline is not None and "kernels" in opts.sections:
-            e2e_deadline = deadline - opts.kernel_reserve_s
-        e2e_rows, cut = E2E.run(device, e, skipped, log, e2e_deadline)
-        if cut:
-            truncated.append(f"e2e: {cut}")
-        doc["e2e_timing"] = E2E.settings(e, device)
-        _release(device)
-
-    rows: list[dict] = []
-    timers: dict[str, Timer] = {}
-    providers = []
-    if "kernels" in opts.sections:
-        timers = {m: Timer(device, reps=opts.reps, warmup=opts.warmup, flush=opts.flush,
-                           cuda_graph=m == "graph") for m in opts.modes}
-        for m, t in timers.items():
-            log(f"kernels, {m} mode: {t.method}")
-        for name in opts.providers:
-            why = PROVIDERS[name].unavailable(device)
-            if why:
-                skipped.append({"provider": name, "reason": why})
-                log(f"skip {name}: {why}")
-            else:
-                providers.append(PROVIDERS[name])
-        configs = [(shape, dtype, layout_name(shape.dims, layout), layout)
-                   for dtype, layout in combo_order(opts.dtypes, opts.layouts)
-                   for shape in opts.shapes if layout_name(shape.dims, layout) is not None]
-        runner = _Runner(opts, timers, providers, copy_bw, skipped)
-        for done, (shape, dtype, label, layout) in enumerate(configs):
-            if deadline is not None and time.monotonic() > deadline:
-                cut = (f"time limit of {opts.time_limit_s:g} s reached: {done} of "
-                       f"{len(configs)} inputs measured")
-                truncated.append(f"kernels: {cut}")
-                log(f"stopping: {cut}")
-                break
-            runner.run_input(shape, dtype, label, layout)
-        rows = runner.rows
-        _release(device)
-        if "noisy_batch_norm" in opts.ops and "fwd-eval" in opts.passes:
-            skipped.append({"op": "noisy_batch_norm", "pass": "fwd-eval",
-                            "reason": "noisy BatchNorm in eval mode has no noise: it is "
-                                      "batch_norm fwd-eval"})
-        add_speedups(rows)
-
-    doc.update({
-        "truncated": "; ".join(truncated) or None,
-        "timing": {"method": " | ".join(f"{m}: {t.method}" for m, t in timers.items()),
-                   "modes": list(timers), "reps": opts.reps, "warmup": opts.warmup,
-                   "flush_bytes": next(iter(timers.values())).flush_bytes if timers else 0,
-                   "cuda_graph": "graph" in timers,
+        "timing": {"method": "", "modes": [], "reps": opts.reps, "warmup": opts.warmup,
+                   "flush_bytes": 0, "cuda_graph": False,
                    "compile_mode": opts.compile_mode or "default"},
         "cudnn_settings": {"cudnn provider": "enabled=True benchmark=False "
                                              "deterministic=False",
@@ -291,15 +231,90 @@ def _run(opts: RunOptions) -> dict:
                            "e2e": "benchmark=True (every provider)"},
         "traffic_model": {k: {"bytes": f"{v[0]}B", "ideal": f"{v[1]}B"}
                           for k, v in TRAFFIC.items()},
-        "providers": {p.name: p.description for p in providers},
-        "shapes": {s.name: list(s.sources) for s in opts.shapes} if rows else {},
-        "skipped": skipped,
-        "rows": rows,
-        "summary": summarize(rows, opts.claims),
-        "overhead": overhead_rows,
-        "e2e": e2e_rows,
-        "elapsed_s": round(time.monotonic() - start, 1),
-    })
+        "providers": {},
+        "shapes": {},
+        "skipped": [],
+        "rows": [],
+        "overhead": [],
+        "e2e": [],
+    }
+    skipped = doc["skipped"]
+
+    def section_done(name: str) -> None:
+        doc["sections_done"].append(name)
+        doc["truncated"] = "; ".join(truncated) or None
+        doc["elapsed_s"] = round(time.monotonic() - start, 1)
+        _release(device)
+        if opts.checkpoint is not None:
+            opts.checkpoint(_finish(dict(doc), opts.claims))
+
+    if "overhead" in opts.sections:
+        o = opts.overhead or OVH.OverheadOptions.for_device(device, opts.smoke,
+                                                            opts.requested)
+        skipped += o.left_out(device)
+        doc["overhead_timing"] = OVH.settings(o, device)
+        doc["overhead"] = OVH.run(device, o, skipped, log, opts.compile_mode)
+        section_done("overhead")
+
+    if "e2e" in opts.sections:
+        e = opts.e2e or E2E.E2EOptions.for_device(device, quick=True, smoke=opts.smoke,
+                                                  requested=opts.requested)
+        skipped += e.left_out(device)
+        e2e_deadline = deadline
+        if deadline is not None and "kernels" in opts.sections:
+            e2e_deadline = deadline - opts.kernel_reserve_s
+        doc["e2e_timing"] = E2E.settings(e, device)
+        doc["e2e"], cut = E2E.run(device, e, skipped, log, e2e_deadline)
+        if cut:
+            truncated.append(f"e2e: {cut}")
+        section_done("e2e")
+
+    if "kernels" in opts.sections:
+        timers = {m: Timer(device, reps=opts.reps, warmup=opts.warmup, flush=opts.flush,
+                           cuda_graph=m == "graph") for m in opts.modes}
+        for m, t in timers.items():
+            log(f"kernels, {m} mode: {t.method}")
+        providers = []
+        for name in opts.providers:
+            why = PROVIDERS[name].unavailable(device)
+            if why:
+                skipped.append({"provider": name, "reason": why})
+                log(f"skip {name}: {why}")
+            else:
+                providers.append(PROVIDERS[name])
+        doc["timing"].update({
+            "method": " | ".join(f"{m}: {t.method}" for m, t in timers.items()),
+            "modes": list(timers), "flush_bytes": next(iter(timers.values())).flush_bytes,
+            "cuda_graph": "graph" in timers})
+        doc["providers"] = {p.name: p.description for p in providers}
+        doc["shapes"] = {s.name: list(s.sources) for s in opts.shapes}
+        configs = [(shape, dtype, layout_name(shape.dims, layout), layout)
+                   for dtype, layout in combo_order(opts.dtypes, opts.layouts)
+                   for shape in opts.shapes if layout_name(shape.dims, layout) is not None]
+        runner = _Runner(opts, timers, providers, copy_bw, skipped)
+        doc["rows"] = runner.rows
+        for done, (shape, dtype, label, layout) in enumerate(configs):
+            if deadline is not None and time.monotonic() > deadline:
+                cut = (f"time limit of {opts.time_limit_s:g} s reached: {done} of "
+                       f"{len(configs)} inputs measured")
+                truncated.append(f"kernels: {cut}")
+                log(f"stopping: {cut}")
+                break
+            runner.run_input(shape, dtype, label, layout)
+        if "noisy_batch_norm" in opts.ops and "fwd-eval" in opts.passes:
+            skipped.append({"op": "noisy_batch_norm", "pass": "fwd-eval",
+                            "reason": "noisy BatchNorm in eval mode has no noise: it is "
+                                      "batch_norm fwd-eval"})
+        add_speedups(doc["rows"])
+        section_done("kernels")
+    doc["truncated"] = "; ".join(truncated) or None
+    doc["elapsed_s"] = round(time.monotonic() - start, 1)
+    return _finish(doc, opts.claims)
+
+
+def _finish(doc: dict, claims: bool) -> dict:
+    """The kernel goals and the targets of a (possibly partial) result document."""
+    doc["summary"] = summarize(doc["rows"], claims)
     doc["targets"] = TGT.evaluate(doc)
     return doc
 

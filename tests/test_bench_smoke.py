@@ -418,11 +418,11 @@ def test_host_time_per_call_and_step_times_on_a_fake_clock(monkeypatch):
 
 
 def test_kernel_inputs_run_the_common_settings_first():
-    order = suite.combo_order(("fp32", "fp16", "bf16"), ("NCHW", "channels_last"))
+    order = S.combo_order(("fp32", "fp16", "bf16"), ("NCHW", "channels_last"))
     assert order[:2] == [("fp32", "NCHW"), ("bf16", "channels_last")]
     assert sorted(order) == sorted((d, lay) for d in ("fp32", "fp16", "bf16")
                                    for lay in ("NCHW", "channels_last"))
-    assert suite.combo_order(("fp32",), ("NCHW",)) == [("fp32", "NCHW")]
+    assert S.combo_order(("fp32",), ("NCHW",)) == [("fp32", "NCHW")]
 
 
 def test_e2e_networks_are_vgg16_and_resnet50():

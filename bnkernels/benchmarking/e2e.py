@@ -34,6 +34,7 @@ import bnkernels
 
 from . import models
 from . import providers as P
+from .shapes import combo_order
 from .timing import step_times, synchronize
 
 
@@ -102,8 +103,8 @@ class E2EOptions:
             return cls(TINY_MODELS, DTYPES, LAYOUTS, chosen, warmup=1, min_steps=2,
                        min_seconds=0.0, max_steps=2)
         if quick:
-            return cls(GPU_MODELS, DTYPES, LAYOUTS, chosen, warmup=3, min_steps=10,
-                       min_seconds=0.6, max_steps=200)
+            return cls(GPU_MODELS, DTYPES, LAYOUTS, chosen, warmup=2, min_steps=8,
+                       min_seconds=0.4, max_steps=200)
         return cls(GPU_MODELS, DTYPES, LAYOUTS, chosen, warmup=5, min_steps=30,
                    min_seconds=3.0, max_steps=1000)
 
@@ -114,7 +115,10 @@ class E2EOptions:
                 for n in GPU_PROVIDERS if n not in self.providers and n in NOT_ON_CPU]
 
     def configs(self) -> list[tuple[ModelSpec, str, str]]:
-        return [(m, d, lay) for m in self.models for d in self.dtypes for lay in self.layouts]
+        """(model, dtype, layout) in run order: every model in the common settings first
+        (shapes.combo_order), so a run cut by its time limit has both networks."""
+        return [(m, d, lay) for d, lay in combo_order(self.dtypes, self.layouts)
+                for m in self.models]
 
 
 def _provider(name: str) -> P.Provider | None:

@@ -58,7 +58,7 @@ from .providers import (
     oracle,
     pass_builder,
 )
-from .shapes import DTYPES, Shape, layout_name, memory_format
+from .shapes import DTYPES, Shape, combo_order, layout_name, memory_format
 from .timing import COPY_REPS, COPY_WARMUP, Timer, copy_bandwidth, copy_method
 
 SCHEMA_VERSION = 2  # 2: sections overhead/e2e, targets, a "mode" per kernel row
@@ -317,16 +317,6 @@ def _finish(doc: dict, claims: bool) -> dict:
     doc["summary"] = summarize(doc["rows"], claims)
     doc["targets"] = TGT.evaluate(doc)
     return doc
-
-
-def combo_order(dtypes: tuple[str, ...], layouts: tuple[str, ...]) -> list[tuple[str, str]]:
-    """(dtype, layout) pairs in the order the kernel inputs run: the first dtype in the first
-    layout, then the last dtype in the last layout (fp32 NCHW, then bf16 channels_last: the two
-    common training setups), then the rest. A run cut short by its time limit thus has every
-    shape in the most common settings."""
-    pairs = [(d, lay) for d in dtypes for lay in layouts]
-    first = pairs[:1] + pairs[-1:]
-    return list(dict.fromkeys(first + pairs))
 
 
 class _Runner:
@@ -595,4 +585,4 @@ def _fmt_skip(ident: dict, reason: str) -> str:
 
 
 __all__ = ["GOALS", "LARGE_BYTES", "MODES", "SCHEMA_VERSION", "SECTIONS", "RunOptions",
-           "add_speedups", "combo_order", "device_name", "row_key", "run", "summarize"]
+           "add_speedups", "device_name", "row_key", "run", "summarize"]

@@ -147,6 +147,17 @@ def _list(device) -> int:
         if not why and name not in P.default_providers(device):
             why = P.not_default_reason(name, device)
         print(f"  {name:<20} {'ok' if not why else 'skipped: ' + why}")
+    from .benchmarking import e2e as E2E
+    from .benchmarking import overhead as OVH
+
+    o = OVH.OverheadOptions.for_device(device)
+    print(f"overhead section on {device}: {'x'.join(map(str, o.shape))} fp32, providers "
+          f"{', '.join(o.providers)}")
+    e = E2E.E2EOptions.for_device(device, quick=False)
+    print(f"e2e section on {device}: {', '.join(m.name for m in e.models)}; providers "
+          f"{', '.join(e.providers)}")
+    for s in o.left_out(device) + e.left_out(device):
+        print(f"  {s['section']}: {s['provider']} left out: {s['reason']}")
     return 0
 
 

@@ -130,10 +130,10 @@ def run(device: torch.device, opts: OverheadOptions, skipped: list[dict],
                 skipped.append({"section": "overhead", "provider": name, "op": op,
                                 "reason": why})
                 continue
+            f = prov.forward(op, p, compile_mode)  # one torch.compile for both passes
             for pass_ in PASSES:
                 try:
                     with prov.context():
-                        f = prov.forward(op, p, compile_mode)
                         m = host_time_per_call(_call(pass_, f, inp), device, opts.calls,
                                                opts.repeats, opts.warmup)
                 except Exception as e:  # recorded with the reason; the run goes on

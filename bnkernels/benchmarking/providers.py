@@ -160,6 +160,7 @@ class Provider:
                 return "cuDNN is not available in this torch build"
         if self.kind == "bnkernels":
             import bnkernels
+            import bnkernels.backends
             import bnkernels.functional
 
             backends = bnkernels.available_backends()
@@ -170,6 +171,10 @@ class Provider:
                         f"{', '.join(backends)})")
             if backends[self.backend]:
                 return "; ".join(backends[self.backend])
+            if self.backend == "cuda" and not bnkernels.backends.backend("cuda").is_built():
+                # It would build on first use: minutes inside a warm-up. Build it first.
+                return ("the CUDA extension is not built (python -m bnkernels.backends.cuda "
+                        "build; make gpu-check does)")
             if op == "lp_norm" and not hasattr(bnkernels.functional, "lp_norm"):
                 return "bnkernels.functional has no lp_norm yet"
         return None

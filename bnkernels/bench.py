@@ -10,7 +10,7 @@ value, limit and pass/fail. Writes ``<out>/<gpu>/<date>.json`` with a markdown r
 (speedup by shape, bandwidth roofline, host/e2e ratios) beside it.
 
     bnkernels bench                    # everything on the GPU (kernels in both timing modes)
-    bnkernels bench --quick            # all targets in ~3-4 minutes (kernels as graph replays)
+    bnkernels bench --quick            # all targets, sized for ~3-4 minutes (graph replays)
     bnkernels bench --device cpu --quick --out /tmp/b   # CPU smoke test (no perf claims)
 
 The command line module calls :func:`add_parser` and :func:`main`.
@@ -25,7 +25,7 @@ from pathlib import Path
 
 DEFAULT_OUT = "benchmarks/results"
 SECTIONS = ("overhead", "e2e", "kernels")  # as bnkernels.benchmarking.suite.SECTIONS
-QUICK_TIME_LIMIT = 180.0  # seconds: --quick on a GPU ends within ~3-4 minutes
+QUICK_TIME_LIMIT = 180.0  # seconds: sizes --quick on a GPU for ~3-4 minutes (untimed yet)
 KERNEL_RESERVE = 60.0  # seconds of a time limit kept for the kernel section
 
 

@@ -406,7 +406,7 @@ def plot_host(result: dict, path: Path) -> None:
         width = 0.8 / max(1, len(series))
         for k, (name, values) in enumerate(series.items()):
             xs = [i + (k - (len(series) - 1) / 2) * width for i in range(len(labels))]
-            ys = [values.get(lab) or 0.0 for lab in labels]
+            ys = [values.get(lab) or float("nan") for lab in labels]
             ax.bar(xs, ys, width, label=name, color=colors.get(name))
         ax.axhline(1.0, color="k", lw=0.8)
         for name, limit in limits.items():
@@ -414,6 +414,8 @@ def plot_host(result: dict, path: Path) -> None:
         if panel == "overhead":
             ax.set_yscale("log")
         else:
+            lows = [v for values in series.values() for v in values.values() if v]
+            ax.set_ylim(bottom=min([0.5] + [0.9 * v for v in lows]))
             for (arch, limit), ls in zip(result.get("e2e_timing", {}).get("limits", {}).items(),
                                          (":", "-.", "--")):
                 ax.axhline(limit, color="k", lw=0.8, ls=ls, label=f"{arch} target {limit}")

@@ -357,7 +357,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cpu", action="store_true",
                    help="check this script on the CPU: tests and bench on the CPU (no claims)")
     p.add_argument("--stages", default=",".join(STAGES),
-                   help=f"stages to run, of {','.join(STAGES)} (default: all)")
+                   help=f"stages to run, of {','.join(STAGES)} (default: all; env always runs)")
     p.add_argument("--tests", nargs="*", default=["tests"], help="pytest paths (default tests)")
     p.add_argument("--workers", type=int, default=8, help="pytest-xdist workers (default 8)")
     p.add_argument("--test-timeout", type=int, default=150,
@@ -405,25 +405,29 @@ def main(argv=None) -> int:
         return args.total - (time.monotonic() - start)
 
     stages: list[dict] = []
-    # env: always (cheap); its JSON also tells which pytest plugins import.
+    # env: always (seconds); it names the GPU and tells which pytest plugins import.
     env_info: dict = {}
-    if "env" in chosen or "tests" in chosen:
-        cmd = [py, "-c", ENV_SNIPPET % {"modules": OPTIONAL}]
-        if args.dry_run:
-            print(f"[env   {args.env_budget:>4.0f} s] {py} -c <versions snippet>")
-        else:
-            s = run_stage("env", cmd, min(args.env_budget, left()), workdir / "env.log", env)
-            text = (workdir / "env.log").read_text(errors="replace")
-            found = [ln for ln in text.splitlines() if ln.startswith("{")]
-            if found:
-                env_info = json.loads(found[-1])
-                (workdir / "env.json").write_text(json.dumps(env_info, indent=1) + "\n")
-            if shutil.which("nvidia-smi"):
+    cmd = [py, "-c", ENV_SNIPPET % {"modules": OPTIONAL}]
+    if args.dry_run:
+        print(f"[env   {args.env_budget:>4.0f} s] {py} -c <versions snippet>")
+    else:
+        s = run_stage("env", cmd, min(args.env_budget, left()), workdir / "env.log", env)
+        s["command"] = f"{py} -c <versions snippet>"
+        text = (workdir / "env.log").read_text(errors="replace")
+        found = [ln for ln in text.splitlines() if ln.startswith("{")]
+        if found:
+            env_info = json.loads(found[-1])
+            (workdir / "env.json").write_text(json.dumps(env_info, indent=1) + "\n")
+        if shutil.which("nvidia-smi"):
+            try:
                 smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True,
                                      timeout=20)
-                with open(workdir / "env.log", "a") as f:
-                    f.write("\n$ nvidia-smi\n" + smi.stdout + smi.stderr)
-            stages.append(s)
+                smi_text = smi.stdout + smi.stderr
+            except (OSError, subprocess.SubprocessError) as e:
+                smi_text = f"failed: {e}\n"
+            with open(workdir / "env.log", "a") as f:
+                f.write("\n$ nvidia-smi\n" + smi_text)
+        stages.append(s)
     meta["env"] = env_info
     modules = env_info.get("modules", {})
 
@@ -468,8 +472,8 @@ def main(argv=None) -> int:
         if args.dry_run:
             print(f"[bench {min(args.bench_budget, args.total - 20):>4.0f} s] {shlex.join(cmd)}"
                   " (time limit: the budget less 65 s)")
-        elif budget < 30:
-            stages.append(skipped_stage("bench", f"only {budget:.0f} s left"))
+        elif left() - 20 < 30:
+            stages.append(skipped_stage("bench", f"only {left():.0f} s of the total left"))
         else:
             stages.append(run_stage("bench", cmd, budget, workdir / "bench.log", env))
     if args.dry_run:
@@ -482,10 +486,10 @@ def main(argv=None) -> int:
     text, data = summarize(meta, stages, tests, bench, bench_path, "bench" in chosen)
     (workdir / "summary.md").write_text(text + "\n")
     (workdir / "summary.json").write_text(json.dumps(data, indent=1) + "\n")
-    print(text)
     out = os.environ.get("OUT")
-    if out:
-        written = write_out(Path(out), workdir, bench_path)
+    written = write_out(Path(out), workdir, bench_path) if out else []
+    print(text)  # after every file is written: a closed stdout loses nothing
+    if written:
         print(f"\n$OUT: {', '.join(p.name for p in written)}")
     print(f"\nwork folder: {workdir} ({time.monotonic() - start:.0f} s in all)")
     ok = all(s.get("rc") == 0 for s in stages if not s.get("skipped"))

@@ -5,7 +5,13 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test demo lint venv clean
+.PHONY: test demo lint venv clean gpu-check
+
+# On a lent GPU machine (torch and triton installed, no .venv): build the CUDA extension, run the
+# test suite on CUDA and `bnkernels bench --quick`, within 8 minutes; summary and archives under
+# build/gpu-check/ and $(OUT) if set. Not tied to the venv. See README, "GPU".
+GPU_PYTHON ?= $(shell for p in python3 python; do $$p -c 'import torch' >/dev/null 2>&1 && \
+                echo $$p && break; done)
 
 venv: $(STAMP)
 
@@ -22,6 +28,10 @@ demo: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check bnkernels tests
+
+gpu-check:
+	@test -n "$(GPU_PYTHON)" || { echo "gpu-check: no python with torch on PATH (set GPU_PYTHON=...)"; exit 1; }
+	$(GPU_PYTHON) tools/gpu_check.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,12 +1,16 @@
-"""``bnkernels bench``: the kernel benchmark suite runner (also ``python -m bnkernels bench``).
+"""``bnkernels bench``: the benchmark suite runner (also ``python -m bnkernels bench``).
 
-Times batch_norm, noisy_batch_norm and lp_norm (forward-train, forward-eval, backward,
-forward+backward) for every provider (cuDNN, PyTorch native, torch.compile, eager composites,
-bnkernels' backends) over shapes from real networks, and writes ``<out>/<gpu>/<date>.json``
-with a markdown table and two PNGs (speedup by shape, bandwidth roofline) beside it.
+Three sections: ``overhead`` (host time per call on a small tensor, every provider, against
+F.batch_norm), ``e2e`` (VGG-16 and ResNet-50 training steps, torch's BatchNorm against
+bnkernels') and ``kernels`` (batch_norm, noisy_batch_norm and lp_norm, forward-train,
+forward-eval, backward, forward+backward, for every provider -- cuDNN, PyTorch native,
+torch.compile, eager composites, bnkernels' backends -- over shapes from real networks, timed
+eagerly and as CUDA-graph replays). Then the project's GPU targets, each with its measured
+value, limit and pass/fail. Writes ``<out>/<gpu>/<date>.json`` with a markdown report and PNGs
+(speedup by shape, bandwidth roofline, host/e2e ratios) beside it.
 
-    bnkernels bench                    # the full suite on the GPU
-    bnkernels bench --quick            # a representative subset, minutes
+    bnkernels bench                    # everything on the GPU (kernels in both timing modes)
+    bnkernels bench --quick            # all targets, sized for ~3-4 minutes (graph replays)
     bnkernels bench --device cpu --quick --out /tmp/b   # CPU smoke test (no perf claims)
 
 The command line module calls :func:`add_parser` and :func:`main`.
@@ -20,6 +24,9 @@ import sys
 from pathlib import Path
 
 DEFAULT_OUT = "benchmarks/results"
+SECTIONS = ("overhead", "e2e", "kernels")  # as bnkernels.benchmarking.suite.SECTIONS
+QUICK_TIME_LIMIT = 180.0  # seconds: sizes --quick on a GPU for ~3-4 minutes (untimed yet)
+KERNEL_RESERVE = 60.0  # seconds of a time limit kept for the kernel section
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -36,8 +43,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "tiny shapes, the reference and interpreted Triton providers, "
                         "perf_counter timing - a smoke test, no performance claims")
     p.add_argument("--quick", action="store_true",
-                   help="a short run: the 'quick' suite (GPU) or 'cpu-quick' (CPU), fewer "
-                        "repetitions, l_2 only")
+                   help="a short run that still measures every target: the 'quick' kernel "
+                        "suite (GPU; CUDA-graph mode, fewer repetitions, l_2 only; a "
+                        f"{QUICK_TIME_LIMIT:.0f} s time limit) or 'cpu-quick' (CPU)")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny sizes on any device (the CPU sizes; the test suite's run on a "
+                        "GPU): checks the runner, no performance claims")
+    p.add_argument("--sections", type=_csv, default=None,
+                   help=f"sections to run, of {','.join(SECTIONS)} (default: all)")
     p.add_argument("--out", default=DEFAULT_OUT,
                    help=f"results folder; files go to <out>/<gpu>/<date>.* (default "
                         f"{DEFAULT_OUT})")
@@ -66,13 +79,20 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     t.add_argument("--flush", action=argparse.BooleanOptionalAction, default=None,
                    help="write a >= 256 MiB buffer between repetitions to flush L2 (default: "
                         "on for CUDA, off on the CPU)")
+    t.add_argument("--modes", type=_csv, default=None,
+                   help="kernel timing modes: eager (CUDA events around eager calls: launch "
+                        "overhead included where the flush does not hide it), graph "
+                        "(CUDA-graph replays: kernel time). Default: eager,graph for the full "
+                        "GPU run, graph for --quick, eager on the CPU; every row says its mode")
     t.add_argument("--cuda-graph", action="store_true",
-                   help="time CUDA-graph replays (no launch overhead)")
+                   help="the same as --modes graph")
     t.add_argument("--compile-mode", default=None,
                    help="torch.compile mode for the compiled providers (default: 'default')")
     t.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
-                   help="start no new input after this long; the results written so far are "
-                        "kept and the file says it was truncated")
+                   help="the whole run's budget: no new e2e configuration or kernel input "
+                        "starts after this long (e2e stops earlier, leaving the kernels "
+                        f"{KERNEL_RESERVE:.0f} s or a third); the file says what was cut "
+                        f"(default: {QUICK_TIME_LIMIT:.0f} for --quick on a GPU, else none)")
     t.add_argument("--no-check", dest="check", action="store_false",
                    help="skip the forward-output check against an fp64 oracle")
     p.add_argument("--list", action="store_true",
@@ -127,6 +147,17 @@ def _list(device) -> int:
         if not why and name not in P.default_providers(device):
             why = P.not_default_reason(name, device)
         print(f"  {name:<20} {'ok' if not why else 'skipped: ' + why}")
+    from .benchmarking import e2e as E2E
+    from .benchmarking import overhead as OVH
+
+    o = OVH.OverheadOptions.for_device(device)
+    print(f"overhead section on {device}: {'x'.join(map(str, o.shape))} fp32, providers "
+          f"{', '.join(o.providers)}")
+    e = E2E.E2EOptions.for_device(device, quick=False)
+    print(f"e2e section on {device}: {', '.join(m.name for m in e.models)}; providers "
+          f"{', '.join(e.providers)}")
+    for s in o.left_out(device) + e.left_out(device):
+        print(f"  {s['section']}: {s['provider']} left out: {s['reason']}")
     return 0
 
 
@@ -135,26 +166,48 @@ def options(args: argparse.Namespace):
     device = _device(args.device)
     if device.type == "cpu":
         _interpret_triton_on_cpu()
+    from .benchmarking import e2e as E2E
+    from .benchmarking import overhead as OVH
     from .benchmarking import providers as P
     from .benchmarking import shapes as S
-    from .benchmarking.suite import RunOptions
+    from .benchmarking.suite import MODES, RunOptions
 
     cpu = device.type == "cpu"
-    suite_name = ("cpu-quick" if args.quick else "cpu") if cpu else \
-        ("quick" if args.quick else "full")
+    smoke = bool(getattr(args, "smoke", False))
+    tiny = cpu or smoke
+    quick = args.quick or smoke
+    suite_name = ("cpu-quick" if quick else "cpu") if tiny else ("quick" if quick else "full")
     suite = S.suites()[suite_name]
     try:
         shapes = S.resolve_shapes(list(args.shapes)) if args.shapes else suite.shapes
     except ValueError as e:
         raise SystemExit(f"bnkernels bench: {e}") from None
-    requested = _choose(args.providers or (), P.PROVIDERS, "providers")
-    providers = requested or tuple(P.default_providers(device))
-    if cpu:
-        reps, warmup = (3 if args.quick else 5), 1
+    known = {**P.PROVIDERS, **{n: None for n in OVH.names() + E2E.names()}}
+    requested = _choose(args.providers or (), known, "providers")
+    providers = tuple(n for n in requested if n in P.PROVIDERS) if requested else \
+        tuple(n for n in P.default_providers(device)
+              if not (smoke and not cpu and P.PROVIDERS[n].compiled))
+    if tiny:
+        reps, warmup = (3 if quick else 5), 1
     else:
         reps, warmup = (30, 5) if args.quick else (100, 10)
     reps = args.reps or reps
     warmup = warmup if args.warmup is None else args.warmup
+    if args.cuda_graph and args.modes and tuple(args.modes) != ("graph",):
+        raise SystemExit("bnkernels bench: --cuda-graph means --modes graph; give one of them")
+    if args.modes:
+        modes = _choose(args.modes, MODES, "timing modes")
+    elif args.cuda_graph:
+        modes = ("graph",)
+    elif cpu:
+        modes = ("eager",)
+    else:  # quick: kernel time only (host time has its own section); full and smoke: both
+        modes = ("graph",) if args.quick and not smoke else MODES
+    time_limit = args.time_limit
+    if time_limit is None and args.quick and not tiny:
+        time_limit = QUICK_TIME_LIMIT
+    overhead = OVH.OverheadOptions.for_device(device, smoke, requested)
+    e2e = E2E.E2EOptions.for_device(device, quick=args.quick, smoke=smoke, requested=requested)
     return RunOptions(
         device=device, shapes=tuple(shapes),
         dtypes=_choose(args.dtypes or suite.dtypes, S.DTYPES, "dtypes"),
@@ -165,44 +218,78 @@ def options(args: argparse.Namespace):
         lp_ps=_choose(args.lp_ps or suite.lp_ps, P.LP_PS, "l_p norms"),
         reps=reps, warmup=warmup,
         flush=(not cpu) if args.flush is None else args.flush,
-        cuda_graph=args.cuda_graph, compile_mode=args.compile_mode,
-        copy_bytes=(16 if args.quick else 64) * 2**20 if cpu else 2**30,
-        check=args.check, time_limit_s=args.time_limit,
-        suite=",".join(args.shapes) if args.shapes else suite_name)
+        modes=modes, compile_mode=args.compile_mode,
+        copy_bytes=(16 if quick else 64) * 2**20 if cpu else 2**30,
+        copy_reps=3 if tiny else 50, copy_warmup=1 if tiny else 5,
+        check=args.check, time_limit_s=time_limit,
+        kernel_reserve_s=min(KERNEL_RESERVE, time_limit / 3) if time_limit else KERNEL_RESERVE,
+        suite=",".join(args.shapes) if args.shapes else suite_name + (" (smoke)" if smoke
+                                                                      else ""),
+        sections=_choose(args.sections or SECTIONS, SECTIONS, "sections"),
+        smoke=smoke, overhead=overhead, e2e=e2e)
 
 
 def main(args: argparse.Namespace) -> int:
-    """Run the ``bench`` subcommand; 0 on success, 1 if a provider's output failed its check."""
+    """Run the ``bench`` subcommand; 0 on success, 1 if a provider's output failed its check
+    (a kernel row's forward against the fp64 oracle, or an e2e model's first loss against
+    torch's). Targets are reported, pass or fail, and never change the exit status."""
     if args.list:
         device = _device(args.device)
         if device.type == "cpu":
             _interpret_triton_on_cpu()
         return _list(device)
     opts = options(args)
-    if opts.cuda_graph and opts.device.type != "cuda":
-        raise SystemExit("bnkernels bench: --cuda-graph needs a CUDA device")
+    if "graph" in opts.modes and opts.device.type != "cuda":
+        raise SystemExit("bnkernels bench: CUDA-graph timing (--cuda-graph, --modes graph) "
+                         "needs a CUDA device")
     from .benchmarking import providers as P
-    from .benchmarking.report import write
+    from .benchmarking.report import write, write_partial
     from .benchmarking.suite import run
 
+    out = Path(args.out)
+    opts.checkpoint = lambda partial: print(f"partial results: {write_partial(partial, out)}")
     result = run(opts)
-    for name in P.PROVIDERS:
-        if name not in opts.providers:
-            why = ("not asked for (--providers)" if opts.requested
-                   else P.not_default_reason(name, opts.device))
-            result["skipped"].insert(0, {"provider": name, "reason": why})
-    paths = write(result, Path(args.out))
+    if "kernels" in opts.sections:
+        for name in P.PROVIDERS:
+            if name not in opts.providers:
+                if opts.requested:
+                    why = "not asked for (--providers)"
+                elif opts.smoke and P.PROVIDERS[name].compiled:
+                    why = "not run in a smoke run (compiling takes seconds per graph)"
+                else:
+                    why = P.not_default_reason(name, opts.device)
+                result["skipped"].insert(0, {"provider": name, "reason": why})
+    paths = write(result, out)
     for kind, path in paths.items():
         print(f"{kind}: {path}")
     for g in result["summary"]["goals"]:
         met = {True: "met", False: "NOT MET", None: "-"}[g["met"]]
         value = "not measured" if g["value"] is None else f"{g['value']:.3f}"
         print(f"goal {g['goal']:<22} target {g['target']:<5} measured {value:<13} {met}")
+    print(targets_table(result))
     failed = [r for r in result["rows"] if r["check"] == "FAIL"]
     for r in failed:
         print(f"CHECK FAILED: {r['provider']} {r['op']} {r['pass']} {r['shape_name']} "
               f"{r['dtype']} {r['layout']}: max error {r['max_err']:.3g}")
-    return 1 if failed else 0
+    e2e_failed = [r for r in result["e2e"] if r["check"] == "FAIL"]
+    for r in e2e_failed:
+        print(f"CHECK FAILED: e2e {r['model']} {r['dtype']} {r['layout']} {r['provider']}: "
+              f"weights kept by convert: {r['weights_kept']}; first loss {r['loss_first']:.6g}"
+              f" differs from torch's by {r['loss_rel_diff']:.3g} (relative)")
+    return 1 if failed or e2e_failed else 0
+
+
+def targets_table(result: dict) -> str:
+    """The targets as fixed-width text lines, one a target, with PASS / FAIL / '-'."""
+    judged = ("judged" if result["performance_claims"]
+              else "not judged: no performance claims in this run")
+    lines = [f"targets ({judged}):"]
+    for t in result["targets"]:
+        verdict = {True: "PASS", False: "FAIL", None: "-"}[t["met"]]
+        value = "not measured" if t["value"] is None else f"{t['value']:.3f}"
+        lines.append(f"  {verdict:<4} {t['name']:<44} {value:>12} {t['compare']} "
+                     f"{t['limit']:<5}  {t['where'] or ''}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -160,14 +160,21 @@ class Provider:
                 return "cuDNN is not available in this torch build"
         if self.kind == "bnkernels":
             import bnkernels
+            import bnkernels.backends
             import bnkernels.functional
 
             backends = bnkernels.available_backends()
+            if self.backend == "auto":  # always something: the reference runs anywhere
+                backends = {"auto": []}
             if self.backend not in backends:
                 return (f"bnkernels has no {self.backend!r} backend in this build (backends: "
                         f"{', '.join(backends)})")
             if backends[self.backend]:
                 return "; ".join(backends[self.backend])
+            if self.backend == "cuda" and not bnkernels.backends.backend("cuda").is_built():
+                # It would build on first use: minutes inside a warm-up. Build it first.
+                return ("the CUDA extension is not built (python -m bnkernels.backends.cuda "
+                        "build; make gpu-check does)")
             if op == "lp_norm" and not hasattr(bnkernels.functional, "lp_norm"):
                 return "bnkernels.functional has no lp_norm yet"
         return None
@@ -230,6 +237,12 @@ PROVIDERS: dict[str, Provider] = {p.name: p for p in (
              _ALL, "bnkernels", backend="reference", default_on_cuda=False),
 )}
 
+# bnkernels as a user gets it: no set_backend call, the default ("auto") choice per input. The
+# overhead and e2e sections time it (their targets are about the default); the kernel suite
+# times the backends one by one instead.
+AUTO = Provider("bnkernels-auto", "bnkernels with its default backend (\"auto\": what a user "
+                "gets without set_backend)", _ALL, "bnkernels", backend="auto")
+
 # Which provider each speedup column compares against: speedup_vs_<key> = t(that) / t(row).
 COMPILE_BASELINE = {"batch_norm": "torch-compile", "noisy_batch_norm": "eager-compile",
                     "lp_norm": "eager-compile"}
@@ -252,6 +265,12 @@ def not_default_reason(name: str, device: torch.device) -> str:
     if device.type == "cuda" and name == "bnkernels-reference":
         return "the eager oracle is benchmarked on a GPU only when asked (--providers)"
     return "not in the default provider list for this device"
+
+
+def first_line(e: BaseException) -> str:
+    """An exception as one short line, for skip lists."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
 
 
 # ----------------------------------------------------------------------------- inputs and passes
@@ -358,7 +377,7 @@ def max_error(f: Forward, inp: Inputs, training: bool, expected: torch.Tensor) -
         return float((y.float() - expected).abs().max()) / scale
 
 
-__all__ = ["BNKERNELS", "CHECK_TOL", "COMPILE_BASELINE", "EPS", "LP_PS", "MOMENTUM", "NOISE",
-           "OPS", "PASSES", "PROVIDERS", "TRAFFIC", "Inputs", "Provider", "batch_norm_eager",
-           "default_providers", "lp_norm_eager", "make_inputs", "max_error",
-           "noisy_batch_norm_eager", "not_default_reason", "oracle", "pass_builder"]
+__all__ = ["AUTO", "BNKERNELS", "CHECK_TOL", "COMPILE_BASELINE", "EPS", "LP_PS", "MOMENTUM",
+           "NOISE", "OPS", "PASSES", "PROVIDERS", "TRAFFIC", "Inputs", "Provider",
+           "batch_norm_eager", "default_providers", "first_line", "lp_norm_eager", "make_inputs",
+           "max_error", "noisy_batch_norm_eager", "not_default_reason", "oracle", "pass_builder"]

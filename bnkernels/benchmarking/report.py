@@ -1,6 +1,7 @@
 """Result files: ``<out>/<gpu>/<date>.json`` (the document :func:`.suite.run` returns), a
-markdown table beside it, and two PNGs drawn from the JSON alone: speedup by shape, and a
-bandwidth roofline (achieved GB/s of every row under the measured copy-bandwidth roof).
+markdown report beside it (targets, host time per call, training steps, kernel goals and
+tables), and PNGs drawn from the JSON alone: speedup by shape and a bandwidth roofline (kernel
+rows of the goals' timing mode), and the ratios to torch of the overhead and e2e sections.
 """
 
 from __future__ import annotations
@@ -21,27 +22,50 @@ def device_slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "device"
 
 
+def partial_path(result: dict, out: Path) -> Path:
+    """Where :func:`write_partial` keeps a run's finished sections until :func:`write`."""
+    return Path(out) / device_slug(result["device"]) / f"{result['date'][:10]}-partial.json"
+
+
+def write_partial(result: dict, out: Path) -> Path:
+    """Write a partial result document (the sections finished so far), atomically."""
+    path = partial_path(result, out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    tmp.replace(path)
+    return path
+
+
 def write(result: dict, out: Path) -> dict[str, Path]:
-    """Write the JSON, markdown and plots under ``out/<device>/``; returns their paths."""
+    """Write the JSON, markdown and plots under ``out/<device>/`` (and remove the run's
+    partial file); returns their paths."""
     folder = Path(out) / device_slug(result["device"])
     folder.mkdir(parents=True, exist_ok=True)
+    partial_path(result, out).unlink(missing_ok=True)
     day = result["date"][:10]  # the run's date (UTC), YYYY-MM-DD
     stem, n = day, 1
     while (folder / f"{stem}.json").exists():
         n += 1
         stem = f"{day}-{n}"
-    paths = {"json": folder / f"{stem}.json", "markdown": folder / f"{stem}.md",
-             "speedup_png": folder / f"{stem}-speedup.png",
-             "roofline_png": folder / f"{stem}-roofline.png"}
+    paths = {"json": folder / f"{stem}.json", "markdown": folder / f"{stem}.md"}
     paths["json"].write_text(json.dumps(result, indent=1) + "\n")
+    figures = []  # (name, function): a figure only where its section has rows
+    if result.get("overhead") or result.get("e2e"):
+        figures.append(("host", plot_host))
+    if result["rows"]:
+        figures += [("speedup", plot_speedup), ("roofline", plot_roofline)]
     plots = {}
     try:
-        plot_speedup(result, paths["speedup_png"])
-        plot_roofline(result, paths["roofline_png"])
-        plots = {"speedup": paths["speedup_png"].name, "roofline": paths["roofline_png"].name}
+        for name, draw in figures:
+            path = folder / f"{stem}-{name}.png"
+            draw(result, path)
+            paths[f"{name}_png"] = path
+            plots[name] = path.name
     except ImportError as e:  # matplotlib is in the "experiments" extra
         plots = {"error": f"no plots: {e}"}
-        del paths["speedup_png"], paths["roofline_png"]
+        for name, _ in figures:
+            paths.pop(f"{name}_png", None)
     paths["markdown"].write_text(markdown(result, plots))
     return paths
 
@@ -67,19 +91,31 @@ def markdown(result: dict, plots: dict | None = None) -> str:
                  f"{result['cudnn']}, CUDA {result['cuda']}; bnkernels commit "
                  f"{result['bnkernels_commit']}; suite `{result['suite']}`.")
     lines.append("")
-    lines.append(f"Timing: {result['timing']['method']}. Device-to-device copy bandwidth "
-                 f"measured in this run: **{result['copy_bw_gbps']:.1f} GB/s**. Bytes per pass "
-                 "(B = bytes of x): " + ", ".join(
-                     f"{k} {v['bytes']} (ideal {v['ideal']})"
-                     for k, v in result["traffic_model"].items()) + ".")
+    lines.append(f"Sections: {', '.join(result.get('sections', []))}; "
+                 f"{result.get('elapsed_s', '?')} s in all.")
     lines.append("")
     if result.get("truncated"):
         lines += [f"> **Truncated run**: {result['truncated']}.", ""]
     if not result["performance_claims"]:
-        lines += ["> **CPU smoke run: no performance claims.** Triton runs in its interpreter "
-                  "and times are CPU wall-clock; this checks the runner, not the kernels.", ""]
-    lines += ["## Goals", "", "| goal | test | target | measured | worst | met |",
-              "|---|---|---|---|---|---|"]
+        lines += ["> **Smoke run: no performance claims.** Tiny sizes; on the CPU Triton runs in "
+                  "its interpreter and times are CPU wall-clock. This checks the runner, not "
+                  "the kernels.", ""]
+    lines += _targets_md(result) + _overhead_md(result) + _e2e_md(result)
+    if plots:
+        lines += [f"![{k}]({v})" if k != "error" else v for k, v in plots.items()] + [""]
+    if "kernels" not in result.get("sections", ["kernels"]):
+        return "\n".join(lines + _skipped_md(result))
+    lines += ["## Kernels", ""]
+    lines.append(f"Timing: {result['timing']['method']}. Device-to-device copy bandwidth "
+                 f"measured in this run: **{result['copy_bw_gbps']:.1f} GB/s** ("
+                 f"{result.get('copy_bw_method', 'eager copy_')}; the same in every mode). "
+                 "Bytes per pass (B = bytes of x): " + ", ".join(
+                     f"{k} {v['bytes']} (ideal {v['ideal']})"
+                     for k, v in result["traffic_model"].items()) + ".")
+    lines.append("")
+    mode = result["summary"].get("mode")
+    lines += ["### Goals" + (f" ({mode} mode)" if mode else ""), "",
+              "| goal | test | target | measured | worst | met |", "|---|---|---|---|---|---|"]
     for g in result["summary"]["goals"]:
         worst = g["worst"]
         w = f"{worst['value']:.3g} ({worst['where']})" if worst else "-"
@@ -87,54 +123,122 @@ def markdown(result: dict, plots: dict | None = None) -> str:
         lines.append(f"| {g['goal']} | {g['test']} (n={g['n']}) | {g['target']} | "
                      f"{_goal_value(g)} | {w} | {met} |")
     lines.append("")
-    if plots:
-        lines += [f"![{k}]({v})" if k != "error" else v for k, v in plots.items()] + [""]
 
     rows = result["rows"]
     providers = [p for p in PROVIDERS if any(r["provider"] == p for r in rows)]
-    lines += ["## Results", "",
-              "Each cell: median time in us (effective GB/s under the traffic model). The last "
+    lines += ["### Results", "",
+              "Each cell: median time in us (effective GB/s under the traffic model). Timing "
+              "mode in each title: eager (CUDA events around eager calls) or graph (CUDA-graph "
+              "replays: kernel time). The last "
               "columns: bnkernels' speedup over cuDNN and over the compiled baseline (" +
               ", ".join(f"{op}: {b}" for op, b in COMPILE_BASELINE.items()) + "). For "
               "noisy_batch_norm and lp_norm the cudnn, torch-native and torch-compile columns "
               "are plain BatchNorm on the same input.", ""]
-    for op in OPS:
-        ps = sorted({r["p"] for r in rows if r["op"] == op}, key=lambda v: (v is None, v))
-        for p in ps:
-            for pass_ in PASSES:
-                sel = [r for r in rows if r["op"] == op and r["p"] == p and r["pass"] == pass_]
-                if not sel:
-                    continue
-                cols = [c for c in providers if any(r["provider"] == c for r in sel)]
-                bnk = [c for c in cols if c in BNKERNELS]
-                title = f"{op}" + (f" (p={p})" if p else "") + f", {pass_}"
-                head = ["shape", "dtype", "layout", *cols]
-                head += [f"{c} vs cudnn" for c in bnk] + [f"{c} vs compile" for c in bnk]
-                lines += [f"### {title}", "", "| " + " | ".join(head) + " |",
-                          "|" + "---|" * len(head)]
-                groups: dict[tuple, dict] = {}
-                for r in sel:
-                    groups.setdefault(row_key(r), {})[r["provider"]] = r
-                for by in groups.values():
-                    first = next(iter(by.values()))
-                    cells = [first["shape_name"], first["dtype"], first["layout"]]
-                    for c in cols:
-                        r = by.get(c)
-                        cells.append("-" if r is None else
-                                     f"{r['median_us']:.1f} ({r['gbps']:.3g})"
-                                     + (" FAIL" if r["check"] == "FAIL" else ""))
-                    for field in ("speedup_vs_cudnn", "speedup_vs_compile"):
-                        cells += [_num(by[c][field] if c in by else None) for c in bnk]
-                    lines.append("| " + " | ".join(cells) + " |")
-                lines.append("")
-    if result["skipped"]:
-        lines += ["## Skipped", ""]
-        for s in result["skipped"]:
-            what = " ".join(str(s[k]) for k in ("provider", "op", "pass", "shape_name", "dtype",
-                                                "layout") if s.get(k))
-            lines.append(f"- {what or s.get('shape', '')}: {s['reason']}")
+    modes = [m for m in ("eager", "graph") if any(r.get("mode", "eager") == m for r in rows)]
+    tables = [(op, p, pass_, mode) for op in OPS
+              for p in sorted({r["p"] for r in rows if r["op"] == op},
+                              key=lambda v: (v is None, v))
+              for pass_ in PASSES for mode in modes]
+    for op, p, pass_, mode in tables:
+        sel = [r for r in rows if r["op"] == op and r["p"] == p and r["pass"] == pass_
+               and r.get("mode", "eager") == mode]
+        if not sel:
+            continue
+        cols = [c for c in providers if any(r["provider"] == c for r in sel)]
+        bnk = [c for c in cols if c in BNKERNELS]
+        title = f"{op}" + (f" (p={p})" if p else "") + f", {pass_} ({mode})"
+        head = ["shape", "dtype", "layout", *cols]
+        head += [f"{c} vs cudnn" for c in bnk] + [f"{c} vs compile" for c in bnk]
+        lines += [f"#### {title}", "", "| " + " | ".join(head) + " |",
+                  "|" + "---|" * len(head)]
+        groups: dict[tuple, dict] = {}
+        for r in sel:
+            groups.setdefault(row_key(r), {})[r["provider"]] = r
+        for by in groups.values():
+            first = next(iter(by.values()))
+            cells = [first["shape_name"], first["dtype"], first["layout"]]
+            for c in cols:
+                r = by.get(c)
+                cells.append("-" if r is None else
+                             f"{r['median_us']:.1f} ({r['gbps']:.3g})"
+                             + (" FAIL" if r["check"] == "FAIL" else ""))
+            for field in ("speedup_vs_cudnn", "speedup_vs_compile"):
+                cells += [_num(by[c][field] if c in by else None) for c in bnk]
+            lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
-    return "\n".join(lines)
+    return "\n".join(lines + _skipped_md(result))
+
+
+def _skipped_md(result: dict) -> list[str]:
+    if not result["skipped"]:
+        return []
+    lines = ["## Skipped", ""]
+    for s in result["skipped"]:
+        what = " ".join(str(s[k]) for k in ("section", "provider", "model", "op", "pass",
+                                            "shape_name", "dtype", "layout") if s.get(k))
+        lines.append(f"- {what or s.get('shape', '')}: {s['reason']}")
+    return lines + [""]
+
+
+def _verdict(met) -> str:
+    return {True: "yes", False: "**no**", None: "-"}[met]
+
+
+def _targets_md(result: dict) -> list[str]:
+    targets = result.get("targets") or []
+    if not targets:
+        return []
+    lines = ["## Targets", "",
+             "Measured in this run; met = yes / **no** on a full GPU run, '-' where not judged "
+             "(smoke or CPU run) or not measured.", "",
+             "| target | measured | limit | met | where | test |", "|---|---|---|---|---|---|"]
+    for t in targets:
+        value = "not measured" if t["value"] is None else f"{t['value']:.3f}"
+        lines.append(f"| {t['name']} | {value} | {t['compare']} {t['limit']} | "
+                     f"{_verdict(t['met'])} | {t['where'] or '-'} | {t['test']} |")
+    return lines + [""]
+
+
+def _overhead_md(result: dict) -> list[str]:
+    rows = result.get("overhead") or []
+    if not rows:
+        return []
+    info = result.get("overhead_timing", {})
+    lines = ["## Host time per call (overhead)", "",
+             f"{info.get('method', '')}; x {'x'.join(map(str, info.get('shape', [])))} "
+             f"{info.get('dtype', '')}. Ratio: to F.batch_norm ({info.get('baseline', '')}, "
+             "plain BatchNorm) in the same pass. fwd: training forward with autograd "
+             "recording; fwd+bwd: forward and backward.", "",
+             "| provider | op | fwd us/call | fwd ratio | fwd+bwd us/call | fwd+bwd ratio |",
+             "|---|---|---|---|---|---|"]
+    keys = list(dict.fromkeys((r["provider"], r["op"], r["p"]) for r in rows))
+    for prov, op, p in keys:
+        by = {r["pass"]: r for r in rows if (r["provider"], r["op"], r["p"]) == (prov, op, p)}
+        cells = [prov, op + (f" (p={p})" if p else "")]
+        for pass_ in ("fwd", "fwd+bwd"):
+            r = by.get(pass_)
+            cells += ["-", "-"] if r is None else [f"{r['us_per_call']:.1f}",
+                                                   _num(r["ratio_vs_torch"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def _e2e_md(result: dict) -> list[str]:
+    rows = result.get("e2e") or []
+    if not rows:
+        return []
+    info = result.get("e2e_timing", {})
+    lines = ["## Training step (e2e)", "",
+             f"{info.get('method', '')}. cuDNN: {info.get('cudnn', '')}. Ratio: step time over "
+             "torch.nn.BatchNorm2d's (same model, dtype, layout); first loss checked against "
+             "torch's (same weights, same batch).", "",
+             "| model | dtype | layout | provider | ms/step | ratio vs torch | steps | "
+             "first loss | check |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['dtype']} | {r['layout']} | {r['provider']} | "
+                     f"{r['median_ms']:.2f} | {_num(r['ratio_vs_torch'], '{:.3f}')} | "
+                     f"{r['steps']} | {r['loss_first']:.4f} | {r['check'] or '-'} |")
+    return lines + [""]
 
 
 # ----------------------------------------------------------------------------- plots
@@ -167,11 +271,17 @@ def _legend(fig, axes) -> None:
                    ncol=min(len(seen), 8), fontsize=8, frameon=False)
 
 
+def _kernel_rows(result: dict) -> tuple[list[dict], str]:
+    """The kernel rows of the goals' timing mode (graph where run) and that mode."""
+    mode = result["summary"].get("mode") or "eager"
+    return [r for r in result["rows"] if r.get("mode", "eager") == mode], mode
+
+
 def plot_speedup(result: dict, path: Path) -> None:
     """Speedup over the baseline (cudnn where it ran, else torch-native) per shape: one panel
     per (op, pass), geomean over dtype, layout and p; shapes in increasing size."""
     plt = _pyplot()
-    rows = result["rows"]
+    rows, mode = _kernel_rows(result)
     baseline = "cudnn" if any(r["provider"] == "cudnn" for r in rows) else "torch-native"
     panels = [(op, pass_) for op in OPS for pass_ in PASSES
               if any(r["op"] == op and r["pass"] == pass_ for r in rows)]
@@ -213,7 +323,7 @@ def plot_speedup(result: dict, path: Path) -> None:
     _legend(fig, axes)
     note = "" if result["performance_claims"] else " (CPU smoke run: no performance claims)"
     fig.suptitle(f"{result['device']}: speedup over {baseline} by shape (geomean over dtype, "
-                 f"layout, p){note}", fontsize=10)
+                 f"layout, p; {mode} timing){note}", fontsize=10)
     fig.tight_layout(rect=(0, 0.05, 1, 0.97))
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -223,7 +333,7 @@ def plot_roofline(result: dict, path: Path) -> None:
     """Achieved GB/s (compulsory-traffic model) of every row against the bytes moved, one
     panel per pass, under the copy-bandwidth roof measured in the same run."""
     plt = _pyplot()
-    rows = result["rows"]
+    rows, mode = _kernel_rows(result)
     passes = [p for p in PASSES if any(r["pass"] == p for r in rows)] or list(PASSES)
     providers = [p for p in PROVIDERS if any(r["provider"] == p for r in rows)]
     colors = {p: COLORS.get(p, "k") for p in providers}
@@ -256,11 +366,70 @@ def plot_roofline(result: dict, path: Path) -> None:
     fig.legend(handles, providers + list(markers), loc="lower center", frameon=False,
                ncol=min(len(handles), 11), fontsize=8)
     note = "" if result["performance_claims"] else " (CPU smoke run: no performance claims)"
-    fig.suptitle(f"{result['device']}: achieved bandwidth under the copy roof measured in the "
-                 f"same run{note}", fontsize=10)
+    fig.suptitle(f"{result['device']}: achieved bandwidth ({mode} timing) under the copy roof "
+                 f"measured in the same run{note}", fontsize=10)
     fig.tight_layout(rect=(0, 0.08, 1, 0.95))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-__all__ = ["device_slug", "markdown", "plot_roofline", "plot_speedup", "write"]
+def plot_host(result: dict, path: Path) -> None:
+    """Bars of time over torch's: left, host time per call over F.batch_norm (overhead, per
+    provider and op, fwd and fwd+bwd); right, training-step time over torch's BatchNorm (e2e,
+    per model, dtype and layout, one bar per bnkernels provider); dashed lines: the targets."""
+    from .targets import OVERHEAD_LIMITS
+
+    plt = _pyplot()
+    over, e2e = result.get("overhead") or [], result.get("e2e") or []
+    panels = [p for p, rows in (("overhead", over), ("e2e", e2e)) if rows]
+    fig, axes = plt.subplots(1, len(panels), squeeze=False, figsize=(7.5 * len(panels), 4.6))
+    for ax, panel in zip(axes[0], panels):
+        if panel == "overhead":
+            labels = list(dict.fromkeys(
+                f"{r['provider']}\n{r['op']}" + (f" p={r['p']}" if r["p"] else "")
+                for r in over))
+            series = {pass_: {f"{r['provider']}\n{r['op']}" + (f" p={r['p']}" if r["p"] else ""):
+                              r["ratio_vs_torch"] for r in over if r["pass"] == pass_}
+                      for pass_ in ("fwd", "fwd+bwd")}
+            colors = {"fwd": "#1f77b4", "fwd+bwd": "#d62728"}
+            limits = OVERHEAD_LIMITS
+            title = "host time per call / F.batch_norm"
+        else:
+            labels = list(dict.fromkeys(f"{r['model']}\n{r['dtype']} {r['layout']}"
+                                        for r in e2e))
+            provs = [p for p in dict.fromkeys(r["provider"] for r in e2e) if p != "torch"]
+            series = {p: {f"{r['model']}\n{r['dtype']} {r['layout']}": r["ratio_vs_torch"]
+                          for r in e2e if r["provider"] == p} for p in provs}
+            colors = {p: COLORS.get(p, "#2ca02c") for p in provs}
+            limits = {}
+            title = "training step time / torch BatchNorm"
+        width = 0.8 / max(1, len(series))
+        for k, (name, values) in enumerate(series.items()):
+            xs = [i + (k - (len(series) - 1) / 2) * width for i in range(len(labels))]
+            ys = [values.get(lab) or float("nan") for lab in labels]
+            ax.bar(xs, ys, width, label=name, color=colors.get(name))
+        ax.axhline(1.0, color="k", lw=0.8)
+        for name, limit in limits.items():
+            ax.axhline(limit, color=colors[name], lw=1, ls="--", label=f"{name} target {limit}")
+        if panel == "overhead":
+            ax.set_yscale("log")
+        else:
+            lows = [v for values in series.values() for v in values.values() if v]
+            ax.set_ylim(bottom=min([0.5] + [0.9 * v for v in lows]))
+            for (arch, limit), ls in zip(result.get("e2e_timing", {}).get("limits", {}).items(),
+                                         (":", "-.", "--")):
+                ax.axhline(limit, color="k", lw=0.8, ls=ls, label=f"{arch} target {limit}")
+        ax.set_xticks(range(len(labels)))
+        ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=6)
+        ax.set_title(title, fontsize=9)
+        ax.set_ylabel("time / torch's (lower is better)")
+        ax.legend(fontsize=7)
+    note = "" if result["performance_claims"] else " (smoke run: no performance claims)"
+    fig.suptitle(f"{result['device']}: what users feel, against torch{note}", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+__all__ = ["device_slug", "markdown", "partial_path", "plot_host", "plot_roofline",
+           "plot_speedup", "write", "write_partial"]

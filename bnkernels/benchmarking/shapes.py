@@ -116,6 +116,15 @@ def memory_format(layout: str) -> torch.memory_format:
     return torch.channels_last if layout == "channels_last" else torch.contiguous_format
 
 
+def combo_order(dtypes, layouts) -> list[tuple[str, str]]:
+    """(dtype, layout) pairs in the order a run measures them: the first dtype in the first
+    layout, then the last dtype in the last layout (fp32 NCHW, then bf16 channels_last: the two
+    common training setups), then the rest. A run cut short by its time limit thus has every
+    shape (every model) in the most common settings."""
+    pairs = [(d, lay) for d in dtypes for lay in layouts]
+    return list(dict.fromkeys(pairs[:1] + pairs[-1:] + pairs))
+
+
 # ----------------------------------------------------------------------------- shapes
 
 
@@ -247,6 +256,6 @@ def resolve_shapes(names: list[str]) -> tuple[Shape, ...]:
 
 
 __all__ = ["CPU_SHAPES", "DTYPES", "EDGE_CASES", "LAYOUTS", "NETWORKS", "QUICK_SHAPES",
-           "RESNET50", "VGG16", "Shape", "Suite", "edge_shapes", "layout_name", "memory_format",
-           "network_shapes", "resolve_shapes", "resnet_bn_inputs", "shape_groups", "suites",
-           "vgg_bn_inputs"]
+           "RESNET50", "VGG16", "Shape", "Suite", "combo_order", "edge_shapes", "layout_name",
+           "memory_format", "network_shapes", "resolve_shapes", "resnet_bn_inputs",
+           "shape_groups", "suites", "vgg_bn_inputs"]

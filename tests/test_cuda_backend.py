@@ -128,18 +128,22 @@ def test_auto_uses_the_measured_speed_table(monkeypatch):
 
 
 def test_speed_table_from_benchmark_results():
-    def row(provider, us, numel=100, pass_="fwd-train"):
+    def row(provider, us, numel=100, pass_="fwd-train", mode="eager"):
         return {"provider": provider, "median_us": us, "op": "batch_norm", "p": None,
                 "pass": pass_, "shape": [1, 1, 10, 10], "dtype": "float32",
-                "layout": "nchw", "numel": numel}
+                "layout": "nchw", "numel": numel, "mode": mode}
 
-    results = {"device": "GPU-X", "rows": [
-        row("bnkernels-triton", 10.0), row("bnkernels-cuda", 6.0),
-        row("bnkernels-triton", 20.0, pass_="bwd"), row("bnkernels-cuda", 30.0, pass_="bwd"),
-        row("bnkernels-triton", 1.0, numel=7), row("cudnn", 1.0)]}  # no cuda row for numel 7
-    table = speed.table_from_results(results, "run.json")
+    rows = [row("bnkernels-triton", 10.0), row("bnkernels-cuda", 6.0),
+            row("bnkernels-triton", 20.0, pass_="bwd"), row("bnkernels-cuda", 30.0, pass_="bwd"),
+            row("bnkernels-triton", 1.0, numel=7), row("cudnn", 1.0)]  # no cuda row for 7
+    graph = [dict(r, mode="graph", median_us=r["median_us"] / 10) for r in rows]
+    table = speed.table_from_results({"device": "GPU-X", "rows": rows + graph}, "run.json")
+    # Eager rows (what a call costs a user) win over the graph replays of the same run.
     assert table == [{"device": "GPU-X", "op": "batch_norm", "max_numel": 100,
-                      "triton_us": 30.0, "cuda_us": 36.0, "rows": 2, "source": "run.json"}]
+                      "triton_us": 30.0, "cuda_us": 36.0, "rows": 2, "mode": "eager",
+                      "source": "run.json"}]
+    table = speed.table_from_results({"device": "GPU-X", "rows": graph}, "run.json")
+    assert table[0]["mode"] == "graph" and table[0]["triton_us"] == 3.0
     shipped = json.loads(speed.TABLE.read_text())
     assert isinstance(shipped["entries"], list) and "doc" in shipped
 

@@ -54,13 +54,20 @@ def faster(op: str, x: torch.Tensor, numel: int | None = None) -> str | None:
 
 def table_from_results(results: dict, source: str = "") -> list[dict]:
     """Table entries from a benchmark results dict: per op and numel, the two providers' median
-    times summed over the rows (passes, dtypes, layouts) where both were measured."""
+    times summed over the rows (passes, dtypes, layouts) where both were measured. Rows timed
+    eagerly (host cost included: what a call costs a user) are used where the run has them,
+    else the CUDA-graph rows; the two modes are never mixed."""
+    rows = [r for r in results.get("rows", [])
+            if r.get("provider") in _PROVIDERS and r.get("median_us") is not None]
+    modes = {r.get("mode", "eager") for r in rows}
+    mode = "eager" if "eager" in modes else (min(modes) if modes else "eager")
     by_key: dict[tuple, dict[str, float]] = {}
-    for r in results.get("rows", []):
-        if r.get("provider") in _PROVIDERS and r.get("median_us") is not None:
-            key = (r["op"], r.get("p"), r["pass"], tuple(r["shape"]), r["dtype"], r["layout"],
-                   r["numel"])
-            by_key.setdefault(key, {})[_PROVIDERS[r["provider"]]] = float(r["median_us"])
+    for r in rows:
+        if r.get("mode", "eager") != mode:
+            continue
+        key = (r["op"], r.get("p"), r["pass"], tuple(r["shape"]), r["dtype"], r["layout"],
+               r["numel"])
+        by_key.setdefault(key, {})[_PROVIDERS[r["provider"]]] = float(r["median_us"])
     sums: dict[tuple, dict] = {}
     for key, times in by_key.items():
         if len(times) != 2:
@@ -71,7 +78,7 @@ def table_from_results(results: dict, source: str = "") -> list[dict]:
         s["rows"] += 1
     return [{"device": results["device"], "op": op, "max_numel": numel,
              "triton_us": round(s["triton_us"], 3), "cuda_us": round(s["cuda_us"], 3),
-             "rows": s["rows"], "source": source}
+             "rows": s["rows"], "mode": mode, "source": source}
             for (op, numel), s in sorted(sums.items())]
 
 

@@ -394,3 +394,33 @@ def test_pick_block_minimises_masked_lanes():
     assert triton_common.pick_block(49, 2048) == 64
     assert triton_common.pick_block(4096, 1024) == 1024
     assert triton_common.pick_block(3, 1024, floor=1) == 1
+
+
+def test_statistics_divisions_are_correctly_rounded(device):
+    """The kernels' div_rn/sqrt_rn are correctly rounded, bit for bit (the reference: fp64
+    results rounded to fp32, which is exact for a quotient or square root of fp32 values). On a
+    GPU this is what Triton's plain fp32 ``/`` and ``tl.sqrt`` fail (they are approximate
+    there: 7.25 * 7 / 7 gave 7.2500005); in the interpreter it checks the helpers' wiring.
+    (PyTorch's own CPU fp32 sqrt is not correctly rounded on every build: not the reference.)"""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def kernel(a_ptr, b_ptr, q_ptr, r_ptr, n, BLOCK: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        m = i < n
+        a = tl.load(a_ptr + i, mask=m, other=1.0)
+        b = tl.load(b_ptr + i, mask=m, other=1.0)
+        tl.store(q_ptr + i, triton_common.div_rn(a, b, tl.float32), mask=m)
+        tl.store(r_ptr + i, triton_common.sqrt_rn(a, tl.float32), mask=m)
+
+    g = torch.Generator().manual_seed(0)
+    a = (torch.rand(4096, generator=g) * 100).to(device)
+    b = (torch.rand(4096, generator=g) * 9 + 1).to(device)
+    a[:44] = 7.25 * torch.arange(1, 45, dtype=torch.float32)  # sums of equal values ...
+    b[:44] = torch.arange(1, 45, dtype=torch.float32)  # ... divided by their count
+    q, r = torch.empty_like(a), torch.empty_like(a)
+    kernel[(4,)](a, b, q, r, a.numel(), BLOCK=1024)
+    assert torch.equal(q, (a.double() / b.double()).float())
+    assert torch.equal(q[:44], torch.full_like(q[:44], 7.25))
+    assert torch.equal(r, torch.sqrt(a.double()).float())

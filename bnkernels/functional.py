@@ -53,14 +53,6 @@ def _scalars_ok(momentum, eps) -> bool:
             and 0.0 < eps < math.inf)
 
 
-def _bump(t1, t2) -> None:
-    """Tell autograd that the kernels updated the running buffers in place (through their
-    pointers, which autograd does not see), so a backward that saved them (eval mode) raises
-    as it does with torch's BatchNorm."""
-    torch.autograd.graph.increment_version(t1)
-    torch.autograd.graph.increment_version(t2)
-
-
 _EMPTY = "empty"  # the plan of an empty batch: no kernel
 _BN_PLANS: dict = backends.register_plan_cache({})
 _LP_PLANS: dict = backends.register_plan_cache({})
@@ -162,8 +154,6 @@ def _batch_norm(x, running_mean, running_var, weight, bias, training, momentum, 
     else:
         y = plan.forward(x, running_mean, running_var, weight, bias, momentum, eps, noise,
                          need_saved=False)[0]
-    if training and running_mean is not None:
-        _bump(running_mean, running_var)
     return y
 
 
@@ -373,8 +363,6 @@ def lp_norm(x: torch.Tensor, p, running_mean: torch.Tensor | None = None,
     else:
         y = plan.forward(x, running_mean, running_scale, weight, bias, momentum, eps,
                          need_saved=False)[0]
-    if training and running_mean is not None:
-        _bump(running_mean, running_scale)
     return y
 
 

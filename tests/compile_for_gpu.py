@@ -23,7 +23,7 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 
 MODULES = ["batch_norm", "noise", "lp_norm"]
 DATA_PTRS = {"x_ptr", "y_ptr", "dy_ptr", "dx_ptr"}  # the input's dtype: fp16 here
-FLOATS = {"eps", "momentum", "n_mu", "n_sigma", "r_mu", "r_sigma", "inv_m"}
+FLOATS = {"eps", "momentum", "n_mu", "n_sigma", "r_mu", "r_sigma", "inv_m", "M_F"}
 WIDE_INTS = {"seed", "step_val"}
 BLOCKS = {"BLOCK": 256, "BLOCK_M": 32, "BLOCK_C": 16, "BLOCK_R": 4, "BLOCK_K": 64, "BLOCK_N": 4,
           "BLOCK_S": 64}
@@ -37,18 +37,20 @@ def _arg_type(kernel, name):
     return "i64" if name in WIDE_INTS else "i32"
 
 
+ENUMS = ("P", "SCALE_FROM", "PHASE")  # integer constexprs taking the values 0, 1 and 2
+
+
 def _variants(kernel):
     names = [p.name for p in kernel.params if p.is_constexpr]
-    flags = [n for n in names if n not in BLOCKS and n not in ("ACC", "P")]
-    p_values = [0, 1, 2] if "P" in names else [None]
+    flags = [n for n in names if n not in BLOCKS and n not in ("ACC", *ENUMS)]
+    enums = [n for n in names if n in ENUMS]
     for flag_value in (True, False):
-        for p in p_values:
+        for e in ([0, 1, 2] if enums else [None]):
             values = {n: BLOCKS[n] for n in names if n in BLOCKS}
             values.update({n: flag_value for n in flags})
             if "ACC" in names:
                 values["ACC"] = tl.float32
-            if p is not None:
-                values["P"] = p
+            values.update({n: e for n in enums})
             yield values
 
 

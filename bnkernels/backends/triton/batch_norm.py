@@ -567,7 +567,7 @@ def _bn_bwd_ncs_kernel(
     UNITS,
     CHUNK,
     SPLIT,
-    M,  # values per channel, as a float
+    M_F,  # values per channel, as a float
     eps,
     seed,
     step_val,
@@ -626,7 +626,7 @@ def _bn_bwd_ncs_kernel(
     sum_g = sum_all(sum_g)
     sum_gx = sum_all(sum_gx)
     if FUSED:
-        k1, k2 = _bn_bwd_finalize(c, c < C, sum_g, sum_gx, invstd, ws_ptr, dw_ptr, db_ptr, C, M,
+        k1, k2 = _bn_bwd_finalize(c, c < C, sum_g, sum_gx, invstd, ws_ptr, dw_ptr, db_ptr, C, M_F,
                                   ACC, False, WRITE_DW, WRITE_DB, DW_RAW)
         if WRITE_DX and TRAINING:
             for u in range(0, UNITS):
@@ -647,7 +647,7 @@ def _bn_bwd_ncs_kernel(
         if last_of_group(ticket_ptr, c, SPLIT):
             sum_g, sum_gx = _sum_partials(ws_ptr + c * SPLIT, C * SPLIT, SPLIT, c < C)
             _bn_bwd_finalize(c, c < C, sum_g, sum_gx, invstd, ws_ptr + 3 * C * SPLIT, dw_ptr,
-                             db_ptr, C, M, ACC, WRITE_DX and TRAINING, WRITE_DW, WRITE_DB,
+                             db_ptr, C, M_F, ACC, WRITE_DX and TRAINING, WRITE_DW, WRITE_DB,
                              DW_RAW)
             tl.store(ticket_ptr + c, 0)
 
@@ -671,7 +671,7 @@ def _bn_bwd_mc_kernel(
     M_ROWS,  # rows (= values per channel)
     CHUNK,
     SPLIT,
-    M,  # values per channel, as a float
+    M_F,  # values per channel, as a float
     eps,
     seed,
     step_val,
@@ -738,7 +738,7 @@ def _bn_bwd_mc_kernel(
     sum_gx_v = tl.sum(sum_gx, 0)
     if FUSED:
         k1, k2 = _bn_bwd_finalize(cols, cmask, sum_g_v, sum_gx_v, invstd_v, ws_ptr, dw_ptr,
-                                  db_ptr, C, M, ACC, False, WRITE_DW, WRITE_DB, DW_RAW)
+                                  db_ptr, C, M_F, ACC, False, WRITE_DW, WRITE_DB, DW_RAW)
         if WRITE_DX and TRAINING:
             k1 = k1[None, :]
             k2 = k2[None, :]
@@ -765,7 +765,7 @@ def _bn_bwd_mc_kernel(
         if last_of_group(ticket_ptr, pc, SPLIT):
             sum_g_v, sum_gx_v = _sum_partials(ws_ptr + cols * SPLIT, C * SPLIT, SPLIT, cmask)
             _bn_bwd_finalize(cols, cmask, sum_g_v, sum_gx_v, invstd_v, ws_ptr + 3 * C * SPLIT,
-                             dw_ptr, db_ptr, C, M, ACC, WRITE_DX and TRAINING, WRITE_DW,
+                             dw_ptr, db_ptr, C, M_F, ACC, WRITE_DX and TRAINING, WRITE_DW,
                              WRITE_DB, DW_RAW)
             tl.store(ticket_ptr + pc, 0)
 

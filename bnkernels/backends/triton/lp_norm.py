@@ -230,7 +230,7 @@ def _lp_fwd_ncs_kernel(
     UNITS,
     CHUNK,
     SPLIT,
-    M,  # values per channel, as a float
+    M_F,  # values per channel, as a float
     momentum,
     eps,
     BLOCK_N: tl.constexpr,
@@ -252,16 +252,16 @@ def _lp_fwd_ncs_kernel(
         if CENTERED:
             sum_x, _ = _lp_pass_ncs(x_ptr, c, 0, UNITS, 0.0, C, S, N, S_BLOCKS, BLOCK_N, BLOCK_S,
                                     P, False, ACC, INT64)
-            mean = _lp_finalize_mean(c, cm, sum_x, M, mean_ptr, rmean_ptr, momentum, ACC,
+            mean = _lp_finalize_mean(c, cm, sum_x, M_F, mean_ptr, rmean_ptr, momentum, ACC,
                                      UPDATE)
             _, stat = _lp_pass_ncs(x_ptr, c, 0, UNITS, mean, C, S, N, S_BLOCKS, BLOCK_N,
                                    BLOCK_S, P, True, ACC, INT64)
         else:
             sum_x, stat = _lp_pass_ncs(x_ptr, c, 0, UNITS, 0.0, C, S, N, S_BLOCKS, BLOCK_N,
                                        BLOCK_S, P, True, ACC, INT64)
-            mean = _lp_finalize_mean(c, cm, sum_x, M, mean_ptr, rmean_ptr, momentum, ACC,
+            mean = _lp_finalize_mean(c, cm, sum_x, M_F, mean_ptr, rmean_ptr, momentum, ACC,
                                      UPDATE)
-        _, inv = _lp_finalize_scale(c, cm, stat, M, scale_ptr, rscale_ptr, momentum, eps, P,
+        _, inv = _lp_finalize_scale(c, cm, stat, M_F, scale_ptr, rscale_ptr, momentum, eps, P,
                                     ACC, UPDATE)
         w = 1.0
         b = 0.0
@@ -292,9 +292,9 @@ def _lp_fwd_ncs_kernel(
                 sum_x += tl.load(base + q, cache_modifier=".cg")
                 stat = _lp_combine(stat, tl.load(base + C * SPLIT + q, cache_modifier=".cg"), P)
             if PHASE != 2:
-                _lp_finalize_mean(c, cm, sum_x, M, mean_ptr, rmean_ptr, momentum, ACC, UPDATE)
+                _lp_finalize_mean(c, cm, sum_x, M_F, mean_ptr, rmean_ptr, momentum, ACC, UPDATE)
             if PHASE != 1:
-                _, inv = _lp_finalize_scale(c, cm, stat, M, scale_ptr, rscale_ptr, momentum,
+                _, inv = _lp_finalize_scale(c, cm, stat, M_F, scale_ptr, rscale_ptr, momentum,
                                             eps, P, ACC, UPDATE)
                 tl.store(ws_ptr + 4 * C * SPLIT + c, inv)
             tl.store(ticket_ptr + c, 0)
@@ -317,7 +317,7 @@ def _lp_fwd_mc_kernel(
     M_ROWS,
     CHUNK,  # rows per program (a multiple of BLOCK_M)
     SPLIT,
-    M,  # values per channel, as a float
+    M_F,  # values per channel, as a float
     momentum,
     eps,
     BLOCK_M: tl.constexpr,
@@ -340,16 +340,16 @@ def _lp_fwd_mc_kernel(
         if CENTERED:
             sum_x, _ = _lp_pass_mc(x_ptr, cols, cmask, 0, M_ROWS, 0.0, C, BLOCK_M, BLOCK_C, P,
                                    False, ACC, INT64)
-            mean = _lp_finalize_mean(cols, cmask, sum_x, M, mean_ptr, rmean_ptr, momentum, ACC,
+            mean = _lp_finalize_mean(cols, cmask, sum_x, M_F, mean_ptr, rmean_ptr, momentum, ACC,
                                      UPDATE)
             _, stat = _lp_pass_mc(x_ptr, cols, cmask, 0, M_ROWS, mean[None, :], C, BLOCK_M,
                                   BLOCK_C, P, True, ACC, INT64)
         else:
             sum_x, stat = _lp_pass_mc(x_ptr, cols, cmask, 0, M_ROWS, 0.0, C, BLOCK_M, BLOCK_C,
                                       P, True, ACC, INT64)
-            mean = _lp_finalize_mean(cols, cmask, sum_x, M, mean_ptr, rmean_ptr, momentum, ACC,
+            mean = _lp_finalize_mean(cols, cmask, sum_x, M_F, mean_ptr, rmean_ptr, momentum, ACC,
                                      UPDATE)
-        _, inv = _lp_finalize_scale(cols, cmask, stat, M, scale_ptr, rscale_ptr, momentum, eps,
+        _, inv = _lp_finalize_scale(cols, cmask, stat, M_F, scale_ptr, rscale_ptr, momentum, eps,
                                     P, ACC, UPDATE)
         w = chan_load(w_ptr, cols, cmask, 1.0, False, ACC, HAS_W)
         b = chan_load(b_ptr, cols, cmask, 0.0, False, ACC, HAS_B)
@@ -381,10 +381,10 @@ def _lp_fwd_mc_kernel(
                 stat = _lp_combine(stat, tl.load(base + C * SPLIT + q, mask=cmask, other=0.0,
                                                  cache_modifier=".cg"), P)
             if PHASE != 2:
-                _lp_finalize_mean(cols, cmask, sum_x, M, mean_ptr, rmean_ptr, momentum, ACC,
+                _lp_finalize_mean(cols, cmask, sum_x, M_F, mean_ptr, rmean_ptr, momentum, ACC,
                                   UPDATE)
             if PHASE != 1:
-                _, inv = _lp_finalize_scale(cols, cmask, stat, M, scale_ptr, rscale_ptr,
+                _, inv = _lp_finalize_scale(cols, cmask, stat, M_F, scale_ptr, rscale_ptr,
                                             momentum, eps, P, ACC, UPDATE)
                 tl.store(ws_ptr + 4 * C * SPLIT + cols, inv, mask=cmask)
             tl.store(ticket_ptr + pc, 0)
@@ -471,7 +471,7 @@ def _lp_bwd_ncs_kernel(
     UNITS,
     CHUNK,
     SPLIT,
-    M,  # values per channel, as a float
+    M_F,  # values per channel, as a float
     eps,
     BLOCK_N: tl.constexpr,
     BLOCK_S: tl.constexpr,
@@ -511,7 +511,7 @@ def _lp_bwd_ncs_kernel(
     sum_f = sum_all(sum_f)
     cnt = sum_all(cnt)
     if FUSED:
-        k1, k2, k3, k4 = _lp_bwd_finalize(c, cm, sum_g, sum_gd, sum_f, cnt, s, w, M, eps, ws_ptr,
+        k1, k2, k3, k4 = _lp_bwd_finalize(c, cm, sum_g, sum_gd, sum_f, cnt, s, w, M_F, eps, ws_ptr,
                                           dw_ptr, db_ptr, C, P, CENTERED, ACC, False, WRITE_DW,
                                           WRITE_DB)
         if WRITE_DX:
@@ -538,7 +538,7 @@ def _lp_bwd_ncs_kernel(
                 sum_gd += tl.load(base + C * SPLIT + q, cache_modifier=".cg")
                 sum_f += tl.load(base + 2 * C * SPLIT + q, cache_modifier=".cg")
                 cnt += tl.load(base + 3 * C * SPLIT + q, cache_modifier=".cg")
-            _lp_bwd_finalize(c, cm, sum_g, sum_gd, sum_f, cnt, s, w, M, eps,
+            _lp_bwd_finalize(c, cm, sum_g, sum_gd, sum_f, cnt, s, w, M_F, eps,
                              ws_ptr + 4 * C * SPLIT, dw_ptr, db_ptr, C, P, CENTERED, ACC,
                              WRITE_DX, WRITE_DW, WRITE_DB)
             tl.store(ticket_ptr + c, 0)
@@ -561,7 +561,7 @@ def _lp_bwd_mc_kernel(
     M_ROWS,
     CHUNK,
     SPLIT,
-    M,
+    M_F,
     eps,
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -610,7 +610,7 @@ def _lp_bwd_mc_kernel(
     cnt_v = tl.sum(cnt, 0)
     if FUSED:
         k1, k2, k3, k4 = _lp_bwd_finalize(cols, cmask, sum_g_v, sum_gd_v, sum_f_v, cnt_v, s_v,
-                                          w_v, M, eps, ws_ptr, dw_ptr, db_ptr, C, P, CENTERED,
+                                          w_v, M_F, eps, ws_ptr, dw_ptr, db_ptr, C, P, CENTERED,
                                           ACC, False, WRITE_DW, WRITE_DB)
         if WRITE_DX:
             for off in range(0, M_ROWS, BLOCK_M):
@@ -644,7 +644,7 @@ def _lp_bwd_mc_kernel(
                                    cache_modifier=".cg")
                 cnt_v += tl.load(base + 3 * C * SPLIT + q, mask=cmask, other=0.0,
                                  cache_modifier=".cg")
-            _lp_bwd_finalize(cols, cmask, sum_g_v, sum_gd_v, sum_f_v, cnt_v, s_v, w_v, M, eps,
+            _lp_bwd_finalize(cols, cmask, sum_g_v, sum_gd_v, sum_f_v, cnt_v, s_v, w_v, M_F, eps,
                              ws_ptr + 4 * C * SPLIT, dw_ptr, db_ptr, C, P, CENTERED, ACC,
                              WRITE_DX, WRITE_DW, WRITE_DB)
             tl.store(ticket_ptr + pc, 0)

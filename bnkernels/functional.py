@@ -105,7 +105,7 @@ def _check_scalars(op: str, momentum, eps, activation) -> None:
             "momentum=1/num_batches yourself")
     if not 0.0 <= float(momentum) <= 1.0:
         raise ValueError(f"{op}: momentum must be in [0, 1], got {momentum}")
-    if not (float(eps) > 0.0 and math.isfinite(eps)):
+    if not 0.0 < float(eps) < math.inf:  # comparisons only: eps may be symbolic in a graph
         raise ValueError(f"{op}: eps must be a positive finite number, got {eps}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"{op}: activation must be one of {ACTIVATIONS}, got {activation!r}")
@@ -229,9 +229,8 @@ def _batch_norm_traced(x, running_mean, running_var, weight, bias, training, mom
                          eps, activation)
     if x.numel() == 0:
         return _empty_batch(x, weight, bias, activation)
-    name = backends.backend_name_for_compile(
-        op, str(x.device), str(x.dtype).replace("torch.", ""),
-        x.numel() if isinstance(x.numel(), int) else 0, backends.GENERATION)
+    name = backends.backend_name_for_compile(op, str(x.device), str(x.dtype).replace("torch.", ""),
+                                             backends.GENERATION)
     if noise is None:
         return BatchNormOpFunction.apply(x, weight, bias, running_mean, running_var,
                                          bool(training), float(momentum), float(eps),
@@ -405,9 +404,9 @@ def _lp_norm_traced(x, p, running_mean, running_scale, weight, bias, training, m
                           momentum, eps)
     if x.numel() == 0:
         return _empty_batch(x, weight, bias, None)
-    name = backends.backend_name_for_compile(
-        "lp_norm", str(x.device), str(x.dtype).replace("torch.", ""),
-        x.numel() if isinstance(x.numel(), int) else 0, backends.GENERATION)
+    name = backends.backend_name_for_compile("lp_norm", str(x.device),
+                                             str(x.dtype).replace("torch.", ""),
+                                             backends.GENERATION)
     return LpNormOpFunction.apply(x, weight, bias, running_mean, running_scale, p,
                                   bool(training), float(momentum), float(eps), bool(centered),
                                   name)

@@ -267,11 +267,15 @@ def test_backend_selection_is_not_traced_by_dynamo(monkeypatch):
         return select(*args, **kwargs)
 
     monkeypatch.setattr(backends, "select", untraceable_select)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), bnk.BatchNorm2d(4),
+                                bnk.LpNorm2d(4, p=1))
+    for dynamic in (False, True):  # symbolic shapes too (what a recompile turns on)
+        torch._dynamo.reset()
+        compiled = torch.compile(model, fullgraph=True, backend="eager", dynamic=dynamic)
+        for n in (2, 3):
+            x = torch.randn(n, 3, 6, 6)
+            assert torch.allclose(compiled(x), model(x), atol=1e-5)
     torch._dynamo.reset()
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), bnk.BatchNorm2d(4))
-    compiled = torch.compile(model, fullgraph=True, backend="eager")
-    x = torch.randn(2, 3, 6, 6)
-    assert torch.allclose(compiled(x), model(x), atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", ["triton-fused", "triton-split", "reference"])

@@ -89,24 +89,24 @@ def backend(name: str) -> Backend:
     return _BACKENDS[name]
 
 
-def _auto_order(x: torch.Tensor, op: str = "batch_norm", numel: int | None = None) -> list[str]:
+def _auto_order(x: torch.Tensor, op: str = "batch_norm") -> list[str]:
     if x.device.type == "cuda":
         if not _BACKENDS["cuda"].is_built():
             return ["triton", "reference"]
-        if speed.faster(op, x, numel) == "cuda":
+        if speed.faster(op, x) == "cuda":
             return ["cuda", "triton", "reference"]
         return ["triton", "cuda", "reference"]
     # On the CPU the Triton interpreter is a correctness tool, chosen only when it is switched on.
     return ["triton", "reference"] if _BACKENDS["triton"].interpreting() else ["reference"]
 
 
-def select(op: str, x: torch.Tensor, numel: int | None = None, **inputs) -> Backend:
+def select(op: str, x: torch.Tensor, **inputs) -> Backend:
     """The backend that runs ``op`` on ``x``; raises listing every reason when none fits.
 
     Not for the hot path (it may read the environment and look for the CUDA extension):
     :mod:`bnkernels.functional` calls it once per input signature and caches the result."""
     name = get_backend()
-    names = _auto_order(x, op, numel) if name == "auto" else [name]
+    names = _auto_order(x, op) if name == "auto" else [name]
     reasons = {}
     for n in names:
         b = _BACKENDS[n]
@@ -126,16 +126,16 @@ def plan(op: str, x: torch.Tensor, sig: Signature):
 
 
 @torch.compiler.assume_constant_result
-def backend_name_for_compile(op: str, device: str, dtype_name: str, numel: int,
-                             generation: int) -> str:
+def backend_name_for_compile(op: str, device: str, dtype_name: str, generation: int) -> str:
     """The backend a compiled graph calls (through the registered ops), decided once when the
     graph is traced: dynamo runs this function instead of tracing it and keeps its result as a
     constant. ``generation`` is :data:`GENERATION`, which the caller reads as a module global:
-    dynamo guards on it, so a new selection retraces the graph. ``numel`` (0 when the shape is
-    dynamic) places the input in the measured-speed table."""
+    dynamo guards on it, so a new selection retraces the graph. Shapes may be symbolic in a
+    graph, so the choice does not depend on the size: "auto" takes the measured-speed table's
+    entry for the smallest inputs."""
     del generation  # only there to be guarded on
     x = torch.empty(0, device=device, dtype=getattr(torch, dtype_name))
-    return select(op, x, numel=numel).name
+    return select(op, x).name
 
 
 

@@ -38,16 +38,16 @@ def _device_name(index: int) -> str:
     return torch.cuda.get_device_name(index)
 
 
-def faster(op: str, x: torch.Tensor, numel: int | None = None) -> str | None:
+def faster(op: str, x: torch.Tensor) -> str | None:
     """"cuda" or "triton", whichever the table measured faster for ``op`` on x's GPU at x's
-    size (or ``numel``, if given); None without a measurement."""
+    size; None without a measurement."""
     if x.device.type != "cuda":
         return None
     index = x.device.index if x.device.index is not None else torch.cuda.current_device()
     rows = [e for e in _entries() if e["op"] == op and e["device"] == _device_name(index)]
     if not rows:
         return None
-    numel = x.numel() if numel is None else numel
+    numel = x.numel()
     entry = next((e for e in rows if e["max_numel"] >= numel), rows[-1])
     return "cuda" if entry["cuda_us"] < entry["triton_us"] else "triton"
 

@@ -192,10 +192,14 @@ def run(device: torch.device, opts: E2EOptions, skipped: list[dict],
     rows: list[dict] = []
     configs = opts.configs()
     truncated = None
-    bench_flag = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = True
     made: dict[str, tuple] = {}  # model name -> (model, x, y), built once
+    # cuDNN's autotuner for the convolutions, as a training script sets it; through the flags
+    # context manager, which also works where global flags are frozen (torch's test utilities
+    # freeze them).
+    flags = torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, benchmark=True,
+                                       deterministic=torch.backends.cudnn.deterministic)
     try:
+        flags.__enter__()
         for done, (spec, dtype, layout) in enumerate(configs):
             if deadline is not None and time.monotonic() > deadline:
                 truncated = (f"time limit reached: {done} of {len(configs)} (model, dtype, "
@@ -214,7 +218,7 @@ def run(device: torch.device, opts: E2EOptions, skipped: list[dict],
             rows += _run_config(spec, dtype, layout, *made[spec.name], providers, device, opts,
                                 skipped, log)
     finally:
-        torch.backends.cudnn.benchmark = bench_flag
+        flags.__exit__(None, None, None)
         made.clear()
         _release(device)
     return rows, truncated

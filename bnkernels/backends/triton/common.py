@@ -52,8 +52,12 @@ def override_config(**kwargs):
 # reduced and normalized by one program in one launch per direction ("fused": one program per
 # channel reads its values, finalizes the statistics and writes the output, re-reading its
 # values from cache); larger ones split each channel over many programs ("split": a reduction
-# launch whose last program per channel finalizes, then an elementwise launch).
+# launch whose last program per channel finalizes, then an elementwise launch). Fused also
+# needs enough programs to fill a GPU, unless the whole tensor is small (then launches, not
+# bandwidth, are the cost). Not tuned on a GPU yet.
 FUSED_MAX_VALUES = 8192
+FUSED_MIN_PROGRAMS = 64
+FUSED_ANY_NUMEL = 2**18
 
 
 def strategy(lay: Layout) -> str:
@@ -61,7 +65,11 @@ def strategy(lay: Layout) -> str:
     forced = _OVERRIDES.get("strategy")
     if forced is not None:
         return forced
-    return "fused" if lay.M <= FUSED_MAX_VALUES else "split"
+    if lay.M > FUSED_MAX_VALUES:
+        return "split"
+    if lay.numel <= FUSED_ANY_NUMEL or reduce_config(lay, fused=True).groups >= FUSED_MIN_PROGRAMS:
+        return "fused"
+    return "split"
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:

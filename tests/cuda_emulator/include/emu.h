@@ -34,6 +34,13 @@ inline int blocks_per_sm() { return env_int("BNK_EMU_BLOCKS_PER_SM", 2); }
 
 constexpr size_t kStackBytes = 64 * 1024;
 
+// Kernel launches since the library was loaded (ordinary and cooperative): what the tests read
+// to count the launches of one call.
+inline long long& launch_count() {
+  static long long n = 0;
+  return n;
+}
+
 struct Thread {
   ucontext_t ctx;
   dim3 tid, bid;
@@ -236,6 +243,7 @@ inline void execute(dim3 grid, dim3 block, std::function<void()> body, bool coop
 template <class... P, class... Args>
 void launch(void (*kernel)(P...), dim3 grid, dim3 block, Args&&... args) {
   std::tuple<std::decay_t<P>...> params(std::forward<Args>(args)...);
+  ++launch_count();
   execute(grid, block, [&params, kernel] { std::apply(kernel, params); }, false);
 }
 
@@ -244,6 +252,7 @@ cudaError_t launch_cooperative(void (*kernel)(P), dim3 grid, dim3 block, P param
   if (grid.x * grid.y * grid.z > static_cast<unsigned>(num_sms() * blocks_per_sm())) {
     return cudaErrorLaunchFailure;  // more blocks than can be resident at once
   }
+  ++launch_count();
   execute(grid, block, [&params, kernel] { kernel(params); }, true);
   return cudaSuccess;
 }

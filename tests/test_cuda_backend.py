@@ -454,11 +454,11 @@ def test_launches_per_call(_kernel_module, dev):
 
 @pytest.mark.parametrize("case", [Case((5, 3, 7, 9)), Case((5, 6, 7, 9), True), Case((37, 11)),
                                   Case((4, 16, 2, 4), True, torch.float16)], ids=str)
-def test_ticket_finalize_with_many_splits(case, dev):
+def test_ticket_finalize_with_many_splits(case, dev, monkeypatch):
     """Many blocks per channel (forced), the last to finish merging the partials (in a fixed
-    order) and finalizing: the reference's results, bit-identical run to run, the cached
-    workspace reused and its tickets back at zero after every call (forward, backward, noisy,
-    l_p)."""
+    order) and finalizing: the reference's results, bit-identical run to run and whichever
+    block finishes last (the emulator runs the blocks in another order), the cached workspace
+    reused and its tickets back at zero after every call (forward, backward, noisy, l_p)."""
     inp = make_inputs(case, dev)
     x = inp["x"]
     with cuda.override_config(split=16, path="multipass"):
@@ -483,6 +483,12 @@ def test_ticket_finalize_with_many_splits(case, dev):
         assert plan.workspaces.get()[0] is ws and int(tickets.abs().sum()) == 0
         for key in first:
             assert torch.equal(first[key], second[key]), key
+        for order in ("reverse", "shuffle"):  # another block finishes each channel last
+            monkeypatch.setenv("BNK_EMU_BLOCK_ORDER", order)
+            other = call()
+            for key in first:
+                assert torch.equal(first[key], other[key]), (order, key)
+        monkeypatch.delenv("BNK_EMU_BLOCK_ORDER")
         ref = bn_tests.run(bn_tests.bnk_bn("reference"), inp, training=True, activation="relu")
         for key in ("y", "dx", "dweight", "dbias", "running_mean", "running_var"):
             dt = case.dtype if key in ("y", "dx") else case.pdtype

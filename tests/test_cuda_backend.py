@@ -13,7 +13,9 @@ Three tiers, all collected everywhere:
    multi-pass. On a GPU they run the real extension on CUDA tensors. Without one they run the
    very same kernel code built for the CPU emulator (tests/cuda_emulator: every CUDA thread a
    coroutine, real barrier and shuffle semantics) on CPU tensors -- a check of the kernels'
-   logic, not of GPU behaviour; the GPU-only tests are skipped there.
+   logic, not of GPU behaviour; the GPU-only tests are skipped there. The emulator also counts
+   the launches of each call and can run a launch's blocks in another order (so that a
+   last-block finalize is seen to give the same bits whichever block finishes last).
 """
 
 from __future__ import annotations

@@ -16,7 +16,17 @@
 //   dx    = k g                                                          (eval)
 //
 // Statistics are Welford per thread (Chan-merging each loaded vector's exact two-pass summary),
-// Chan-merged across threads, warps and programs in a fixed order: never E[x^2] - E[x]^2.
+// Chan-merged across threads, warps and programs in a fixed order: never E[x^2] - E[x]^2. They
+// are taken around a per-channel shift K, the channel's first element x[0, c, 0, ...] (every
+// block loads it): the summaries are of x - K, so a channel of mean 1e4 and std 1e-2 loses
+// nothing to its mean. Then mean = K + mean(x - K), rounded to A as mean_hi (the saved mean)
+// with its rounding error mean_lo kept apart (TwoSum), and the training forward normalizes
+// (x - mean_hi) - mean_lo: x - mean_hi is exact for x near the mean, so the output is as good
+// as that of an exact mean. With a fused ReLU the forward leaves mean_lo out (lo = 0): the
+// backward recomputes the output from the saved mean alone, and must get the forward's bits.
+// Divisions and square roots are IEEE (the build has no fast math); the multiply-adds of the
+// output and the noise are explicit (acc_fma, __fmul_rn / __fadd_rn), never left to the
+// compiler's contraction, so forward and backward compute them identically.
 // This header is included by batch_norm.cu (plain), noisy.cu (NOISY = true) and persistent.cu.
 #pragma once
 
@@ -27,14 +37,15 @@ namespace bnk {
 // ------------------------------------------------------------------------------ channel math
 
 template <typename A> struct BnChan {
-  A mean, k, b;       // a = k (x - mean) + b
+  A mean, k, b;       // a = k ((x - mean) - lo) + b
   float mu, sigma;    // per-channel noise (mu = 0, sigma = 1 without noise)
   A kg, kgx;          // dx coefficients (training backward)
+  A lo;               // the mean's rounding error (training forward without ReLU), else 0
 };
 
 // The forward coefficients of channel c from its statistics. One function for every kernel
-// (statistics finalize, coefficient kernel, backward, persistent): the backward's recomputed
-// output is then bit-identical to the forward's.
+// (statistics finalize, apply, backward, persistent): the backward's recomputed output is then
+// bit-identical to the forward's.
 template <typename A>
 __device__ __forceinline__ BnChan<A> make_chan(int64_t c, A mean, A invstd, const A* w,
                                                const A* b, const Noise& noise) {
@@ -47,6 +58,7 @@ __device__ __forceinline__ BnChan<A> make_chan(int64_t c, A mean, A invstd, cons
   if (noise.on) channel_noise(noise, c, ch.mu, ch.sigma);
   ch.kg = A(0);
   ch.kgx = A(0);
+  ch.lo = A(0);
   return ch;
 }
 
@@ -59,8 +71,10 @@ __device__ __forceinline__ void write_coef(A* coef, int64_t C, int64_t c, const 
   coef[kSigma * C + c] = static_cast<A>(ch.sigma);
   coef[kG * C + c] = ch.kg;
   coef[kGx * C + c] = ch.kgx;
+  coef[kLo * C + c] = ch.lo;
 }
 
+// Coefficients written by a finalize of the same stream's previous launch.
 template <typename A>
 __device__ __forceinline__ BnChan<A> read_coef(const A* coef, int64_t C, int64_t c) {
   BnChan<A> ch;
@@ -71,14 +85,42 @@ __device__ __forceinline__ BnChan<A> read_coef(const A* coef, int64_t C, int64_t
   ch.sigma = static_cast<float>(coef[kSigma * C + c]);
   ch.kg = coef[kG * C + c];
   ch.kgx = coef[kGx * C + c];
+  ch.lo = coef[kLo * C + c];
   return ch;
 }
 
-// out = act(s a + m), a = k (x - mean) + b; also returns the noise scale s (1 without noise).
+// Given statistics (BnGiven) in the accumulation type: the mean, and invstd from the "second"
+// array as scale_from says, correctly rounded.
+template <typename A> struct BnStatsIn {
+  const A* mean;
+  const A* second;
+  int scale_from;
+  A eps;
+  const A* weight;
+  const A* bias;
+
+  static BnStatsIn from(const BnGiven& g) {
+    return {static_cast<const A*>(g.mean), static_cast<const A*>(g.second), g.scale_from,
+            static_cast<A>(g.eps), static_cast<const A*>(g.weight),
+            static_cast<const A*>(g.bias)};
+  }
+  __device__ A invstd(int64_t c) const {
+    const A s = second[c];
+    if (scale_from == kFromVar) return A(1) / acc_sqrt(s + eps);
+    if (scale_from == kFromLpScale) return A(1) / (s + eps);
+    return s;
+  }
+  __device__ BnChan<A> chan(int64_t c, const Noise& noise) const {
+    return make_chan(c, mean[c], invstd(c), weight, bias, noise);
+  }
+};
+
+// out = act(s a + m), a = k ((x - mean) - lo) + b; also returns the noise scale s (1 without
+// noise).
 template <typename A, bool NOISY>
 __device__ __forceinline__ A bn_out(const BnChan<A>& ch, A x, int64_t idx, const Noise& noise,
                                     bool relu, A& s_out) {
-  A out = acc_fma(x - ch.mean, ch.k, ch.b);
+  A out = acc_fma((x - ch.mean) - ch.lo, ch.k, ch.b);
   s_out = A(1);
   if constexpr (NOISY) {
     float s, m;
@@ -99,39 +141,46 @@ __device__ __forceinline__ A bn_upstream(const BnChan<A>& ch, A x, A dy, int64_t
   A s;
   const A out = bn_out<A, NOISY>(ch, x, idx, noise, false, s);
   A g = (relu && out <= A(0)) ? A(0) : dy;
-  if constexpr (NOISY) g *= s;
+  if constexpr (NOISY) g = acc_mul_rn(g, s);
   return g;
 }
 
 // ------------------------------------------------------------------------------ statistics
 
-// Welford accumulator: v = (count, mean, M2).
-template <typename A_> struct WelfordOp {
+// Welford accumulator of x - K, K = the channel's first element: v = (count, mean, M2).
+template <typename T, typename A_> struct WelfordOp {
   using A = A_;
   static constexpr int K = 3;
   static constexpr bool kDy = false, kIndex = false;
   using State = bnk::State<A, K>;
-  struct Chan {};
+  struct Chan { A shift; };
+  const T* x;       // the input: channel c's first element at x[c * cstride]
+  int64_t cstride;  // S ("ncs") or 1 ("mc")
 
   __device__ void init() {}
-  __device__ Chan chan(int64_t) const { return {}; }
+  __device__ A shift(int64_t c) const { return to_acc<A>(x[c * cstride]); }
+  __device__ Chan chan(int64_t c) const { return {shift(c)}; }
   __device__ State identity() const { return {{A(0), A(0), A(0)}}; }
   __device__ State merge(const State& a, const State& b) const { return chan_merge(a, b); }
 
   // Chan-merge the B values' own summary (an exact two-pass over B registers) into st:
   // one division per vector instead of one per element.
   template <int B>
-  __device__ void update(State& st, const Chan&, const A (&x)[B], const A (&)[B], int64_t,
+  __device__ void update(State& st, const Chan& ch, const A (&x_)[B], const A (&)[B], int64_t,
                          int64_t) const {
+    A d[B];
     A sum = A(0);
 #pragma unroll
-    for (int j = 0; j < B; ++j) sum += x[j];
+    for (int j = 0; j < B; ++j) {
+      d[j] = x_[j] - ch.shift;
+      sum += d[j];
+    }
     const A mean_b = sum * (A(1) / A(B));  // B is a power of two: exact
     A m2_b = A(0);
 #pragma unroll
     for (int j = 0; j < B; ++j) {
-      const A d = x[j] - mean_b;
-      m2_b += d * d;
+      const A e = d[j] - mean_b;
+      m2_b += e * e;
     }
     const A n = st.v[0] + A(B);
     const A delta = mean_b - st.v[1];
@@ -141,12 +190,14 @@ template <typename A_> struct WelfordOp {
   }
 };
 
-// mean, biased var and invstd from a channel's merged (count, mean, M2); M exact, not the count.
-template <typename A> struct BnMoments { A mean, var, invstd; };
+// Statistics of a channel from its merged (count, mean of x - K, M2) and its shift K; M exact,
+// not the count. mean = hi + lo exactly (hi = fl(K + mean(x - K))).
+template <typename A> struct BnMoments { A mean, lo, var, invstd; };
 template <typename A>
-__device__ __forceinline__ BnMoments<A> bn_moments(const State<A, 3>& st, A m, A eps) {
+__device__ __forceinline__ BnMoments<A> bn_moments(const State<A, 3>& st, A shift, A m, A eps) {
   BnMoments<A> r;
-  r.mean = st.v[1];
+  r.mean = shift + st.v[1];
+  r.lo = two_sum_err(shift, st.v[1], r.mean);
   r.var = st.v[2] / m;
   r.invstd = A(1) / acc_sqrt(r.var + eps);
   return r;
@@ -163,9 +214,9 @@ __device__ __forceinline__ void bn_update_running(A* running_mean, A* running_va
 }
 
 // Statistics finalize: mean, invstd (or var), running buffers, forward coefficients.
-template <typename A_> struct BnStatsFin {
+template <typename T, typename A_> struct BnStatsFin {
   using A = A_;
-  using Op = WelfordOp<A>;
+  using Op = WelfordOp<T, A>;
   using State = typename Op::State;
   Op op;
   A* mean;
@@ -177,34 +228,71 @@ template <typename A_> struct BnStatsFin {
   const A* weight;
   const A* bias;
   A* coef;
+  bool keep_lo;
   int64_t C;
   Noise noise;
 
-  __device__ void init() { resolve_step(noise); }
+  __device__ void init() {
+    op.init();
+    resolve_step(noise);
+  }
   __device__ void finish(int64_t c, const State& st) {
-    const BnMoments<A> r = bn_moments(st, m, eps);
+    const BnMoments<A> r = bn_moments(st, op.shift(c), m, eps);
     mean[c] = r.mean;
     second[c] = out_var ? r.var : r.invstd;
     bn_update_running(running_mean, running_var, c, r, momentum, keep, unbias);
     if (coef != nullptr) {
-      write_coef(coef, C, c, make_chan(c, r.mean, r.invstd, weight, bias, noise));
+      BnChan<A> ch = make_chan(c, r.mean, r.invstd, weight, bias, noise);
+      if (keep_lo) ch.lo = r.lo;
+      write_coef(coef, C, c, ch);
     }
   }
 };
 
 // ------------------------------------------------------------------------------ apply / dx
 
+// The per-channel constants of the apply and dx kernels: the coefficients a finalize wrote
+// (training), or made from given statistics (eval, SyncBatchNorm's stages).
+template <typename A> struct BnChanSource {
+  const A* coef;         // [kBnCoefs, C], or null: from `given`
+  BnStatsIn<A> given;
+  const A* mean_sums;    // with `given`: [mean(g), mean(g (x - mean))] (nullable)
+  int64_t C;
+
+  __device__ BnChan<A> chan(int64_t c, const Noise& noise) const {
+    if (coef != nullptr) return read_coef(coef, C, c);
+    BnChan<A> ch = make_chan(c, given.mean[c], given.invstd(c), given.weight, given.bias, noise);
+    if (mean_sums != nullptr) {
+      const A invstd = given.invstd(c);
+      ch.kg = mean_sums[c];
+      ch.kgx = mean_sums[C + c] * invstd * invstd;
+    }
+    return ch;
+  }
+};
+
 template <typename A_, bool NOISY> struct BnApplyOp {
   using A = A_;
   static constexpr bool kDy = false, kIndex = NOISY;
   using Chan = BnChan<A>;
-  const A* coef;
-  int64_t C;
+  BnChanSource<A> src;
+  A* save_mean;    // with src.given: snapshots of the statistics used (nullable)
+  A* save_invstd;
   bool relu;
   Noise noise;
+  const int64_t* step_src;  // the noise step's tensor (before init() resolves it)
+  int64_t* step_used;       // its snapshot (nullable)
 
   __device__ void init() { resolve_step(noise); }
-  __device__ Chan chan(int64_t c) const { return read_coef(coef, C, c); }
+  __device__ void block0() const {
+    if (step_used != nullptr && threadIdx.x == 0) *step_used = *step_src;
+    if (save_mean == nullptr) return;
+    for (int64_t c = threadIdx.x; c < src.C; c += blockDim.x) {
+      save_mean[c] = src.given.mean[c];
+      save_invstd[c] = src.given.invstd(c);
+    }
+  }
+  __device__ Chan chan(int64_t c) const { return src.chan(c, noise); }
   __device__ A elem(const Chan& ch, A x, A, int64_t idx) const {
     A s;
     return bn_out<A, NOISY>(ch, x, idx, noise, relu, s);
@@ -215,13 +303,13 @@ template <typename A_, bool NOISY> struct BnDxOp {
   using A = A_;
   static constexpr bool kDy = true, kIndex = NOISY;
   using Chan = BnChan<A>;
-  const A* coef;
-  int64_t C;
+  BnChanSource<A> src;
   bool relu, training;
   Noise noise;
 
   __device__ void init() { resolve_step(noise); }
-  __device__ Chan chan(int64_t c) const { return read_coef(coef, C, c); }
+  __device__ void block0() const {}
+  __device__ Chan chan(int64_t c) const { return src.chan(c, noise); }
   __device__ A elem(const Chan& ch, A x, A dy, int64_t idx) const {
     const A g = bn_upstream<A, NOISY>(ch, x, dy, idx, noise, relu);
     return training ? ch.k * (g - ch.kg - (x - ch.mean) * ch.kgx) : ch.k * g;
@@ -237,17 +325,12 @@ template <typename A_, bool NOISY> struct BnGradOp {
   static constexpr bool kDy = true, kIndex = NOISY;
   using State = bnk::State<A, K>;
   using Chan = BnChan<A>;
-  const A* mean;
-  const A* invstd;
-  const A* weight;
-  const A* bias;
+  BnStatsIn<A> stats;
   bool relu;
   Noise noise;
 
   __device__ void init() { resolve_step(noise); }
-  __device__ Chan chan(int64_t c) const {
-    return make_chan(c, mean[c], invstd[c], weight, bias, noise);
-  }
+  __device__ Chan chan(int64_t c) const { return stats.chan(c, noise); }
   __device__ State identity() const { return {{A(0), A(0)}}; }
   __device__ State merge(const State& a, const State& b) const {
     return {{a.v[0] + b.v[0], a.v[1] + b.v[1]}};
@@ -279,7 +362,7 @@ template <typename A_, bool NOISY> struct BnGradFin {
   __device__ void init() { op.init(); }
   __device__ void finish(int64_t c, const State& st) {
     const A sum_g = st.v[0], sum_gx = st.v[1];
-    const A invstd = op.invstd[c];
+    const A invstd = op.stats.invstd(c);
     if (sums != nullptr) {
       sums[c] = sum_g;
       sums[C + c] = sum_gx;
@@ -299,10 +382,23 @@ template <typename A_, bool NOISY> struct BnGradFin {
 // Explicitly instantiated in batch_norm.cu (NOISY = false) and noisy.cu (NOISY = true), which
 // declare the other half `extern template`: each file compiles its own half of the kernels.
 
+template <typename A> BnChanSource<A> chan_source(const Launch& l, const void* coef,
+                                                  const BnGiven& given, const void* mean_sums) {
+  return {static_cast<const A*>(coef), BnStatsIn<A>::from(given),
+          static_cast<const A*>(mean_sums), l.g.C};
+}
+
 template <bool NOISY> void bn_apply_launch(const Launch& l, const BnApplyArgs& a) {
   BNK_DISPATCH(l.dtype, T, VEC, {
     using A = acc_t<T>;
-    BnApplyOp<A, NOISY> op{static_cast<const A*>(a.coef), l.g.C, a.relu, a.noise};
+    BnApplyOp<A, NOISY> op{chan_source<A>(l, a.coef, a.given, nullptr),
+                           static_cast<A*>(a.save_mean),
+                           static_cast<A*>(a.save_invstd),
+                           a.relu,
+                           a.noise,
+                           a.noise.step_ptr,
+                           a.step_used != nullptr && a.noise.step_ptr != nullptr ? a.step_used
+                                                                                 : nullptr};
     launch_elementwise<T, VEC>(l, op, a.x, nullptr, a.y, "bn_apply");
   });
 }
@@ -310,21 +406,19 @@ template <bool NOISY> void bn_apply_launch(const Launch& l, const BnApplyArgs& a
 template <bool NOISY> void bn_grad_sums_launch(const Launch& l, const BnGradArgs& a) {
   BNK_DISPATCH(l.dtype, T, VEC, {
     using A = acc_t<T>;
-    BnGradOp<A, NOISY> op{static_cast<const A*>(a.mean), static_cast<const A*>(a.invstd),
-                          static_cast<const A*>(a.weight), static_cast<const A*>(a.bias),
-                          a.relu, a.noise};
-    launch_reduce<T, VEC>(l, op, a.x, a.dy, a.part, "bn_grad_sums");
+    BnGradOp<A, NOISY> op{BnStatsIn<A>::from(a.given), a.relu, a.noise};
     BnGradFin<A, NOISY> fin{op, static_cast<A>(a.inv_m), static_cast<A*>(a.coef),
                             static_cast<A*>(a.dweight), static_cast<A*>(a.dbias),
                             static_cast<A*>(a.sums), l.g.C};
-    launch_finalize(l, fin, a.part, "bn_grad_finalize");
+    launch_reduce<T, VEC>(l, fin, a.x, a.dy, a.part, a.tickets, "bn_grad_sums");
   });
 }
 
 template <bool NOISY> void bn_dx_launch(const Launch& l, const BnDxArgs& a) {
   BNK_DISPATCH(l.dtype, T, VEC, {
     using A = acc_t<T>;
-    BnDxOp<A, NOISY> op{static_cast<const A*>(a.coef), l.g.C, a.relu, a.training, a.noise};
+    BnDxOp<A, NOISY> op{chan_source<A>(l, a.coef, a.given, a.mean_sums), a.relu, a.training,
+                        a.noise};
     launch_elementwise<T, VEC>(l, op, a.x, a.dy, a.dx, "bn_dx");
   });
 }

@@ -1,10 +1,12 @@
 // The Python binding of the CUDA backend: a thin, defensive layer (in the style of
 // flash-attention's flash_api.cpp). Every entry point first checks device, dtype, shape and
-// contiguity of its tensors, then allocates outputs and workspaces, and chains the launchers of
-// bnkernels.h on the current stream. Nothing here synchronizes with the host: no .item(), no
+// contiguity of its tensors, then allocates its outputs and chains the launchers of bnkernels.h
+// on the current stream: at most two kernels per call (three for centered l_p's training
+// forward). The workspace (coefficients, partials, tickets) is the caller's, cached per plan
+// and stream (see workspace_size). Nothing here synchronizes with the host: no .item(), no
 // copies to the CPU; the step of noisy BatchNorm may be a device tensor read by the kernels.
 //
-// Layout contract (the Python launchers in bnkernels/backends/cuda.py view inputs this way):
+// Layout contract (the plans in bnkernels/backends/cuda/launch.py view inputs this way):
 //   x (and dy) is either 3-D (N, C, S) contiguous -- layout "ncs" -- or 2-D (N * S, C)
 //   contiguous -- layout "mc" (channels last, or (N, C)) -- with `spatial` = S given.
 // Per-channel tensors are [C] of any floating dtype; statistics and sums are returned in the
@@ -17,8 +19,8 @@
 #include <c10/cuda/CUDAStream.h>
 #endif
 
+#include <atomic>
 #include <cmath>
-#include <cstdlib>
 #include <string>
 #include <initializer_list>
 #include <mutex>
@@ -109,6 +111,9 @@ int num_sms(int) {  // the emulator's
 }
 #endif
 
+// A test hook: 64-bit index arithmetic on every size (force_index64).
+std::atomic<bool> g_force_index64{false};
+
 bnk::DType to_dtype(at::ScalarType s) {
   switch (s) {
     case at::kFloat: return bnk::DType::kFloat;
@@ -166,10 +171,9 @@ bnk::Launch launch_for(const Tensor& x, int64_t spatial,
     l.g.C = x.size(1);
   }
   TORCH_CHECK(l.g.C >= 1 && l.g.M() >= 1, "bnkernels cuda: empty input of shape ", x.sizes());
-  // 64-bit index arithmetic where 32 bits could overflow; BNKERNELS_CUDA_INDEX64=1 forces it
-  // (a test hook: the wide path then runs on small tensors too).
-  const char* force = std::getenv("BNKERNELS_CUDA_INDEX64");
-  l.g.wide = (force != nullptr && std::string(force) == "1") ||
+  // 64-bit index arithmetic where 32 bits could overflow, or where a test forces it (see
+  // force_index64: the wide path then runs on small tensors too).
+  l.g.wide = g_force_index64.load(std::memory_order_relaxed) ||
              l.g.numel() > static_cast<int64_t>(0xffffffffLL);
   // 128-bit accesses when every tensor is 16-byte aligned and rows are whole vectors.
   const int vec = static_cast<int>(16 / x.element_size());
@@ -273,18 +277,86 @@ Tensor empty_acc(const Tensor& x, at::IntArrayRef shape) {
   return at::empty(shape, x.options().dtype(acc_type(x)));
 }
 
+// ------------------------------------------------------------------------------ workspace
+// A call's workspace (see bnk::WorkspaceSize): the caller's cached pair -- `ws` in the
+// accumulation type, `tickets` int32 zeros that the kernels leave at zero -- checked against
+// what this launch needs; without one, a fresh pair (an allocation and a zero fill per call:
+// for direct calls, not the hot path).
+struct Work {
+  Tensor acc, tickets;
+  void* coef() const { return acc.data_ptr(); }
+  void* part(int64_t C) const {
+    return static_cast<char*>(acc.data_ptr()) + bnk::kBnCoefs * C * acc.element_size();
+  }
+  unsigned* ticket_ptr() const { return reinterpret_cast<unsigned*>(tickets.data_ptr()); }
+};
+
+Work workspace_for(const bnk::Launch& l, const Tensor& x, const OptTensor& ws,
+                   const OptTensor& tickets, int64_t need_acc) {
+  const bnk::WorkspaceSize need = bnk::workspace_needed(l);
+  need_acc = std::max(need_acc, need.acc);
+  if (!ws.has_value() || !ws->defined()) {
+    return {empty_acc(x, {need_acc}), at::zeros({need.tickets}, x.options().dtype(at::kInt))};
+  }
+  TORCH_CHECK(tickets.has_value() && tickets->defined(),
+              "bnkernels cuda: pass both ws and tickets, or neither");
+  CHECK_CUDA(*ws);
+  CHECK_SAME_DEVICE(*ws, x);
+  CHECK_CONTIGUOUS(*ws);
+  CHECK_DTYPE(*ws, acc_type(x));
+  CHECK_CUDA(*tickets);
+  CHECK_SAME_DEVICE(*tickets, x);
+  CHECK_CONTIGUOUS(*tickets);
+  CHECK_DTYPE(*tickets, at::kInt);
+  TORCH_CHECK(ws->numel() >= need_acc, "bnkernels cuda: workspace ws has ", ws->numel(),
+              " elements, this launch needs ", need_acc, " (see workspace_size)");
+  TORCH_CHECK(tickets->numel() >= need.tickets, "bnkernels cuda: workspace tickets has ",
+              tickets->numel(), " counters, this launch needs ", need.tickets);
+  return {*ws, *tickets};
+}
+
 // ------------------------------------------------------------------------------ BatchNorm
 // Outputs shaped like x (y, dx) are allocated by the caller in x's layout and passed in: the
 // caller gives them x's exact strides, so nothing returned is a view of a temporary.
 
 using Noise = std::optional<std::vector<double>>;
 
-// Training forward: y (written), (mean, invstd) of the batch; running buffers updated.
+// Per-channel statistics given as tensors (converted to contiguous A arrays by the caller).
+bnk::BnGiven given(const OptTensor& mean, const OptTensor& second, int64_t scale_from,
+                   double eps, const OptTensor& w, const OptTensor& b) {
+  TORCH_CHECK(scale_from >= bnk::kFromInvstd && scale_from <= bnk::kFromLpScale,
+              "bnkernels cuda: scale_from must be 0 (invstd), 1 (var) or 2 (l_p scale), got ",
+              scale_from);
+  bnk::BnGiven g;
+  g.mean = ptr(mean);
+  g.second = ptr(second);
+  g.scale_from = static_cast<int>(scale_from);
+  g.eps = eps;
+  g.weight = ptr(w);
+  g.bias = ptr(b);
+  return g;
+}
+
+// An optional [C] output in the accumulation type.
+void* acc_out(const OptTensor& t, const Tensor& x, int64_t C, const char* name) {
+  if (!t.has_value() || !t->defined()) return nullptr;
+  TORCH_CHECK(on_device(*t) && t->device() == x.device(), "bnkernels cuda: ", name,
+              " must be on ", x.device());
+  TORCH_CHECK(t->is_contiguous() && t->numel() == C && t->scalar_type() == acc_type(x),
+              "bnkernels cuda: ", name, " must be a contiguous ", acc_type(x), " tensor of ", C,
+              " elements");
+  return t->data_ptr();
+}
+
+// Training forward: y (written), (mean, invstd) of the batch; running buffers updated. One
+// persistent launch, or bn_stats + bn_apply. step_used (nullable, int64 [1]): the noise step
+// the call used, written by the kernel (a snapshot of step_tensor for the backward).
 std::tuple<Tensor, Tensor> bn_forward_train(
     const Tensor& x, int64_t spatial, const Tensor& y, const OptTensor& weight,
     const OptTensor& bias, const OptTensor& running_mean, const OptTensor& running_var,
     double momentum, double eps, bool relu, const Noise& noise, int64_t seed, int64_t step,
-    const OptTensor& step_tensor, int64_t split, int64_t path) {
+    const OptTensor& step_tensor, const OptTensor& step_used, const OptTensor& ws,
+    const OptTensor& tickets, int64_t split, int64_t path) {
   const DeviceGuard guard(x);
   const OptTensor out = y;
   const bnk::Launch l = launch_for(x, spatial, {{&out, "y"}}, split);
@@ -297,12 +369,13 @@ std::tuple<Tensor, Tensor> bn_forward_train(
   const bnk::Noise nz = make_noise(noise, seed, step, step_tensor, x);
   Tensor mean = empty_acc(x, {C}), invstd = empty_acc(x, {C});
   const bnk::PersistentPlan plan = choose_persistent(l, x, false, nz.on, path);
+  const Work work = workspace_for(
+      l, x, ws, tickets, plan.fits ? bnk::kBnCoefs * C + 3 * C * plan.per_channel : 0);
   if (plan.fits) {
-    Tensor ws = empty_acc(x, {3, C, plan.per_channel});
     bnk::BnPersistentFwdArgs a;
     a.x = x.data_ptr();
     a.y = y.data_ptr();
-    a.ws = ws.data_ptr();
+    a.ws = work.part(C);
     a.mean = mean.data_ptr();
     a.invstd = invstd.data_ptr();
     a.running_mean = rm.data();
@@ -314,11 +387,10 @@ std::tuple<Tensor, Tensor> bn_forward_train(
     a.relu = relu;
     bnk::bn_persistent_fwd(l, plan, a);
   } else {
-    Tensor part = empty_acc(x, {3, C, bnk::reduce_split(l)});
-    Tensor coef = empty_acc(x, {bnk::kBnCoefs, C});
     bnk::BnStatsArgs s;
     s.x = x.data_ptr();
-    s.part = part.data_ptr();
+    s.part = work.part(C);
+    s.tickets = work.ticket_ptr();
     s.mean = mean.data_ptr();
     s.second = invstd.data_ptr();
     s.running_mean = rm.data();
@@ -327,15 +399,23 @@ std::tuple<Tensor, Tensor> bn_forward_train(
     s.eps = eps;
     s.weight = ptr(w);
     s.bias = ptr(b);
-    s.coef = coef.data_ptr();
+    s.coef = work.coef();
+    s.keep_lo = !relu;  // with the ReLU, the backward must recompute the forward's bits
     s.noise = nz;
     bnk::bn_stats(l, s);
     bnk::BnApplyArgs a;
     a.x = x.data_ptr();
     a.y = y.data_ptr();
-    a.coef = coef.data_ptr();
+    a.coef = work.coef();
     a.relu = relu;
     a.noise = nz;
+    if (step_used.has_value() && step_used->defined() && nz.step_ptr != nullptr) {
+      CHECK_CUDA(*step_used);
+      CHECK_SAME_DEVICE(*step_used, x);
+      CHECK_DTYPE(*step_used, at::kLong);
+      TORCH_CHECK(step_used->numel() == 1, "bnkernels cuda: step_used must hold one value");
+      a.step_used = step_used->data_ptr<int64_t>();
+    }
     bnk::bn_apply(l, a);
   }
   rm.finish();
@@ -343,16 +423,18 @@ std::tuple<Tensor, Tensor> bn_forward_train(
   return {mean, invstd};
 }
 
-// Per-channel (mean, biased var), for SyncBatchNorm.
-std::tuple<Tensor, Tensor> bn_stats(const Tensor& x, int64_t spatial, int64_t split) {
+// Per-channel (mean, biased var), for SyncBatchNorm. One launch.
+std::tuple<Tensor, Tensor> bn_stats(const Tensor& x, int64_t spatial, const OptTensor& ws,
+                                    const OptTensor& tickets, int64_t split) {
   const DeviceGuard guard(x);
   const bnk::Launch l = launch_for(x, spatial, {}, split);
   const int64_t C = l.g.C;
   Tensor mean = empty_acc(x, {C}), var = empty_acc(x, {C});
-  Tensor part = empty_acc(x, {3, C, bnk::reduce_split(l)});
+  const Work work = workspace_for(l, x, ws, tickets, 0);
   bnk::BnStatsArgs s;
   s.x = x.data_ptr();
-  s.part = part.data_ptr();
+  s.part = work.part(C);
+  s.tickets = work.ticket_ptr();
   s.mean = mean.data_ptr();
   s.second = var.data_ptr();
   s.out_var = true;
@@ -360,38 +442,33 @@ std::tuple<Tensor, Tensor> bn_stats(const Tensor& x, int64_t spatial, int64_t sp
   return {mean, var};
 }
 
-// y = act(s (k (x - mean) + b) + m) with given statistics: (mean, invstd), or (mean, var) with
-// from_var (eval: invstd = 1/sqrt(var + eps), computed on the device).
+// y = act(s (k (x - mean) + b) + m) with given statistics: mean and `second`, read as
+// scale_from says (0: invstd; 1: a variance, invstd = 1/sqrt(var + eps); 2: an l_p scale,
+// invstd = 1/(s + eps); computed in the kernel). save_mean / save_invstd (nullable, [C] in the
+// accumulation type): snapshots of the mean and invstd used. One launch.
 void bn_apply(const Tensor& x, int64_t spatial, const Tensor& y, const Tensor& mean,
-              const Tensor& second, bool from_var, double eps, const OptTensor& weight,
+              const Tensor& second, int64_t scale_from, double eps, const OptTensor& weight,
               const OptTensor& bias, bool relu, const Noise& noise, int64_t seed, int64_t step,
-              const OptTensor& step_tensor) {
+              const OptTensor& step_tensor, const OptTensor& save_mean,
+              const OptTensor& save_invstd) {
   const DeviceGuard guard(x);
   const OptTensor out = y;
   const bnk::Launch l = launch_for(x, spatial, {{&out, "y"}});
   const int64_t C = l.g.C;
   const OptTensor m = per_channel(mean, x, C, "mean");
-  const OptTensor sec = per_channel(second, x, C, from_var ? "var" : "invstd");
+  const OptTensor sec = per_channel(second, x, C, "second");
   const OptTensor w = per_channel(weight, x, C, "weight");
   const OptTensor b = per_channel(bias, x, C, "bias");
-  const bnk::Noise nz = make_noise(noise, seed, step, step_tensor, x);
-  Tensor coef = empty_acc(x, {bnk::kBnCoefs, C});
-  bnk::BnCoefArgs c;
-  c.mean = ptr(m);
-  c.second = ptr(sec);
-  c.from_var = from_var;
-  c.eps = eps;
-  c.weight = ptr(w);
-  c.bias = ptr(b);
-  c.coef = coef.data_ptr();
-  c.noise = nz;
-  bnk::bn_coef(l, c);
   bnk::BnApplyArgs a;
   a.x = x.data_ptr();
   a.y = y.data_ptr();
-  a.coef = coef.data_ptr();
+  a.given = given(m, sec, scale_from, eps, w, b);
+  a.save_mean = acc_out(save_mean, x, C, "save_mean");
+  a.save_invstd = acc_out(save_invstd, x, C, "save_invstd");
+  TORCH_CHECK((a.save_mean == nullptr) == (a.save_invstd == nullptr),
+              "bnkernels cuda: pass both save_mean and save_invstd, or neither");
   a.relu = relu;
-  a.noise = nz;
+  a.noise = make_noise(noise, seed, step, step_tensor, x);
   bnk::bn_apply(l, a);
 }
 
@@ -400,24 +477,31 @@ OptTensor grad_like(const Tensor& acc_grad, const OptTensor& param) {
 }
 
 // Backward: writes dx (if given); returns (dweight, dbias), None where not needed. Training:
-// mean / invstd are the saved batch statistics; eval: running_mean, 1/sqrt(running_var + eps).
+// mean and `second` (invstd) are the saved batch statistics; eval: the statistics the forward
+// used, `second` read as scale_from says (see bn_apply). At most two launches: training, one
+// persistent kernel or bn_grad_sums + bn_dx; eval, bn_dx alone, after bn_grad_sums when
+// dweight or dbias is wanted.
 std::tuple<OptTensor, OptTensor> bn_backward(
     const Tensor& dy, const Tensor& x, int64_t spatial, const OptTensor& dx,
-    const Tensor& mean, const Tensor& invstd, const OptTensor& weight, const OptTensor& bias,
-    bool training, bool relu, bool need_dw, bool need_db, const Noise& noise, int64_t seed,
-    int64_t step, const OptTensor& step_tensor, int64_t split, int64_t path) {
+    const Tensor& mean, const Tensor& second, int64_t scale_from, double eps,
+    const OptTensor& weight, const OptTensor& bias, bool training, bool relu, bool need_dw,
+    bool need_db, const Noise& noise, int64_t seed, int64_t step, const OptTensor& step_tensor,
+    const OptTensor& ws, const OptTensor& tickets, int64_t split, int64_t path) {
   const DeviceGuard guard(x);
   const OptTensor dyo = dy;
   const bnk::Launch l = launch_for(x, spatial, {{&dyo, "dy"}, {&dx, "dx"}}, split);
   const int64_t C = l.g.C;
+  TORCH_CHECK(training ? scale_from == bnk::kFromInvstd : true,
+              "bnkernels cuda: the training backward takes the saved invstd (scale_from 0)");
   const OptTensor m = per_channel(mean, x, C, "mean");
-  const OptTensor is = per_channel(invstd, x, C, "invstd");
+  const OptTensor sec = per_channel(second, x, C, "invstd");
   const OptTensor w = per_channel(weight, x, C, "weight");
   const OptTensor b = per_channel(bias, x, C, "bias");
   const bool need_dx = dx.has_value();
   need_dw = need_dw && w.has_value();
   need_db = need_db && b.has_value();
   const bnk::Noise nz = make_noise(noise, seed, step, step_tensor, x);
+  const bnk::BnGiven stats = given(m, sec, scale_from, eps, w, b);
   OptTensor dw_acc, db_acc;
   if (need_dw) dw_acc = empty_acc(x, {C});
   if (need_db) db_acc = empty_acc(x, {C});
@@ -425,14 +509,15 @@ std::tuple<OptTensor, OptTensor> bn_backward(
   const bnk::PersistentPlan plan =
       training && need_sums ? choose_persistent(l, x, true, nz.on, path) : bnk::PersistentPlan{};
   if (plan.fits) {
-    Tensor ws = empty_acc(x, {2, C, plan.per_channel});
+    const Work work =
+        workspace_for(l, x, ws, tickets, bnk::kBnCoefs * C + 2 * C * plan.per_channel);
     bnk::BnPersistentBwdArgs a;
     a.dy = dy.data_ptr();
     a.x = x.data_ptr();
     a.dx = need_dx ? dx->data_ptr() : nullptr;
-    a.ws = ws.data_ptr();
+    a.ws = work.part(C);
     a.mean = ptr(m);
-    a.invstd = ptr(is);
+    a.invstd = ptr(sec);
     a.weight = ptr(w);
     a.bias = ptr(b);
     a.dweight = need_dw ? dw_acc->data_ptr() : nullptr;
@@ -440,41 +525,31 @@ std::tuple<OptTensor, OptTensor> bn_backward(
     a.relu = relu;
     bnk::bn_persistent_bwd(l, plan, a);
   } else {
-    OptTensor coef;
-    if (need_dx) coef = empty_acc(x, {bnk::kBnCoefs, C});
+    const bool coef_dx = training && need_dx;  // dx from the sums' coefficients
+    std::optional<Work> work;
     if (need_sums) {
-      Tensor part = empty_acc(x, {2, C, bnk::reduce_split(l)});
+      work = workspace_for(l, x, ws, tickets, 0);
       bnk::BnGradArgs g;
       g.dy = dy.data_ptr();
       g.x = x.data_ptr();
-      g.mean = ptr(m);
-      g.invstd = ptr(is);
-      g.weight = ptr(w);
-      g.bias = ptr(b);
+      g.given = stats;
       g.relu = relu;
-      g.part = part.data_ptr();
+      g.part = work->part(C);
+      g.tickets = work->ticket_ptr();
       g.inv_m = 1.0 / static_cast<double>(l.g.M());
-      g.coef = need_dx ? coef->data_ptr() : nullptr;
+      g.coef = coef_dx ? work->coef() : nullptr;
       g.dweight = need_dw ? dw_acc->data_ptr() : nullptr;
       g.dbias = need_db ? db_acc->data_ptr() : nullptr;
       g.noise = nz;
       bnk::bn_grad_sums(l, g);
-    } else if (need_dx) {  // eval, dx only: the forward coefficients suffice
-      bnk::BnCoefArgs c;
-      c.mean = ptr(m);
-      c.second = ptr(is);
-      c.weight = ptr(w);
-      c.bias = ptr(b);
-      c.coef = coef->data_ptr();
-      c.noise = nz;
-      bnk::bn_coef(l, c);
     }
     if (need_dx) {
       bnk::BnDxArgs a;
       a.dy = dy.data_ptr();
       a.x = x.data_ptr();
       a.dx = dx->data_ptr();
-      a.coef = coef->data_ptr();
+      a.coef = coef_dx ? work->coef() : nullptr;
+      a.given = stats;
       a.relu = relu;
       a.training = training;
       a.noise = nz;
@@ -487,11 +562,12 @@ std::tuple<OptTensor, OptTensor> bn_backward(
   return {dw, db};
 }
 
-// [sum(g), sum(g (x - mean))] per channel ([2, C]), for SyncBatchNorm.
+// [sum(g), sum(g (x - mean))] per channel ([2, C]), for SyncBatchNorm. One launch.
 Tensor bn_bwd_reduce(const Tensor& dy, const Tensor& x, int64_t spatial, const Tensor& mean,
                      const Tensor& invstd, const OptTensor& weight, const OptTensor& bias,
                      bool relu, const Noise& noise, int64_t seed, int64_t step,
-                     const OptTensor& step_tensor, int64_t split) {
+                     const OptTensor& step_tensor, const OptTensor& ws,
+                     const OptTensor& tickets, int64_t split) {
   const DeviceGuard guard(x);
   const OptTensor dyo = dy;
   const bnk::Launch l = launch_for(x, spatial, {{&dyo, "dy"}}, split);
@@ -501,16 +577,14 @@ Tensor bn_bwd_reduce(const Tensor& dy, const Tensor& x, int64_t spatial, const T
   const OptTensor w = per_channel(weight, x, C, "weight");
   const OptTensor b = per_channel(bias, x, C, "bias");
   Tensor sums = empty_acc(x, {2, C});
-  Tensor part = empty_acc(x, {2, C, bnk::reduce_split(l)});
+  const Work work = workspace_for(l, x, ws, tickets, 0);
   bnk::BnGradArgs g;
   g.dy = dy.data_ptr();
   g.x = x.data_ptr();
-  g.mean = ptr(m);
-  g.invstd = ptr(is);
-  g.weight = ptr(w);
-  g.bias = ptr(b);
+  g.given = given(m, is, bnk::kFromInvstd, 0.0, w, b);
   g.relu = relu;
-  g.part = part.data_ptr();
+  g.part = work.part(C);
+  g.tickets = work.ticket_ptr();
   g.inv_m = 1.0;
   g.sums = sums.data_ptr();
   g.noise = make_noise(noise, seed, step, step_tensor, x);
@@ -519,6 +593,7 @@ Tensor bn_bwd_reduce(const Tensor& dy, const Tensor& x, int64_t spatial, const T
 }
 
 // Training dx (written) given mean_sums = [mean(g), mean(g (x - mean))] over the whole batch.
+// One launch.
 void bn_bwd_dx(const Tensor& dy, const Tensor& x, int64_t spatial, const Tensor& dx,
                const Tensor& mean, const Tensor& invstd, const OptTensor& weight,
                const OptTensor& bias, const Tensor& mean_sums, bool relu, const Noise& noise,
@@ -535,25 +610,15 @@ void bn_bwd_dx(const Tensor& dy, const Tensor& x, int64_t spatial, const Tensor&
   CHECK_SAME_DEVICE(mean_sums, x);
   CHECK_SHAPE(mean_sums, 2, C);
   const Tensor ms = mean_sums.to(acc_type(x)).contiguous();
-  const bnk::Noise nz = make_noise(noise, seed, step, step_tensor, x);
-  Tensor coef = empty_acc(x, {bnk::kBnCoefs, C});
-  bnk::BnCoefArgs c;
-  c.mean = ptr(m);
-  c.second = ptr(is);
-  c.weight = ptr(w);
-  c.bias = ptr(b);
-  c.mean_sums = ms.data_ptr();
-  c.coef = coef.data_ptr();
-  c.noise = nz;
-  bnk::bn_coef(l, c);
   bnk::BnDxArgs a;
   a.dy = dy.data_ptr();
   a.x = x.data_ptr();
   a.dx = dx.data_ptr();
-  a.coef = coef.data_ptr();
+  a.given = given(m, is, bnk::kFromInvstd, 0.0, w, b);
+  a.mean_sums = ms.data_ptr();
   a.relu = relu;
   a.training = true;
-  a.noise = nz;
+  a.noise = make_noise(noise, seed, step, step_tensor, x);
   bnk::bn_dx(l, a);
 }
 
@@ -579,13 +644,15 @@ int p_code(double p) {
   return static_cast<int>(p);
 }
 
-// Training forward: y (written), (mean, s_p) of the batch; running buffers updated.
+// Training forward: y (written), (mean, s_p) of the batch; running buffers updated. Two
+// launches (uncentered) or three (centered: the mean first).
 std::tuple<Tensor, Tensor> lp_forward_train(const Tensor& x, int64_t spatial, const Tensor& y,
                                             double p, bool centered,
                                             const OptTensor& running_mean,
                                             const OptTensor& running_scale,
                                             const OptTensor& weight, const OptTensor& bias,
-                                            double momentum, double eps, int64_t split) {
+                                            double momentum, double eps, const OptTensor& ws,
+                                            const OptTensor& tickets, int64_t split) {
   const DeviceGuard guard(x);
   const OptTensor out = y;
   const bnk::Launch l = launch_for(x, spatial, {{&out, "y"}}, split);
@@ -597,13 +664,13 @@ std::tuple<Tensor, Tensor> lp_forward_train(const Tensor& x, int64_t spatial, co
   TORCH_CHECK(rm.target.has_value() == rs.target.has_value(),
               "bnkernels cuda: pass both running_mean and running_scale, or neither");
   Tensor mean = empty_acc(x, {C}), scale = empty_acc(x, {C});
-  Tensor part = empty_acc(x, {2, C, bnk::reduce_split(l)});
-  Tensor coef = empty_acc(x, {bnk::kBnCoefs, C});
+  const Work work = workspace_for(l, x, ws, tickets, 0);
   bnk::LpStatsArgs s;
   s.x = x.data_ptr();
   s.p = pc;
   s.centered = centered;
-  s.part = part.data_ptr();
+  s.part = work.part(C);
+  s.tickets = work.ticket_ptr();
   s.mean = mean.data_ptr();
   s.scale = scale.data_ptr();
   s.running_mean = rm.data();
@@ -612,12 +679,12 @@ std::tuple<Tensor, Tensor> lp_forward_train(const Tensor& x, int64_t spatial, co
   s.eps = eps;
   s.weight = ptr(w);
   s.bias = ptr(b);
-  s.coef = coef.data_ptr();
+  s.coef = work.coef();
   bnk::lp_stats(l, s);
   bnk::BnApplyArgs a;
   a.x = x.data_ptr();
   a.y = y.data_ptr();
-  a.coef = coef.data_ptr();
+  a.coef = work.coef();
   bnk::bn_apply(l, a);
   rm.finish();
   rs.finish();
@@ -625,10 +692,12 @@ std::tuple<Tensor, Tensor> lp_forward_train(const Tensor& x, int64_t spatial, co
 }
 
 // Training backward: writes dx (if given); returns (dweight, dbias), None where not needed.
+// Two launches (one without dx).
 std::tuple<OptTensor, OptTensor> lp_backward_train(
     const Tensor& dy, const Tensor& x, int64_t spatial, const OptTensor& dx, double p,
     bool centered, const Tensor& mean, const Tensor& scale, const OptTensor& weight,
-    const OptTensor& bias, double eps, bool need_dw, bool need_db, int64_t split) {
+    const OptTensor& bias, double eps, bool need_dw, bool need_db, const OptTensor& ws,
+    const OptTensor& tickets, int64_t split) {
   const DeviceGuard guard(x);
   const OptTensor dyo = dy;
   const bnk::Launch l = launch_for(x, spatial, {{&dyo, "dy"}, {&dx, "dx"}}, split);
@@ -644,8 +713,7 @@ std::tuple<OptTensor, OptTensor> lp_backward_train(
   OptTensor dw_acc, db_acc;
   if (need_dw) dw_acc = empty_acc(x, {C});
   if (need_db) db_acc = empty_acc(x, {C});
-  Tensor part = empty_acc(x, {4, C, bnk::reduce_split(l)});
-  Tensor coef = empty_acc(x, {bnk::kLpCoefs, C});
+  const Work work = workspace_for(l, x, ws, tickets, 0);
   bnk::LpBwdArgs a;
   a.dy = dy.data_ptr();
   a.x = x.data_ptr();
@@ -656,8 +724,9 @@ std::tuple<OptTensor, OptTensor> lp_backward_train(
   a.scale = ptr(sc);
   a.weight = ptr(w);
   a.eps = eps;
-  a.part = part.data_ptr();
-  a.coef = coef.data_ptr();
+  a.part = work.part(C);
+  a.tickets = work.ticket_ptr();
+  a.coef = work.coef();
   a.dweight = need_dw ? dw_acc->data_ptr() : nullptr;
   a.dbias = need_db ? db_acc->data_ptr() : nullptr;
   bnk::lp_bwd(l, a);
@@ -679,6 +748,32 @@ std::tuple<bool, std::string, int64_t, int64_t> persistent_plan(const Tensor& x,
   return {plan.fits, plan.fits ? "" : plan.why, plan.blocks, plan.per_channel};
 }
 
+// Force (or stop forcing) 64-bit index arithmetic on every size: a test hook, so that the
+// wide path runs on small tensors. Returns the previous setting.
+bool force_index64(bool on) { return g_force_index64.exchange(on); }
+
+// The workspace every call on an input of this geometry may need (see bnk::WorkspaceSize),
+// for callers that cache one: (elements of the accumulation type, int32 ticket counters).
+// elem_size: bytes per element of x (2, 4 or 8); device: its CUDA device index.
+std::tuple<int64_t, int64_t> workspace_size(int64_t N, int64_t C, int64_t S, bool ncs,
+                                            int64_t elem_size, int64_t split, int64_t device) {
+  TORCH_CHECK(N >= 1 && C >= 1 && S >= 1, "bnkernels cuda: empty geometry");
+  bnk::Launch l;
+  l.dtype = elem_size == 8 ? bnk::DType::kDouble
+                           : (elem_size == 4 ? bnk::DType::kFloat : bnk::DType::kHalf);
+  l.g.N = N;
+  l.g.C = C;
+  l.g.S = S;
+  l.g.ncs = ncs;
+  l.num_sms = num_sms(static_cast<int>(device));
+  l.split = static_cast<int>(split);
+#ifndef BNK_CPU_EMULATION
+  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+#endif
+  const bnk::WorkspaceSize ws = bnk::workspace_size(l, static_cast<int>(device));
+  return {ws.acc, ws.tickets};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -696,4 +791,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lp_forward_train", &lp_forward_train, "l_p normalization training forward");
   m.def("lp_backward_train", &lp_backward_train, "l_p normalization training backward");
   m.def("persistent_plan", &persistent_plan, "whether the persistent kernels take x");
+  m.def("workspace_size", &workspace_size, "the cached workspace of a geometry");
+  m.def("force_index64", &force_index64, "test hook: 64-bit index arithmetic on every size");
+#ifdef BNK_CPU_EMULATION
+  m.def("emu_launch_count", [] { return emu::launch_count(); },
+        "kernel launches so far (the CPU emulation's counter)");
+#endif
 }

@@ -3,7 +3,7 @@
 // sizes, and one launcher per kernel pipeline. Nothing here knows about at::Tensor, so the .cu
 // files include only CUDA headers and compile quickly.
 //
-// Tensor layouts (see bnkernels/backends/cuda.py, which views every input as one of them):
+// Tensor layouts (see bnkernels/backends/cuda/launch.py, which views every input as one):
 //   "ncs": x is (N, C, S) contiguous: NCHW, (N, C, L), NCDHW...; S = product of spatial dims.
 //   "mc":  x is (M, C) contiguous with M = N * S rows: channels-last (NHWC, NDHWC) or (N, C).
 // Either way a channel has M = N * S values. The *logical* index of an element is its offset in
@@ -61,24 +61,58 @@ struct Noise {
   float r_mu = 0.f, r_sigma = 0.f;
 };
 
-// Programs per channel (or channel group) of every split reduction for this launch: the
-// workspaces "part" below are [K, C, reduce_split(l)].
-int reduce_split(const Launch& l);
+// The workspace of a call, cached by the caller (one per CUDA stream; see
+// bnkernels/backends/cuda/launch.py) and reused by every call of its signature:
+//   acc:     [kBnCoefs, C] per-channel coefficients, then the partials of a split reduction
+//            ([K, C, split], K <= kMaxPartials) or of the persistent kernels
+//   tickets: one counter per channel (group) of a split reduction, zero between launches (the
+//            last block of a group resets its counter), so zeroed once, when allocated.
+// workspace_size gives the sizes for every vector width the launch could get (the width
+// depends on the alignment of each call's pointers), so one workspace fits every call.
+constexpr int kMaxPartials = 4;
+struct WorkspaceSize {
+  int64_t acc = 0;      // elements of the accumulation type
+  int64_t tickets = 0;  // unsigned 32-bit counters
+};
+WorkspaceSize workspace_size(const Launch& l, int device);
+// What this launch itself uses of it (its vector width; the multi-pass kernels).
+WorkspaceSize workspace_needed(const Launch& l);
 
 // BatchNorm per-channel coefficients, a [kBnCoefs, C] array in A:
-//   out = act(s * (k * (x - mean) + b) + m)       (s = 1, m = 0 without noise)
-//   dx  = k * (g - kg - (x - mean) * kgx)          (training; eval: dx = k * g)
+//   out = act(s * (k * ((x - mean) - lo) + b) + m)   (s = 1, m = 0 without noise)
+//   dx  = k * (g - kg - (x - mean) * kgx)            (training; eval: dx = k * g)
+// lo is the rounding error of the fp32 mean (training forward without a fused ReLU), else 0.
 enum BnCoef : int { kMean = 0, kScale = 1, kBias = 2, kMu = 3, kSigma = 4, kG = 5, kGx = 6,
-                    kBnCoefs = 7 };
+                    kLo = 7, kBnCoefs = 8 };
+
+// What the "second" per-channel statistic given to a kernel holds.
+enum ScaleFrom : int {
+  kFromInvstd = 0,   // invstd itself
+  kFromVar = 1,      // a variance: invstd = 1 / sqrt(var + eps)
+  kFromLpScale = 2,  // an l_p scale s: invstd = 1 / (s + eps)
+};
+
+// Per-channel statistics and affine parameters given as arrays ([C] A each).
+struct BnGiven {
+  const void* mean = nullptr;
+  const void* second = nullptr;    // see scale_from
+  int scale_from = kFromInvstd;
+  double eps = 0.0;
+  const void* weight = nullptr;    // nullable: 1
+  const void* bias = nullptr;      // nullable: 0
+};
 
 // ------------------------------------------------------------------------------ BatchNorm
 
 // Training statistics: mean and invstd = 1/sqrt(var + eps) (or the biased var itself), the
-// running buffers updated in place, and (optionally) the coefficients of the forward.
+// running buffers updated in place, and (optionally) the coefficients of the forward. One
+// launch: a split Welford reduction around a per-channel shift, finalized by the last block
+// of each channel (group).
 struct BnStatsArgs {
   const void* x = nullptr;
   void* part = nullptr;            // workspace [3, C, split] A
-  void* mean = nullptr;            // out [C] A
+  unsigned* tickets = nullptr;     // workspace, zero (see WorkspaceSize)
+  void* mean = nullptr;            // out [C] A: the fp32 (fp64) mean, "mean_hi"
   void* second = nullptr;          // out [C] A: invstd, or the biased variance if out_var
   bool out_var = false;
   void* running_mean = nullptr;    // [C] A, updated in place (nullable)
@@ -86,49 +120,39 @@ struct BnStatsArgs {
   double momentum = 0.0, eps = 0.0;
   const void* weight = nullptr;    // [C] A (nullable: 1)
   const void* bias = nullptr;      // [C] A (nullable: 0)
-  void* coef = nullptr;            // out [kBnCoefs, C] A (nullable): mean, scale, bias, noise
+  void* coef = nullptr;            // out [kBnCoefs, C] A (nullable): the forward's
+  bool keep_lo = true;             // coef's lo = the mean's rounding error (else 0)
   Noise noise;
 };
 void bn_stats(const Launch& l, const BnStatsArgs& a);
 
-// Coefficients from given statistics: mean and invstd, or mean and var (from_var:
-// invstd = 1/sqrt(var + eps)); with mean_sums = [mean(g), mean(g (x - mean))] ([2, C], nullable)
-// also the training dx coefficients.
-struct BnCoefArgs {
-  const void* mean = nullptr;      // [C] A
-  const void* second = nullptr;    // [C] A: invstd, or var if from_var
-  bool from_var = false;
-  double eps = 0.0;
-  const void* weight = nullptr;
-  const void* bias = nullptr;
-  const void* mean_sums = nullptr; // [2, C] A (nullable)
-  void* coef = nullptr;            // out [kBnCoefs, C] A
-  Noise noise;
-};
-void bn_coef(const Launch& l, const BnCoefArgs& a);
-
-// y = act(s * (k (x - mean) + b) + m) from the coefficients.
+// y = act(s * (k ((x - mean) - lo) + b) + m), from the coefficients of bn_stats (training), or
+// from given statistics (lo = 0), computing invstd on the fly; then optionally snapshots the
+// mean and invstd used (for the backward of an eval forward). One launch.
 struct BnApplyArgs {
   const void* x = nullptr;
   void* y = nullptr;
-  const void* coef = nullptr;      // [kBnCoefs, C] A
+  const void* coef = nullptr;      // [kBnCoefs, C] A; null: from `given`
+  BnGiven given;
+  void* save_mean = nullptr;       // out [C] A (nullable; with `given`)
+  void* save_invstd = nullptr;     // out [C] A (nullable; with `given`)
   bool relu = false;
   Noise noise;
+  int64_t* step_used = nullptr;    // out [1] (nullable): *noise.step_ptr, for the backward
 };
 void bn_apply(const Launch& l, const BnApplyArgs& a);
 
 // Backward sums: per channel sum(g) and sum(g (x - mean)), g = dL/da for a = k (x - mean) + b
-// (dy masked by the fused ReLU and scaled by the noise s, both recomputed). Then either the
-// coefficients of dx (and dweight = sum(g (x - mean)) invstd, dbias = sum(g)), or the raw sums.
+// (dy masked by the fused ReLU and scaled by the noise s, both recomputed); finalized by the
+// last block of each channel (group) into the coefficients of dx (and dweight =
+// sum(g (x - mean)) invstd, dbias = sum(g)), or the raw sums. One launch.
 struct BnGradArgs {
   const void* dy = nullptr;
   const void* x = nullptr;
-  const void* mean = nullptr;      // [C] A: the saved (or running) statistics
-  const void* invstd = nullptr;    // [C] A
-  const void* weight = nullptr;    // [C] A (nullable)
-  const void* bias = nullptr;      // [C] A (nullable)
+  BnGiven given;                   // the saved (or running) statistics, weight, bias
   bool relu = false;
   void* part = nullptr;            // workspace [2, C, split] A
+  unsigned* tickets = nullptr;     // workspace, zero
   double inv_m = 0.0;              // 1 / M: sums -> means for the coefficients
   void* coef = nullptr;            // out [kBnCoefs, C] A (nullable)
   void* dweight = nullptr;         // out [C] A (nullable)
@@ -138,12 +162,16 @@ struct BnGradArgs {
 };
 void bn_grad_sums(const Launch& l, const BnGradArgs& a);
 
-// dx = k (g - kg - (x - mean) kgx) (training) or k g (eval).
+// dx = k (g - kg - (x - mean) kgx) (training) or k g (eval), from the coefficients of
+// bn_grad_sums, or from given statistics (with mean_sums = [mean(g), mean(g (x - mean))]
+// for training: kg = mean(g), kgx = mean(g (x - mean)) invstd^2). One launch.
 struct BnDxArgs {
   const void* dy = nullptr;
   const void* x = nullptr;
   void* dx = nullptr;
-  const void* coef = nullptr;      // [kBnCoefs, C] A
+  const void* coef = nullptr;      // [kBnCoefs, C] A; null: from `given`
+  BnGiven given;
+  const void* mean_sums = nullptr; // [2, C] A (nullable; with `given`, training)
   bool relu = false, training = true;
   Noise noise;
 };
@@ -209,6 +237,7 @@ struct LpStatsArgs {
   int p = 2;
   bool centered = false;
   void* part = nullptr;            // workspace [2, C, split] A
+  unsigned* tickets = nullptr;     // workspace, zero
   void* mean = nullptr;            // out [C] A
   void* scale = nullptr;           // out [C] A: s_p
   void* running_mean = nullptr;    // [C] A (nullable)
@@ -231,6 +260,7 @@ struct LpBwdArgs {
   const void* weight = nullptr;    // [C] A (nullable)
   double eps = 0.0;
   void* part = nullptr;            // workspace [4, C, split] A
+  unsigned* tickets = nullptr;     // workspace, zero
   void* coef = nullptr;            // workspace [kLpCoefs, C] A
   void* dweight = nullptr;         // out [C] A (nullable)
   void* dbias = nullptr;           // out [C] A (nullable)

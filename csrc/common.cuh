@@ -4,13 +4,15 @@
 //   * 128-bit vector loads and stores,
 //   * Philox4x32-10 and the noise of noisy BatchNorm,
 //   * deterministic warp-shuffle / shared-memory merges of per-thread accumulators,
-//   * three generic kernels that the op families instantiate with an "Op" functor:
-//       reduce_ncs_kernel / reduce_mc_kernel   split per-channel reduction -> partials
-//       finalize_kernel                        fixed-order merge of the partials, per channel
-//       elementwise_kernel                     out = f(x, dy, per-channel coefficients)
+//   * generic kernels that the op families instantiate with an "Op" functor:
+//       reduce_ncs_kernel / reduce_mc_kernel   split per-channel reduction -> partials, merged
+//                                              and finalized by the last block of each channel
+//                                              (group) to finish (one launch)
+//       elementwise_ncs_kernel / _mc_kernel    out = f(x, dy, per-channel constants)
 //
 // Determinism: every merge happens in an order fixed by the launch configuration alone (never
-// by timing, never with atomics), so one input gives bit-identical results run to run.
+// by timing): an atomic ticket only decides *which* block merges a channel's partials, never
+// the order it merges them in. One input gives bit-identical results run to run.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -99,7 +101,18 @@ __device__ __forceinline__ float acc_sqrt(float v) { return sqrtf(v); }  // IEEE
 __device__ __forceinline__ double acc_sqrt(double v) { return sqrt(v); }
 __device__ __forceinline__ float acc_fma(float a, float b, float c) { return fmaf(a, b, c); }
 __device__ __forceinline__ double acc_fma(double a, double b, double c) { return fma(a, b, c); }
+// a * b rounded on its own: never contracted with a neighbouring add into an FMA, so every
+// kernel that computes it gets the same bits.
+__device__ __forceinline__ float acc_mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double acc_mul_rn(double a, double b) { return __dmul_rn(a, b); }
 template <typename A> __device__ __forceinline__ A acc_abs(A v) { return v < A(0) ? -v : v; }
+
+// The rounding error of s = fl(a + b), exactly: a + b = s + err (Knuth's TwoSum; additions
+// only, so nothing is contracted into an FMA).
+template <typename A> __device__ __forceinline__ A two_sum_err(A a, A b, A s) {
+  const A bb = s - a;
+  return (a - (s - bb)) + (b - bb);
+}
 
 // max that propagates NaN from either side (as torch.amax).
 template <typename A> __device__ __forceinline__ A max_nan(A a, A b) {
@@ -277,7 +290,8 @@ __device__ __forceinline__ void store_partial(typename Op::A* part, int64_t C, i
 }
 
 // One warp merges the P partials of channel c: lane l takes p = l, l + 32, ... in order, then
-// a shuffle tree. The result is valid in lane 0. Every lane of the warp must call this.
+// a shuffle tree. The result is valid in lane 0. Every lane of the warp must call this. The
+// loads bypass L1 (other blocks of the same launch wrote the partials).
 template <class Op>
 __device__ __forceinline__ typename Op::State merge_partials(const Op& op,
                                                              const typename Op::A* part,
@@ -286,7 +300,7 @@ __device__ __forceinline__ typename Op::State merge_partials(const Op& op,
   for (int64_t p = threadIdx.x & 31; p < P; p += 32) {
     typename Op::State other;
 #pragma unroll
-    for (int k = 0; k < Op::K; ++k) other.v[k] = part[(k * C + c) * P + p];
+    for (int k = 0; k < Op::K; ++k) other.v[k] = __ldcg(part + (k * C + c) * P + p);
     st = op.merge(st, other);
   }
   for (int offset = 16; offset > 0; offset >>= 1) st = op.merge(st, shfl_down(st, offset));
@@ -303,23 +317,54 @@ __device__ __forceinline__ typename Op::State merge_partials(const Op& op,
 //   template <int B> void update(State&, const Chan&, const A (&x)[B], const A (&dy)[B],
 //                                int64_t idx0, int64_t istride) const
 //       folds B values of one channel (logical indices idx0 + j * istride) into the state.
-// An elementwise Op provides A, kDy, kIndex, Chan, chan(), init() and
+// A finalize functor ("Fin") holds its reduction Op as `op` and provides
+//   void init()                          (once per thread: initializes op too)
+//   void finish(int64_t c, const State&) (run by one thread per channel, once all of the
+//                                         channel's partials are merged)
+// An elementwise Op provides A, kDy, kIndex, Chan, chan(), init(),
+//   void block0() const                  (run by every thread of block 0 only: snapshots)
 //   A elem(const Chan&, A x, A dy, int64_t idx) const.
-// A finalize functor ("Fin") holds its Op as `op` and provides init() and
-//   void finish(int64_t c, const State&) (run by one thread per channel).
+
+// ------------------------------------------------------------------------------ last block
+// A split reduction is finalized by the last of its P blocks of a channel (group) to finish,
+// in the same launch: each block stores its partial, then takes a ticket (an atomic counter
+// per group in a zero-initialized workspace). The block that draws ticket P - 1 has every
+// other block's partial visible, merges all P of them in a fixed order (merge_partials: never
+// in arrival order, so the result does not depend on timing) and resets the counter to 0 for
+// the next launch. No host synchronization, no extra launch.
+
+// Every thread of the block calls this after its partial stores. True in every thread of the
+// last block of the group.
+__device__ __forceinline__ bool last_of_group(unsigned* ticket, unsigned n) {
+  BNK_SHARED(int, sh_last, 1);
+  __threadfence();  // this block's partials, visible device-wide before its ticket
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const unsigned t = atomicAdd(ticket, 1u);
+    sh_last[0] = t == n - 1 ? 1 : 0;
+    if (t == n - 1) *ticket = 0u;  // every block of the group has counted in: reset
+  }
+  __syncthreads();
+  const bool last = sh_last[0] != 0;
+  if (last) __threadfence();  // the other blocks' partials, read after their tickets
+  return last;
+}
 
 // Split reduction over an (N, C, S)-contiguous x ("ncs"). Grid (C, P): program (c, p) folds the
 // vectors [p * chunk, (p + 1) * chunk) of channel c's M / VEC vectors; vector v of the channel
 // starts at per-channel index i = v * VEC (batch row n = i / S, position s = i % S), stored at
-// (n * C + c) * S + s; a vector never crosses a row (S % VEC == 0). Writes partials [K, C, P].
-template <typename T, int VEC, class Op>
+// (n * C + c) * S + s; a vector never crosses a row (S % VEC == 0). Writes partials [K, C, P];
+// the last program of channel c (ticket tickets[c]) merges them and runs fin.finish(c, .).
+template <typename T, int VEC, class Fin>
 __global__ void __launch_bounds__(kThreads)
-    reduce_ncs_kernel(Op op, const T* __restrict__ x, const T* __restrict__ dy, Geometry g,
-                      int64_t chunk, typename Op::A* __restrict__ part) {
+    reduce_ncs_kernel(Fin fin, const T* __restrict__ x, const T* __restrict__ dy, Geometry g,
+                      int64_t chunk, typename Fin::A* part, unsigned* tickets) {
+  using Op = typename Fin::Op;
   using A = typename Op::A;
   using St = typename Op::State;
   BNK_SHARED(St, smem, kThreads / 32);
-  op.init();
+  fin.init();
+  const Op& op = fin.op;
   const int64_t c = blockIdx.x, p = blockIdx.y, P = gridDim.y;
   const int64_t nvec = g.M() / VEC;
   const int64_t v_end = p * chunk + chunk < nvec ? p * chunk + chunk : nvec;
@@ -342,20 +387,29 @@ __global__ void __launch_bounds__(kThreads)
   }
   reduce_columns<Op, 1>(op, st, 1, smem);
   if (threadIdx.x == 0) store_partial<Op>(part, g.C, c, p, P, st[0]);
+  if (!last_of_group(tickets + c, static_cast<unsigned>(P))) return;
+  if (threadIdx.x < 32) {
+    const St merged = merge_partials(op, part, g.C, c, P);
+    if (threadIdx.x == 0) fin.finish(c, merged);
+  }
 }
 
 // Split reduction over an (M, C)-contiguous x ("mc", channels last). The block is TX x TY
 // threads (threadIdx.x = ty * TX + tx): column tx holds VEC consecutive channels
 // c0 = (blockIdx.x * TX + tx) * VEC, and rows ty, ty + TY, ... of the program's row range
-// [p * chunk, (p + 1) * chunk). Grid (ceil(C / (VEC TX)), P). Writes partials [K, C, P].
-template <typename T, int VEC, class Op>
+// [p * chunk, (p + 1) * chunk). Grid (ceil(C / (VEC TX)), P). Writes partials [K, C, P]; the
+// last program of channel group blockIdx.x (ticket tickets[blockIdx.x]) merges them, one warp
+// per channel, and runs fin.finish on the group's channels.
+template <typename T, int VEC, class Fin>
 __global__ void __launch_bounds__(kThreads)
-    reduce_mc_kernel(Op op, const T* __restrict__ x, const T* __restrict__ dy, Geometry g,
-                     int64_t chunk, int tx_dim, typename Op::A* __restrict__ part) {
+    reduce_mc_kernel(Fin fin, const T* __restrict__ x, const T* __restrict__ dy, Geometry g,
+                     int64_t chunk, int tx_dim, typename Fin::A* part, unsigned* tickets) {
+  using Op = typename Fin::Op;
   using A = typename Op::A;
   using St = typename Op::State;
   BNK_SHARED(St, smem, kThreads * VEC);
-  op.init();
+  fin.init();
+  const Op& op = fin.op;
   const int tx = threadIdx.x % tx_dim, ty = threadIdx.x / tx_dim, ty_dim = blockDim.x / tx_dim;
   const int64_t c0 = (static_cast<int64_t>(blockIdx.x) * tx_dim + tx) * VEC;
   const bool active = c0 < g.C;  // C % VEC == 0: a vector is all in or all out
@@ -397,35 +451,42 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int j = 0; j < VEC; ++j) store_partial<Op>(part, g.C, c0 + j, p, P, st[j]);
   }
+  if (!last_of_group(tickets + blockIdx.x, static_cast<unsigned>(P))) return;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  const int64_t base = static_cast<int64_t>(blockIdx.x) * tx_dim * VEC;
+  for (int cl = warp; cl < tx_dim * VEC; cl += nwarps) {
+    const int64_t c = base + cl;
+    if (c >= g.C) break;  // warp-uniform
+    const St merged = merge_partials(op, part, g.C, c, P);
+    if (lane == 0) fin.finish(c, merged);
+  }
 }
 
-// One warp per channel: merge its P partials in a fixed order, then fin.finish(c, state).
-template <class Fin>
+// out = op.elem(x, dy) elementwise over an (N, C, S)-contiguous tensor ("ncs"), VEC elements
+// per step: block b takes the vectors [b * span, (b + 1) * span), its threads consecutive
+// vectors (a vector lies in one row n * C + c, as S % VEC == 0). A thread's next vector is
+// blockDim.x vectors on, mostly in the same row: the channel's constants are recomputed only
+// when the row changes. Logical index = memory index.
+template <typename T, int VEC, class Op>
 __global__ void __launch_bounds__(kThreads)
-    finalize_kernel(Fin fin, const typename Fin::A* __restrict__ part, int64_t C, int64_t P) {
-  fin.init();
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
-  if (c >= C) return;  // warp-uniform
-  const typename Fin::State st = merge_partials(fin.op, part, C, c, P);
-  if ((threadIdx.x & 31) == 0) fin.finish(c, st);
-}
-
-// out = op.elem(x, dy) elementwise over the whole tensor, VEC elements per step, grid-stride.
-// "ncs" (NCS): a vector lies in one row n * C + c (S % VEC == 0): channel (i / S) % C, logical
-// index = memory index. "mc": a vector is VEC consecutive channels of row m = n * S + s
-// (C % VEC == 0): channel i % C + j, logical index (n * C + c) * S + s.
-template <typename T, int VEC, bool NCS, class Op>
-__global__ void __launch_bounds__(kThreads)
-    elementwise_kernel(Op op, const T* __restrict__ x, const T* __restrict__ dy,
-                       T* __restrict__ out, Geometry g) {
+    elementwise_ncs_kernel(Op op, const T* __restrict__ x, const T* __restrict__ dy,
+                           T* __restrict__ out, Geometry g, int64_t span) {
   using A = typename Op::A;
   op.init();
+  if (blockIdx.x == 0) op.block0();
   const int64_t nvec = g.numel() / VEC;
   const bool small = !g.wide;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t v = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; v < nvec;
-       v += stride) {
+  const int64_t begin = static_cast<int64_t>(blockIdx.x) * span;
+  const int64_t end = begin + span < nvec ? begin + span : nvec;
+  int64_t row_of_ch = -1;
+  typename Op::Chan ch{};
+  for (int64_t v = begin + threadIdx.x; v < end; v += blockDim.x) {
     const int64_t i = v * VEC;
+    const int64_t row = idiv(i, g.S, small);
+    if (row != row_of_ch) {
+      row_of_ch = row;
+      ch = op.chan(row - idiv(row, g.C, small) * g.C);
+    }
     A xv[VEC], dv[VEC], ov[VEC];
     load_vec<T, VEC>(x + i, xv);
     if constexpr (Op::kDy) {
@@ -434,35 +495,70 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int j = 0; j < VEC; ++j) dv[j] = A(0);
     }
-    if constexpr (NCS) {
-      const int64_t row = idiv(i, g.S, small);
-      const typename Op::Chan ch = op.chan(row - idiv(row, g.C, small) * g.C);
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) ov[j] = op.elem(ch, xv[j], dv[j], i + j);
-    } else {
-      const int64_t m = idiv(i, g.C, small), c0 = i - m * g.C;
-      int64_t idx0 = 0;
-      if constexpr (Op::kIndex) {
-        const int64_t n = idiv(m, g.S, small);
-        idx0 = (n * g.C + c0) * g.S + (m - n * g.S);
-      }
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) ov[j] = op.elem(op.chan(c0 + j), xv[j], dv[j], idx0 + j * g.S);
-    }
+    for (int j = 0; j < VEC; ++j) ov[j] = op.elem(ch, xv[j], dv[j], i + j);
     store_vec<T, VEC>(out + i, ov);
+  }
+}
+
+// out = op.elem(x, dy) elementwise over an (M, C)-contiguous tensor ("mc"), tiled as the "mc"
+// reduction: thread (tx, ty) of block (gx, p) holds the VEC consecutive channels
+// c0 = (gx * TX + tx) * VEC -- their constants computed once -- and rows ty, ty + TY, ... of
+// [p * chunk, (p + 1) * chunk). Logical index of (row m = n * S + s, channel c):
+// (n * C + c) * S + s.
+template <typename T, int VEC, class Op>
+__global__ void __launch_bounds__(kThreads)
+    elementwise_mc_kernel(Op op, const T* __restrict__ x, const T* __restrict__ dy,
+                          T* __restrict__ out, Geometry g, int64_t chunk, int tx_dim) {
+  using A = typename Op::A;
+  op.init();
+  if (blockIdx.x == 0 && blockIdx.y == 0) op.block0();
+  const int tx = threadIdx.x % tx_dim, ty = threadIdx.x / tx_dim, ty_dim = blockDim.x / tx_dim;
+  const int64_t c0 = (static_cast<int64_t>(blockIdx.x) * tx_dim + tx) * VEC;
+  if (c0 >= g.C) return;  // C % VEC == 0: a vector is all in or all out
+  const int64_t M = g.M(), r0 = static_cast<int64_t>(blockIdx.y) * chunk;
+  const int64_t r_end = r0 + chunk < M ? r0 + chunk : M;
+  const bool small = !g.wide;
+  typename Op::Chan ch[VEC];
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) ch[j] = op.chan(c0 + j);
+  for (int64_t m = r0 + ty; m < r_end; m += ty_dim) {
+    const int64_t off = m * g.C + c0;
+    A xv[VEC], dv[VEC], ov[VEC];
+    load_vec<T, VEC>(x + off, xv);
+    if constexpr (Op::kDy) {
+      load_vec<T, VEC>(dy + off, dv);
+    } else {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) dv[j] = A(0);
+    }
+    int64_t idx0 = 0;
+    if constexpr (Op::kIndex) {
+      const int64_t n = idiv(m, g.S, small);
+      idx0 = (n * g.C + c0) * g.S + (m - n * g.S);
+    }
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) ov[j] = op.elem(ch[j], xv[j], dv[j], idx0 + j * g.S);
+    store_vec<T, VEC>(out + off, ov);
   }
 }
 
 // ------------------------------------------------------------------------------ launching
 
 // Split and tiling of a per-channel reduction (the same for every family, so one workspace
-// size serves them all): about 8 blocks per SM in all, each thread with at least one vector
-// (or row) unless the split is forced.
+// serves them all): about 8 blocks per SM in all, each thread with at least one vector (or
+// row) unless the split is forced.
 struct ReduceCfg {
   int64_t split = 1, chunk = 1;  // programs per channel (group); vectors or rows per program
   int tx = 1;                    // "mc": threads across a channel group
-  int64_t groups = 1;            // "mc": channel groups (grid.x)
+  int64_t groups = 1;            // channels ("ncs") or channel groups ("mc"): grid.x, tickets
 };
+
+// "mc" tiles: TX threads across ceil(C / VEC) channel vectors (a power of two <= 32).
+inline int mc_tx(const Launch& l) {
+  const int64_t cv = ceil_div(l.g.C, l.vec);
+  return next_pow2(cv) < 32 ? next_pow2(cv) : 32;
+}
 
 inline ReduceCfg reduce_cfg(const Launch& l) {
   const Geometry& g = l.g;
@@ -474,11 +570,10 @@ inline ReduceCfg reduce_cfg(const Launch& l) {
     per_block = kThreads;
     groups = g.C;
   } else {
-    const int64_t cv = ceil_div(g.C, l.vec);
-    r.tx = next_pow2(cv) < 32 ? next_pow2(cv) : 32;
+    r.tx = mc_tx(l);
     units = g.M();  // rows
     per_block = kThreads / r.tx;
-    groups = ceil_div(cv, r.tx);
+    groups = ceil_div(ceil_div(g.C, l.vec), r.tx);
   }
   if (units < 1) units = 1;
   int64_t split = l.split > 0 ? l.split : ceil_div(target, groups);
@@ -492,54 +587,58 @@ inline ReduceCfg reduce_cfg(const Launch& l) {
   return r;
 }
 
-// Run a split reduction (ncs or mc by l.g) of op over x (and dy) into part [K, C, split].
-template <typename T, int VEC, class Op>
-void launch_reduce(const Launch& l, const Op& op, const void* x, const void* dy, void* part,
-                   const char* what) {
+// Run a split reduction (ncs or mc by l.g) of fin.op over x (and dy), finalized by the last
+// block of each channel (group): partials [K, C, split] in `part`, tickets [groups] (zero on
+// entry, zero again on exit). One launch.
+template <typename T, int VEC, class Fin>
+void launch_reduce(const Launch& l, const Fin& fin, const void* x, const void* dy, void* part,
+                   unsigned* tickets, const char* what) {
   const ReduceCfg r = reduce_cfg(l);
   const T* xp = static_cast<const T*>(x);
   const T* dp = static_cast<const T*>(dy);
-  auto* pp = static_cast<typename Op::A*>(part);
+  auto* pp = static_cast<typename Fin::A*>(part);
   if (l.g.ncs) {
-    const auto kernel = &reduce_ncs_kernel<T, VEC, Op>;
+    const auto kernel = &reduce_ncs_kernel<T, VEC, Fin>;
     BNK_LAUNCH(kernel, dim3(static_cast<unsigned>(l.g.C), static_cast<unsigned>(r.split)),
-               kThreads, l.stream, op, xp, dp, l.g, r.chunk, pp);
+               kThreads, l.stream, fin, xp, dp, l.g, r.chunk, pp, tickets);
   } else {
-    const auto kernel = &reduce_mc_kernel<T, VEC, Op>;
+    const auto kernel = &reduce_mc_kernel<T, VEC, Fin>;
     BNK_LAUNCH(kernel, dim3(static_cast<unsigned>(r.groups), static_cast<unsigned>(r.split)),
-               kThreads, l.stream, op, xp, dp, l.g, r.chunk, r.tx, pp);
+               kThreads, l.stream, fin, xp, dp, l.g, r.chunk, r.tx, pp, tickets);
   }
-  check_launch(what);
-}
-
-template <class Fin>
-void launch_finalize(const Launch& l, const Fin& fin, const void* part, const char* what) {
-  const int64_t per_block = kThreads / 32;
-  const auto kernel = &finalize_kernel<Fin>;
-  BNK_LAUNCH(kernel, static_cast<unsigned>(ceil_div(l.g.C, per_block)), kThreads, l.stream, fin,
-             static_cast<const typename Fin::A*>(part), l.g.C, reduce_cfg(l).split);
   check_launch(what);
 }
 
 template <typename T, int VEC, class Op>
 void launch_elementwise(const Launch& l, const Op& op, const void* x, const void* dy, void* out,
                         const char* what) {
-  const int64_t nvec = l.g.numel() / VEC;
-  int64_t blocks = ceil_div(nvec, kThreads);
-  const int64_t cap = static_cast<int64_t>(l.num_sms) * 32;
-  if (blocks > cap) blocks = cap;
-  if (blocks < 1) blocks = 1;
+  const int64_t cap = static_cast<int64_t>(l.num_sms) * 32;  // blocks
   const T* xp = static_cast<const T*>(x);
   const T* dp = static_cast<const T*>(dy);
   T* op_out = static_cast<T*>(out);
   if (l.g.ncs) {
-    const auto kernel = &elementwise_kernel<T, VEC, true, Op>;
+    const int64_t nvec = l.g.numel() / VEC;
+    int64_t blocks = ceil_div(nvec, kThreads);
+    if (blocks > cap) blocks = cap;
+    if (blocks < 1) blocks = 1;
+    const int64_t span = ceil_div(ceil_div(nvec, blocks), kThreads) * kThreads;
+    blocks = ceil_div(nvec, span) > 0 ? ceil_div(nvec, span) : 1;
+    const auto kernel = &elementwise_ncs_kernel<T, VEC, Op>;
     BNK_LAUNCH(kernel, static_cast<unsigned>(blocks), kThreads, l.stream, op, xp, dp, op_out,
-               l.g);
+               l.g, span);
   } else {
-    const auto kernel = &elementwise_kernel<T, VEC, false, Op>;
-    BNK_LAUNCH(kernel, static_cast<unsigned>(blocks), kThreads, l.stream, op, xp, dp, op_out,
-               l.g);
+    const int tx = mc_tx(l);
+    const int64_t groups = ceil_div(ceil_div(l.g.C, VEC), tx);
+    const int64_t rows_per_block = kThreads / tx, M = l.g.M();
+    int64_t split = ceil_div(cap, groups);
+    if (split > ceil_div(M, rows_per_block)) split = ceil_div(M, rows_per_block);
+    if (split > 65535) split = 65535;
+    if (split < 1) split = 1;
+    const int64_t chunk = ceil_div(M, split);
+    split = ceil_div(M, chunk);
+    const auto kernel = &elementwise_mc_kernel<T, VEC, Op>;
+    BNK_LAUNCH(kernel, dim3(static_cast<unsigned>(groups), static_cast<unsigned>(split)),
+               kThreads, l.stream, op, xp, dp, op_out, l.g, chunk, tx);
   }
   check_launch(what);
 }

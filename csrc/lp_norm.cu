@@ -16,11 +16,13 @@
 //   dx    = (g - k1) k2 - k3 (f - k4),   k1 = sum(g) / M,  k2 = w / a,
 //           k3 = w dweight / (a D),  k4 = sum(f) / M if centered else 0
 //
-// Pipelines: forward = one split reduction of sum(x) and stat(x) (uncentered), or two passes
-// (sum(x) -> mean, then stat(x - mean): never E[x^2] - E[x]^2) -> finalize -> BatchNorm's
-// bn_apply with the coefficients written here. Backward = split sums -> finalize (coefficients,
-// dweight, dbias) -> elementwise dx. Eval needs no kernel of its own: the binding runs BatchNorm's
-// with invstd = 1 / (running_scale + eps).
+// Pipelines (every split reduction finalized by the last block of each channel group, in the
+// same launch): forward = one split reduction of sum(x) and stat(x) (uncentered), or two
+// (sum(x) -> mean, then stat(x - mean): never E[x^2] - E[x]^2), writing BatchNorm's
+// coefficients -> BatchNorm's bn_apply: 2 launches uncentered, 3 centered. Backward = split
+// sums (the last block writes the coefficients, dweight, dbias) -> elementwise dx: 2 launches.
+// Eval needs no kernel of its own: the binding runs BatchNorm's with scale_from = kFromLpScale
+// (invstd = 1 / (running_scale + eps), computed in the kernel).
 #include "batch_norm.cuh"
 
 namespace bnk {
@@ -85,7 +87,7 @@ template <typename A_> struct LpStatsFin {
   A* coef;
   int64_t C;
 
-  __device__ void init() {}
+  __device__ void init() { op.init(); }
   __device__ void finish(int64_t c, const State& st) {
     A mu;
     if (write_mean) {
@@ -150,7 +152,7 @@ template <typename A_> struct LpGradFin {
   A* dbias;
   int64_t C;
 
-  __device__ void init() {}
+  __device__ void init() { op.init(); }
   __device__ void finish(int64_t c, const State& st) {
     const A sum_g = st.v[0], sum_gd = st.v[1], sum_f = st.v[2], count = st.v[3];
     const A s = op.scale[c], a = s + eps;
@@ -180,6 +182,7 @@ template <typename A_> struct LpDxOp {
   bool centered;
 
   __device__ void init() {}
+  __device__ void block0() const {}
   __device__ Chan chan(int64_t c) const {
     return {coef[kLpMean * C + c], coef[kLpScale * C + c], coef[kLpK1 * C + c],
             coef[kLpK2 * C + c],   coef[kLpK3 * C + c],    coef[kLpK4 * C + c]};
@@ -215,15 +218,15 @@ void lp_stats(const Launch& l, const LpStatsArgs& a) {
     const A* mean = static_cast<const A*>(a.mean);
     if (!a.centered) {  // one pass: sum(x) and stat(x)
       const LpStatsOp<A> op{mean, a.p, true, true, false};
-      launch_reduce<T, VEC>(l, op, a.x, nullptr, a.part, "lp_stats");
-      launch_finalize(l, fin(op, true, true), a.part, "lp_stats_finalize");
+      launch_reduce<T, VEC>(l, fin(op, true, true), a.x, nullptr, a.part, a.tickets,
+                            "lp_stats");
     } else {  // two passes: the mean, then stat(x - mean)
       const LpStatsOp<A> op1{mean, a.p, true, false, false};
-      launch_reduce<T, VEC>(l, op1, a.x, nullptr, a.part, "lp_stats");
-      launch_finalize(l, fin(op1, true, false), a.part, "lp_stats_finalize");
+      launch_reduce<T, VEC>(l, fin(op1, true, false), a.x, nullptr, a.part, a.tickets,
+                            "lp_stats_mean");
       const LpStatsOp<A> op2{mean, a.p, false, true, true};
-      launch_reduce<T, VEC>(l, op2, a.x, nullptr, a.part, "lp_stats");
-      launch_finalize(l, fin(op2, false, true), a.part, "lp_stats_finalize");
+      launch_reduce<T, VEC>(l, fin(op2, false, true), a.x, nullptr, a.part, a.tickets,
+                            "lp_stats");
     }
   });
 }
@@ -234,7 +237,6 @@ void lp_bwd(const Launch& l, const LpBwdArgs& a) {
     using A = acc_t<T>;
     const LpGradOp<A> op{static_cast<const A*>(a.mean), static_cast<const A*>(a.scale), a.p,
                          a.centered};
-    launch_reduce<T, VEC>(l, op, a.x, a.dy, a.part, "lp_bwd_sums");
     A* coef = a.dx != nullptr ? static_cast<A*>(a.coef) : nullptr;
     const LpGradFin<A> fin{op,
                            static_cast<A>(M),
@@ -244,7 +246,7 @@ void lp_bwd(const Launch& l, const LpBwdArgs& a) {
                            static_cast<A*>(a.dweight),
                            static_cast<A*>(a.dbias),
                            l.g.C};
-    launch_finalize(l, fin, a.part, "lp_bwd_finalize");
+    launch_reduce<T, VEC>(l, fin, a.x, a.dy, a.part, a.tickets, "lp_bwd_sums");
     if (a.dx != nullptr) {
       const LpDxOp<A> dx_op{coef, l.g.C, a.p, a.centered};
       launch_elementwise<T, VEC>(l, dx_op, a.x, a.dy, a.dx, "lp_bwd_dx");

@@ -4,11 +4,14 @@
 // backward reads x and dy twice. Here one cooperative launch does it all, with each block's
 // share of x (and dy) kept in registers across a grid-wide barrier:
 //
-//   forward:   load x -> per-thread Welford -> block merge -> partial [3, C, P] in global
+//   forward:   load x -> per-thread Welford of x - K (K = the channel's first element, as the
+//              multi-pass kernels) -> block merge -> partial [3, C, P] in global
 //              == grid.sync() ==
 //              every block Chan-merges the P partials of its channels (a fixed order, so all
 //              blocks of a channel get bit-identical statistics); block 0 of each channel writes
-//              mean / invstd and updates the running buffers; normalize the registers -> y.
+//              mean / invstd and updates the running buffers; normalize the registers -> y as
+//              (x - mean_hi) - mean_lo (mean_lo left out with the fused ReLU, see
+//              batch_norm.cuh).
 //   backward:  load x, dy -> g (fused ReLU mask) -> block sums -> partial [2, C, P]
 //              == grid.sync() ==
 //              merge -> mean(g), mean(g (x - mean)); block 0 writes dweight, dbias;
@@ -24,7 +27,10 @@
 #include <cooperative_groups.h>
 
 #include <algorithm>
+#include <map>
+#include <mutex>
 #include <type_traits>
+#include <utility>
 
 #include "batch_norm.cuh"
 
@@ -117,37 +123,42 @@ template <int VEC, bool NCS> struct Tile {
 template <typename T, int VEC, bool NCS>
 __global__ void __launch_bounds__(kThreads) bn_persistent_fwd_kernel(PersistentFwd<acc_t<T>> p) {
   using A = acc_t<T>;
-  using Op = WelfordOp<A>;
+  using Op = WelfordOp<T, A>;
   using St = typename Op::State;
   constexpr int IV = kItems / VEC;  // vectors per thread
   constexpr int NS = NCS ? 1 : VEC;  // channels per thread
   constexpr int kMaxCh = NCS ? 1 : 32 * VEC;  // channels of a block (TX <= 32)
   BNK_SHARED(St, smem, kThreads * NS);
   BNK_SHARED(A, sh_mean, kMaxCh);
+  BNK_SHARED(A, sh_lo, kMaxCh);
   BNK_SHARED(A, sh_k, kMaxCh);
   BNK_SHARED(A, sh_b, kMaxCh);
-  const Op op{};
   const Geometry& g = p.g;
-  const Tile<VEC, NCS> t(g, p.per_channel, p.tx, p.chunk);
   const T* x = static_cast<const T*>(p.x);
+  const Op op{x, g.ncs ? g.S : 1};
+  const Tile<VEC, NCS> t(g, p.per_channel, p.tx, p.chunk);
 
   // Phase 1: x -> registers, Welford per channel slot, block merge, partial to global.
   A xr[IV][VEC];
   St st[NS];
+  typename Op::Chan sh[NS];
 #pragma unroll
-  for (int s = 0; s < NS; ++s) st[s] = op.identity();
+  for (int s = 0; s < NS; ++s) {
+    st[s] = op.identity();
+    if (t.active) sh[s] = op.chan(t.c0 + s);
+  }
 #pragma unroll
   for (int j = 0; j < IV; ++j) {
     const int64_t off = t.offset(g, j);
     if (off < 0) continue;
     load_vec<T, VEC>(x + off, xr[j]);
     if constexpr (NCS) {
-      op.template update<VEC>(st[0], {}, xr[j], xr[j], 0, 0);
+      op.template update<VEC>(st[0], sh[0], xr[j], xr[j], 0, 0);
     } else {
 #pragma unroll
       for (int s = 0; s < VEC; ++s) {
         const A xs[1] = {xr[j][s]};
-        op.template update<1>(st[s], {}, xs, xs, 0, 0);
+        op.template update<1>(st[s], sh[s], xs, xs, 0, 0);
       }
     }
   }
@@ -170,9 +181,10 @@ __global__ void __launch_bounds__(kThreads) bn_persistent_fwd_kernel(PersistentF
     if (c >= g.C) continue;  // warp-uniform
     const St merged = merge_partials(op, p.ws, g.C, c, p.per_channel);
     if (lane == 0) {
-      const BnMoments<A> r = bn_moments(merged, p.m, p.eps);
+      const BnMoments<A> r = bn_moments(merged, op.shift(c), p.m, p.eps);
       const BnChan<A> ch = make_chan(c, r.mean, r.invstd, p.weight, p.bias, Noise{});
       sh_mean[cl] = ch.mean;
+      sh_lo[cl] = p.relu ? A(0) : r.lo;
       sh_k[cl] = ch.k;
       sh_b[cl] = ch.b;
       if (t.share == 0) {
@@ -197,6 +209,7 @@ __global__ void __launch_bounds__(kThreads) bn_persistent_fwd_kernel(PersistentF
       const int cl = NCS ? 0 : t.tx * VEC + s;
       BnChan<A> ch{};
       ch.mean = sh_mean[cl];
+      ch.lo = sh_lo[cl];
       ch.k = sh_k[cl];
       ch.b = sh_b[cl];
       A unused;
@@ -217,7 +230,7 @@ __global__ void __launch_bounds__(kThreads) bn_persistent_bwd_kernel(PersistentB
   BNK_SHARED(St, smem, kThreads * NS);
   BNK_SHARED(A, sh_kg, kMaxCh);
   BNK_SHARED(A, sh_kgx, kMaxCh);
-  const Op op{p.mean, p.invstd, p.weight, p.bias, p.relu, Noise{}};
+  const Op op{{p.mean, p.invstd, kFromInvstd, A(0), p.weight, p.bias}, p.relu, Noise{}};
   const Geometry& g = p.g;
   const Tile<VEC, NCS> t(g, p.per_channel, p.tx, p.chunk);
   const T* x = static_cast<const T*>(p.x);
@@ -334,13 +347,38 @@ template <bool BWD> auto kernel_for(const Launch& l) {
   }
 }
 
-template <typename K> int blocks_per_sm(K kernel) {
+// Resident blocks per SM of `kernel` on `device` (0 when the query fails), and whether the
+// device takes cooperative launches (false when the query fails). Both are asked of the
+// driver once per device and kernel, not on every call.
+template <typename K> int blocks_per_sm(K kernel, int device) {
+  static std::mutex mutex;
+  static std::map<std::pair<int, const void*>, int> cache;
+  const auto key = std::make_pair(device, reinterpret_cast<const void*>(kernel));
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
   int n = 0;
   if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, 0) != cudaSuccess) {
     (void)cudaGetLastError();
-    return 0;
+    return 0;  // not cached: asked again next time
   }
+  cache.emplace(key, n);
   return n;
+}
+
+bool cooperative(int device) {
+  static std::mutex mutex;
+  static std::map<int, bool> cache;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto it = cache.find(device);
+  if (it != cache.end()) return it->second;
+  int coop = 0;
+  if (cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  cache.emplace(device, coop != 0);
+  return coop != 0;
 }
 
 // One launch of the whole grid, every block resident at once (what grid.sync() needs).
@@ -373,15 +411,12 @@ PersistentPlan bn_persistent_plan(const Launch& l, bool backward, int device) {
     plan.why = "no persistent kernel for this dtype (float64 runs multi-pass)";
     return plan;
   }
-  int coop = 0;
-  if (cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, device) != cudaSuccess ||
-      !coop) {
-    (void)cudaGetLastError();
+  if (!cooperative(device)) {
     plan.why = "the device does not support cooperative launches";
     return plan;
   }
-  const int per_sm = backward ? blocks_per_sm(kernel_for<true>(l))
-                              : blocks_per_sm(kernel_for<false>(l));
+  const int per_sm = backward ? blocks_per_sm(kernel_for<true>(l), device)
+                              : blocks_per_sm(kernel_for<false>(l), device);
   if (per_sm <= 0) {
     plan.why = "the occupancy query failed";
     return plan;

@@ -13,7 +13,9 @@ Three tiers, all collected everywhere:
    multi-pass. On a GPU they run the real extension on CUDA tensors. Without one they run the
    very same kernel code built for the CPU emulator (tests/cuda_emulator: every CUDA thread a
    coroutine, real barrier and shuffle semantics) on CPU tensors -- a check of the kernels'
-   logic, not of GPU behaviour; the GPU-only tests are skipped there.
+   logic, not of GPU behaviour; the GPU-only tests are skipped there. The emulator also counts
+   the launches of each call and can run a launch's blocks in another order (so that a
+   last-block finalize is seen to give the same bits whichever block finishes last).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from bnkernels.backends import speed
 from bnkernels.backends.cuda import CudaBackend
 from bnkernels.backends.cuda import build_config as cuda_build
 from bnkernels.backends.cuda import launch as cuda
+from bnkernels.backends.layout import view_layout
 
 GPU = torch.cuda.is_available()
 gpu_only = pytest.mark.skipif(not GPU, reason="needs a CUDA device (the emulator is no GPU)")
@@ -154,33 +157,39 @@ LAYOUT_CASES = [((2, 3, 4, 5), None), ((2, 3, 4, 5), torch.channels_last), ((6, 
 
 @pytest.mark.parametrize("shape,fmt", LAYOUT_CASES, ids=str)
 def test_layouts_are_views_and_outputs_keep_the_strides(shape, fmt):
+    """What the plans hand the extension: x itself as (N, C, S) or (N*S, C), a view."""
     x = torch.randn(shape)
     if fmt is not None:
         x = x.contiguous(memory_format=fmt)
-    lay = cuda._layout(x)
+    lay = view_layout(x)
     N, C, S = shape[0], shape[1], math.prod(shape[2:])
-    assert lay.t.data_ptr() == x.data_ptr() and lay.t.is_contiguous()  # a view, no copy
-    assert lay.t.shape == ((N, C, S) if lay.kind == "ncs" else (N * S, C))
+    xc = lay.prepare(x)
+    t = lay.kernel_view(xc)
+    assert t.data_ptr() == x.data_ptr() and t.is_contiguous()  # a view, no copy
+    assert t.shape == ((N, C, S) if lay.kind == "ncs" else (N * S, C))
     assert lay.kind == ("ncs" if fmt is None and S > 1 else "mc")
-    y, yk = lay.empty()
+    y = torch.empty_like(xc)
+    yk = lay.kernel_view(y)
     assert y.stride() == x.stride() and yk.data_ptr() == y.data_ptr()
     # The kernel view of the output is laid out as x's: element (n, c, s) at the same offset.
-    yk.copy_(lay.t)
-    assert torch.equal(lay.restore(y), x)
+    yk.copy_(t)
+    assert torch.equal(lay.restore(y, x), x)
 
 
 def test_layout_of_odd_strides_is_an_explicit_copy():
     base = torch.randn(5, 6, 9, 8)
     x = base[:, ::2, :, 1:7]
-    lay = cuda._layout(x)
-    assert lay.kind == "ncs" and lay.t.data_ptr() != x.data_ptr()
-    assert torch.equal(lay.t.view(x.shape), x)
-    y, yk = lay.empty()
-    yk.copy_(lay.t)
-    out = lay.restore(y)
+    lay = view_layout(x)
+    xc = lay.prepare(x)
+    t = lay.kernel_view(xc)
+    assert lay.kind == "ncs" and t.data_ptr() != x.data_ptr()
+    assert torch.equal(t.view(x.shape), x)
+    y = torch.empty_like(xc)
+    lay.kernel_view(y).copy_(t)
+    out = lay.restore(y, x)
     assert torch.equal(out, x) and out.stride() == torch.empty_like(x).stride()
     dy = torch.randn(x.shape).contiguous(memory_format=torch.channels_last)
-    assert torch.equal(lay.like(dy).view(x.shape), dy)
+    assert torch.equal(lay.kernel_view(lay.like(dy, xc)).view(x.shape), dy)
 
 
 # ============================================================================= 2. the build
@@ -314,14 +323,208 @@ def test_split_reductions_match_torch(case, split, dev):
 
 
 def test_numerics_like_the_other_backends(dev):
-    """Mean 1e3 / std 1e-2 (stable statistics), a constant channel, NaN and inf."""
+    """Mean 1e3 and 1e4 / std 1e-2 (stable statistics), a constant channel, NaN and inf."""
     for path in ("multipass", "persistent"):
         with cuda.override_config(path=path):
-            bn_tests.test_large_mean_small_std_is_stable("cuda", 1, dev)
+            for mean in (1e3, 1e4):
+                bn_tests.test_large_mean_small_std_is_stable("cuda", mean, dev)
             bn_tests.test_constant_channel("cuda", dev)
             for bad in (float("nan"), float("inf")):
                 for cl in (False, True):
                     bn_tests.test_nan_and_inf_propagate_like_torch("cuda", bad, cl, dev)
+
+
+@pytest.mark.parametrize("mean", [1e3, 1e4])
+@pytest.mark.parametrize("path", ["multipass", "persistent"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_large_mean_no_worse_than_torch(mean, path, channels_last, dev):
+    """A channel of mean 1e3 or 1e4 and std 1e-2 in fp32: y no worse than PyTorch's own (its CPU
+    BatchNorm here, accumulating in fp64; cuDNN on a GPU) against fp64, and far better than
+    normalizing around the fp32-rounded mean, which a kernel without the per-channel shift and
+    the mean's rounding error (mean_lo) would do. Both paths, both layouts, many splits."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(4, 3, 19, 21, generator=g, dtype=torch.float64) * 1e-2 + mean).float()
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x = x.to(dev)
+    bnk.set_backend("cuda")
+    rm, rv = torch.zeros(3, device=dev), torch.ones(3, device=dev)
+    with cuda.override_config(path=path, split=16):
+        y = bnk.batch_norm(x, rm, rv, training=True, momentum=1.0)
+    x64 = x.double().cpu()
+    exact = F.batch_norm(x64, None, None, training=True)
+    theirs = F.batch_norm(x.cpu(), None, None, training=True)
+    bn_tests.assert_no_worse_than_torch(y, theirs, exact, torch.float32, "y", factor=1.0)
+    var, m = torch.var_mean(x64, dim=(0, 2, 3), unbiased=False)
+    rounded = (x64 - m.float().double().view(1, -1, 1, 1)) / torch.sqrt(
+        var.view(1, -1, 1, 1) + 1e-5)
+    ours_err = float((y.double().cpu() - exact).abs().max())
+    rounded_err = float((rounded - exact).abs().max())
+    assert ours_err < rounded_err / 20, (ours_err, rounded_err)
+    assert torch.equal(rm.cpu(), m.float())  # the saved (and running) mean is mean_hi
+
+
+# ----------------------------------------------------------------------------- launches, workspace
+
+# Aten ops that allocate, view or read metadata: no kernel behind them.
+_NO_KERNEL = {"empty", "empty_like", "empty_strided", "new_empty", "view", "_unsafe_view",
+              "permute", "reshape", "_reshape_alias", "as_strided", "alias", "detach",
+              "t", "expand", "squeeze", "unsqueeze", "contiguous", "lift_fresh", "clone_meta"}
+
+
+class _TorchOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """The aten ops a call runs, from Python or from inside the extension (its at:: calls go
+    through the dispatcher too)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def _launches(module, fn):
+    """(kernel launches of the extension, aten ops with a kernel) of ``fn()``."""
+    before = module.emu_launch_count()
+    with _TorchOps() as mode:
+        fn()
+    return module.emu_launch_count() - before, [op for op in mode.ops if op not in _NO_KERNEL]
+
+
+@pytest.mark.skipif(GPU, reason="counts the CPU emulator's launches")
+def test_launches_per_call(_kernel_module, dev):
+    """Training forward 2 launches (split statistics finalized by their last block, then the
+    apply) or 1 (persistent); eval forward 1; backward 2, or 1 (persistent; eval dx alone);
+    no other kernel (no torch op) on the way, and no host synchronization (no .item(), no copy
+    to the host: the emulator's tensors are host tensors, so that is checked by the ops list)."""
+    module = _kernel_module[0]
+    inp = make_inputs(Case((4, 3, 5, 6)), dev)
+    step = torch.zeros(1, dtype=torch.int64, device=dev)
+
+    def plan(training, **flags):
+        sig = bnk.backends._base.Signature.of(inp["x"], training, **flags)
+        return cuda.BatchNormPlan(sig), cuda.LpNormPlan(sig)
+
+    def count(fn, *args, **kwargs):
+        fn(*args, **kwargs)  # warm: the workspace is made (zeroed) on the first call
+        n, ops = _launches(module, lambda: fn(*args, **kwargs))
+        assert ops == [], ops
+        return n
+
+    x, dy, w, b = inp["x"], inp["dy"], inp["weight"], inp["bias"]
+    rm, rv = inp["running_mean"], inp["running_var"]
+    noise = (CFG, 3, step)
+    all_grads = (True, True, True)
+    for path, n_train in (("multipass", 2), ("persistent", 1)):
+        with cuda.override_config(path=path):
+            bn, _ = plan(True)
+            assert count(bn.forward, x, rm, rv, w, b, 0.1, 1e-5, None) == n_train
+            _, mean, invstd, _ = bn.forward(x, rm, rv, w, b, 0.1, 1e-5, None)
+            assert count(bn.backward, dy, x, mean, invstd, w, b, 1e-5, all_grads,
+                                             None) == n_train
+    bn, lp = plan(False)
+    assert count(bn.forward, x, rm, rv, w, b, 0.1, 1e-5, None) == 1
+    assert count(bn.forward, x, rm, rv, w, b, 0.1, 1e-5, None, need_saved=False) == 1
+    _, mean, invstd, _ = bn.forward(x, rm, rv, w, b, 0.1, 1e-5, None)
+    assert count(bn.backward, dy, x, mean, invstd, w, b, 1e-5, (True, False, False),
+                                     None) == 1
+    assert count(bn.backward, dy, x, mean, invstd, w, b, 1e-5, all_grads, None) == 2
+    assert count(lp.forward, x, rm, rv, w, b, 0.1, 1e-5) == 1
+    _, mean, inv, _ = lp.forward(x, rm, rv, w, b, 0.1, 1e-5)
+    assert count(lp.backward, dy, x, mean, inv, w, b, 1e-5, (True, False, False)) == 1
+    # Noisy, with the step as a device tensor (snapshotted for the backward by the apply).
+    bn, _ = plan(True, noisy=True, step_tensor=True)
+    assert count(bn.forward, x, rm, rv, w, b, 0.1, 1e-5, noise) == 2
+    _, mean, invstd, used = bn.forward(x, rm, rv, w, b, 0.1, 1e-5, noise)
+    assert torch.equal(used, step)
+    assert count(bn.backward, dy, x, mean, invstd, w, b, 1e-5, all_grads, noise) == 2
+    # l_p: 2 launches uncentered, 3 centered (the mean first); backward 2.
+    for centered, n_fwd in ((False, 2), (True, 3)):
+        for p in (1.0, 2.0, math.inf):
+            _, lp = plan(True, p=p, centered=centered)
+            assert count(lp.forward, x, rm, rv, w, b, 0.1, 1e-5) == n_fwd
+            _, mean, scale, _ = lp.forward(x, rm, rv, w, b, 0.1, 1e-5)
+            assert count(lp.backward, dy, x, mean, scale, w, b, 1e-5, all_grads) == 2
+    # SyncBatchNorm's stages: one launch each.
+    be = backends.backend("cuda")
+    mean, var = be.batch_norm_stats(x)
+    invstd = torch.rsqrt(var + 1e-5)
+    sums = be.batch_norm_bwd_reduce(dy, x, mean, invstd, w, b, None)
+    assert count(be.batch_norm_stats, x) == 1
+    assert count(be.batch_norm_apply, x, mean, invstd, w, b, None) == 1
+    assert count(be.batch_norm_bwd_reduce, dy, x, mean, invstd, w, b, None) == 1
+    assert count(be.batch_norm_bwd_dx, dy, x, mean, invstd, w, b, sums / 120, None) == 1
+
+
+@pytest.mark.parametrize("case", [Case((5, 3, 7, 9)), Case((5, 6, 7, 9), True), Case((37, 11)),
+                                  Case((4, 16, 2, 4), True, torch.float16)], ids=str)
+def test_ticket_finalize_with_many_splits(case, dev, monkeypatch):
+    """Many blocks per channel (forced), the last to finish merging the partials (in a fixed
+    order) and finalizing: the reference's results, bit-identical run to run and whichever
+    block finishes last (the emulator runs the blocks in another order), the cached workspace
+    reused and its tickets back at zero after every call (forward, backward, noisy, l_p)."""
+    inp = make_inputs(case, dev)
+    x = inp["x"]
+    with cuda.override_config(split=16, path="multipass"):
+        sig = bnk.backends._base.Signature.of(x, True, activation="relu")
+        plan = cuda.BatchNormPlan(sig)  # min(16, vectors or rows per channel) blocks each
+
+        def call():
+            xr = x.clone().requires_grad_()
+            w = inp["weight"].clone().requires_grad_()
+            b = inp["bias"].clone().requires_grad_()
+            rm, rv = inp["running_mean"].clone(), inp["running_var"].clone()
+            y, mean, invstd, _ = plan.forward(xr, rm, rv, w, b, 0.1, 1e-5, None)
+            dx, dw, db = plan.backward(inp["dy"], xr, mean, invstd, w, b, 1e-5,
+                                       (True, True, True), None)
+            return dict(y=y, dx=dx, dweight=dw, dbias=db, running_mean=rm, running_var=rv,
+                        mean=mean, invstd=invstd)
+
+        first = call()
+        ws, tickets = plan.workspaces.get()
+        assert int(tickets.abs().sum()) == 0 and tickets.numel() >= 1
+        second = call()
+        assert plan.workspaces.get()[0] is ws and int(tickets.abs().sum()) == 0
+        for key in first:
+            assert torch.equal(first[key], second[key]), key
+        for order in ("reverse", "shuffle"):  # another block finishes each channel last
+            monkeypatch.setenv("BNK_EMU_BLOCK_ORDER", order)
+            other = call()
+            for key in first:
+                assert torch.equal(first[key], other[key]), (order, key)
+        monkeypatch.delenv("BNK_EMU_BLOCK_ORDER")
+        ref = bn_tests.run(bn_tests.bnk_bn("reference"), inp, training=True, activation="relu")
+        for key in ("y", "dx", "dweight", "dbias", "running_mean", "running_var"):
+            dt = case.dtype if key in ("y", "dx") else case.pdtype
+            assert_close(first[key], ref[key], dt, name=key)
+        # Noisy and l_p through the same kind of workspace.
+        nsig = bnk.backends._base.Signature.of(x, True, noisy=True)
+        nplan = cuda.BatchNormPlan(nsig)
+        noise = (CFG, 5, 9)
+        y1, m1, i1, _ = nplan.forward(x, None, None, None, None, 0.1, 1e-5, noise)
+        y2, m2, i2, _ = nplan.forward(x, None, None, None, None, 0.1, 1e-5, noise)
+        assert torch.equal(y1, y2) and torch.equal(m1, m2) and torch.equal(i1, i2)
+        assert int(nplan.workspaces.get()[1].abs().sum()) == 0
+        for centered in (False, True):
+            lsig = bnk.backends._base.Signature.of(x, True, p=2.0, centered=centered)
+            lplan = cuda.LpNormPlan(lsig)
+            outs = [lplan.forward(x, None, None, None, None, 0.1, 1e-5) for _ in range(2)]
+            assert all(torch.equal(a, b) for a, b in zip(outs[0][:3], outs[1][:3]))
+            dxs = [lplan.backward(inp["dy"], x, outs[0][1], outs[0][2], None, None, 1e-5,
+                                  (True, False, False))[0] for _ in range(2)]
+            assert torch.equal(dxs[0], dxs[1])
+            assert int(lplan.workspaces.get()[1].abs().sum()) == 0
+
+
+def test_host_path(dev):
+    """test_host_path's checks on this backend: no environment, import or filesystem access on
+    the hot path (Python side), and an eval backward with its forward's statistics."""
+    import test_host_path
+
+    test_host_path.test_hot_path_touches_no_environment_import_or_filesystem("cuda")
+    test_host_path.test_eval_backward_uses_the_statistics_of_its_forward("cuda")
 
 
 def test_strided_inputs(dev):
@@ -340,20 +543,21 @@ def test_strided_inputs(dev):
 
 @pytest.mark.parametrize("case", [Case((5, 3, 17, 23), False, torch.float16),
                                   Case((3, 5, 7, 9), True), Case((4, 8, 8, 8))], ids=str)
-def test_64bit_index_path(case, dev, monkeypatch):
+def test_64bit_index_path(case, dev):
     """The 64-bit index arithmetic (used from 2^32 elements on) computes the same result: forced
     here on small tensors, for every kernel family."""
     inp = make_inputs(case, dev)
     narrow = bn_tests.run(bn_tests.bnk_bn("cuda"), inp, training=True, activation="relu")
-    monkeypatch.setenv("BNKERNELS_CUDA_INDEX64", "1")
     for path in ("multipass", "persistent"):
-        with cuda.override_config(path=path):
+        with cuda.override_config(path=path, index64=True):
             wide = bn_tests.run(bn_tests.bnk_bn("cuda"), inp, training=True, activation="relu")
         for key in narrow:
             assert_close(wide[key], narrow[key], case.dtype if key in ("y", "dx") else
                          case.pdtype, name=f"{path} {key}")
-    noisy_tests.test_matches_fp64_oracle("cuda", case, "relu", dev)
-    lp_tests.check(case, dev, "cuda", 2, training=True, centered=True)
+    with cuda.override_config(index64=True):
+        noisy_tests.test_matches_fp64_oracle("cuda", case, "relu", dev)
+        lp_tests.check(case, dev, "cuda", 2, training=True, centered=True)
+        bn_tests.check_against_torch(case, dev, "cuda", training=False)  # eval: elementwise
 
 
 @pytest.mark.parametrize("case", [Case((5, 3, 17, 23)), Case((5, 6, 7, 9), True)], ids=str)

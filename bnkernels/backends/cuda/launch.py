@@ -12,13 +12,20 @@ Build explicitly (works with nvcc and no GPU; prints the path of the shared libr
 
     CUDA_HOME=/usr/local/cuda python -m bnkernels.backends.cuda build
 
-The launchers below mirror :mod:`bnkernels.backends.triton` (same entry points, signatures and
-return conventions; see :class:`bnkernels.backends._base.Backend`). Each views its input in one
-of the two layouts the kernels read -- "ncs", (N, C, S) contiguous, or "mc", (N*S, C)
-contiguous (channels last, or (N, C)) -- without copying, allocates the outputs with the input's
-own strides, and hands both to the extension, which checks them again. Inputs with other strides
-are copied to a contiguous layout explicitly, never misread. No host synchronization: a noisy
-step given as a tensor is read by the kernels.
+Calls go through per-signature plans (:class:`BatchNormPlan`, :class:`LpNormPlan`; the entry
+points below mirror :mod:`bnkernels.backends.triton`'s, with the same signatures and return
+conventions, see :class:`bnkernels.backends._base.Backend`, and run on cached plans too). A plan
+resolves once the layout -- "ncs", (N, C, S) contiguous, or "mc", (N*S, C) contiguous (channels
+last, or (N, C)) --, the training path, the split and the workspace; a call then views its
+input without copying, allocates its outputs with the input's own strides, and makes one call
+into the extension, which checks everything again and launches at most two kernels (three for
+centered l_p's training forward). Inputs with other strides are copied to a contiguous layout
+explicitly, never misread. No host synchronization: a noisy step given as a tensor is read (and
+snapshotted for the backward) by the kernels.
+
+The workspace (:class:`Workspaces`: per-channel coefficients, the split reductions' partials
+and one ticket counter per channel group, which the last block of each group resets) is made
+once per plan and CUDA stream, zeroed when made, and reused by every call.
 
 BatchNorm training runs the persistent single-read kernels (csrc/persistent.cu) wherever the
 tensor fits on chip, except while a CUDA graph is being captured, and the multi-pass kernels
@@ -27,26 +34,26 @@ otherwise. That default is not tuned by measurement yet (no GPU was at hand when
 Environment: ``TORCH_CUDA_ARCH_LIST`` (default: the visible GPUs', else "8.0;9.0"),
 ``NVCC_THREADS`` and ``MAX_JOBS`` (build parallelism), ``XDG_CACHE_HOME`` (cache),
 ``BNKERNELS_SKIP_CUDA_BUILD=1`` (never JIT-build), ``BNKERNELS_CUDA_PERSISTENT=0`` (multi-pass
-only), ``BNKERNELS_CUDA_INDEX64=1`` (a test hook: 64-bit index arithmetic on any size).
+only; read once, at import).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import importlib
 import importlib.util
-import math
 import os
 import shutil
 import sys
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..layout import layout_of
+from .._base import Signature, bounded_cache_put
+from ..layout import layout_of, view_layout
 from . import build_config as cuda_build
 
 # ----------------------------------------------------------------------------- loading
@@ -201,16 +208,18 @@ def load():
 # ----------------------------------------------------------------------------- launch options
 
 # Launch overrides, for tests: "split" (programs per channel of the split reductions; 0 = the
-# heuristic) and "path" ("auto", "multipass" or "persistent" for the BatchNorm training
-# kernels; "persistent" raises where it cannot run).
+# heuristic), "path" ("auto", "multipass" or "persistent" for the BatchNorm training kernels;
+# "persistent" raises where it cannot run) and "index64" (64-bit index arithmetic on every
+# size, so that the wide path runs on small tensors).
 _OVERRIDES: dict = {}
 _PATHS = {"auto": 0, "multipass": 1, "persistent": 2}
 
 
 @contextlib.contextmanager
 def override_config(**kwargs):
-    """Force launch parameters: ``split=int``, ``path="auto"|"multipass"|"persistent"``."""
-    unknown = set(kwargs) - {"split", "path"}
+    """Force launch parameters: ``split=int``, ``path="auto"|"multipass"|"persistent"``,
+    ``index64=bool``."""
+    unknown = set(kwargs) - {"split", "path", "index64"}
     if unknown:
         raise ValueError(f"unknown launch overrides {sorted(unknown)}")
     if "path" in kwargs and kwargs["path"] not in _PATHS:
@@ -219,12 +228,15 @@ def override_config(**kwargs):
 
     old = dict(_OVERRIDES)
     _OVERRIDES.update(kwargs)
+    wide = load().force_index64(bool(kwargs["index64"])) if "index64" in kwargs else None
     clear_plans()
     try:
         yield
     finally:
         _OVERRIDES.clear()
         _OVERRIDES.update(old)
+        if wide is not None:
+            load().force_index64(wide)
         clear_plans()
 
 
@@ -244,67 +256,7 @@ def _path() -> int:
     return 1 if _MULTIPASS_ONLY else 0
 
 
-# ----------------------------------------------------------------------------- layouts
-
-
-def _channels_last_format(x: torch.Tensor):
-    return {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
-
-
-@dataclass(frozen=True)
-class _Layout:
-    """An input seen as the kernels read it: ``t`` is (N, C, S) ("ncs") or (N*S, C) ("mc"),
-    contiguous. ``dense`` is the tensor ``t`` views (the input itself, or a contiguous copy of
-    it when its strides are neither layout); outputs are allocated like ``dense``."""
-
-    kind: str
-    t: torch.Tensor
-    S: int
-    dense: torch.Tensor
-    source: torch.Tensor  # the caller's input
-
-    def view(self, like: torch.Tensor) -> torch.Tensor:
-        """``like`` (strided exactly as ``dense``) in the kernel layout: a view, no copy."""
-        N, C = like.shape[0], like.shape[1]
-        if self.kind == "ncs":
-            return like.view(N, C, self.S)
-        if like.is_contiguous():
-            return like.view(N * self.S, C)
-        return like.permute(0, *range(2, like.dim()), 1).view(N * self.S, C)
-
-    def empty(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """An output (strided as ``dense``) and its kernel-layout view."""
-        out = torch.empty_like(self.dense)
-        return out, self.view(out)
-
-    def like(self, t: torch.Tensor) -> torch.Tensor:
-        """``t`` (x's shape, e.g. dy) in the kernel layout, copied only if strided otherwise."""
-        if t.stride() != self.dense.stride():
-            t = torch.empty_like(self.dense).copy_(t)
-        return self.view(t)
-
-    def restore(self, out: torch.Tensor) -> torch.Tensor:
-        """An output allocated by :meth:`empty`, with the strides torch.empty_like gives the
-        caller's input (as PyTorch's ops and the registered ops' fake implementations)."""
-        if self.dense is self.source:
-            return out
-        like = torch.empty_like(self.source)
-        return out if like.stride() == out.stride() else like.copy_(out)
-
-
-def _layout(x: torch.Tensor) -> _Layout:
-    N, C = x.shape[0], x.shape[1]
-    S = math.prod(x.shape[2:])
-    if x.dim() > 2 and S > 1 and x.is_contiguous():
-        return _Layout("ncs", x.view(N, C, S), S, x, x)
-    fmt = _channels_last_format(x)
-    if x.is_contiguous() or (fmt is not None and x.is_contiguous(memory_format=fmt)):
-        lay = _Layout("mc", x, S, x, x)  # (N, C), (N, C, 1, ...), or channels last
-        return _Layout("mc", lay.view(x), S, x, x)
-    xc = x.contiguous()  # any other strides: an explicit copy, never a misread
-    kind = "ncs" if S > 1 else "mc"
-    lay = _Layout(kind, xc, S, xc, x)
-    return _Layout(kind, lay.view(xc), S, xc, x)
+# ----------------------------------------------------------------------------- helpers
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -314,7 +266,7 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 def _noise_args(noise, device: torch.device) -> tuple:
     """(config list or None, seed, step, step tensor or None) for the extension."""
     if noise is None:
-        return None, 0, 0, None
+        return _NO_NOISE
     cfg, seed, step = noise
     values = [float(cfg.n_mu), float(cfg.n_sigma), float(cfg.r_mu), float(cfg.r_sigma)]
     if isinstance(step, torch.Tensor):
@@ -325,162 +277,83 @@ def _noise_args(noise, device: torch.device) -> tuple:
     return values, int(seed), int(step) & 0xFFFFFFFF, None
 
 
-# ----------------------------------------------------------------------------- BatchNorm
+_NO_NOISE = (None, 0, 0, None)
+
+# What the "second" per-channel statistic handed to the extension holds (csrc ScaleFrom).
+_INVSTD, _VAR, _LP_SCALE = 0, 1, 2
 
 
-def batch_norm_fwd(x, running_mean, running_var, weight, bias, training, momentum, eps,
-                   activation, noise=None):
-    """Forward BatchNorm; ``(y, save_mean, save_invstd)``, ``(y, None, None)`` in eval mode.
-
-    Training: the batch mean and 1/sqrt(biased var + eps) in fp32 (fp64 for fp64 x), running
-    buffers updated in place on the device; one persistent cooperative kernel where x fits on
-    chip (x read once), else statistics + apply. Eval: the running statistics."""
-    ext = load()
-    lay = _layout(x)
-    relu = activation == "relu"
-    y, yk = lay.empty()
-    if training:
-        mean, invstd = ext.bn_forward_train(lay.t, lay.S, yk, weight, bias, running_mean,
-                                            running_var, float(momentum), float(eps), relu,
-                                            *_noise_args(noise, x.device), _split(), _path())
-        return lay.restore(y), mean, invstd
-    ext.bn_apply(lay.t, lay.S, yk, running_mean, running_var, True, float(eps), weight, bias,
-                 relu, *_noise_args(noise, x.device))
-    return lay.restore(y), None, None
+def _raw_stream_getter():
+    getter = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if getter is None:  # pragma: no cover - every CUDA build of torch >= 2.4 has it
+        return lambda index: torch.cuda.current_stream(index).cuda_stream
+    return getter
 
 
-def batch_norm_stats(x):
-    """Per-channel (mean, biased var), fp32/fp64 (SyncBatchNorm's first stage)."""
-    lay = _layout(x)
-    return load().bn_stats(lay.t, lay.S, _split())
+class Workspaces:
+    """A plan's cached workspace, one per CUDA stream it runs on (one on the CPU, where the
+    tests' emulated kernels run): ``(acc, tickets)``, made on first use and reused by every
+    later call on that stream.
 
+    ``acc`` (the accumulation dtype) holds the per-channel coefficients and the partials of
+    the split reductions; ``tickets`` (int32) one counter per channel group, which the last
+    block of each group resets, so it is zeroed once, when made. Calls on one stream are
+    ordered, so they can share it; calls on two streams at once get two workspaces. Sizes come
+    from the extension (``workspace_size``: every vector width a call of the signature may
+    get), so every call of the plan fits."""
 
-def batch_norm_apply(x, mean, invstd, weight, bias, activation, noise=None):
-    """y = act(w * (x - mean) * invstd + b) with given per-channel statistics."""
-    ext = load()
-    lay = _layout(x)
-    y, yk = lay.empty()
-    ext.bn_apply(lay.t, lay.S, yk, mean, invstd, False, 0.0, weight, bias,
-                 activation == "relu", *_noise_args(noise, x.device))
-    return lay.restore(y)
+    def __init__(self, ext, lay, dtype: torch.dtype, split: int):
+        device = lay.device
+        if device.type == "cuda":
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            getter = _raw_stream_getter()
+            self._stream = lambda: getter(index)
+        else:
+            index = 0
+            self._stream = lambda: 0
+        n_acc, n_tickets = ext.workspace_size(lay.N, lay.C, lay.S, lay.kind == "ncs",
+                                              dtype.itemsize, split, index)
+        self._sizes = (n_acc, n_tickets)
+        self._device = torch.device(device.type, index) if device.type == "cuda" else device
+        self._acc = _acc(dtype)
+        self._by_stream: dict = {}
 
-
-def batch_norm_bwd(dy, x, mean, invstd, weight, bias, training, activation, needs, noise=None):
-    """Backward BatchNorm; ``(dx, dweight, dbias)``, None where ``needs`` says so.
-
-    ``mean``/``invstd`` are the saved batch statistics in training, and running_mean and
-    1/sqrt(running_var + eps) in eval mode; the noise is regenerated, not stored."""
-    need_dx, need_dw, need_db = needs
-    ext = load()
-    lay = _layout(x)
-    dx = dxk = None
-    if need_dx:
-        dx, dxk = lay.empty()
-    dw, db = ext.bn_backward(lay.like(dy), lay.t, lay.S, dxk, mean, invstd, weight, bias,
-                             bool(training), activation == "relu",
-                             bool(need_dw and weight is not None),
-                             bool(need_db and bias is not None),
-                             *_noise_args(noise, x.device), _split(), _path())
-    return (lay.restore(dx) if need_dx else None), dw, db
-
-
-def batch_norm_bwd_reduce(dy, x, mean, invstd, weight, bias, activation, noise=None):
-    """[sum(g), sum(g * (x - mean))] per channel ([2, C]) for SyncBatchNorm."""
-    lay = _layout(x)
-    return load().bn_bwd_reduce(lay.like(dy), lay.t, lay.S, mean, invstd, weight, bias,
-                                activation == "relu", *_noise_args(noise, x.device), _split())
-
-
-def batch_norm_bwd_dx(dy, x, mean, invstd, weight, bias, mean_sums, activation, noise=None):
-    """Training dx given ``mean_sums`` = [mean(g), mean(g * (x - mean))] over the whole batch."""
-    ext = load()
-    lay = _layout(x)
-    dx, dxk = lay.empty()
-    ext.bn_bwd_dx(lay.like(dy), lay.t, lay.S, dxk, mean, invstd, weight, bias, mean_sums,
-                  activation == "relu", *_noise_args(noise, x.device))
-    return lay.restore(dx)
-
-
-def noisy_batch_norm_noise(x, noise):
-    """The (s, m) noise (fp32, x's shape, contiguous) that noisy BatchNorm applies to ``x``."""
-    lay = _layout(x)
-    cfg, seed, step, step_t = _noise_args(noise, x.device)
-    s, m = load().noisy_bn_noise(lay.t, lay.S, cfg, seed, step, step_t)
-    return s.view(x.shape), m.view(x.shape)
-
-
-def persistent_plan(x, backward: bool = False) -> dict:
-    """Whether the persistent single-read kernel takes ``x`` (runs nothing): fits, why not,
-    blocks, blocks per channel (or channel group)."""
-    lay = _layout(x)
-    fits, why, blocks, per = load().persistent_plan(lay.t, lay.S, backward)
-    return {"fits": fits, "why": why, "blocks": blocks, "per_channel": per}
-
-
-# ----------------------------------------------------------------------------- l_p norm
-
-
-def lp_norm_fwd(x, p, running_mean, running_scale, weight, bias, training, momentum, eps,
-                centered):
-    """Forward l_p normalization; ``(y, save_mean, save_scale)`` (s_p itself, not
-    1/(s_p + eps)), ``(y, None, None)`` in eval mode."""
-    ext = load()
-    lay = _layout(x)
-    y, yk = lay.empty()
-    if training:
-        mean, scale = ext.lp_forward_train(lay.t, lay.S, yk, float(p), bool(centered),
-                                           running_mean, running_scale, weight, bias,
-                                           float(momentum), float(eps), _split())
-        return lay.restore(y), mean, scale
-    inv = 1.0 / (running_scale.to(_acc(x.dtype)) + eps)
-    ext.bn_apply(lay.t, lay.S, yk, running_mean, inv, False, 0.0, weight, bias, False,
-                 None, 0, 0, None)
-    return lay.restore(y), None, None
-
-
-def lp_norm_bwd(dy, x, p, mean, scale, weight, bias, training, centered, eps, needs):
-    """Backward l_p normalization; ``(dx, dweight, dbias)``, None where ``needs`` says so.
-
-    Eval: running_mean and running_scale are constants, so this is BatchNorm's eval backward
-    with invstd = 1/(running_scale + eps)."""
-    if not training:
-        inv = 1.0 / (scale.to(_acc(x.dtype)) + eps)
-        return batch_norm_bwd(dy, x, mean, inv, weight, bias, False, None, needs)
-    need_dx, need_dw, need_db = needs
-    ext = load()
-    lay = _layout(x)
-    dx = dxk = None
-    if need_dx:
-        dx, dxk = lay.empty()
-    dw, db = ext.lp_backward_train(lay.like(dy), lay.t, lay.S, dxk, float(p), bool(centered),
-                                   mean, scale, weight, bias, float(eps),
-                                   bool(need_dw and weight is not None),
-                                   bool(need_db and bias is not None), _split())
-    return (lay.restore(dx) if need_dx else None), dw, db
+    def get(self) -> tuple[torch.Tensor, torch.Tensor]:
+        key = self._stream()
+        ws = self._by_stream.get(key)
+        if ws is None:
+            n_acc, n_tickets = self._sizes
+            ws = self._by_stream[key] = (
+                torch.empty(n_acc, device=self._device, dtype=self._acc),
+                torch.zeros(n_tickets, device=self._device, dtype=torch.int32))
+        return ws
 
 
 # ----------------------------------------------------------------------------- plans (hot path)
 
 
-def _step_used(noise):
-    """A snapshot of a tensor noise step for the backward (the step may advance first)."""
-    if noise is not None and isinstance(noise[2], torch.Tensor):
-        return noise[2].reshape(1).to(torch.int64, copy=True)
-    return None
-
-
 class BatchNormPlan:
-    """One signature's BatchNorm calls: layout view, training path and split count resolved
-    once (the extension is loaded when the plan is made); ``forward``/``backward`` follow
-    :class:`bnkernels.backends._base.Backend`."""
+    """One signature's BatchNorm calls: layout view, training path, split count and workspace
+    resolved once (the extension is loaded when the plan is made); ``forward``/``backward``
+    follow :class:`bnkernels.backends._base.Backend`, the other methods serve the entry points
+    (SyncBatchNorm's stages). Each method allocates its outputs and makes one call into the
+    extension.
+
+    Launches per call: training forward 1 (persistent, where x fits on chip) or 2 (split
+    statistics finalized by the last block of each channel, then the apply); eval forward 1
+    (invstd computed in the apply, which also snapshots the statistics for the backward);
+    backward 1 (persistent, or eval dx alone) or 2."""
 
     def __init__(self, sig):
         self.ext = load()
-        self.lay = layout_of(sig.shape, sig.stride, sig.device)
+        self.lay = lay = layout_of(sig.shape, sig.stride, sig.device)
+        self.acc = _acc(sig.dtype)
         self.training = sig.training
         self.relu = sig.activation == "relu"
+        self.step_tensor = bool(sig.noisy and sig.step_tensor)
         self.split = _split()
         self.path = _path()
+        self.workspaces = Workspaces(self.ext, lay, sig.dtype, self.split)
 
     def forward(self, x, running_mean, running_var, weight, bias, momentum, eps, noise,
                 need_saved=True):
@@ -489,66 +362,251 @@ class BatchNormPlan:
         y = torch.empty_like(xc)
         view = lay.kernel_view
         if self.training:
-            used = _step_used(noise)
+            used = (torch.empty(1, device=xc.device, dtype=torch.int64)
+                    if self.step_tensor and noise is not None else None)
+            ws, tickets = self.workspaces.get()
             mean, invstd = self.ext.bn_forward_train(
                 view(xc), lay.S, view(y), weight, bias, running_mean, running_var, momentum,
-                eps, self.relu, *_noise_args(noise, xc.device), self.split, self.path)
+                eps, self.relu, *_noise_args(noise, xc.device), used, ws, tickets, self.split,
+                self.path)
             return lay.restore(y, x), mean, invstd, used
-        self.ext.bn_apply(view(xc), lay.S, view(y), running_mean, running_var, True, eps, weight,
-                          bias, self.relu, *_noise_args(noise, xc.device))
         if not need_saved:
+            self.ext.bn_apply(view(xc), lay.S, view(y), running_mean, running_var, _VAR, eps,
+                              weight, bias, self.relu, *_noise_args(noise, xc.device), None,
+                              None)
             return lay.restore(y, x), None, None, None
-        acc = _acc(x.dtype)  # snapshots: the backward of this forward's statistics
-        return (lay.restore(y, x), running_mean.to(acc, copy=True),
-                torch.rsqrt(running_var.to(acc) + eps), None)
+        # The apply snapshots the statistics it used: the backward is that of this forward,
+        # whatever happens to the running buffers in between.
+        mean = torch.empty(lay.C, device=xc.device, dtype=self.acc)
+        invstd = torch.empty(lay.C, device=xc.device, dtype=self.acc)
+        self.ext.bn_apply(view(xc), lay.S, view(y), running_mean, running_var, _VAR, eps,
+                          weight, bias, self.relu, *_noise_args(noise, xc.device), mean, invstd)
+        return lay.restore(y, x), mean, invstd, None
 
-    def backward(self, dy, x, a, b, weight, bias, eps, needs, noise):
+    def backward(self, dy, x, a, b, weight, bias, eps, needs, noise, scale_from=_INVSTD):
+        """``a, b``: the mean and invstd the forward saved (or, with ``scale_from``, the
+        variance or l_p scale the invstd is made from, in eval mode)."""
         need_dx, need_dw, need_db = needs
         lay = self.lay
         xc = lay.prepare(x)
         dx = torch.empty_like(xc) if need_dx else None
         view = lay.kernel_view
+        ws, tickets = self.workspaces.get()
         dw, db = self.ext.bn_backward(
             view(lay.like(dy, xc)), view(xc), lay.S, view(dx) if need_dx else None, a, b,
-            weight, bias, self.training, self.relu, bool(need_dw and weight is not None),
-            bool(need_db and bias is not None), *_noise_args(noise, xc.device), self.split,
-            self.path)
+            scale_from, eps, weight, bias, self.training, self.relu,
+            bool(need_dw and weight is not None), bool(need_db and bias is not None),
+            *_noise_args(noise, xc.device), ws, tickets, self.split, self.path)
         return (lay.restore(dx, x) if need_dx else None), dw, db
+
+    # -- SyncBatchNorm's stages
+
+    def stats(self, x):
+        lay = self.lay
+        ws, tickets = self.workspaces.get()
+        return self.ext.bn_stats(lay.kernel_view(lay.prepare(x)), lay.S, ws, tickets, self.split)
+
+    def apply(self, x, mean, invstd, weight, bias, noise):
+        lay = self.lay
+        xc = lay.prepare(x)
+        y = torch.empty_like(xc)
+        self.ext.bn_apply(lay.kernel_view(xc), lay.S, lay.kernel_view(y), mean, invstd, _INVSTD,
+                          0.0, weight, bias, self.relu, *_noise_args(noise, xc.device), None,
+                          None)
+        return lay.restore(y, x)
+
+    def bwd_reduce(self, dy, x, mean, invstd, weight, bias, noise):
+        lay = self.lay
+        xc = lay.prepare(x)
+        ws, tickets = self.workspaces.get()
+        return self.ext.bn_bwd_reduce(
+            lay.kernel_view(lay.like(dy, xc)), lay.kernel_view(xc), lay.S, mean, invstd, weight,
+            bias, self.relu, *_noise_args(noise, xc.device), ws, tickets, self.split)
+
+    def bwd_dx(self, dy, x, mean, invstd, weight, bias, mean_sums, noise):
+        lay = self.lay
+        xc = lay.prepare(x)
+        dx = torch.empty_like(xc)
+        view = lay.kernel_view
+        self.ext.bn_bwd_dx(view(lay.like(dy, xc)), view(xc), lay.S, view(dx), mean, invstd,
+                           weight, bias, mean_sums, self.relu, *_noise_args(noise, xc.device))
+        return lay.restore(dx, x)
 
 
 class LpNormPlan:
-    """One signature's l_p normalization calls (see :class:`BatchNormPlan`)."""
+    """One signature's l_p normalization calls (see :class:`BatchNormPlan`). Launches: training
+    forward 2 (uncentered) or 3 (centered: the mean first), backward 2; eval forward 1
+    (BatchNorm's apply, invstd = 1/(running_scale + eps) computed in it), eval backward
+    BatchNorm's."""
 
     def __init__(self, sig):
-        self.ext = load()
-        self.lay = layout_of(sig.shape, sig.stride, sig.device)
+        self.bn = BatchNormPlan(dataclasses.replace(sig, activation=None, noisy=False,
+                                                    step_tensor=False))
+        self.ext = self.bn.ext
+        self.lay = self.bn.lay
         self.training = sig.training
         self.p = float(sig.p)
         self.centered = bool(sig.centered)
-        self.split = _split()
-        self.sig = sig
+        self.workspaces = self.bn.workspaces
 
     def forward(self, x, running_mean, running_scale, weight, bias, momentum, eps, noise=None,
                 need_saved=True):
-        if not self.training:
-            y, _, _ = lp_norm_fwd(x, self.p, running_mean, running_scale, weight, bias, False,
-                                  momentum, eps, self.centered)
-            if not need_saved:
-                return y, None, None, None
-            acc = _acc(x.dtype)
-            return y, running_mean.to(acc, copy=True), running_scale.to(acc, copy=True), None
         lay = self.lay
         xc = lay.prepare(x)
         y = torch.empty_like(xc)
         view = lay.kernel_view
-        mean, scale = self.ext.lp_forward_train(
-            view(xc), lay.S, view(y), self.p, self.centered, running_mean, running_scale,
-            weight, bias, momentum, eps, self.split)
-        return lay.restore(y, x), mean, scale, None
+        if self.training:
+            ws, tickets = self.workspaces.get()
+            mean, scale = self.ext.lp_forward_train(
+                view(xc), lay.S, view(y), self.p, self.centered, running_mean, running_scale,
+                weight, bias, momentum, eps, ws, tickets, self.bn.split)
+            return lay.restore(y, x), mean, scale, None
+        saved = (None, None)
+        if need_saved:  # snapshots: the mean and 1/(running_scale + eps) used
+            saved = (torch.empty(lay.C, device=xc.device, dtype=self.bn.acc),
+                     torch.empty(lay.C, device=xc.device, dtype=self.bn.acc))
+        self.ext.bn_apply(view(xc), lay.S, view(y), running_mean, running_scale, _LP_SCALE, eps,
+                          weight, bias, False, *_NO_NOISE, *saved)
+        return lay.restore(y, x), saved[0], saved[1], None
 
-    def backward(self, dy, x, a, b, weight, bias, eps, needs, noise=None):
-        return lp_norm_bwd(dy, x, self.p, a, b, weight, bias, self.training, self.centered, eps,
-                           needs)
+    def backward(self, dy, x, a, b, weight, bias, eps, needs, noise=None, scale_from=_INVSTD):
+        """``a, b``: the forward's saved (mean, s_p) in training; in eval mode its snapshots
+        (mean, invstd), or with ``scale_from`` the running scale itself."""
+        if not self.training:
+            return self.bn.backward(dy, x, a, b, weight, bias, eps, needs, None, scale_from)
+        need_dx, need_dw, need_db = needs
+        lay = self.lay
+        xc = lay.prepare(x)
+        dx = torch.empty_like(xc) if need_dx else None
+        view = lay.kernel_view
+        ws, tickets = self.workspaces.get()
+        dw, db = self.ext.lp_backward_train(
+            view(lay.like(dy, xc)), view(xc), lay.S, view(dx) if need_dx else None, self.p,
+            self.centered, a, b, weight, bias, eps, bool(need_dw and weight is not None),
+            bool(need_db and bias is not None), ws, tickets, self.bn.split)
+        return (lay.restore(dx, x) if need_dx else None), dw, db
+
+
+# The entry points' plans (the eager route caches its own), keyed by signature and family;
+# cleared with every other plan cache (registered when the first plan is made: the backend
+# registry imports this module before it can take registrations).
+_PLANS: dict = {}
+
+
+def _new_plan(key, make):
+    from .. import _plan_caches, register_plan_cache
+
+    if not any(cache is _PLANS for cache in _plan_caches):
+        register_plan_cache(_PLANS)
+    return bounded_cache_put(_PLANS, key, make())
+
+
+def batch_norm_plan(sig: Signature) -> BatchNormPlan:
+    """The cached plan of ``sig``."""
+    plan = _PLANS.get(("bn", sig))
+    return plan if plan is not None else _new_plan(("bn", sig), lambda: BatchNormPlan(sig))
+
+
+def lp_norm_plan(sig: Signature) -> LpNormPlan:
+    """The cached plan of ``sig``."""
+    plan = _PLANS.get(("lp", sig))
+    return plan if plan is not None else _new_plan(("lp", sig), lambda: LpNormPlan(sig))
+
+
+def _bn_plan_for(x, training, activation=None, noise=None):
+    return batch_norm_plan(Signature.of(
+        x, bool(training), activation=activation, noisy=noise is not None,
+        step_tensor=noise is not None and isinstance(noise[2], torch.Tensor)))
+
+
+def _lp_plan_for(x, p, training, centered):
+    return lp_norm_plan(Signature.of(x, bool(training), p=float(p), centered=bool(centered)))
+
+
+# ----------------------------------------------------------------------------- entry points
+# The same signatures as every backend's (see bnkernels.backends._base.Backend), on the cached
+# plans above.
+
+
+def batch_norm_fwd(x, running_mean, running_var, weight, bias, training, momentum, eps,
+                   activation, noise=None):
+    """Forward BatchNorm; ``(y, save_mean, save_invstd)``, ``(y, None, None)`` in eval mode.
+
+    Training: the batch mean and 1/sqrt(biased var + eps) in fp32 (fp64 for fp64 x), running
+    buffers updated in place on the device; one persistent cooperative kernel where x fits on
+    chip (x read once), else statistics + apply. Eval: the running statistics, one launch."""
+    plan = _bn_plan_for(x, training, activation, noise)
+    y, mean, invstd, _ = plan.forward(x, running_mean, running_var, weight, bias,
+                                      float(momentum), float(eps), noise, need_saved=False)
+    return y, mean, invstd
+
+
+def batch_norm_stats(x):
+    """Per-channel (mean, biased var), fp32/fp64 (SyncBatchNorm's first stage)."""
+    return _bn_plan_for(x, True).stats(x)
+
+
+def batch_norm_apply(x, mean, invstd, weight, bias, activation, noise=None):
+    """y = act(w * (x - mean) * invstd + b) with given per-channel statistics."""
+    return _bn_plan_for(x, True, activation, noise).apply(x, mean, invstd, weight, bias, noise)
+
+
+def batch_norm_bwd(dy, x, mean, invstd, weight, bias, training, activation, needs, noise=None):
+    """Backward BatchNorm; ``(dx, dweight, dbias)``, None where ``needs`` says so.
+
+    ``mean``/``invstd`` are the saved batch statistics in training, and running_mean and
+    1/sqrt(running_var + eps) in eval mode; the noise is regenerated, not stored."""
+    return _bn_plan_for(x, training, activation, noise).backward(
+        dy, x, mean, invstd, weight, bias, 0.0, needs, noise)
+
+
+def batch_norm_bwd_reduce(dy, x, mean, invstd, weight, bias, activation, noise=None):
+    """[sum(g), sum(g * (x - mean))] per channel ([2, C]) for SyncBatchNorm."""
+    return _bn_plan_for(x, True, activation, noise).bwd_reduce(dy, x, mean, invstd, weight,
+                                                                bias, noise)
+
+
+def batch_norm_bwd_dx(dy, x, mean, invstd, weight, bias, mean_sums, activation, noise=None):
+    """Training dx given ``mean_sums`` = [mean(g), mean(g * (x - mean))] over the whole batch."""
+    return _bn_plan_for(x, True, activation, noise).bwd_dx(dy, x, mean, invstd, weight, bias,
+                                                            mean_sums, noise)
+
+
+def noisy_batch_norm_noise(x, noise):
+    """The (s, m) noise (fp32, x's shape, contiguous) that noisy BatchNorm applies to ``x``."""
+    lay = view_layout(x)
+    cfg, seed, step, step_t = _noise_args(noise, x.device)
+    s, m = load().noisy_bn_noise(lay.kernel_view(lay.prepare(x)), lay.S, cfg, seed, step,
+                                 step_t)
+    return s.view(x.shape), m.view(x.shape)
+
+
+def persistent_plan(x, backward: bool = False) -> dict:
+    """Whether the persistent single-read kernel takes ``x`` (runs nothing): fits, why not,
+    blocks, blocks per channel (or channel group)."""
+    lay = view_layout(x)
+    fits, why, blocks, per = load().persistent_plan(lay.kernel_view(lay.prepare(x)), lay.S,
+                                                    backward)
+    return {"fits": fits, "why": why, "blocks": blocks, "per_channel": per}
+
+
+def lp_norm_fwd(x, p, running_mean, running_scale, weight, bias, training, momentum, eps,
+                centered):
+    """Forward l_p normalization; ``(y, save_mean, save_scale)`` (s_p itself, not
+    1/(s_p + eps)), ``(y, None, None)`` in eval mode."""
+    plan = _lp_plan_for(x, p, training, centered)
+    y, mean, scale, _ = plan.forward(x, running_mean, running_scale, weight, bias,
+                                     float(momentum), float(eps), need_saved=False)
+    return y, mean, scale
+
+
+def lp_norm_bwd(dy, x, p, mean, scale, weight, bias, training, centered, eps, needs):
+    """Backward l_p normalization; ``(dx, dweight, dbias)``, None where ``needs`` says so.
+
+    Eval: running_mean and running_scale are constants, so this is BatchNorm's eval backward
+    with invstd = 1/(running_scale + eps) (computed in the kernel)."""
+    return _lp_plan_for(x, p, training, centered).backward(
+        dy, x, mean, scale, weight, bias, float(eps), needs, None, _LP_SCALE)
 
 
 # ----------------------------------------------------------------------------- command line

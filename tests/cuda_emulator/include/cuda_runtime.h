@@ -63,6 +63,16 @@ template <class T> T __shfl_down_sync(unsigned, T v, int offset) {
   return emu::shfl_down(v, offset);
 }
 template <class T> T __ldg(const T* p) { return *p; }
+template <class T> T __ldcg(const T* p) { return *p; }
+// Blocks of an ordinary launch run one after another, and the memory is the CPU's: a fence
+// has nothing to order, and an atomic is a plain read-modify-write.
+inline void __threadfence() {}
+inline unsigned atomicAdd(unsigned* p, unsigned v) {
+  const unsigned old = *p;
+  *p = old + v;
+  return old;
+}
 inline float __fmul_rn(float a, float b) { return a * b; }  // built with -ffp-contract=off
 inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __fsub_rn(float a, float b) { return a - b; }
+inline double __dmul_rn(double a, double b) { return a * b; }

@@ -34,6 +34,13 @@ inline int blocks_per_sm() { return env_int("BNK_EMU_BLOCKS_PER_SM", 2); }
 
 constexpr size_t kStackBytes = 64 * 1024;
 
+// Kernel launches since the library was loaded (ordinary and cooperative): what the tests read
+// to count the launches of one call.
+inline long long& launch_count() {
+  static long long n = 0;
+  return n;
+}
+
 struct Thread {
   ucontext_t ctx;
   dim3 tid, bid;
@@ -204,6 +211,29 @@ inline void run_blocks(Run& r, unsigned first, unsigned count) {
   }
 }
 
+// The order in which the blocks of an ordinary launch run, one after another: block index
+// order, or (BNK_EMU_BLOCK_ORDER) "reverse", or "shuffle" (a fixed pseudo-random permutation):
+// a GPU runs them in any order, which code such as a last-block finalize must not depend on.
+inline unsigned block_order(unsigned i, unsigned n) {
+  const char* order = std::getenv("BNK_EMU_BLOCK_ORDER");
+  if (order == nullptr) return i;
+  const std::string o(order);
+  if (o == "reverse") return n - 1 - i;
+  if (o != "shuffle") return i;
+  // i -> (a i + c) mod n with a coprime to n: a permutation of 0..n-1.
+  unsigned long long a = 2654435761ull % n;
+  auto gcd = [](unsigned long long x, unsigned long long y) {
+    while (y != 0) {
+      const unsigned long long t = x % y;
+      x = y;
+      y = t;
+    }
+    return x;
+  };
+  while (a == 0 || gcd(a, n) != 1) ++a;
+  return static_cast<unsigned>((a * i + 7ull) % n);
+}
+
 inline void execute(dim3 grid, dim3 block, std::function<void()> body, bool cooperative) {
   if (block.y != 1 || block.z != 1 || block.x % 32 != 0) {
     throw std::runtime_error("emulator: blocks must be 1-D with a multiple of 32 threads");
@@ -221,7 +251,7 @@ inline void execute(dim3 grid, dim3 block, std::function<void()> body, bool coop
     if (cooperative) {
       run_blocks(r, 0, blocks);
     } else {
-      for (unsigned b = 0; b < blocks; ++b) run_blocks(r, b, 1);
+      for (unsigned b = 0; b < blocks; ++b) run_blocks(r, block_order(b, blocks), 1);
     }
   } catch (...) {
     g_run = outer;
@@ -236,6 +266,7 @@ inline void execute(dim3 grid, dim3 block, std::function<void()> body, bool coop
 template <class... P, class... Args>
 void launch(void (*kernel)(P...), dim3 grid, dim3 block, Args&&... args) {
   std::tuple<std::decay_t<P>...> params(std::forward<Args>(args)...);
+  ++launch_count();
   execute(grid, block, [&params, kernel] { std::apply(kernel, params); }, false);
 }
 
@@ -244,6 +275,7 @@ cudaError_t launch_cooperative(void (*kernel)(P), dim3 grid, dim3 block, P param
   if (grid.x * grid.y * grid.z > static_cast<unsigned>(num_sms() * blocks_per_sm())) {
     return cudaErrorLaunchFailure;  // more blocks than can be resident at once
   }
+  ++launch_count();
   execute(grid, block, [&params, kernel] { kernel(params); }, true);
   return cudaSuccess;
 }

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 import time
@@ -35,6 +34,7 @@ import test_lp_norm as lp_tests
 import test_noisy_batch_norm as noisy_tests
 import torch
 import torch.nn.functional as F
+from conftest import toolkit_env
 from helpers import Case, assert_close, make_inputs
 
 import bnkernels as bnk
@@ -195,17 +195,7 @@ def test_layout_of_odd_strides_is_an_explicit_copy():
 # ============================================================================= 2. the build
 
 
-def _toolkit_env() -> dict | None:
-    """The environment for a build (CUDA_HOME defaulted to /usr/local/cuda), or None when no
-    toolkit is to be found."""
-    env = dict(os.environ)
-    if not (env.get("CUDA_HOME") or env.get("CUDA_PATH")):
-        if Path("/usr/local/cuda/bin/nvcc").exists():
-            env["CUDA_HOME"] = "/usr/local/cuda"
-    home = env.get("CUDA_HOME") or env.get("CUDA_PATH")
-    if not home or not Path(home, "bin", "nvcc").exists():
-        return None
-    return env
+_toolkit_env = toolkit_env  # from conftest
 
 
 def _build(env) -> tuple[subprocess.CompletedProcess, float]:
@@ -217,15 +207,16 @@ def _build(env) -> tuple[subprocess.CompletedProcess, float]:
 
 @pytest.mark.skipif(_toolkit_env() is None, reason="no CUDA toolkit (nvcc): set CUDA_HOME to "
                     "check that the extension builds")
-def test_extension_builds_and_imports():
+def test_extension_builds_and_imports(background_build):
     """The CI's build check: nvcc compiles csrc/ (for sm_80 and sm_90 on a machine without a
-    GPU), the library imports (no GPU needed for that), and a second build is a cache hit."""
+    GPU), the library imports (no GPU needed for that), and a second build is a cache hit.
+    (Without a GPU the first build started in the background with the session.)"""
     env = _toolkit_env()
     if not GPU and not env.get("TORCH_CUDA_ARCH_LIST"):
         assert cuda_build.arch_list() == "8.0;9.0"
         assert {"-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"} \
             <= set(cuda_build.nvcc_flags(cuda_build.arch_list()))
-    proc, _ = _build(env)
+    proc = background_build("cuda") or _build(env)[0]
     assert proc.returncode == 0, proc.stderr[-6000:]
     path = Path(proc.stdout.strip().splitlines()[-1])
     assert path.is_file() and path.suffix == ".so", proc.stdout
@@ -243,8 +234,9 @@ def test_extension_builds_and_imports():
 
 
 @pytest.fixture(scope="module")
-def _kernel_module():
-    """The extension to test: the real one on a GPU, else the CPU emulation build."""
+def _kernel_module(background_build):
+    """The extension to test: the real one on a GPU, else the CPU emulation build (started in
+    the background with the session: waited for here, then imported from its cache)."""
     if GPU:
         why = [] if cuda.is_built() else cuda.build_reasons()
         if why:
@@ -254,6 +246,7 @@ def _kernel_module():
     try:
         import cuda_emulator
 
+        background_build("emulator")  # one build of the emulation at a time
         return cuda_emulator.build(), torch.device("cpu")
     except Exception as e:  # e.g. no host compiler
         pytest.skip(f"cannot build the CPU emulation of the kernels: {e}")

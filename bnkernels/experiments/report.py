@@ -439,8 +439,12 @@ def _c_loss_band(runs, s):
         return _missing()
     until = _early(s, std)
     a, b = (landscape_median(r, "loss_band", until=until) for r in (std, bn))
+    la, lb = (landscape_median(r, "loss", until=until) for r in (std, bn))
     return Measured(f"median loss-band width (max - min) over probes at steps <= {until}: "
-                    "standard $std, BN $bn", {"std": a, "bn": b}, _lt(b, a) if _ok(a, b) else None)
+                    "standard $std, BN $bn (median loss at the probed weights: $loss_std vs "
+                    "$loss_bn; chance level ln 10 = 2.30)",
+                    {"std": a, "bn": b, "loss_std": la, "loss_bn": lb},
+                    _lt(b, a) if _ok(a, b) else None)
 
 
 def _c_predictive(runs, s):

@@ -18,7 +18,8 @@ trace, at step t), "act" (activation summaries at step t).
 Resume: the last checkpoint holds the byte length metrics.jsonl had when it was written; the
 file is cut back to it and the run goes on from the checkpoint's step. RNG states are saved
 (CPU, and CUDA when used) and restored as CPU byte tensors whatever device ``torch.load`` put
-them on, so a run trained on a GPU resumes too. Minibatches are a pure
+them on, so a run trained on a GPU resumes too (with cuDNN's deterministic algorithms, so that
+it resumes bit for bit). Minibatches are a pure
 function of (seed, step) and every measurement restores what it touches, so a resumed run writes
 exactly the lines an uninterrupted one would (nothing lost, nothing twice).
 
@@ -404,6 +405,21 @@ def _check_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> str:
 # ----------------------------------------------------------------------------- the loop
 
 
+@contextlib.contextmanager
+def _deterministic_cudnn(dev: torch.device):
+    """On CUDA, cuDNN's deterministic algorithms (and no autotuning) while a run trains, so a
+    resumed run repeats the uninterrupted one bit for bit; flags restored afterwards."""
+    if dev.type != "cuda":
+        yield
+        return
+    flags = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = flags
+
+
 def train(cfg: RunConfig, run_dir: str | os.PathLike, *, resume: bool = False,
           stop_after: int | None = None, device: str = "auto", progress: bool = True,
           dist_backend: str = "auto") -> Path:
@@ -440,7 +456,8 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, *, resume: bool = False,
             _atomic_json(run_dir / "config.json", cfg.to_dict())
         if ddp.world > 1:
             dist.barrier()
-        _train(cfg, data, run_dir, ddp, dev, stop_after, progress and rank0)
+        with _deterministic_cudnn(dev):
+            _train(cfg, data, run_dir, ddp, dev, stop_after, progress and rank0)
     finally:
         if ddp.owns_group:
             dist.destroy_process_group()

@@ -164,12 +164,13 @@ def test_cli_sweep(tmp_path, capsys):
     assert "batchnorm-lr0.1" in capsys.readouterr().out
 
 
-GPU_SCALED = ["--mode", "gpu", "--device", "cpu", "--seeds", "0,1", "--steps", "2",
+GPU_SCALED = ["--mode", "gpu", "--device", "cpu", "--seeds", "0,1", "--steps", "1",
               "--dln-steps", "2", "--set", "width=0.03125", "--set", "batch_size=16",
               "--set", "hessian_iters=2", "--dln-set", "hessian_iters=2", "--jobs", "1",
               "--no-progress"]
 """The gpu mode's code path (VGG-16 at full width for 3,000 steps on a GPU) at a scale the
-CPU runs in seconds: 1/32 width, batch 16, 2 steps (schedules scaled along), two seeds."""
+CPU runs in seconds: 1/32 width, batch 16, 1 step (the DLN 2; schedules scaled along), two
+seeds."""
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +195,7 @@ def test_gpu_mode_scaled_down_writes_the_report_over_seeds(gpu_suite):
     assert meta["mode"] == "gpu" and meta["suite"]["seeds"] == [0, 1]
     cfg = RunConfig.from_dict(meta["runs"]["vgg-batchnorm-lr0.1-seed1"]["config"])
     assert (cfg.arch, cfg.width, cfg.batch_size, cfg.lr, cfg.steps, cfg.seed) == (
-        "vgg16", 1 / 32, 16, 0.1, 2, 1)
+        "vgg16", 1 / 32, 16, 0.1, 1, 1)
     assert cfg.momentum == 0 and cfg.weight_decay == 0 and cfg.hessian_every == 1
     assert len(meta["runs"]) == 2 * 15
     assert all((out / name / "done.json").is_file() for name in meta["runs"])
@@ -216,7 +217,7 @@ def test_gpu_mode_scaled_down_writes_the_report_over_seeds(gpu_suite):
     for p in pngs:
         assert f"]({p})" in text
     assert "report.md" in stdout and "**Gpu mode**" in text
-    assert "| vgg-batchnorm-lr0.1 | 0,1 | 2 |" in text
+    assert "| vgg-batchnorm-lr0.1 | 0,1 | 1 |" in text
     assert "## Noisy BatchNorm's test accuracy" in text
 
 
@@ -276,7 +277,7 @@ def test_reproduce_resumes_after_a_kill(gpu_suite, tmp_path):
     src, _, _ = gpu_suite
     out = tmp_path / "killed"
     shutil.copytree(src, out)
-    run = out / "vgg-noisy-lr0.1-seed1"
+    run = out / "dln-batchnorm-lr1e-06-seed1"
     full = (run / "metrics.jsonl").read_bytes()
     (run / "done.json").unlink()
     (run / "checkpoints" / "step_2.pt").unlink()

@@ -13,7 +13,7 @@ with batch statistics. Two evaluations are consistent with training:
 - ``acc_expected_noise``: eval mode with the noise replaced by its expectation,
   out = E[s] * a + E[m] (as dropout's inference scaling replaces the mask by its mean);
 - ``acc_recalibrated``: the noise-free network with its BatchNorm statistics recomputed on
-  clean training batches ("precise BN"), then eval mode.
+  clean training batches ("precise BN": up to 4,096 samples), then eval mode.
 
 :func:`diagnostics` measures both; the training loop adds them to the "test" records of
 networks with noisy layers. If the layer's own eval mode already applies the expectation
@@ -78,21 +78,22 @@ def with_expected_noise(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def recalibrated(model: nn.Module, train_x: torch.Tensor, device, batch_size: int,
-                 max_batches: int = 100) -> nn.Module:
+def recalibrated(model: nn.Module, train_x: torch.Tensor, device, batch_size: int = 256,
+                 max_samples: int = 4096) -> nn.Module:
     """A noise-free copy of ``model`` (noisy layers become bnkernels.BatchNorm*d with the same
-    weights) whose BatchNorm statistics are the cumulative average over up to ``max_batches``
-    clean training batches of ``batch_size`` (in order, the last partial batch dropped), in
-    eval mode."""
+    weights) whose BatchNorm statistics are the cumulative average over clean training batches
+    of ``max(batch_size, 256)`` samples (the first ``max_samples`` samples in order, the last
+    partial batch dropped unless it is the only one), in eval mode."""
     twin = bnk.convert(copy.deepcopy(model), to="batchnorm")
     norms = [m for m in twin.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     for m in norms:
         m.reset_running_stats()
         m.momentum = None
     twin.train()
-    n = min(max_batches, len(train_x) // batch_size)
-    for i in range(max(n, 1)):
-        twin(train_x[i * batch_size:(i + 1) * batch_size].to(device))
+    bs = max(batch_size, 256)
+    n = min(len(train_x), max_samples)
+    for i in range(max(n // bs, 1)):
+        twin(train_x[i * bs:min((i + 1) * bs, n)].to(device))
     return twin.eval()
 
 

@@ -587,6 +587,12 @@ def test_noisy_diagnostics_apply_the_expected_noise_and_recalibrate():
     assert type(norm) is bnkernels.BatchNorm2d and not norm.training
     assert torch.allclose(norm.running_mean, x.mean((0, 2, 3)), atol=1e-6)
     assert torch.allclose(norm.running_var, x.var((0, 2, 3), unbiased=True), atol=1e-6)
+    # the running variance of the layers after the first, relative to clean statistics
+    deep = nn.Sequential(layer, bnkernels.NoisyBatchNorm2d(3, seed=4))
+    clean = noisy.recalibrated(deep, x, "cpu")
+    with torch.no_grad():
+        deep[1].running_var.copy_(2.0 * clean[1].running_var)
+    assert noisy.running_var_ratio(deep, clean) == pytest.approx(2.0)
 
 
 # ----------------------------------------------------------------------------- plumbing

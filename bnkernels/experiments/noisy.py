@@ -106,15 +106,30 @@ def _accuracy(model: nn.Module, data, device, batch_size: int = 1000) -> float:
     return correct / max(len(data.test_y), 1)
 
 
+def running_var_ratio(model: nn.Module, clean: nn.Module) -> float:
+    """Median over the channels of every noisy layer but the first of running_var in
+    ``model`` (gathered under the noise) over running_var in ``clean`` (its
+    :func:`recalibrated` copy): how much larger the statistics the layers normalize with are
+    than the noise-free network's inputs. The first layer sees clean data either way."""
+    noisy_layers = [m for m in model.modules() if isinstance(m, NOISY)]
+    clean_layers = [m for m in clean.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    ratios = [(a.running_var / b.running_var.clamp_min(1e-12)).flatten()
+              for a, b in zip(noisy_layers[1:], clean_layers[1:])
+              if a.running_var is not None and b.running_var is not None]
+    return float(torch.cat(ratios).median()) if ratios else math.nan
+
+
 def diagnostics(model: nn.Module, data, loss_fn, device, batch_size: int) -> dict:
-    """``{"acc_expected_noise", "acc_recalibrated"}`` on the test set (see the module
-    docstring); ``model`` is not touched (copies are evaluated)."""
+    """``{"acc_expected_noise", "acc_recalibrated", "running_var_ratio"}`` on the test set
+    (see the module docstring and :func:`running_var_ratio`); ``model`` is not touched
+    (copies are evaluated)."""
     del loss_fn  # accuracy only
     out = {}
     try:
         out["acc_expected_noise"] = _accuracy(with_expected_noise(model).eval(), data, device)
     except ValueError:
         out["acc_expected_noise"] = math.nan
-    out["acc_recalibrated"] = _accuracy(recalibrated(model, data.train_x, device, batch_size),
-                                        data, device)
+    clean = recalibrated(model, data.train_x, device, batch_size)
+    out["acc_recalibrated"] = _accuracy(clean, data, device)
+    out["running_var_ratio"] = running_var_ratio(model, clean)
     return out

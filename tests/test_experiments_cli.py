@@ -166,8 +166,9 @@ def test_cli_sweep(tmp_path, capsys):
 
 GPU_SCALED = ["--mode", "gpu", "--device", "cpu", "--seeds", "0,1", "--steps", "1",
               "--dln-steps", "2", "--set", "width=0.03125", "--set", "batch_size=16",
-              "--set", "hessian_iters=2", "--dln-set", "hessian_iters=2", "--jobs", "1",
-              "--no-progress"]
+              "--set", "hessian_iters=2", "--set", "hessian_trace_samples=1",
+              "--dln-set", "hessian_iters=2", "--dln-set", "hessian_trace_samples=1",
+              "--jobs", "1", "--no-progress"]
 """The gpu mode's code path (VGG-16 at full width for 3,000 steps on a GPU) at a scale the
 CPU runs in seconds: 1/32 width, batch 16, 1 step (the DLN 2; schedules scaled along), two
 seeds."""
@@ -211,6 +212,8 @@ def test_gpu_mode_scaled_down_writes_the_report_over_seeds(gpu_suite):
     hess = claims[-1]
     assert "top Hessian eigenvalue" in hess["claim"] and hess["measured_in"] == 2
     assert set(hess["per_seed"][0]["values"]) >= {"vgg_std", "vgg_bn", "dln_std", "dln_bn"}
+    rec = read_metrics(out / "vgg-l2-lr0.1-seed0", "hessian")[0]
+    assert {"top_eigenvalue", "iterations", "trace", "trace_stderr"} <= set(rec)
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert {"fig1.png", "fig3.png", "fig4.png", "fig9.png", "fig13.png",
             "curvature.png"} <= set(pngs)

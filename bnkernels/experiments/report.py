@@ -68,14 +68,16 @@ class SuiteConfig:
 
 SUITES: dict[str, SuiteConfig] = {
     "full": SuiteConfig(replace(PAPER_VGG, landscape_directions=("gradient", "random"),
-                                hessian_every=1_000),
-                        replace(PAPER_DLN, hessian_every=500), seeds=(0, 1, 2, 3, 4)),
+                                hessian_every=1_000, hessian_trace_samples=8),
+                        replace(PAPER_DLN, hessian_every=500, hessian_trace_samples=8),
+                        seeds=(0, 1, 2, 3, 4)),
     # one H100/H200 in about ten minutes: VGG-16 at full width, the paper's SGD, lrs and batch,
     # for GPU_STEPS steps; the DLN on the CPU at the paper's 10,000 steps.
     "gpu": SuiteConfig(replace(PAPER_VGG, dataset="digits", steps=GPU_STEPS, test_every=500,
                                landscape_directions=("gradient", "random"), hessian_every=500,
-                               checkpoint_every=500),
-                       replace(PAPER_DLN, hessian_every=500), seeds=(0, 1, 2)),
+                               hessian_trace_samples=8, checkpoint_every=500),
+                       replace(PAPER_DLN, hessian_every=500, hessian_trace_samples=8),
+                       seeds=(0, 1, 2)),
     # 2-core CPU, < 10 minutes: VGG-13 (layers #5 and #10 as in the paper's ICS figure) at 1/8
     # width on the digits, batch 64, 200 steps (noisy BN 100); the full-size DLN for 1,000
     # steps (the lr-1e-7 ICS runs 500); three seeds.

@@ -19,9 +19,9 @@ Resume: the last checkpoint holds the byte length metrics.jsonl had when it was 
 file is cut back to it and the run goes on from the checkpoint's step. RNG states are saved
 (CPU, and CUDA when used) and restored as CPU byte tensors whatever device ``torch.load`` put
 them on, so a run trained on a GPU resumes too (with cuDNN's deterministic algorithms, so that
-it resumes bit for bit). Minibatches are a pure
-function of (seed, step) and every measurement restores what it touches, so a resumed run writes
-exactly the lines an uninterrupted one would (nothing lost, nothing twice).
+it resumes bit for bit). Minibatches are a pure function of (seed, step) and every measurement
+restores what it touches, so a resumed run writes exactly the lines an uninterrupted one would
+(nothing lost, nothing twice).
 
 Distributed: under ``torchrun`` (WORLD_SIZE > 1) each process takes its slice of every global
 batch, BatchNorm becomes SyncBatchNorm (``bnkernels.convert(..., sync=True)``) and the model is

@@ -804,12 +804,16 @@ def _group_cells(group: list[Run]) -> list[str]:
             return math.nan
         return json.loads((r.dir / "done.json").read_text()).get("seconds", math.nan)
 
+    def device(r):
+        path = r.dir / "versions.json"
+        return json.loads(path.read_text()).get("device", "?") if path.is_file() else "?"
+
     done = sum(r.finished for r in group)
     steps = f"{group[0].config.steps}" + ("" if done == len(group)
                                            else f" ({len(group) - done} unfinished)")
     return [steps, over(lambda r: last(r, "loss"), 4), over(lambda r: last(r, "acc"), "pct"),
             over(lambda r: final_test_acc(r) if r.of("test") else math.nan, "pct"),
-            over(secs, 3)]
+            over(secs, 3), ", ".join(sorted({device(r) for r in group}))]
 
 
 def _noisy_section(groups: dict[str, list[Run]]) -> list[str]:
@@ -940,8 +944,8 @@ def write_report(suite_dir: str | os.PathLike, train_seconds: float | None = Non
                      f"{_md_escape(r['criterion'])} | {_result_cell(r)} |")
     lines += ["", "## Runs", "",
               "| run | seeds | steps | final train loss | final train acc | test acc | "
-              "seconds per run |",
-              "|---|---|---|---|---|---|---|"]
+              "seconds per run | device |",
+              "|---|---|---|---|---|---|---|---|"]
     for name, group in sorted(groups.items()):
         seeds = ",".join(str(r.config.seed) for r in group)
         lines.append(f"| {name} | {seeds} | " + " | ".join(_group_cells(group)) + " |")

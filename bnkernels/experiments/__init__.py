@@ -5,9 +5,12 @@ models       VGG-11/13/16/19 and the 25-layer deep linear network; ``make_norm``
 data         CIFAR-10 (python pickles), scikit-learn's digits (offline default), DLN regression
 train        run configs, the training loop, runs/<id>/ with metrics.jsonl and resume
 ics          internal covariate shift (Definition 2.1)
-landscape    loss / gradient-predictiveness / effective beta-smoothness probes
+landscape    loss / gradient-predictiveness / effective beta-smoothness probes; the top Hessian
+             eigenvalue (power iteration on Hessian-vector products) and trace (Hutchinson)
 activations  activation distributions and step-to-step moment changes
-plots        the paper's figures, drawn from saved runs only
-report       the reproduce suite and report.md with the claims table
+noisy        test accuracy of noisy-BatchNorm networks: eval mode vs consistent evaluations
+plots        the paper's figures, drawn from saved runs only (median and range over seeds)
+report       the reproduce suites (quick, gpu, full) over seeds and report.md with the claims
+             table
 cli          the ``bnkernels`` command line
 """

@@ -6,8 +6,9 @@
     bnkernels landscape   runs with landscape probes (loss, gradient predictiveness, beta)
     bnkernels lr-sweep    the same network at several learning rates
     bnkernels lp          BatchNorm against l1 / l2 / l_inf normalization and none
-    bnkernels reproduce   every run behind Figs. 1-4 and 7-14, the figures and report.md
-                          (--quick: the 2-core-CPU version on bundled data, minutes)
+    bnkernels reproduce   every run behind Figs. 1-4 and 7-14 over several seeds, the figures
+                          and report.md (--quick: the 2-core-CPU version on bundled data,
+                          minutes; --mode gpu: VGG-16 at full width, ~10 min on one GPU)
     bnkernels demo        bnkernels' BatchNorm against torch's, side by side
     bnkernels bench       kernel benchmarks (when bnkernels.bench is installed)
 
@@ -82,14 +83,18 @@ def _download_if_asked(cfg: RunConfig, args) -> None:
 
 
 def cmd_train(args) -> int:
-    from .train import read_metrics, run_id, train
+    from .train import DistBackendError, read_metrics, run_id, train
 
     cfg = dataclasses.replace(CONFIGS[args.config], **config_overrides(args))
     _download_if_asked(cfg, args)
     run_dir = Path(args.run_dir) if args.run_dir else Path(args.runs_root) / run_id(args.config,
                                                                                      cfg)
-    train(cfg, run_dir, resume=args.resume, stop_after=args.stop_after, device=args.device,
-          progress=not args.no_progress)
+    try:
+        train(cfg, run_dir, resume=args.resume, stop_after=args.stop_after, device=args.device,
+              progress=not args.no_progress, dist_backend=args.dist_backend)
+    except DistBackendError as e:
+        print(f"bnkernels train: error: {e}", file=sys.stderr)
+        return 2
     if int(os.environ.get("RANK", "0")) == 0:
         tr, te = read_metrics(run_dir, "train"), read_metrics(run_dir, "test")
         msg = f"{run_dir}: {len(tr)} training records"
@@ -128,7 +133,7 @@ def cmd_sweep(args) -> int:
     grid = [(dataclasses.replace(base, norm=n, lr=lr), out / f"{n}-lr{lr:g}")
             for n in args.norms for lr in lrs]
     run_many(grid, jobs=args.jobs or default_jobs(args.device), device=args.device,
-             progress=not args.no_progress)
+             progress=not args.no_progress, gpu_jobs=args.gpu_jobs, dln_device=args.dln_device)
     runs = [Run.load(d) for _, d in grid]
     png = plot_runs(runs, out / f"{args.command}.png", f"{args.command}: {name}")
     classify = base.model == "vgg"
@@ -143,23 +148,67 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def _assignments(items, cfg: RunConfig, flag: str) -> dict:
+    """``KEY=VALUE`` strings -> RunConfig field overrides, each value parsed by the field's
+    type (tuples from comma-separated lists)."""
+    fields = {f.name: f for f in dataclasses.fields(RunConfig)}
+    out = {}
+    for item in items or ():
+        key, sep, text = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in fields:
+            raise ValueError(f"{flag} {item!r}: expected FIELD=VALUE with FIELD a run config "
+                             f"field ({', '.join(sorted(fields))})")
+        default = getattr(cfg, key)
+        if key in _TUPLE_TYPES:
+            value = _csv(_TUPLE_TYPES[key])(text)
+        elif isinstance(default, bool):
+            value = _bool(text)
+        elif isinstance(default, int):
+            value = int(text)
+        elif isinstance(default, float):
+            value = float(text)
+        else:
+            value = None if text.lower() == "none" else text
+        out[key] = value
+    return out
+
+
+def _has_cifar10(data_dir: str | None) -> bool:
+    from .data import CIFAR10_TEST, _cifar_root
+
+    return data_dir is not None and (_cifar_root(data_dir) / CIFAR10_TEST).is_file()
+
+
 def cmd_reproduce(args) -> int:
     from .report import SUITES, claims_table_text, reproduce, write_report
 
     mode = "quick" if args.quick else args.mode
     out = Path(args.out or ("runs/reproduce" if mode == "full" else f"runs/reproduce-{mode}"))
-    overrides = {k: v for k, v in (("dataset", args.dataset), ("data_dir", args.data_dir))
+    dataset = args.dataset
+    if dataset is None and mode == "gpu" and (_has_cifar10(args.data_dir) or args.download):
+        dataset = "cifar10"  # the gpu mode: CIFAR-10 when --data-dir has it, else digits
+    overrides = {k: v for k, v in (("dataset", dataset), ("data_dir", args.data_dir))
                  if v is not None}
-    if args.download and (args.dataset or SUITES[mode].vgg.dataset) == "cifar10":
+    if args.download and (dataset or SUITES[mode].vgg.dataset) == "cifar10":
         from .data import load_cifar10
 
         load_cifar10(args.data_dir or "data", download=True)
         overrides.setdefault("data_dir", args.data_dir or "data")
     if args.report_only:
-        report = write_report(out)
+        report = write_report(out, figures=not args.no_figures)
     else:
+        try:
+            overrides.update(_assignments(args.set, SUITES[mode].vgg, "--set"))
+            dln_overrides = _assignments(args.dln_set, SUITES[mode].dln, "--dln-set")
+        except ValueError as e:
+            print(f"bnkernels reproduce: error: {e}", file=sys.stderr)
+            return 2
         report = reproduce(out, mode=mode, jobs=args.jobs, device=args.device,
-                           overrides=overrides, progress=not args.no_progress)
+                           overrides=overrides, progress=not args.no_progress,
+                           dln_overrides=dln_overrides, seeds=args.seeds, steps=args.steps,
+                           dln_steps=args.dln_steps, gpu_jobs=args.gpu_jobs,
+                           dln_device=args.dln_device, figures=not args.no_figures)
     print(claims_table_text(out))
     print(f"report: {report}")
     return 0
@@ -194,8 +243,15 @@ def _common(p, jobs: bool = True) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     if jobs:
         p.add_argument("--jobs", type=int, default=None,
-                       help="runs trained at once in separate processes (default: 2 on a CPU, "
-                            "1 on a GPU)")
+                       help="CPU runs trained at once in separate processes (default: one per "
+                            "core, less the GPU workers)")
+        p.add_argument("--gpu-jobs", type=int, default=None,
+                       help="GPU runs trained at once, sharing the device(s) (default 4 per "
+                            "GPU)")
+        p.add_argument("--dln-device", default="cpu",
+                       help="where deep-linear-network runs train: cpu (default: the 10x10 "
+                            "layers are pure per-call overhead on a GPU), or 'same' as "
+                            "--device")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -215,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop before this step without a final checkpoint (simulates a kill)")
     p.add_argument("--download", action="store_true",
                    help="download CIFAR-10 into --data-dir if missing (checksum verified)")
+    p.add_argument("--dist-backend", default="auto", choices=("auto", "nccl", "gloo"),
+                   help="under torchrun: the process-group backend (auto: NCCL when every "
+                        "process has its own GPU, else gloo on the CPU)")
     _common(p, jobs=False)
     add_config_options(p)
     p.set_defaults(func=cmd_train)
@@ -243,9 +302,22 @@ def build_parser() -> argparse.ArgumentParser:
                                          "report.md with the claims table")
     p.add_argument("--quick", action="store_true",
                    help="the 2-core-CPU version (bundled digits, short runs; minutes)")
-    p.add_argument("--mode", choices=("full", "quick", "tiny"), default="full",
-                   help="full: the paper's step counts (GPU); quick: as --quick; tiny: a "
-                        "seconds-long smoke test of the pipeline")
+    p.add_argument("--mode", choices=("full", "gpu", "quick", "tiny"), default="full",
+                   help="full: the paper's step counts, 5 seeds (GPU, hours); gpu: VGG-16 at "
+                        "full width for 3,000 steps and the DLN for 10,000, 3 seeds (about "
+                        "10 minutes on one H100/H200; digits, or CIFAR-10 when --data-dir has "
+                        "it); quick: as --quick; tiny: a seconds-long smoke test")
+    p.add_argument("--seeds", type=_csv(int), default=None,
+                   help="comma-separated seeds (default: the mode's)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="VGG steps (measurement schedules scaled in proportion)")
+    p.add_argument("--dln-steps", type=int, default=None,
+                   help="DLN steps (measurement schedules scaled in proportion)")
+    p.add_argument("--set", action="append", metavar="FIELD=VALUE",
+                   help="override a field of the base VGG config, e.g. --set width=0.5 "
+                        "(repeatable)")
+    p.add_argument("--dln-set", action="append", metavar="FIELD=VALUE",
+                   help="override a field of the base DLN config (repeatable)")
     p.add_argument("--out", help="suite folder (default runs/reproduce-quick or runs/reproduce)")
     p.add_argument("--dataset", choices=("cifar10", "digits"), default=None,
                    help="VGG dataset (default: cifar10 full, digits quick)")
@@ -253,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--download", action="store_true", help="download CIFAR-10 if missing")
     p.add_argument("--report-only", action="store_true",
                    help="only redraw figures and report.md from the saved runs")
+    p.add_argument("--no-figures", action="store_true",
+                   help="write report.md and claims.json without (re)drawing the figures")
     _common(p)
     p.set_defaults(func=cmd_reproduce)
 

@@ -8,6 +8,7 @@ an uninterrupted one would, with no sampler state to save.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import pickle
@@ -142,10 +143,17 @@ def load_cifar10(data_dir: str | os.PathLike | None, download: bool = False) -> 
             f"(needs network; fetches {CIFAR10_URL}, md5 {CIFAR10_MD5}) or download and "
             f"extract that tarball yourself so that {Path(data_dir) / CIFAR10_DIR} exists. "
             "Without CIFAR-10, use --dataset digits (bundled, offline).")
-    parts = [_read_batch(root / n) for n in CIFAR10_TRAIN]
+    return _load_cifar10_root(str(root.resolve()))
+
+
+@functools.lru_cache(maxsize=2)
+def _load_cifar10_root(root: str) -> Dataset:
+    """The standardized dataset from a folder of batch files; cached (a process training
+    many runs reads it once): treat the tensors as read-only."""
+    parts = [_read_batch(Path(root) / n) for n in CIFAR10_TRAIN]
     train_x = torch.from_numpy(np.concatenate([p[0] for p in parts])).float() / 255
     train_y = torch.from_numpy(np.concatenate([p[1] for p in parts]))
-    tx, ty = _read_batch(root / CIFAR10_TEST)
+    tx, ty = _read_batch(Path(root) / CIFAR10_TEST)
     test_x = torch.from_numpy(tx).float() / 255
     train_x, test_x = _standardize(train_x, test_x)
     return Dataset("cifar10", train_x, train_y, test_x, torch.from_numpy(ty), 10)
@@ -172,9 +180,13 @@ def write_cifar10_fixture(root: str | os.PathLike, per_batch: int = 10, seed: in
 # ----------------------------------------------------------------------------- digits
 
 
+@functools.lru_cache(maxsize=4)
 def load_digits(cfg: DigitsConfig = DigitsConfig()) -> Dataset:
     """scikit-learn's bundled digits (1797 8x8 images, 10 classes; no download), upsampled to
-    ``cfg.size`` x ``cfg.size`` x 3 and standardized: an offline, CIFAR-shaped task."""
+    ``cfg.size`` x ``cfg.size`` x 3 and standardized: an offline, CIFAR-shaped task.
+
+    Cached per config (a process training many runs builds it once): treat the tensors as
+    read-only."""
     from sklearn.datasets import load_digits as sk_digits
 
     bunch = sk_digits()
@@ -193,8 +205,10 @@ def load_digits(cfg: DigitsConfig = DigitsConfig()) -> Dataset:
 # ----------------------------------------------------------------------------- DLN regression
 
 
+@functools.lru_cache(maxsize=8)
 def make_dln_data(cfg: DLNDataConfig = DLNDataConfig()) -> Dataset:
-    """x ~ N(0, I_dim) (``num_samples`` of them), targets A x with A_ij ~ N(0, 1)."""
+    """x ~ N(0, I_dim) (``num_samples`` of them), targets A x with A_ij ~ N(0, 1). Cached per
+    config: treat the tensors as read-only."""
     g = torch.Generator().manual_seed(cfg.seed)
     x = torch.randn(cfg.num_samples, cfg.dim, generator=g)
     a = torch.randn(cfg.dim, cfg.dim, generator=g)

@@ -11,15 +11,23 @@ and the summaries the paper plots: the loss band (min, max of loss(eta) over the
 points), the gradient-predictiveness band (min, max of grad_diff), and the "effective"
 beta-smoothness max_eta beta(eta). Not a training step: the model is left exactly as found
 (weights, buffers, modes, RNG), and every evaluation sees the buffers as found.
+
+Curvature (not in the paper; PyHessian's measurements): :func:`hessian_top_eigenvalue` (power
+iteration on Hessian-vector products) and :func:`hessian_trace` (Hutchinson's estimator).
 """
 
 from __future__ import annotations
 
+import copy
 import math
+import types
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import nn
+
+import bnkernels as bnk
 
 from .models import Snapshot
 
@@ -87,3 +95,172 @@ def probe(model: nn.Module, loss_fn, inputs: torch.Tensor, targets: torch.Tensor
         "loss": float(loss0.detach()), "grad_norm": float(g.norm()), "direction": direction,
         "step_sizes": etas, "losses": losses, "grad_diffs": diffs, "betas": betas,
     }
+
+
+# ----------------------------------------------------------------------------- curvature
+# The Hessian of the loss in the parameters, through Hessian-vector products (Pearlmutter's
+# trick: H v = grad of (grad L . v)), as in PyHessian (Yao et al., 2020). bnkernels' ops are
+# autograd Functions with once-differentiable backwards, so the products are taken on a copy
+# of the model whose normalization layers run the same formulas as plain differentiable torch
+# ops (bnkernels.backends.reference, the oracle every backend is tested against): the same
+# function, now twice differentiable.
+
+
+class TopEigen(NamedTuple):
+    """The result of :func:`hessian_top_eigenvalue`."""
+
+    value: float  # the Hessian eigenvalue of largest magnitude (|value|: the spectral norm)
+    iterations: int  # Hessian-vector products used (< iters when it converged to tol)
+
+
+class HessianTrace(NamedTuple):
+    """The result of :func:`hessian_trace`."""
+
+    value: float  # Hutchinson's estimate of tr(H): the mean of v^T H v over the samples
+    stderr: float  # its standard error (NaN for one sample)
+
+
+def _eager_factor(m: nn.Module) -> float:
+    """torch's _BatchNorm rule for the running-statistics factor (counter updated)."""
+    factor = 0.0 if m.momentum is None else m.momentum
+    if m.training and m.track_running_stats and m.num_batches_tracked is not None:
+        m.num_batches_tracked.add_(1)
+        if m.momentum is None:
+            factor = 1.0 / float(m.num_batches_tracked)
+    return factor
+
+
+def _eager_batch_norm(self, x: torch.Tensor) -> torch.Tensor:
+    """bnkernels.BatchNorm*d / NoisyBatchNorm*d forward on the reference formulas."""
+    from bnkernels.backends import reference
+
+    noisy = isinstance(self, _NOISY)
+    factor = _eager_factor(self)
+    training = self.training or (self.running_mean is None and self.running_var is None)
+    track = not self.training or self.track_running_stats
+    noise = (self.noise, self.seed, self.noise_step) if noisy and self.training else None
+    y, _, _ = reference.batch_norm_reference_fwd(
+        x, self.running_mean if track else None, self.running_var if track else None,
+        self.weight, self.bias, training, factor, self.eps, self.activation, noise)
+    if noisy and self.training:
+        self.noise_step.add_(1)
+    return y
+
+
+def _eager_lp_norm(self, x: torch.Tensor) -> torch.Tensor:
+    """bnkernels.LpNorm*d forward on the reference formulas."""
+    from bnkernels.backends import reference
+
+    factor = _eager_factor(self)
+    training = self.training or self.running_mean is None
+    track = not self.training or self.track_running_stats
+    y, _, _ = reference.lp_norm_reference_fwd(
+        x, self.p, self.running_mean if track else None, self.running_scale if track else None,
+        self.weight, self.bias, training, factor, self.eps, self.centered)
+    return y
+
+
+_NOISY = (bnk.NoisyBatchNorm1d, bnk.NoisyBatchNorm2d, bnk.NoisyBatchNorm3d)
+_BN = (bnk.BatchNorm1d, bnk.BatchNorm2d, bnk.BatchNorm3d, *_NOISY)
+_LPN = (bnk.LpNorm1d, bnk.LpNorm2d, bnk.LpNorm3d)
+
+
+def twice_differentiable_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` (same parameters' values, buffers, modes, noise steps) in
+    which every bnkernels normalization layer computes its forward with the reference
+    formulas as ordinary autograd-traced torch ops, so that double backward (Hessian-vector
+    products) works. The function computed is the same: on the CPU the reference backend is
+    what the layers run anyway (bit-identical), elsewhere it is the oracle the fast backends
+    are tested against. bnkernels.SyncBatchNorm is not replaced (it is single-process
+    BatchNorm only outside a multi-process group); torch's own layers need nothing."""
+    twin = copy.deepcopy(model)
+    for m in twin.modules():
+        if isinstance(m, _BN):
+            m.forward = types.MethodType(_eager_batch_norm, m)
+        elif isinstance(m, _LPN):
+            m.forward = types.MethodType(_eager_lp_norm, m)
+    return twin
+
+
+def _hessian_setup(model: nn.Module, loss_fn, inputs, targets):
+    """(params, grads with a graph) of the twice-differentiable copy at the model's point,
+    in the model's current modes and with its buffers as found."""
+    twin = twice_differentiable_copy(model)
+    params = [p for p in twin.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("hessian: the model has no parameter that requires a gradient")
+    with torch.enable_grad():
+        loss = loss_fn(twin(inputs), targets)
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+    return params, grads
+
+
+def _hvp(params, grads, v):
+    with torch.enable_grad():
+        hv = torch.autograd.grad(grads, params, grad_outputs=v, retain_graph=True,
+                                 allow_unused=True)
+    return [torch.zeros_like(p) if h is None else h.detach() for p, h in zip(params, hv)]
+
+
+def _dot(a, b) -> float:
+    return float(sum((x.double() * y.double()).sum() for x, y in zip(a, b)))
+
+
+def hessian_top_eigenvalue(model: nn.Module, loss_fn, inputs: torch.Tensor,
+                           targets: torch.Tensor, iters: int = 100, tol: float = 1e-3,
+                           seed: int = 0) -> TopEigen:
+    """The top eigenvalue of the Hessian of ``loss_fn(model(inputs), targets)`` with respect
+    to every parameter that requires a gradient, by power iteration on Hessian-vector
+    products, as PyHessian computes it: v <- H v / ||H v|| from a Gaussian start drawn from
+    ``seed``, until the Rayleigh quotient v^T H v changes by less than ``tol`` relative to its
+    size (|new - old| / (|old| + 1e-6) < tol) or ``iters`` products were taken.
+
+    Power iteration finds the eigenvalue of largest magnitude, so ``value`` is signed: its
+    absolute value is the Hessian's spectral norm, the local smoothness constant (beta) of
+    the loss; it is negative where negative curvature dominates (as in BatchNorm networks at
+    initialization). Returns ``TopEigen(value, iterations)``. The model is evaluated in its
+    current train/eval mode with its buffers as found (so batch statistics and the noise of
+    noisy BatchNorm are those of a training step at this point) and left exactly as found:
+    the products are taken on :func:`twice_differentiable_copy`."""
+    if iters < 1:
+        raise ValueError(f"hessian_top_eigenvalue: iters must be >= 1, got {iters}")
+    if not tol >= 0:
+        raise ValueError(f"hessian_top_eigenvalue: tol must be >= 0, got {tol}")
+    params, grads = _hessian_setup(model, loss_fn, inputs, targets)
+    gen = torch.Generator().manual_seed(seed)
+    v = [torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p) for p in params]
+    norm = math.sqrt(_dot(v, v))
+    v = [x / norm for x in v]
+    eig = math.nan
+    for it in range(1, iters + 1):
+        hv = _hvp(params, grads, v)
+        new = _dot(v, hv)  # the Rayleigh quotient at the unit vector v
+        norm = math.sqrt(_dot(hv, hv))
+        if norm == 0 or not math.isfinite(norm):
+            return TopEigen(new, it)
+        v = [x / norm for x in hv]
+        if it > 1 and abs(new - eig) / (abs(eig) + 1e-6) < tol:
+            return TopEigen(new, it)
+        eig = new
+    return TopEigen(eig, iters)
+
+
+def hessian_trace(model: nn.Module, loss_fn, inputs: torch.Tensor, targets: torch.Tensor,
+                  samples: int = 10, seed: int = 0) -> HessianTrace:
+    """Hutchinson's estimate of the Hessian's trace: the mean of v^T H v over ``samples``
+    Rademacher vectors v (entries +-1) drawn from ``seed``, with its standard error. Same
+    point, modes and guarantees as :func:`hessian_top_eigenvalue`."""
+    if samples < 1:
+        raise ValueError(f"hessian_trace: samples must be >= 1, got {samples}")
+    params, grads = _hessian_setup(model, loss_fn, inputs, targets)
+    gen = torch.Generator().manual_seed(seed)
+    vals = []
+    for _ in range(samples):
+        v = [(torch.randint(0, 2, p.shape, generator=gen, dtype=torch.int8) * 2 - 1).to(p)
+             for p in params]
+        vals.append(_dot(v, _hvp(params, grads, v)))
+    mean = sum(vals) / len(vals)
+    if len(vals) < 2:
+        return HessianTrace(mean, math.nan)
+    var = sum((x - mean) ** 2 for x in vals) / (len(vals) - 1)
+    return HessianTrace(mean, math.sqrt(var / len(vals)))

@@ -22,7 +22,8 @@ torch.nn's own BatchNorm (an oracle for ours)."""
 LP = {"l1": 1, "l2": 2, "linf": math.inf}
 
 # The VGG family (Simonyan & Zisserman), CIFAR variant: numbers are conv output channels at
-# width 1, "M" a 2x2 max-pool; five pools take 32x32 inputs to 1x1 before the classifier.
+# width 1, "M" a 2x2 max-pool; five pools take 32x32 inputs to 1x1 before the classifier
+# (smaller inputs reach 1x1 earlier and stay there).
 VGG_CONFIGS: dict[str, list[int | str]] = {
     "vgg11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
     "vgg13": [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
@@ -107,7 +108,9 @@ class VGG(nn.Module):
         c_in, n_conv = in_channels, 0
         for v in VGG_CONFIGS[arch]:
             if v == "M":
-                layers.append(nn.MaxPool2d(2))
+                # ceil_mode: a 1x1 map stays 1x1, so inputs smaller than 32x32 (e.g. 16x16
+                # digits) fit the five pools; on 32x32 inputs it is the plain 2x2 pool.
+                layers.append(nn.MaxPool2d(2, ceil_mode=True))
                 continue
             c_out = max(1, round(v * width))
             n_conv += 1

@@ -1,9 +1,12 @@
 """The paper's figures, drawn only from saved runs (config.json + metrics.jsonl).
 
 A suite folder (written by ``bnkernels reproduce``) holds ``suite.json`` naming its runs
-``<model>-<norm>-lr<lr>`` (e.g. ``vgg-batchnorm-lr0.1``, ``dln-l1-lr1e-06``). Each ``fig*``
-function draws one figure of the paper from whichever of its runs exist and returns the PNG's
-path, or None when none of the runs it needs is there.
+``<model>-<norm>-lr<lr>-seed<seed>`` (e.g. ``vgg-batchnorm-lr0.1-seed0``,
+``dln-l1-lr1e-06-seed2``); the runs of one configuration over its seeds form a group named
+without the seed. Each ``fig*`` function draws one figure of the paper from whichever of its
+runs exist and returns the PNG's path, or None when none of the runs it needs is there. Curves
+of a group show the median over seeds with the range (min to max) shaded; distributions and
+per-step snapshots show the group's first seed.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,8 +33,14 @@ COLORS = {"none": "tab:blue", "batchnorm": "tab:red", "noisy": "tab:green", "l1"
 LP_NORMS = ("none", "batchnorm", "l1", "l2", "linf")
 
 
-def run_name(model: str, norm: str, lr: float) -> str:
+def base_name(model: str, norm: str, lr: float) -> str:
+    """The name of a configuration (its runs over seeds): ``<model>-<norm>-lr<lr>``."""
     return f"{model}-{norm}-lr{lr:g}"
+
+
+def run_name(model: str, norm: str, lr: float, seed: int | None = None) -> str:
+    """A run's name in a suite: the configuration's name and ``-seed<seed>``."""
+    return base_name(model, norm, lr) + ("" if seed is None else f"-seed{seed}")
 
 
 @dataclass
@@ -73,6 +83,22 @@ def load_suite(suite_dir: str | os.PathLike) -> dict[str, Run]:
     return runs
 
 
+def seed_groups(runs: dict[str, Run]) -> dict[str, list[Run]]:
+    """Runs grouped by configuration (model, norm, lr), each group ordered by seed."""
+    groups: dict[str, list[Run]] = {}
+    for run in runs.values():
+        c = run.config
+        groups.setdefault(base_name(c.model, c.norm, c.lr), []).append(run)
+    return {k: sorted(v, key=lambda r: r.config.seed) for k, v in sorted(groups.items())}
+
+
+def _groups(runs) -> dict[str, list[Run]]:
+    """Accept runs by name (load_suite) or already grouped."""
+    if runs and isinstance(next(iter(runs.values())), list):
+        return runs
+    return seed_groups(runs)
+
+
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -80,8 +106,10 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def _pick(runs: dict[str, Run], model: str, lr: float, norms) -> list[tuple[str, Run]]:
-    return [(n, runs[run_name(model, n, lr)]) for n in norms if run_name(model, n, lr) in runs]
+def _pick(groups: dict[str, list[Run]], model: str, lr: float,
+          norms) -> list[tuple[str, list[Run]]]:
+    return [(n, groups[base_name(model, n, lr)]) for n in norms
+            if base_name(model, n, lr) in groups]
 
 
 def _finite(xs, ys):
@@ -89,9 +117,35 @@ def _finite(xs, ys):
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def _train_curve(ax, run: Run, norm: str, key: str = "acc", kind: str = "train", **kw):
-    xs, ys = _finite(*run.series(kind, key))
-    ax.plot(xs, ys, color=COLORS.get(norm), label=kw.pop("label", LABELS.get(norm, norm)), **kw)
+def _over_seeds(series: list[tuple[list, list]]):
+    """(steps, median, min, max) over the seeds' series at the steps where any seed has a
+    finite value."""
+    by_step: dict = {}
+    for xs, ys in series:
+        for x, y in zip(xs, ys):
+            if y is not None and math.isfinite(y):
+                by_step.setdefault(x, []).append(y)
+    steps = sorted(by_step)
+    return (steps, [statistics.median(by_step[x]) for x in steps],
+            [min(by_step[x]) for x in steps], [max(by_step[x]) for x in steps])
+
+
+def _curve(ax, group: list[Run], kind: str, key: str, color, label, band: bool = True,
+           match: dict | None = None, transform=None, **kw):
+    """The median over the group's seeds of ``key`` (``transform``-ed) in its ``kind``
+    records, the range shaded (for more than one seed)."""
+    series = [r.series(kind, key, **(match or {})) for r in group]
+    if transform is not None:
+        series = [(xs, [transform(y) for y in ys]) for xs, ys in series]
+    steps, med, lo, hi = _over_seeds(series)
+    ax.plot(steps, med, color=color, label=label, **kw)
+    if band and len(group) > 1 and steps:
+        ax.fill_between(steps, lo, hi, color=color, alpha=0.2, lw=0)
+
+
+def _train_curve(ax, group: list[Run], norm: str, key: str = "acc", kind: str = "train", **kw):
+    _curve(ax, group, kind, key, COLORS.get(norm), kw.pop("label", LABELS.get(norm, norm)),
+           **kw)
 
 
 def _distribution(ax, run: Run, layer: int, title: str):
@@ -115,75 +169,79 @@ def _distribution(ax, run: Run, layer: int, title: str):
 # ----------------------------------------------------------------------------- figures
 
 
-def fig1(runs: dict[str, Run], out: Path) -> Path | None:
+def fig1(runs, out: Path) -> Path | None:
     """Fig. 1: VGG with and without BatchNorm: (a) training accuracy at lr 0.1 and 0.5,
     (b) test accuracy, (c) activation distributions of one layer."""
-    sel = [(n, lr, runs[run_name("vgg", n, lr)]) for lr in (0.1, 0.5) for n in ("none", "batchnorm")
-           if run_name("vgg", n, lr) in runs]
+    groups = _groups(runs)
+    sel = [(n, lr, groups[base_name("vgg", n, lr)]) for lr in (0.1, 0.5)
+           for n in ("none", "batchnorm") if base_name("vgg", n, lr) in groups]
     if not sel:
         return None
     fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
-    for n, lr, run in sel:
+    for n, lr, group in sel:
         style = "-" if lr == 0.1 else "--"
-        _train_curve(axes[0], run, n, ls=style, label=f"{LABELS[n]}, lr {lr:g}")
-        _train_curve(axes[1], run, n, kind="test", ls=style, marker=".",
+        _train_curve(axes[0], group, n, ls=style, label=f"{LABELS[n]}, lr {lr:g}")
+        _train_curve(axes[1], group, n, kind="test", ls=style, marker=".",
                      label=f"{LABELS[n]}, lr {lr:g}")
     axes[0].set(title="(a) training accuracy (per minibatch)", xlabel="step", ylabel="accuracy")
     axes[1].set(title="(b) test accuracy", xlabel="step", ylabel="accuracy")
     for ax in axes[:2]:
         ax.legend(fontsize=7)
     for ax, n in zip(axes[2:], ("none", "batchnorm")):
-        run = runs.get(run_name("vgg", n, 0.1))
-        if run is None:
+        group = groups.get(base_name("vgg", n, 0.1))
+        if not group:
             ax.set_visible(False)
             continue
+        run = group[0]
         layer = run.config.act_layers[-1] if run.config.act_layers else 1
         _distribution(ax, run, layer, f"(c) {LABELS[n]}: layer #{layer} activation")
     return _save(fig, out / "fig1.png")
 
 
-def fig2(runs: dict[str, Run], out: Path) -> Path | None:
+def fig2(runs, out: Path) -> Path | None:
     """Fig. 2: standard, BatchNorm and noisy BatchNorm: training accuracy and activation
     distributions of layers at the same depth."""
-    sel = _pick(runs, "vgg", 0.1, ("none", "batchnorm", "noisy"))
+    sel = _pick(_groups(runs), "vgg", 0.1, ("none", "batchnorm", "noisy"))
     if not sel:
         return None
-    layers = sel[0][1].config.act_layers
+    layers = sel[0][1][0].config.act_layers
     fig, axes = plt.subplots(len(layers), 1 + len(sel), figsize=(4 * (1 + len(sel)),
                                                                   2.8 * len(layers)),
                              squeeze=False)
-    for n, run in sel:
-        _train_curve(axes[0][0], run, n)
+    for n, group in sel:
+        _train_curve(axes[0][0], group, n)
     axes[0][0].set(title="training accuracy", xlabel="step", ylabel="accuracy")
     axes[0][0].legend(fontsize=7)
     for r in range(1, len(layers)):
         axes[r][0].set_visible(False)
-    for c, (n, run) in enumerate(sel, start=1):
+    for c, (n, group) in enumerate(sel, start=1):
         for r, layer in enumerate(layers):
-            _distribution(axes[r][c], run, layer, f"{LABELS[n]}: layer #{layer}")
+            _distribution(axes[r][c], group[0], layer, f"{LABELS[n]}: layer #{layer}")
     return _save(fig, out / "fig2.png")
 
 
 def _ics_axes(axes, sel, layers, title):
     for k, layer in enumerate(layers):
-        for n, run in sel:
-            xs, cos = _finite(*run.series("ics", "cosine", layer=layer))
-            axes[0][k].plot(xs, cos, color=COLORS[n], label=LABELS[n])
-            xs, l2 = _finite(*run.series("ics", "l2", layer=layer))
-            axes[1][k].plot(xs, l2, color=COLORS[n], label=LABELS[n])
+        for n, group in sel:
+            _curve(axes[0][k], group, "ics", "cosine", COLORS[n], LABELS[n],
+                   match={"layer": layer})
+            _curve(axes[1][k], group, "ics", "l2", COLORS[n], LABELS[n],
+                   match={"layer": layer})
         axes[0][k].set(title=f"{title}: layer #{layer}, cos(G, G')", xlabel="step")
         axes[1][k].set(title=f"{title}: layer #{layer}, ||G - G'||", xlabel="step", yscale="log")
         axes[0][k].legend(fontsize=7)
 
 
-def fig3(runs: dict[str, Run], out: Path) -> Path | None:
+def fig3(runs, out: Path) -> Path | None:
     """Fig. 3: ICS (Definition 2.1) with and without BatchNorm: VGG (lr 0.1) and DLN (lr 1e-7,
     or 1e-6 when the suite has no 1e-7 runs)."""
-    vgg = _pick(runs, "vgg", 0.1, ("none", "batchnorm"))
-    dln_lr = 1e-7 if _pick(runs, "dln", 1e-7, ("none", "batchnorm")) else 1e-6
-    dln = _pick(runs, "dln", dln_lr, ("none", "batchnorm"))
-    panels = [(sel, sel[0][1].config.ics_layers, f"{m} lr {lr:g}")
+    groups = _groups(runs)
+    vgg = _pick(groups, "vgg", 0.1, ("none", "batchnorm"))
+    dln_lr = 1e-7 if _pick(groups, "dln", 1e-7, ("none", "batchnorm")) else 1e-6
+    dln = _pick(groups, "dln", dln_lr, ("none", "batchnorm"))
+    panels = [(sel, sel[0][1][0].config.ics_layers, f"{m} lr {lr:g}")
               for sel, m, lr in ((vgg, "VGG", 0.1), (dln, "DLN", dln_lr)) if sel]
+    panels = [p for p in panels if p[1]]
     if not panels:
         return None
     ncol = sum(len(p[1]) for p in panels)
@@ -198,28 +256,33 @@ def fig3(runs: dict[str, Run], out: Path) -> Path | None:
 
 
 def _landscape_axes(axes, sel, direction="gradient"):
-    for n, run in sel:
-        recs = run.of("landscape", direction=direction)
-        if not recs:
+    for n, group in sel:
+        match = {"direction": direction}
+        if not any(r.of("landscape", **match) for r in group):
             continue
-        steps = [r["step"] for r in recs]
         kw = dict(color=COLORS[n], alpha=0.3, lw=0)
-        lo = [r["loss_min"] for r in recs]
-        hi = [r["loss_max"] for r in recs]
-        glo = [max(r["grad_diff_min"], 1e-30) for r in recs]
-        ghi = [r["grad_diff_max"] for r in recs]
-        for ax, a, b in ((axes[0], lo, hi), (axes[1], glo, ghi)):
-            ax.fill_between(steps, a, b, label=LABELS[n], **kw)
-            ax.plot(steps, a, color=COLORS[n], lw=0.7)  # the edges show a band too thin to fill
-            ax.plot(steps, b, color=COLORS[n], lw=0.7)
-        axes[2].plot(steps, [r["beta_smoothness"] for r in recs], color=COLORS[n],
-                     label=LABELS[n])
+        edges = {}
+        for key in ("loss_min", "loss_max", "grad_diff_min", "grad_diff_max"):
+            steps, med, _, _ = _over_seeds([r.series("landscape", key, **match) for r in group])
+            edges[key] = (steps, med)
+        for ax, lo_key, hi_key in ((axes[0], "loss_min", "loss_max"),
+                                   (axes[1], "grad_diff_min", "grad_diff_max")):
+            (s_lo, lo), (s_hi, hi) = edges[lo_key], edges[hi_key]
+            if s_lo != s_hi:
+                continue
+            lo = [max(v, 1e-30) for v in lo]
+            ax.fill_between(s_lo, lo, hi, label=LABELS[n], **kw)
+            ax.plot(s_lo, lo, color=COLORS[n], lw=0.7)  # the edges show a band too thin to fill
+            ax.plot(s_lo, hi, color=COLORS[n], lw=0.7)
+        _curve(axes[2], group, "landscape", "beta_smoothness", COLORS[n], LABELS[n],
+               match=match)
     axes[0].set(title="(a) loss landscape", xlabel="step", ylabel="loss", yscale="log")
     axes[1].set(title="(b) gradient predictiveness", xlabel="step",
                 ylabel="||grad L(w) - grad L(w - eta g)||", yscale="log")
     axes[2].set(title='(c) "effective" beta-smoothness', xlabel="step", yscale="log")
     for ax in axes:
-        ax.legend(fontsize=7)
+        if ax.lines:
+            ax.legend(fontsize=7)
 
 
 def _landscape_fig(sel, path: Path, suptitle: str, directions=("gradient",)) -> Path:
@@ -233,26 +296,27 @@ def _landscape_fig(sel, path: Path, suptitle: str, directions=("gradient",)) -> 
     return _save(fig, path)
 
 
-def fig4(runs: dict[str, Run], out: Path) -> Path | None:
+def fig4(runs, out: Path) -> Path | None:
     """Fig. 4: VGG landscape along the gradient (and along random directions if probed)."""
-    sel = _pick(runs, "vgg", 0.1, ("none", "batchnorm"))
+    sel = _pick(_groups(runs), "vgg", 0.1, ("none", "batchnorm"))
     if not sel:
         return None
-    dirs = tuple(d for d in ("gradient", "random") if any(r.of("landscape", direction=d)
-                                                         for _, r in sel))
+    dirs = tuple(d for d in ("gradient", "random")
+                 if any(r.of("landscape", direction=d) for _, g in sel for r in g))
     return _landscape_fig(sel, out / "fig4.png", "VGG, lr 0.1", dirs or ("gradient",))
 
 
-def fig7(runs: dict[str, Run], out: Path) -> Path | None:
+def fig7(runs, out: Path) -> Path | None:
     """Fig. 7: mean and variance of random activations of select layers over training, for
-    the standard, BatchNorm and noisy BatchNorm networks."""
-    sel = _pick(runs, "vgg", 0.1, ("none", "batchnorm", "noisy"))
+    the standard, BatchNorm and noisy BatchNorm networks (first seed)."""
+    sel = _pick(_groups(runs), "vgg", 0.1, ("none", "batchnorm", "noisy"))
     if not sel:
         return None
-    layers = sel[0][1].config.act_layers
+    layers = sel[0][1][0].config.act_layers
     fig, axes = plt.subplots(2, len(layers), figsize=(4.2 * len(layers), 6), squeeze=False)
     for k, layer in enumerate(layers):
-        for n, run in sel:
+        for n, group in sel:
+            run = group[0]
             recs = [r for r in run.of("act", layer=layer)
                     if r["step"] % max(run.config.act_every, 1) == 0]
             steps = [r["step"] for r in recs]
@@ -266,16 +330,17 @@ def fig7(runs: dict[str, Run], out: Path) -> Path | None:
     return _save(fig, out / "fig7.png")
 
 
-def fig8(runs: dict[str, Run], out: Path) -> Path | None:
-    """Fig. 8: change of the first two moments of activations between successive steps."""
-    sel = _pick(runs, "vgg", 0.1, ("none", "batchnorm", "noisy"))
+def fig8(runs, out: Path) -> Path | None:
+    """Fig. 8: change of the first two moments of activations between successive steps
+    (first seed)."""
+    sel = _pick(_groups(runs), "vgg", 0.1, ("none", "batchnorm", "noisy"))
     if not sel:
         return None
-    layers = sel[0][1].config.act_layers
+    layers = sel[0][1][0].config.act_layers
     fig, axes = plt.subplots(2, len(layers), figsize=(4.2 * len(layers), 6), squeeze=False)
     for k, layer in enumerate(layers):
-        for n, run in sel:
-            ch = moment_changes(run.of("act", layer=layer))
+        for n, group in sel:
+            ch = moment_changes(group[0].of("act", layer=layer))
             steps = [c["step"] for c in ch]
             axes[0][k].plot(steps, [max(c["d_mean"][0], 1e-12) for c in ch], color=COLORS[n],
                             label=LABELS[n], marker=".", lw=0.8)
@@ -288,16 +353,16 @@ def fig8(runs: dict[str, Run], out: Path) -> Path | None:
     return _save(fig, out / "fig8.png")
 
 
-def fig9(runs: dict[str, Run], out: Path) -> Path | None:
+def fig9(runs, out: Path) -> Path | None:
     """Fig. 9: DLN landscape with and without BatchNorm (lr 1e-6)."""
-    sel = _pick(runs, "dln", 1e-6, ("none", "batchnorm"))
+    sel = _pick(_groups(runs), "dln", 1e-6, ("none", "batchnorm"))
     return _landscape_fig(sel, out / "fig9.png", "Deep linear network, lr 1e-6") if sel else None
 
 
-def fig10(runs: dict[str, Run], out: Path) -> Path | None:
+def fig10(runs, out: Path) -> Path | None:
     """Fig. 10: gradient predictiveness and loss against the distance moved along the
-    gradient, early / middle / late in training (VGG, lr 0.1)."""
-    sel = _pick(runs, "vgg", 0.1, ("none", "batchnorm"))
+    gradient, early / middle / late in training (VGG, lr 0.1, first seed)."""
+    sel = [(n, g[0]) for n, g in _pick(_groups(runs), "vgg", 0.1, ("none", "batchnorm"))]
     if not sel:
         return None
     probes = sel[0][1].of("landscape", direction="gradient")
@@ -322,53 +387,91 @@ def fig10(runs: dict[str, Run], out: Path) -> Path | None:
     return _save(fig, out / "fig10.png")
 
 
-def fig11(runs: dict[str, Run], out: Path) -> Path | None:
+def fig11(runs, out: Path) -> Path | None:
     """Fig. 11: VGG landscape with l_p normalizations, beside BatchNorm and standard."""
-    sel = _pick(runs, "vgg", 0.1, LP_NORMS)
+    sel = _pick(_groups(runs), "vgg", 0.1, LP_NORMS)
     return _landscape_fig(sel, out / "fig11.png", "VGG, l_p normalization") if sel else None
 
 
-def fig12(runs: dict[str, Run], out: Path) -> Path | None:
+def fig12(runs, out: Path) -> Path | None:
     """Fig. 12: DLN landscape with l_p normalizations, beside BatchNorm and standard."""
-    sel = _pick(runs, "dln", 1e-6, LP_NORMS)
+    sel = _pick(_groups(runs), "dln", 1e-6, LP_NORMS)
     return _landscape_fig(sel, out / "fig12.png", "DLN, l_p normalization") if sel else None
 
 
-def fig13(runs: dict[str, Run], out: Path) -> Path | None:
+def fig13(runs, out: Path) -> Path | None:
     """Fig. 13: training with l_p normalizations: VGG training and test accuracy, DLN loss."""
-    vgg = _pick(runs, "vgg", 0.1, LP_NORMS)
-    dln = _pick(runs, "dln", 1e-6, LP_NORMS)
+    groups = _groups(runs)
+    vgg = _pick(groups, "vgg", 0.1, LP_NORMS)
+    dln = _pick(groups, "dln", 1e-6, LP_NORMS)
     if not vgg and not dln:
         return None
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
-    for n, run in vgg:
-        _train_curve(axes[0], run, n)
-        _train_curve(axes[1], run, n, kind="test", marker=".")
-    for n, run in dln:
-        _train_curve(axes[2], run, n, key="loss")
+    for n, group in vgg:
+        _train_curve(axes[0], group, n)
+        _train_curve(axes[1], group, n, kind="test", marker=".")
+    for n, group in dln:
+        _train_curve(axes[2], group, n, key="loss")
     axes[0].set(title="VGG: training accuracy", xlabel="step")
     axes[1].set(title="VGG: test accuracy", xlabel="step")
     axes[2].set(title="DLN: training loss (lr 1e-6)", xlabel="step", yscale="log")
     for ax in axes:
-        ax.legend(fontsize=7)
+        if ax.lines:
+            ax.legend(fontsize=7)
     return _save(fig, out / "fig13.png")
 
 
-def fig14(runs: dict[str, Run], out: Path) -> Path | None:
-    """Fig. 14: activation distributions with l_p normalizations (VGG)."""
-    sel = _pick(runs, "vgg", 0.1, LP_NORMS)
+def fig14(runs, out: Path) -> Path | None:
+    """Fig. 14: activation distributions with l_p normalizations (VGG, first seed)."""
+    sel = _pick(_groups(runs), "vgg", 0.1, LP_NORMS)
     if not sel:
         return None
-    layer = sel[0][1].config.act_layers[-1] if sel[0][1].config.act_layers else 1
+    first = sel[0][1][0]
+    layer = first.config.act_layers[-1] if first.config.act_layers else 1
     fig, axes = plt.subplots(1, len(sel), figsize=(3.6 * len(sel), 3.4), squeeze=False)
-    for ax, (n, run) in zip(axes[0], sel):
-        _distribution(ax, run, layer, f"{LABELS[n]}: layer #{layer}")
+    for ax, (n, group) in zip(axes[0], sel):
+        _distribution(ax, group[0], layer, f"{LABELS[n]}: layer #{layer}")
     return _save(fig, out / "fig14.png")
+
+
+def curvature(runs, out: Path) -> Path | None:
+    """Not in the paper: the top Hessian eigenvalue along training (and the trace, when
+    measured), VGG at lr 0.1 and the DLN at lr 1e-6, for every normalization measured."""
+    groups = _groups(runs)
+    panels = [(title, [(n, g) for n, g in _pick(groups, model, lr, LP_NORMS)
+                       if any(r.of("hessian") for r in g)])
+              for title, model, lr in (("VGG, lr 0.1", "vgg", 0.1),
+                                       ("DLN, lr 1e-6", "dln", 1e-6))]
+    panels = [p for p in panels if p[1]]
+    if not panels:
+        return None
+    traced = any("trace" in r for _, sel in panels for _, g in sel for x in g
+                 for r in x.of("hessian"))
+    rows = 2 if traced else 1
+    fig, axes = plt.subplots(rows, len(panels), figsize=(6 * len(panels), 3.8 * rows),
+                             squeeze=False)
+    for k, (title, sel) in enumerate(panels):
+        for n, group in sel:
+            _curve(axes[0][k], group, "hessian", "top_eigenvalue", COLORS[n], LABELS[n],
+                   marker=".", transform=abs)
+            neg = [(r["step"], -r["top_eigenvalue"]) for run in group
+                   for r in run.of("hessian") if r["top_eigenvalue"] < 0]
+            if neg:
+                axes[0][k].scatter(*zip(*neg), facecolors="none", edgecolors=COLORS[n], s=18)
+            if traced:
+                _curve(axes[1][k], group, "hessian", "trace", COLORS[n], LABELS[n], marker=".")
+        axes[0][k].set(title=f"{title}: |top Hessian eigenvalue|", xlabel="step",
+                       yscale="log")
+        axes[0][k].legend(fontsize=7)
+        if traced:
+            axes[1][k].set(title=f"{title}: Hessian trace (Hutchinson)", xlabel="step")
+            axes[1][k].set_yscale("symlog", linthresh=1.0)
+    return _save(fig, out / "curvature.png")
 
 
 FIGURES = {"fig1": fig1, "fig2": fig2, "fig3": fig3, "fig4": fig4, "fig7": fig7, "fig8": fig8,
            "fig9": fig9, "fig10": fig10, "fig11": fig11, "fig12": fig12, "fig13": fig13,
-           "fig14": fig14}
+           "fig14": fig14, "curvature": curvature}
 
 
 def make_figures(suite_dir: str | os.PathLike, runs: dict[str, Run] | None = None
@@ -376,9 +479,10 @@ def make_figures(suite_dir: str | os.PathLike, runs: dict[str, Run] | None = Non
     """Every figure that the suite's saved runs allow, as PNGs in ``suite_dir``."""
     out = Path(suite_dir)
     runs = load_suite(out) if runs is None else runs
+    groups = seed_groups(runs)
     made = {}
     for name, fn in FIGURES.items():
-        path = fn(runs, out)
+        path = fn(groups, out)
         if path is not None:
             made[name] = path
     return made

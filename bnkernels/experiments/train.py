@@ -6,25 +6,33 @@ A run lives in ``runs/<id>/``::
     versions.json      python / torch / numpy / bnkernels versions, git commit, device, backend
     metrics.jsonl      one JSON object per line, each with "kind" and "step" (see below)
     checkpoints/       step_<N>.pt: model, optimizer, metrics.jsonl length, RNG state
-    done.json          written when the run has finished all its steps (and its seconds)
+    done.json          written when the run has finished all its steps: its wall-clock seconds
+                       and the CPU seconds of its process (both summed over resumes)
 
 metrics.jsonl kinds: "train" (per-minibatch loss and accuracy of step t, before its update),
-"test" (test loss and accuracy after ``step`` updates), "ics" (Definition 2.1 at step t, one
-line per layer), "landscape" (one probe at step t), "act" (activation summaries at step t).
+"test" (test loss and accuracy after ``step`` updates; noisy BatchNorm networks add two
+consistent evaluations, see :mod:`.noisy`), "ics" (Definition 2.1 at step t, one line per
+layer), "landscape" (one probe at step t), "hessian" (top Hessian eigenvalue, optionally the
+trace, at step t), "act" (activation summaries at step t).
 
 Resume: the last checkpoint holds the byte length metrics.jsonl had when it was written; the
-file is cut back to it and the run goes on from the checkpoint's step. Minibatches are a pure
-function of (seed, step) and every measurement restores what it touches, so a resumed run writes
-exactly the lines an uninterrupted one would (nothing lost, nothing twice).
+file is cut back to it and the run goes on from the checkpoint's step. RNG states are saved
+(CPU, and CUDA when used) and restored as CPU byte tensors whatever device ``torch.load`` put
+them on, so a run trained on a GPU resumes too (with cuDNN's deterministic algorithms, so that
+it resumes bit for bit). Minibatches are a pure function of (seed, step) and every measurement
+restores what it touches, so a resumed run writes exactly the lines an uninterrupted one would
+(nothing lost, nothing twice).
 
 Distributed: under ``torchrun`` (WORLD_SIZE > 1) each process takes its slice of every global
 batch, BatchNorm becomes SyncBatchNorm (``bnkernels.convert(..., sync=True)``) and the model is
 wrapped in DistributedDataParallel; only rank 0 writes. Measurements (ICS, landscape,
-activations) then see rank 0's slice of the batch.
+activations) then see rank 0's slice of the batch. The process-group backend is NCCL when
+every process of a node has its own GPU, else gloo on the CPU (:func:`choose_dist_backend`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -43,9 +51,9 @@ from torch import nn
 
 import bnkernels as bnk
 
-from . import ics, landscape
+from . import ics, landscape, noisy
 from .activations import ActivationSampler
-from .data import Dataset, DLNDataConfig, batch_indices, load_dataset
+from .data import Dataset, DigitsConfig, DLNDataConfig, batch_indices, load_dataset
 from .models import NormOptions, build_model
 
 LOSSES = ("cross_entropy", "sum_squared", "half_sum_squared")
@@ -66,6 +74,7 @@ class RunConfig:
     # --- the data
     dataset: str = "cifar10"  # cifar10 | digits (bundled, offline) | gaussian (DLN regression)
     data_dir: str | None = None  # CIFAR-10 folder (holding cifar-10-batches-py/)
+    image_size: int = 32  # digits: pixels per side after upsampling the 8x8 images
     num_samples: int = 1000  # gaussian: samples in the (full) batch
     # --- optimization (plain SGD)
     loss: str = "cross_entropy"  # cross_entropy (batch mean) | sum_squared | half_sum_squared
@@ -83,6 +92,10 @@ class RunConfig:
     landscape_every: int = 100  # steps between landscape probes
     landscape_steps: tuple[float, ...] = (0.05, 0.1, 0.2, 0.4)  # step lengths eta (absolute)
     landscape_directions: tuple[str, ...] = ("gradient",)  # each probed: gradient | random
+    hessian_every: int = 0  # steps between top-Hessian-eigenvalue measurements (not in paper)
+    hessian_iters: int = 20  # Hessian-vector products per power iteration, at most
+    hessian_tol: float = 1e-3  # power iteration stops at this relative change (PyHessian's)
+    hessian_trace_samples: int = 0  # Hutchinson samples of tr(H) per measurement (0: none)
     act_every: int = 100  # steps t at which activations are sampled (at t and t + 1)
     act_layers: tuple[int, ...] = (2, 7, 12)  # weight layers sampled (early / middle / late)
     act_units: int = 3  # random channels sampled per layer
@@ -98,7 +111,8 @@ class RunConfig:
         if bad:
             raise ValueError("RunConfig.landscape_directions must be among "
                              f"{landscape.DIRECTIONS}, got {sorted(bad)}")
-        for name in ("steps", "batch_size", "checkpoint_every", "keep_checkpoints"):
+        for name in ("steps", "batch_size", "checkpoint_every", "keep_checkpoints",
+                     "image_size", "hessian_iters"):
             if getattr(self, name) < 1:
                 raise ValueError(f"RunConfig.{name} must be >= 1")
 
@@ -130,18 +144,22 @@ CONFIGS: dict[str, RunConfig] = {
     "dln": PAPER_DLN,
     # what `reproduce --quick` runs on a 2-core CPU: VGG-13 (11 weight layers, so layers #5 and
     # #10 exist as in the paper's ICS figure) at 1/8 width on the bundled digits.
-    "vgg-quick": replace(PAPER_VGG, arch="vgg13", width=0.125, dataset="digits", steps=200,
-                         log_every=10, test_every=50, ics_every=10, landscape_every=20,
-                         landscape_directions=("gradient", "random"), act_every=10,
+    # Batch 64 (the paper: 128) halves the cost of a step, so that three seeds fit.
+    "vgg-quick": replace(PAPER_VGG, arch="vgg13", width=0.125, dataset="digits",
+                         batch_size=64, steps=200, log_every=10, test_every=50, ics_every=20,
+                         landscape_every=25, landscape_directions=("gradient", "random"),
+                         hessian_every=50, hessian_tol=1e-2, act_every=10,
                          act_layers=(2, 6, 10), checkpoint_every=100),
-    "dln-quick": replace(PAPER_DLN, steps=2_000, log_every=20, ics_every=50,
-                         landscape_every=100, act_every=50, checkpoint_every=500),
+    "dln-quick": replace(PAPER_DLN, steps=1_000, log_every=20, ics_every=50,
+                         landscape_every=100, hessian_every=250, hessian_tol=1e-2,
+                         act_every=50, checkpoint_every=500),
     # seconds-long runs for smoke tests.
-    "tiny": replace(PAPER_VGG, arch="vgg11", width=1 / 32, dataset="digits", batch_size=16,
-                    steps=6, log_every=1, test_every=3, ics_every=3, ics_layers=(2, 3),
-                    landscape_every=3, act_every=3, act_layers=(1, 2), checkpoint_every=2),
+    "tiny": replace(PAPER_VGG, arch="vgg11", width=1 / 32, dataset="digits", image_size=16,
+                    batch_size=16, steps=6, log_every=1, test_every=3, ics_every=3,
+                    ics_layers=(2, 3), landscape_every=3, hessian_every=3, hessian_iters=3,
+                    act_every=3, act_layers=(1, 2), checkpoint_every=2),
     "dln-tiny": replace(PAPER_DLN, steps=6, log_every=1, ics_every=3, landscape_every=3,
-                        act_every=3, checkpoint_every=2),
+                        hessian_every=3, hessian_iters=3, act_every=3, checkpoint_every=2),
 }
 
 
@@ -247,24 +265,78 @@ def _atomic_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+DIST_BACKENDS = ("auto", "nccl", "gloo")
+
+
+class DistBackendError(ValueError):
+    """No process-group backend fits the processes, GPUs and devices asked for."""
+
+
+def choose_dist_backend(local_world_size: int, visible_gpus: int, requested: str = "auto",
+                        device: str = "auto") -> tuple[str, str]:
+    """(process-group backend, device type) for data-parallel training.
+
+    ``local_world_size``: processes on this node; ``visible_gpus``: the GPUs they can see;
+    ``requested``: "auto", "nccl" or "gloo"; ``device``: "auto", "cpu" or "cuda". NCCL needs a
+    GPU of its own per process (two ranks on one GPU fail). gloo trains on the CPU: it cannot
+    all_gather CUDA tensors, which SyncBatchNorm needs. "auto" takes NCCL when every process
+    has its own GPU, else gloo on the CPU (with a warning when GPUs are there). Impossible
+    combinations raise :class:`DistBackendError`, saying why."""
+    if requested not in DIST_BACKENDS:
+        raise DistBackendError(f"distributed backend must be one of {DIST_BACKENDS}, got "
+                               f"{requested!r}")
+    dev = device.split(":")[0]
+    if dev not in ("auto", "cpu", "cuda"):
+        raise DistBackendError(f"distributed training runs on 'cpu' or 'cuda', got {device!r}")
+    enough = visible_gpus >= local_world_size
+    why = (f"{local_world_size} processes on this node but {visible_gpus} visible GPU(s); "
+           "NCCL needs one GPU per process")
+    if requested == "nccl" or (dev == "cuda" and requested == "auto"):
+        if dev == "cpu":
+            raise DistBackendError("NCCL needs CUDA devices: use --dist-backend gloo with "
+                                   "--device cpu")
+        if not enough:
+            raise DistBackendError(f"cannot train with NCCL on CUDA: {why}. Start at most "
+                                   f"{visible_gpus} processes per node, or train on the CPU "
+                                   "with --dist-backend gloo (or --device cpu)")
+        return "nccl", "cuda"
+    if requested == "gloo":
+        if dev == "cuda":
+            raise DistBackendError("gloo cannot all_gather CUDA tensors (SyncBatchNorm needs "
+                                   "it): use --dist-backend nccl on CUDA, or gloo with "
+                                   "--device cpu")
+        return "gloo", "cpu"
+    if dev == "cpu":
+        return "gloo", "cpu"
+    if visible_gpus > 0 and enough:
+        return "nccl", "cuda"
+    if visible_gpus > 0:
+        warnings.warn(f"training on the CPU with gloo: {why}", stacklevel=3)
+    return "gloo", "cpu"
+
+
 @dataclass
 class _Dist:
     world: int = 1
     rank: int = 0
     local_rank: int = 0
     owns_group: bool = False
+    device: str = "cpu"  # the device type the processes train on
 
     @classmethod
-    def from_env(cls) -> _Dist:
+    def from_env(cls, backend: str = "auto", device: str = "auto") -> _Dist:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world <= 1:
             return cls()
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        name, dev = choose_dist_backend(local_world, gpus, backend, device)
         owns = False
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            dist.init_process_group(name)
             owns = True
         return cls(dist.get_world_size(), dist.get_rank(),
-                   int(os.environ.get("LOCAL_RANK", "0")), owns)
+                   int(os.environ.get("LOCAL_RANK", "0")), owns, dev)
 
     def all_sum(self, values: list[float], device) -> list[float]:
         if self.world == 1:
@@ -284,6 +356,31 @@ class _DDP(nn.parallel.DistributedDataParallel):
         if any(isinstance(m, nn.SyncBatchNorm) and not isinstance(m, bnk.SyncBatchNorm)
                for m in module.modules()):
             super()._passing_sync_batchnorm_handle(module)
+
+
+def rng_state() -> dict:
+    """The RNG states a checkpoint keeps: the CPU generator's, and every CUDA device's when
+    CUDA has been initialized."""
+    state = {"torch_rng": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _byte_state(t) -> torch.Tensor:
+    """An RNG state as torch.set_rng_state wants it, a CPU torch.ByteTensor, whatever device
+    or dtype ``torch.load``'s map_location gave it (the values are bytes, so a cast back to
+    uint8 is exact)."""
+    return torch.as_tensor(t).detach().to("cpu").to(torch.uint8).contiguous()
+
+
+def restore_rng_state(state: dict) -> None:
+    """Put back what :func:`rng_state` saved (CUDA states only for devices present here)."""
+    torch.set_rng_state(_byte_state(state["torch_rng"]))
+    cuda = state.get("cuda_rng")
+    if cuda and torch.cuda.is_available():
+        for i, s in enumerate(list(cuda)[:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(_byte_state(s), i)
 
 
 def _check_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> str:
@@ -308,20 +405,39 @@ def _check_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> str:
 # ----------------------------------------------------------------------------- the loop
 
 
+@contextlib.contextmanager
+def _deterministic_cudnn(dev: torch.device):
+    """On CUDA, cuDNN's deterministic algorithms (and no autotuning) while a run trains, so a
+    resumed run repeats the uninterrupted one bit for bit; flags restored afterwards."""
+    if dev.type != "cuda":
+        yield
+        return
+    flags = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = flags
+
+
 def train(cfg: RunConfig, run_dir: str | os.PathLike, *, resume: bool = False,
-          stop_after: int | None = None, device: str = "auto", progress: bool = True) -> Path:
+          stop_after: int | None = None, device: str = "auto", progress: bool = True,
+          dist_backend: str = "auto") -> Path:
     """Train ``cfg`` in ``run_dir`` (created if needed) and return the folder.
 
     ``resume``: continue an unfinished run from its last checkpoint (a finished run is left as
     is). ``stop_after``: stop before step ``stop_after`` without a final checkpoint, as if the
-    process were killed there (for tests). Under torchrun, runs data-parallel."""
+    process were killed there (for tests). Under torchrun, runs data-parallel with the
+    process-group backend ``dist_backend`` (see :func:`choose_dist_backend`)."""
     run_dir = Path(run_dir)
-    ddp = _Dist.from_env()
+    ddp = _Dist.from_env(dist_backend, device)
     rank0 = ddp.rank == 0
     dev = pick_device(device)
-    if dev.type == "cuda" and ddp.world > 1:
-        dev = torch.device("cuda", ddp.local_rank)
-        torch.cuda.set_device(dev)
+    if ddp.world > 1:
+        dev = torch.device(ddp.device)
+        if ddp.device == "cuda":
+            dev = torch.device("cuda", ddp.local_rank)
+            torch.cuda.set_device(dev)
     try:
         state = _check_run_dir(cfg, run_dir, resume)
         if ddp.world > 1:
@@ -332,13 +448,16 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, *, resume: bool = False,
             return run_dir
         data = load_dataset(cfg.dataset, cfg.data_dir,
                             dln=DLNDataConfig(num_samples=cfg.num_samples, dim=cfg.dim,
-                                              seed=cfg.seed))  # fails before the folder exists
+                                              seed=cfg.seed),
+                            digits=DigitsConfig(size=cfg.image_size))  # fails before the
+        #                                                                 folder exists
         if state == "new" and rank0:
             run_dir.mkdir(parents=True, exist_ok=True)
             _atomic_json(run_dir / "config.json", cfg.to_dict())
         if ddp.world > 1:
             dist.barrier()
-        _train(cfg, data, run_dir, ddp, dev, stop_after, progress and rank0)
+        with _deterministic_cudnn(dev):
+            _train(cfg, data, run_dir, ddp, dev, stop_after, progress and rank0)
     finally:
         if ddp.owns_group:
             dist.destroy_process_group()
@@ -368,12 +487,13 @@ def _train(cfg: RunConfig, data: Dataset, run_dir: Path, ddp: _Dist, dev: torch.
         state = torch.load(ckpts[-1], map_location=dev, weights_only=False)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
+        restore_rng_state(state)
         start = state["step"]
         keep = state["metrics_bytes"]
         elapsed = state.get("elapsed", 0.0)
+        cpu_elapsed = state.get("cpu_elapsed", 0.0)
     else:
-        keep, elapsed = 0, 0.0
+        keep, elapsed, cpu_elapsed = 0, 0.0, 0.0
     if rank0:
         if metrics_path.exists():
             os.truncate(metrics_path, min(keep, metrics_path.stat().st_size))
@@ -397,6 +517,7 @@ def _train(cfg: RunConfig, data: Dataset, run_dir: Path, ddp: _Dist, dev: torch.
                if cfg.act_every else None)
     train_x, train_y = data.train_x, data.train_y
     classify = data.num_classes is not None
+    has_noisy = noisy.has_noisy_layers(base)
 
     def due(every: int, step: int) -> bool:
         return every > 0 and step % every == 0
@@ -409,8 +530,10 @@ def _train(cfg: RunConfig, data: Dataset, run_dir: Path, ddp: _Dist, dev: torch.
         path = d / f"step_{step}.pt"
         tmp = path.with_suffix(".tmp")
         torch.save({"step": step, "model": base.state_dict(), "optimizer": opt.state_dict(),
-                    "metrics_bytes": writer.size(), "torch_rng": torch.get_rng_state(),
-                    "elapsed": elapsed + time.time() - t0, "config": cfg.to_dict()}, tmp)
+                    "metrics_bytes": writer.size(), **rng_state(),
+                    "elapsed": elapsed + time.time() - t0,
+                    "cpu_elapsed": cpu_elapsed + time.process_time() - c0,
+                    "config": cfg.to_dict()}, tmp)
         os.replace(tmp, path)
         for old in _checkpoints(run_dir)[:-cfg.keep_checkpoints]:
             old.unlink()
@@ -419,7 +542,7 @@ def _train(cfg: RunConfig, data: Dataset, run_dir: Path, ddp: _Dist, dev: torch.
 
     bar = tqdm(total=cfg.steps, initial=start, desc=run_dir.name, disable=not progress,
                dynamic_ncols=True, leave=False)
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     try:
         for step in range(start, cfg.steps):
             if stop_after is not None and step >= stop_after:
@@ -439,6 +562,8 @@ def _train(cfg: RunConfig, data: Dataset, run_dir: Path, ddp: _Dist, dev: torch.
                     rec = landscape.probe(base, loss_fn, x, y, cfg.landscape_steps, direction,
                                           seed=cfg.seed * 1_000_003 + step)
                     writer.write({"kind": "landscape", "step": step, **rec})
+            if due(cfg.hessian_every, step):
+                writer.write(measure_hessian(base, loss_fn, x, y, cfg, step))
             if sampler is not None:
                 sampler.armed = cfg.act_every > 0 and step % cfg.act_every in (0, 1)
             opt.zero_grad(set_to_none=True)
@@ -464,18 +589,36 @@ def _train(cfg: RunConfig, data: Dataset, run_dir: Path, ddp: _Dist, dev: torch.
             done = step + 1
             if classify and data.test_x is not None and (
                     due(cfg.test_every, done) or done == cfg.steps):
-                writer.write({"kind": "test", "step": done, **evaluate(base, data, loss_fn, dev)})
+                rec = {"kind": "test", "step": done, **evaluate(base, data, loss_fn, dev)}
+                if has_noisy:
+                    rec.update(noisy.diagnostics(base, data, loss_fn, dev, cfg.batch_size))
+                writer.write(rec)
             if due(cfg.checkpoint_every, done) or done == cfg.steps:
                 save_checkpoint(done)
             bar.update(1)
         if rank0:
             _atomic_json(run_dir / "done.json",
-                         {"steps": cfg.steps, "seconds": elapsed + time.time() - t0})
+                         {"steps": cfg.steps, "seconds": elapsed + time.time() - t0,
+                          "cpu_seconds": cpu_elapsed + time.process_time() - c0})
     finally:
         bar.close()
         writer.close()
         if sampler is not None:
             sampler.remove()
+
+
+def measure_hessian(model: nn.Module, loss_fn, x, y, cfg: RunConfig, step: int) -> dict:
+    """The "hessian" record of step ``step``: the top eigenvalue (and the trace when
+    ``cfg.hessian_trace_samples``) on the step's batch, the model left as found."""
+    seed = cfg.seed * 1_000_003 + step
+    top = landscape.hessian_top_eigenvalue(model, loss_fn, x, y, cfg.hessian_iters,
+                                           cfg.hessian_tol, seed=seed)
+    rec = {"kind": "hessian", "step": step, "top_eigenvalue": top.value,
+           "iterations": top.iterations, "max_iterations": cfg.hessian_iters}
+    if cfg.hessian_trace_samples:
+        tr = landscape.hessian_trace(model, loss_fn, x, y, cfg.hessian_trace_samples, seed)
+        rec.update(trace=tr.value, trace_stderr=tr.stderr)
+    return rec
 
 
 @torch.no_grad()
@@ -517,6 +660,55 @@ def config_with(cfg: RunConfig, **overrides) -> RunConfig:
 
 # ----------------------------------------------------------------------------- many runs
 
+RUN_THREADS = 1
+"""torch threads per run in :func:`run_many`: fixed, so a run's numbers do not depend on how
+many cores the machine has (intra-op reductions split by thread count round differently);
+runs are parallel across processes instead."""
+
+PORTABLE_CPU_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+                    "MKL_CBWR": "AVX2", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+"""Environment of :func:`run_many`'s CPU worker processes on x86-64: torch's vectorized
+kernels, oneDNN's convolutions and MKL's BLAS all held to AVX2 code paths, which every recent
+x86-64 CPU runs, so that two machines (AVX2 or AVX-512, Intel or AMD) take the same
+floating-point paths (best effort: the libraries do not promise bit-identical results across
+CPU models). Variables already set by the user are kept."""
+
+
+@contextlib.contextmanager
+def _worker_env(env: dict[str, str]):
+    """Set ``env`` (where not set already) in this process while worker processes are
+    started; this process's own libraries read it only at their import, long before."""
+    added = {k: v for k, v in env.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
+
+
+def place(cfg: RunConfig, device: str = "auto", dln_device: str = "cpu") -> str:
+    """The device a run of a batch trains on. The deep linear network (25 layers of 10x10 on
+    1000 samples) is pure per-call overhead on a GPU, so it goes to ``dln_device`` (the CPU
+    unless told otherwise; "same" follows ``device``); VGG goes to ``device`` ("auto": the
+    GPU when there is one)."""
+    if cfg.model == "dln" and dln_device != "same":
+        return str(pick_device(dln_device))
+    return str(pick_device(device))
+
+
+def default_jobs(device: str = "auto") -> int:
+    """CPU processes training at once: one per core (each run takes :data:`RUN_THREADS`
+    threads)."""
+    del device  # GPU runs get their own workers (see run_many)
+    return max(1, os.cpu_count() or 1)
+
+
+def default_gpu_jobs() -> int:
+    """Processes sharing each GPU: small runs leave a GPU idle between one process's kernel
+    launches, so a few processes per device keep it busy."""
+    return 4 * max(1, torch.cuda.device_count() if torch.cuda.is_available() else 1)
+
 
 def _run_worker(cfg_dict: dict, run_dir: str, device: str, threads: int) -> tuple[str, float]:
     torch.set_num_threads(threads)
@@ -525,37 +717,53 @@ def _run_worker(cfg_dict: dict, run_dir: str, device: str, threads: int) -> tupl
     return run_dir, time.time() - t0
 
 
-def default_jobs(device: str = "auto") -> int:
-    """Runs trained at once: 1 on a GPU (one device), else up to 2 CPU processes (small
-    networks use cores better as separate processes than as threads of one)."""
-    if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
-        return 1
-    return max(1, min(2, os.cpu_count() or 1))
+def run_many(jobs_list: list[tuple[RunConfig, Path]], jobs: int | None = None,
+             device: str = "auto", progress: bool = True, *, gpu_jobs: int | None = None,
+             dln_device: str = "cpu", threads: int = RUN_THREADS) -> dict[str, float]:
+    """Train (or resume, or skip when finished) every (config, run folder) pair and return the
+    seconds each run took in this call.
 
-
-def run_many(jobs_list: list[tuple[RunConfig, Path]], jobs: int = 1, device: str = "auto",
-             progress: bool = True) -> dict[str, float]:
-    """Train (or resume, or skip when finished) every (config, run folder) pair, ``jobs`` at a
-    time in separate processes (each with cpu_count // jobs threads); returns the seconds
-    each run took in this call. ``jobs=1`` trains in this process."""
+    Each run is placed by :func:`place` (the DLN on the CPU, VGG on the GPU when there is
+    one). CPU runs go to ``jobs`` processes (default: one per core, minus the GPU workers),
+    GPU runs to ``gpu_jobs`` processes sharing the device(s) (default 4 per GPU); both pools
+    work at the same time, each run with ``threads`` torch threads. With one worker in all
+    (``jobs=1`` and no GPU run), runs train in this process, one after another."""
     from tqdm.auto import tqdm
 
+    placed = [(cfg, Path(run_dir), place(cfg, device, dln_device))
+              for cfg, run_dir in jobs_list]
+    on_gpu = [j for j in placed if j[2] != "cpu"]
+    on_cpu = [j for j in placed if j[2] == "cpu"]
+    n_gpu = min(len(on_gpu), gpu_jobs or default_gpu_jobs()) if on_gpu else 0
+    n_cpu = min(len(on_cpu), jobs or max(1, default_jobs() - n_gpu)) if on_cpu else 0
     seconds: dict[str, float] = {}
-    if jobs <= 1 or len(jobs_list) <= 1:
-        for cfg, run_dir in jobs_list:
-            t0 = time.time()
-            train(cfg, run_dir, resume=True, device=device, progress=progress)
-            seconds[str(run_dir)] = time.time() - t0
+    if n_gpu == 0 and n_cpu <= 1:
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            for cfg, run_dir, dev in placed:
+                t0 = time.time()
+                train(cfg, run_dir, resume=True, device=dev, progress=progress)
+                seconds[str(run_dir)] = time.time() - t0
+        finally:
+            torch.set_num_threads(before)
         return seconds
     import concurrent.futures as cf
     import multiprocessing as mp
 
-    threads = max(1, (os.cpu_count() or 1) // jobs)
     ctx = mp.get_context("spawn")
-    with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool, \
-            tqdm(total=len(jobs_list), desc="runs", disable=not progress) as bar:
-        futures = [pool.submit(_run_worker, cfg.to_dict(), str(run_dir), device, threads)
-                   for cfg, run_dir in jobs_list]
+    portable = PORTABLE_CPU_ENV if platform.machine().lower() in ("x86_64", "amd64") else {}
+    with contextlib.ExitStack() as stack:
+        # Workers are spawned as tasks arrive and inherit the environment then; the GPU
+        # workers get it too (their CPU work is small).
+        stack.enter_context(_worker_env(portable if n_cpu else {}))
+        pools = {kind: stack.enter_context(cf.ProcessPoolExecutor(max_workers=n,
+                                                                  mp_context=ctx))
+                 for kind, n in (("cpu", n_cpu), ("gpu", n_gpu)) if n}
+        bar = stack.enter_context(tqdm(total=len(placed), desc="runs", disable=not progress))
+        futures = [pools["gpu" if dev != "cpu" else "cpu"].submit(
+                       _run_worker, cfg.to_dict(), str(run_dir), dev, threads)
+                   for cfg, run_dir, dev in placed]
         for fut in cf.as_completed(futures):
             run_dir, secs = fut.result()
             seconds[run_dir] = secs

@@ -272,15 +272,40 @@ def noisy_batch_norm(x: torch.Tensor, running_mean: torch.Tensor | None,
     ``seed``, ``step`` and the element's (N, C, *spatial) index: the same (seed, step) gives the
     same noise on every backend call and in backward, which regenerates it instead of storing
     it. ``step`` may be an int or a 1-element integer tensor on x's device (read on device: no
-    host synchronisation, so it works under CUDA graphs). In eval mode there is no noise: this
-    is :func:`batch_norm` with the running statistics.
+    host synchronisation, so it works under CUDA graphs). In eval mode there is no random
+    noise: the output is its expectation given the statistics, act(E[s] a + E[m]) with the
+    running statistics (:meth:`NoiseConfig.expectation`; E[s] = 1.125, E[m] = 0 at the paper's
+    constants). Plain BatchNorm in eval (dropping E[s]) would feed every later layer inputs
+    ~1.125x smaller than the ones its running statistics were gathered on in training; on a
+    quick VGG that took test accuracy from ~99% to ~20%.
     """
     _check_noise("noisy_batch_norm", x, noise, seed, step)
     if not training:
+        weight, bias = expected_noise_affine(noise, weight, bias, x)
         return batch_norm(x, running_mean, running_var, weight, bias, False, momentum, eps,
                           activation)
     return _batch_norm(x, running_mean, running_var, weight, bias, True, momentum, eps,
                        activation, (noise, seed, step))
+
+
+def expected_noise_affine(noise: NoiseConfig, weight, bias, x):
+    """(weight, bias) of the affine a -> E[s] (w xhat + b) + E[m]: BatchNorm with these is noisy
+    BatchNorm's expectation over the noise (eval mode). Differentiable in weight and bias."""
+    es, em = noise.expectation()
+    C = x.shape[1]
+    if weight is None:
+        weight = torch.full((C,), es, device=x.device, dtype=_param_dtype(x))
+    else:
+        weight = weight * es
+    if bias is None:
+        bias = torch.full((C,), em, device=x.device, dtype=_param_dtype(x))
+    else:
+        bias = bias * es + em
+    return weight, bias
+
+
+def _param_dtype(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def noisy_batch_norm_noise(x: torch.Tensor, noise: NoiseConfig = NoiseConfig(), seed: int = 0,

@@ -15,7 +15,14 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import backends
-from .functional import ACTIVATIONS, _check_p, batch_norm, lp_norm, noisy_batch_norm
+from .functional import (
+    ACTIVATIONS,
+    _check_p,
+    batch_norm,
+    expected_noise_affine,
+    lp_norm,
+    noisy_batch_norm,
+)
 from .noise import NoiseConfig
 from .ops import SyncBatchNormFunction
 
@@ -118,7 +125,9 @@ class _NoisyBatchNormMixin(_BatchNormMixin):
 
     The noise of a training forward is keyed by (``seed``, ``noise_step``); ``noise_step`` is
     a buffer that advances on the device after every training forward, so a checkpoint resumes
-    the same noise sequence and no host synchronisation is needed. Eval mode adds no noise."""
+    the same noise sequence and no host synchronisation is needed. Eval mode adds no random
+    noise: it applies the noise's expectation, act(E[s] a + E[m]) (see
+    :func:`bnkernels.noisy_batch_norm`)."""
 
     def _init_noise(self, noise, seed):
         if not isinstance(noise, NoiseConfig):
@@ -136,8 +145,13 @@ class _NoisyBatchNormMixin(_BatchNormMixin):
         return super().extra_repr() + f", noise={self.noise}, seed={self.seed}"
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if not self.training:
-            return super().forward(input)
+        if not self.training:  # the noise's expectation in place of the noise
+            self._check_input_dim(input)
+            _check_channels(self, input)
+            rm, rv, bn_training = self._stats_args()
+            weight, bias = expected_noise_affine(self.noise, self.weight, self.bias, input)
+            return batch_norm(input, rm, rv, weight, bias, bn_training, _factor(self), self.eps,
+                              self.activation)
         self._check_input_dim(input)
         _check_channels(self, input)
         factor = _factor(self)

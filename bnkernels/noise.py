@@ -27,6 +27,13 @@ class NoiseConfig:
         if not (math.isfinite(self.n_sigma) and self.n_sigma >= 1):
             raise ValueError(f"NoiseConfig: n_sigma must be finite and >= 1, got {self.n_sigma}")
 
+    def expectation(self) -> tuple[float, float]:
+        """(E[s], E[m]): E[s] = E[sigma_j] = (1 + n_sigma) / 2, E[m] = E[mu_j] = 0. Eval mode
+        applies these in place of the noise (out = E[s] a + E[m]), as dropout's inference
+        replaces its mask by the mask's mean: the next layers then see in eval what they saw
+        on average in training, which their running statistics were gathered on."""
+        return (1.0 + self.n_sigma) / 2.0, 0.0
+
     def as_list(self) -> list[float]:
         """[n_mu, n_sigma, r_mu, r_sigma], as the registered ops take it."""
         return [float(v) for v in astuple(self)]

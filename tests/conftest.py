@@ -5,7 +5,7 @@ bnkernels' kernel modules are first imported (bnkernels loads them lazily).
 
 Without a GPU, the two compiles test_cuda_backend.py needs (nvcc building the extension, and
 the host compiler building its CPU emulation; minutes each on 2 cores when the cache is cold)
-start in the background when the session starts, so they use the core the mostly
+start in the background once the session has collected them, so they use the core the mostly
 single-threaded interpreted tests leave idle; the tests that need them wait for them
 (``background_build``). BNKERNELS_TEST_BACKGROUND_BUILDS=0 builds in the tests instead.
 """
@@ -74,17 +74,27 @@ class _Build:
         self.proc = subprocess.Popen(args, env=env, stdout=self.out, stderr=self.err, text=True)
 
     def result(self, timeout: float = 1800) -> subprocess.CompletedProcess:
-        code = self.proc.wait(timeout=timeout)
-        self.seconds = time.monotonic() - self.start
-        self.out.seek(0)
-        self.err.seek(0)
-        return subprocess.CompletedProcess(self.proc.args, code, self.out.read(),
-                                           self.err.read())
+        if getattr(self, "done", None) is None:
+            code = self.proc.wait(timeout=timeout)
+            self.seconds = time.monotonic() - self.start
+            self.out.seek(0)
+            self.err.seek(0)
+            self.done = subprocess.CompletedProcess(self.proc.args, code, self.out.read(),
+                                                    self.err.read())
+            self.close()
+        return self.done
+
+    def close(self):
+        self.out.close()
+        self.err.close()
 
 
-def pytest_configure(config):
+def pytest_collection_finish(session):
+    """Start the builds once the session is known to run test_cuda_backend.py's tests."""
+    config = session.config
     if (hasattr(config, "workerinput") or torch.cuda.is_available()
-            or os.environ.get("BNKERNELS_TEST_BACKGROUND_BUILDS", "1") == "0"):
+            or os.environ.get("BNKERNELS_TEST_BACKGROUND_BUILDS", "1") == "0"
+            or not any(item.path.name == "test_cuda_backend.py" for item in session.items)):
         return
     env = toolkit_env()
     if env is not None:
@@ -99,6 +109,8 @@ def pytest_unconfigure(config):
     for build in _BUILDS.values():
         if build.proc.poll() is None:
             build.proc.kill()
+            build.proc.wait()
+        build.close()
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ import tarfile
 
 import pytest
 import torch
+from helpers import assert_close
 from torch import nn
 
 import bnkernels
@@ -357,7 +358,8 @@ def test_twice_differentiable_copy_computes_the_same_function(norm, train_mode):
     assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
     ga = torch.autograd.grad(a, list(model.parameters()))
     gb = torch.autograd.grad(b, list(twin.parameters()), create_graph=True)
-    assert all(torch.allclose(u, v, rtol=1e-4, atol=1e-6) for u, v in zip(ga, gb))
+    for (name, _), u, v in zip(model.named_parameters(), ga, gb):  # fp32 rounding of sums:
+        assert_close(u, v, torch.float32, name)  # the project's fp32 tolerance, scaled
     sa, sb = model.state_dict(), twin.state_dict()  # running statistics, noise steps
     assert all(torch.allclose(sa[k].double(), sb[k].double(), rtol=1e-6, atol=1e-7)
                for k in sa)
@@ -547,15 +549,12 @@ def _noisy_layer_at_batch_statistics(x: torch.Tensor) -> nn.Module:
 
 
 @needs_modules
-@pytest.mark.xfail(strict=True, reason="nn.py: NoisyBatchNorm*d eval mode drops the noise's "
-                   "mean E[s] = (1 + n_sigma) / 2 (see bnkernels/experiments/noisy.py); fix: "
-                   "eval output E[s] * a + E[m]")
 def test_noisy_eval_mode_is_the_expectation_of_training_mode():
-    """Eval mode should give what training mode gives on average over the noise (with the
-    statistics the same): E[s a + m] = E[s] a + E[m] = 1.125 a at the paper's constants. It
-    gives a, so a network's later layers, whose running statistics were gathered under the
-    noise, see inputs ~1.125x too small per noisy layer in eval (the quick VGG's test accuracy
-    falls from ~99% to ~20%)."""
+    """Eval mode gives what training mode gives on average over the noise (with the
+    statistics the same): E[s a + m] = E[s] a + E[m] = 1.125 a at the paper's constants. When
+    it gave a, a network's later layers, whose running statistics were gathered under the
+    noise, saw inputs ~1.125x too small per noisy layer in eval (the quick VGG's test accuracy
+    fell from ~99% to ~20%)."""
     x = torch.randn(8, 3, 4, 4, generator=torch.Generator().manual_seed(0))
     layer = _noisy_layer_at_batch_statistics(x)
     es, em = noisy.expected_noise(layer.noise)
@@ -575,12 +574,11 @@ def test_noisy_diagnostics_apply_the_expected_noise_and_recalibrate():
     model = nn.Sequential(layer)
     es, _ = noisy.expected_noise(layer.noise)
     assert es == pytest.approx(1.125)
-    if not noisy.eval_drops_noise_mean(layer):
-        pytest.skip("the layer's own eval mode applies the expectation already")
+    # The layers' own eval mode applies the expectation: the diagnostic leaves them as they are.
+    assert not noisy.eval_drops_noise_mean(layer)
     with torch.no_grad():
         plain = model.eval()(x)
-        assert torch.allclose(noisy.with_expected_noise(model).eval()(x), es * plain)
-        assert torch.equal(model(x), plain)  # the model itself is not touched
+        assert torch.equal(noisy.with_expected_noise(model).eval()(x), plain)
         # recalibration: clean statistics, cumulative over the batches (here: one, x itself)
         twin = noisy.recalibrated(model, x, "cpu", batch_size=8)
     norm = twin[0]

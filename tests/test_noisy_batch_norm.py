@@ -255,12 +255,23 @@ def test_deterministic_by_seed_and_step(backend, device):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_eval_mode_is_plain_batch_norm(backend, device):
+def test_eval_mode_is_the_noise_expectation(backend, device):
+    """Eval: no random noise; act(E[s] a + E[m]) with the running statistics, E[s] = 1.125."""
     use_backend(backend)
     inp = make_inputs(Case((5, 3, 17, 23)), device)
-    args = (inp["x"], inp["running_mean"], inp["running_var"], inp["weight"], inp["bias"])
-    y = bnk.noisy_batch_norm(*args, training=False, seed=3, step=8, activation="relu")
-    assert torch.equal(y, bnk.batch_norm(*args, training=False, activation="relu"))
+    args = (inp["x"], inp["running_mean"], inp["running_var"])
+    y = bnk.noisy_batch_norm(*args, inp["weight"], inp["bias"], training=False, seed=3, step=8,
+                             activation="relu")
+    assert CFG.expectation() == (1.125, 0.0)
+    a = F.batch_norm(inp["x"].double(), inp["running_mean"].double(),
+                     inp["running_var"].double(), inp["weight"].double(), inp["bias"].double())
+    assert_close(y, F.relu(1.125 * a), torch.float32, "y")
+    again = bnk.noisy_batch_norm(*args, inp["weight"], inp["bias"], training=False, seed=4,
+                                 step=9, activation="relu")
+    assert torch.equal(y, again)  # no noise: seed and step do not matter
+    y = bnk.noisy_batch_norm(*args, training=False)  # no affine: E[s] xhat + E[m]
+    assert_close(y, 1.125 * F.batch_norm(inp["x"].double(), inp["running_mean"].double(),
+                                         inp["running_var"].double()), torch.float32, "y")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

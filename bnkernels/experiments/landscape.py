@@ -139,9 +139,12 @@ def _eager_batch_norm(self, x: torch.Tensor) -> torch.Tensor:
     training = self.training or (self.running_mean is None and self.running_var is None)
     track = not self.training or self.track_running_stats
     noise = (self.noise, self.seed, self.noise_step) if noisy and self.training else None
+    weight, bias = self.weight, self.bias
+    if noisy and not self.training:  # eval: the noise's expectation, as the layer computes it
+        weight, bias = bnk.functional.expected_noise_affine(self.noise, weight, bias, x)
     y, _, _ = reference.batch_norm_reference_fwd(
         x, self.running_mean if track else None, self.running_var if track else None,
-        self.weight, self.bias, training, factor, self.eps, self.activation, noise)
+        weight, bias, training, factor, self.eps, self.activation, noise)
     if noisy and self.training:
         self.noise_step.add_(1)
     return y

@@ -676,7 +676,7 @@ def test_noisy_gradcheck_fp64(activation, channels_last, dev):
 def test_noisy_steps_and_seeds(dev):
     noisy_tests.test_deterministic_by_seed_and_step("cuda", dev)
     noisy_tests.test_step_tensor_is_read_on_device_and_snapshotted("cuda", dev)
-    noisy_tests.test_eval_mode_is_plain_batch_norm("cuda", dev)
+    noisy_tests.test_eval_mode_is_the_noise_expectation("cuda", dev)
 
 
 # ----------------------------------------------------------------------------- l_p norm

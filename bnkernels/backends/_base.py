@@ -91,3 +91,47 @@ def bounded_cache_put(cache: dict, key, value, limit: int = 4096):
         cache.pop(next(iter(cache)))
     cache[key] = value
     return value
+
+
+def cached_plan(cache: dict, sig: Signature, make):
+    """``cache[sig]``, made by ``make(sig)`` on first use (bounded, see bounded_cache_put)."""
+    plan = cache.get(sig)
+    if plan is None:
+        plan = bounded_cache_put(cache, sig, make(sig))
+    return plan
+
+
+def _raw_stream_getter():
+    getter = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if getter is None:  # pragma: no cover - every CUDA build of torch >= 2.4 has it
+        return lambda index: torch.cuda.current_stream(index).cuda_stream
+    return getter
+
+
+class Workspaces:
+    """The cached workspace of a plan: one per CUDA stream it runs on (one on the CPU), made
+    by ``make()`` on first use and reused by every later call on that stream.
+
+    A split reduction's workspace holds its partials and one ticket counter per channel group;
+    the last program (block) of a group resets its counter, so a workspace is zeroed once, when
+    made. Calls on one stream are ordered, so they can share it; calls on two streams at once
+    get two workspaces. (A CUDA graph captured on a side stream keeps that stream's workspace;
+    replaying it concurrently with eager calls of the same plan on that side stream would share
+    it.)"""
+
+    def __init__(self, device: torch.device, make):
+        self._make = make
+        self._by_stream: dict = {}
+        if device.type == "cuda":
+            getter = _raw_stream_getter()
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            self._stream = lambda: getter(index)
+        else:
+            self._stream = lambda: 0
+
+    def get(self):
+        key = self._stream()
+        ws = self._by_stream.get(key)
+        if ws is None:
+            ws = self._by_stream[key] = self._make()
+        return ws

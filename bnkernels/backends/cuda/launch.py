@@ -52,6 +52,7 @@ from pathlib import Path
 
 import torch
 
+from .. import _base
 from .._base import Signature, bounded_cache_put
 from ..layout import layout_of, view_layout
 from . import build_config as cuda_build
@@ -283,50 +284,27 @@ _NO_NOISE = (None, 0, 0, None)
 _INVSTD, _VAR, _LP_SCALE = 0, 1, 2
 
 
-def _raw_stream_getter():
-    getter = getattr(torch._C, "_cuda_getCurrentRawStream", None)
-    if getter is None:  # pragma: no cover - every CUDA build of torch >= 2.4 has it
-        return lambda index: torch.cuda.current_stream(index).cuda_stream
-    return getter
-
-
-class Workspaces:
-    """A plan's cached workspace, one per CUDA stream it runs on (one on the CPU, where the
-    tests' emulated kernels run): ``(acc, tickets)``, made on first use and reused by every
-    later call on that stream.
+class Workspaces(_base.Workspaces):
+    """A plan's cached workspace (see :class:`bnkernels.backends._base.Workspaces`; one per
+    CUDA stream, one on the CPU where the tests' emulated kernels run): ``(acc, tickets)``.
 
     ``acc`` (the accumulation dtype) holds the per-channel coefficients and the partials of
     the split reductions; ``tickets`` (int32) one counter per channel group, which the last
-    block of each group resets, so it is zeroed once, when made. Calls on one stream are
-    ordered, so they can share it; calls on two streams at once get two workspaces. Sizes come
-    from the extension (``workspace_size``: every vector width a call of the signature may
-    get), so every call of the plan fits."""
+    block of each group resets. Sizes come from the extension (``workspace_size``: every
+    vector width a call of the signature may get), so every call of the plan fits."""
 
     def __init__(self, ext, lay, dtype: torch.dtype, split: int):
         device = lay.device
+        index = 0
         if device.type == "cuda":
             index = device.index if device.index is not None else torch.cuda.current_device()
-            getter = _raw_stream_getter()
-            self._stream = lambda: getter(index)
-        else:
-            index = 0
-            self._stream = lambda: 0
+            device = torch.device("cuda", index)
         n_acc, n_tickets = ext.workspace_size(lay.N, lay.C, lay.S, lay.kind == "ncs",
                                               dtype.itemsize, split, index)
-        self._sizes = (n_acc, n_tickets)
-        self._device = torch.device(device.type, index) if device.type == "cuda" else device
-        self._acc = _acc(dtype)
-        self._by_stream: dict = {}
-
-    def get(self) -> tuple[torch.Tensor, torch.Tensor]:
-        key = self._stream()
-        ws = self._by_stream.get(key)
-        if ws is None:
-            n_acc, n_tickets = self._sizes
-            ws = self._by_stream[key] = (
-                torch.empty(n_acc, device=self._device, dtype=self._acc),
-                torch.zeros(n_tickets, device=self._device, dtype=torch.int32))
-        return ws
+        acc = _acc(dtype)
+        super().__init__(device, lambda: (
+            torch.empty(n_acc, device=device, dtype=acc),
+            torch.zeros(n_tickets, device=device, dtype=torch.int32)))
 
 
 # ----------------------------------------------------------------------------- plans (hot path)

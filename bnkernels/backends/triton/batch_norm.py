@@ -53,7 +53,7 @@ import triton
 import triton.language as tl
 
 from .. import register_plan_cache
-from .._base import Signature, bounded_cache_put
+from .._base import Signature, cached_plan
 from .common import (
     Workspaces,
     acc_dtype,
@@ -1011,10 +1011,7 @@ _PLANS: dict = register_plan_cache({})
 
 def batch_norm_plan(sig: Signature) -> BatchNormPlan:
     """The cached plan of ``sig``."""
-    plan = _PLANS.get(sig)
-    if plan is None:
-        plan = bounded_cache_put(_PLANS, sig, BatchNormPlan(sig))
-    return plan
+    return cached_plan(_PLANS, sig, BatchNormPlan)
 
 
 def _plan_for(x, training, activation, noise, weight, bias, running):

@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._base import Workspaces  # noqa: F401  (re-exported)
 from ..layout import Layout, layout_of, view_layout  # noqa: F401  (re-exported)
 
 # Read once, when the kernels are first imported: this is when @triton.jit decides between the
@@ -179,40 +180,6 @@ def apply_config(lay: Layout) -> ApplyConfig:
     block_r = _OVERRIDES.get("block_r", block_r)
     num_warps = 4 if block_r * block_k <= 1024 else 8
     return ApplyConfig(block_r, block_k, num_warps)
-
-
-def _raw_stream_getter():
-    getter = getattr(torch._C, "_cuda_getCurrentRawStream", None)
-    if getter is None:  # pragma: no cover - every CUDA build of torch >= 2.4 has it
-        return lambda index: torch.cuda.current_stream(index).cuda_stream
-    return getter
-
-
-class Workspaces:
-    """The cached workspace of a plan: one per CUDA stream it runs on (one on the CPU), made
-    by ``make()`` on first use and reused by every later call on that stream.
-
-    A split reduction's workspace holds its partials and one ticket counter per channel group;
-    the last program of a group resets its counter, so a workspace is zeroed once, when made.
-    Calls on one stream are ordered, so they can share it; calls on two streams at once get
-    two workspaces."""
-
-    def __init__(self, device: torch.device, make):
-        self._make = make
-        self._by_stream: dict = {}
-        if device.type == "cuda":
-            getter = _raw_stream_getter()
-            index = device.index if device.index is not None else torch.cuda.current_device()
-            self._stream = lambda: getter(index)
-        else:
-            self._stream = lambda: 0
-
-    def get(self):
-        key = self._stream()
-        ws = self._by_stream.get(key)
-        if ws is None:
-            ws = self._by_stream[key] = self._make()
-        return ws
 
 
 # ----------------------------------------------------------------------------- jit helpers

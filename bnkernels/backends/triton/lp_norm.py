@@ -62,7 +62,7 @@ import triton
 import triton.language as tl
 
 from .. import register_plan_cache
-from .._base import Signature, bounded_cache_put
+from .._base import Signature, cached_plan
 from .batch_norm import FROM_LP_SCALE, INVSTD, BatchNormPlan, _bn_apply_kernel
 from .common import (
     Workspaces,
@@ -813,10 +813,7 @@ _PLANS: dict = register_plan_cache({})
 
 def lp_norm_plan(sig: Signature) -> LpNormPlan:
     """The cached plan of ``sig``."""
-    plan = _PLANS.get(sig)
-    if plan is None:
-        plan = bounded_cache_put(_PLANS, sig, LpNormPlan(sig))
-    return plan
+    return cached_plan(_PLANS, sig, LpNormPlan)
 
 
 def _plan_for(x, p, training, centered, weight, bias, running):

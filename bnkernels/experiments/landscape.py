@@ -121,13 +121,11 @@ class HessianTrace(NamedTuple):
 
 
 def _eager_factor(m: nn.Module) -> float:
-    """torch's _BatchNorm rule for the running-statistics factor (counter updated)."""
-    factor = 0.0 if m.momentum is None else m.momentum
-    if m.training and m.track_running_stats and m.num_batches_tracked is not None:
-        m.num_batches_tracked.add_(1)
-        if m.momentum is None:
-            factor = 1.0 / float(m.num_batches_tracked)
-    return factor
+    """torch's _BatchNorm rule for the running-statistics factor (counter updated): the
+    layers' own rule."""
+    from bnkernels.nn import _factor
+
+    return _factor(m)
 
 
 def _eager_batch_norm(self, x: torch.Tensor) -> torch.Tensor:

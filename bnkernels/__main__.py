@@ -1,4 +1,4 @@
-"""``bnkernels`` / ``python -m bnkernels``: the command line is bnkernels.experiments.cli."""
-from .experiments.cli import main  # noqa: F401
+"""``bnkernels`` / ``python -m bnkernels``: the command line is :mod:`bnkernels.cli`."""
+from .cli import main  # noqa: F401
 
 if __name__ == "__main__": raise SystemExit(main())  # noqa: E701

@@ -18,7 +18,7 @@ import math
 import pytest
 import torch
 
-from bnkernels import bench
+from bnkernels.benchmarking import cli as bench
 from bnkernels.benchmarking import e2e as E
 from bnkernels.benchmarking import models as M
 from bnkernels.benchmarking import overhead as O
@@ -508,7 +508,7 @@ def test_network_shapes_follow_the_models():
 
 
 def test_cli_has_the_bench_subcommand():
-    from bnkernels.experiments.cli import build_parser
+    from bnkernels.cli import build_parser
 
     args = build_parser().parse_args(["bench", "--device", "cpu", "--quick", "--out", "x"])
     assert args.func is bench.main and args.quick and args.out == "x"

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 import bnkernels
+from bnkernels.cli import main
 from bnkernels.experiments import report
-from bnkernels.experiments.cli import main
 from bnkernels.experiments.train import (
     CONFIGS,
     RunConfig,

@@ -15,7 +15,7 @@ when it runs over; a later stage runs whatever happened to an earlier one):
               it imports), ``--timeout`` per test (pytest-timeout if it imports),
               ``-p no:cacheprovider``, a JUnit XML; test files that cannot import an optional
               module are reported as not collected, with the module.
-4. ``bench``  ``python -m bnkernels.bench --quick`` (overhead, e2e and CUDA-graph kernel
+4. ``bench``  ``python -m bnkernels.benchmarking --quick`` (overhead, e2e and CUDA-graph kernel
               sections, the targets) with a ``--time-limit`` inside the stage's budget; if the
               stage is killed, the sections finished so far are read from the partial file.
 
@@ -464,7 +464,7 @@ def main(argv=None) -> int:
     if "bench" in chosen:
         budget = min(args.bench_budget, left() - 20)
         time_limit = max(20.0, budget - 65)
-        cmd = [py, "-m", "bnkernels.bench", "--quick", "--out", str(bench_dir),
+        cmd = [py, "-m", "bnkernels.benchmarking", "--quick", "--out", str(bench_dir),
                "--time-limit", f"{time_limit:.0f}"]
         if args.cpu:
             cmd += ["--device", "cpu"]

@@ -1,7 +1,7 @@
 """The networks of the end-to-end benchmark (``e2e`` section of ``bnkernels bench``).
 
 * VGG-16 for CIFAR-10 with a BatchNorm after each of its 13 convs: the experiments' own
-  :class:`bnkernels.experiments.models.VGG` (``norm="torch"``: torch's BatchNorm2d), which needs
+  :class:`bnkernels.models.VGG` (``norm="torch"``: torch's BatchNorm2d), which needs
   32x32 inputs (five 2x2 pools).
 * ResNet-50 for ImageNet, written here (torchvision is not a dependency): the v1.5 bottleneck
   (the stride on the 3x3 conv), stages ``shapes.RESNET50`` = [3, 4, 6, 3] blocks, the 7x7/2
@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..models import VGG
 from .shapes import EXPANSION, RESNET50
 
 
@@ -86,8 +87,6 @@ class ResNet50(nn.Module):
 def build(arch: str, num_classes: int, width: float = 1.0) -> nn.Module:
     """A fresh "vgg16" or "resnet50" with torch's BatchNorm2d (seed the RNG first)."""
     if arch == "vgg16":
-        from ..experiments.models import VGG
-
         return VGG("vgg16", norm="torch", width=width, num_classes=num_classes)
     if arch == "resnet50":
         return ResNet50(num_classes, width)

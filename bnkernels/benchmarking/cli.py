@@ -131,8 +131,8 @@ def _choose(given, allowed, what: str) -> tuple[str, ...]:
 
 
 def _list(device) -> int:
-    from .benchmarking import providers as P
-    from .benchmarking import shapes as S
+    from . import providers as P
+    from . import shapes as S
 
     print("suites:")
     for name, suite in S.suites().items():
@@ -147,8 +147,8 @@ def _list(device) -> int:
         if not why and name not in P.default_providers(device):
             why = P.not_default_reason(name, device)
         print(f"  {name:<20} {'ok' if not why else 'skipped: ' + why}")
-    from .benchmarking import e2e as E2E
-    from .benchmarking import overhead as OVH
+    from . import e2e as E2E
+    from . import overhead as OVH
 
     o = OVH.OverheadOptions.for_device(device)
     print(f"overhead section on {device}: {'x'.join(map(str, o.shape))} fp32, providers "
@@ -166,11 +166,11 @@ def options(args: argparse.Namespace):
     device = _device(args.device)
     if device.type == "cpu":
         _interpret_triton_on_cpu()
-    from .benchmarking import e2e as E2E
-    from .benchmarking import overhead as OVH
-    from .benchmarking import providers as P
-    from .benchmarking import shapes as S
-    from .benchmarking.suite import MODES, RunOptions
+    from . import e2e as E2E
+    from . import overhead as OVH
+    from . import providers as P
+    from . import shapes as S
+    from .suite import MODES, RunOptions
 
     cpu = device.type == "cpu"
     smoke = bool(getattr(args, "smoke", False))
@@ -242,9 +242,9 @@ def main(args: argparse.Namespace) -> int:
     if "graph" in opts.modes and opts.device.type != "cuda":
         raise SystemExit("bnkernels bench: CUDA-graph timing (--cuda-graph, --modes graph) "
                          "needs a CUDA device")
-    from .benchmarking import providers as P
-    from .benchmarking.report import write, write_partial
-    from .benchmarking.suite import run
+    from . import providers as P
+    from .report import write, write_partial
+    from .suite import run
 
     out = Path(args.out)
     opts.checkpoint = lambda partial: print(f"partial results: {write_partial(partial, out)}")
@@ -292,7 +292,8 @@ def targets_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
-    _parser = argparse.ArgumentParser(prog="bnkernels")
-    add_parser(_parser.add_subparsers(dest="command", required=True))
-    sys.exit(main(_parser.parse_args(["bench", *sys.argv[1:]])))
+def standalone(argv: list[str] | None = None) -> int:
+    """``python -m bnkernels.benchmarking [options]``: the bench without the package CLI."""
+    parser = argparse.ArgumentParser(prog="bnkernels")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    return main(parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)]))

@@ -10,7 +10,7 @@
                           and report.md (--quick: the 2-core-CPU version on bundled data,
                           minutes; --mode gpu: VGG-16 at full width, ~10 min on one GPU)
     bnkernels demo        bnkernels' BatchNorm against torch's, side by side
-    bnkernels bench       kernel benchmarks (when bnkernels.bench is installed)
+    bnkernels bench       kernel benchmarks (bnkernels.benchmarking)
 
 Every option of a run's config (``RunConfig``) can be overridden: ``--steps 500 --width 0.5``.
 """
@@ -23,8 +23,8 @@ import os
 import sys
 from pathlib import Path
 
-from .models import NORMS
-from .train import CONFIGS, RunConfig, default_jobs
+from .experiments.models import NORMS
+from .experiments.train import CONFIGS, RunConfig, default_jobs
 
 
 def _csv(kind):
@@ -74,7 +74,7 @@ def config_overrides(args: argparse.Namespace) -> dict:
 
 def _download_if_asked(cfg: RunConfig, args) -> None:
     if getattr(args, "download", False) and cfg.dataset == "cifar10":
-        from .data import load_cifar10
+        from .experiments.data import load_cifar10
 
         load_cifar10(cfg.data_dir, download=True)
 
@@ -83,7 +83,7 @@ def _download_if_asked(cfg: RunConfig, args) -> None:
 
 
 def cmd_train(args) -> int:
-    from .train import DistBackendError, read_metrics, run_id, train
+    from .experiments.train import DistBackendError, read_metrics, run_id, train
 
     cfg = dataclasses.replace(CONFIGS[args.config], **config_overrides(args))
     _download_if_asked(cfg, args)
@@ -120,9 +120,9 @@ SWEEP_NORMS = {"ics": "none,batchnorm", "landscape": "none,batchnorm",
 
 def cmd_sweep(args) -> int:
     """ics / landscape / lr-sweep / lp: a grid of norms x learning rates, then a plot."""
-    from .plots import Run, plot_runs
-    from .report import final_test_acc, final_train, ics_mean, landscape_median
-    from .train import run_many
+    from .experiments.plots import Run, plot_runs
+    from .experiments.report import final_test_acc, final_train, ics_mean, landscape_median
+    from .experiments.train import run_many
 
     name = f"{args.model}-quick" if args.quick else args.model
     base = dataclasses.replace(CONFIGS[name], **SWEEP_MEASURE[args.command])
@@ -175,13 +175,13 @@ def _assignments(items, cfg: RunConfig, flag: str) -> dict:
 
 
 def _has_cifar10(data_dir: str | None) -> bool:
-    from .data import CIFAR10_TEST, _cifar_root
+    from .experiments.data import CIFAR10_TEST, _cifar_root
 
     return data_dir is not None and (_cifar_root(data_dir) / CIFAR10_TEST).is_file()
 
 
 def cmd_reproduce(args) -> int:
-    from .report import SUITES, claims_table_text, reproduce, write_report
+    from .experiments.report import SUITES, claims_table_text, reproduce, write_report
 
     mode = "quick" if args.quick else args.mode
     out = Path(args.out or ("runs/reproduce" if mode == "full" else f"runs/reproduce-{mode}"))
@@ -191,7 +191,7 @@ def cmd_reproduce(args) -> int:
     overrides = {k: v for k, v in (("dataset", dataset), ("data_dir", args.data_dir))
                  if v is not None}
     if args.download and (dataset or SUITES[mode].vgg.dataset) == "cifar10":
-        from .data import load_cifar10
+        from .experiments.data import load_cifar10
 
         load_cifar10(args.data_dir or "data", download=True)
         overrides.setdefault("data_dir", args.data_dir or "data")
@@ -215,7 +215,7 @@ def cmd_reproduce(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from ..demo import run_demo
+    from .demo import run_demo
 
     return run_demo(steps=args.steps, seed=args.seed)
 
@@ -224,10 +224,10 @@ def cmd_demo(args) -> int:
 
 
 def add_bench_parser(sub) -> bool:
-    """The ``bench`` subcommand, when ``bnkernels.bench`` (benchmarks) can be imported: its
+    """The ``bench`` subcommand, when :mod:`bnkernels.benchmarking.cli` can be imported: its
     ``add_parser(sub)`` adds the parser and ``main(args)`` runs it. Otherwise there is none."""
     try:
-        from .. import bench
+        from .benchmarking import cli as bench
     except ImportError:
         return False
     bench.add_parser(sub)

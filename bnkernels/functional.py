@@ -1,15 +1,17 @@
-"""Functional ops, ``torch.nn.functional``-style.
+"""Functional ops, ``torch.nn.functional``-style: batch_norm, noisy_batch_norm, lp_norm.
 
-The hot path. A call looks its input signature up in a cache (shape, strides, dtype and device
-of the input and of the per-channel tensors, and the call's flags); only the first call of a
-signature validates it, selects the backend and makes the backend's plan (layout, strategy,
-grids, workspace). Later calls check the two scalars (momentum, eps) and go straight to the
-plan, through a plain autograd Function when a gradient is wanted, or to the plan alone when
-none is. No environment, import system, filesystem or device query is touched per call.
+The hot path. A call builds its :class:`~.backends.plan.Signature` (shape, strides, dtype and
+device of the input and of the per-channel tensors, and the call's flags) and looks its plan
+up in :data:`~.backends.plan.PLANS`; only the first call of a signature validates it, selects
+the backend and makes the plan (:func:`_batch_norm_plan`, :func:`_lp_norm_plan`: the cold
+path). Later calls check the two scalars (momentum, eps) and go straight to the plan, through
+:class:`~.autograd.NormFunction` when a gradient is wanted, or to the plan alone when none
+is. No environment, import system, filesystem or device query is touched per call.
 
 Under torch.compile, export, fake tensors or a dispatch mode (FlopCounterMode, make_fx, ...),
-calls take the traced route instead: the same validation, then the registered torch ops
-(``bnkernels::batch_norm``, ...), which compilers and modes can see (see :mod:`.ops`).
+calls take the traced route instead: the same validation, then the same autograd Function on
+an :class:`~.library.OpPlan`, which calls the registered torch ops (``bnkernels::batch_norm``,
+...) that compilers and modes can see.
 """
 
 from __future__ import annotations
@@ -17,45 +19,37 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import Tensor
 
 from . import backends
-from .backends._base import FLOAT_DTYPES, Signature
+from .autograd import NormFunction
+from .backends.plan import FLOAT_DTYPES, PLANS, Signature
+from .library import OpPlan
 from .noise import NoiseConfig
-from .ops import BatchNormFunction, BatchNormOpFunction, LpNormFunction, LpNormOpFunction
 
 ACTIVATIONS = (None, "relu")
+LP_NORMS = (1, 2, math.inf)
+_P = {1: 1, 2: 2, math.inf: math.inf, "1": 1, "2": 2, "inf": math.inf}  # accepted spellings
+_INF = math.inf
 
 # ----------------------------------------------------------------------------- routing
 
-_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 _is_compiling = torch.compiler.is_compiling
 _dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 0)
+_grad_enabled = torch.is_grad_enabled
+_new = tuple.__new__  # a Signature from a plain tuple, without NamedTuple's __new__
+_plan_get = PLANS.get  # PLANS is cleared in place, never replaced
+_channels = Signature.channels_of
 
 
-def _eager(x) -> bool:
-    """True for a plain tensor outside compilers and dispatch modes: the direct route."""
-    return not _is_compiling() and type(x) in _PLAIN_TENSORS and _dispatch_modes() == 0
+_PLAIN = (Tensor, torch.nn.Parameter)
 
 
-def _chan(t):
-    """The cache key of a per-channel tensor (None allowed)."""
-    return None if t is None else (t.shape, t.stride(), t.dtype, t.device)
+class _Empty:
+    """The plan of an empty batch: no kernel (see :func:`_empty_batch`)."""
 
 
-def _needs_grad(x, weight, bias) -> bool:
-    return torch.is_grad_enabled() and (
-        x.requires_grad or (weight is not None and weight.requires_grad)
-        or (bias is not None and bias.requires_grad))
-
-
-def _scalars_ok(momentum, eps) -> bool:
-    return (momentum is not None and 0.0 <= momentum <= 1.0
-            and 0.0 < eps < math.inf)
-
-
-_EMPTY = "empty"  # the plan of an empty batch: no kernel
-_BN_PLANS: dict = backends.register_plan_cache({})
-_LP_PLANS: dict = backends.register_plan_cache({})
+_EMPTY = _Empty()
 
 
 def _check_input(op: str, x: torch.Tensor) -> None:
@@ -97,7 +91,7 @@ def _check_training_size(x: torch.Tensor) -> None:
             f"Expected more than 1 value per channel when training, got input size {x.size()}")
 
 
-def _check_scalars(op: str, momentum, eps, activation) -> None:
+def _check_scalars(op: str, momentum, eps, activation=None) -> None:
     if momentum is None:
         raise ValueError(
             f"{op}: momentum=None (cumulative moving average) needs the number of batches seen; "
@@ -109,6 +103,9 @@ def _check_scalars(op: str, momentum, eps, activation) -> None:
         raise ValueError(f"{op}: eps must be a positive finite number, got {eps}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"{op}: activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+# ----------------------------------------------------------------------------- BatchNorm
 
 
 def batch_norm(x: torch.Tensor, running_mean: torch.Tensor | None,
@@ -124,37 +121,49 @@ def batch_norm(x: torch.Tensor, running_mean: torch.Tensor | None,
     fp32 (fp64 for fp64 input); the output has x's dtype and memory format.
     """
     return _batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps,
-                       activation, None)
+                       activation, None, None)
 
 
 def _batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, activation,
-                noise):
-    """batch_norm and noisy_batch_norm (``noise`` = (NoiseConfig, seed, step) or None)."""
-    if not _eager(x):
+                noise, counter):
+    """batch_norm and noisy_batch_norm. ``noise``: (NoiseConfig, seed, step) or None.
+    ``counter``: a module's num_batches_tracked, incremented by the call (or None)."""
+    if type(x) not in _PLAIN or _is_compiling() or _dispatch_modes():
         return _batch_norm_traced(x, running_mean, running_var, weight, bias, training,
-                                  momentum, eps, activation, noise)
+                                  momentum, eps, activation, noise, counter)
     try:
-        key = (x.shape, x.stride(), x.dtype, x.device, training, activation,
-               _chan(running_mean), _chan(running_var), _chan(weight), _chan(bias),
-               None if noise is None else isinstance(noise[2], torch.Tensor))
-        plan = _BN_PLANS.get(key)
-    except (AttributeError, TypeError):  # not tensors: validation below says what is wrong
-        key, plan = None, None
-    if plan is None:
-        plan = _batch_norm_plan(key, x, running_mean, running_var, weight, bias, training,
-                                momentum, eps, activation, noise)
-    if not _scalars_ok(momentum, eps):
-        _check_scalars("noisy_batch_norm" if noise else "batch_norm", momentum, eps, activation)
+        sig = _new(Signature, (
+            "batch_norm", x.shape, x.stride(), x.dtype, x.device, training, activation,
+            None if noise is None else (noise[0], isinstance(noise[2], Tensor)), None, None,
+            counter is not None, _channels(weight, bias, running_mean, running_var), None))
+        plan = _plan_get(sig) or _batch_norm_plan(sig, x, running_mean, running_var, weight,
+                                                   bias, training, momentum, eps, activation,
+                                                   noise)
+        momentum, eps = float(momentum), float(eps)
+    except (AttributeError, TypeError, ValueError):  # validation says what is wrong
+        _validate_batch_norm(_bn_name(noise), x, running_mean, running_var, weight, bias,
+                             training, momentum, eps, activation)
+        raise
+    if not (0.0 <= momentum <= 1.0 and 0.0 < eps < _INF):
+        _check_scalars(_bn_name(noise), momentum, eps, activation)
+    return _run(plan, x, running_mean, running_var, weight, bias, momentum, eps, noise, counter)
+
+
+def _run(plan, x, running_mean, running_var, weight, bias, momentum, eps, noise, counter):
+    """The plan's forward: through the autograd Function when a gradient is wanted (the
+    scalars are checked floats)."""
     if plan is _EMPTY:
-        return _empty_batch(x, weight, bias, activation)
-    momentum, eps = float(momentum), float(eps)
-    if _needs_grad(x, weight, bias):
-        y = BatchNormFunction.apply(x, weight, bias, running_mean, running_var, plan, momentum,
-                                    eps, noise)
-    else:
-        y = plan.forward(x, running_mean, running_var, weight, bias, momentum, eps, noise,
-                         need_saved=False)[0]
-    return y
+        return _empty_batch(x, weight, bias, None, counter)  # no values: no activation
+    if _grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
+                            or (bias is not None and bias.requires_grad)):
+        return NormFunction.apply(x, weight, bias, (running_mean, running_var, plan, momentum,
+                                                    eps, noise, counter))
+    return plan.forward(x, running_mean, running_var, weight, bias, momentum, eps, noise, False,
+                        counter)[0]
+
+
+def _bn_name(noise):
+    return "noisy_batch_norm" if noise is not None else "batch_norm"
 
 
 def _validate_batch_norm(op, x, running_mean, running_var, weight, bias, training, momentum,
@@ -172,75 +181,44 @@ def _validate_batch_norm(op, x, running_mean, running_var, weight, bias, trainin
         _check_training_size(x)
 
 
-def _batch_norm_plan(key, x, running_mean, running_var, weight, bias, training, momentum, eps,
+def _batch_norm_plan(sig, x, running_mean, running_var, weight, bias, training, momentum, eps,
                      activation, noise):
-    """Validate a new signature and make (and cache) its plan."""
-    op = "noisy_batch_norm" if noise is not None else "batch_norm"
-    _validate_batch_norm(op, x, running_mean, running_var, weight, bias, training, momentum,
-                         eps, activation)
+    """The cold path: validate a new signature, make its plan and cache it."""
+    _validate_batch_norm(_bn_name(noise), x, running_mean, running_var, weight, bias, training,
+                         momentum, eps, activation)
     if x.numel() == 0:
-        plan = _EMPTY
-    else:
-        plan = _ChannelsCopied.wrap(backends.plan(op, x, Signature.of(
-            x, bool(training), activation=activation, has_weight=weight is not None,
-            has_bias=bias is not None, has_running=running_mean is not None,
-            noisy=noise is not None,
-            step_tensor=noise is not None and isinstance(noise[2], torch.Tensor))),
-            running_mean, running_var, weight, bias)
-    if key is not None:
-        backends._base.bounded_cache_put(_BN_PLANS, key, plan)
-    return plan
-
-
-class _ChannelsCopied:
-    """A plan for per-channel tensors that are not contiguous (the kernels read them as
-    contiguous vectors): contiguous copies go in, and updated running buffers are copied back.
-    Rare (a view such as ``w[::2]``), so it stays off the common path."""
-
-    def __init__(self, plan):
-        self.plan = plan
-
-    @staticmethod
-    def wrap(plan, *tensors):
-        if all(t is None or t.is_contiguous() for t in tensors):
-            return plan
-        return _ChannelsCopied(plan)
-
-    def forward(self, x, running_mean, running_var, weight, bias, *args, **kwargs):
-        c = [t if t is None else t.contiguous() for t in (running_mean, running_var)]
-        out = self.plan.forward(x, c[0], c[1], weight if weight is None else weight.contiguous(),
-                                bias if bias is None else bias.contiguous(), *args, **kwargs)
-        for orig, copy in zip((running_mean, running_var), c):
-            if orig is not None and copy is not orig:
-                orig.copy_(copy)
-        return out
-
-    def backward(self, dy, x, a, b, weight, bias, *args):
-        a, b = a.contiguous(), b.contiguous()
-        return self.plan.backward(dy, x, a, b, weight if weight is None else weight.contiguous(),
-                                  bias if bias is None else bias.contiguous(), *args)
+        return PLANS.put(sig, _EMPTY)
+    return backends.make_plan(sig, x)
 
 
 def _batch_norm_traced(x, running_mean, running_var, weight, bias, training, momentum, eps,
-                       activation, noise):
-    """The traced route: the registered ops, through BatchNormOpFunction."""
-    op = "noisy_batch_norm" if noise is not None else "batch_norm"
+                       activation, noise, counter):
+    """The traced route: the same validation, then the registered ops (an OpPlan)."""
+    op = _bn_name(noise)
     _validate_batch_norm(op, x, running_mean, running_var, weight, bias, training, momentum,
                          eps, activation)
     if x.numel() == 0:
-        return _empty_batch(x, weight, bias, activation)
+        return _empty_batch(x, weight, bias, activation, counter)
     name = backends.backend_name_for_compile(op, str(x.device), str(x.dtype).replace("torch.", ""),
                                              backends.GENERATION)
-    if noise is None:
-        return BatchNormOpFunction.apply(x, weight, bias, running_mean, running_var,
-                                         bool(training), float(momentum), float(eps),
-                                         activation, None, 0, 0, None, name)
-    cfg, seed, step = noise
-    step_tensor = step if isinstance(step, torch.Tensor) else None
-    return BatchNormOpFunction.apply(x, weight, bias, running_mean, running_var, True,
-                                     float(momentum), float(eps), activation, cfg.as_list(),
-                                     seed, 0 if step_tensor is not None else step, step_tensor,
-                                     name)
+    plan = OpPlan("batch_norm", training, activation, None, None, name)
+    return NormFunction.apply(x, weight, bias, (running_mean, running_var, plan, float(momentum),
+                                                float(eps), noise, counter))
+
+
+def sync_plan(x, running_mean, running_var, weight, bias, activation):
+    """The plan of a SyncBatchNorm training call (its stages), from the cache."""
+    sig = Signature.of("batch_norm", x, True, activation=activation, weight=weight, bias=bias,
+                       running_mean=running_mean, running_var=running_var)
+    plan = PLANS.get(sig)
+    if plan is None:
+        _validate_batch_norm("batch_norm", x, running_mean, running_var, weight, bias, True, 0.1,
+                             1e-5, activation)
+        plan = backends.make_plan(sig, x)
+    return plan
+
+
+# ----------------------------------------------------------------------------- noisy BatchNorm
 
 
 def _check_noise(op, x, noise, seed, step):
@@ -282,10 +260,10 @@ def noisy_batch_norm(x: torch.Tensor, running_mean: torch.Tensor | None,
     _check_noise("noisy_batch_norm", x, noise, seed, step)
     if not training:
         weight, bias = expected_noise_affine(noise, weight, bias, x)
-        return batch_norm(x, running_mean, running_var, weight, bias, False, momentum, eps,
-                          activation)
+        return _batch_norm(x, running_mean, running_var, weight, bias, False, momentum, eps,
+                           activation, None, None)
     return _batch_norm(x, running_mean, running_var, weight, bias, True, momentum, eps,
-                       activation, (noise, seed, step))
+                       activation, (noise, seed, step), None)
 
 
 def expected_noise_affine(noise: NoiseConfig, weight, bias, x):
@@ -318,12 +296,14 @@ def noisy_batch_norm_noise(x: torch.Tensor, noise: NoiseConfig = NoiseConfig(), 
     op = "noisy_batch_norm_noise"
     _check_input(op, x)
     _check_noise(op, x, noise, seed, step)
-    return backends.select(op, x).noisy_batch_norm_noise(x, (noise, seed, step))
+    return backends.select(op, x).noise(x, (noise, seed, step))
 
 
-def _empty_batch(x, weight, bias, activation):
-    """As PyTorch: an empty batch gives an empty output, statistics untouched, and (zero)
-    gradients still reach weight and bias."""
+def _empty_batch(x, weight, bias, activation, counter=None):
+    """As PyTorch: an empty batch gives an empty output, statistics untouched (the module's
+    batch counter still advances), and (zero) gradients still reach weight and bias."""
+    if counter is not None:
+        counter.add_(1)
     out = x.clone()
     if weight is not None:
         out = out * weight.reshape(1, -1, *([1] * (x.dim() - 2)))
@@ -332,7 +312,7 @@ def _empty_batch(x, weight, bias, activation):
     return torch.relu(out) if activation == "relu" else out
 
 
-LP_NORMS = (1, 2, math.inf)
+# ----------------------------------------------------------------------------- l_p norm
 
 
 def _check_p(op: str, p):
@@ -364,30 +344,31 @@ def lp_norm(x: torch.Tensor, p, running_mean: torch.Tensor | None = None,
     is split equally among the values attaining max|z| (as torch.amax's). Statistics are
     accumulated in fp32 (fp64 for fp64 input); the output has x's dtype and memory format.
     """
-    if not _eager(x):
+    return _lp_norm(x, p, running_mean, running_scale, weight, bias, training, momentum, eps,
+                    centered, None)
+
+
+def _lp_norm(x, p, running_mean, running_scale, weight, bias, training, momentum, eps, centered,
+             counter):
+    if type(x) not in _PLAIN or _is_compiling() or _dispatch_modes():
         return _lp_norm_traced(x, p, running_mean, running_scale, weight, bias, training,
-                               momentum, eps, centered)
+                               momentum, eps, centered, counter)
     try:
-        key = (x.shape, x.stride(), x.dtype, x.device, p, training, centered,
-               _chan(running_mean), _chan(running_scale), _chan(weight), _chan(bias))
-        plan = _LP_PLANS.get(key)
-    except (AttributeError, TypeError):
-        key, plan = None, None
-    if plan is None:
-        plan = _lp_norm_plan(key, x, p, running_mean, running_scale, weight, bias, training,
-                             momentum, eps, centered)
-    if not _scalars_ok(momentum, eps):
-        _check_scalars("lp_norm", momentum, eps, None)
-    if plan is _EMPTY:
-        return _empty_batch(x, weight, bias, None)
-    momentum, eps = float(momentum), float(eps)
-    if _needs_grad(x, weight, bias):
-        y = LpNormFunction.apply(x, weight, bias, running_mean, running_scale, plan, momentum,
-                                 eps)
-    else:
-        y = plan.forward(x, running_mean, running_scale, weight, bias, momentum, eps,
-                         need_saved=False)[0]
-    return y
+        sig = _new(Signature, (
+            "lp_norm", x.shape, x.stride(), x.dtype, x.device, training, None, None, _P[p],
+            centered, counter is not None, _channels(weight, bias, running_mean, running_scale),
+            None))
+        plan = _plan_get(sig) or _lp_norm_plan(sig, x, p, running_mean, running_scale, weight,
+                                                bias, training, momentum, eps)
+        momentum, eps = float(momentum), float(eps)
+    except (AttributeError, TypeError, KeyError, ValueError):  # validation says what is wrong
+        _validate_lp_norm("lp_norm", x, p, running_mean, running_scale, weight, bias, training,
+                          momentum, eps)
+        raise
+    if not (0.0 <= momentum <= 1.0 and 0.0 < eps < _INF):
+        _check_scalars("lp_norm", momentum, eps)
+    return _run(plan, x, running_mean, running_scale, weight, bias, momentum, eps, None,
+                counter)
 
 
 def _validate_lp_norm(op, x, p, running_mean, running_scale, weight, bias, training, momentum,
@@ -407,31 +388,25 @@ def _validate_lp_norm(op, x, p, running_mean, running_scale, weight, bias, train
     return p
 
 
-def _lp_norm_plan(key, x, p, running_mean, running_scale, weight, bias, training, momentum, eps,
-                  centered):
-    p = _validate_lp_norm("lp_norm", x, p, running_mean, running_scale, weight, bias, training,
-                          momentum, eps)
+def _lp_norm_plan(sig, x, p, running_mean, running_scale, weight, bias, training, momentum,
+                  eps):
+    """The cold path: validate a new signature, make its plan and cache it."""
+    _validate_lp_norm("lp_norm", x, p, running_mean, running_scale, weight, bias, training,
+                      momentum, eps)
     if x.numel() == 0:
-        plan = _EMPTY
-    else:
-        plan = _ChannelsCopied.wrap(backends.plan("lp_norm", x, Signature.of(
-            x, bool(training), has_weight=weight is not None, has_bias=bias is not None,
-            has_running=running_mean is not None, p=p, centered=bool(centered))),
-            running_mean, running_scale, weight, bias)
-    if key is not None:
-        backends._base.bounded_cache_put(_LP_PLANS, key, plan)
-    return plan
+        return PLANS.put(sig, _EMPTY)
+    return backends.make_plan(sig, x)
 
 
 def _lp_norm_traced(x, p, running_mean, running_scale, weight, bias, training, momentum, eps,
-                    centered):
+                    centered, counter):
     p = _validate_lp_norm("lp_norm", x, p, running_mean, running_scale, weight, bias, training,
                           momentum, eps)
     if x.numel() == 0:
-        return _empty_batch(x, weight, bias, None)
+        return _empty_batch(x, weight, bias, None, counter)
     name = backends.backend_name_for_compile("lp_norm", str(x.device),
                                              str(x.dtype).replace("torch.", ""),
                                              backends.GENERATION)
-    return LpNormOpFunction.apply(x, weight, bias, running_mean, running_scale, p,
-                                  bool(training), float(momentum), float(eps), bool(centered),
-                                  name)
+    plan = OpPlan("lp_norm", training, None, p, bool(centered), name)
+    return NormFunction.apply(x, weight, bias, (running_mean, running_scale, plan,
+                                                float(momentum), float(eps), None, counter))

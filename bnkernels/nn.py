@@ -14,17 +14,16 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import backends
+from .autograd import SyncBatchNormFunction
 from .functional import (
     ACTIVATIONS,
+    _batch_norm,
     _check_p,
-    batch_norm,
+    _lp_norm,
     expected_noise_affine,
-    lp_norm,
-    noisy_batch_norm,
+    sync_plan,
 )
 from .noise import NoiseConfig
-from .ops import SyncBatchNormFunction
 
 
 def _check_activation(module, activation):
@@ -47,15 +46,24 @@ def _check_num_features(cls, num_features):
                          f"got {num_features!r}")
 
 
-def _factor(module) -> float:
-    """torch's _BatchNorm rule: momentum, or the cumulative average 1/num_batches_tracked
-    (which reads the counter on the host, as torch does, only when momentum is None)."""
-    factor = 0.0 if module.momentum is None else module.momentum
-    if module.training and module.track_running_stats and module.num_batches_tracked is not None:
-        module.num_batches_tracked.add_(1)
-        if module.momentum is None:
-            factor = 1.0 / float(module.num_batches_tracked)
-    return factor
+def _running(module, running_mean, running_var):
+    """``(running_mean, running_var, bn_training, factor, counter)`` for a module's call, by
+    torch's _BatchNorm rules, each buffer read once: in training with running statistics the
+    batch counter advances -- by the kernels (``counter``, no op of its own) when the factor
+    is ``momentum``; on the host first when momentum is None (the cumulative average
+    1/num_batches_tracked, read on the host as torch does)."""
+    momentum = module.momentum
+    factor = 0.0 if momentum is None else momentum
+    if not module.training:
+        return (running_mean, running_var, running_mean is None and running_var is None, factor,
+                None)
+    if not module.track_running_stats:
+        return None, None, True, factor, None
+    counter = module.num_batches_tracked
+    if counter is not None and momentum is None:
+        counter.add_(1)
+        return running_mean, running_var, True, 1.0 / float(counter), None
+    return running_mean, running_var, True, factor, counter
 
 
 class _BatchNormMixin:
@@ -72,19 +80,14 @@ class _BatchNormMixin:
         s = super().extra_repr()
         return s + (f", activation={self.activation!r}" if self.activation else "")
 
-    def _stats_args(self):
-        bn_training = self.training or (self.running_mean is None and self.running_var is None)
-        track = not self.training or self.track_running_stats
-        return (self.running_mean if track else None, self.running_var if track else None,
-                bn_training)
-
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
-        _check_channels(self, input)
-        factor = _factor(self)
-        rm, rv, bn_training = self._stats_args()
-        return batch_norm(input, rm, rv, self.weight, self.bias, bn_training, factor, self.eps,
-                          self.activation)
+        if input.shape[1] != self.num_features:
+            _check_channels(self, input)
+        rm, rv, bn_training, factor, counter = _running(self, self.running_mean,
+                                                        self.running_var)
+        return _batch_norm(input, rm, rv, self.weight, self.bias, bn_training, factor, self.eps,
+                           self.activation, None, counter)
 
 
 def _bn_init(cls_name, torch_cls):
@@ -145,31 +148,31 @@ class _NoisyBatchNormMixin(_BatchNormMixin):
         return super().extra_repr() + f", noise={self.noise}, seed={self.seed}"
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if not self.training:  # the noise's expectation in place of the noise
-            self._check_input_dim(input)
-            _check_channels(self, input)
-            rm, rv, bn_training = self._stats_args()
-            weight, bias = expected_noise_affine(self.noise, self.weight, self.bias, input)
-            return batch_norm(input, rm, rv, weight, bias, bn_training, _factor(self), self.eps,
-                              self.activation)
         self._check_input_dim(input)
-        _check_channels(self, input)
-        factor = _factor(self)
-        rm, rv, _ = self._stats_args()
-        y = noisy_batch_norm(input, rm, rv, self.weight, self.bias, True, factor, self.eps,
-                             self.noise, self.seed, self.noise_step, self.activation)
-        self.noise_step.add_(1)
+        if input.shape[1] != self.num_features:
+            _check_channels(self, input)
+        rm, rv, bn_training, factor, counter = _running(self, self.running_mean,
+                                                        self.running_var)
+        weight, bias = self.weight, self.bias
+        if not self.training:  # the noise's expectation in place of the noise
+            weight, bias = expected_noise_affine(self.noise, weight, bias, input)
+            return _batch_norm(input, rm, rv, weight, bias, bn_training, factor, self.eps,
+                               self.activation, None, counter)
+        step = self.noise_step
+        y = _batch_norm(input, rm, rv, weight, bias, True, factor, self.eps, self.activation,
+                        (self.noise, self.seed, step), counter)
+        step.add_(1)
         return y
 
 
 def _noisy_init(cls_name, torch_cls):
+    base = _bn_init(cls_name, torch_cls)
+
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, *args, noise=NoiseConfig(), seed=0, activation=None,
                  **kwargs):
-        _BatchNormMixin._init_extra(self, num_features, momentum, activation)
-        torch_cls.__init__(self, num_features, eps, momentum, affine, track_running_stats,
-                           *args, **kwargs)
-        self.activation = activation
+        base(self, num_features, eps, momentum, affine, track_running_stats, *args,
+             activation=activation, **kwargs)
         self._init_noise(noise, seed)
 
     __init__.__qualname__ = f"{cls_name}.__init__"
@@ -263,13 +266,12 @@ class _LpNorm(nn.Module):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
-        _check_channels(self, input)
-        factor = _factor(self)
-        bn_training = self.training or self.running_mean is None
-        track = not self.training or self.track_running_stats
-        return lp_norm(input, self.p, self.running_mean if track else None,
-                       self.running_scale if track else None, self.weight, self.bias,
-                       bn_training, factor, self.eps, self.centered)
+        if input.shape[1] != self.num_features:
+            _check_channels(self, input)
+        rm, rs, bn_training, factor, counter = _running(self, self.running_mean,
+                                                        self.running_scale)
+        return _lp_norm(input, self.p, rm, rs, self.weight, self.bias, bn_training, factor,
+                        self.eps, self.centered, counter)
 
 
 class LpNorm1d(_LpNorm):
@@ -317,20 +319,23 @@ class SyncBatchNorm(_BatchNormMixin, nn.SyncBatchNorm):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
-        _check_channels(self, input)
-        factor = _factor(self)
-        rm, rv, bn_training = self._stats_args()
+        if input.shape[1] != self.num_features:
+            _check_channels(self, input)
         group = self.process_group or (dist.group.WORLD if dist.is_available() and
                                        dist.is_initialized() else None)
         world = dist.get_world_size(group) if group is not None else 1
-        if not (bn_training and self.training and world > 1):
-            return batch_norm(input, rm, rv, self.weight, self.bias, bn_training, factor,
-                              self.eps, self.activation)
+        rm, rv, bn_training, factor, counter = _running(self, self.running_mean,
+                                                        self.running_var)
+        if not (self.training and world > 1):
+            return _batch_norm(input, rm, rv, self.weight, self.bias, bn_training, factor,
+                               self.eps, self.activation, None, counter)
+        if counter is not None:  # the stages count nothing: count here, as torch does
+            counter.add_(1)
         if input.numel() // input.shape[1] == 0 and input.numel() != 0:
             raise ValueError("SyncBatchNorm: empty channels")
-        be = backends.select("batch_norm", input)
+        plan = sync_plan(input, rm, rv, self.weight, self.bias, self.activation)
         return SyncBatchNormFunction.apply(input, self.weight, self.bias, rm, rv, self.eps,
-                                           factor, self.activation, group, world, be)
+                                           factor, group, world, plan)
 
 
 # ----------------------------------------------------------------------------- convert

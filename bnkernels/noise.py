@@ -20,12 +20,17 @@ class NoiseConfig:
     r_sigma: float = 0.1  # standard deviation of the per-element scale around sigma_j
 
     def __post_init__(self):
+        # Hashed on every noisy call (it is part of the plan's signature): once, here.
+        object.__setattr__(self, "_hash", hash(astuple(self)))
         for name in ("n_mu", "r_mu", "r_sigma"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v >= 0):
                 raise ValueError(f"NoiseConfig: {name} must be finite and >= 0, got {v}")
         if not (math.isfinite(self.n_sigma) and self.n_sigma >= 1):
             raise ValueError(f"NoiseConfig: n_sigma must be finite and >= 1, got {self.n_sigma}")
+
+    def __hash__(self) -> int:
+        return self._hash
 
     def expectation(self) -> tuple[float, float]:
         """(E[s], E[m]): E[s] = E[sigma_j] = (1 + n_sigma) / 2, E[m] = E[mu_j] = 0. Eval mode

@@ -21,17 +21,20 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-MODULES = ["batch_norm", "noise", "lp_norm"]
+MODULES = ["batch_norm.kernels", "noise", "lp_norm.kernels"]
 DATA_PTRS = {"x_ptr", "y_ptr", "dy_ptr", "dx_ptr"}  # the input's dtype: fp16 here
 FLOATS = {"eps", "momentum", "n_mu", "n_sigma", "r_mu", "r_sigma", "inv_m", "M_F"}
-WIDE_INTS = {"seed", "step_val"}
+WIDE_INTS = {"seed"}
+INT64_PTRS = {"used_ptr", "nbt_ptr"}
 BLOCKS = {"BLOCK": 256, "BLOCK_M": 32, "BLOCK_C": 16, "BLOCK_R": 4, "BLOCK_K": 64, "BLOCK_N": 4,
           "BLOCK_S": 64}
 
 
-def _arg_type(kernel, name):
+def _arg_type(kernel, name, values):
+    if name == "step":  # a 1-element tensor (STEP_PTR) or an int
+        return "*i64" if values.get("STEP_PTR") else "i64"
     if name.endswith("_ptr"):
-        return "*fp16" if name in DATA_PTRS else "*i64" if name == "step_ptr" else "*fp32"
+        return "*fp16" if name in DATA_PTRS else "*i64" if name in INT64_PTRS else "*fp32"
     if name in FLOATS or (name == "M" and "finalize" in kernel.__name__):
         return "fp32"
     return "i64" if name in WIDE_INTS else "i32"
@@ -64,7 +67,7 @@ def main() -> int:
                    and obj.__module__ == m.__name__]
         for kernel in kernels:
             for values in _variants(kernel):
-                signature = {n: ("constexpr" if n in values else _arg_type(kernel, n))
+                signature = {n: ("constexpr" if n in values else _arg_type(kernel, n, values))
                              for n in kernel.arg_names}
                 constexprs = {(kernel.arg_names.index(n),): v for n, v in values.items()}
                 try:

@@ -43,8 +43,10 @@ from bnkernels.backends import reference as R
 from bnkernels.backends import speed
 from bnkernels.backends.cuda import CudaBackend
 from bnkernels.backends.cuda import build_config as cuda_build
-from bnkernels.backends.cuda import launch as cuda
+from bnkernels.backends.cuda import loader as cuda_loader
+from bnkernels.backends.cuda import plans as cuda
 from bnkernels.backends.layout import view_layout
+from bnkernels.backends.plan import FLOAT_DTYPES, Signature
 
 GPU = torch.cuda.is_available()
 gpu_only = pytest.mark.skipif(not GPU, reason="needs a CUDA device (the emulator is no GPU)")
@@ -82,29 +84,43 @@ def test_rejects_cpu_tensors_and_other_dtypes():
         bnk.batch_norm(torch.randn(4, 3), None, None, training=True)
 
 
-def test_entry_points_match_the_triton_backend():
-    """Same entry points as the other backends (ops.py calls them by name)."""
-    be = backends.backend("cuda")
-    for name in ("batch_norm_fwd", "batch_norm_bwd", "batch_norm_stats", "batch_norm_apply",
-                 "batch_norm_bwd_reduce", "batch_norm_bwd_dx", "noisy_batch_norm_noise",
-                 "lp_norm_fwd", "lp_norm_bwd"):
-        assert callable(getattr(be, name)), name
-    with pytest.raises(AttributeError):
-        be.not_an_entry_point  # noqa: B018
+def test_plans_follow_the_plan_protocol():
+    """The cuda backend's plans have the methods every backend's plans have (the Plan
+    protocol, and SyncStages for BatchNorm), with the same parameters."""
+    import inspect
+
+    from bnkernels.backends.plan import Plan, SyncStages
+    from bnkernels.backends.reference import BatchNormPlan as RefBN
+    from bnkernels.backends.reference import LpNormPlan as RefLp
+
+    for ours, ref, protocols in ((cuda.BatchNormPlan, RefBN, (Plan, SyncStages)),
+                                 (cuda.LpNormPlan, RefLp, (Plan,))):
+        for proto in protocols:
+            for name in ("forward", "backward", "stats", "apply", "bwd_reduce", "bwd_dx"):
+                if not hasattr(proto, name):
+                    continue
+                want = inspect.signature(getattr(proto, name)).parameters
+                for cls in (ours, ref):
+                    got = inspect.signature(getattr(cls, name)).parameters
+                    assert len(got) >= len(want), (cls, name, list(got))
+                    # the same positions; defaults where the protocol has them
+                    for (_, wp), (gn, gp) in zip(want.items(), got.items()):
+                        assert (wp.default is wp.empty) or gp.default == wp.default, \
+                            (cls, name, gn)
 
 
 def test_unbuildable_extension_reports_why(monkeypatch):
     """As after `pip install .` on a machine without a toolkit: the reason is listed, and an
     explicit build says what is missing."""
-    monkeypatch.setattr(cuda, "_ext", None)
-    monkeypatch.setattr(cuda, "is_built", lambda: False)
-    monkeypatch.setattr(cuda, "_toolkit_problem", lambda: "no CUDA toolkit (nvcc) found")
+    monkeypatch.setattr(cuda_loader, "_ext", None)
+    monkeypatch.setattr(cuda_loader, "is_built", lambda: False)
+    monkeypatch.setattr(cuda_loader, "_toolkit_problem", lambda: "no CUDA toolkit (nvcc) found")
     reasons = CudaBackend().unavailable_reasons()
     assert any("not built, and cannot be built here: no CUDA toolkit" in r for r in reasons)
     with pytest.raises(RuntimeError, match="(?s)cannot build the CUDA extension.*no CUDA toolkit"):
-        cuda.build()
+        cuda_loader.build()
     monkeypatch.setenv("BNKERNELS_SKIP_CUDA_BUILD", "1")
-    assert any("BNKERNELS_SKIP_CUDA_BUILD=1" in r for r in cuda.build_reasons())
+    assert any("BNKERNELS_SKIP_CUDA_BUILD=1" in r for r in cuda_loader.build_reasons())
 
 
 def test_auto_uses_the_measured_speed_table(monkeypatch):
@@ -221,7 +237,7 @@ def test_extension_builds_and_imports(background_build):
     path = Path(proc.stdout.strip().splitlines()[-1])
     assert path.is_file() and path.suffix == ".so", proc.stdout
     assert path.parent.parent == cuda_build.cache_root()
-    mod = cuda._import_library(path)
+    mod = cuda_loader._import_library(path)
     assert mod.SOURCE_HASH == cuda_build.source_hash()
     for name in ENTRY_POINTS:
         assert callable(getattr(mod, name)), name
@@ -238,11 +254,11 @@ def _kernel_module(background_build):
     """The extension to test: the real one on a GPU, else the CPU emulation build (started in
     the background with the session: waited for here, then imported from its cache)."""
     if GPU:
-        why = [] if cuda.is_built() else cuda.build_reasons()
+        why = [] if cuda_loader.is_built() else cuda_loader.build_reasons()
         if why:
             pytest.skip("the CUDA extension is not built and cannot be built here: " +
                         "; ".join(why))
-        return cuda.load(), torch.device("cuda")
+        return cuda_loader.load(), torch.device("cuda")
     try:
         import cuda_emulator
 
@@ -257,11 +273,11 @@ def dev(_kernel_module, monkeypatch):
     """The device the cuda backend's kernels run on in this test (CPU under the emulator)."""
     module, device = _kernel_module
     if device.type == "cpu":  # route the cuda backend to the emulated kernels, on CPU tensors
-        monkeypatch.setattr(cuda, "_ext", module)
+        monkeypatch.setattr(cuda_loader, "_ext", module)
         monkeypatch.setattr(CudaBackend, "unavailable_reasons", lambda self: [])
         monkeypatch.setattr(CudaBackend, "not_supported_reasons",
-                            lambda self, op, x, **kw: [] if x.dtype in bnk.backends._base
-                            .FLOAT_DTYPES else [f"dtype {x.dtype} is not supported"])
+                            lambda self, op, x: [] if x.dtype in FLOAT_DTYPES
+                            else [f"dtype {x.dtype} is not supported"])
     return device
 
 
@@ -397,8 +413,10 @@ def test_launches_per_call(_kernel_module, dev):
     step = torch.zeros(1, dtype=torch.int64, device=dev)
 
     def plan(training, **flags):
-        sig = bnk.backends._base.Signature.of(inp["x"], training, **flags)
-        return cuda.BatchNormPlan(sig), cuda.LpNormPlan(sig)
+        sig = Signature.of("batch_norm", inp["x"], training, **flags)
+        lp = sig._replace(op="lp_norm", p=flags.get("p", 2.0),
+                          centered=flags.get("centered", False))
+        return cuda.BatchNormPlan(sig), cuda.LpNormPlan(lp)
 
     def count(fn, *args, **kwargs):
         fn(*args, **kwargs)  # warm: the workspace is made (zeroed) on the first call
@@ -428,7 +446,7 @@ def test_launches_per_call(_kernel_module, dev):
     _, mean, inv, _ = lp.forward(x, rm, rv, w, b, 0.1, 1e-5)
     assert count(lp.backward, dy, x, mean, inv, w, b, 1e-5, (True, False, False)) == 1
     # Noisy, with the step as a device tensor (snapshotted for the backward by the apply).
-    bn, _ = plan(True, noisy=True, step_tensor=True)
+    bn, _ = plan(True, noise=noise)
     assert count(bn.forward, x, rm, rv, w, b, 0.1, 1e-5, noise) == 2
     _, mean, invstd, used = bn.forward(x, rm, rv, w, b, 0.1, 1e-5, noise)
     assert torch.equal(used, step)
@@ -441,14 +459,14 @@ def test_launches_per_call(_kernel_module, dev):
             _, mean, scale, _ = lp.forward(x, rm, rv, w, b, 0.1, 1e-5)
             assert count(lp.backward, dy, x, mean, scale, w, b, 1e-5, all_grads) == 2
     # SyncBatchNorm's stages: one launch each.
-    be = backends.backend("cuda")
-    mean, var = be.batch_norm_stats(x)
+    be, _ = plan(True)
+    mean, var = be.stats(x)
     invstd = torch.rsqrt(var + 1e-5)
-    sums = be.batch_norm_bwd_reduce(dy, x, mean, invstd, w, b, None)
-    assert count(be.batch_norm_stats, x) == 1
-    assert count(be.batch_norm_apply, x, mean, invstd, w, b, None) == 1
-    assert count(be.batch_norm_bwd_reduce, dy, x, mean, invstd, w, b, None) == 1
-    assert count(be.batch_norm_bwd_dx, dy, x, mean, invstd, w, b, sums / 120, None) == 1
+    sums = be.bwd_reduce(dy, x, mean, invstd, w, b, None)
+    assert count(be.stats, x) == 1
+    assert count(be.apply, x, mean, invstd, w, b, None) == 1
+    assert count(be.bwd_reduce, dy, x, mean, invstd, w, b, None) == 1
+    assert count(be.bwd_dx, dy, x, mean, invstd, w, b, sums / 120, None) == 1
 
 
 @pytest.mark.parametrize("case", [Case((5, 3, 7, 9)), Case((5, 6, 7, 9), True), Case((37, 11)),
@@ -461,7 +479,7 @@ def test_ticket_finalize_with_many_splits(case, dev, monkeypatch):
     inp = make_inputs(case, dev)
     x = inp["x"]
     with cuda.override_config(split=16, path="multipass"):
-        sig = bnk.backends._base.Signature.of(x, True, activation="relu")
+        sig = Signature.of("batch_norm", x, True, activation="relu")
         plan = cuda.BatchNormPlan(sig)  # min(16, vectors or rows per channel) blocks each
 
         def call():
@@ -493,15 +511,14 @@ def test_ticket_finalize_with_many_splits(case, dev, monkeypatch):
             dt = case.dtype if key in ("y", "dx") else case.pdtype
             assert_close(first[key], ref[key], dt, name=key)
         # Noisy and l_p through the same kind of workspace.
-        nsig = bnk.backends._base.Signature.of(x, True, noisy=True)
-        nplan = cuda.BatchNormPlan(nsig)
         noise = (CFG, 5, 9)
+        nplan = cuda.BatchNormPlan(Signature.of("batch_norm", x, True, noise=noise))
         y1, m1, i1, _ = nplan.forward(x, None, None, None, None, 0.1, 1e-5, noise)
         y2, m2, i2, _ = nplan.forward(x, None, None, None, None, 0.1, 1e-5, noise)
         assert torch.equal(y1, y2) and torch.equal(m1, m2) and torch.equal(i1, i2)
         assert int(nplan.workspaces.get()[1].abs().sum()) == 0
         for centered in (False, True):
-            lsig = bnk.backends._base.Signature.of(x, True, p=2.0, centered=centered)
+            lsig = Signature.of("lp_norm", x, True, p=2.0, centered=centered)
             lplan = cuda.LpNormPlan(lsig)
             outs = [lplan.forward(x, None, None, None, None, 0.1, 1e-5) for _ in range(2)]
             assert all(torch.equal(a, b) for a, b in zip(outs[0][:3], outs[1][:3]))
@@ -617,21 +634,26 @@ def test_sync_batch_norm_stages_match_the_reference(dev):
     """The SyncBatchNorm stages (statistics, apply, gradient sums, dx)."""
     inp = make_inputs(Case((5, 6, 7, 9), True), dev)
     x, dy, w, b = inp["x"], inp["dy"], inp["weight"], inp["bias"]
-    be, ref = backends.backend("cuda"), backends.backend("reference")
-    mean, var = be.batch_norm_stats(x)
-    rmean, rvar = ref.batch_norm_stats(x)
+    def plans(act):
+        sig = Signature.of("batch_norm", x, True, activation=act, weight=w, bias=b)
+        return backends.backend("cuda").plan(sig), backends.backend("reference").plan(sig)
+
+    be, ref = plans(None)
+    mean, var = be.stats(x)
+    rmean, rvar = ref.stats(x)
     assert_close(mean, rmean, torch.float32, "mean")
     assert_close(var, rvar, torch.float32, "var")
     invstd = torch.rsqrt(rvar + 1e-5)
     for act in (None, "relu"):
-        assert_close(be.batch_norm_apply(x, rmean, invstd, w, b, act),
-                     ref.batch_norm_apply(x, rmean, invstd, w, b, act), torch.float32, "y")
-        sums = be.batch_norm_bwd_reduce(dy, x, rmean, invstd, w, b, act)
-        rsums = ref.batch_norm_bwd_reduce(dy, x, rmean, invstd, w, b, act)
+        be, ref = plans(act)
+        assert_close(be.apply(x, rmean, invstd, w, b, None),
+                     ref.apply(x, rmean, invstd, w, b, None), torch.float32, "y")
+        sums = be.bwd_reduce(dy, x, rmean, invstd, w, b, None)
+        rsums = ref.bwd_reduce(dy, x, rmean, invstd, w, b, None)
         assert_close(sums, rsums, torch.float32, "sums")
         m = x.numel() // x.shape[1]
-        dx = be.batch_norm_bwd_dx(dy, x, rmean, invstd, w, b, rsums / m, act)
-        assert_close(dx, ref.batch_norm_bwd_dx(dy, x, rmean, invstd, w, b, rsums / m, act),
+        dx = be.bwd_dx(dy, x, rmean, invstd, w, b, rsums / m, None)
+        assert_close(dx, ref.bwd_dx(dy, x, rmean, invstd, w, b, rsums / m, None),
                      torch.float32, "dx")
         assert dx.stride() == x.stride()
 

@@ -23,8 +23,9 @@ from helpers import Case, assert_close, make_inputs, use_backend
 
 import bnkernels as bnk
 from bnkernels import backends
-from bnkernels.backends.triton import batch_norm as triton_bn
-from bnkernels.backends.triton import lp_norm as triton_lp
+from bnkernels.backends.plan import PLANS
+from bnkernels.backends.triton.batch_norm import kernels as triton_bn
+from bnkernels.backends.triton.batch_norm.plan import BatchNormPlan as TritonBatchNormPlan
 
 
 @contextlib.contextmanager
@@ -211,7 +212,7 @@ def test_split_workspace_is_cached_and_left_clean():
     x = inp["x"].requires_grad_()
     y = bnk.batch_norm(x, inp["running_mean"], inp["running_var"], training=True)
     y.backward(inp["dy"])
-    (plan,) = triton_bn._PLANS.values()
+    (plan,) = [p for p in PLANS.values() if isinstance(p, TritonBatchNormPlan)]
     ws = plan.workspaces.get()
     ptr = ws.buf.data_ptr()
     for _ in range(2):
@@ -219,20 +220,19 @@ def test_split_workspace_is_cached_and_left_clean():
         y.backward(inp["dy"])
         assert plan.workspaces.get() is ws and ws.buf.data_ptr() == ptr
         assert int(ws.ticket.abs().sum()) == 0
-    assert triton_lp._PLANS == {} or True  # l_p keeps its own plans, untouched here
 
 
 def test_eager_calls_do_not_dispatch_the_registered_ops(monkeypatch):
     """Eager calls go module -> autograd.Function -> plan; the registered ops are for compilers
     and dispatch modes, which do see them."""
     use_backend("reference")
-    from bnkernels import ops
+    from bnkernels import library
 
     def forbidden(*args, **kwargs):
         raise AssertionError("eager call went through the registered op")
 
-    monkeypatch.setattr(ops, "batch_norm_op", forbidden)
-    monkeypatch.setattr(ops, "batch_norm_backward_op", forbidden)
+    monkeypatch.setattr(library, "batch_norm_op", forbidden)
+    monkeypatch.setattr(library, "batch_norm_backward_op", forbidden)
     x = torch.randn(4, 3, 5, requires_grad=True)
     bnk.batch_norm(x, torch.zeros(3), torch.ones(3), training=True).sum().backward()
     monkeypatch.undo()
@@ -296,3 +296,23 @@ def test_eval_backward_uses_the_statistics_of_its_forward(backend):
     module(torch.randn(8, 3, 5, device=dev) * 5 + 3)  # moves the running statistics
     y.sum().backward()
     assert_close(x.grad, expected.view(1, 3, 1).expand_as(x), torch.float32, "dx")
+
+
+def test_python_stack_is_no_heavier_than_torchs():
+    """With every Triton launch a no-op, what is left of a bnkernels call (signature and plan
+    lookup, autograd Function, allocations, module bookkeeping, the launch call) costs at most
+    1.5x torch's own path for the same call (F.batch_norm / nn.BatchNorm2d, kernels included),
+    forward and forward+backward, for BatchNorm, noisy BatchNorm and l_p, functional and
+    module. The goals are stricter (1.2x functional, 1.0x module: ``bnkernels bench`` reports
+    them); this bound keeps a regression from landing. Interleaved loops and this thread's CPU
+    time keep the ratios steady on a loaded machine."""
+    from bnkernels.benchmarking import stack
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rows = stack.measure(dev, stack.StackOptions(calls=100, rounds=7, warmup=10),
+                         log=lambda line: None)
+    assert len(rows) == len(stack.APIS) * len(stack.OPS) * len(stack.PASSES)
+    table = "\n".join(f"{r['api']} {r['op']} {r['pass']}: {r['us_per_call']:.1f} us vs "
+                      f"{r['torch_us_per_call']:.1f} us = {r['ratio_vs_torch']:.2f}x"
+                      for r in rows)
+    assert all(r["ratio_vs_torch"] <= 1.5 for r in rows), table

@@ -288,12 +288,13 @@ def test_small_cnn_trains_like_torch_for_20_steps(device):
 def _op_samples(device):
     inp = make_inputs(Case((4, 3, 5, 6), True), device)
     args = [inp["x"], inp["weight"], inp["bias"], inp["running_mean"], inp["running_var"]]
+    counter = torch.zeros((), dtype=torch.long, device=device)  # a num_batches_tracked
     yield "bn-train", torch.ops.bnkernels.batch_norm.default, (
-        *args, True, 0.1, 1e-5, "relu", None, 0, 0, None)
+        *args, counter, True, 0.1, 1e-5, "relu", None, 0, 0, None)
     yield "bn-eval", torch.ops.bnkernels.batch_norm.default, (
-        *args, False, 0.1, 1e-5, None, None, 0, 0, None)
+        *args, None, False, 0.1, 1e-5, None, None, 0, 0, None)
     yield "noisy", torch.ops.bnkernels.batch_norm.default, (
-        *args, True, 0.1, 1e-5, None, [0.5, 1.25, 0.1, 0.1], 3, 0,
+        *args, None, True, 0.1, 1e-5, None, [0.5, 1.25, 0.1, 0.1], 3, 0,
         torch.tensor(4, device=device))
     yield "noisy-bwd", torch.ops.bnkernels.batch_norm_backward.default, (
         torch.randn_like(inp["x"]), inp["x"], torch.randn(3, device=device),
@@ -306,8 +307,12 @@ def _op_samples(device):
         [True, True, True], None, 0, 0, None)
     for p in (1.0, 2.0, math.inf):
         yield f"lp{p}", torch.ops.bnkernels.lp_norm.default, (
-            inp["x"], inp["weight"], inp["bias"], inp["running_mean"], inp["running_var"], p,
-            True, 0.1, 1e-5, False)
+            *args, counter, p, True, 0.1, 1e-5, False)
+    yield "lp-eval", torch.ops.bnkernels.lp_norm.default, (*args, None, 1.0, False, 0.1, 1e-5,
+                                                           True)
+    yield "lp-bwd", torch.ops.bnkernels.lp_norm_backward.default, (
+        dy, inp["x"], mean, invstd, inp["weight"], inp["bias"], 2.0, True, True, 1e-5,
+        [True, True, True])
 
 
 @pytest.mark.parametrize("backend", ["triton", "reference"])

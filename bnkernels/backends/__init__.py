@@ -1,12 +1,10 @@
-"""Backend registry, selection, and the per-signature plan cache of the hot path.
+"""Backend registry and selection, and :func:`make_plan`, the cold path of every call.
 
 A backend (one folder each: ``reference/``, ``triton/``, ``cuda/``) is an object with a
 ``name``, ``unavailable_reasons()`` (why it cannot run at all on this machine),
-``not_supported_reasons(op, x)`` (why it cannot take this input), the op entry points
-(``batch_norm_fwd``/``batch_norm_bwd``/... , see :class:`~._base.Backend`) and
-``<family>_plan(signature)``, which resolves everything about a call that depends only on the
-input's signature (layout view, grids, blocks, warps, workspace) into a plan object whose
-``forward``/``backward`` launch the kernels with nothing left to decide.
+``not_supported_reasons(op, x)`` (why it cannot take this input), ``plan(sig)``, which
+resolves everything about a call that depends only on its signature into a
+:class:`~.plan.Plan`, and ``noise(x, noise)`` (the noise noisy BatchNorm applies).
 
 Selection follows ``set_backend`` or the ``BNKERNELS_BACKEND`` environment variable; "auto"
 picks the fastest backend that fits the input and raises, listing every backend's reasons,
@@ -15,9 +13,11 @@ when none does. "auto" on a CUDA tensor orders cuda and triton by the measured-s
 measured; it considers the cuda backend only once its extension is built, so "auto" never
 starts a compile (``set_backend("cuda")`` builds it on first use).
 
-The hot path never selects: :func:`plan` is called once per input signature (device, dtype,
-shape, strides, flags) by :mod:`bnkernels.functional`, which caches what it returns.
-``set_backend`` clears those caches; the environment variable is read when a plan is made.
+The hot path never selects: :func:`make_plan` runs once per :class:`~.plan.Signature` and
+puts its plan in :data:`~.plan.PLANS`. ``set_backend`` clears that cache; the environment
+variable is read when a plan is made.
+
+The backends import only :mod:`.plan` and :mod:`.layout` (leaves), never this module.
 """
 
 from __future__ import annotations
@@ -27,31 +27,22 @@ import os
 import torch
 
 from . import speed
-from ._base import Backend, Signature
 from .cuda import CudaBackend
+from .plan import PLANS, ContiguousChannels, Signature
 from .reference import ReferenceBackend
 from .triton import TritonBackend
 
-_BACKENDS: dict[str, Backend] = {
-    b.name: b for b in (TritonBackend(), CudaBackend(), ReferenceBackend())}
+_BACKENDS = {b.name: b for b in (TritonBackend(), CudaBackend(), ReferenceBackend())}
 _CHOICES = ("auto", *_BACKENDS)
 _selected: str | None = None  # None: read BNKERNELS_BACKEND
-_plan_caches: list[dict] = []  # cleared whenever the selection may change
 GENERATION = 0  # incremented whenever the selection may change (read by compiled graphs)
-
-
-def register_plan_cache(cache: dict) -> dict:
-    """Have ``cache`` (a dict of plans) cleared whenever the backend selection changes."""
-    _plan_caches.append(cache)
-    return cache
 
 
 def clear_plans() -> None:
     """Forget every cached plan (the next call of each signature selects again)."""
     global GENERATION
     GENERATION += 1
-    for cache in _plan_caches:
-        cache.clear()
+    PLANS.clear()
 
 
 def _check_name(name: str, source: str) -> str:
@@ -82,7 +73,7 @@ def available_backends() -> dict[str, list[str]]:
     return {name: b.unavailable_reasons() for name, b in _BACKENDS.items()}
 
 
-def backend(name: str) -> Backend:
+def backend(name: str):
     """The backend object called ``name`` ("triton", "cuda" or "reference"; not "auto")."""
     if name not in _BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose one of {list(_BACKENDS)}")
@@ -100,17 +91,16 @@ def _auto_order(x: torch.Tensor, op: str = "batch_norm") -> list[str]:
     return ["triton", "reference"] if _BACKENDS["triton"].interpreting() else ["reference"]
 
 
-def select(op: str, x: torch.Tensor, **inputs) -> Backend:
-    """The backend that runs ``op`` on ``x``; raises listing every reason when none fits.
-
-    Not for the hot path (it may read the environment and look for the CUDA extension):
-    :mod:`bnkernels.functional` calls it once per input signature and caches the result."""
-    name = get_backend()
+def select(op: str, x: torch.Tensor, name: str | None = None):
+    """The backend that runs ``op`` on ``x`` (``name``, else the selection); raises listing
+    every reason when none fits. Not for the hot path (it may read the environment and look
+    for the CUDA extension)."""
+    name = name or get_backend()
     names = _auto_order(x, op) if name == "auto" else [name]
     reasons = {}
     for n in names:
         b = _BACKENDS[n]
-        why = b.unavailable_reasons() + b.not_supported_reasons(op, x, **inputs)
+        why = b.unavailable_reasons() + b.not_supported_reasons(op, x)
         if not why:
             return b
         reasons[n] = why
@@ -118,11 +108,20 @@ def select(op: str, x: torch.Tensor, **inputs) -> Backend:
     raise RuntimeError(f"bnkernels: no backend can run {op} (backend={name!r}):\n{lines}")
 
 
-def plan(op: str, x: torch.Tensor, sig: Signature):
-    """Select the backend for ``op`` on ``x`` and resolve its plan for ``sig`` (noisy
-    BatchNorm is a BatchNorm plan with ``sig.noisy``)."""
-    family = "lp_norm" if op == "lp_norm" else "batch_norm"
-    return getattr(select(op, x), f"{family}_plan")(sig)
+def make_plan(sig: Signature, x: torch.Tensor):
+    """The plan of ``sig`` (``x`` is a tensor of that signature), made by the backend the
+    signature names or the selection picks, and cached in :data:`~.plan.PLANS`."""
+    op = "noisy_batch_norm" if sig.noisy is not None else sig.op
+    plan = select(op, x, sig.backend).plan(sig)
+    if not sig.channels_contiguous:
+        plan = ContiguousChannels(plan)
+    return PLANS.put(sig, plan)
+
+
+def plan_of(sig: Signature, x: torch.Tensor):
+    """The cached plan of ``sig``, made on first use."""
+    plan = PLANS.get(sig)
+    return plan if plan is not None else make_plan(sig, x)
 
 
 @torch.compiler.assume_constant_result
@@ -138,6 +137,5 @@ def backend_name_for_compile(op: str, device: str, dtype_name: str, generation: 
     return select(op, x).name
 
 
-
-__all__ = ["Backend", "Signature", "available_backends", "backend", "backend_name_for_compile",
-           "clear_plans", "get_backend", "plan", "register_plan_cache", "select", "set_backend"]
+__all__ = ["available_backends", "backend", "backend_name_for_compile", "clear_plans",
+           "get_backend", "make_plan", "plan_of", "select", "set_backend"]

@@ -170,6 +170,7 @@ def options(args: argparse.Namespace):
     from . import overhead as OVH
     from . import providers as P
     from . import shapes as S
+    from . import stack as STACK
     from .suite import MODES, RunOptions
 
     cpu = device.type == "cpu"
@@ -226,7 +227,8 @@ def options(args: argparse.Namespace):
         suite=",".join(args.shapes) if args.shapes else suite_name + (" (smoke)" if smoke
                                                                       else ""),
         sections=_choose(args.sections or SECTIONS, SECTIONS, "sections"),
-        smoke=smoke, overhead=overhead, e2e=e2e)
+        smoke=smoke, overhead=overhead, e2e=e2e,
+        stack=STACK.StackOptions.for_run(smoke, quick=args.quick))
 
 
 def main(args: argparse.Namespace) -> int:

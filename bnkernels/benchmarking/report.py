@@ -100,7 +100,8 @@ def markdown(result: dict, plots: dict | None = None) -> str:
         lines += ["> **Smoke run: no performance claims.** Tiny sizes; on the CPU Triton runs in "
                   "its interpreter and times are CPU wall-clock. This checks the runner, not "
                   "the kernels.", ""]
-    lines += _targets_md(result) + _overhead_md(result) + _e2e_md(result)
+    lines += (_targets_md(result) + _overhead_md(result) + _stack_md(result)
+              + _e2e_md(result))
     if plots:
         lines += [f"![{k}]({v})" if k != "error" else v for k, v in plots.items()] + [""]
     if "kernels" not in result.get("sections", ["kernels"]):
@@ -220,6 +221,27 @@ def _overhead_md(result: dict) -> list[str]:
             cells += ["-", "-"] if r is None else [f"{r['us_per_call']:.1f}",
                                                    _num(r["ratio_vs_torch"])]
         lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def _stack_md(result: dict) -> list[str]:
+    rows = result.get("stack") or []
+    if not rows:
+        return []
+    info = result.get("stack_timing", {})
+    lines = ["## The Python stack above the launches (stack)", "",
+             f"bnkernels: {info.get('bnkernels', '')}; torch: {info.get('torch', '')}. "
+             f"{info.get('method', '')}; {'x'.join(map(str, info.get('shape', [])))} "
+             f"{info.get('dtype', '')} on {info.get('device', '')}. Goals: module <= "
+             f"{info.get('limits', {}).get('module')}x torch's module, functional <= "
+             f"{info.get('limits', {}).get('functional')}x F.batch_norm (a CPU proxy: the GPU "
+             "launch itself is not in it).", "",
+             "| api | op | pass | us/call | torch us/call | ratio | goal |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['api']} | {r['op']} | {r['pass']} | {r['us_per_call']:.1f} | "
+                     f"{r['torch_us_per_call']:.1f} | {r['ratio_vs_torch']:.2f} | "
+                     f"<= {r['limit']} {'met' if r['met'] else 'NOT MET'} |")
     return lines + [""]
 
 

@@ -43,6 +43,7 @@ import torch
 
 from . import e2e as E2E
 from . import overhead as OVH
+from . import stack as STACK
 from . import targets as TGT
 from .providers import (
     BNKERNELS,
@@ -108,6 +109,7 @@ class RunOptions:
     sections: tuple[str, ...] = SECTIONS
     smoke: bool = False  # tiny sizes everywhere (the tests' run): no performance claims
     overhead: OVH.OverheadOptions | None = None  # None: the device's defaults
+    stack: STACK.StackOptions | None = None  # None: the defaults (smoke: a few short loops)
     e2e: E2E.E2EOptions | None = None
     log: Callable[[str], None] = field(default=print)
     # Called with the result document so far after each section (the bench command writes it
@@ -236,6 +238,7 @@ def _run(opts: RunOptions) -> dict:
         "skipped": [],
         "rows": [],
         "overhead": [],
+        "stack": [],
         "e2e": [],
     }
     skipped = doc["skipped"]
@@ -254,6 +257,13 @@ def _run(opts: RunOptions) -> dict:
         skipped += o.left_out(device)
         doc["overhead_timing"] = OVH.settings(o, device)
         doc["overhead"] = OVH.run(device, o, skipped, log, opts.compile_mode)
+        why = STACK.unavailable(device)
+        if why:
+            skipped.append({"section": "overhead", "provider": "stack", "reason": why})
+        else:
+            so = opts.stack or STACK.StackOptions.for_run(opts.smoke)
+            doc["stack_timing"] = STACK.settings(so, device)
+            doc["stack"] = STACK.measure(device, so, log)
         section_done("overhead")
 
     if "e2e" in opts.sections:

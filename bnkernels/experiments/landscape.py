@@ -122,10 +122,13 @@ class HessianTrace(NamedTuple):
 
 def _eager_factor(m: nn.Module) -> float:
     """torch's _BatchNorm rule for the running-statistics factor (counter updated): the
-    layers' own rule."""
-    from bnkernels.nn import _factor
+    layers' own rule (where the layers leave the count to their kernels, it is made here)."""
+    from bnkernels.nn import _running
 
-    return _factor(m)
+    _, _, _, factor, counter = _running(m, None, None)
+    if counter is not None:
+        counter.add_(1)
+    return factor
 
 
 def _eager_batch_norm(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,17 +1,17 @@
 """The eager PyTorch backend: the correctness oracle of every kernel, and the CPU path.
 
-The formulas live in :mod:`.ops` (re-exported here); this module holds the backend object and
-its plans, which only bind the call's flags (there is nothing to launch-plan in eager PyTorch).
+The formulas live in :mod:`.formulas` (re-exported here); this module holds the backend object
+and its plans, which only bind the call's flags (there is nothing to launch-plan in eager
+PyTorch).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .._base import FLOAT_DTYPES, Backend
-from . import ops
-from .ops import *  # noqa: F401,F403  (the formulas, as bnkernels.backends.reference.*)
-from .ops import acc_dtype, noisy_bn_noise_reference
+from ..plan import FLOAT_DTYPES, acc_dtype
+from . import formulas as F
+from .formulas import *  # noqa: F401,F403  (the formulas, as bnkernels.backends.reference.*)
 
 
 def _step_used(noise):
@@ -23,15 +23,18 @@ def _step_used(noise):
 
 
 class BatchNormPlan:
-    """Forward/backward of one signature (see :class:`bnkernels.backends._base.Backend`)."""
+    """BatchNorm (and noisy BatchNorm) of one signature: :class:`~..plan.Plan` and
+    :class:`~..plan.SyncStages` on the reference formulas."""
 
     def __init__(self, sig):
         self.training = sig.training
         self.activation = sig.activation
 
     def forward(self, x, running_mean, running_var, weight, bias, momentum, eps, noise,
-                need_saved=True):
-        y, mean, invstd = ops.batch_norm_reference_fwd(
+                need_saved=True, counter=None):
+        if counter is not None:
+            counter.add_(1)
+        y, mean, invstd = F.batch_norm_reference_fwd(
             x, running_mean, running_var, weight, bias, self.training, momentum, eps,
             self.activation, noise)
         if not self.training:
@@ -43,12 +46,30 @@ class BatchNormPlan:
         return y, mean, invstd, _step_used(noise)
 
     def backward(self, dy, x, mean, invstd, weight, bias, eps, needs, noise):
-        return ops.batch_norm_reference_bwd(dy, x, mean, invstd, weight, bias, self.training,
-                                            self.activation, needs, noise)
+        return F.batch_norm_reference_bwd(dy, x, mean, invstd, weight, bias, self.training,
+                                          self.activation, needs, noise)
+
+    # SyncBatchNorm's stages
+
+    def stats(self, x):
+        return F.batch_norm_reference_stats(x)
+
+    def apply(self, x, mean, invstd, weight, bias, noise):
+        return F.batch_norm_reference_apply(x, mean, invstd, weight, bias, self.activation,
+                                            noise)
+
+    def bwd_reduce(self, dy, x, mean, invstd, weight, bias, noise):
+        return F.batch_norm_reference_bwd_reduce(dy, x, mean, invstd, weight, bias,
+                                                 self.activation, noise)
+
+    def bwd_dx(self, dy, x, mean, invstd, weight, bias, mean_sums, noise):
+        return F.batch_norm_reference_bwd_dx(dy, x, mean, invstd, weight, bias, mean_sums,
+                                             self.activation, noise)
 
 
 class LpNormPlan:
-    """Forward/backward of one l_p signature (saved: mean and s_p, or the running buffers)."""
+    """l_p normalization of one signature (saved: mean and s_p, or snapshots of the running
+    buffers)."""
 
     def __init__(self, sig):
         self.training = sig.training
@@ -56,8 +77,10 @@ class LpNormPlan:
         self.centered = sig.centered
 
     def forward(self, x, running_mean, running_scale, weight, bias, momentum, eps, noise=None,
-                need_saved=True):
-        y, mean, scale = ops.lp_norm_reference_fwd(
+                need_saved=True, counter=None):
+        if counter is not None:
+            counter.add_(1)
+        y, mean, scale = F.lp_norm_reference_fwd(
             x, self.p, running_mean, running_scale, weight, bias, self.training, momentum, eps,
             self.centered)
         if not self.training:
@@ -68,48 +91,26 @@ class LpNormPlan:
         return y, mean, scale, None
 
     def backward(self, dy, x, a, b, weight, bias, eps, needs, noise=None):
-        return ops.lp_norm_reference_bwd(dy, x, self.p, a, b, weight, bias, self.training,
-                                         self.centered, eps, needs)
+        return F.lp_norm_reference_bwd(dy, x, self.p, a, b, weight, bias, self.training,
+                                       self.centered, eps, needs)
 
 
-class ReferenceBackend(Backend):
+class ReferenceBackend:
     name = "reference"
 
-    def not_supported_reasons(self, op, x, **inputs):
+    def __repr__(self) -> str:
+        return f"<bnkernels backend {self.name!r}>"
+
+    def unavailable_reasons(self) -> list[str]:
+        return []
+
+    def not_supported_reasons(self, op, x) -> list[str]:
         if x.dtype not in FLOAT_DTYPES:
             return [f"dtype {x.dtype} is not supported"]
         return []
 
-    def batch_norm_plan(self, sig):
-        return BatchNormPlan(sig)
+    def plan(self, sig):
+        return LpNormPlan(sig) if sig.op == "lp_norm" else BatchNormPlan(sig)
 
-    def lp_norm_plan(self, sig):
-        return LpNormPlan(sig)
-
-    def noisy_batch_norm_noise(self, x, noise):
-        return noisy_bn_noise_reference(x, noise)
-
-    # Entry points, under the names every backend uses.
-    def batch_norm_fwd(self, *args, **kwargs):
-        return ops.batch_norm_reference_fwd(*args, **kwargs)
-
-    def batch_norm_bwd(self, *args, **kwargs):
-        return ops.batch_norm_reference_bwd(*args, **kwargs)
-
-    def batch_norm_stats(self, *args, **kwargs):
-        return ops.batch_norm_reference_stats(*args, **kwargs)
-
-    def batch_norm_apply(self, *args, **kwargs):
-        return ops.batch_norm_reference_apply(*args, **kwargs)
-
-    def batch_norm_bwd_reduce(self, *args, **kwargs):
-        return ops.batch_norm_reference_bwd_reduce(*args, **kwargs)
-
-    def batch_norm_bwd_dx(self, *args, **kwargs):
-        return ops.batch_norm_reference_bwd_dx(*args, **kwargs)
-
-    def lp_norm_fwd(self, *args, **kwargs):
-        return ops.lp_norm_reference_fwd(*args, **kwargs)
-
-    def lp_norm_bwd(self, *args, **kwargs):
-        return ops.lp_norm_reference_bwd(*args, **kwargs)
+    def noise(self, x, noise):
+        return F.noisy_bn_noise_reference(x, noise)

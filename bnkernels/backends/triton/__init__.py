@@ -1,37 +1,30 @@
-"""The Triton backend: @triton.jit kernels and their launchers, one file per op family
-(``batch_norm.py``, ``lp_norm.py``, ``noise.py``; shared layouts and launch heuristics in
-``common.py``).
+"""The Triton backend: one folder per op family (``batch_norm/``, ``lp_norm/``: ``kernels.py``
+with the @triton.jit kernels, ``plan.py`` with one signature's launches), the noise
+(``noise.py``), shared layouts and launch heuristics (``common.py``) and pre-bound launches
+(``launch.py``).
 
-Importing this package defines no kernel: the kernel modules load on first use, because
-``@triton.jit`` decides between the compiler and the interpreter when a kernel is defined, so
-``TRITON_INTERPRET=1`` must be set before that to run them on the CPU. bnkernels imports
-without triton installed; the backend then reports why it cannot run.
+Importing this package defines no kernel: the kernel modules load when the first plan is
+made, because ``@triton.jit`` decides between the compiler and the interpreter when a kernel
+is defined, so ``TRITON_INTERPRET=1`` must be set before that to run them on the CPU.
+bnkernels imports without triton installed; the backend then reports why it cannot run.
 """
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import os
 import sys
 
-from .._base import FLOAT_DTYPES, Backend
+from ..plan import FLOAT_DTYPES
 
-_PKG = __name__
-_COMMON = f"{_PKG}.common"
-_FAMILIES = ("batch_norm", "lp_norm")
+_COMMON = f"{__name__}.common"
 
 
-def _family_module(name: str):
-    """The kernel module of entry point ``name`` (``batch_norm_fwd`` -> ``.batch_norm``)."""
-    for family in _FAMILIES:
-        if name.startswith(family + "_"):
-            return importlib.import_module(f"{_PKG}.{family}")
-    raise AttributeError(name)
-
-
-class TritonBackend(Backend):
+class TritonBackend:
     name = "triton"
+
+    def __repr__(self) -> str:
+        return f"<bnkernels backend {self.name!r}>"
 
     def interpreting(self) -> bool:
         """True when the kernels run (or, once loaded, will run) in the Triton interpreter."""
@@ -40,7 +33,7 @@ class TritonBackend(Backend):
             return common.INTERPRET
         return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-    def unavailable_reasons(self):
+    def unavailable_reasons(self) -> list[str]:
         if importlib.util.find_spec("triton") is None:
             return ["triton is not installed"]
         import torch
@@ -50,7 +43,7 @@ class TritonBackend(Backend):
                     "(set TRITON_INTERPRET=1 before bnkernels' kernels are first loaded)"]
         return []
 
-    def not_supported_reasons(self, op, x, **inputs):
+    def not_supported_reasons(self, op, x) -> list[str]:
         reasons = []
         if x.dtype not in FLOAT_DTYPES:
             reasons.append(f"dtype {x.dtype} is not supported")
@@ -61,15 +54,16 @@ class TritonBackend(Backend):
             reasons.append(f"device type {x.device.type!r} is not supported")
         return reasons
 
-    def batch_norm_plan(self, sig):
-        return importlib.import_module(f"{_PKG}.batch_norm").batch_norm_plan(sig)
+    def plan(self, sig):
+        if sig.op == "lp_norm":
+            from .lp_norm.plan import LpNormPlan
 
-    def lp_norm_plan(self, sig):
-        return importlib.import_module(f"{_PKG}.lp_norm").lp_norm_plan(sig)
+            return LpNormPlan(sig)
+        from .batch_norm.plan import BatchNormPlan
 
-    def noisy_batch_norm_noise(self, x, noise):
-        return importlib.import_module(f"{_PKG}.noise").noisy_batch_norm_noise(x, noise)
+        return BatchNormPlan(sig)
 
-    def __getattr__(self, name):
-        """``<family>_<stage>`` (e.g. ``batch_norm_fwd``) comes from ``.<family>``."""
-        return getattr(_family_module(name), name)
+    def noise(self, x, noise):
+        from .noise import noisy_batch_norm_noise
+
+        return noisy_batch_norm_noise(x, noise)

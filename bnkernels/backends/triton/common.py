@@ -11,8 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .._base import Workspaces  # noqa: F401  (re-exported)
-from ..layout import Layout, layout_of, view_layout  # noqa: F401  (re-exported)
+from ..layout import Layout, view_layout  # noqa: F401  (view_layout: re-exported)
+from ..plan import overriding
 
 # Read once, when the kernels are first imported: this is when @triton.jit decides between the
 # compiler and the interpreter.
@@ -36,17 +36,8 @@ def override_config(**kwargs):
     """
     if kwargs.get("strategy", "fused") not in _STRATEGIES:
         raise ValueError(f"strategy must be one of {_STRATEGIES}, got {kwargs['strategy']!r}")
-    from .. import clear_plans
-
-    old = dict(_OVERRIDES)
-    _OVERRIDES.update(kwargs)
-    clear_plans()
-    try:
+    with overriding(_OVERRIDES, kwargs):
         yield
-    finally:
-        _OVERRIDES.clear()
-        _OVERRIDES.update(old)
-        clear_plans()
 
 
 # A channel (or group of channels, channels last) of at most this many values per channel is
@@ -71,11 +62,6 @@ def strategy(lay: Layout) -> str:
     if lay.numel <= FUSED_ANY_NUMEL or reduce_config(lay, fused=True).groups >= FUSED_MIN_PROGRAMS:
         return "fused"
     return "split"
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation (and saved-statistics) dtype: fp64 for fp64 input, fp32 otherwise."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def tl_dtype(dtype: torch.dtype):

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import view_layout
+from ..layout import view_layout
 
 STREAM_ELEMENT = 0
 STREAM_CHANNEL = 1
@@ -78,20 +78,21 @@ def element_noise(idx, mu, sigma, seed, step, r_mu, r_sigma, INT64: tl.constexpr
 
 
 @triton.jit
-def load_step(step_ptr, step_val, STEP_PTR: tl.constexpr):
-    """The step: read on device from a tensor (CUDA-graph safe) or passed as an integer."""
+def load_step(step, STEP_PTR: tl.constexpr):
+    """The step: read on device from a 1-element tensor (CUDA-graph safe), or an integer."""
     if STEP_PTR:
-        return tl.load(step_ptr).to(tl.int64)
-    return step_val.to(tl.int64)
+        out = tl.load(step).to(tl.int64)
+    else:
+        out = step.to(tl.int64)
+    return out
 
 
-@triton.jit(do_not_specialize=["seed", "step_val"])
+@triton.jit(do_not_specialize=["seed", "step"])
 def _noise_kernel(
     s_ptr,  # (N, C, S) contiguous out: multiplicative noise
     m_ptr,  # (N, C, S) contiguous out: additive noise
-    step_ptr,
     seed,
-    step_val,
+    step,  # a 1-element int tensor (STEP_PTR) or an int
     total,
     C,
     S,
@@ -107,55 +108,31 @@ def _noise_kernel(
     if INT64:
         idx = idx.to(tl.int64)
     mask = idx < total
-    step = load_step(step_ptr, step_val, STEP_PTR)
+    stp = load_step(step, STEP_PTR)
     ch = (idx // S) % C
-    mu, sigma = channel_noise(ch, seed, step, n_mu, n_sigma)
-    s, m = element_noise(idx, mu, sigma, seed, step, r_mu, r_sigma, INT64)
+    mu, sigma = channel_noise(ch, seed, stp, n_mu, n_sigma)
+    s, m = element_noise(idx, mu, sigma, seed, stp, r_mu, r_sigma, INT64)
     tl.store(s_ptr + idx, s, mask=mask)
     tl.store(m_ptr + idx, m, mask=mask)
 
 
-_NONE = (0, 0, 0.0, 1.0, 0.0, 0.0)
-
-
-def noise_scalars(noise, dummy: torch.Tensor) -> tuple:
-    """``(step_ptr, (seed, step_val, n_mu, n_sigma, r_mu, r_sigma))``, the kernels' noise
-    arguments, for ``noise = (NoiseConfig, seed, step)`` or None (neutral values)."""
-    if noise is None:
-        return dummy, _NONE
-    cfg, seed, step = noise
-    if isinstance(step, torch.Tensor):
-        return step, (int(seed), 0, float(cfg.n_mu), float(cfg.n_sigma), float(cfg.r_mu),
-                      float(cfg.r_sigma))
-    return dummy, (int(seed), int(step), float(cfg.n_mu), float(cfg.n_sigma), float(cfg.r_mu),
-                   float(cfg.r_sigma))
-
-
-def noise_args(noise, dummy: torch.Tensor) -> dict:
-    """Kernel arguments for ``noise = (NoiseConfig, seed, step)`` (step an int or a 1-element
-    integer tensor read on device), or neutral ones when ``noise`` is None."""
-    if noise is None:
-        return dict(step_ptr=dummy, seed=0, step_val=0, n_mu=0.0, n_sigma=1.0, r_mu=0.0,
-                    r_sigma=0.0, NOISY=False, STEP_PTR=False)
-    cfg, seed, step = noise
-    step_is_tensor = isinstance(step, torch.Tensor)
-    return dict(
-        step_ptr=step if step_is_tensor else dummy, seed=int(seed),
-        step_val=0 if step_is_tensor else int(step),
-        n_mu=float(cfg.n_mu), n_sigma=float(cfg.n_sigma), r_mu=float(cfg.r_mu),
-        r_sigma=float(cfg.r_sigma), NOISY=True, STEP_PTR=step_is_tensor,
-    )
+def step_arg(step):
+    """The kernels' ``step`` argument: a 1-element tensor as it is (read on device), an int as
+    a plain int."""
+    return step if isinstance(step, torch.Tensor) else int(step)
 
 
 def noisy_batch_norm_noise(x: torch.Tensor, noise) -> tuple[torch.Tensor, torch.Tensor]:
     """The (s, m) noise (fp32, x's shape, contiguous) that noisy BatchNorm applies to ``x``."""
+    cfg, seed, step = noise
     lay = view_layout(x)
     s = torch.empty(x.shape, device=x.device, dtype=torch.float32)
     m = torch.empty_like(s)
     total = s.numel()
     block = 1024
-    args = noise_args(noise, s)
-    del args["NOISY"]
     _noise_kernel[(triton.cdiv(total, block),)](
-        s, m, total=total, C=lay.C, S=lay.S, BLOCK=block, INT64=lay.int64, **args)
+        s_ptr=s, m_ptr=m, seed=int(seed), step=step_arg(step), total=total, C=lay.C, S=lay.S,
+        n_mu=float(cfg.n_mu), n_sigma=float(cfg.n_sigma), r_mu=float(cfg.r_mu),
+        r_sigma=float(cfg.r_sigma), BLOCK=block, STEP_PTR=isinstance(step, torch.Tensor),
+        INT64=lay.int64)
     return s, m

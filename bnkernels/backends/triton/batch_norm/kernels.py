@@ -48,34 +48,24 @@ bit-identical results. Statistics accumulate in fp32 (fp64 for fp64 input).
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
-from .. import register_plan_cache
-from .._base import Signature, cached_plan
-from .common import (
-    Workspaces,
-    acc_dtype,
-    apply_config,
+from ..common import (
     bcast,
     chan_load,
     div_rn,
     last_of_group,
-    layout_of,
     ncs_unit,
-    reduce_config,
     sqrt_rn,
-    strategy,
     sum_all,
     tile,
-    tl_dtype,
     two_sum_err,
 )
-from .noise import channel_noise, element_noise, load_step, noise_scalars
+from ..noise import channel_noise, element_noise, load_step
 
 # Seed and step are never specialized on, so a new step does not recompile anything.
-_NOISE_NO_SPEC = ["seed", "step_val"]
+_NOISE_NO_SPEC = ["seed", "step"]
 
 # ----------------------------------------------------------------------------- jit helpers
 
@@ -244,6 +234,15 @@ def _tile_noise(rows, cols, ch, offs, C, S, seed, step, n_mu, n_sigma, r_mu, r_s
 
 
 @triton.jit
+def _count_batch(nbt_ptr, first, COUNT: tl.constexpr):
+    """One program (``first``) adds 1 to the module's num_batches_tracked: the count a call
+    of torch's BatchNorm module makes with a separate op, done here for free."""
+    if COUNT:
+        if first:
+            tl.store(nbt_ptr, tl.load(nbt_ptr) + 1)
+
+
+@triton.jit
 def _save_step(used_ptr, step, first, SAVE_STEP: tl.constexpr):
     """The first program records the noise step it used, for the backward."""
     if SAVE_STEP:
@@ -266,8 +265,9 @@ def _bn_fwd_ncs_kernel(
     b_ptr,  # [C] bias (if HAS_B)
     ws_ptr,  # ACC workspace (split): [3, C, SPLIT] partials, then [C] mean_lo
     ticket_ptr,  # int32 [C] (split): programs of each channel done, reset by the last
-    step_ptr,  # noise step (1-element tensor) if STEP_PTR
+    step,  # noise step: a 1-element int tensor (STEP_PTR) or an int
     used_ptr,  # int64 [1] out: the step used (SAVE_STEP)
+    nbt_ptr,  # int64 [] num_batches_tracked, incremented once per call (COUNT)
     C,
     S,
     N,
@@ -278,7 +278,6 @@ def _bn_fwd_ncs_kernel(
     momentum,
     eps,
     seed,  # noise: Philox key
-    step_val,  # noise: step, if not STEP_PTR
     n_mu,
     n_sigma,
     r_mu,
@@ -295,11 +294,13 @@ def _bn_fwd_ncs_kernel(
     NOISY: tl.constexpr,
     STEP_PTR: tl.constexpr,
     SAVE_STEP: tl.constexpr,
+    COUNT: tl.constexpr,
     ACC: tl.constexpr,
     INT64: tl.constexpr,
 ):
     c = tl.program_id(0)
     p = tl.program_id(1)
+    _count_batch(nbt_ptr, (c == 0) & (p == 0), COUNT)
     if INT64:
         shift = tl.load(x_ptr + c.to(tl.int64) * S).to(ACC)
     else:
@@ -324,9 +325,8 @@ def _bn_fwd_ncs_kernel(
             b = tl.load(b_ptr + c).to(ACC)
         mu = 0.0
         sigma = 1.0
-        step = 0
         if NOISY:
-            step = load_step(step_ptr, step_val, STEP_PTR)
+            step = load_step(step, STEP_PTR)
             mu, sigma = channel_noise(c, seed, step, n_mu, n_sigma)
             _save_step(used_ptr, step, c == 0, SAVE_STEP)
         for u in range(0, UNITS):
@@ -364,8 +364,9 @@ def _bn_fwd_mc_kernel(
     b_ptr,
     ws_ptr,  # ACC workspace (split): [3, C, SPLIT] partials, then [C] mean_lo
     ticket_ptr,  # int32 [cdiv(C, BLOCK_C)] (split)
-    step_ptr,
-    used_ptr,
+    step,  # noise step: a 1-element int tensor (STEP_PTR) or an int
+    used_ptr,  # int64 [1] out: the step used (SAVE_STEP)
+    nbt_ptr,  # int64 [] num_batches_tracked, incremented once per call (COUNT)
     C,
     S,  # spatial size (the logical index of the noise)
     M,
@@ -374,7 +375,6 @@ def _bn_fwd_mc_kernel(
     momentum,
     eps,
     seed,
-    step_val,
     n_mu,
     n_sigma,
     r_mu,
@@ -391,11 +391,13 @@ def _bn_fwd_mc_kernel(
     NOISY: tl.constexpr,
     STEP_PTR: tl.constexpr,
     SAVE_STEP: tl.constexpr,
+    COUNT: tl.constexpr,
     ACC: tl.constexpr,
     INT64: tl.constexpr,
 ):
     pc = tl.program_id(0)
     p = tl.program_id(1)
+    _count_batch(nbt_ptr, (pc == 0) & (p == 0), COUNT)
     cols = pc * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
     shift = tl.load(x_ptr + cols, mask=cmask, other=0.0).to(ACC)
@@ -417,9 +419,8 @@ def _bn_fwd_mc_kernel(
         b = chan_load(b_ptr, cols, cmask, 0.0, False, ACC, HAS_B)
         mu = 0.0
         sigma = 1.0
-        step = 0
         if NOISY:
-            step = load_step(step_ptr, step_val, STEP_PTR)
+            step = load_step(step, STEP_PTR)
             mu, sigma = channel_noise(cols, seed, step, n_mu, n_sigma)
             mu, sigma = mu[None, :], sigma[None, :]
             _save_step(used_ptr, step, pc == 0, SAVE_STEP)
@@ -461,7 +462,7 @@ def _bn_apply_kernel(
     scale_ptr,  # [C] invstd, or what SCALE_FROM says
     w_ptr,  # [C] or dummy
     b_ptr,  # [C] or dummy
-    step_ptr,  # noise step (a 1-element tensor) if STEP_PTR
+    step,  # noise step: a 1-element int tensor (STEP_PTR) or an int
     used_ptr,  # int64 [1] out: the step used (SAVE_STEP)
     save_mean_ptr,  # [C] ACC out (SAVE_STATS): the mean used, for the backward
     save_invstd_ptr,  # [C] ACC out (SAVE_STATS): the invstd used
@@ -471,7 +472,6 @@ def _bn_apply_kernel(
     S,
     eps,
     seed,  # noise: Philox key
-    step_val,  # noise: step, if not STEP_PTR
     n_mu,
     n_sigma,
     r_mu,
@@ -512,7 +512,7 @@ def _bn_apply_kernel(
     ns = 1.0
     nm = 0.0
     if NOISY:
-        step = load_step(step_ptr, step_val, STEP_PTR)
+        step = load_step(step, STEP_PTR)
         ns, nm = _tile_noise(rows, cols, ch, offs, C, S, seed, step, n_mu, n_sigma, r_mu,
                              r_sigma, CHAN_ON_ROWS, INT64)
         _save_step(used_ptr, step, (tl.program_id(0) == 0) & (tl.program_id(1) == 0),
@@ -559,7 +559,7 @@ def _bn_bwd_ncs_kernel(
     db_ptr,  # [C] out (bias's dtype) if WRITE_DB
     ws_ptr,  # ACC workspace (split): [2, C, SPLIT] partials at 0, [2, C] coefficients at 3*C*SPLIT
     ticket_ptr,  # int32 [C] (split)
-    step_ptr,
+    step,  # noise step: a 1-element int tensor (STEP_PTR) or an int
     C,
     S,
     N,
@@ -570,7 +570,6 @@ def _bn_bwd_ncs_kernel(
     M_F,  # values per channel, as a float
     eps,
     seed,
-    step_val,
     n_mu,
     n_sigma,
     r_mu,
@@ -596,9 +595,8 @@ def _bn_bwd_ncs_kernel(
     p = tl.program_id(1)
     mu = 0.0
     sigma = 1.0
-    step = 0
     if NOISY:
-        step = load_step(step_ptr, step_val, STEP_PTR)
+        step = load_step(step, STEP_PTR)
         mu, sigma = channel_noise(c, seed, step, n_mu, n_sigma)
     mean = tl.load(mean_ptr + c).to(ACC)
     invstd = _invstd_from(tl.load(scale_ptr + c).to(ACC), eps, SCALE_FROM, ACC)
@@ -665,16 +663,15 @@ def _bn_bwd_mc_kernel(
     db_ptr,
     ws_ptr,
     ticket_ptr,  # int32 [cdiv(C, BLOCK_C)] (split)
-    step_ptr,
+    step,  # noise step: a 1-element int tensor (STEP_PTR) or an int
     C,
     S,
-    M_ROWS,  # rows (= values per channel)
+    M,  # rows (= values per channel)
     CHUNK,
     SPLIT,
     M_F,  # values per channel, as a float
     eps,
     seed,
-    step_val,
     n_mu,
     n_sigma,
     r_mu,
@@ -702,9 +699,8 @@ def _bn_bwd_mc_kernel(
     cmask = cols < C
     mu = 0.0
     sigma = 1.0
-    step = 0
     if NOISY:
-        step = load_step(step_ptr, step_val, STEP_PTR)
+        step = load_step(step, STEP_PTR)
         mu, sigma = channel_noise(cols, seed, step, n_mu, n_sigma)
         mu, sigma = mu[None, :], sigma[None, :]
     mean_v = tl.load(mean_ptr + cols, mask=cmask, other=0.0).to(ACC)
@@ -720,7 +716,7 @@ def _bn_bwd_mc_kernel(
         rows = p * CHUNK + off + tl.arange(0, BLOCK_M)
         if INT64:
             rows = rows.to(tl.int64)
-        mask = (rows < M_ROWS)[:, None] & cmask[None, :]
+        mask = (rows < M)[:, None] & cmask[None, :]
         offs = rows[:, None] * C + cols[None, :]
         g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
@@ -742,11 +738,11 @@ def _bn_bwd_mc_kernel(
         if WRITE_DX and TRAINING:
             k1 = k1[None, :]
             k2 = k2[None, :]
-            for off in range(0, M_ROWS, BLOCK_M):
+            for off in range(0, M, BLOCK_M):
                 rows = off + tl.arange(0, BLOCK_M)
                 if INT64:
                     rows = rows.to(tl.int64)
-                mask = (rows < M_ROWS)[:, None] & cmask[None, :]
+                mask = (rows < M)[:, None] & cmask[None, :]
                 offs = rows[:, None] * C + cols[None, :]
                 g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
                 x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
@@ -780,14 +776,13 @@ def _bn_bwd_dx_kernel(
     w_ptr,
     b_ptr,
     coef_ptr,  # [2, C] ACC (training): mean(g), mean(g * (x - mean)) * invstd^2
-    step_ptr,
+    step,  # noise step: a 1-element int tensor (STEP_PTR) or an int
     ROWS,
     COLS,
     C,
     S,
     eps,
     seed,
-    step_val,
     n_mu,
     n_sigma,
     r_mu,
@@ -811,14 +806,17 @@ def _bn_bwd_dx_kernel(
                           ACC)
     w = chan_load(w_ptr, ch, cm, 1.0, CHAN_ON_ROWS, ACC, HAS_W)
     b = chan_load(b_ptr, ch, cm, 0.0, CHAN_ON_ROWS, ACC, HAS_B)
-    k1 = chan_load(coef_ptr, ch, cm, 0.0, CHAN_ON_ROWS, ACC, TRAINING)
-    k2 = chan_load(coef_ptr + C, ch, cm, 0.0, CHAN_ON_ROWS, ACC, TRAINING)
+    k1 = 0.0
+    k2 = 0.0
+    if TRAINING:
+        k1 = chan_load(coef_ptr, ch, cm, 0.0, CHAN_ON_ROWS, ACC)
+        k2 = chan_load(coef_ptr + C, ch, cm, 0.0, CHAN_ON_ROWS, ACC)
     g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
     ns = 1.0
     nm = 0.0
     if NOISY:
-        step = load_step(step_ptr, step_val, STEP_PTR)
+        step = load_step(step, STEP_PTR)
         ns, nm = _tile_noise(rows, cols, ch, offs, C, S, seed, step, n_mu, n_sigma, r_mu,
                              r_sigma, CHAN_ON_ROWS, INT64)
     g = _upstream_grad(g, x, mean, invstd, w, b, ns, nm, RELU, NOISY)
@@ -827,285 +825,3 @@ def _bn_bwd_dx_kernel(
     else:
         dx = g * invstd * w
     tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-
-
-# ----------------------------------------------------------------------------- plans
-
-
-class _Workspace:
-    """Partials ([3, C, SPLIT], then [2, C] per-channel results) and ticket counters."""
-
-    def __init__(self, lay, cfg, acc):
-        n = 3 * lay.C * cfg.split + 2 * lay.C
-        self.buf = torch.empty(n, device=lay.device, dtype=acc)
-        self.ticket = torch.zeros(cfg.groups, device=lay.device, dtype=torch.int32)
-        self.vec = self.buf[3 * lay.C * cfg.split:]  # mean_lo (forward), coefficients (bwd)
-
-
-class BatchNormPlan:
-    """Everything about a BatchNorm call that depends only on its :class:`Signature`, resolved
-    once: the layout view, the strategy ("fused": one launch per direction; "split": two),
-    grids, blocks, warps, the constexpr flags and a cached workspace. ``forward`` and
-    ``backward`` then allocate the outputs and launch."""
-
-    def __init__(self, sig: Signature):
-        self.sig = sig
-        self.lay = lay = layout_of(sig.shape, sig.stride, sig.device)
-        self.acc = acc_dtype(sig.dtype)
-        self.training = sig.training
-        self.fused = strategy(lay) == "fused"
-        cfg = self.cfg = reduce_config(lay, fused=self.fused)
-        acfg = apply_config(lay)
-        self.ncs = lay.kind == "ncs"
-        relu = sig.activation == "relu"
-        self.noisy = sig.noisy
-        self.save_step = sig.noisy and sig.step_tensor and sig.training
-        flags = dict(HAS_W=sig.has_weight, HAS_B=sig.has_bias, RELU=relu, NOISY=sig.noisy,
-                     STEP_PTR=sig.step_tensor, ACC=tl_dtype(self.acc), INT64=lay.int64)
-        # The reduction kernels: grid, leading shape arguments, tiles.
-        if self.ncs:
-            self.reduce_fwd, self.reduce_bwd = _bn_fwd_ncs_kernel, _bn_bwd_ncs_kernel
-            self.shape_args = (lay.C, lay.S, lay.N, cfg.s_blocks, cfg.units, cfg.chunk,
-                               cfg.split)
-            tiles = dict(BLOCK_N=cfg.block_n, BLOCK_S=cfg.block_s)
-        else:
-            self.reduce_fwd, self.reduce_bwd = _bn_fwd_mc_kernel, _bn_bwd_mc_kernel
-            self.shape_args = (lay.C, lay.S, lay.M, cfg.chunk, cfg.split)
-            tiles = dict(BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c)
-        self.reduce_grid = (cfg.groups, cfg.split)
-        self.fwd_meta = dict(FUSED=self.fused, UPDATE=sig.has_running, OUT_VAR=False,
-                             HAS_LO=not relu, SAVE_STEP=self.save_step,
-                             num_warps=cfg.num_warps, **tiles, **flags)
-        # The split strategy's statistics launch (the noise comes in the apply launch).
-        self.stats_meta = dict(self.fwd_meta, FUSED=False, NOISY=False, STEP_PTR=False,
-                               SAVE_STEP=False)
-        scale_from = INVSTD if sig.training else FROM_VAR  # eval forward: running_var
-        self.bwd_meta = dict(FUSED=self.fused, TRAINING=sig.training, SCALE_FROM=INVSTD,
-                             DW_RAW=False,
-                             HAS_W=sig.has_weight, HAS_B=sig.has_bias, RELU=relu,
-                             NOISY=sig.noisy, STEP_PTR=sig.step_tensor, ACC=tl_dtype(self.acc),
-                             INT64=lay.int64, num_warps=cfg.num_warps, **tiles)
-        # The elementwise kernels.
-        self.ew_grid = (triton.cdiv(lay.rows, acfg.block_r), triton.cdiv(lay.cols, acfg.block_k))
-        self.ew_args = (lay.rows, lay.cols, lay.C, lay.S)
-        ew = dict(BLOCK_R=acfg.block_r, BLOCK_K=acfg.block_k, CHAN_ON_ROWS=self.ncs,
-                  num_warps=acfg.num_warps, **flags)
-        self.apply_meta = dict(SCALE_FROM=scale_from, HAS_LO=sig.training and not relu,
-                               SAVE_STEP=self.save_step, SAVE_STATS=False, **ew)
-        # Eval with a backward to come: the apply snapshots (mean, invstd) for it, so the
-        # backward is that of the statistics this forward used, whatever happens to the
-        # running buffers in between.
-        self.apply_save_meta = dict(self.apply_meta, SAVE_STATS=not sig.training)
-        self.dx_meta = dict(TRAINING=sig.training, SCALE_FROM=INVSTD, **ew)
-        self.workspaces = Workspaces(lay.device, lambda: _Workspace(lay, cfg, self.acc))
-        self.M = float(lay.M)
-
-    # -- forward
-
-    def forward(self, x, running_mean, running_var, weight, bias, momentum, eps, noise,
-                need_saved=True):
-        """``(y, mean, invstd, step_used)``: the batch statistics in training; in eval mode
-        snapshots of the running statistics' mean and invstd (None unless ``need_saved``)."""
-        if self.training:
-            return self._train_forward(x, running_mean, running_var, weight, bias, momentum,
-                                       eps, noise, False)
-        if not need_saved:
-            return self._apply(x, running_mean, None, running_var, weight, bias, eps, noise,
-                               None), None, None, None
-        mean = torch.empty(self.lay.C, device=x.device, dtype=self.acc)
-        invstd = torch.empty(self.lay.C, device=x.device, dtype=self.acc)
-        y = self._apply(x, running_mean, None, running_var, weight, bias, eps, noise, None,
-                        meta=self.apply_save_meta, saved=(mean, invstd))
-        return y, mean, invstd, None
-
-    def _train_forward(self, x, running_mean, running_var, weight, bias, momentum, eps, noise,
-                       out_var=False):
-        """Training forward; ``out_var``: the statistics stage of SyncBatchNorm (mean and
-        biased var, no output, running buffers untouched)."""
-        lay = self.lay
-        xc = lay.prepare(x)
-        mean = torch.empty(lay.C, device=xc.device, dtype=self.acc)
-        second = torch.empty(lay.C, device=xc.device, dtype=self.acc)
-        used = torch.empty(1, device=xc.device, dtype=torch.int64) if self.save_step else None
-        update = running_mean is not None
-        rm, rv = (running_mean, running_var) if update else (mean, second)
-        if self.fused and not out_var:
-            y = torch.empty_like(xc)
-            step_ptr, scalars = noise_scalars(noise, mean)
-            self.reduce_fwd[self.reduce_grid](
-                xc, y, mean, second, rm, rv, weight if weight is not None else mean,
-                bias if bias is not None else mean, mean, mean, step_ptr,
-                used if used is not None else step_ptr, *self.shape_args, momentum, eps,
-                *scalars, **self.fwd_meta)
-            return lay.restore(y, x), mean, second, used
-        ws = self.workspaces.get()
-        meta = self.stats_meta if not out_var else dict(self.stats_meta, OUT_VAR=True,
-                                                         UPDATE=False)
-        self.reduce_fwd[self.reduce_grid](
-            xc, xc, mean, second, rm, rv, mean, mean, ws.buf, ws.ticket, mean, mean,
-            *self.shape_args, momentum, eps, *_NO_NOISE_SCALARS, **meta)
-        if out_var:
-            return None, mean, second, None
-        y = self._apply(x, mean, ws.vec, second, weight, bias, eps, noise, used, xc)
-        return y, mean, second, used
-
-    def _apply(self, x, mean, lo, scale, weight, bias, eps, noise, used, xc=None, meta=None,
-               saved=None):
-        lay = self.lay
-        xc = lay.prepare(x) if xc is None else xc
-        y = torch.empty_like(xc)
-        step_ptr, scalars = noise_scalars(noise, scale)
-        saved = saved or (scale, scale)
-        _bn_apply_kernel[self.ew_grid](
-            xc, y, mean, lo if lo is not None else scale, scale,
-            weight if weight is not None else scale, bias if bias is not None else scale,
-            step_ptr, used if used is not None else step_ptr, saved[0], saved[1],
-            *self.ew_args, eps, *scalars, **(meta or self.apply_meta))
-        return lay.restore(y, x)
-
-    # -- backward
-
-    def backward(self, dy, x, a, b, weight, bias, eps, needs, noise):
-        """``(dx, dweight, dbias)``, None where ``needs`` says so. ``a, b``: the mean and invstd
-        the forward saved."""
-        return self._backward(dy, x, a, b, weight, bias, eps, needs, noise, self.bwd_meta,
-                              self.dx_meta)
-
-    def _backward(self, dy, x, mean, scale, weight, bias, eps, needs, noise, bwd_meta, dx_meta):
-        need_dx, need_dw, need_db = needs
-        need_dw = need_dw and weight is not None
-        need_db = need_db and bias is not None
-        lay = self.lay
-        xc = lay.prepare(x)
-        dyc = lay.like(dy, xc)
-        step_ptr, scalars = noise_scalars(noise, scale)
-        w_arg = weight if weight is not None else scale
-        b_arg = bias if bias is not None else scale
-        dxc = torch.empty_like(xc) if need_dx else None
-        if not (need_dw or need_db or (need_dx and self.training)):
-            if need_dx:  # eval, dx alone: one elementwise pass
-                _bn_bwd_dx_kernel[self.ew_grid](
-                    dyc, xc, dxc, mean, scale, w_arg, b_arg, scale, step_ptr, *self.ew_args,
-                    eps, *scalars, **dx_meta)
-                return lay.restore(dxc, x), None, None
-            return None, None, None
-        dw = torch.empty_like(weight) if need_dw else None
-        db = torch.empty_like(bias) if need_db else None
-        ws = None if self.fused else self.workspaces.get()
-        self.reduce_bwd[self.reduce_grid](
-            dyc, xc, dxc if need_dx else xc, mean, scale, w_arg, b_arg,
-            dw if need_dw else scale, db if need_db else scale,
-            ws.buf if ws is not None else scale, ws.ticket if ws is not None else scale,
-            step_ptr, *self.shape_args, self.M, eps, *scalars,
-            WRITE_DX=need_dx, WRITE_DW=need_dw, WRITE_DB=need_db, **bwd_meta)
-        if need_dx and self.training and not self.fused:
-            _bn_bwd_dx_kernel[self.ew_grid](
-                dyc, xc, dxc, mean, scale, w_arg, b_arg, ws.vec, step_ptr, *self.ew_args, eps,
-                *scalars, **dx_meta)
-        return (lay.restore(dxc, x) if need_dx else None), dw, db
-
-
-_NO_NOISE_SCALARS = (0, 0, 0.0, 1.0, 0.0, 0.0)
-_PLANS: dict = register_plan_cache({})
-
-
-def batch_norm_plan(sig: Signature) -> BatchNormPlan:
-    """The cached plan of ``sig``."""
-    return cached_plan(_PLANS, sig, BatchNormPlan)
-
-
-def _plan_for(x, training, activation, noise, weight, bias, running):
-    return batch_norm_plan(Signature.of(
-        x, bool(training), activation=activation, has_weight=weight is not None,
-        has_bias=bias is not None, has_running=running is not None, noisy=noise is not None,
-        step_tensor=noise is not None and isinstance(noise[2], torch.Tensor)))
-
-
-# ----------------------------------------------------------------------------- entry points
-
-
-def batch_norm_fwd(x, running_mean, running_var, weight, bias, training, momentum, eps,
-                   activation, noise=None):
-    """Forward BatchNorm; returns ``(y, save_mean, save_invstd)``.
-
-    In training the saved statistics are the batch mean and 1/sqrt(biased var + eps), in fp32
-    (fp64 for fp64 x), and the running buffers (if given) are updated in place on the device.
-    In eval mode the running statistics are used and ``(y, None, None)`` is returned.
-    ``noise = (NoiseConfig, seed, step)`` turns it into noisy BatchNorm: y = act(s * a + m).
-    Arguments are validated by :mod:`bnkernels.functional`.
-    """
-    plan = _plan_for(x, training, activation, noise, weight, bias, running_mean)
-    y, a, b, _ = plan.forward(x, running_mean, running_var, weight, bias, float(momentum),
-                              float(eps), noise, need_saved=False)
-    return (y, a, b) if training else (y, None, None)
-
-
-def batch_norm_bwd(dy, x, mean, invstd, weight, bias, training, activation, needs, noise=None):
-    """Backward BatchNorm; returns ``(dx, dweight, dbias)`` (None where ``needs`` says so).
-
-    ``mean``/``invstd`` are the saved batch statistics in training, and running_mean and
-    1/sqrt(running_var + eps) in eval mode. ``noise`` as in :func:`batch_norm_fwd` (the noise
-    is regenerated, not stored).
-    """
-    plan = _plan_for(x, training, activation, noise, weight, bias, None)
-    acc = plan.acc
-    mean, invstd = mean.to(acc).contiguous(), invstd.to(acc).contiguous()
-    return plan._backward(dy, x, mean, invstd, weight, bias, 0.0, needs, noise, plan.bwd_meta,
-                          plan.dx_meta)
-
-
-# Stages, for SyncBatchNorm (statistics and gradient sums merged across processes in between).
-
-
-def batch_norm_stats(x):
-    """Per-channel (mean, biased var) of x over the batch and spatial dims, fp32/fp64."""
-    plan = _plan_for(x, True, None, None, None, None, None)
-    _, mean, var, _ = plan._train_forward(x, None, None, None, None, 0.0, 0.0, None, True)
-    return mean, var
-
-
-def batch_norm_apply(x, mean, invstd, weight, bias, activation, noise=None):
-    """y = act(w * (x - mean) * invstd + b) with given per-channel statistics."""
-    plan = _plan_for(x, True, activation, noise, weight, bias, None)
-    acc = plan.acc
-    return plan._apply(x, mean.to(acc).contiguous(), None, invstd.to(acc).contiguous(), weight,
-                       bias, 0.0, noise, None,
-                       meta=dict(plan.apply_meta, HAS_LO=False, SAVE_STEP=False))
-
-
-def batch_norm_bwd_reduce(dy, x, mean, invstd, weight, bias, activation, noise=None):
-    """Per-channel sums [sum(g), sum(g * (x - mean))] ([2, C], fp32/fp64) for SyncBatchNorm."""
-    plan = _plan_for(x, True, activation, noise, weight, bias, None)
-    acc = plan.acc
-    mean, invstd = mean.to(acc).contiguous(), invstd.to(acc).contiguous()
-    sums = torch.empty((2, plan.lay.C), device=x.device, dtype=acc)
-    lay = plan.lay
-    xc = lay.prepare(x)
-    step_ptr, scalars = noise_scalars(noise, mean)
-    ws = None if plan.fused else plan.workspaces.get()
-    plan.reduce_bwd[plan.reduce_grid](
-        lay.like(dy, xc), xc, xc, mean, invstd, weight if weight is not None else mean,
-        bias if bias is not None else mean, sums[1], sums[0],
-        ws.buf if ws is not None else mean, ws.ticket if ws is not None else mean, step_ptr,
-        *plan.shape_args, plan.M, 0.0, *scalars, WRITE_DX=False, WRITE_DW=True, WRITE_DB=True,
-        **dict(plan.bwd_meta, DW_RAW=True))
-    return sums
-
-
-def batch_norm_bwd_dx(dy, x, mean, invstd, weight, bias, mean_sums, activation, noise=None):
-    """Training dx given ``mean_sums`` = [mean(g), mean(g * (x - mean))] over the whole
-    (possibly multi-process) batch."""
-    plan = _plan_for(x, True, activation, noise, weight, bias, None)
-    acc = plan.acc
-    mean, invstd = mean.to(acc).contiguous(), invstd.to(acc).contiguous()
-    coef = torch.stack([mean_sums[0].to(acc), mean_sums[1].to(acc) * invstd * invstd])
-    lay = plan.lay
-    xc = lay.prepare(x)
-    dyc = lay.like(dy, xc)
-    dxc = torch.empty_like(xc)
-    step_ptr, scalars = noise_scalars(noise, invstd)
-    _bn_bwd_dx_kernel[plan.ew_grid](
-        dyc, xc, dxc, mean, invstd, weight if weight is not None else invstd,
-        bias if bias is not None else invstd, coef.contiguous(), step_ptr, *plan.ew_args, 0.0,
-        *scalars, **plan.dx_meta)
-    return lay.restore(dxc, x)

@@ -57,28 +57,18 @@ from __future__ import annotations
 
 import math
 
-import torch
 import triton
 import triton.language as tl
 
-from .. import register_plan_cache
-from .._base import Signature, cached_plan
-from .batch_norm import FROM_LP_SCALE, INVSTD, BatchNormPlan, _bn_apply_kernel
-from .common import (
-    Workspaces,
-    acc_dtype,
-    apply_config,
+from ..batch_norm.kernels import _count_batch
+from ..common import (
     chan_load,
     div_rn,
     last_of_group,
-    layout_of,
     ncs_unit,
-    reduce_config,
     sqrt_rn,
-    strategy,
     sum_all,
     tile,
-    tl_dtype,
 )
 
 # The kernels' constexpr P: 1, 2, or 0 for inf.
@@ -223,6 +213,7 @@ def _lp_fwd_ncs_kernel(
     b_ptr,
     ws_ptr,  # ACC workspace (split): [2, C, SPLIT] partials at 0, [C] 1/(s+eps) at 4*C*SPLIT
     ticket_ptr,  # int32 [C] (split)
+    nbt_ptr,  # int64 [] num_batches_tracked, incremented once per call (COUNT)
     C,
     S,
     N,
@@ -243,10 +234,12 @@ def _lp_fwd_ncs_kernel(
     HAS_W: tl.constexpr,
     HAS_B: tl.constexpr,
     ACC: tl.constexpr,
+    COUNT: tl.constexpr,
     INT64: tl.constexpr,
 ):
     c = tl.program_id(0)
     p = tl.program_id(1)
+    _count_batch(nbt_ptr, (c == 0) & (p == 0) & (PHASE != 2), COUNT)
     cm = c < C
     if FUSED:
         if CENTERED:
@@ -312,9 +305,10 @@ def _lp_fwd_mc_kernel(
     b_ptr,
     ws_ptr,
     ticket_ptr,  # int32 [cdiv(C, BLOCK_C)] (split)
+    nbt_ptr,  # int64 [] num_batches_tracked, incremented once per call (COUNT)
     C,
     S,  # unused (the signature of the BatchNorm reductions)
-    M_ROWS,
+    M,
     CHUNK,  # rows per program (a multiple of BLOCK_M)
     SPLIT,
     M_F,  # values per channel, as a float
@@ -330,22 +324,24 @@ def _lp_fwd_mc_kernel(
     HAS_W: tl.constexpr,
     HAS_B: tl.constexpr,
     ACC: tl.constexpr,
+    COUNT: tl.constexpr,
     INT64: tl.constexpr,
 ):
     pc = tl.program_id(0)
     p = tl.program_id(1)
+    _count_batch(nbt_ptr, (pc == 0) & (p == 0) & (PHASE != 2), COUNT)
     cols = pc * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
     if FUSED:
         if CENTERED:
-            sum_x, _ = _lp_pass_mc(x_ptr, cols, cmask, 0, M_ROWS, 0.0, C, BLOCK_M, BLOCK_C, P,
+            sum_x, _ = _lp_pass_mc(x_ptr, cols, cmask, 0, M, 0.0, C, BLOCK_M, BLOCK_C, P,
                                    False, ACC, INT64)
             mean = _lp_finalize_mean(cols, cmask, sum_x, M_F, mean_ptr, rmean_ptr, momentum, ACC,
                                      UPDATE)
-            _, stat = _lp_pass_mc(x_ptr, cols, cmask, 0, M_ROWS, mean[None, :], C, BLOCK_M,
+            _, stat = _lp_pass_mc(x_ptr, cols, cmask, 0, M, mean[None, :], C, BLOCK_M,
                                   BLOCK_C, P, True, ACC, INT64)
         else:
-            sum_x, stat = _lp_pass_mc(x_ptr, cols, cmask, 0, M_ROWS, 0.0, C, BLOCK_M, BLOCK_C,
+            sum_x, stat = _lp_pass_mc(x_ptr, cols, cmask, 0, M, 0.0, C, BLOCK_M, BLOCK_C,
                                       P, True, ACC, INT64)
             mean = _lp_finalize_mean(cols, cmask, sum_x, M_F, mean_ptr, rmean_ptr, momentum, ACC,
                                      UPDATE)
@@ -353,11 +349,11 @@ def _lp_fwd_mc_kernel(
                                     P, ACC, UPDATE)
         w = chan_load(w_ptr, cols, cmask, 1.0, False, ACC, HAS_W)
         b = chan_load(b_ptr, cols, cmask, 0.0, False, ACC, HAS_B)
-        for off in range(0, M_ROWS, BLOCK_M):
+        for off in range(0, M, BLOCK_M):
             rows = off + tl.arange(0, BLOCK_M)
             if INT64:
                 rows = rows.to(tl.int64)
-            mask = (rows < M_ROWS)[:, None] & cmask[None, :]
+            mask = (rows < M)[:, None] & cmask[None, :]
             offs = rows[:, None] * C + cols[None, :]
             x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
             y = (x - mean[None, :]) * inv[None, :] * w + b
@@ -367,7 +363,7 @@ def _lp_fwd_mc_kernel(
         if PHASE == 2:
             mu = tl.load(mean_ptr + cols, mask=cmask, other=0.0).to(ACC)
         sum_x, stat = _lp_pass_mc(x_ptr, cols, cmask, p * CHUNK,
-                                  tl.minimum(p * CHUNK + CHUNK, M_ROWS), mu[None, :], C, BLOCK_M,
+                                  tl.minimum(p * CHUNK + CHUNK, M), mu[None, :], C, BLOCK_M,
                                   BLOCK_C, P, PHASE != 1, ACC, INT64)
         part = ws_ptr + cols * SPLIT + p
         tl.store(part, sum_x, mask=cmask)
@@ -558,7 +554,7 @@ def _lp_bwd_mc_kernel(
     ticket_ptr,  # int32 [cdiv(C, BLOCK_C)] (split)
     C,
     S,  # unused
-    M_ROWS,
+    M,
     CHUNK,
     SPLIT,
     M_F,
@@ -595,7 +591,7 @@ def _lp_bwd_mc_kernel(
         rows = p * CHUNK + off + tl.arange(0, BLOCK_M)
         if INT64:
             rows = rows.to(tl.int64)
-        mask = (rows < M_ROWS)[:, None] & cmask[None, :]
+        mask = (rows < M)[:, None] & cmask[None, :]
         offs = rows[:, None] * C + cols[None, :]
         g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
@@ -613,11 +609,11 @@ def _lp_bwd_mc_kernel(
                                           w_v, M_F, eps, ws_ptr, dw_ptr, db_ptr, C, P, CENTERED,
                                           ACC, False, WRITE_DW, WRITE_DB)
         if WRITE_DX:
-            for off in range(0, M_ROWS, BLOCK_M):
+            for off in range(0, M, BLOCK_M):
                 rows = off + tl.arange(0, BLOCK_M)
                 if INT64:
                     rows = rows.to(tl.int64)
-                mask = (rows < M_ROWS)[:, None] & cmask[None, :]
+                mask = (rows < M)[:, None] & cmask[None, :]
                 offs = rows[:, None] * C + cols[None, :]
                 g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
                 x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
@@ -680,176 +676,3 @@ def _lp_bwd_dx_kernel(
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
     dx = _lp_dx(g, x, mean, s, k1, k2, k3, k4, P, CENTERED)
     tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-
-
-# ----------------------------------------------------------------------------- plans
-
-
-class _Workspace:
-    """Partials ([4, C, SPLIT]), per-channel results ([4, C]) and ticket counters."""
-
-    def __init__(self, lay, cfg, acc):
-        self.buf = torch.empty(4 * lay.C * cfg.split + 4 * lay.C, device=lay.device, dtype=acc)
-        self.ticket = torch.zeros(cfg.groups, device=lay.device, dtype=torch.int32)
-        self.vec = self.buf[4 * lay.C * cfg.split:]
-
-
-class LpNormPlan:
-    """Everything about an l_p normalization call that depends only on its signature, resolved
-    once (see :class:`~.batch_norm.BatchNormPlan`)."""
-
-    def __init__(self, sig: Signature):
-        self.lay = lay = layout_of(sig.shape, sig.stride, sig.device)
-        self.acc = acc_dtype(sig.dtype)
-        self.training = sig.training
-        self.centered = bool(sig.centered)
-        P = _p_code(sig.p)
-        if not sig.training:
-            # Constant statistics: BatchNorm's eval kernels with invstd = 1/(running_scale + eps).
-            bn = self.bn = BatchNormPlan(Signature(
-                sig.shape, sig.stride, sig.dtype, sig.device, False,
-                has_weight=sig.has_weight, has_bias=sig.has_bias))
-            self.eval_apply = dict(bn.apply_meta, SCALE_FROM=FROM_LP_SCALE)
-            self.eval_apply_save = dict(bn.apply_save_meta, SCALE_FROM=FROM_LP_SCALE)
-            return
-        self.fused = strategy(lay) == "fused"
-        cfg = reduce_config(lay, fused=self.fused)
-        acfg = apply_config(lay)
-        self.ncs = lay.kind == "ncs"
-        if self.ncs:
-            self.fwd_kernel, self.bwd_kernel = _lp_fwd_ncs_kernel, _lp_bwd_ncs_kernel
-            self.shape_args = (lay.C, lay.S, lay.N, cfg.s_blocks, cfg.units, cfg.chunk,
-                               cfg.split)
-            tiles = dict(BLOCK_N=cfg.block_n, BLOCK_S=cfg.block_s)
-        else:
-            self.fwd_kernel, self.bwd_kernel = _lp_fwd_mc_kernel, _lp_bwd_mc_kernel
-            self.shape_args = (lay.C, lay.S, lay.M, cfg.chunk, cfg.split)
-            tiles = dict(BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c)
-        self.grid = (cfg.groups, cfg.split)
-        common = dict(P=P, FUSED=self.fused, CENTERED=self.centered, ACC=tl_dtype(self.acc),
-                      INT64=lay.int64, num_warps=cfg.num_warps, **tiles)
-        self.fwd_meta = dict(UPDATE=sig.has_running, HAS_W=sig.has_weight, HAS_B=sig.has_bias,
-                             **common)
-        # Split: the phases of the reduction (uncentered: one; centered: mean, then scale).
-        self.phases = [dict(self.fwd_meta, PHASE=ph) for ph in ((1, 2) if self.centered else (0,))]
-        self.bwd_meta = dict(HAS_W=sig.has_weight, **common)
-        self.ew_grid = (triton.cdiv(lay.rows, acfg.block_r), triton.cdiv(lay.cols, acfg.block_k))
-        ew = dict(BLOCK_R=acfg.block_r, BLOCK_K=acfg.block_k, CHAN_ON_ROWS=self.ncs,
-                  ACC=tl_dtype(self.acc), INT64=lay.int64, num_warps=acfg.num_warps)
-        self.apply_meta = dict(SCALE_FROM=INVSTD, HAS_W=sig.has_weight, HAS_B=sig.has_bias,
-                               HAS_LO=False, RELU=False, NOISY=False, STEP_PTR=False,
-                               SAVE_STEP=False, SAVE_STATS=False, **ew)
-        self.dx_meta = dict(P=P, CENTERED=self.centered, **ew)
-        self.workspaces = Workspaces(lay.device, lambda: _Workspace(lay, cfg, self.acc))
-        self.M = float(lay.M)
-
-    def forward(self, x, running_mean, running_scale, weight, bias, momentum, eps, noise=None,
-                need_saved=True):
-        """``(y, save_a, save_b, None)``: the batch mean and s_p in training; in eval mode
-        snapshots of running_mean and 1/(running_scale + eps) (if ``need_saved``), for
-        BatchNorm's eval backward."""
-        if not self.training:
-            if not need_saved:
-                return self.bn._apply(x, running_mean, None, running_scale, weight, bias, eps,
-                                      None, None, meta=self.eval_apply), None, None, None
-            mean = torch.empty(self.lay.C, device=x.device, dtype=self.acc)
-            inv = torch.empty(self.lay.C, device=x.device, dtype=self.acc)
-            y = self.bn._apply(x, running_mean, None, running_scale, weight, bias, eps, None,
-                               None, meta=self.eval_apply_save, saved=(mean, inv))
-            return y, mean, inv, None
-        lay = self.lay
-        xc = lay.prepare(x)
-        y = torch.empty_like(xc)
-        mean = torch.empty(lay.C, device=xc.device, dtype=self.acc)
-        scale = torch.empty(lay.C, device=xc.device, dtype=self.acc)
-        update = running_mean is not None
-        rm, rs = (running_mean, running_scale) if update else (mean, scale)
-        w = weight if weight is not None else mean
-        b = bias if bias is not None else mean
-        if self.fused:
-            self.fwd_kernel[self.grid](xc, y, mean, scale, rm, rs, w, b, mean, mean,
-                                       *self.shape_args, self.M, momentum, eps, PHASE=0,
-                                       **self.fwd_meta)
-            return lay.restore(y, x), mean, scale, None
-        ws = self.workspaces.get()
-        for meta in self.phases:
-            self.fwd_kernel[self.grid](xc, xc, mean, scale, rm, rs, w, b, ws.buf, ws.ticket,
-                                       *self.shape_args, self.M, momentum, eps, **meta)
-        _bn_apply_kernel[self.ew_grid](
-            xc, y, mean, mean, ws.vec, w, b, mean, mean, mean, mean, lay.rows, lay.cols, lay.C,
-            lay.S, eps, 0, 0, 0.0, 1.0, 0.0, 0.0, **self.apply_meta)
-        return lay.restore(y, x), mean, scale, None
-
-    def backward(self, dy, x, a, b, weight, bias, eps, needs, noise=None):
-        """``(dx, dweight, dbias)``; ``a, b``: the saved mean and s_p, or (eval) the saved mean
-        and 1/(s_p + eps)."""
-        if not self.training:
-            return self.bn.backward(dy, x, a, b, weight, bias, eps, needs, None)
-        need_dx, need_dw, need_db = needs
-        need_dw = need_dw and weight is not None
-        need_db = need_db and bias is not None
-        if not (need_dx or need_dw or need_db):
-            return None, None, None
-        lay = self.lay
-        xc = lay.prepare(x)
-        dyc = lay.like(dy, xc)
-        dxc = torch.empty_like(xc) if need_dx else None
-        dw = torch.empty_like(weight) if need_dw else None
-        db = torch.empty_like(bias) if need_db else None
-        ws = None if self.fused else self.workspaces.get()
-        self.bwd_kernel[self.grid](
-            dyc, xc, dxc if need_dx else xc, a, b, weight if weight is not None else a,
-            dw if need_dw else a, db if need_db else a, ws.buf if ws is not None else a,
-            ws.ticket if ws is not None else a, *self.shape_args, self.M, eps,
-            WRITE_DX=need_dx, WRITE_DW=need_dw, WRITE_DB=need_db, **self.bwd_meta)
-        if need_dx and not self.fused:
-            _lp_bwd_dx_kernel[self.ew_grid](dyc, xc, dxc, a, b, ws.vec, lay.rows, lay.cols,
-                                            lay.C, **self.dx_meta)
-        return (lay.restore(dxc, x) if need_dx else None), dw, db
-
-
-_PLANS: dict = register_plan_cache({})
-
-
-def lp_norm_plan(sig: Signature) -> LpNormPlan:
-    """The cached plan of ``sig``."""
-    return cached_plan(_PLANS, sig, LpNormPlan)
-
-
-def _plan_for(x, p, training, centered, weight, bias, running):
-    return lp_norm_plan(Signature.of(
-        x, bool(training), has_weight=weight is not None, has_bias=bias is not None,
-        has_running=running is not None, p=p, centered=bool(centered)))
-
-
-# ----------------------------------------------------------------------------- entry points
-
-
-def lp_norm_fwd(x, p, running_mean, running_scale, weight, bias, training, momentum, eps,
-                centered):
-    """Forward l_p normalization; returns ``(y, save_mean, save_scale)``.
-
-    ``p`` is 1, 2 or ``math.inf``. In training the saved statistics are the batch mean and the
-    batch scale s_p (not 1/(s_p + eps)), in fp32 (fp64 for fp64 x), and the running buffers (if
-    given) are updated in place on the device: r <- momentum * batch + (1 - momentum) * r.
-    In eval mode the running statistics are used and ``(y, None, None)`` is returned.
-    Arguments are validated by :mod:`bnkernels.functional`.
-    """
-    plan = _plan_for(x, p, training, centered, weight, bias, running_mean)
-    y, a, b, _ = plan.forward(x, running_mean, running_scale, weight, bias, float(momentum),
-                              float(eps), need_saved=False)
-    return (y, a, b) if training else (y, None, None)
-
-
-def lp_norm_bwd(dy, x, p, mean, scale, weight, bias, training, centered, eps, needs):
-    """Backward l_p normalization; returns ``(dx, dweight, dbias)`` (None where ``needs`` says so).
-
-    ``mean``/``scale`` are the saved batch mean and s_p in training, and running_mean and
-    running_scale in eval mode (constants: no gradient flows through them).
-    """
-    plan = _plan_for(x, p, training, centered, weight, bias, None)
-    acc = plan.acc
-    mean, scale = mean.to(acc).contiguous(), scale.to(acc).contiguous()
-    if not training:  # the eval plan's backward takes 1/(s + eps)
-        scale = 1.0 / (scale + eps)
-    return plan.backward(dy, x, mean, scale, weight, bias, float(eps), needs)

@@ -1,4 +1,4 @@
-"""Eager PyTorch reference: the correctness oracle of every kernel, and the CPU path.
+"""The reference formulas: eager PyTorch, the correctness oracle of every kernel and the CPU path.
 
 Forward and backward are written out as explicit formulas (not autograd through
 ``F.batch_norm``), in fp32 (fp64 for fp64 input), so the backward can be checked on its own.
@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import torch
 
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from ..plan import acc_dtype
 
 
 def _reduce_dims(x: torch.Tensor) -> list[int]:

@@ -1,0 +1,267 @@
+"""Plans, the signature they are made for, and the one cache that holds them.
+
+A **plan** is everything about an op call that depends only on its :class:`Signature`,
+resolved once by a backend: the layout view, the strategy, grids, blocks, warps, constexprs,
+a cached workspace, pre-bound launches. Its methods then allocate the outputs and launch,
+with nothing left to decide. Every backend's plans follow :class:`Plan` (BatchNorm plans also
+:class:`SyncStages`, the stages SyncBatchNorm runs between its collectives).
+
+:data:`PLANS` maps a signature to its plan; :func:`bnkernels.backends.make_plan` fills it (it
+validates nothing: :mod:`bnkernels.functional` validates a signature before its first plan is
+made). ``PLANS.clear()`` (called by ``set_backend`` and the launch-parameter overrides) makes
+every signature select and plan again.
+
+This module imports nothing else from bnkernels: the backends import it, never the registry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import NamedTuple, Protocol
+
+import torch
+
+# Input dtypes every backend takes (fp64 mainly for gradcheck).
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation (and saved-statistics) dtype: fp64 for fp64 input, fp32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class Signature(NamedTuple):
+    """Everything about a call that a plan may depend on.
+
+    The input's shape, strides, dtype and device; the call's flags; and ``channels``: for each
+    per-channel tensor (weight, bias, running mean, running var/scale) None when absent, else
+    its (dtype, device, shape, contiguity). Values that change from call to call (the tensors
+    themselves, momentum, eps, the noise seed and step) are not part of it. ``backend`` is
+    None when the selection picks the backend (eager calls), else the backend's name (the
+    registered ops, whose graph fixed it when traced).
+
+    A plain tuple underneath: the hot path builds one per call with ``Signature.make``-free
+    ``tuple.__new__`` and hashes it as a tuple.
+    """
+
+    op: str  # "batch_norm" (noisy included) or "lp_norm"
+    shape: tuple
+    stride: tuple
+    dtype: torch.dtype
+    device: torch.device
+    training: bool
+    activation: str | None  # None or "relu"
+    noisy: tuple | None  # noisy BatchNorm: (NoiseConfig, the step is a tensor); else None
+    p: float | None  # l_p: 1, 2 or inf
+    centered: bool | None  # l_p: the scale of x - mean
+    counter: bool  # a module's num_batches_tracked comes along, to be incremented
+    channels: tuple  # entries of weight, bias, running mean, running var/scale (see channels)
+    backend: str | None = None
+
+    @staticmethod
+    def channels_of(weight, bias, running_mean, running_var) -> tuple:
+        """The ``channels`` entry: per tensor, None or (dtype, device, shape, contiguity)."""
+        return (
+            None if weight is None else (weight.dtype, weight.device, weight.shape,
+                                         weight.is_contiguous()),
+            None if bias is None else (bias.dtype, bias.device, bias.shape, bias.is_contiguous()),
+            None if running_mean is None else (running_mean.dtype, running_mean.device,
+                                               running_mean.shape, running_mean.is_contiguous()),
+            None if running_var is None else (running_var.dtype, running_var.device,
+                                              running_var.shape, running_var.is_contiguous()))
+
+    @classmethod
+    def of(cls, op: str, x: torch.Tensor, training: bool, *, activation=None, noise=None,
+           p=None, centered=None, counter=False, weight=None, bias=None, running_mean=None,
+           running_var=None, backend: str | None = None) -> Signature:
+        """The signature of a call (the readable spelling; the hot path builds the same tuple
+        inline). ``noise``: None or (NoiseConfig, seed, step)."""
+        noisy = None if noise is None else (noise[0], isinstance(noise[2], torch.Tensor))
+        return cls(op, x.shape, x.stride(), x.dtype, x.device, bool(training), activation,
+                   noisy, p, centered, bool(counter),
+                   cls.channels_of(weight, bias, running_mean, running_var), backend)
+
+    # -- readable views of the fields
+
+    @property
+    def has_weight(self) -> bool:
+        return self.channels[0] is not None
+
+    @property
+    def has_bias(self) -> bool:
+        return self.channels[1] is not None
+
+    @property
+    def has_running(self) -> bool:
+        return self.channels[2] is not None
+
+    @property
+    def is_noisy(self) -> bool:
+        return self.noisy is not None
+
+    @property
+    def step_tensor(self) -> bool:
+        return self.noisy is not None and self.noisy[1]
+
+    @property
+    def channels_contiguous(self) -> bool:
+        return all(c is None or c[3] for c in self.channels)
+
+
+class Plan(Protocol):
+    """The calls of one signature (every backend, every op family).
+
+    ``forward(x, running_mean, running_var, weight, bias, momentum, eps, noise,
+    need_saved=True, counter=None) -> (y, saved_a, saved_b, step_used)``: updates the running
+    buffers in training (``running_var`` is the running scale for l_p). ``saved_a, saved_b``
+    are what this plan's backward takes: the batch mean and 1/sqrt(var + eps) (l_p: the mean
+    and s_p) in training; in eval, snapshots of the statistics this forward used, so the
+    backward is that of this forward whatever happens to the running buffers in between. Both
+    None when ``need_saved`` is False (no backward will come). ``step_used``: the noise step
+    the forward used when it was given as a tensor (a 1-element int64 tensor), else None.
+    ``counter``: a module's ``num_batches_tracked``, incremented by this call (training with
+    running statistics).
+
+    ``backward(dy, x, saved_a, saved_b, weight, bias, eps, needs, noise) -> (dx, dw, db)``:
+    None where ``needs`` (3 booleans) says a gradient is not wanted.
+
+    ``noise`` is None, or ``(NoiseConfig, seed, step)`` for noisy BatchNorm.
+    """
+
+    def forward(self, x, running_mean, running_var, weight, bias, momentum, eps, noise,
+                need_saved=True, counter=None): ...
+
+    def backward(self, dy, x, saved_a, saved_b, weight, bias, eps, needs, noise): ...
+
+
+class SyncStages(Protocol):
+    """The stages of a training BatchNorm call that SyncBatchNorm runs between its
+    collectives (BatchNorm plans of every backend; statistics in the accumulation dtype).
+
+    ``stats(x) -> (mean, biased var)``; ``apply(x, mean, invstd, weight, bias, noise) -> y``;
+    ``bwd_reduce(dy, x, mean, invstd, weight, bias, noise) -> [2, C]`` (sum(g),
+    sum(g (x - mean))); ``bwd_dx(dy, x, mean, invstd, weight, bias, mean_sums, noise) -> dx``
+    with ``mean_sums`` = [mean(g), mean(g (x - mean))] over the whole (multi-process) batch.
+    """
+
+    def stats(self, x): ...
+
+    def apply(self, x, mean, invstd, weight, bias, noise): ...
+
+    def bwd_reduce(self, dy, x, mean, invstd, weight, bias, noise): ...
+
+    def bwd_dx(self, dy, x, mean, invstd, weight, bias, mean_sums, noise): ...
+
+
+class PlanCache(dict):
+    """Signature -> plan, bounded: a program that feeds ever new shapes does not grow memory
+    without end (the oldest plan is dropped past ``limit``)."""
+
+    limit = 4096
+
+    def put(self, sig: Signature, plan):
+        if len(self) >= self.limit:
+            self.pop(next(iter(self)))
+        self[sig] = plan
+        return plan
+
+
+PLANS = PlanCache()  # the one plan cache (see the module docstring)
+
+
+@contextlib.contextmanager
+def overriding(overrides: dict, values: dict):
+    """A backend's launch-parameter overrides (tests, experiments with the heuristics): set
+    ``values`` in its ``overrides`` dict for the block; plans made before or inside it are
+    forgotten on entry and exit (they were made with other values)."""
+    old = dict(overrides)
+    overrides.update(values)
+    PLANS.clear()
+    try:
+        yield
+    finally:
+        overrides.clear()
+        overrides.update(old)
+        PLANS.clear()
+
+
+def _raw_stream_getter():
+    getter = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if getter is None:  # pragma: no cover - every CUDA build of torch >= 2.4 has it
+        return lambda index: torch.cuda.current_stream(index).cuda_stream
+    return getter
+
+
+class Workspaces:
+    """The cached workspace of a plan: one per CUDA stream it runs on (one on the CPU), made
+    by ``make()`` on first use and reused by every later call on that stream.
+
+    A split reduction's workspace holds its partials and one ticket counter per channel group;
+    the last program (block) of a group resets its counter, so a workspace is zeroed once, when
+    made. Calls on one stream are ordered, so they can share it; calls on two streams at once
+    get two workspaces. (A CUDA graph captured on a side stream keeps that stream's workspace;
+    replaying it concurrently with eager calls of the same plan on that side stream would share
+    it.)"""
+
+    def __init__(self, device: torch.device, make):
+        self._make = make
+        self._by_stream: dict = {}
+        if device.type == "cuda":
+            getter = _raw_stream_getter()
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            self._stream = lambda: getter(index)
+        else:
+            self._stream = lambda: 0
+
+    def get(self):
+        key = self._stream()
+        ws = self._by_stream.get(key)
+        if ws is None:
+            ws = self._by_stream[key] = self._make()
+        return ws
+
+
+class ContiguousChannels:
+    """A plan for per-channel tensors that are not contiguous (a view such as ``w[::2]``; the
+    kernels read them as contiguous vectors): contiguous copies go in, and updated running
+    buffers are copied back. Rare, so it stays off the common path."""
+
+    def __init__(self, plan):
+        self.plan = plan
+
+    def forward(self, x, running_mean, running_var, weight, bias, *args, **kwargs):
+        c = [t if t is None else t.contiguous() for t in (running_mean, running_var)]
+        out = self.plan.forward(x, c[0], c[1], _contiguous(weight), _contiguous(bias), *args,
+                                **kwargs)
+        for orig, copy in zip((running_mean, running_var), c):
+            if orig is not None and copy is not orig:
+                orig.copy_(copy)
+        return out
+
+    def backward(self, dy, x, a, b, weight, bias, *args):
+        return self.plan.backward(dy, x, a.contiguous(), b.contiguous(), _contiguous(weight),
+                                  _contiguous(bias), *args)
+
+    # SyncBatchNorm's stages (BatchNorm plans)
+
+    def stats(self, x):
+        return self.plan.stats(x)
+
+    def apply(self, x, mean, invstd, weight, bias, noise):
+        return self.plan.apply(x, mean, invstd, _contiguous(weight), _contiguous(bias), noise)
+
+    def bwd_reduce(self, dy, x, mean, invstd, weight, bias, noise):
+        return self.plan.bwd_reduce(dy, x, mean, invstd, _contiguous(weight),
+                                    _contiguous(bias), noise)
+
+    def bwd_dx(self, dy, x, mean, invstd, weight, bias, mean_sums, noise):
+        return self.plan.bwd_dx(dy, x, mean, invstd, _contiguous(weight), _contiguous(bias),
+                                mean_sums, noise)
+
+
+def _contiguous(t):
+    return t if t is None else t.contiguous()
+
+
+__all__ = ["FLOAT_DTYPES", "PLANS", "ContiguousChannels", "Plan", "PlanCache", "Signature",
+           "SyncStages", "Workspaces", "acc_dtype", "overriding"]

@@ -1,0 +1,210 @@
+"""Pre-bound kernel launches: a plan's launches resolved once, then launched without Triton's
+per-call binder.
+
+A :class:`Launch` is one kernel launch of a plan with everything that depends only on the
+plan's signature fixed when the plan is made: the kernel, its grid, ``num_warps``, the
+constexprs and the per-plan integer arguments (sizes, split counts). A call passes only the
+per-call arguments, by name (``launch.run(x_ptr=x, y_ptr=y, eps=eps)``).
+
+``kernel[grid](...)`` (Triton's ``JITFunction.run``) costs ~10-20 us of host time per launch
+on a GPU: it binds every argument, computes the specialization key, looks up the kernel cache,
+reads the knobs and builds launch metadata. None of that changes between two calls of one
+plan, so after the first call a launch goes straight to the compiled kernel's launcher, with
+the arguments in the order Triton itself passes them (Triton >= 3.3: every parameter, the
+constexprs included, as ``JITFunction.run`` does). The direct call is generated once per
+launch as a function with keyword-only parameters (named arguments at the cost of positional
+ones).
+
+It is taken only while it is exactly what the JIT would launch:
+
+* the per-call tensors have the alignment the kernel was specialized for (Triton specializes
+  pointers on 16-byte alignment; a view at an odd offset takes the JIT path, which compiles
+  its own variant);
+* the per-call integers keep their Triton type (i32 or i64 by value);
+* no launch hook is installed (a profiler such as proton: the JIT path calls the hooks).
+
+Otherwise, and on Triton < 3.3, on the interpreter, or with ``BNKERNELS_TRITON_LAUNCH=jit``
+(read once, when this module is imported), a call goes through ``kernel[grid](...)``.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+
+import torch
+import triton
+
+from .common import INTERPRET
+
+# Triton >= 3.3 launches with every bound argument (constexprs included) and keeps its launch
+# hooks in triton.knobs; earlier versions differ, and take the JIT path.
+_KNOBS = getattr(triton, "knobs", None)
+_MODE = os.environ.get("BNKERNELS_TRITON_LAUNCH", "direct")
+if _MODE not in ("direct", "jit"):
+    raise ValueError(f"BNKERNELS_TRITON_LAUNCH must be 'direct' or 'jit', got {_MODE!r}")
+DIRECT = _MODE == "direct" and _KNOBS is not None and not INTERPRET
+
+_I32 = (-(2**31), 2**31 - 1)
+_I64 = (-(2**63), 2**63 - 1)
+
+# Every launch made, so that stub_launches() can reach them (weak: plans are evictable).
+_ALL: weakref.WeakSet = weakref.WeakSet()
+_stubbed = False
+
+
+def _raw_stream_getter():
+    getter = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if getter is None:  # pragma: no cover - every CUDA build of torch >= 2.4 has it
+        return lambda index: torch.cuda.current_stream(index).cuda_stream
+    return getter
+
+
+def _hooks_installed() -> bool:
+    """A launch hook is installed (a profiler): launches go through the JIT, which calls it."""
+    rt = _KNOBS.runtime
+    for hook in (rt.launch_enter_hook, rt.launch_exit_hook):
+        if hook is not None and getattr(hook, "calls", True):
+            return True
+    return False
+
+
+class Launch:
+    """One kernel launch of a plan (see the module docstring).
+
+    ``grid``, ``num_warps``, ``consts`` (constexprs, and the per-plan values of non-constexpr
+    parameters) are fixed; ``call`` names the per-call parameters, which ``run`` takes as
+    keyword-only arguments. ``aligned`` names per-call pointers that are always the plan's own
+    allocations (outputs, workspaces): their alignment needs no check per call.
+    """
+
+    def __init__(self, kernel, grid, num_warps: int, consts: dict, call: tuple[str, ...],
+                 aligned: tuple[str, ...] = (), device: torch.device | None = None):
+        self.kernel = kernel
+        names = kernel.arg_names
+        missing = [n for n in names if n not in consts and n not in call]
+        extra = [n for n in (*consts, *call) if n not in names]
+        if missing or extra:
+            raise TypeError(f"Launch of {kernel.__name__}: parameters without a value "
+                            f"{missing}, unknown names {extra}")
+        self.grid = tuple(grid) + (1,) * (3 - len(grid))
+        self.num_warps = int(num_warps)
+        self.consts = dict(consts)
+        self.call = tuple(call)
+        self.aligned = frozenset(aligned)
+        self.device_index = (device.index if device is not None and device.index is not None
+                             else None)
+        self.direct = False  # the direct path is bound
+        self.run = self._first
+        if _stubbed:
+            self.stub(True)
+        _ALL.add(self)
+
+    def __repr__(self) -> str:
+        return (f"<Launch {self.kernel.__name__} grid={getattr(self, 'grid', None)} "
+                f"{'direct' if getattr(self, 'direct', False) else 'jit'}>")
+
+    # -- the JIT path
+
+    def jit(self, **args):
+        """Launch through Triton's JIT (``kernel[grid](...)``); returns what it returns."""
+        return self.kernel[self.grid](**args, **self.consts, num_warps=self.num_warps)
+
+    def _first(self, **args):
+        compiled = self.jit(**args)
+        if DIRECT and compiled is not None and not _stubbed:
+            self._bind(compiled, args)
+        return compiled
+
+    # -- the direct path
+
+    def _bind(self, compiled, args: dict) -> None:
+        """Generate ``run``: the compiled kernel's launcher called as the JIT calls it, behind
+        the guards that keep it the JIT's choice (see the module docstring)."""
+        try:
+            launcher = compiled.run
+            function, packed = compiled.function, compiled.packed_metadata
+        except Exception:  # pragma: no cover - a Triton whose CompiledKernel differs
+            return
+        index = self.device_index
+        if index is None:
+            index = torch.cuda.current_device()
+        env = {"_launch": launcher, "_function": function, "_packed": packed,
+               "_stream": _raw_stream_getter(), "_index": index, "_jit": self.jit,
+               "_hooks": _hooks_installed}
+        params_by_name = {p.name: p for p in self.kernel.params}
+        guards = []
+        for name in self.call:
+            value = args[name]
+            param = params_by_name[name]
+            if isinstance(value, torch.Tensor):
+                if (name not in self.aligned and value.data_ptr() % 16 == 0
+                        and not getattr(param, "do_not_specialize_on_alignment", False)):
+                    guards.append(f"{name}.data_ptr() & 15")  # specialized as 16-aligned
+            elif isinstance(value, bool) or value is None:
+                guards.append(f"{name} is not _v_{name}")
+                env[f"_v_{name}"] = value
+            elif isinstance(value, int):
+                lo, hi = _I32 if _I32[0] <= value <= _I32[1] else _I64
+                guards.append(f"not {lo} <= {name} <= {hi}")  # Triton's i32 / i64
+                if not getattr(param, "do_not_specialize", False):  # == 1, divisible by 16
+                    guards.append(f"({name} == 1) is not {value == 1}")
+                    guards.append(f"({name} % 16 == 0) is not {value % 16 == 0}")
+            elif not isinstance(value, float):
+                return  # an argument kind the direct path does not know: stay on the JIT
+        params = []
+        for name in self.kernel.arg_names:
+            if name in self.call:
+                params.append(name)
+            else:
+                env[f"_c_{name}"] = self.consts[name]
+                params.append(f"_c_{name}")
+        g0, g1, g2 = self.grid
+        signature = ", ".join(self.call)
+        keywords = ", ".join(f"{n}={n}" for n in self.call)
+        guard = " or ".join(["_hooks()", *guards])
+        src = (f"def run(*, {signature}):\n"
+               f"    if {guard}:\n"
+               f"        return _jit({keywords})\n"
+               f"    _launch({g0}, {g1}, {g2}, _stream(_index), _function, _packed, None, None, "
+               f"None, {', '.join(params)})\n")
+        exec(compile(src, f"<bnkernels launch {self.kernel.__name__}>", "exec"), env)
+        self.run = env["run"]
+        self.direct = True
+
+    # -- stubs (host-path measurements)
+
+    def stub(self, on: bool) -> None:
+        """Replace the launch by a no-op with the same signature (``on``), or restore it (the
+        next call binds again)."""
+        if on:
+            src = f"def run(*, {', '.join(self.call)}):\n    return None\n"
+            env: dict = {}
+            exec(compile(src, "<bnkernels stub launch>", "exec"), env)
+            self.run = env["run"]
+        else:
+            self.run = self._first
+            self.direct = False
+
+
+class stub_launches:
+    """Context manager: every Triton launch (made before or inside it) is a no-op with the
+    same signature, so that what is left is the host path above the launches (``bnkernels
+    bench`` overhead rows, tests). Results are garbage inside it."""
+
+    def __enter__(self):
+        global _stubbed
+        _stubbed = True
+        for launch in list(_ALL):
+            launch.stub(True)
+        return self
+
+    def __exit__(self, *exc):
+        global _stubbed
+        _stubbed = False
+        for launch in list(_ALL):
+            launch.stub(False)
+        return False
+
+
+__all__ = ["DIRECT", "Launch", "stub_launches"]

@@ -1,0 +1,234 @@
+"""The registered torch ops, and :class:`OpPlan`: the plan of the traced route.
+
+Under torch.compile, export, fake tensors or a dispatch mode (FlopCounterMode, make_fx, ...),
+:mod:`bnkernels.functional` hands :class:`~.autograd.NormFunction` an :class:`OpPlan`
+instead of a backend's plan. Its ``forward`` and ``backward`` call two ``torch.library``
+custom ops per family, which compilers and modes can see: ``bnkernels::batch_norm`` (forward;
+it updates the running buffers and the batch counter in place, declared with
+``mutates_args``) and ``bnkernels::batch_norm_backward``; ``bnkernels::lp_norm`` and
+``bnkernels::lp_norm_backward``. Each has a fake (meta) implementation, so torch.compile
+traces them (fullgraph) and ``torch.library.opcheck`` checks them. Their real implementations
+look the backend's plan up in :data:`~.backends.plan.PLANS` (keyed by the same
+:class:`~.backends.plan.Signature`, with the backend named) and run it: both routes run the
+same kernels.
+
+The backend is an argument of the ops (its name), decided when the graph is traced
+(:func:`bnkernels.backends.backend_name_for_compile`). The forward ops return what the plan
+saves for its backward (the eval snapshots included), so the traced route derives nothing
+itself.
+"""
+
+import math
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import backends
+from .backends.plan import Signature, acc_dtype
+from .noise import NoiseConfig
+
+
+def _empty(x: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+    return x.new_empty((0,), dtype=dtype)
+
+
+def _noise(noise: Optional[List[float]], seed: int, step: int, step_tensor: Optional[Tensor]):
+    """The plans' ``(NoiseConfig, seed, step)`` from the ops' flat arguments."""
+    if noise is None:
+        return None
+    return (NoiseConfig(*noise), seed, step_tensor if step_tensor is not None else step)
+
+
+def _plan(op, x, training, activation, noise, p, centered, counter, weight, bias,
+          running_mean, running_var, backend):
+    sig = Signature.of(op, x, training, activation=activation, noise=noise, p=p,
+                       centered=centered, counter=counter is not None, weight=weight,
+                       bias=bias, running_mean=running_mean, running_var=running_var,
+                       backend=backend)
+    return backends.plan_of(sig, x)
+
+
+def _saved_or_empty(x, a, b):
+    if a is None:
+        acc = acc_dtype(x.dtype)
+        return _empty(x, acc), _empty(x, acc)
+    return a, b
+
+
+# ----------------------------------------------------------------------------- BatchNorm
+
+
+@torch.library.custom_op("bnkernels::batch_norm",
+                         mutates_args=("running_mean", "running_var", "counter"))
+def batch_norm_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                  running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                  counter: Optional[Tensor], training: bool, momentum: float, eps: float,
+                  activation: Optional[str], noise: Optional[List[float]], seed: int,
+                  step: int, step_tensor: Optional[Tensor], backend: str
+                  ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(y, saved_mean, saved_invstd, step_used): the batch statistics in training, snapshots of
+    the statistics used in eval. ``noise`` = [n_mu, n_sigma, r_mu, r_sigma] or None; the step
+    is ``step_tensor`` if given (read on device), else ``step``. ``step_used`` is a copy of
+    ``step_tensor`` (empty if None) for the backward: the step buffer may advance before it
+    runs, and a copy made inside this op cannot be folded back into the buffer by a compiler.
+    ``counter`` (a module's num_batches_tracked) is incremented."""
+    nz = _noise(noise, seed, step, step_tensor)
+    plan = _plan("batch_norm", x, training, activation, nz, None, None, counter, weight, bias,
+                 running_mean, running_var, backend)
+    y, a, b, used = plan.forward(x, running_mean, running_var, weight, bias, momentum, eps, nz,
+                                 True, counter)
+    a, b = _saved_or_empty(x, a, b)
+    if step_tensor is None:
+        used = _empty(x, torch.int64)
+    elif used is None:
+        used = step_tensor.reshape(1).to(torch.int64, copy=True)
+    return y, a, b, used
+
+
+@batch_norm_op.register_fake
+def _(x, weight, bias, running_mean, running_var, counter, training, momentum, eps, activation,
+      noise, seed, step, step_tensor, backend):
+    acc = acc_dtype(x.dtype)
+    used = (x.new_empty((1,), dtype=torch.int64) if step_tensor is not None
+            else _empty(x, torch.int64))
+    C = x.shape[1]
+    return (torch.empty_like(x), x.new_empty((C,), dtype=acc), x.new_empty((C,), dtype=acc),
+            used)
+
+
+@torch.library.custom_op("bnkernels::batch_norm_backward", mutates_args=())
+def batch_norm_backward_op(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor,
+                           weight: Optional[Tensor], bias: Optional[Tensor], training: bool,
+                           activation: Optional[str], needs: List[bool],
+                           noise: Optional[List[float]], seed: int, step: int,
+                           step_tensor: Optional[Tensor], backend: str
+                           ) -> Tuple[Tensor, Tensor, Tensor]:
+    """(dx, dweight, dbias) from what the forward op saved; an empty tensor for each gradient
+    not in ``needs``."""
+    nz = _noise(noise, seed, step, step_tensor)
+    plan = _plan("batch_norm", x, training, activation, nz, None, None, None, weight, bias,
+                 None, None, backend)
+    dx, dw, db = plan.backward(dy, x, mean, invstd, weight, bias, 0.0, tuple(needs), nz)
+    return (dx if dx is not None else _empty(x), dw if dw is not None else _empty(x),
+            db if db is not None else _empty(x))
+
+
+def _grads_like(x, weight, bias, needs):
+    return (torch.empty_like(x) if needs[0] else _empty(x),
+            torch.empty_like(weight) if needs[1] and weight is not None else _empty(x),
+            torch.empty_like(bias) if needs[2] and bias is not None else _empty(x))
+
+
+@batch_norm_backward_op.register_fake
+def _(dy, x, mean, invstd, weight, bias, training, activation, needs, noise, seed, step,
+      step_tensor, backend):
+    return _grads_like(x, weight, bias, needs)
+
+
+# ----------------------------------------------------------------------------- l_p norm
+
+
+def _p(p: float):
+    return math.inf if math.isinf(p) else int(p)
+
+
+@torch.library.custom_op("bnkernels::lp_norm",
+                         mutates_args=("running_mean", "running_scale", "counter"))
+def lp_norm_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+               running_mean: Optional[Tensor], running_scale: Optional[Tensor],
+               counter: Optional[Tensor], p: float, training: bool, momentum: float,
+               eps: float, centered: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    """(y, saved_mean, saved_scale): the batch mean and s_p in training, snapshots of the
+    running mean and 1/(running_scale + eps) used in eval."""
+    plan = _plan("lp_norm", x, training, None, None, _p(p), centered, counter, weight, bias,
+                 running_mean, running_scale, backend)
+    y, a, b, _ = plan.forward(x, running_mean, running_scale, weight, bias, momentum, eps,
+                              None, True, counter)
+    a, b = _saved_or_empty(x, a, b)
+    return y, a, b
+
+
+@lp_norm_op.register_fake
+def _(x, weight, bias, running_mean, running_scale, counter, p, training, momentum, eps,
+      centered, backend):
+    acc = acc_dtype(x.dtype)
+    C = x.shape[1]
+    return torch.empty_like(x), x.new_empty((C,), dtype=acc), x.new_empty((C,), dtype=acc)
+
+
+@torch.library.custom_op("bnkernels::lp_norm_backward", mutates_args=())
+def lp_norm_backward_op(dy: Tensor, x: Tensor, mean: Tensor, scale: Tensor,
+                        weight: Optional[Tensor], bias: Optional[Tensor], p: float,
+                        training: bool, centered: bool, eps: float, needs: List[bool],
+                        backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    """(dx, dweight, dbias) from what the forward op saved; an empty tensor for each gradient
+    not in ``needs``."""
+    plan = _plan("lp_norm", x, training, None, None, _p(p), centered, None, weight, bias, None,
+                 None, backend)
+    dx, dw, db = plan.backward(dy, x, mean, scale, weight, bias, eps, tuple(needs), None)
+    return (dx if dx is not None else _empty(x), dw if dw is not None else _empty(x),
+            db if db is not None else _empty(x))
+
+
+@lp_norm_backward_op.register_fake
+def _(dy, x, mean, scale, weight, bias, p, training, centered, eps, needs, backend):
+    return _grads_like(x, weight, bias, needs)
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+class OpPlan:
+    """The plan of the traced route: :class:`~.backends.plan.Plan` on the registered ops,
+    for one call's flags and the backend its graph fixed."""
+
+    def __init__(self, op: str, training: bool, activation, p, centered, backend: str):
+        self.op = op
+        self.training = bool(training)
+        self.activation = activation
+        self.p = p
+        self.centered = centered
+        self.backend = backend
+
+    def forward(self, x, running_mean, running_var, weight, bias, momentum, eps, noise,
+                need_saved=True, counter=None):
+        if self.op == "lp_norm":
+            y, a, b = lp_norm_op(x, weight, bias, running_mean, running_var, counter,
+                                 float(self.p), self.training, momentum, eps,
+                                 bool(self.centered), self.backend)
+            return y, a, b, None
+        cfg, seed, step, step_tensor = _flat_noise(noise)
+        y, a, b, used = batch_norm_op(x, weight, bias, running_mean, running_var, counter,
+                                      self.training, momentum, eps, self.activation, cfg, seed,
+                                      step, step_tensor, self.backend)
+        return y, a, b, used if step_tensor is not None else None
+
+    def backward(self, dy, x, a, b, weight, bias, eps, needs, noise):
+        needs = [bool(n) for n in needs]
+        if self.op == "lp_norm":
+            dx, dw, db = lp_norm_backward_op(dy, x, a, b, weight, bias, float(self.p),
+                                             self.training, bool(self.centered), eps, needs,
+                                             self.backend)
+        else:
+            cfg, seed, step, step_tensor = _flat_noise(noise)
+            dx, dw, db = batch_norm_backward_op(dy, x, a, b, weight, bias, self.training,
+                                                self.activation, needs, cfg, seed, step,
+                                                step_tensor, self.backend)
+        return (dx if needs[0] else None, dw if needs[1] else None,
+                db if needs[2] else None)
+
+
+def _flat_noise(noise):
+    """(config list, seed, int step, step tensor) for the ops, from ``(NoiseConfig, seed,
+    step)`` or None."""
+    if noise is None:
+        return None, 0, 0, None
+    cfg, seed, step = noise
+    if isinstance(step, torch.Tensor):
+        return cfg.as_list(), int(seed), 0, step
+    return cfg.as_list(), int(seed), int(step), None
+
+
+__all__ = ["OpPlan", "batch_norm_backward_op", "batch_norm_op", "lp_norm_backward_op",
+           "lp_norm_op"]

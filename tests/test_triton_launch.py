@@ -1,0 +1,47 @@
+"""The direct launch path agrees with Triton's JIT launch (see tests/triton_launch_check.py),
+and launches are stubbed exactly (the host-path measurements rely on it)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+
+@pytest.mark.skipif(not hasattr(triton, "knobs"),
+                    reason="Triton < 3.3 has no direct launch path (every launch is the JIT's)")
+def test_direct_launch_matches_the_jit_launch():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = Path(__file__).with_name("triton_launch_check.py")
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    n = int(proc.stdout.split("ok ")[-1])
+    assert n >= 100, proc.stdout
+
+
+def test_stubbed_launches_run_no_kernel(device):
+    """Inside stub_launches no kernel runs (the running statistics, which only the kernels
+    update, stay as they are); after it, the same plan launches again and computes BatchNorm."""
+    import bnkernels as bnk
+    from bnkernels.backends.triton.launch import stub_launches
+
+    bnk.set_backend("triton")
+    x = torch.randn(4, 3, 5, device=device) * 2 + 1
+    rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
+    ref_rm, ref_rv = rm.clone(), rv.clone()
+    ref = torch.nn.functional.batch_norm(x, ref_rm, ref_rv, training=True)
+    torch.testing.assert_close(bnk.batch_norm(x, rm, rv, training=True), ref)
+    torch.testing.assert_close(rm, ref_rm)
+    with stub_launches():
+        for _ in range(2):
+            bnk.batch_norm(x, rm, rv, training=True)
+    torch.testing.assert_close(rm, ref_rm)  # untouched: no kernel ran
+    torch.testing.assert_close(rv, ref_rv)
+    torch.nn.functional.batch_norm(x, ref_rm, ref_rv, training=True)
+    torch.testing.assert_close(bnk.batch_norm(x, rm, rv, training=True), ref)
+    torch.testing.assert_close(rm, ref_rm)  # the plan launches again

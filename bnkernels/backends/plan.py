@@ -35,13 +35,13 @@ class Signature(NamedTuple):
 
     The input's shape, strides, dtype and device; the call's flags; and ``channels``: for each
     per-channel tensor (weight, bias, running mean, running var/scale) None when absent, else
-    its (dtype, device, shape, contiguity). Values that change from call to call (the tensors
-    themselves, momentum, eps, the noise seed and step) are not part of it. ``backend`` is
-    None when the selection picks the backend (eager calls), else the backend's name (the
-    registered ops, whose graph fixed it when traced).
+    its (dtype, device, number of elements, contiguity). Values that change from call to call
+    (the tensors themselves, momentum, eps, the noise seed and step) are not part of it.
+    ``backend`` is None when the selection picks the backend (eager calls), else the backend's
+    name (the registered ops, whose graph fixed it when traced).
 
-    A plain tuple underneath: the hot path builds one per call with ``Signature.make``-free
-    ``tuple.__new__`` and hashes it as a tuple.
+    A plain tuple underneath: the hot path builds one per call with ``tuple.__new__`` (no
+    NamedTuple constructor) and hashes it as a tuple.
     """
 
     op: str  # "batch_norm" (noisy included) or "lp_norm"
@@ -60,15 +60,16 @@ class Signature(NamedTuple):
 
     @staticmethod
     def channels_of(weight, bias, running_mean, running_var) -> tuple:
-        """The ``channels`` entry: per tensor, None or (dtype, device, shape, contiguity)."""
+        """The ``channels`` entry: per tensor, None or (dtype, device, numel, contiguity)."""
         return (
-            None if weight is None else (weight.dtype, weight.device, weight.shape,
+            None if weight is None else (weight.dtype, weight.device, weight.numel(),
                                          weight.is_contiguous()),
-            None if bias is None else (bias.dtype, bias.device, bias.shape, bias.is_contiguous()),
+            None if bias is None else (bias.dtype, bias.device, bias.numel(),
+                                       bias.is_contiguous()),
             None if running_mean is None else (running_mean.dtype, running_mean.device,
-                                               running_mean.shape, running_mean.is_contiguous()),
+                                               running_mean.numel(), running_mean.is_contiguous()),
             None if running_var is None else (running_var.dtype, running_var.device,
-                                              running_var.shape, running_var.is_contiguous()))
+                                              running_var.numel(), running_var.is_contiguous()))
 
     @classmethod
     def of(cls, op: str, x: torch.Tensor, training: bool, *, activation=None, noise=None,

@@ -316,3 +316,31 @@ def test_python_stack_is_no_heavier_than_torchs():
                       f"{r['torch_us_per_call']:.1f} us = {r['ratio_vs_torch']:.2f}x"
                       for r in rows)
     assert all(r["ratio_vs_torch"] <= 1.5 for r in rows), table
+
+
+def test_hot_path_signature_is_signature_of(monkeypatch):
+    """The hot path builds its signature inline (a plain tuple); it must be the one
+    Signature.of spells out (the registered ops' implementations look plans up with that),
+    for BatchNorm, noisy BatchNorm with a tensor step, and l_p, with and without a counter."""
+    use_backend("reference")
+    seen = []
+    real = backends.make_plan
+    monkeypatch.setattr(backends, "make_plan",
+                        lambda sig, x: seen.append(sig) or real(sig, x))
+    x = torch.randn(4, 3, 5)
+    w, b, rm, rv = torch.ones(3), torch.zeros(3), torch.zeros(3), torch.ones(3)
+    nbt = torch.zeros((), dtype=torch.long)
+    step = torch.zeros((), dtype=torch.long)
+    from bnkernels.backends.plan import Signature
+    from bnkernels.functional import _batch_norm, _lp_norm
+
+    _batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5, "relu", None, nbt)
+    _batch_norm(x, None, None, None, b, True, 0.1, 1e-5, None,
+                (bnk.NoiseConfig(), 3, step), None)
+    _lp_norm(x, 2, rm, rv, w, None, False, 0.1, 1e-5, True, None)
+    assert seen == [
+        Signature.of("batch_norm", x, True, activation="relu", counter=True, weight=w, bias=b,
+                     running_mean=rm, running_var=rv),
+        Signature.of("batch_norm", x, True, noise=(bnk.NoiseConfig(), 3, step), bias=b),
+        Signature.of("lp_norm", x, False, p=2, centered=True, weight=w, running_mean=rm,
+                     running_var=rv)]

@@ -146,13 +146,17 @@ class BatchNormPlan:
         self.path = _path()
         self.workspaces = Workspaces(self.ext, lay, sig.dtype, self.split)
 
-    def forward(self, x, running_mean, running_var, weight, bias, momentum, eps, noise,
-                need_saved=True, counter=None):
+    def _start(self, x, counter):
+        """(layout, x as the kernels read it, y allocated like it); counts the batch (the
+        extension's kernels leave the module's counter to the host)."""
         if counter is not None:
             counter.add_(1)
-        lay = self.lay
-        xc = lay.prepare(x)
-        y = torch.empty_like(xc)
+        xc = self.lay.prepare(x)
+        return self.lay, xc, torch.empty_like(xc)
+
+    def forward(self, x, running_mean, running_var, weight, bias, momentum, eps, noise,
+                need_saved=True, counter=None):
+        lay, xc, y = self._start(x, counter)
         view = lay.kernel_view
         if self.training:
             used = (torch.empty(1, device=xc.device, dtype=torch.int64)
@@ -244,11 +248,7 @@ class LpNormPlan:
 
     def forward(self, x, running_mean, running_scale, weight, bias, momentum, eps, noise=None,
                 need_saved=True, counter=None):
-        if counter is not None:
-            counter.add_(1)
-        lay = self.lay
-        xc = lay.prepare(x)
-        y = torch.empty_like(xc)
+        lay, xc, y = self.bn._start(x, counter)
         view = lay.kernel_view
         if self.training:
             ws, tickets = self.workspaces.get()

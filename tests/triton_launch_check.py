@@ -9,7 +9,7 @@ Both launches must reach the launcher with the same grid, stream, function, meta
 arguments (tensors: the same objects where the caller passed them, the same dtype and shape
 where the plan allocated them; scalars: equal). Then the guards: a 16-byte-misaligned input, a
 seed that changes Triton's integer type, and an installed launch hook must each take the JIT
-path again. Prints "ok <n>" with the number of launches compared.
+path again, as must every call inside ``jit_only()``. Prints "ok <n>" with the number of launches compared.
 """
 
 # ruff: noqa: B023  (each closure below is called before its loop moves on)
@@ -195,6 +195,10 @@ def main() -> int:
         finally:
             hook.remove(probe)
         assert fwd(t["x"])[6] is None
+    with launch.jit_only():  # every call through the JIT, until the block ends
+        assert fwd(t["x"])[6] is not None and fwd(t["x"])[6] is not None
+    assert fwd(t["x"])[6] is not None  # binds again ...
+    assert fwd(t["x"])[6] is None  # ... and goes direct
     noise = (cfg, 3, 5)
     nplan = BatchNormPlan(Signature.of("batch_norm", t["x"], True, noise=noise))
 

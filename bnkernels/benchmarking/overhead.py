@@ -31,19 +31,20 @@ LP_P = "2"  # the l_p rows use p = 2
 
 # Providers per device, in table order. The F.batch_norm baseline always runs.
 GPU_PROVIDERS = ("cudnn", "torch-native", "torch-compile", "bnkernels-auto", "bnkernels-triton",
-                 "bnkernels-cuda")
+                 "bnkernels-triton-jit", "bnkernels-cuda")
 CPU_PROVIDERS = ("torch-native", "bnkernels-auto", "bnkernels-reference")
 NOT_ON_CPU = {
     "torch-compile": "torch.compile is left out of the CPU overhead rows (~20 s per graph)",
     "bnkernels-triton": "on the CPU the Triton kernels run interpreted (~30 ms a launch): no "
                         "host path to measure ('bnkernels-auto' runs them once here)",
     "bnkernels-cuda": "the CUDA backend needs a CUDA device",
+    "bnkernels-triton-jit": "the interpreter has no direct launch path to compare with",
     "cudnn": "cuDNN needs a CUDA device",
 }
 
 
 def provider(name: str) -> P.Provider:
-    return P.AUTO if name == P.AUTO.name else P.PROVIDERS[name]
+    return {P.AUTO.name: P.AUTO, P.TRITON_JIT.name: P.TRITON_JIT}.get(name) or P.PROVIDERS[name]
 
 
 def names() -> tuple[str, ...]:

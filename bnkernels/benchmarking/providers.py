@@ -108,13 +108,19 @@ def _cudnn_flags(enabled: bool):
 
 
 @contextlib.contextmanager
-def _bnkernels_backend(name: str):
+def _bnkernels_backend(name: str, jit_launch: bool = False):
     import bnkernels
 
     before = bnkernels.get_backend()
     bnkernels.set_backend(name)
     try:
-        yield
+        if jit_launch:
+            from ..backends.triton.launch import jit_only
+
+            with jit_only():
+                yield
+        else:
+            yield
     finally:
         bnkernels.set_backend(before)
 
@@ -144,6 +150,8 @@ class Provider:
     backend: str | None = None
     default_on_cpu: bool = True
     default_on_cuda: bool = True
+    jit_launch: bool = False  # Triton launches through the JIT, not the direct path
+
 
     def computes(self, op: str) -> str:
         """The op this provider actually runs for ``op`` (the torch baselines run plain BN)."""
@@ -181,7 +189,7 @@ class Provider:
 
     def context(self):
         if self.kind == "bnkernels":
-            return _bnkernels_backend(self.backend)
+            return _bnkernels_backend(self.backend, self.jit_launch)
         return _cudnn_flags(self.cudnn)
 
     def forward(self, op: str, p: str | None = None, compile_mode: str | None = None
@@ -247,6 +255,12 @@ AUTO = Provider("bnkernels-auto", "bnkernels with its default backend (\"auto\":
 COMPILE_BASELINE = {"batch_norm": "torch-compile", "noisy_batch_norm": "eager-compile",
                     "lp_norm": "eager-compile"}
 BNKERNELS = ("bnkernels-triton", "bnkernels-cuda")  # the fast paths (not the reference)
+# The overhead section's: Triton through its JIT on every launch (what the direct launch
+# path saves, measured beside bnkernels-triton).
+TRITON_JIT = Provider("bnkernels-triton-jit", "bnkernels with the triton backend, every launch "
+                      "through Triton's JIT (kernel[grid]) instead of the direct launch path",
+                      _ALL, "bnkernels", backend="triton", default_on_cpu=False,
+                      jit_launch=True)
 
 
 def default_providers(device: torch.device) -> list[str]:
@@ -378,6 +392,6 @@ def max_error(f: Forward, inp: Inputs, training: bool, expected: torch.Tensor) -
 
 
 __all__ = ["AUTO", "BNKERNELS", "CHECK_TOL", "COMPILE_BASELINE", "EPS", "LP_PS", "MOMENTUM",
-           "NOISE", "OPS", "PASSES", "PROVIDERS", "TRAFFIC", "Inputs", "Provider",
+           "TRITON_JIT", "NOISE", "OPS", "PASSES", "PROVIDERS", "TRAFFIC", "Inputs", "Provider",
            "batch_norm_eager", "default_providers", "first_line", "lp_norm_eager", "make_inputs",
            "max_error", "noisy_batch_norm_eager", "not_default_reason", "oracle", "pass_builder"]

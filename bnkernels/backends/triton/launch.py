@@ -51,6 +51,7 @@ _I64 = (-(2**63), 2**63 - 1)
 # Every launch made, so that stub_launches() can reach them (weak: plans are evictable).
 _ALL: weakref.WeakSet = weakref.WeakSet()
 _stubbed = False
+_jit_only = False
 
 
 def _raw_stream_getter():
@@ -112,7 +113,7 @@ class Launch:
 
     def _first(self, **args):
         compiled = self.jit(**args)
-        if DIRECT and compiled is not None and not _stubbed:
+        if DIRECT and compiled is not None and not (_stubbed or _jit_only):
             self._bind(compiled, args)
         return compiled
 
@@ -187,6 +188,25 @@ class Launch:
             self.direct = False
 
 
+class jit_only:
+    """Context manager: every Triton launch goes through the JIT (``kernel[grid](...)``), as
+    with ``BNKERNELS_TRITON_LAUNCH=jit``; after it, launches bind the direct path again on
+    their next call. For measuring what the direct path saves (``bnkernels bench``'s
+    ``bnkernels-triton-jit`` overhead rows)."""
+
+    def __enter__(self):
+        global _jit_only
+        _jit_only = True
+        for launch in list(_ALL):
+            launch.run, launch.direct = launch._first, False
+        return self
+
+    def __exit__(self, *exc):
+        global _jit_only
+        _jit_only = False
+        return False
+
+
 class stub_launches:
     """Context manager: every Triton launch (made before or inside it) is a no-op with the
     same signature, so that what is left is the host path above the launches (``bnkernels
@@ -207,4 +227,4 @@ class stub_launches:
         return False
 
 
-__all__ = ["DIRECT", "Launch", "stub_launches"]
+__all__ = ["DIRECT", "Launch", "jit_only", "stub_launches"]

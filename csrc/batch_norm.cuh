@@ -24,6 +24,10 @@
 // (x - mean_hi) - mean_lo: x - mean_hi is exact for x near the mean, so the output is as good
 // as that of an exact mean. With a fused ReLU the forward leaves mean_lo out (lo = 0): the
 // backward recomputes the output from the saved mean alone, and must get the forward's bits.
+// Special values follow torch: the accumulators also keep a plain sum of x (one add per
+// element), and a channel whose sum and Welford summary are not finite (it holds a NaN or an
+// infinity) gets the sum as its mean (+inf, -inf, or NaN for a NaN or both infinities) and a
+// NaN variance, so its output and gradients are NaN as torch's (bn_moments).
 // Divisions and square roots are IEEE (the build has no fast math); the multiply-adds of the
 // output and the noise are explicit (acc_fma, __fmul_rn / __fadd_rn), never left to the
 // compiler's contraction, so forward and backward compute them identically.
@@ -147,10 +151,11 @@ __device__ __forceinline__ A bn_upstream(const BnChan<A>& ch, A x, A dy, int64_t
 
 // ------------------------------------------------------------------------------ statistics
 
-// Welford accumulator of x - K, K = the channel's first element: v = (count, mean, M2).
+// Welford accumulator of x - K, K = the channel's first element, and the plain sum of x:
+// v = (count, mean, M2, sum).
 template <typename T, typename A_> struct WelfordOp {
   using A = A_;
-  static constexpr int K = 3;
+  static constexpr int K = 4;
   static constexpr bool kDy = false, kIndex = false;
   using State = bnk::State<A, K>;
   struct Chan { A shift; };
@@ -160,7 +165,7 @@ template <typename T, typename A_> struct WelfordOp {
   __device__ void init() {}
   __device__ A shift(int64_t c) const { return to_acc<A>(x[c * cstride]); }
   __device__ Chan chan(int64_t c) const { return {shift(c)}; }
-  __device__ State identity() const { return {{A(0), A(0), A(0)}}; }
+  __device__ State identity() const { return {{A(0), A(0), A(0), A(0)}}; }
   __device__ State merge(const State& a, const State& b) const { return chan_merge(a, b); }
 
   // Chan-merge the B values' own summary (an exact two-pass over B registers) into st:
@@ -174,6 +179,7 @@ template <typename T, typename A_> struct WelfordOp {
     for (int j = 0; j < B; ++j) {
       d[j] = x_[j] - ch.shift;
       sum += d[j];
+      st.v[3] += x_[j];
     }
     const A mean_b = sum * (A(1) / A(B));  // B is a power of two: exact
     A m2_b = A(0);
@@ -190,15 +196,24 @@ template <typename T, typename A_> struct WelfordOp {
   }
 };
 
-// Statistics of a channel from its merged (count, mean of x - K, M2) and its shift K; M exact,
-// not the count. mean = hi + lo exactly (hi = fl(K + mean(x - K))).
+// Statistics of a channel from its merged (count, mean of x - K, M2, sum of x) and its shift
+// K; M exact, not the count. mean = hi + lo exactly (hi = fl(K + mean(x - K))). A channel
+// holding a NaN or +-inf (sum and Welford summary not finite) has torch's statistics: mean =
+// sum(x) / M, i.e. the sum itself (+inf, -inf or NaN), and a NaN variance.
 template <typename A> struct BnMoments { A mean, lo, var, invstd; };
 template <typename A>
-__device__ __forceinline__ BnMoments<A> bn_moments(const State<A, 3>& st, A shift, A m, A eps) {
+__device__ __forceinline__ BnMoments<A> bn_moments(const State<A, 4>& st, A shift, A m, A eps) {
   BnMoments<A> r;
-  r.mean = shift + st.v[1];
-  r.lo = two_sum_err(shift, st.v[1], r.mean);
-  r.var = st.v[2] / m;
+  const A total = st.v[3];
+  if (not_finite(total) && (not_finite(st.v[1]) || not_finite(st.v[2]))) {
+    r.mean = total;
+    r.lo = A(0);
+    r.var = total - total;  // NaN
+  } else {
+    r.mean = shift + st.v[1];
+    r.lo = two_sum_err(shift, st.v[1], r.mean);
+    r.var = st.v[2] / m;
+  }
   r.invstd = A(1) / acc_sqrt(r.var + eps);
   return r;
 }

@@ -370,7 +370,7 @@ std::tuple<Tensor, Tensor> bn_forward_train(
   Tensor mean = empty_acc(x, {C}), invstd = empty_acc(x, {C});
   const bnk::PersistentPlan plan = choose_persistent(l, x, false, nz.on, path);
   const Work work = workspace_for(
-      l, x, ws, tickets, plan.fits ? bnk::kBnCoefs * C + 3 * C * plan.per_channel : 0);
+      l, x, ws, tickets, plan.fits ? bnk::kBnCoefs * C + 4 * C * plan.per_channel : 0);
   if (plan.fits) {
     bnk::BnPersistentFwdArgs a;
     a.x = x.data_ptr();

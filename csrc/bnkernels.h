@@ -110,7 +110,7 @@ struct BnGiven {
 // of each channel (group).
 struct BnStatsArgs {
   const void* x = nullptr;
-  void* part = nullptr;            // workspace [3, C, split] A
+  void* part = nullptr;            // workspace [4, C, split] A
   unsigned* tickets = nullptr;     // workspace, zero (see WorkspaceSize)
   void* mean = nullptr;            // out [C] A: the fp32 (fp64) mean, "mean_hi"
   void* second = nullptr;          // out [C] A: invstd, or the biased variance if out_var
@@ -198,7 +198,7 @@ PersistentPlan bn_persistent_plan(const Launch& l, bool backward, int device);
 struct BnPersistentFwdArgs {
   const void* x = nullptr;
   void* y = nullptr;
-  void* ws = nullptr;              // workspace [3, C, per_channel] A
+  void* ws = nullptr;              // workspace [4, C, per_channel] A
   void* mean = nullptr;            // out [C] A
   void* invstd = nullptr;          // out [C] A
   void* running_mean = nullptr;    // [C] A (nullable)

@@ -106,6 +106,9 @@ __device__ __forceinline__ double acc_fma(double a, double b, double c) { return
 __device__ __forceinline__ float acc_mul_rn(float a, float b) { return __fmul_rn(a, b); }
 __device__ __forceinline__ double acc_mul_rn(double a, double b) { return __dmul_rn(a, b); }
 template <typename A> __device__ __forceinline__ A acc_abs(A v) { return v < A(0) ? -v : v; }
+// True for +-inf and NaN: v - v is 0 for every finite v and NaN otherwise (IEEE arithmetic:
+// the build has no fast math, so this is not folded away).
+template <typename A> __device__ __forceinline__ bool not_finite(A v) { return !(v - v == A(0)); }
 
 // The rounding error of s = fl(a + b), exactly: a + b = s + err (Knuth's TwoSum; additions
 // only, so nothing is contracted into an FMA).
@@ -242,13 +245,15 @@ __device__ __forceinline__ State<A, K> shfl_down(const State<A, K>& s, int offse
 }
 
 // Chan et al.'s merge of two (count, mean, M2) summaries; an empty summary is neutral:
-//   n = na + nb,  mean = ma + d nb / n,  M2 = M2a + M2b + d^2 na nb / n,  d = mb - ma.
+//   n = na + nb,  mean = ma + d nb / n,  M2 = M2a + M2b + d^2 na nb / n,  d = mb - ma;
+// the fourth value, a plain sum (of x: it tells special values apart), is added.
 template <typename A>
-__device__ __forceinline__ State<A, 3> chan_merge(const State<A, 3>& a, const State<A, 3>& b) {
+__device__ __forceinline__ State<A, 4> chan_merge(const State<A, 4>& a, const State<A, 4>& b) {
   const A n = a.v[0] + b.v[0];
   const A frac = n == A(0) ? A(0) : b.v[0] / n;
   const A delta = b.v[1] - a.v[1];
-  return {{n, a.v[1] + delta * frac, a.v[2] + b.v[2] + delta * delta * a.v[0] * frac}};
+  return {{n, a.v[1] + delta * frac, a.v[2] + b.v[2] + delta * delta * a.v[0] * frac,
+           a.v[3] + b.v[3]}};
 }
 
 // Merge per-thread states over the rows of a block laid out as threadIdx.x = ty * TX + tx

@@ -5,7 +5,7 @@
 // share of x (and dy) kept in registers across a grid-wide barrier:
 //
 //   forward:   load x -> per-thread Welford of x - K (K = the channel's first element, as the
-//              multi-pass kernels) -> block merge -> partial [3, C, P] in global
+//              multi-pass kernels) and sum of x -> block merge -> partial [4, C, P] in global
 //              == grid.sync() ==
 //              every block Chan-merges the P partials of its channels (a fixed order, so all
 //              blocks of a channel get bit-identical statistics); block 0 of each channel writes

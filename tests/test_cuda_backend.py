@@ -30,6 +30,7 @@ from types import SimpleNamespace
 
 import pytest
 import test_batch_norm as bn_tests
+import test_fuzz as fuzz_tests
 import test_lp_norm as lp_tests
 import test_noisy_batch_norm as noisy_tests
 import torch
@@ -737,6 +738,22 @@ def test_lp_split_and_stability(split, dev):
             for centered in (False, True):
                 lp_tests.check(Case((5, 6, 7, 9), True), dev, "cuda", p, training=True,
                                centered=centered)
+
+
+# ----------------------------------------------------------------------------- fuzzing
+
+# test_fuzz.py's random cases (special values, layouts, dtypes, routes) on this backend: a few
+# per op under the emulator (slow), test_fuzz.EXAMPLES on a GPU.
+FUZZ = [(op, i) for op in fuzz_tests.OPS
+        for i in range(fuzz_tests.EXAMPLES if GPU else max(3, fuzz_tests.EXAMPLES // 3))]
+
+
+@pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
+@pytest.mark.parametrize(("op", "index"), FUZZ, ids=[f"{op}-{i}" for op, i in FUZZ])
+def test_fuzz_against_torch(op, index, dev):
+    d = fuzz_tests.draw(op, index)
+    bnk.set_backend("cuda")
+    fuzz_tests.check(d, dev)
 
 
 # ----------------------------------------------------------------------------- GPU only

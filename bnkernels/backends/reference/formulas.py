@@ -82,11 +82,23 @@ def batch_norm_reference_fwd(x, running_mean, running_var, weight, bias, trainin
 def _shifted_stats(x):
     """Per-channel (shift, mean(x - shift), biased var) with shift = the channel's first
     element (x[0, c, 0, ...]): the statistics of x - shift lose nothing to a large mean (a
-    channel of mean 1e4 and std 1e-2 in fp32 keeps its variance and its mean's digits)."""
+    channel of mean 1e4 and std 1e-2 in fp32 keeps its variance and its mean's digits).
+
+    Special values, as torch: a channel holding a NaN or +-inf (its plain sum is not finite,
+    and neither are its shifted statistics) has torch's mean sum(x) / M, i.e. the sum itself
+    (+inf, -inf, or NaN for a NaN or both infinities), returned as its shift with
+    mean(x - shift) = 0, and a NaN variance. The kernels apply the same rule."""
     acc = acc_dtype(x.dtype)
+    xf = x.to(acc)
+    dims = _reduce_dims(x)
     shift = x[0].reshape(x.shape[1], -1)[:, 0].to(acc)
-    d = x.to(acc) - _per_channel(shift, x)
-    var, mean_d = torch.var_mean(d, dim=_reduce_dims(x), unbiased=False)
+    d = xf - _per_channel(shift, x)
+    var, mean_d = torch.var_mean(d, dim=dims, unbiased=False)
+    total = xf.sum(dims)
+    special = ~torch.isfinite(total) & ~(torch.isfinite(mean_d) & torch.isfinite(var))
+    shift = torch.where(special, total, shift)
+    mean_d = torch.where(special, torch.zeros_like(mean_d), mean_d)
+    var = torch.where(special, torch.full_like(var, float("nan")), var)
     return shift, mean_d, var
 
 

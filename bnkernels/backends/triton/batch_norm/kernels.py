@@ -17,6 +17,10 @@ fp32 rounding error kept apart (TwoSum). Divisions and square roots that make th
 are correctly rounded (``div_rn``/``sqrt_rn``: Triton's fp32 ``/`` and ``sqrt`` are approximate
 on NVIDIA GPUs, exact in the interpreter).
 
+Special values follow torch: the lanes also keep a plain sum of x (one add per element), and a
+channel whose sum and Welford summary are not finite (it holds a NaN or an infinity) gets the
+sum as its mean (+inf, -inf, or NaN) and a NaN variance (:func:`_bn_finalize`).
+
 Two strategies, chosen once per input signature by :class:`BatchNormPlan`:
 
 * **fused** (a channel's values fit a program: M <= ``FUSED_MAX_VALUES``): one launch per
@@ -66,6 +70,10 @@ from ..noise import channel_noise, element_noise, load_step
 
 # Seed and step are never specialized on, so a new step does not recompile anything.
 _NOISE_NO_SPEC = ["seed", "step"]
+# Rows of partials in a split reduction's workspace ([count, mean, M2, sum] of the forward;
+# the backward uses two): the per-channel results start at _WS_VEC * C * SPLIT.
+_WS_ROWS = 4
+_WS_VEC = tl.constexpr(_WS_ROWS)
 
 # ----------------------------------------------------------------------------- jit helpers
 
@@ -109,17 +117,20 @@ def _welford_update(mean, m2, cnt, x, mask):
 @triton.jit
 def _merge_partials(base, stride, SPLIT, mask, ACC: tl.constexpr):
     """Chan merge of SPLIT (count, mean, M2) partials at base + p, base + stride + p and
-    base + 2 * stride + p, p = 0..SPLIT-1, in that order (deterministic). Loads bypass L1:
-    other programs wrote them."""
+    base + 2 * stride + p, p = 0..SPLIT-1, in that order (deterministic), and the sum of
+    their plain sums of x (at base + 3 * stride + p). Loads bypass L1: other programs wrote
+    them."""
     n = tl.load(base, mask=mask, other=0.0, cache_modifier=".cg")
     mean = tl.load(base + stride, mask=mask, other=0.0, cache_modifier=".cg")
     m2 = tl.load(base + 2 * stride, mask=mask, other=0.0, cache_modifier=".cg")
+    total = tl.load(base + 3 * stride, mask=mask, other=0.0, cache_modifier=".cg")
     for p in range(1, SPLIT):
         n_b = tl.load(base + p, mask=mask, other=0.0, cache_modifier=".cg")
         mean_b = tl.load(base + stride + p, mask=mask, other=0.0, cache_modifier=".cg")
         m2_b = tl.load(base + 2 * stride + p, mask=mask, other=0.0, cache_modifier=".cg")
+        total += tl.load(base + 3 * stride + p, mask=mask, other=0.0, cache_modifier=".cg")
         mean, m2, n = _welford_combine(mean, m2, n, mean_b, m2_b, n_b, ACC)
-    return mean, m2, n
+    return mean, m2, n, total
 
 
 @triton.jit
@@ -134,17 +145,32 @@ def _sum_partials(base, stride, SPLIT, mask):
 
 
 @triton.jit
-def _bn_finalize(ch, cm, mean_d, m2, cnt, shift, mean_ptr, invstd_ptr, rmean_ptr, rvar_ptr,
-                 momentum, eps, ACC: tl.constexpr, UPDATE: tl.constexpr,
+def _not_finite(v):
+    """True for +-inf and NaN."""
+    return ~(tl.abs(v) < float("inf"))
+
+
+@triton.jit
+def _bn_finalize(ch, cm, mean_d, m2, cnt, shift, total, mean_ptr, invstd_ptr, rmean_ptr,
+                 rvar_ptr, momentum, eps, ACC: tl.constexpr, UPDATE: tl.constexpr,
                  OUT_VAR: tl.constexpr):
-    """Statistics of channels ``ch`` from their merged (mean of x - shift, M2, count): stores
-    the mean and invstd (or the biased var if OUT_VAR), updates the running statistics
-    (unbiased variance) if UPDATE; returns (mean_hi, mean_lo, invstd) with mean_hi the fp32
-    mean and mean_lo its rounding error."""
+    """Statistics of channels ``ch`` from their merged (mean of x - shift, M2, count) and plain
+    sum of x (``total``): stores the mean and invstd (or the biased var if OUT_VAR), updates the
+    running statistics (unbiased variance) if UPDATE; returns (mean_hi, mean_lo, invstd) with
+    mean_hi the fp32 mean and mean_lo its rounding error.
+
+    Special values, as torch: a channel holding a NaN or +-inf (its sum is not finite, and
+    neither is its Welford summary) gets torch's mean sum(x) / M = the sum itself (+inf, -inf,
+    or NaN for a NaN or both infinities) and a NaN variance, so its invstd, output and
+    gradients are NaN too. Decided here, per channel: nothing in the loops but the sum."""
     var = div_rn(m2, tl.maximum(cnt, 1.0), ACC)
-    invstd = div_rn(1.0, sqrt_rn(var + eps, ACC), ACC)
     hi = shift + mean_d
     lo = two_sum_err(shift, mean_d, hi)
+    special = _not_finite(total) & (_not_finite(mean_d) | _not_finite(m2))
+    hi = tl.where(special, total, hi)
+    lo = tl.where(special, 0.0, lo)
+    var = tl.where(special, float("nan"), var)
+    invstd = div_rn(1.0, sqrt_rn(var + eps, ACC), ACC)
     tl.store(mean_ptr + ch, hi, mask=cm)
     if OUT_VAR:
         tl.store(invstd_ptr + ch, var, mask=cm)
@@ -153,7 +179,7 @@ def _bn_finalize(ch, cm, mean_d, m2, cnt, shift, mean_ptr, invstd_ptr, rmean_ptr
     if UPDATE:
         rm = tl.load(rmean_ptr + ch, mask=cm, other=0.0).to(ACC)
         rv = tl.load(rvar_ptr + ch, mask=cm, other=0.0).to(ACC)
-        unbiased = div_rn(m2, tl.maximum(cnt - 1.0, 1.0), ACC)
+        unbiased = tl.where(special, float("nan"), div_rn(m2, tl.maximum(cnt - 1.0, 1.0), ACC))
         rm = momentum * hi + (1.0 - momentum) * rm
         rv = momentum * unbiased + (1.0 - momentum) * rv
         tl.store(rmean_ptr + ch, rm.to(rmean_ptr.dtype.element_ty), mask=cm)
@@ -263,7 +289,7 @@ def _bn_fwd_ncs_kernel(
     rvar_ptr,  # [C] running_var, updated in place (unbiased variance) if UPDATE
     w_ptr,  # [C] weight (if HAS_W)
     b_ptr,  # [C] bias (if HAS_B)
-    ws_ptr,  # ACC workspace (split): [3, C, SPLIT] partials, then [C] mean_lo
+    ws_ptr,  # ACC workspace (split): [4, C, SPLIT] partials, then [C] mean_lo
     ticket_ptr,  # int32 [C] (split): programs of each channel done, reset by the last
     step,  # noise step: a 1-element int tensor (STEP_PTR) or an int
     used_ptr,  # int64 [1] out: the step used (SAVE_STEP)
@@ -308,15 +334,19 @@ def _bn_fwd_ncs_kernel(
     mean = tl.zeros([BLOCK_N, BLOCK_S], ACC)
     m2 = tl.zeros([BLOCK_N, BLOCK_S], ACC)
     cnt = tl.zeros([BLOCK_N, BLOCK_S], ACC)
+    total = tl.zeros([BLOCK_N, BLOCK_S], ACC)  # plain sum of x: tells special values apart
     for u in range(p * CHUNK, tl.minimum(p * CHUNK + CHUNK, UNITS)):
         offs, mask = ncs_unit(c, u, N, C, S, S_BLOCKS, BLOCK_N, BLOCK_S, INT64)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC) - shift
-        mean, m2, cnt = _welford_update(mean, m2, cnt, x, mask)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+        total += x
+        mean, m2, cnt = _welford_update(mean, m2, cnt, x - shift, mask)
     mean, m2, cnt = _welford_lanes_merge(mean, m2, cnt, 1, ACC)  # over positions, then rows
     mean, m2, cnt = _welford_lanes_merge(mean, m2, cnt, 0, ACC)
+    total = sum_all(total)
     if FUSED:
-        hi, lo, invstd = _bn_finalize(c, c < C, mean, m2, cnt, shift, mean_ptr, invstd_ptr,
-                                      rmean_ptr, rvar_ptr, momentum, eps, ACC, UPDATE, OUT_VAR)
+        hi, lo, invstd = _bn_finalize(c, c < C, mean, m2, cnt, shift, total, mean_ptr,
+                                      invstd_ptr, rmean_ptr, rvar_ptr, momentum, eps, ACC,
+                                      UPDATE, OUT_VAR)
         w = 1.0
         b = 0.0
         if HAS_W:
@@ -343,12 +373,14 @@ def _bn_fwd_ncs_kernel(
         tl.store(part, cnt)
         tl.store(part + C * SPLIT, mean)
         tl.store(part + 2 * C * SPLIT, m2)
+        tl.store(part + 3 * C * SPLIT, total)
         if last_of_group(ticket_ptr, c, SPLIT):
-            mean, m2, cnt = _merge_partials(ws_ptr + c * SPLIT, C * SPLIT, SPLIT, c < C, ACC)
-            hi, lo, invstd = _bn_finalize(c, c < C, mean, m2, cnt, shift, mean_ptr,
+            mean, m2, cnt, total = _merge_partials(ws_ptr + c * SPLIT, C * SPLIT, SPLIT, c < C,
+                                                   ACC)
+            hi, lo, invstd = _bn_finalize(c, c < C, mean, m2, cnt, shift, total, mean_ptr,
                                           invstd_ptr, rmean_ptr, rvar_ptr, momentum, eps, ACC,
                                           UPDATE, OUT_VAR)
-            tl.store(ws_ptr + 3 * C * SPLIT + c, lo)
+            tl.store(ws_ptr + _WS_VEC * C * SPLIT + c, lo)
             tl.store(ticket_ptr + c, 0)
 
 
@@ -362,7 +394,7 @@ def _bn_fwd_mc_kernel(
     rvar_ptr,
     w_ptr,
     b_ptr,
-    ws_ptr,  # ACC workspace (split): [3, C, SPLIT] partials, then [C] mean_lo
+    ws_ptr,  # ACC workspace (split): [4, C, SPLIT] partials, then [C] mean_lo
     ticket_ptr,  # int32 [cdiv(C, BLOCK_C)] (split)
     step,  # noise step: a 1-element int tensor (STEP_PTR) or an int
     used_ptr,  # int64 [1] out: the step used (SAVE_STEP)
@@ -404,17 +436,21 @@ def _bn_fwd_mc_kernel(
     mean = tl.zeros([BLOCK_M, BLOCK_C], ACC)
     m2 = tl.zeros([BLOCK_M, BLOCK_C], ACC)
     cnt = tl.zeros([BLOCK_M, BLOCK_C], ACC)
+    total = tl.zeros([BLOCK_M, BLOCK_C], ACC)  # plain sum of x: tells special values apart
     for off in range(0, CHUNK, BLOCK_M):
         rows = p * CHUNK + off + tl.arange(0, BLOCK_M)
         if INT64:
             rows = rows.to(tl.int64)
         mask = (rows < M)[:, None] & cmask[None, :]
         x = tl.load(x_ptr + rows[:, None] * C + cols[None, :], mask=mask, other=0.0).to(ACC)
+        total += x
         mean, m2, cnt = _welford_update(mean, m2, cnt, x - shift[None, :], mask)
     mean, m2, cnt = _welford_lanes_merge(mean, m2, cnt, 0, ACC)
+    total = tl.sum(total, 0)
     if FUSED:
-        hi, lo, invstd = _bn_finalize(cols, cmask, mean, m2, cnt, shift, mean_ptr, invstd_ptr,
-                                      rmean_ptr, rvar_ptr, momentum, eps, ACC, UPDATE, OUT_VAR)
+        hi, lo, invstd = _bn_finalize(cols, cmask, mean, m2, cnt, shift, total, mean_ptr,
+                                      invstd_ptr, rmean_ptr, rvar_ptr, momentum, eps, ACC,
+                                      UPDATE, OUT_VAR)
         w = chan_load(w_ptr, cols, cmask, 1.0, False, ACC, HAS_W)
         b = chan_load(b_ptr, cols, cmask, 0.0, False, ACC, HAS_B)
         mu = 0.0
@@ -444,12 +480,14 @@ def _bn_fwd_mc_kernel(
         tl.store(part, cnt, mask=cmask)
         tl.store(part + C * SPLIT, mean, mask=cmask)
         tl.store(part + 2 * C * SPLIT, m2, mask=cmask)
+        tl.store(part + 3 * C * SPLIT, total, mask=cmask)
         if last_of_group(ticket_ptr, pc, SPLIT):
-            mean, m2, cnt = _merge_partials(ws_ptr + cols * SPLIT, C * SPLIT, SPLIT, cmask, ACC)
-            hi, lo, invstd = _bn_finalize(cols, cmask, mean, m2, cnt, shift, mean_ptr,
+            mean, m2, cnt, total = _merge_partials(ws_ptr + cols * SPLIT, C * SPLIT, SPLIT,
+                                                   cmask, ACC)
+            hi, lo, invstd = _bn_finalize(cols, cmask, mean, m2, cnt, shift, total, mean_ptr,
                                           invstd_ptr, rmean_ptr, rvar_ptr, momentum, eps, ACC,
                                           UPDATE, OUT_VAR)
-            tl.store(ws_ptr + 3 * C * SPLIT + cols, lo, mask=cmask)
+            tl.store(ws_ptr + _WS_VEC * C * SPLIT + cols, lo, mask=cmask)
             tl.store(ticket_ptr + pc, 0)
 
 
@@ -557,7 +595,7 @@ def _bn_bwd_ncs_kernel(
     b_ptr,
     dw_ptr,  # [C] out (weight's dtype) if WRITE_DW
     db_ptr,  # [C] out (bias's dtype) if WRITE_DB
-    ws_ptr,  # ACC workspace (split): [2, C, SPLIT] partials at 0, [2, C] coefficients at 3*C*SPLIT
+    ws_ptr,  # ACC workspace (split): [2, C, SPLIT] partials, [2, C] coefficients at 4*C*SPLIT
     ticket_ptr,  # int32 [C] (split)
     step,  # noise step: a 1-element int tensor (STEP_PTR) or an int
     C,
@@ -644,9 +682,9 @@ def _bn_bwd_ncs_kernel(
         tl.store(part + C * SPLIT, sum_gx)
         if last_of_group(ticket_ptr, c, SPLIT):
             sum_g, sum_gx = _sum_partials(ws_ptr + c * SPLIT, C * SPLIT, SPLIT, c < C)
-            _bn_bwd_finalize(c, c < C, sum_g, sum_gx, invstd, ws_ptr + 3 * C * SPLIT, dw_ptr,
-                             db_ptr, C, M_F, ACC, WRITE_DX and TRAINING, WRITE_DW, WRITE_DB,
-                             DW_RAW)
+            _bn_bwd_finalize(c, c < C, sum_g, sum_gx, invstd, ws_ptr + _WS_VEC * C * SPLIT,
+                             dw_ptr, db_ptr, C, M_F, ACC, WRITE_DX and TRAINING, WRITE_DW,
+                             WRITE_DB, DW_RAW)
             tl.store(ticket_ptr + c, 0)
 
 
@@ -760,7 +798,8 @@ def _bn_bwd_mc_kernel(
         tl.store(part + C * SPLIT, sum_gx_v, mask=cmask)
         if last_of_group(ticket_ptr, pc, SPLIT):
             sum_g_v, sum_gx_v = _sum_partials(ws_ptr + cols * SPLIT, C * SPLIT, SPLIT, cmask)
-            _bn_bwd_finalize(cols, cmask, sum_g_v, sum_gx_v, invstd_v, ws_ptr + 3 * C * SPLIT,
+            _bn_bwd_finalize(cols, cmask, sum_g_v, sum_gx_v, invstd_v,
+                             ws_ptr + _WS_VEC * C * SPLIT,
                              dw_ptr, db_ptr, C, M_F, ACC, WRITE_DX and TRAINING, WRITE_DW,
                              WRITE_DB, DW_RAW)
             tl.store(ticket_ptr + pc, 0)

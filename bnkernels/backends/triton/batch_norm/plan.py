@@ -13,6 +13,7 @@ from ...plan import Signature, Workspaces, acc_dtype
 from ..common import apply_config, reduce_config, strategy, tl_dtype
 from ..launch import Launch
 from .kernels import (
+    _WS_ROWS,
     FROM_VAR,
     INVSTD,
     _bn_apply_kernel,
@@ -41,13 +42,13 @@ _OWN = ("y_ptr", "mean_ptr", "invstd_ptr", "ws_ptr", "ticket_ptr", "used_ptr", "
 
 
 class _Workspace:
-    """Partials ([3, C, SPLIT], then [2, C] per-channel results) and ticket counters."""
+    """Partials ([_WS_ROWS, C, SPLIT], then [2, C] per-channel results) and ticket counters."""
 
     def __init__(self, lay, cfg, acc):
-        n = 3 * lay.C * cfg.split + 2 * lay.C
+        n = _WS_ROWS * lay.C * cfg.split + 2 * lay.C
         self.buf = torch.empty(n, device=lay.device, dtype=acc)
         self.ticket = torch.zeros(cfg.groups, device=lay.device, dtype=torch.int32)
-        self.vec = self.buf[3 * lay.C * cfg.split:]  # mean_lo (forward), coefficients (bwd)
+        self.vec = self.buf[_WS_ROWS * lay.C * cfg.split:]  # mean_lo (fwd), coefs (bwd)
 
 
 def noise_call(noise):

@@ -62,11 +62,19 @@ def _check_input(op: str, x: torch.Tensor) -> None:
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(
             f"{op}: unsupported input dtype {x.dtype}; expected one of "
-            f"{', '.join(str(d) for d in FLOAT_DTYPES)}")
+            f"{', '.join(str(d) for d in FLOAT_DTYPES)} (convert the input, e.g. x.float())")
+
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def _check_per_channel(op: str, x: torch.Tensor, **tensors) -> None:
+    """Per-channel tensors: on x's device, one element per channel, and, as torch's BatchNorm
+    requires, all of one floating dtype: x's, or float32 for a float16/bfloat16 x (mixed
+    precision). Running buffers of another dtype would be updated with a silent rounding (or
+    widening) torch does not do; the error says how to convert them."""
     C = x.shape[1]
+    first = None  # (name, dtype) of the first per-channel tensor given
     for name, t in tensors.items():
         if t is None:
             continue
@@ -75,20 +83,40 @@ def _check_per_channel(op: str, x: torch.Tensor, **tensors) -> None:
         if t.device != x.device:
             raise ValueError(
                 f"{op}: {name} is on {t.device} but the input is on {x.device}; "
-                "all tensors must be on the same device")
+                f"all tensors must be on the same device (move it with {name}.to(x.device), "
+                "or the module with module.to(device))")
         if not t.is_floating_point():
-            raise TypeError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
+            raise TypeError(f"{op}: {name} must be a floating-point tensor, got {t.dtype} "
+                            f"(convert it, e.g. {name}.float())")
         if t.numel() != C:
             raise ValueError(
                 f"{op}: {name} should contain {C} elements (one per channel of the input, "
                 f"shape {tuple(x.shape)}), not {t.numel()}")
+        allowed = (x.dtype, torch.float32) if x.dtype in _LOW_PRECISION else (x.dtype,)
+        if t.dtype not in allowed:
+            want = " or ".join(str(d) for d in allowed)
+            raise TypeError(
+                f"{op}: {name} is {t.dtype} but the input is {x.dtype}; weight, bias and the "
+                f"running statistics must be {want} (float32 parameters only with a float16 or "
+                f"bfloat16 input): convert with {name}.to({x.dtype}), or the module and its "
+                "input to one dtype (module.to(dtype))")
+        if first is None:
+            first = (name, t.dtype)
+        elif t.dtype != first[1]:
+            raise TypeError(
+                f"{op}: {name} is {t.dtype} but {first[0]} is {first[1]}; weight, bias and the "
+                f"running statistics must share one dtype: convert with "
+                f"{name}.to({first[1]}) (or module.to(dtype))")
 
 
-def _check_training_size(x: torch.Tensor) -> None:
+def _check_training_size(x: torch.Tensor, op: str = "batch_norm") -> None:
     """As PyTorch: statistics of a single value per channel are meaningless."""
     if x.shape[0] * math.prod(x.shape[2:]) == 1:
         raise ValueError(
-            f"Expected more than 1 value per channel when training, got input size {x.size()}")
+            f"Expected more than 1 value per channel when training, got input size {x.size()} "
+            f"({op}: the batch statistics of one value per channel are undefined; train on a "
+            "batch with N * prod(spatial) >= 2, or use eval mode (training=False, "
+            "module.eval()) with running statistics)")
 
 
 def _check_scalars(op: str, momentum, eps, activation=None) -> None:
@@ -178,7 +206,7 @@ def _validate_batch_norm(op, x, running_mean, running_var, weight, bias, trainin
         raise ValueError(f"{op}: running_mean and running_var must be given in eval mode "
                          "(training=False)")
     if training:
-        _check_training_size(x)
+        _check_training_size(x, op)
 
 
 def _batch_norm_plan(sig, x, running_mean, running_var, weight, bias, training, momentum, eps,
@@ -259,30 +287,37 @@ def noisy_batch_norm(x: torch.Tensor, running_mean: torch.Tensor | None,
     """
     _check_noise("noisy_batch_norm", x, noise, seed, step)
     if not training:
-        weight, bias = expected_noise_affine(noise, weight, bias, x)
+        weight, bias = expected_noise_affine(noise, weight, bias, x, running_mean)
         return _batch_norm(x, running_mean, running_var, weight, bias, False, momentum, eps,
                            activation, None, None)
     return _batch_norm(x, running_mean, running_var, weight, bias, True, momentum, eps,
                        activation, (noise, seed, step), None)
 
 
-def expected_noise_affine(noise: NoiseConfig, weight, bias, x):
+def expected_noise_affine(noise: NoiseConfig, weight, bias, x, running_mean=None):
     """(weight, bias) of the affine a -> E[s] (w xhat + b) + E[m]: BatchNorm with these is noisy
-    BatchNorm's expectation over the noise (eval mode). Differentiable in weight and bias."""
+    BatchNorm's expectation over the noise (eval mode). Differentiable in weight and bias. A
+    missing weight or bias is made in the dtype of the per-channel tensors given (the other
+    one, or ``running_mean``), so all of them keep one dtype."""
     es, em = noise.expectation()
     C = x.shape[1]
+    dtype = _param_dtype(x, weight, bias, running_mean)
     if weight is None:
-        weight = torch.full((C,), es, device=x.device, dtype=_param_dtype(x))
+        weight = torch.full((C,), es, device=x.device, dtype=dtype)
     else:
         weight = weight * es
     if bias is None:
-        bias = torch.full((C,), em, device=x.device, dtype=_param_dtype(x))
+        bias = torch.full((C,), em, device=x.device, dtype=dtype)
     else:
         bias = bias * es + em
     return weight, bias
 
 
-def _param_dtype(x):
+def _param_dtype(x, *like):
+    """The dtype of the first floating tensor in ``like``, else fp64 for fp64 x, else fp32."""
+    for t in like:
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            return t.dtype
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
@@ -384,7 +419,7 @@ def _validate_lp_norm(op, x, p, running_mean, running_scale, weight, bias, train
         raise ValueError(f"{op}: running_mean and running_scale must be given in eval mode "
                          "(training=False)")
     if training:
-        _check_training_size(x)
+        _check_training_size(x, op)
     return p
 
 

@@ -19,6 +19,7 @@ from .functional import (
     ACTIVATIONS,
     _batch_norm,
     _check_p,
+    _check_scalars,
     _lp_norm,
     expected_noise_affine,
     sync_plan,
@@ -49,9 +50,10 @@ def _check_num_features(cls, num_features):
 def _running(module, running_mean, running_var):
     """``(running_mean, running_var, bn_training, factor, counter)`` for a module's call, by
     torch's _BatchNorm rules, each buffer read once: in training with running statistics the
-    batch counter advances -- by the kernels (``counter``, no op of its own) when the factor
-    is ``momentum``; on the host first when momentum is None (the cumulative average
-    1/num_batches_tracked, read on the host as torch does)."""
+    batch counter advances by the kernels (``counter``, no op of its own), so a call that is
+    refused leaves it as it was (torch's modules count the batch first). When momentum is None
+    the factor is the cumulative average 1/num_batches_tracked with this batch counted, the
+    counter read on the host as torch does."""
     momentum = module.momentum
     factor = 0.0 if momentum is None else momentum
     if not module.training:
@@ -61,19 +63,25 @@ def _running(module, running_mean, running_var):
         return None, None, True, factor, None
     counter = module.num_batches_tracked
     if counter is not None and momentum is None:
-        counter.add_(1)
-        return running_mean, running_var, True, 1.0 / float(counter), None
+        factor = 1.0 / (float(counter) + 1.0)
     return running_mean, running_var, True, factor, counter
+
+
+def _check_eps(module, eps):
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0.0 < eps < math.inf:
+        raise ValueError(f"{type(module).__name__}: eps must be a positive finite number, got "
+                         f"{eps!r} (the default is 1e-5)")
 
 
 class _BatchNormMixin:
     """The forward of torch's ``_BatchNorm`` on :func:`bnkernels.batch_norm`."""
 
-    def _init_extra(self, num_features, momentum, activation):
+    def _init_extra(self, num_features, momentum, activation, eps=1e-5):
         _check_num_features(type(self), num_features)
         if momentum is not None and not 0.0 <= momentum <= 1.0:
             raise ValueError(f"{type(self).__name__}: momentum must be in [0, 1] or None, "
                              f"got {momentum}")
+        _check_eps(self, eps)
         self.activation = _check_activation(self, activation)
 
     def extra_repr(self) -> str:
@@ -93,7 +101,7 @@ class _BatchNormMixin:
 def _bn_init(cls_name, torch_cls):
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, *args, activation=None, **kwargs):
-        _BatchNormMixin._init_extra(self, num_features, momentum, activation)
+        _BatchNormMixin._init_extra(self, num_features, momentum, activation, eps)
         torch_cls.__init__(self, num_features, eps, momentum, affine, track_running_stats,
                            *args, **kwargs)
         self.activation = activation
@@ -155,7 +163,8 @@ class _NoisyBatchNormMixin(_BatchNormMixin):
                                                         self.running_var)
         weight, bias = self.weight, self.bias
         if not self.training:  # the noise's expectation in place of the noise
-            weight, bias = expected_noise_affine(self.noise, weight, bias, input)
+            weight, bias = expected_noise_affine(self.noise, weight, bias, input,
+                                                 self.running_mean)
             return _batch_norm(input, rm, rv, weight, bias, bn_training, factor, self.eps,
                                self.activation, None, counter)
         step = self.noise_step
@@ -214,10 +223,10 @@ class _LpNorm(nn.Module):
         super().__init__()
         _check_num_features(type(self), num_features)
         self.p = _check_p(type(self).__name__, p)
-        if not (eps > 0 and math.isfinite(eps)):
-            raise ValueError(f"{type(self).__name__}: eps must be a positive finite number")
+        _check_eps(self, eps)
         if momentum is not None and not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"{type(self).__name__}: momentum must be in [0, 1] or None")
+            raise ValueError(f"{type(self).__name__}: momentum must be in [0, 1] or None, "
+                             f"got {momentum}")
         factory = dict(device=device, dtype=dtype)
         self.num_features = num_features
         self.eps = eps
@@ -307,7 +316,7 @@ class SyncBatchNorm(_BatchNormMixin, nn.SyncBatchNorm):
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, process_group=None, *args, activation=None,
                  **kwargs):
-        _BatchNormMixin._init_extra(self, num_features, momentum, activation)
+        _BatchNormMixin._init_extra(self, num_features, momentum, activation, eps)
         nn.SyncBatchNorm.__init__(self, num_features, eps, momentum, affine,
                                   track_running_stats, process_group, *args, **kwargs)
         self.activation = activation
@@ -329,13 +338,15 @@ class SyncBatchNorm(_BatchNormMixin, nn.SyncBatchNorm):
         if not (self.training and world > 1):
             return _batch_norm(input, rm, rv, self.weight, self.bias, bn_training, factor,
                                self.eps, self.activation, None, counter)
-        if counter is not None:  # the stages count nothing: count here, as torch does
-            counter.add_(1)
         if input.numel() // input.shape[1] == 0 and input.numel() != 0:
             raise ValueError("SyncBatchNorm: empty channels")
+        _check_scalars("SyncBatchNorm", factor, self.eps, self.activation)  # every call
         plan = sync_plan(input, rm, rv, self.weight, self.bias, self.activation)
-        return SyncBatchNormFunction.apply(input, self.weight, self.bias, rm, rv, self.eps,
-                                           factor, group, world, plan)
+        y = SyncBatchNormFunction.apply(input, self.weight, self.bias, rm, rv, self.eps, factor,
+                                        group, world, plan)
+        if counter is not None:  # the stages count nothing: count here (once they succeeded)
+            counter.add_(1)
+        return y
 
 
 # ----------------------------------------------------------------------------- convert

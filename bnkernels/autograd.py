@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch.autograd.function import once_differentiable
 
+from . import double_backward
 from .backends.plan import acc_dtype
 
 _grad_enabled = torch.is_grad_enabled
@@ -42,6 +42,11 @@ class NormFunction(torch.autograd.Function):
     allocations, neither inputs nor outputs, so they are kept on ``ctx`` as they are; x, weight
     and bias go through ``save_for_backward`` (an in-place change to them before the backward
     is caught).
+
+    Double backward: when a graph of the gradient is asked for (create_graph=True, grad mode on
+    in the backward), the backward runs :func:`bnkernels.double_backward.grads` -- the same
+    gradients as differentiable torch ops, the batch statistics recomputed from x -- in place
+    of the plan's kernels, which serve every other backward.
     """
 
     @staticmethod
@@ -55,15 +60,14 @@ class NormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        if _grad_enabled():  # create_graph=True: a graph of the backward is wanted
-            raise RuntimeError(
-                "bnkernels: the backward of batch_norm / noisy_batch_norm / lp_norm is not "
-                "differentiable (double backward, e.g. torch.autograd.grad(..., "
-                "create_graph=True) or gradgradcheck, is not supported)")
         x, weight, bias = ctx.saved_tensors
         plan, eps, noise, a, b = ctx.state
         needs = _needs(ctx, weight, bias)
-        dx, dw, db = plan.backward(dy, x, a, b, weight, bias, eps, needs, noise)
+        if _grad_enabled():  # create_graph=True: a backward autograd can differentiate
+            dx, dw, db = double_backward.grads(plan, dy, x, weight, bias, a, b, eps, needs,
+                                               noise)
+        else:
+            dx, dw, db = plan.backward(dy, x, a, b, weight, bias, eps, needs, noise)
         return (dx if needs[0] else None, dw if needs[1] else None, db if needs[2] else None,
                 None)
 
@@ -110,8 +114,19 @@ class SyncBatchNormFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy):
+        if _grad_enabled():
+            raise double_backward.no_double_backward(
+                "SyncBatchNorm (across processes)",
+                "its statistics merge every process's batch, which a differentiable local "
+                "recomputation cannot see",
+                "Take second derivatives in one process (bnkernels.BatchNorm*d, or "
+                "SyncBatchNorm outside a multi-process group).")
+        return SyncBatchNormFunction._backward(ctx, dy)
+
+    @staticmethod
+    @torch.no_grad()
+    def _backward(ctx, dy):
         x, weight, bias, mean, invstd, n = ctx.saved_tensors
         plan = ctx.plan
         if x.numel() > 0:

@@ -743,9 +743,11 @@ def test_lp_split_and_stability(split, dev):
 # ----------------------------------------------------------------------------- fuzzing
 
 # test_fuzz.py's random cases (special values, layouts, dtypes, routes) on this backend: a few
-# per op under the emulator (slow), test_fuzz.EXAMPLES on a GPU.
+# per op under the emulator (slow), test_fuzz.EXAMPLES on a GPU. Even examples run on the
+# multi-pass kernels with every channel split over 3 blocks (finalized by the last), odd ones
+# on the default path (the persistent kernels where the tensor fits).
 FUZZ = [(op, i) for op in fuzz_tests.OPS
-        for i in range(fuzz_tests.EXAMPLES if GPU else max(3, fuzz_tests.EXAMPLES // 3))]
+        for i in range(fuzz_tests.EXAMPLES if GPU else max(4, fuzz_tests.EXAMPLES // 3))]
 
 
 @pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
@@ -753,7 +755,30 @@ FUZZ = [(op, i) for op in fuzz_tests.OPS
 def test_fuzz_against_torch(op, index, dev):
     d = fuzz_tests.draw(op, index)
     bnk.set_backend("cuda")
-    fuzz_tests.check(d, dev)
+    if index % 2:
+        fuzz_tests.check(d, dev)
+    else:
+        with cuda.override_config(path="multipass", split=3):
+            fuzz_tests.check(d, dev)
+
+
+def test_double_backward_fp64(dev):
+    """create_graph=True: the backward as differentiable torch ops (bnkernels.double_backward),
+    around this backend's forward."""
+    bnk.set_backend("cuda")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 2, 4, generator=g, dtype=torch.float64).to(dev).requires_grad_()
+    w = (torch.rand(2, generator=g, dtype=torch.float64) + 0.5).to(dev).requires_grad_()
+    b = torch.randn(2, generator=g, dtype=torch.float64).to(dev).requires_grad_()
+    assert torch.autograd.gradgradcheck(
+        lambda x, w, b: bnk.batch_norm(x, None, None, w, b, True, activation="relu"),
+        (x, w, b), fast_mode=True)
+    assert torch.autograd.gradgradcheck(
+        lambda x, w, b: bnk.noisy_batch_norm(x, None, None, w, b, True, seed=3, step=1),
+        (x, w, b), fast_mode=True)
+    assert torch.autograd.gradgradcheck(
+        lambda x, w, b: bnk.lp_norm(x, 2, None, None, w, b, True, centered=True), (x, w, b),
+        fast_mode=True)
 
 
 # ----------------------------------------------------------------------------- GPU only

@@ -127,7 +127,12 @@ class Plan(Protocol):
     None where ``needs`` (3 booleans) says a gradient is not wanted.
 
     ``noise`` is None, or ``(NoiseConfig, seed, step)`` for noisy BatchNorm.
+
+    ``sig``: the :class:`Signature` the plan was made for (the double backward reads the call's
+    flags there).
     """
+
+    sig: Signature
 
     def forward(self, x, running_mean, running_var, weight, bias, momentum, eps, noise,
                 need_saved=True, counter=None): ...
@@ -229,6 +234,7 @@ class ContiguousChannels:
 
     def __init__(self, plan):
         self.plan = plan
+        self.sig = plan.sig
 
     def forward(self, x, running_mean, running_var, weight, bias, *args, **kwargs):
         c = [t if t is None else t.contiguous() for t in (running_mean, running_var)]

@@ -136,6 +136,7 @@ class BatchNormPlan:
     backward 1 (persistent, or eval dx alone) or 2."""
 
     def __init__(self, sig):
+        self.sig = sig
         self.ext = load()
         self.lay = lay = layout_of(sig.shape, sig.stride, sig.device)
         self.acc = acc_dtype(sig.dtype)
@@ -237,6 +238,7 @@ class LpNormPlan:
     BatchNorm's."""
 
     def __init__(self, sig):
+        self.sig = sig
         self.bn = BatchNormPlan(sig._replace(op="batch_norm", activation=None, noisy=None,
                                              p=None, centered=None, counter=False))
         self.ext = self.bn.ext

@@ -27,6 +27,7 @@ class BatchNormPlan:
     :class:`~..plan.SyncStages` on the reference formulas."""
 
     def __init__(self, sig):
+        self.sig = sig
         self.training = sig.training
         self.activation = sig.activation
 
@@ -68,10 +69,12 @@ class BatchNormPlan:
 
 
 class LpNormPlan:
-    """l_p normalization of one signature (saved: mean and s_p, or snapshots of the running
-    buffers)."""
+    """l_p normalization of one signature (saved: mean and s_p in training; in eval, as every
+    backend, snapshots of running_mean and 1/(running_scale + eps), and BatchNorm's eval
+    backward)."""
 
     def __init__(self, sig):
+        self.sig = sig
         self.training = sig.training
         self.p = sig.p
         self.centered = sig.centered
@@ -87,10 +90,13 @@ class LpNormPlan:
             if not need_saved:
                 return y, None, None, None
             acc = acc_dtype(x.dtype)
-            return y, running_mean.to(acc, copy=True), running_scale.to(acc, copy=True), None
+            return (y, running_mean.to(acc, copy=True),
+                    1.0 / (running_scale.to(acc) + eps), None)
         return y, mean, scale, None
 
     def backward(self, dy, x, a, b, weight, bias, eps, needs, noise=None):
+        if not self.training:  # constant statistics: BatchNorm's eval backward, invstd = b
+            return F.batch_norm_reference_bwd(dy, x, a, b, weight, bias, False, None, needs)
         return F.lp_norm_reference_bwd(dy, x, self.p, a, b, weight, bias, self.training,
                                        self.centered, eps, needs)
 

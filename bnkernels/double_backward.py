@@ -1,0 +1,89 @@
+"""Second derivatives: each op's backward written as differentiable torch ops.
+
+The kernels' backward is a function of (dy, x, weight, bias) that autograd cannot see into.
+When a graph of the gradient is wanted (``torch.autograd.grad(..., create_graph=True)``,
+``backward(create_graph=True)``, ``gradgradcheck``: autograd then runs the backward with grad
+mode on), the autograd Functions of :mod:`bnkernels.autograd` call these functions instead of
+the kernels: the reference backend's backward formulas (:mod:`~.backends.reference.formulas`),
+in the accumulation dtype, with the batch statistics recomputed from x so that they depend on x.
+Their value is the kernels' first derivative (up to rounding) and autograd differentiates them
+for the second: d(dx)/dx, d(dx)/dweight, d(dweight)/dx, d(dx)/d(dy), ... all exact.
+
+* BatchNorm (fused ReLU or not): training recomputes mean and invstd = 1/sqrt(var + eps) from
+  x; eval takes the statistics the forward saved (running statistics are constants).
+* Noisy BatchNorm: the same, with the noise regenerated from its key (it does not depend on x).
+* l_p: training recomputes the mean and s_p (l_inf through torch.amax, whose gradient splits a
+  tie equally, as the kernels' rule); eval is BatchNorm's with the saved mean and
+  1/(running_scale + eps).
+* SyncBatchNorm across processes has no second derivative here: :func:`no_double_backward`
+  says so (its statistics come from all processes, which a local recomputation cannot see).
+
+Only the create_graph path runs this (a training step's backward never does), so its cost --
+eager torch ops, a few passes over x -- is paid only by who asks for second derivatives.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .backends.reference import formulas as R
+
+
+def _dims(x: torch.Tensor) -> list[int]:
+    return [0, *range(2, x.dim())]
+
+
+def _chan(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return t.reshape(1, -1, *([1] * (x.dim() - 2)))
+
+
+def grads(plan, dy, x, weight, bias, saved_a, saved_b, eps, needs, noise=None):
+    """(dx, dweight, dbias) of the call ``plan`` ran (None where ``needs`` says so),
+    differentiable in dy, x, weight and bias. ``saved_a``/``saved_b``: what the plan's forward
+    saved; only an eval forward's are used (the mean and the inverse scale it applied:
+    1/sqrt(var + eps), or 1/(s_p + eps) for l_p), constants, as the running statistics are."""
+    flags = getattr(plan, "sig", plan)  # a backend's plan: its Signature; an OpPlan: itself
+    training, activation = flags.training, getattr(flags, "activation", None)
+    if not training:  # every op: out = act(w * (x - mean) * inv + b), mean and inv constant
+        return R.batch_norm_reference_bwd(dy, x, saved_a.detach(), saved_b.detach(), weight,
+                                          bias, False, activation, needs, noise)
+    if flags.op == "lp_norm":
+        return lp_norm_grads(dy, x, flags.p, weight, bias, flags.centered, eps, needs)
+    return batch_norm_grads(dy, x, weight, bias, activation, eps, needs, noise)
+
+
+def batch_norm_grads(dy, x, weight, bias, activation, eps, needs, noise=None):
+    """Training BatchNorm's (dx, dweight, dbias), the batch mean and invstd = 1/sqrt(var + eps)
+    recomputed from x (so they carry its graph)."""
+    acc = R.acc_dtype(x.dtype)
+    xf = x.to(acc)
+    dims = _dims(x)
+    mean = xf.mean(dims)
+    var = (xf - _chan(mean, x)).square().mean(dims)
+    invstd = torch.rsqrt(var + eps)
+    return R.batch_norm_reference_bwd(dy, x, mean, invstd, weight, bias, True, activation,
+                                      needs, noise)
+
+
+def lp_norm_grads(dy, x, p, weight, bias, centered, eps, needs):
+    """Training l_p normalization's (dx, dweight, dbias), the batch mean and s_p recomputed
+    from x."""
+    acc = R.acc_dtype(x.dtype)
+    xf = x.to(acc)
+    dims = _dims(x)
+    mean = xf.mean(dims)
+    z = xf - _chan(mean, x) if centered else xf
+    scale = R._lp_scale(z, p, dims)
+    return R.lp_norm_reference_bwd(dy, x, p, mean, scale, weight, bias, True, centered, eps,
+                                   needs)
+
+
+def no_double_backward(op: str, why: str, instead: str) -> RuntimeError:
+    """The error of an op whose backward cannot be differentiated (raised when a graph of its
+    gradient is asked for, never silently None)."""
+    return RuntimeError(
+        f"{op}: double backward (a gradient with create_graph=True) is not supported: {why}. "
+        f"{instead}")
+
+
+__all__ = ["batch_norm_grads", "grads", "lp_norm_grads", "no_double_backward"]

@@ -1,0 +1,165 @@
+"""Second derivatives (double backward) of every op, or a clear error where there are none.
+
+With ``create_graph=True`` the autograd Functions run their backward as differentiable torch ops
+(bnkernels.double_backward: the reference formulas with the statistics recomputed from x), so
+``torch.autograd.gradgradcheck`` holds in fp64 -- BatchNorm in training and eval, with and
+without affine and the fused ReLU, noisy BatchNorm, and l_p for p = 1, 2, inf, centered or not
+-- on the eager route (the backends' plans) and the traced route (the registered ops). The
+second derivatives also match torch's own BatchNorm double backward, and one that is not zero
+is never returned as None. SyncBatchNorm across processes refuses, saying why and what to do.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import use_backend
+
+import bnkernels as bnk
+from bnkernels import autograd, functional
+from bnkernels.library import OpPlan
+
+BACKENDS = ["reference", "triton"]
+DT = torch.float64
+
+
+def _inputs(shape=(3, 2, 2), affine=True, seed=0, spike=False):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g, dtype=DT) * 1.5 + 0.3)
+    if spike:  # l_inf: a clear max |z| per channel, away from ties
+        x[0, :, 0] += torch.tensor([6.0, -6.0], dtype=DT)[: shape[1]]
+    x.requires_grad_()
+    C = shape[1]
+    w = (torch.rand(C, generator=g, dtype=DT) + 0.5).requires_grad_() if affine else None
+    b = torch.randn(C, generator=g, dtype=DT).requires_grad_() if affine else None
+    return x, w, b
+
+
+def _args(*ts):
+    return tuple(t for t in ts if t is not None)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_batch_norm_gradgradcheck(backend, training, affine, activation):
+    use_backend(backend)
+    x, w, b = _inputs(affine=affine)
+    rm = torch.linspace(-0.5, 0.5, 2, dtype=DT)
+    rv = torch.linspace(0.5, 2.0, 2, dtype=DT)
+
+    def f(x, *wb):
+        w, b = wb if wb else (None, None)
+        return bnk.batch_norm(x, rm.clone(), rv.clone(), w, b, training, 0.1, 1e-3, activation)
+
+    assert torch.autograd.gradgradcheck(f, _args(x, w, b), fast_mode=backend != "reference")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_noisy_batch_norm_gradgradcheck(backend, activation):
+    use_backend(backend)
+    x, w, b = _inputs()
+
+    def f(x, w, b):
+        return bnk.noisy_batch_norm(x, None, None, w, b, True, 0.1, 1e-3, seed=5, step=2,
+                                    activation=activation)
+
+    assert torch.autograd.gradgradcheck(f, (x, w, b), fast_mode=backend != "reference")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("p", [1, 2, math.inf], ids=["l1", "l2", "linf"])
+@pytest.mark.parametrize("centered", [False, True], ids=["raw", "centered"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_lp_norm_gradgradcheck(backend, p, centered, training):
+    use_backend(backend)
+    x, w, b = _inputs(spike=p == math.inf)
+    rm = torch.linspace(-0.5, 0.5, 2, dtype=DT)
+    rs = torch.linspace(0.5, 2.0, 2, dtype=DT)
+
+    def f(x, w, b):
+        return bnk.lp_norm(x, p, rm.clone(), rs.clone(), w, b, training, 0.1, 1e-3, centered)
+
+    assert torch.autograd.gradgradcheck(f, (x, w, b), fast_mode=backend != "reference")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_traced_route_gradgradcheck(backend):
+    """The traced route (what torch.compile runs: the autograd Function on an OpPlan, which
+    calls the registered ops) differentiates twice too."""
+    x, w, b = _inputs()
+    fast = backend != "reference"
+    for training in (True, False):
+        rm, rv = torch.zeros(2, dtype=DT), torch.ones(2, dtype=DT)
+        bn = OpPlan("batch_norm", training, "relu", None, None, backend)
+        lp = OpPlan("lp_norm", training, None, 2, True, backend)
+
+        def f(x, w, b, plan=bn, rm=rm, rv=rv):
+            return autograd.NormFunction.apply(x, w, b, (rm.clone(), rv.clone(), plan, 0.1,
+                                                         1e-3, None, None))
+
+        def g(x, w, b, plan=lp, rm=rm, rv=rv):
+            return autograd.NormFunction.apply(x, w, b, (rm.clone(), rv.clone(), plan, 0.1,
+                                                         1e-3, None, None))
+
+        assert torch.autograd.gradgradcheck(f, (x, w, b), fast_mode=fast)
+        assert torch.autograd.gradgradcheck(g, (x, w, b), fast_mode=fast)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_second_derivatives_match_torch_and_are_never_none(backend, training):
+    """d/dx and d/dweight of sum(dL/dx ** 2) against torch's own BatchNorm double backward,
+    with ``allow_unused=True`` (which once returned None for these non-zero gradients)."""
+    use_backend(backend)
+    x, w, b = _inputs(shape=(4, 2, 3), seed=1)
+    rm = torch.linspace(-0.5, 0.5, 2, dtype=DT)
+    rv = torch.linspace(0.5, 2.0, 2, dtype=DT)
+    results = []
+    for fn in (bnk.batch_norm, F.batch_norm):
+        y = fn(x, rm.clone(), rv.clone(), w, b, training, 0.1, 1e-5)
+        gx, gw = torch.autograd.grad(y.square().sum(), (x, w), create_graph=True)
+        second = torch.autograd.grad(gx.square().sum() + gw.sum(), (x, w, b),
+                                     allow_unused=True)
+        results.append(second)
+    for ours, theirs, name in zip(*results, ("x", "weight", "bias")):
+        if theirs is None:
+            assert ours is None or float(ours.abs().max()) == 0.0, name
+            continue
+        assert ours is not None, f"d/d{name} returned None, torch's is not"
+        torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-10, msg=name)
+
+
+def test_first_derivatives_with_create_graph_equal_the_kernels():
+    """The create_graph path returns the same first derivative as the kernels."""
+    use_backend("triton")
+    x, w, b = _inputs(shape=(4, 2, 3), seed=2)
+    y = bnk.batch_norm(x, None, None, w, b, True, activation="relu")
+    dy = torch.randn_like(y)
+    plain = torch.autograd.grad(y, (x, w, b), dy, retain_graph=True)
+    graphed = torch.autograd.grad(y, (x, w, b), dy, create_graph=True)
+    assert graphed[0].requires_grad and graphed[1].requires_grad  # dbias = sum(dy [y > 0])
+    for a, g in zip(plain, graphed):
+        torch.testing.assert_close(g.detach(), a, rtol=1e-12, atol=1e-12)
+
+
+def test_sync_batch_norm_across_processes_refuses_double_backward():
+    """The multi-process path (here in a one-process stand-in for the collectives) raises a
+    clear error instead of a wrong or None second derivative."""
+    import test_fuzz
+
+    x, w, b = _inputs()
+    plan = functional.sync_plan(x, None, None, w, b, None)
+    with test_fuzz._one_process_group(True):
+        y = autograd.SyncBatchNormFunction.apply(x, w, b, None, None, 1e-5, 0.1, None, 1, plan)
+        (gx,) = torch.autograd.grad(y.sum(), (x,))  # first derivatives work
+        assert gx.shape == x.shape
+        y = autograd.SyncBatchNormFunction.apply(x, w, b, None, None, 1e-5, 0.1, None, 1, plan)
+        with pytest.raises(RuntimeError, match=r"SyncBatchNorm \(across processes\): double "
+                           r"backward .* not supported.*in one process"):
+            torch.autograd.grad(y.square().sum(), (x,), create_graph=True)

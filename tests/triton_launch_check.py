@@ -9,10 +9,11 @@ Both launches must reach the launcher with the same grid, stream, function, meta
 arguments (tensors: the same objects where the caller passed them, the same dtype and shape
 where the plan allocated them; scalars: equal). Then the guards: a 16-byte-misaligned input, a
 seed that changes Triton's integer type, and an installed launch hook must each take the JIT
-path again, as must every call inside ``jit_only()``. Prints "ok <n>" with the number of launches compared.
+path again, as must every call inside ``jit_only()``. Prints "ok <n>" with the number of
+launches compared.
 """
 
-# ruff: noqa: B023  (each closure below is called before its loop moves on)
+# ruff: noqa: B023  (every closure below runs before its loop moves on)
 from __future__ import annotations
 
 import os

@@ -195,15 +195,17 @@ def _bn_name(noise):
 
 
 def _validate_batch_norm(op, x, running_mean, running_var, weight, bias, training, momentum,
-                         eps, activation):
+                         eps, activation, var_name="running_var"):
+    """Everything about a call that its signature's first call checks (``var_name``: what the
+    second running buffer is called, running_scale for l_p)."""
     _check_input(op, x)
-    _check_per_channel(op, x, running_mean=running_mean, running_var=running_var,
+    _check_per_channel(op, x, running_mean=running_mean, **{var_name: running_var},
                        weight=weight, bias=bias)
     _check_scalars(op, momentum, eps, activation)
     if (running_mean is None) != (running_var is None):
-        raise ValueError(f"{op}: pass both running_mean and running_var, or neither")
+        raise ValueError(f"{op}: pass both running_mean and {var_name}, or neither")
     if not training and running_mean is None:
-        raise ValueError(f"{op}: running_mean and running_var must be given in eval mode "
+        raise ValueError(f"{op}: running_mean and {var_name} must be given in eval mode "
                          "(training=False)")
     if training:
         _check_training_size(x, op)
@@ -408,18 +410,10 @@ def _lp_norm(x, p, running_mean, running_scale, weight, bias, training, momentum
 
 def _validate_lp_norm(op, x, p, running_mean, running_scale, weight, bias, training, momentum,
                       eps):
-    _check_input(op, x)
+    _check_input(op, x)  # before p: a wrong input is the first thing to say
     p = _check_p(op, p)
-    _check_per_channel(op, x, running_mean=running_mean, running_scale=running_scale,
-                       weight=weight, bias=bias)
-    _check_scalars(op, momentum, eps, None)
-    if (running_mean is None) != (running_scale is None):
-        raise ValueError(f"{op}: pass both running_mean and running_scale, or neither")
-    if not training and running_mean is None:
-        raise ValueError(f"{op}: running_mean and running_scale must be given in eval mode "
-                         "(training=False)")
-    if training:
-        _check_training_size(x, op)
+    _validate_batch_norm(op, x, running_mean, running_scale, weight, bias, training, momentum,
+                         eps, None, "running_scale")
     return p
 
 

@@ -217,7 +217,7 @@ def cmd_reproduce(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    return run_demo(steps=args.steps, seed=args.seed)
+    return run_demo(steps=args.steps, seed=args.seed, lr=args.lr, backend=args.backend)
 
 
 # ----------------------------------------------------------------------------- parser
@@ -334,6 +334,11 @@ def build_parser() -> argparse.ArgumentParser:
                                     "torch's, side by side, and report how they match")
     p.add_argument("--steps", type=int, default=20, help="SGD steps")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, default=0.1, help="SGD step size")
+    p.add_argument("--backend", choices=("auto", "triton", "reference"), default="auto",
+                   help="auto: bnkernels' choice (without a GPU its reference backend, the CPU "
+                        "path); triton: the Triton kernels (without a GPU in the interpreter, "
+                        "slow: about 1.5 s a step on a 2-core CPU)")
     p.set_defaults(func=cmd_demo)
 
     add_bench_parser(sub)

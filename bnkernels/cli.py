@@ -132,8 +132,12 @@ def cmd_sweep(args) -> int:
     out = Path(args.out or f"runs/{args.command}-{name}")
     grid = [(dataclasses.replace(base, norm=n, lr=lr), out / f"{n}-lr{lr:g}")
             for n in args.norms for lr in lrs]
-    run_many(grid, jobs=args.jobs or default_jobs(args.device), device=args.device,
-             progress=not args.no_progress, gpu_jobs=args.gpu_jobs, dln_device=args.dln_device)
+    from .experiments.runfiles import folder_lock
+
+    with folder_lock(out, "sweep"):  # one sweep per folder at a time
+        run_many(grid, jobs=args.jobs or default_jobs(args.device), device=args.device,
+                 progress=not args.no_progress, gpu_jobs=args.gpu_jobs,
+                 dln_device=args.dln_device)
     runs = [Run.load(d) for _, d in grid]
     png = plot_runs(runs, out / f"{args.command}.png", f"{args.command}: {name}")
     classify = base.model == "vgg"
@@ -196,7 +200,10 @@ def cmd_reproduce(args) -> int:
         load_cifar10(args.data_dir or "data", download=True)
         overrides.setdefault("data_dir", args.data_dir or "data")
     if args.report_only:
-        report = write_report(out, figures=not args.no_figures)
+        from .experiments.runfiles import folder_lock
+
+        with folder_lock(out, "reproduction"):  # not while a reproduction writes there
+            report = write_report(out, figures=not args.no_figures)
     else:
         try:
             overrides.update(_assignments(args.set, SUITES[mode].vgg, "--set"))
@@ -346,13 +353,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status: 0, 1 (the demo did not match), 2 (bad
+    input, missing data, a folder in use or holding another run), 128 + the signal number
+    when SIGINT (one Ctrl-C) or SIGTERM stopped it (130, 143)."""
+    from .experiments.stopping import Interrupted, stop_on_signals
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        with stop_on_signals():
+            return int(args.func(args) or 0)
     except (FileNotFoundError, FileExistsError) as e:  # missing data, occupied run folder
         print(f"bnkernels {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        runs = args.command not in ("demo", "bench")
+        print(f"bnkernels {args.command}: stopped ({e})."
+              + (" Every run folder holds its run up to its last checkpoint; the same command "
+                 "resumes." if runs else ""), file=sys.stderr)
+        return e.exit_code
 
 
 if __name__ == "__main__":

@@ -400,12 +400,13 @@ def _check_folders(out: Path) -> list[str]:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_stopped_reproduce_leaves_no_worker_and_resumes_exactly(uninterrupted_suite, tmp_path,
                                                                 capsys):
-    """`bnkernels reproduce` (two worker processes) stopped twice mid-run, each time once a
-    run has written a checkpoint: by SIGTERM to the parent alone, while a second reproduction
-    of the same folder is refused; then, rerun, by SIGINT to its process group (one Ctrl-C).
-    Each time it exits with 128 + the signal within seconds, no worker survives it, and every
-    run folder holds metrics up to its newest checkpoint and nothing after; the last rerun
-    ends with metrics byte-identical to an uninterrupted suite's, run by run."""
+    """`bnkernels reproduce` (two worker processes) stopped three times mid-run, each time once
+    a run has written a checkpoint: by SIGTERM to the parent alone, while a second
+    reproduction of the same folder is refused; rerun, by SIGINT to its process group (one
+    Ctrl-C); rerun, by SIGKILL to the parent. It exits with 128 + the signal within seconds
+    (the killed one at once), no worker outlives it, and every run folder holds metrics up
+    to its newest checkpoint and nothing after; the last rerun ends with metrics
+    byte-identical to an uninterrupted suite's, run by run."""
     out, log = tmp_path / "suite", tmp_path / "stderr.txt"
     procs = []
     try:
@@ -423,7 +424,21 @@ def test_stopped_reproduce_leaves_no_worker_and_resumes_exactly(uninterrupted_su
                   "a new checkpoint")
         took.append(_stop(procs[-1], signal.SIGINT, True, log))
         assert _check_folders(out), "the suite was not interrupted"
-        print(f"stopped in {took[0]:.1f} s (SIGTERM), {took[1]:.1f} s (SIGINT)")
+
+        # SIGKILL to the parent: it cannot stop its workers, they stop themselves
+        # (PR_SET_PDEATHSIG), each folder back to its newest checkpoint.
+        seen = set(out.glob("*/checkpoints/step_*.pt"))
+        procs.append(_start_suite(out, log))
+        _wait_for(lambda: set(out.glob("*/checkpoints/step_*.pt")) - seen, 300, procs[-1],
+                  "a new checkpoint")
+        os.kill(procs[-1].pid, signal.SIGKILL)
+        procs[-1].wait(timeout=60)
+        t0 = time.monotonic()
+        _wait_for(lambda: not _session_processes(procs[-1].pid), 30, what="orphans to end")
+        took.append(time.monotonic() - t0)
+        assert _check_folders(out), "the suite was not interrupted"
+        print(f"stopped in {took[0]:.1f} s (SIGTERM), {took[1]:.1f} s (SIGINT); workers of "
+              f"the killed parent gone {took[2]:.1f} s after it")
         assert max(took) < 30
     finally:
         for proc in procs:

@@ -15,13 +15,20 @@ consistent evaluations, see :mod:`.noisy`), "ics" (Definition 2.1 at step t, one
 layer), "landscape" (one probe at step t), "hessian" (top Hessian eigenvalue, optionally the
 trace, at step t), "act" (activation summaries at step t).
 
-Resume: the last checkpoint holds the byte length metrics.jsonl had when it was written; the
-file is cut back to it and the run goes on from the checkpoint's step. RNG states are saved
-(CPU, and CUDA when used) and restored as CPU byte tensors whatever device ``torch.load`` put
-them on, so a run trained on a GPU resumes too (with cuDNN's deterministic algorithms, so that
-it resumes bit for bit). Minibatches are a pure function of (seed, step) and every measurement
-restores what it touches, so a resumed run writes exactly the lines an uninterrupted one would
-(nothing lost, nothing twice).
+Resume: a checkpoint holds the byte length metrics.jsonl had when it was written; the file is
+cut back to it and the run goes on from the checkpoint's step. RNG states are saved (CPU, and
+CUDA when used) and restored as CPU byte tensors whatever device ``torch.load`` put them on, so
+a run trained on a GPU resumes too (with cuDNN's deterministic algorithms, so that it resumes
+bit for bit). Minibatches are a pure function of (seed, step) and every measurement restores
+what it touches, so a resumed run writes exactly the lines an uninterrupted one would (nothing
+lost, nothing twice). Checkpoints hold plain data only and are read without running code
+(``weights_only``), written atomically; resume takes the newest one that reads, belongs to the
+run and is covered by metrics.jsonl, warning about each one passed over (:mod:`.runfiles`).
+
+Stopping: SIGINT (one Ctrl-C) or SIGTERM stops a run within a step and cuts metrics.jsonl back
+to its newest checkpoint, so a stopped folder holds nothing a resume writes again; run_many
+stops its worker processes the same way (:mod:`.stopping`). A process training in a folder
+holds its lock: a second one is refused.
 
 Distributed: under ``torchrun`` (WORLD_SIZE > 1) each process takes its slice of every global
 batch, BatchNorm becomes SyncBatchNorm (``bnkernels.convert(..., sync=True)``) and the model is

@@ -202,6 +202,9 @@ def cmd_reproduce(args) -> int:
     if args.report_only:
         from .experiments.runfiles import folder_lock
 
+        if not (out / "suite.json").is_file():
+            raise FileNotFoundError(f"{out / 'suite.json'} not found: no reproduction to report "
+                                    "on there (run `bnkernels reproduce` first)")
         with folder_lock(out, "reproduction"):  # not while a reproduction writes there
             report = write_report(out, figures=not args.no_figures)
     else:
@@ -367,10 +370,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bnkernels {args.command}: error: {e}", file=sys.stderr)
         return 2
     except Interrupted as e:
-        runs = args.command not in ("demo", "bench")
-        print(f"bnkernels {args.command}: stopped ({e})."
-              + (" Every run folder holds its run up to its last checkpoint; the same command "
-                 "resumes." if runs else ""), file=sys.stderr)
+        how = {"demo": "", "bench": "",
+               "train": " The run folder holds the run up to its last checkpoint; the same "
+                        "command with --resume continues it."}.get(
+            args.command, " Every run folder holds its run up to its last checkpoint; the "
+                          "same command resumes them.")
+        print(f"bnkernels {args.command}: stopped ({e}).{how}", file=sys.stderr)
         return e.exit_code
 
 

@@ -305,6 +305,35 @@ def test_sigterm_stops_a_run_at_its_last_checkpoint(tmp_path, full_run):
     assert (run / "metrics.jsonl").read_bytes() == (full / "metrics.jsonl").read_bytes()
 
 
+def test_cli_train_stopped_by_sigint_exits_130_and_resumes(tmp_path, full_run, capsys):
+    """`bnkernels train` and one Ctrl-C (SIGINT) mid-run: exit status 130, a message saying
+    how to continue, the folder back to its last checkpoint; --resume then finishes it with
+    the uninterrupted run's metrics."""
+    run = tmp_path / "run"
+    args = ["train", "--config", "tiny", "--run-dir", str(run), "--no-progress", "--steps", "8",
+            "--checkpoint-every", "2", "--keep-checkpoints", "3", "--hessian-every", "0",
+            "--landscape-every", "0"]
+
+    def interrupt_after_first_checkpoint():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not list(run.glob("checkpoints/step_*.pt")):
+            time.sleep(0.005)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    killer = threading.Thread(target=interrupt_after_first_checkpoint)
+    killer.start()
+    try:
+        assert main(args) == 130
+    finally:
+        killer.join()
+    err = capsys.readouterr().err
+    assert "stopped (interrupted by SIGINT)" in err and "--resume" in err
+    _assert_consistent(run)
+    assert not (run / "done.json").exists()
+    assert main(args + ["--resume"]) == 0
+    assert (run / "metrics.jsonl").read_bytes() == full_run
+
+
 def _assert_consistent(run: Path) -> None:
     """metrics.jsonl holds exactly what the newest checkpoint counts (nothing after it; nothing
     at all without a checkpoint), its steps never going back."""

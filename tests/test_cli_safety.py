@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import platform
 import random
 import re
 import signal
@@ -31,7 +32,14 @@ from bnkernels.experiments.runfiles import (
     save_checkpoint,
 )
 from bnkernels.experiments.stopping import Interrupted
-from bnkernels.experiments.train import CONFIGS, MetricsWriter, read_metrics, run_many, train
+from bnkernels.experiments.train import (
+    CONFIGS,
+    PORTABLE_CPU_ENV,
+    MetricsWriter,
+    read_metrics,
+    run_many,
+    train,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,6 +51,8 @@ def cpu_env(**extra) -> dict:
            if k not in ("TRITON_INTERPRET", "BNKERNELS_BACKEND")}
     env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])]))
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        env.update(PORTABLE_CPU_ENV)  # what run_many's workers get, for every process
     env.update(extra)
     return env
 
@@ -359,8 +369,12 @@ its costliest measurements (Hessian, the DLN's landscape)."""
 
 @pytest.fixture(scope="module")
 def uninterrupted_suite(tmp_path_factory):
+    """SUITE run without interruption, its runs one after another in the parent process
+    (no worker to start): with the environment run_many gives its workers set for every
+    process (PORTABLE_CPU_ENV, see cpu_env) and one thread per run, it trains exactly as the
+    workers do."""
     out = tmp_path_factory.mktemp("uninterrupted") / "suite"
-    r = run_cli(*SUITE, "--out", str(out), timeout=600)
+    r = run_cli(*[a if a != "2" else "1" for a in SUITE], "--out", str(out), timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     return out
 
@@ -383,13 +397,14 @@ def _session_processes(sid: int) -> list[str]:
     return found
 
 
-def _wait_for(predicate, timeout: float, proc=None, what: str = "") -> None:
+def _wait_for(predicate, timeout: float, proc=None, what: str = "", show=None) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if proc is not None and proc.poll() is not None:
             raise AssertionError(f"the process ended ({proc.returncode}) before {what}")
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
+            raise AssertionError(f"timed out waiting for {what}"
+                                 + (f": {show()}" if show is not None else ""))
         time.sleep(0.05)
 
 
@@ -413,7 +428,8 @@ def _stop(proc: subprocess.Popen, sig: signal.Signals, group: bool, log: Path) -
     seconds = time.monotonic() - t0
     assert rc == 128 + sig, log.read_text()[-3000:]
     assert f"interrupted by {sig.name}" in log.read_text()
-    _wait_for(lambda: not _session_processes(proc.pid), 10, what="no process left")
+    _wait_for(lambda: not _session_processes(proc.pid), 10, what="no process left",
+              show=lambda: _session_processes(proc.pid))
     return seconds
 
 
@@ -454,8 +470,8 @@ def test_stopped_reproduce_leaves_no_worker_and_resumes_exactly(uninterrupted_su
         took.append(_stop(procs[-1], signal.SIGINT, True, log))
         assert _check_folders(out), "the suite was not interrupted"
 
-        # SIGKILL to the parent: it cannot stop its workers, they stop themselves
-        # (PR_SET_PDEATHSIG), each folder back to its newest checkpoint.
+        # SIGKILL to the parent: it cannot stop its workers; they see it gone and stop
+        # themselves, each folder back to its newest checkpoint.
         seen = set(out.glob("*/checkpoints/step_*.pt"))
         procs.append(_start_suite(out, log))
         _wait_for(lambda: set(out.glob("*/checkpoints/step_*.pt")) - seen, 300, procs[-1],
@@ -463,7 +479,8 @@ def test_stopped_reproduce_leaves_no_worker_and_resumes_exactly(uninterrupted_su
         os.kill(procs[-1].pid, signal.SIGKILL)
         procs[-1].wait(timeout=60)
         t0 = time.monotonic()
-        _wait_for(lambda: not _session_processes(procs[-1].pid), 30, what="orphans to end")
+        _wait_for(lambda: not _session_processes(procs[-1].pid), 30, what="orphans to end",
+                  show=lambda: _session_processes(procs[-1].pid))
         took.append(time.monotonic() - t0)
         assert _check_folders(out), "the suite was not interrupted"
         print(f"stopped in {took[0]:.1f} s (SIGTERM), {took[1]:.1f} s (SIGINT); workers of "

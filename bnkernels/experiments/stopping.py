@@ -10,9 +10,9 @@ runs :func:`uninterrupted`: a signal there is raised when it ends.
 
 Worker processes of :func:`bnkernels.experiments.train.run_many` start with
 :func:`init_worker`: a signal raises only while a run trains (:func:`armed`); an idle worker
-records it and refuses the runs it is given afterwards. On Linux a worker also gets SIGTERM
-when its parent dies (``PR_SET_PDEATHSIG``), and then exits after leaving its run folder
-consistent: a killed ``reproduce`` leaves no worker training on.
+records it and refuses the runs it is given afterwards. A worker also watches its parent: when
+the parent dies (killed outright), it stops its run as on SIGTERM, leaving the folder
+consistent, and exits: a killed ``reproduce`` leaves no worker training on.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterator
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -120,17 +121,23 @@ def parent_alive() -> bool:
     return _state.parent is None or os.getppid() == _state.parent
 
 
-def _die_with_parent() -> None:
-    """Linux: SIGTERM to this process when its parent dies (prctl PR_SET_PDEATHSIG)."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
+WATCH_SECONDS = 0.25
+"""How often a worker checks that its parent is alive."""
 
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
-    except (OSError, AttributeError):
-        return
+GRACE_SECONDS = 30.0
+"""How long a worker whose parent died gives its run to stop before it exits regardless."""
+
+
+def _watch_parent(main: int) -> None:
+    """A worker's daemon thread: once the parent is gone, SIGTERM to the main thread (a
+    signal sent to the process may land on another thread, which leaves a main thread blocked
+    on its task queue asleep), then exit after :data:`GRACE_SECONDS` if still running."""
+    while parent_alive():
+        time.sleep(WATCH_SECONDS)
+    if hasattr(signal, "pthread_kill"):
+        signal.pthread_kill(main, signal.SIGTERM)
+        time.sleep(GRACE_SECONDS)
+    os._exit(128 + int(signal.SIGTERM))
 
 
 def _exit_now_if_stopping() -> None:
@@ -153,6 +160,5 @@ def init_worker(parent: int) -> None:
     for s in SIGNALS:
         signal.signal(s, _handler)
     _state.installed, _state.armed, _state.signum = True, False, 0
-    _die_with_parent()
-    if os.getppid() != parent:  # the parent died before the request above took effect
-        os._exit(128 + int(signal.SIGTERM))
+    threading.Thread(target=_watch_parent, args=(threading.main_thread().ident,),
+                     name="bnkernels-watch-parent", daemon=True).start()

@@ -928,11 +928,16 @@ def run_many(jobs_list: list[tuple[RunConfig, Path]], jobs: int | None = None,
             for cfg, run_dir, dev in placed:
                 futures.append(by_kind["gpu" if dev != "cpu" else "cpu"].submit(
                     _run_worker, cfg.to_dict(), str(run_dir), dev, threads))
-            for fut in cf.as_completed(futures):
-                run_dir, secs = fut.result()
-                seconds[run_dir] = secs
-                bar.set_postfix_str(f"{Path(run_dir).name} {secs:.0f}s", refresh=False)
-                bar.update(1)
+            pending = set(futures)
+            while pending:
+                # wake up now and then: a signal that landed on another thread runs its
+                # handler only when this one executes Python code
+                done, pending = cf.wait(pending, timeout=0.5, return_when=cf.FIRST_COMPLETED)
+                for fut in done:
+                    run_dir, secs = fut.result()
+                    seconds[run_dir] = secs
+                    bar.set_postfix_str(f"{Path(run_dir).name} {secs:.0f}s", refresh=False)
+                    bar.update(1)
         except BaseException:
             _stop_workers(pools, futures)
             raise

@@ -132,8 +132,12 @@ def cmd_sweep(args) -> int:
     out = Path(args.out or f"runs/{args.command}-{name}")
     grid = [(dataclasses.replace(base, norm=n, lr=lr), out / f"{n}-lr{lr:g}")
             for n in args.norms for lr in lrs]
-    run_many(grid, jobs=args.jobs or default_jobs(args.device), device=args.device,
-             progress=not args.no_progress, gpu_jobs=args.gpu_jobs, dln_device=args.dln_device)
+    from .experiments.runfiles import folder_lock
+
+    with folder_lock(out, "sweep"):  # one sweep per folder at a time
+        run_many(grid, jobs=args.jobs or default_jobs(args.device), device=args.device,
+                 progress=not args.no_progress, gpu_jobs=args.gpu_jobs,
+                 dln_device=args.dln_device)
     runs = [Run.load(d) for _, d in grid]
     png = plot_runs(runs, out / f"{args.command}.png", f"{args.command}: {name}")
     classify = base.model == "vgg"
@@ -196,7 +200,13 @@ def cmd_reproduce(args) -> int:
         load_cifar10(args.data_dir or "data", download=True)
         overrides.setdefault("data_dir", args.data_dir or "data")
     if args.report_only:
-        report = write_report(out, figures=not args.no_figures)
+        from .experiments.runfiles import folder_lock
+
+        if not (out / "suite.json").is_file():
+            raise FileNotFoundError(f"{out / 'suite.json'} not found: no reproduction to report "
+                                    "on there (run `bnkernels reproduce` first)")
+        with folder_lock(out, "reproduction"):  # not while a reproduction writes there
+            report = write_report(out, figures=not args.no_figures)
     else:
         try:
             overrides.update(_assignments(args.set, SUITES[mode].vgg, "--set"))
@@ -217,7 +227,7 @@ def cmd_reproduce(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    return run_demo(steps=args.steps, seed=args.seed)
+    return run_demo(steps=args.steps, seed=args.seed, lr=args.lr, backend=args.backend)
 
 
 # ----------------------------------------------------------------------------- parser
@@ -334,6 +344,11 @@ def build_parser() -> argparse.ArgumentParser:
                                     "torch's, side by side, and report how they match")
     p.add_argument("--steps", type=int, default=20, help="SGD steps")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, default=0.1, help="SGD step size")
+    p.add_argument("--backend", choices=("auto", "triton", "reference"), default="auto",
+                   help="auto: bnkernels' choice (without a GPU its reference backend, the CPU "
+                        "path); triton: the Triton kernels (without a GPU in the interpreter, "
+                        "slow: about 1.5 s a step on a 2-core CPU)")
     p.set_defaults(func=cmd_demo)
 
     add_bench_parser(sub)
@@ -341,13 +356,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status: 0, 1 (the demo did not match), 2 (bad
+    input, missing data, a folder in use or holding another run), 128 + the signal number
+    when SIGINT (one Ctrl-C) or SIGTERM stopped it (130, 143)."""
+    from .experiments.stopping import Interrupted, stop_on_signals
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        with stop_on_signals():
+            return int(args.func(args) or 0)
     except (FileNotFoundError, FileExistsError) as e:  # missing data, occupied run folder
         print(f"bnkernels {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        how = {"demo": "", "bench": "",
+               "train": " The run folder holds the run up to its last checkpoint; the same "
+                        "command with --resume continues it."}.get(
+            args.command, " Every run folder holds its run up to its last checkpoint; the "
+                          "same command resumes them.")
+        print(f"bnkernels {args.command}: stopped ({e}).{how}", file=sys.stderr)
+        return e.exit_code
 
 
 if __name__ == "__main__":

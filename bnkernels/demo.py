@@ -2,14 +2,24 @@
 BatchNorm2d (fused ReLU), side by side, on a fixed synthetic task.
 
 It prints the two loss curves and how far weights and running statistics drifted apart, and
-returns 0 when they agree within tolerance. Without a GPU the Triton kernels run in the
-interpreter (slow, but the same kernels a GPU runs).
+returns 0 when they agree within tolerance.
+
+The backend is bnkernels' own choice ("auto"): on a GPU the fast kernels; without one, the
+reference backend (bnkernels' CPU path), or the Triton kernels in the interpreter when
+TRITON_INTERPRET=1 was set before the process started. ``backend="triton"`` asks for the Triton
+kernels: without a GPU they run in the interpreter (slow, but the same kernels a GPU runs), in
+a child process started with TRITON_INTERPRET=1 when this process can no longer switch the
+interpreter on (``@triton.jit`` functions, Triton's own included, are built for the compiler or
+the interpreter when triton is first imported, which importing bnkernels does).
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -40,12 +50,75 @@ def _task(seed: int, n: int = 32, size: int = 12, classes: int = 4):
     return x, y
 
 
-def run_demo(steps: int = 20, seed: int = 0, lr: float = 0.1) -> int:
-    if not torch.cuda.is_available():
-        # Must be set before bnkernels' Triton kernels are first loaded.
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+DEMO_BACKENDS = ("auto", "triton", "reference")
+_CHILD = "BNKERNELS_DEMO_INTERPRETER_CHILD"  # set in the child process that reruns the demo
+
+
+def triton_interpreter_state() -> str:
+    """Whether bnkernels' Triton kernels run in the interpreter in this process:
+
+    - "on": they do (TRITON_INTERPRET=1 was set before triton was imported);
+    - "switchable": triton is not imported yet, so setting TRITON_INTERPRET=1 now turns the
+      interpreter on;
+    - "off": triton was imported without the interpreter; only a new process can run the
+      kernels on the CPU.
+    """
+    if "triton.language" not in sys.modules:
+        return "on" if os.environ.get("TRITON_INTERPRET", "0") == "1" else "switchable"
+    from .backends import backend
+    from .backends.triton import interpreter_mismatch
+
+    on = backend("triton").interpreting() and interpreter_mismatch() is None
+    return "on" if on else "off"
+
+
+def _rerun_with_interpreter(steps: int, seed: int, lr: float) -> int:
+    """This demo with the Triton kernels, in a child process that has the interpreter on from
+    its start; returns the child's exit status."""
+    root = str(Path(__file__).resolve().parents[1])  # the bnkernels this process runs
+    env = dict(os.environ, TRITON_INTERPRET="1",
+               PYTHONPATH=os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])]))
+    env.pop("BNKERNELS_BACKEND", None)
+    env[_CHILD] = "1"
+    print("bnkernels demo: no GPU; running the Triton kernels in the interpreter, in a new "
+          "process started with TRITON_INTERPRET=1 (this one imported triton without it)",
+          flush=True)
+    cmd = [sys.executable, "-m", "bnkernels", "demo", "--steps", str(steps), "--seed", str(seed),
+           "--lr", repr(lr), "--backend", "triton"]
+    return subprocess.call(cmd, env=env)
+
+
+def run_demo(steps: int = 20, seed: int = 0, lr: float = 0.1, backend: str = "auto") -> int:
+    """Train both models for ``steps`` SGD steps; 0 when they match, 1 when not.
+
+    ``backend``: "auto" (bnkernels' choice), "triton" (the Triton kernels; the interpreter
+    without a GPU) or "reference"."""
+    if backend not in DEMO_BACKENDS:
+        raise ValueError(f"run_demo: backend must be one of {DEMO_BACKENDS}, got {backend!r}")
+    if steps < 1:
+        raise ValueError(f"run_demo: steps must be >= 1, got {steps}")
+    if backend == "triton" and not torch.cuda.is_available():
+        state = triton_interpreter_state()
+        if state == "switchable":
+            os.environ["TRITON_INTERPRET"] = "1"  # before triton and the kernels first load
+        elif state == "off":
+            if os.environ.get(_CHILD) == "1":
+                raise RuntimeError("bnkernels demo: the Triton interpreter is off although this "
+                                   "process started with TRITON_INTERPRET=1")
+            return _rerun_with_interpreter(steps, seed, lr)
     import bnkernels as bnk
 
+    if backend == "auto":  # bnkernels' own choice (set_backend / BNKERNELS_BACKEND)
+        return _run(bnk, steps, seed, lr)
+    previous = bnk.get_backend()
+    bnk.set_backend(backend)
+    try:
+        return _run(bnk, steps, seed, lr)
+    finally:
+        bnk.set_backend(previous)
+
+
+def _run(bnk, steps: int, seed: int, lr: float) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     x, y = (t.to(device) for t in _task(seed))
     torch.manual_seed(seed)
@@ -53,9 +126,11 @@ def run_demo(steps: int = 20, seed: int = 0, lr: float = 0.1) -> int:
     ours = _small_cnn("bnkernels").to(device)
     ours.load_state_dict(ref.state_dict())  # same parameters and buffers, same keys
     backend = bnk.backends.select("batch_norm", x).name
+    where = {("triton", "cpu"): " (Triton interpreter)",
+             ("reference", "cpu"): " (its CPU path; --backend triton runs the Triton kernels "
+                                   "in the interpreter)"}.get((backend, device.type), "")
     print(f"bnkernels demo: small CNN, {steps} SGD steps (lr {lr}) on {device}, "
-          f"bnkernels backend {backend!r}"
-          + (" (Triton interpreter)" if backend == "triton" and device.type == "cpu" else ""))
+          f"bnkernels backend {backend!r}{where}")
     print(f"{'step':>4}  {'loss torch':>11}  {'loss bnkernels':>14}  {'|diff|':>9}")
     opts = [torch.optim.SGD(m.parameters(), lr=lr) for m in (ref, ours)]
     loss_fn = nn.CrossEntropyLoss()

@@ -38,6 +38,7 @@ import torch
 
 from .activations import moment_changes
 from .plots import LABELS, Run, base_name, load_suite, make_figures, run_name, seed_groups
+from .runfiles import atomic_write_text, folder_lock
 from .train import CONFIGS, PAPER_DLN, PAPER_VGG, RunConfig, run_many, versions
 
 GPU_STEPS = 3_000
@@ -191,7 +192,6 @@ def reproduce(out: str | os.PathLike, mode: str = "quick", jobs: int | None = No
     killed call resumes where it stopped when called again. ``figures=False``: report.md and
     claims.json only (figures already drawn are linked)."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     if mode not in SUITES:
         raise ValueError(f"reproduce: mode must be one of {list(SUITES)}, got {mode!r}")
     suite = scaled_suite(SUITES[mode], steps=steps, dln_steps=dln_steps, seeds=seeds,
@@ -199,13 +199,17 @@ def reproduce(out: str | os.PathLike, mode: str = "quick", jobs: int | None = No
     runs = suite_runs(suite)
     meta = {"mode": mode, "suite": suite_to_dict(suite),
             "runs": {name: {"dir": name, "config": cfg.to_dict()} for name, cfg in runs.items()}}
-    (out / "suite.json").write_text(json.dumps(meta, indent=2) + "\n")
-    # Longest first, so the slowest run does not start last.
-    order = sorted(runs.items(), key=lambda kv: -_cost(kv[1]))
-    t0 = time.time()
-    run_many([(cfg, out / name) for name, cfg in order], jobs=jobs, device=device,
-             progress=progress, gpu_jobs=gpu_jobs, dln_device=dln_device)
-    write_report(out, train_seconds=time.time() - t0, figures=figures)
+    # One reproduction per folder at a time: a second one is refused (FolderLockedError) instead
+    # of racing the first for the same run folders. SIGINT/SIGTERM stop it cleanly (see
+    # train.run_many); run again, it resumes.
+    with folder_lock(out, "reproduction"):
+        atomic_write_text(out / "suite.json", json.dumps(meta, indent=2) + "\n")
+        # Longest first, so the slowest run does not start last.
+        order = sorted(runs.items(), key=lambda kv: -_cost(kv[1]))
+        t0 = time.time()
+        run_many([(cfg, out / name) for name, cfg in order], jobs=jobs, device=device,
+                 progress=progress, gpu_jobs=gpu_jobs, dln_device=dln_device)
+        write_report(out, train_seconds=time.time() - t0, figures=figures)
     return out / "report.md"
 
 

@@ -15,13 +15,20 @@ consistent evaluations, see :mod:`.noisy`), "ics" (Definition 2.1 at step t, one
 layer), "landscape" (one probe at step t), "hessian" (top Hessian eigenvalue, optionally the
 trace, at step t), "act" (activation summaries at step t).
 
-Resume: the last checkpoint holds the byte length metrics.jsonl had when it was written; the
-file is cut back to it and the run goes on from the checkpoint's step. RNG states are saved
-(CPU, and CUDA when used) and restored as CPU byte tensors whatever device ``torch.load`` put
-them on, so a run trained on a GPU resumes too (with cuDNN's deterministic algorithms, so that
-it resumes bit for bit). Minibatches are a pure function of (seed, step) and every measurement
-restores what it touches, so a resumed run writes exactly the lines an uninterrupted one would
-(nothing lost, nothing twice).
+Resume: a checkpoint holds the byte length metrics.jsonl had when it was written; the file is
+cut back to it and the run goes on from the checkpoint's step. RNG states are saved (CPU, and
+CUDA when used) and restored as CPU byte tensors whatever device ``torch.load`` put them on, so
+a run trained on a GPU resumes too (with cuDNN's deterministic algorithms, so that it resumes
+bit for bit). Minibatches are a pure function of (seed, step) and every measurement restores
+what it touches, so a resumed run writes exactly the lines an uninterrupted one would (nothing
+lost, nothing twice). Checkpoints hold plain data only and are read without running code
+(``weights_only``), written atomically; resume takes the newest one that reads, belongs to the
+run and is covered by metrics.jsonl, warning about each one passed over (:mod:`.runfiles`).
+
+Stopping: SIGINT (one Ctrl-C) or SIGTERM stops a run within a step and cuts metrics.jsonl back
+to its newest checkpoint, so a stopped folder holds nothing a resume writes again; run_many
+stops its worker processes the same way (:mod:`.stopping`). A process training in a folder
+holds its lock: a second one is refused.
 
 Distributed: under ``torchrun`` (WORLD_SIZE > 1) each process takes its slice of every global
 batch, BatchNorm becomes SyncBatchNorm (``bnkernels.convert(..., sync=True)``) and the model is
@@ -51,10 +58,18 @@ from torch import nn
 
 import bnkernels as bnk
 
-from . import ics, landscape, noisy
+from . import ics, landscape, noisy, stopping
 from .activations import ActivationSampler
 from .data import Dataset, DigitsConfig, DLNDataConfig, batch_indices, load_dataset
 from .models import NormOptions, build_model
+from .runfiles import (
+    CheckpointError,
+    atomic_write_text,
+    checkpoint_step,
+    folder_lock,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 LOSSES = ("cross_entropy", "sum_squared", "half_sum_squared")
 
@@ -217,16 +232,30 @@ def versions(device: torch.device) -> dict:
 
 class MetricsWriter:
     """Appends JSON lines to metrics.jsonl, flushed per line; ``size()`` is the byte length
-    a checkpoint records. Disabled on ranks other than 0."""
+    a checkpoint records, after ``sync()`` has put the lines on disk. Steps never go back:
+    a record whose step is below the last one's raises (records at one step, or a test record
+    at step t + 1 before the next step's, are in order). Disabled on ranks other than 0."""
 
     def __init__(self, path: Path, enabled: bool = True):
         self.path, self.enabled = path, enabled
+        self.last_step = _last_step(path) if enabled else 0
         self._f = open(path, "a", encoding="utf-8") if enabled else None  # noqa: SIM115
 
     def write(self, record: dict) -> None:
         if self._f is not None:
+            if record["step"] < self.last_step:
+                raise RuntimeError(f"{self.path}: a {record['kind']!r} record of step "
+                                   f"{record['step']} after step {self.last_step}: metrics "
+                                   "must not go back (is another process writing here?)")
             self._f.write(json.dumps(record) + "\n")
             self._f.flush()
+            self.last_step = record["step"]
+
+    def sync(self) -> None:
+        """Flush the lines to disk (before a checkpoint records the file's length)."""
+        if self._f is not None:
+            self._f.flush()
+            os.fsync(self._f.fileno())
 
     def size(self) -> int:
         return self._f.tell() if self._f is not None else 0
@@ -237,15 +266,31 @@ class MetricsWriter:
             self._f = None
 
 
+def _last_step(path: Path) -> int:
+    """The step of the last complete record of ``path`` (0 if none)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 65536))
+            lines = f.read().split(b"\n")[:-1]  # complete lines only
+    except FileNotFoundError:
+        return 0
+    for line in reversed(lines):
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            return int(json.loads(line)["step"])
+    return 0
+
+
 def read_metrics(run_dir: str | os.PathLike, kind: str | None = None) -> list[dict]:
-    """The records of a run's metrics.jsonl (those of one ``kind`` if given)."""
+    """The records of a run's metrics.jsonl (those of one ``kind`` if given). A last line
+    without its newline (a write cut short by a hard kill) is not a record."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return []
     out = []
     with open(path, encoding="utf-8") as f:
         for line in f:
-            if line.strip():
+            if line.strip() and line.endswith("\n"):
                 rec = json.loads(line)
                 if kind is None or rec.get("kind") == kind:
                     out.append(rec)
@@ -253,16 +298,16 @@ def read_metrics(run_dir: str | os.PathLike, kind: str | None = None) -> list[di
 
 
 def _checkpoints(run_dir: Path) -> list[Path]:
+    """The run's step_<N>.pt files, oldest first."""
     d = run_dir / "checkpoints"
     if not d.is_dir():
         return []
-    return sorted(d.glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+    found = [(checkpoint_step(p), p) for p in d.glob("step_*.pt")]
+    return [p for n, p in sorted((n, p) for n, p in found if n is not None)]
 
 
 def _atomic_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 DIST_BACKENDS = ("auto", "nccl", "gloo")
@@ -451,17 +496,66 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, *, resume: bool = False,
                                               seed=cfg.seed),
                             digits=DigitsConfig(size=cfg.image_size))  # fails before the
         #                                                                 folder exists
-        if state == "new" and rank0:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            _atomic_json(run_dir / "config.json", cfg.to_dict())
-        if ddp.world > 1:
-            dist.barrier()
-        with _deterministic_cudnn(dev):
-            _train(cfg, data, run_dir, ddp, dev, stop_after, progress and rank0)
+        # Rank 0 holds the folder while it trains: a second process asking for it is refused.
+        with folder_lock(run_dir) if rank0 else contextlib.nullcontext():
+            if rank0 and ddp.world == 1:
+                state = _check_run_dir(cfg, run_dir, resume)  # again, as the holder
+                if state == "done":
+                    print(f"{run_dir}: already complete")
+                    return run_dir
+            if state == "new" and rank0:
+                _atomic_json(run_dir / "config.json", cfg.to_dict())
+            if ddp.world > 1:
+                dist.barrier()
+            with _deterministic_cudnn(dev):
+                _train(cfg, data, run_dir, ddp, dev, stop_after, progress and rank0)
     finally:
         if ddp.owns_group:
             dist.destroy_process_group()
     return run_dir
+
+
+def _fits(state: dict, path: Path, model: nn.Module, opt: torch.optim.Optimizer) -> None:
+    """Raise CheckpointError unless ``state`` can be loaded into ``model`` and ``opt`` (checked
+    before anything is loaded, so a misfit leaves them untouched)."""
+    own, saved = model.state_dict(), state["model"]
+    bad = sorted(set(own) ^ set(saved))
+    bad += [k for k in own if k in saved and (not isinstance(saved[k], torch.Tensor)
+                                              or saved[k].shape != own[k].shape)]
+    if bad:
+        raise CheckpointError(f"checkpoint {path} does not fit this run's model (keys or shapes "
+                              f"differ: {', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''})")
+    groups = state["optimizer"].get("param_groups")
+    if (not isinstance(groups, list) or len(groups) != len(opt.param_groups)
+            or any(not isinstance(g, dict) or len(g.get("params", ())) != len(o["params"])
+                   for g, o in zip(groups, opt.param_groups))):
+        raise CheckpointError(f"checkpoint {path} does not fit this run's optimizer")
+    if state["torch_rng"].numel() != torch.get_rng_state().numel():
+        raise CheckpointError(f"checkpoint {path} holds no valid RNG state")
+
+
+def _resume_state(run_dir: Path, cfg: RunConfig, model: nn.Module,
+                  opt: torch.optim.Optimizer, dev: torch.device) -> dict | None:
+    """The newest checkpoint of ``run_dir`` that loads safely (see
+    :func:`~.runfiles.load_checkpoint`), belongs to ``cfg``, fits the model and optimizer and
+    whose metrics.jsonl length the file still has; None when there is none (start over).
+    Every checkpoint passed over is named in a warning with the reason."""
+    metrics = run_dir / "metrics.jsonl"
+    size = metrics.stat().st_size if metrics.exists() else 0
+    for path in reversed(_checkpoints(run_dir)):
+        try:
+            state = load_checkpoint(path, map_location=dev, config=cfg.to_dict())
+            if state["metrics_bytes"] > size:
+                raise CheckpointError(f"checkpoint {path} counts {state['metrics_bytes']} bytes "
+                                      f"of metrics.jsonl, which has {size}: records it covers "
+                                      "are gone")
+            _fits(state, path, model, opt)
+        except CheckpointError as e:
+            warnings.warn(f"{e}; resuming from the newest valid checkpoint before it, if any",
+                          stacklevel=3)
+            continue
+        return state
+    return None
 
 
 def _train(cfg: RunConfig, data: Dataset, run_dir: Path, ddp: _Dist, dev: torch.device,
@@ -481,22 +575,23 @@ def _train(cfg: RunConfig, data: Dataset, run_dir: Path, ddp: _Dist, dev: torch.
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                           weight_decay=cfg.weight_decay)
     start = 0
-    ckpts = _checkpoints(run_dir)
     metrics_path = run_dir / "metrics.jsonl"
-    if ckpts:
-        state = torch.load(ckpts[-1], map_location=dev, weights_only=False)
+    state = _resume_state(run_dir, cfg, model, opt, dev)
+    if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         restore_rng_state(state)
         start = state["step"]
         keep = state["metrics_bytes"]
-        elapsed = state.get("elapsed", 0.0)
-        cpu_elapsed = state.get("cpu_elapsed", 0.0)
+        elapsed = float(state.get("elapsed", 0.0))
+        cpu_elapsed = float(state.get("cpu_elapsed", 0.0))
     else:
         keep, elapsed, cpu_elapsed = 0, 0.0, 0.0
     if rank0:
         if metrics_path.exists():
             os.truncate(metrics_path, min(keep, metrics_path.stat().st_size))
+        for stale in (run_dir / "checkpoints").glob("*.tmp"):
+            stale.unlink()  # a checkpoint write cut short (the lock keeps others out)
         _atomic_json(run_dir / "versions.json", versions(dev))
     if ddp.world > 1:
         dist.barrier()
@@ -522,19 +617,24 @@ def _train(cfg: RunConfig, data: Dataset, run_dir: Path, ddp: _Dist, dev: torch.
     def due(every: int, step: int) -> bool:
         return every > 0 and step % every == 0
 
-    def save_checkpoint(step: int) -> None:
+    # metrics.jsonl's length at the newest checkpoint on disk: what a stop cuts it back to
+    committed = keep
+
+    def checkpoint(step: int) -> None:
+        nonlocal committed
         if not rank0:
             return
         d = run_dir / "checkpoints"
         d.mkdir(exist_ok=True)
-        path = d / f"step_{step}.pt"
-        tmp = path.with_suffix(".tmp")
-        torch.save({"step": step, "model": base.state_dict(), "optimizer": opt.state_dict(),
-                    "metrics_bytes": writer.size(), **rng_state(),
-                    "elapsed": elapsed + time.time() - t0,
-                    "cpu_elapsed": cpu_elapsed + time.process_time() - c0,
-                    "config": cfg.to_dict()}, tmp)
-        os.replace(tmp, path)
+        writer.sync()  # the lines the checkpoint counts are on disk before it is
+        size = writer.size()
+        with stopping.uninterrupted():  # the file and `committed` change together
+            save_checkpoint(d / f"step_{step}.pt", {
+                "step": step, "model": base.state_dict(), "optimizer": opt.state_dict(),
+                "metrics_bytes": size, **rng_state(), "elapsed": elapsed + time.time() - t0,
+                "cpu_elapsed": cpu_elapsed + time.process_time() - c0,
+                "config": cfg.to_dict()})
+            committed = size
         for old in _checkpoints(run_dir)[:-cfg.keep_checkpoints]:
             old.unlink()
 
@@ -547,6 +647,7 @@ def _train(cfg: RunConfig, data: Dataset, run_dir: Path, ddp: _Dist, dev: torch.
         for step in range(start, cfg.steps):
             if stop_after is not None and step >= stop_after:
                 return
+            stopping.check()
             idx = batch_indices(data.num_train, cfg.batch_size, step, cfg.seed)
             if shard:
                 per = len(idx) // ddp.world
@@ -594,12 +695,19 @@ def _train(cfg: RunConfig, data: Dataset, run_dir: Path, ddp: _Dist, dev: torch.
                     rec.update(noisy.diagnostics(base, data, loss_fn, dev, cfg.batch_size))
                 writer.write(rec)
             if due(cfg.checkpoint_every, done) or done == cfg.steps:
-                save_checkpoint(done)
+                checkpoint(done)
             bar.update(1)
         if rank0:
             _atomic_json(run_dir / "done.json",
                          {"steps": cfg.steps, "seconds": elapsed + time.time() - t0,
                           "cpu_seconds": cpu_elapsed + time.process_time() - c0})
+    except BaseException:
+        # Stopped (a signal) or failed: the folder goes back to its newest checkpoint, so it
+        # holds no record that a resume would write again.
+        writer.close()
+        if rank0 and metrics_path.exists():
+            os.truncate(metrics_path, min(committed, metrics_path.stat().st_size))
+        raise
     finally:
         bar.close()
         writer.close()
@@ -710,11 +818,56 @@ def default_gpu_jobs() -> int:
     return 4 * max(1, torch.cuda.device_count() if torch.cuda.is_available() else 1)
 
 
+STOP_SECONDS = 30.0
+"""How long :func:`run_many` waits for its workers to stop after a signal or a failed run
+(each stops within a step and cuts its run folder back to its last checkpoint) before it
+kills the ones left."""
+
+
 def _run_worker(cfg_dict: dict, run_dir: str, device: str, threads: int) -> tuple[str, float]:
     torch.set_num_threads(threads)
     t0 = time.time()
-    train(RunConfig.from_dict(cfg_dict), run_dir, resume=True, device=device, progress=False)
+    try:
+        with stopping.armed():  # a signal stops this run (its folder back to a checkpoint)
+            train(RunConfig.from_dict(cfg_dict), run_dir, resume=True, device=device,
+                  progress=False)
+    except stopping.Interrupted as e:
+        if not stopping.parent_alive():
+            os._exit(e.exit_code)  # nobody is waiting for the result
+        raise
     return run_dir, time.time() - t0
+
+
+def _stop_workers(pools, futures) -> None:
+    """Stop every worker process of ``pools`` (concurrent.futures process pools): runs not
+    started are cancelled; running ones get SIGTERM, stop within a step, cut their folders
+    back to their last checkpoints, report and exit. A run that has not reported after
+    :data:`STOP_SECONDS` is killed where it is (its folder is then cut back by the next
+    resume). Returns when no worker is left."""
+    import concurrent.futures as cf
+    import signal
+
+    for f in futures:
+        f.cancel()
+    # the pool's worker processes (concurrent.futures keeps them in ``_processes``, pid ->
+    # multiprocessing.Process, in every CPython 3.x; it has no public way to signal them)
+    procs = [p for pool in pools for p in dict(getattr(pool, "_processes", None) or {}).values()]
+    for pool in pools:
+        pool.shutdown(wait=False, cancel_futures=True)
+    for p in procs:
+        if p.is_alive():
+            with contextlib.suppress(ProcessLookupError, TypeError):
+                os.kill(p.pid, signal.SIGTERM)
+    cf.wait([f for f in futures if not f.done()], timeout=STOP_SECONDS)
+    deadline = time.monotonic() + 5.0  # the workers exit at once (stopping._exit_now...)
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join(10)
+    for pool in pools:
+        pool.shutdown(wait=True)
 
 
 def run_many(jobs_list: list[tuple[RunConfig, Path]], jobs: int | None = None,
@@ -727,7 +880,11 @@ def run_many(jobs_list: list[tuple[RunConfig, Path]], jobs: int | None = None,
     one). CPU runs go to ``jobs`` processes (default: one per core, minus the GPU workers),
     GPU runs to ``gpu_jobs`` processes sharing the device(s) (default 4 per GPU); both pools
     work at the same time, each run with ``threads`` torch threads. With one worker in all
-    (``jobs=1`` and no GPU run), runs train in this process, one after another."""
+    (``jobs=1`` and no GPU run), runs train in this process, one after another.
+
+    SIGINT (one Ctrl-C) or SIGTERM stops every run within a step or so, each folder cut back
+    to its last checkpoint, and raises :class:`~.stopping.Interrupted` once no worker is left;
+    so does a run that fails (its error is raised). Called again, the runs resume."""
     from tqdm.auto import tqdm
 
     placed = [(cfg, Path(run_dir), place(cfg, device, dln_device))
@@ -741,10 +898,11 @@ def run_many(jobs_list: list[tuple[RunConfig, Path]], jobs: int | None = None,
         before = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
-            for cfg, run_dir, dev in placed:
-                t0 = time.time()
-                train(cfg, run_dir, resume=True, device=dev, progress=progress)
-                seconds[str(run_dir)] = time.time() - t0
+            with stopping.stop_on_signals():
+                for cfg, run_dir, dev in placed:
+                    t0 = time.time()
+                    train(cfg, run_dir, resume=True, device=dev, progress=progress)
+                    seconds[str(run_dir)] = time.time() - t0
         finally:
             torch.set_num_threads(before)
         return seconds
@@ -753,20 +911,36 @@ def run_many(jobs_list: list[tuple[RunConfig, Path]], jobs: int | None = None,
 
     ctx = mp.get_context("spawn")
     portable = PORTABLE_CPU_ENV if platform.machine().lower() in ("x86_64", "amd64") else {}
+    pools: list = []
+    futures: list = []
+    # Workers are spawned as tasks arrive and inherit the environment then; the GPU workers
+    # get it too (their CPU work is small).
     with contextlib.ExitStack() as stack:
-        # Workers are spawned as tasks arrive and inherit the environment then; the GPU
-        # workers get it too (their CPU work is small).
+        stack.enter_context(stopping.stop_on_signals())
         stack.enter_context(_worker_env(portable if n_cpu else {}))
-        pools = {kind: stack.enter_context(cf.ProcessPoolExecutor(max_workers=n,
-                                                                  mp_context=ctx))
-                 for kind, n in (("cpu", n_cpu), ("gpu", n_gpu)) if n}
         bar = stack.enter_context(tqdm(total=len(placed), desc="runs", disable=not progress))
-        futures = [pools["gpu" if dev != "cpu" else "cpu"].submit(
-                       _run_worker, cfg.to_dict(), str(run_dir), dev, threads)
-                   for cfg, run_dir, dev in placed]
-        for fut in cf.as_completed(futures):
-            run_dir, secs = fut.result()
-            seconds[run_dir] = secs
-            bar.set_postfix_str(f"{Path(run_dir).name} {secs:.0f}s", refresh=False)
-            bar.update(1)
+        try:
+            by_kind = {kind: cf.ProcessPoolExecutor(
+                           max_workers=n, mp_context=ctx, initializer=stopping.init_worker,
+                           initargs=(os.getpid(),))
+                       for kind, n in (("cpu", n_cpu), ("gpu", n_gpu)) if n}
+            pools.extend(by_kind.values())
+            for cfg, run_dir, dev in placed:
+                futures.append(by_kind["gpu" if dev != "cpu" else "cpu"].submit(
+                    _run_worker, cfg.to_dict(), str(run_dir), dev, threads))
+            pending = set(futures)
+            while pending:
+                # wake up now and then: a signal that landed on another thread runs its
+                # handler only when this one executes Python code
+                done, pending = cf.wait(pending, timeout=0.5, return_when=cf.FIRST_COMPLETED)
+                for fut in done:
+                    run_dir, secs = fut.result()
+                    seconds[run_dir] = secs
+                    bar.set_postfix_str(f"{Path(run_dir).name} {secs:.0f}s", refresh=False)
+                    bar.update(1)
+        except BaseException:
+            _stop_workers(pools, futures)
+            raise
+        for pool in pools:
+            pool.shutdown(wait=True)
     return seconds

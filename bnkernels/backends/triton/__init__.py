@@ -20,6 +20,34 @@ from ..plan import FLOAT_DTYPES
 _COMMON = f"{__name__}.common"
 
 
+def interpreter_mismatch() -> str | None:
+    """Why Triton's own @triton.jit functions (tl.sum, tl.zeros, ...) cannot run with
+    bnkernels' kernels as they would load now, or None. They are built for the compiler or for
+    the interpreter when triton is first imported, so TRITON_INTERPRET set (or unset) after
+    that fails inside the first kernel with "Cannot call @triton.jit'd outside of the scope of
+    a kernel"."""
+    tl = sys.modules.get("triton.language")
+    fn = getattr(getattr(tl, "standard", None), "sum", None)
+    if fn is None:
+        return None
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:
+        return None
+    common = sys.modules.get(_COMMON)
+    want = (common.INTERPRET if common is not None
+            else os.environ.get("TRITON_INTERPRET", "0") == "1")
+    if want == isinstance(fn, InterpretedFunction):
+        return None
+    if want:
+        return ("TRITON_INTERPRET=1 was set after triton was imported (importing bnkernels "
+                "imports it), so Triton's own functions are built for the compiler and the "
+                "interpreter cannot run the kernels: set TRITON_INTERPRET=1 before the process "
+                "starts (TRITON_INTERPRET=1 python ...), or use the reference backend on the CPU")
+    return ("TRITON_INTERPRET was unset after triton was imported with it: Triton's own "
+            "functions run only in the interpreter; unset it before the process starts")
+
+
 class TritonBackend:
     name = "triton"
 
@@ -41,7 +69,8 @@ class TritonBackend:
         if not torch.cuda.is_available() and not self.interpreting():
             return ["no CUDA device, and the Triton interpreter is off "
                     "(set TRITON_INTERPRET=1 before bnkernels' kernels are first loaded)"]
-        return []
+        mismatch = interpreter_mismatch()
+        return [mismatch] if mismatch else []
 
     def not_supported_reasons(self, op, x) -> list[str]:
         reasons = []

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from . import backends
 from .autograd import NormFunction
-from .backends.plan import FLOAT_DTYPES, PLANS, Signature
+from .backends.plan import FLOAT_DTYPES, PLANS, Signature, step_entry
 from .library import OpPlan
 from .noise import NoiseConfig
 
@@ -40,6 +40,8 @@ _grad_enabled = torch.is_grad_enabled
 _new = tuple.__new__  # a Signature from a plain tuple, without NamedTuple's __new__
 _plan_get = PLANS.get  # PLANS is cleared in place, never replaced
 _channels = Signature.channels_of
+_step_entry = step_entry
+_SEED_END = 2**63
 
 
 _PLAIN = (Tensor, torch.nn.Parameter)
@@ -162,7 +164,7 @@ def _batch_norm(x, running_mean, running_var, weight, bias, training, momentum, 
     try:
         sig = _new(Signature, (
             "batch_norm", x.shape, x.stride(), x.dtype, x.device, training, activation,
-            None if noise is None else (noise[0], isinstance(noise[2], Tensor)), None, None,
+            None if noise is None else (noise[0], _step_entry(noise[2])), None, None,
             counter is not None, _channels(weight, bias, running_mean, running_var), None))
         plan = _plan_get(sig) or _batch_norm_plan(sig, x, running_mean, running_var, weight,
                                                    bias, training, momentum, eps, activation,
@@ -216,6 +218,8 @@ def _batch_norm_plan(sig, x, running_mean, running_var, weight, bias, training, 
     """The cold path: validate a new signature, make its plan and cache it."""
     _validate_batch_norm(_bn_name(noise), x, running_mean, running_var, weight, bias, training,
                          momentum, eps, activation)
+    if noise is not None and isinstance(noise[2], Tensor):
+        _check_step_tensor("noisy_batch_norm", x, noise[2])
     if x.numel() == 0:
         return PLANS.put(sig, _EMPTY)
     return backends.make_plan(sig, x)
@@ -252,19 +256,29 @@ def sync_plan(x, running_mean, running_var, weight, bias, activation):
 
 
 def _check_noise(op, x, noise, seed, step):
+    """The noise arguments of a call. Per call only the cheap part: a step tensor's dtype,
+    size and device are part of the signature, checked on its first call
+    (:func:`_check_step_tensor`)."""
+    if (type(noise) is NoiseConfig and type(seed) is int and 0 <= seed < _SEED_END
+            and ((type(step) is int and step >= 0) or isinstance(step, Tensor))):
+        return
     if not isinstance(noise, NoiseConfig):
         raise TypeError(f"{op}: noise must be a bnkernels.NoiseConfig, got {type(noise).__name__}")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
         raise ValueError(f"{op}: seed must be an int in [0, 2**63), got {seed!r}")
     if isinstance(step, torch.Tensor):
-        if step.numel() != 1 or step.is_floating_point() or step.is_complex():
-            raise ValueError(f"{op}: a step tensor must hold one integer, got {step.dtype} "
-                             f"of shape {tuple(step.shape)}")
-        if step.device != x.device:
-            raise ValueError(f"{op}: step is on {step.device} but the input is on {x.device}")
+        _check_step_tensor(op, x, step)
     elif isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ValueError(f"{op}: step must be an int >= 0 or a 1-element integer tensor, "
                          f"got {step!r}")
+
+
+def _check_step_tensor(op, x, step):
+    if step.numel() != 1 or step.is_floating_point() or step.is_complex():
+        raise ValueError(f"{op}: a step tensor must hold one integer, got {step.dtype} "
+                         f"of shape {tuple(step.shape)}")
+    if step.device != x.device:
+        raise ValueError(f"{op}: step is on {step.device} but the input is on {x.device}")
 
 
 def noisy_batch_norm(x: torch.Tensor, running_mean: torch.Tensor | None,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import bnkernels as bnk
-from bnkernels.backends.reference import ops as R
+from bnkernels.backends.reference import formulas as R
 
 M32 = 0xFFFFFFFF
 

@@ -51,7 +51,8 @@ class Signature(NamedTuple):
     device: torch.device
     training: bool
     activation: str | None  # None or "relu"
-    noisy: tuple | None  # noisy BatchNorm: (NoiseConfig, the step is a tensor); else None
+    noisy: tuple | None  # noisy BatchNorm: (NoiseConfig, step); else None. step: None for an
+    # int step, else the step tensor's (dtype, device, numel)
     p: float | None  # l_p: 1, 2 or inf
     centered: bool | None  # l_p: the scale of x - mean
     counter: bool  # a module's num_batches_tracked comes along, to be incremented
@@ -77,7 +78,7 @@ class Signature(NamedTuple):
            running_var=None, backend: str | None = None) -> Signature:
         """The signature of a call (the readable spelling; the hot path builds the same tuple
         inline). ``noise``: None or (NoiseConfig, seed, step)."""
-        noisy = None if noise is None else (noise[0], isinstance(noise[2], torch.Tensor))
+        noisy = None if noise is None else (noise[0], step_entry(noise[2]))
         return cls(op, x.shape, x.stride(), x.dtype, x.device, bool(training), activation,
                    noisy, p, centered, bool(counter),
                    cls.channels_of(weight, bias, running_mean, running_var), backend)
@@ -102,11 +103,17 @@ class Signature(NamedTuple):
 
     @property
     def step_tensor(self) -> bool:
-        return self.noisy is not None and self.noisy[1]
+        return self.noisy is not None and self.noisy[1] is not None
 
     @property
     def channels_contiguous(self) -> bool:
         return all(c is None or c[3] for c in self.channels)
+
+
+def step_entry(step):
+    """The signature's entry of a noise step: None for an int, (dtype, device, numel) for a
+    tensor (read on the device)."""
+    return (step.dtype, step.device, step.numel()) if isinstance(step, torch.Tensor) else None
 
 
 class Plan(Protocol):
@@ -271,4 +278,4 @@ def _contiguous(t):
 
 
 __all__ = ["FLOAT_DTYPES", "PLANS", "ContiguousChannels", "Plan", "PlanCache", "Signature",
-           "SyncStages", "Workspaces", "acc_dtype", "overriding"]
+           "SyncStages", "Workspaces", "acc_dtype", "overriding", "step_entry"]

@@ -77,7 +77,7 @@ class BatchNormPlan:
         self.ncs = lay.kind == "ncs"
         self.relu = sig.activation == "relu"
         cfg_noise = sig.noisy[0] if sig.is_noisy else None
-        self.step_tensor = sig.is_noisy and sig.noisy[1]
+        self.step_tensor = sig.step_tensor
         self.save_step = self.step_tensor and sig.training
         self.copy = lay.copy
         self.flags = dict(HAS_W=sig.has_weight, HAS_B=sig.has_bias, RELU=self.relu,

@@ -52,11 +52,10 @@ class _Workspace:
 
 
 def noise_call(noise):
-    """(seed, step) of a call: the per-call noise arguments (None for plain BatchNorm)."""
-    if noise is None:
-        return None, None
-    step = noise[2]
-    return int(noise[1]), step if isinstance(step, torch.Tensor) else int(step)
+    """(seed, step) of a call: the per-call noise arguments (None for plain BatchNorm). The
+    seed and an int step are ints (checked by :mod:`bnkernels.functional`); a tensor step is
+    read on the device."""
+    return (None, None) if noise is None else (noise[1], noise[2])
 
 
 class BatchNormPlan:
@@ -182,7 +181,7 @@ class BatchNormPlan:
         snapshots of the mean and invstd used (None unless ``need_saved``)."""
         xc = x.contiguous() if self.copy else x
         y = torch.empty_like(xc)
-        seed, step = (None, None) if noise is None else noise_call(noise)
+        seed, step = (None, None) if noise is None else (noise[1], noise[2])
         if not self.training:
             if need_saved:
                 mean = xc.new_empty(self.C, dtype=self.acc)
@@ -234,7 +233,7 @@ class BatchNormPlan:
         if self.copy:
             x = x.contiguous()
         dyc = dy if dy.stride() == x.stride() else self.lay.like(dy, x)
-        seed, step = (None, None) if noise is None else noise_call(noise)
+        seed, step = (None, None) if noise is None else (noise[1], noise[2])
         dx = torch.empty_like(x) if need_dx else None
         if not (need_dw or need_db or (need_dx and self.training)):
             if need_dx:  # eval, dx alone: one elementwise pass

@@ -659,6 +659,68 @@ def test_suites_over_seeds():
     quick = report.suite_runs(report.SUITES["quick"])
     assert quick["dln-batchnorm-lr1e-07-seed1"].steps == 500
     assert quick["dln-batchnorm-lr1e-07-seed1"].ics_every == 25
+    assert quick["dln-l1-lr1e-06-seed0"].landscape_every == 50
+    q = quick["vgg-none-lr0.05-seed2"]  # the quick VGG's base lr (see CONFIGS["vgg-quick"])
+    assert (q.arch, q.lr, q.steps) == ("vgg11", 0.05, 300)
+    # the paper's probe grid, [1/2, 4] x lr
+    assert q.landscape_steps == tuple(f * q.lr for f in (0.5, 1, 2, 4))
+    high = quick["vgg-batchnorm-lr0.5-seed0"]  # the paper's high lr: accuracy only
+    assert (high.steps, high.landscape_every, high.test_every) == (150, 0, 25)
+    assert quick["vgg-noisy-lr0.05-seed1"].steps == 100
     small = report.scaled_suite(report.SUITES["gpu"], steps=30, seeds=(4,))
     assert small.vgg.steps == 30 and small.vgg.ics_every == 1 and small.seeds == (4,)
     assert small.vgg.test_every == 5 and small.dln.steps == 10_000
+
+
+def test_l1_and_l2_layers_are_batchnorm_times_a_constant_on_gaussian_data():
+    """The premise of claim 15's cause: on zero-mean Gaussian activations (every DLN layer's)
+    the l1 layer is BatchNorm times sqrt(pi / 2) and the l2 layer BatchNorm itself, since
+    mean |x| = sqrt(2 / pi) std and sqrt(mean x^2) = std; checked against F.batch_norm."""
+    x = torch.randn(200_000, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    bn = torch.nn.functional.batch_norm(x, None, None, training=True, eps=1e-12)
+    for p, factor in ((1, math.sqrt(math.pi / 2)), (2, 1.0)):
+        y = bnkernels.lp_norm(x, p, training=True, eps=1e-12)
+        ratio = (y / bn).median(0).values
+        torch.testing.assert_close(ratio, torch.full_like(ratio, factor), atol=0, rtol=0.01)
+
+
+def _run(name: str, records: list[dict], **cfg) -> report.Run:
+    from pathlib import Path
+
+    return report.Run(name, Path("."), RunConfig(**cfg), records)
+
+
+def test_claim_causes_are_computed_from_the_runs():
+    """A claim that fails in a seed gets its cause with the runs' numbers; one that held in
+    every seed gets none."""
+    s = report.SUITES["quick"]
+    lr = s.vgg.lr
+
+    def probe(step, loss, lo, hi):
+        return {"kind": "landscape", "step": step, "direction": "gradient", "loss": loss,
+                "loss_min": lo, "loss_max": hi}
+
+    std = [probe(0, 2.30, 2.29, 2.30), probe(15, 2.29, 2.28, 2.29), probe(30, 1.0, 0.5, 3.0),
+           probe(45, 0.8, 0.4, 2.4)]
+    bn = [probe(k, 0.1, 0.1, 0.11) for k in (0, 15, 30, 45)]
+    by_seed = {0: {"vgg-none-lr0.05": _run("a", std, norm="none", lr=lr),
+                   "vgg-batchnorm-lr0.05": _run("b", bn, norm="batchnorm", lr=lr)}}
+    row = {"per_seed": [{"seed": 0, "held": "not held"}], "held_in": 0, "measured_in": 1}
+    loss_band = report.CLAIMS[7]
+    assert loss_band.check is report._c_loss_band
+    why = report.explain(loss_band, row, by_seed, s)
+    assert why.startswith("(a) scale") and "at chance loss in 2 of 4 probes" in why
+    assert "loss-band width is 2.25 vs BN's 0.01" in why
+    assert report.explain(loss_band, {**row, "held_in": 1}, by_seed, s) is None
+
+    def dln(norm, final, std0):
+        return _run(norm, [{"kind": "train", "step": 999, "loss": final},
+                           {"kind": "act", "step": 0, "layer": 9, "units": [0],
+                            "var": [std0 ** 2], "mean": [0.0]}],
+                    model="dln", norm=norm, lr=1e-6)
+
+    runs = {f"dln-{n}-lr1e-06": dln(n, f, v) for n, f, v in
+            (("none", 9e4, 1.0), ("batchnorm", 8e3, 1.0), ("l1", 8.08e3, 1.2533),
+             ("l2", 8e3, 1.0), ("linf", 9e3, 0.3))}
+    why = report.explain(report.CLAIMS[14], row, {0: runs}, s)
+    assert why.startswith("(c) checked") and "l1 / BN 1.01" in why and "1.253 times BN" in why

@@ -106,6 +106,26 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def base_lr(groups: dict[str, list[Run]], model: str, default: float) -> float:
+    """The learning rate most of ``model``'s configurations train at (the suite's base lr:
+    the paper's 0.1 for VGG and 1e-6 for the DLN, 0.05 for the quick VGG); ``default`` when
+    there is none."""
+    count: dict[float, int] = {}
+    for group in groups.values():
+        c = group[0].config
+        if c.model == model:
+            count[c.lr] = count.get(c.lr, 0) + 1
+    return max(count, key=lambda lr: (count[lr], -lr)) if count else default
+
+
+def _vgg_lr(groups) -> float:
+    return base_lr(groups, "vgg", 0.1)
+
+
+def _dln_lr(groups) -> float:
+    return base_lr(groups, "dln", 1e-6)
+
+
 def _pick(groups: dict[str, list[Run]], model: str, lr: float,
           norms) -> list[tuple[str, list[Run]]]:
     return [(n, groups[base_name(model, n, lr)]) for n in norms
@@ -170,16 +190,19 @@ def _distribution(ax, run: Run, layer: int, title: str):
 
 
 def fig1(runs, out: Path) -> Path | None:
-    """Fig. 1: VGG with and without BatchNorm: (a) training accuracy at lr 0.1 and 0.5,
-    (b) test accuracy, (c) activation distributions of one layer."""
+    """Fig. 1: VGG with and without BatchNorm: (a) training accuracy at the base lr (the
+    paper's 0.1) and the high lr (0.5), (b) test accuracy, (c) activation distributions of
+    one layer."""
     groups = _groups(runs)
-    sel = [(n, lr, groups[base_name("vgg", n, lr)]) for lr in (0.1, 0.5)
+    lr0 = _vgg_lr(groups)
+    lrs = sorted({g[0].config.lr for g in groups.values() if g[0].config.model == "vgg"})
+    sel = [(n, lr, groups[base_name("vgg", n, lr)]) for lr in [lr0] + [x for x in lrs if x != lr0]
            for n in ("none", "batchnorm") if base_name("vgg", n, lr) in groups]
     if not sel:
         return None
     fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
     for n, lr, group in sel:
-        style = "-" if lr == 0.1 else "--"
+        style = "-" if lr == lr0 else "--"
         _train_curve(axes[0], group, n, ls=style, label=f"{LABELS[n]}, lr {lr:g}")
         _train_curve(axes[1], group, n, kind="test", ls=style, marker=".",
                      label=f"{LABELS[n]}, lr {lr:g}")
@@ -188,7 +211,7 @@ def fig1(runs, out: Path) -> Path | None:
     for ax in axes[:2]:
         ax.legend(fontsize=7)
     for ax, n in zip(axes[2:], ("none", "batchnorm")):
-        group = groups.get(base_name("vgg", n, 0.1))
+        group = groups.get(base_name("vgg", n, lr0))
         if not group:
             ax.set_visible(False)
             continue
@@ -201,7 +224,8 @@ def fig1(runs, out: Path) -> Path | None:
 def fig2(runs, out: Path) -> Path | None:
     """Fig. 2: standard, BatchNorm and noisy BatchNorm: training accuracy and activation
     distributions of layers at the same depth."""
-    sel = _pick(_groups(runs), "vgg", 0.1, ("none", "batchnorm", "noisy"))
+    groups = _groups(runs)
+    sel = _pick(groups, "vgg", _vgg_lr(groups), ("none", "batchnorm", "noisy"))
     if not sel:
         return None
     layers = sel[0][1][0].config.act_layers
@@ -233,14 +257,17 @@ def _ics_axes(axes, sel, layers, title):
 
 
 def fig3(runs, out: Path) -> Path | None:
-    """Fig. 3: ICS (Definition 2.1) with and without BatchNorm: VGG (lr 0.1) and DLN (lr 1e-7,
-    or 1e-6 when the suite has no 1e-7 runs)."""
+    """Fig. 3: ICS (Definition 2.1) with and without BatchNorm: VGG (base lr) and DLN (the
+    lowest lr with ICS records: the paper's 1e-7)."""
     groups = _groups(runs)
-    vgg = _pick(groups, "vgg", 0.1, ("none", "batchnorm"))
-    dln_lr = 1e-7 if _pick(groups, "dln", 1e-7, ("none", "batchnorm")) else 1e-6
+    vgg_lr = _vgg_lr(groups)
+    vgg = _pick(groups, "vgg", vgg_lr, ("none", "batchnorm"))
+    ics_lrs = sorted({g[0].config.lr for g in groups.values()
+                      if g[0].config.model == "dln" and any(r.of("ics") for r in g)})
+    dln_lr = ics_lrs[0] if ics_lrs else _dln_lr(groups)
     dln = _pick(groups, "dln", dln_lr, ("none", "batchnorm"))
     panels = [(sel, sel[0][1][0].config.ics_layers, f"{m} lr {lr:g}")
-              for sel, m, lr in ((vgg, "VGG", 0.1), (dln, "DLN", dln_lr)) if sel]
+              for sel, m, lr in ((vgg, "VGG", vgg_lr), (dln, "DLN", dln_lr)) if sel]
     panels = [p for p in panels if p[1]]
     if not panels:
         return None
@@ -298,18 +325,21 @@ def _landscape_fig(sel, path: Path, suptitle: str, directions=("gradient",)) -> 
 
 def fig4(runs, out: Path) -> Path | None:
     """Fig. 4: VGG landscape along the gradient (and along random directions if probed)."""
-    sel = _pick(_groups(runs), "vgg", 0.1, ("none", "batchnorm"))
+    groups = _groups(runs)
+    lr = _vgg_lr(groups)
+    sel = _pick(groups, "vgg", lr, ("none", "batchnorm"))
     if not sel:
         return None
     dirs = tuple(d for d in ("gradient", "random")
                  if any(r.of("landscape", direction=d) for _, g in sel for r in g))
-    return _landscape_fig(sel, out / "fig4.png", "VGG, lr 0.1", dirs or ("gradient",))
+    return _landscape_fig(sel, out / "fig4.png", f"VGG, lr {lr:g}", dirs or ("gradient",))
 
 
 def fig7(runs, out: Path) -> Path | None:
     """Fig. 7: mean and variance of random activations of select layers over training, for
     the standard, BatchNorm and noisy BatchNorm networks (first seed)."""
-    sel = _pick(_groups(runs), "vgg", 0.1, ("none", "batchnorm", "noisy"))
+    groups = _groups(runs)
+    sel = _pick(groups, "vgg", _vgg_lr(groups), ("none", "batchnorm", "noisy"))
     if not sel:
         return None
     layers = sel[0][1][0].config.act_layers
@@ -333,7 +363,8 @@ def fig7(runs, out: Path) -> Path | None:
 def fig8(runs, out: Path) -> Path | None:
     """Fig. 8: change of the first two moments of activations between successive steps
     (first seed)."""
-    sel = _pick(_groups(runs), "vgg", 0.1, ("none", "batchnorm", "noisy"))
+    groups = _groups(runs)
+    sel = _pick(groups, "vgg", _vgg_lr(groups), ("none", "batchnorm", "noisy"))
     if not sel:
         return None
     layers = sel[0][1][0].config.act_layers
@@ -354,15 +385,19 @@ def fig8(runs, out: Path) -> Path | None:
 
 
 def fig9(runs, out: Path) -> Path | None:
-    """Fig. 9: DLN landscape with and without BatchNorm (lr 1e-6)."""
-    sel = _pick(_groups(runs), "dln", 1e-6, ("none", "batchnorm"))
-    return _landscape_fig(sel, out / "fig9.png", "Deep linear network, lr 1e-6") if sel else None
+    """Fig. 9: DLN landscape with and without BatchNorm (base lr, the paper's 1e-6)."""
+    groups = _groups(runs)
+    lr = _dln_lr(groups)
+    sel = _pick(groups, "dln", lr, ("none", "batchnorm"))
+    return (_landscape_fig(sel, out / "fig9.png", f"Deep linear network, lr {lr:g}")
+            if sel else None)
 
 
 def fig10(runs, out: Path) -> Path | None:
     """Fig. 10: gradient predictiveness and loss against the distance moved along the
-    gradient, early / middle / late in training (VGG, lr 0.1, first seed)."""
-    sel = [(n, g[0]) for n, g in _pick(_groups(runs), "vgg", 0.1, ("none", "batchnorm"))]
+    gradient, early / middle / late in training (VGG, base lr, first seed)."""
+    groups = _groups(runs)
+    sel = [(n, g[0]) for n, g in _pick(groups, "vgg", _vgg_lr(groups), ("none", "batchnorm"))]
     if not sel:
         return None
     probes = sel[0][1].of("landscape", direction="gradient")
@@ -389,21 +424,24 @@ def fig10(runs, out: Path) -> Path | None:
 
 def fig11(runs, out: Path) -> Path | None:
     """Fig. 11: VGG landscape with l_p normalizations, beside BatchNorm and standard."""
-    sel = _pick(_groups(runs), "vgg", 0.1, LP_NORMS)
+    groups = _groups(runs)
+    sel = _pick(groups, "vgg", _vgg_lr(groups), LP_NORMS)
     return _landscape_fig(sel, out / "fig11.png", "VGG, l_p normalization") if sel else None
 
 
 def fig12(runs, out: Path) -> Path | None:
     """Fig. 12: DLN landscape with l_p normalizations, beside BatchNorm and standard."""
-    sel = _pick(_groups(runs), "dln", 1e-6, LP_NORMS)
+    groups = _groups(runs)
+    sel = _pick(groups, "dln", _dln_lr(groups), LP_NORMS)
     return _landscape_fig(sel, out / "fig12.png", "DLN, l_p normalization") if sel else None
 
 
 def fig13(runs, out: Path) -> Path | None:
     """Fig. 13: training with l_p normalizations: VGG training and test accuracy, DLN loss."""
     groups = _groups(runs)
-    vgg = _pick(groups, "vgg", 0.1, LP_NORMS)
-    dln = _pick(groups, "dln", 1e-6, LP_NORMS)
+    vgg = _pick(groups, "vgg", _vgg_lr(groups), LP_NORMS)
+    dln_lr = _dln_lr(groups)
+    dln = _pick(groups, "dln", dln_lr, LP_NORMS)
     if not vgg and not dln:
         return None
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
@@ -414,7 +452,7 @@ def fig13(runs, out: Path) -> Path | None:
         _train_curve(axes[2], group, n, key="loss")
     axes[0].set(title="VGG: training accuracy", xlabel="step")
     axes[1].set(title="VGG: test accuracy", xlabel="step")
-    axes[2].set(title="DLN: training loss (lr 1e-6)", xlabel="step", yscale="log")
+    axes[2].set(title=f"DLN: training loss (lr {dln_lr:g})", xlabel="step", yscale="log")
     for ax in axes:
         if ax.lines:
             ax.legend(fontsize=7)
@@ -423,7 +461,8 @@ def fig13(runs, out: Path) -> Path | None:
 
 def fig14(runs, out: Path) -> Path | None:
     """Fig. 14: activation distributions with l_p normalizations (VGG, first seed)."""
-    sel = _pick(_groups(runs), "vgg", 0.1, LP_NORMS)
+    groups = _groups(runs)
+    sel = _pick(groups, "vgg", _vgg_lr(groups), LP_NORMS)
     if not sel:
         return None
     first = sel[0][1][0]
@@ -436,12 +475,12 @@ def fig14(runs, out: Path) -> Path | None:
 
 def curvature(runs, out: Path) -> Path | None:
     """Not in the paper: the top Hessian eigenvalue along training (and the trace, when
-    measured), VGG at lr 0.1 and the DLN at lr 1e-6, for every normalization measured."""
+    measured), VGG and the DLN at their base lr, for every normalization measured."""
     groups = _groups(runs)
-    panels = [(title, [(n, g) for n, g in _pick(groups, model, lr, LP_NORMS)
-                       if any(r.of("hessian") for r in g)])
-              for title, model, lr in (("VGG, lr 0.1", "vgg", 0.1),
-                                       ("DLN, lr 1e-6", "dln", 1e-6))]
+    panels = [(f"{name}, lr {lr:g}", [(n, g) for n, g in _pick(groups, model, lr, LP_NORMS)
+                                      if any(r.of("hessian") for r in g)])
+              for name, model, lr in (("VGG", "vgg", _vgg_lr(groups)),
+                                      ("DLN", "dln", _dln_lr(groups)))]
     panels = [p for p in panels if p[1]]
     if not panels:
         return None

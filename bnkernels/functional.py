@@ -298,8 +298,8 @@ def noisy_batch_norm(x: torch.Tensor, running_mean: torch.Tensor | None,
     noise: the output is its expectation given the statistics, act(E[s] a + E[m]) with the
     running statistics (:meth:`NoiseConfig.expectation`; E[s] = 1.125, E[m] = 0 at the paper's
     constants). Plain BatchNorm in eval (dropping E[s]) would feed every later layer inputs
-    ~1.125x smaller than the ones its running statistics were gathered on in training; on a
-    quick VGG that took test accuracy from ~99% to ~20%.
+    ~1.125x smaller than the ones its running statistics were gathered on in training; on the
+    quick reproduction's VGG that took test accuracy from 97.8% to 40.1% (median of 3 seeds).
     """
     _check_noise("noisy_batch_norm", x, noise, seed, step)
     if not training:

@@ -12,6 +12,8 @@ value, limit and pass/fail. Writes ``<out>/<gpu>/<date>.json`` with a markdown r
     bnkernels bench                    # everything on the GPU (kernels in both timing modes)
     bnkernels bench --quick            # all targets, sized for ~3-4 minutes (graph replays)
     bnkernels bench --device cpu --quick --out /tmp/b   # CPU smoke test (no perf claims)
+    bnkernels bench --sass [--quick]   # no GPU needed: the kernels compiled for sm_90 (H200),
+                                       # registers, spills, access widths, occupancy, bytes
 
 The command line module calls :func:`add_parser` and :func:`main`.
 """
@@ -63,7 +65,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--ops", type=_csv, default=None,
                    help="batch_norm, noisy_batch_norm, lp_norm (default: all)")
     g.add_argument("--passes", type=_csv, default=None,
-                   help="fwd-train, fwd-eval, bwd, fwd+bwd (default: all)")
+                   help="fwd-train, fwd-eval, bwd, fwd+bwd (default: all; --sass also bwd-eval)")
     g.add_argument("--providers", type=_csv, default=None,
                    help="cudnn, torch-native, torch-compile, eager, eager-compile, "
                         "bnkernels-triton, bnkernels-cuda, bnkernels-reference (default: all "
@@ -95,6 +97,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         f"(default: {QUICK_TIME_LIMIT:.0f} for --quick on a GPU, else none)")
     t.add_argument("--no-check", dest="check", action="store_false",
                    help="skip the forward-output check against an fp64 oracle")
+    s = p.add_argument_group("static analysis (no GPU needed)")
+    s.add_argument("--sass", action="store_true",
+                   help="compile the kernels each plan launches on the suite's inputs for sm_90 "
+                        "(H200) with the JIT's specialization, without a GPU, and report "
+                        "registers, spills, shared memory, global load/store widths, "
+                        "occupancy and a bytes-moved model (full suite; --quick: quick); "
+                        "writes <out>/sm90-static/<date>.json and .md; exit 1 if a kernel "
+                        "spills or accesses memory narrower than alignment allows")
+    s.add_argument("--jobs", type=int, default=None,
+                   help="--sass: compiling processes (default: the CPUs, at most 8)")
     p.add_argument("--list", action="store_true",
                    help="list suites, shape groups and providers (with availability); run "
                         "nothing")
@@ -235,6 +247,10 @@ def main(args: argparse.Namespace) -> int:
     """Run the ``bench`` subcommand; 0 on success, 1 if a provider's output failed its check
     (a kernel row's forward against the fp64 oracle, or an e2e model's first loss against
     torch's). Targets are reported, pass or fail, and never change the exit status."""
+    if getattr(args, "sass", False):
+        from .sass.report import execute
+
+        return execute(args)
     if args.list:
         device = _device(args.device)
         if device.type == "cpu":

@@ -1,0 +1,181 @@
+"""Which kernels a benchmark case launches on an H200, recorded without a GPU.
+
+:func:`launches_of` is the only code in :mod:`bnkernels.benchmarking.sass` that knows the plans
+(their constructors and call signatures); everything else sees the :class:`LaunchSpec` list it
+returns. It runs the real plan call under :func:`gpu_host`: tensors are fake CUDA tensors
+(``FakeTensorMode``: shapes, strides, dtypes, no storage), ``torch.cuda`` answers for an H200
+(132 SMs), so the plans' GPU heuristics (tiles, split counts) run as on the GPU, and
+``JITFunction.run`` records each launch instead of launching.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import types
+from dataclasses import dataclass
+
+import torch
+
+from .. import shapes as S
+
+PASSES = ("fwd-train", "bwd", "fwd-eval", "bwd-eval")
+OPS = ("batch_norm", "noisy_batch_norm", "lp_norm")
+DIRECTION = {"fwd-train": "forward", "bwd": "backward", "fwd-eval": "forward",
+             "bwd-eval": "backward"}
+TRAINING = {"fwd-train": True, "bwd": True, "fwd-eval": False, "bwd-eval": False}
+LP_PS = {"1": 1.0, "2": 2.0, "inf": math.inf}
+SMS = 132  # the H200's streaming multiprocessors
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark row: op (and p), pass, input shape, dtype, layout."""
+
+    op: str
+    p: str | None
+    pass_: str
+    dims: tuple[int, ...]
+    dtype: str
+    layout: str  # NCHW | channels_last | NC
+
+    @property
+    def name(self) -> str:
+        op = self.op + (f"(p={self.p})" if self.p else "")
+        return (f"{op} {self.pass_} {'x'.join(map(str, self.dims))} {self.dtype} "
+                f"{self.layout}")
+
+    def example(self, device="meta") -> torch.Tensor:
+        """An (uninitialized) input of this case's shape, dtype and memory format."""
+        fmt = torch.channels_last if self.layout == "channels_last" else torch.contiguous_format
+        return torch.empty(self.dims, device=device, dtype=S.DTYPES[self.dtype],
+                           memory_format=fmt)
+
+
+def cases(shapes, dtypes, layouts, ops=OPS, passes=PASSES, lp_ps=("2",)) -> list[Case]:
+    """The product, in the suite's order; noisy BatchNorm has no eval passes (in eval mode it
+    runs BatchNorm's kernels with the noise's expected affine)."""
+    out = []
+    for shape in shapes:
+        dims = tuple(getattr(shape, "dims", shape))
+        for dtype in dtypes:
+            for layout in layouts:
+                label = S.layout_name(dims, layout)
+                if label is None:
+                    continue
+                for op in ops:
+                    for p in (lp_ps if op == "lp_norm" else (None,)):
+                        for pass_ in passes:
+                            if op == "noisy_batch_norm" and not TRAINING[pass_]:
+                                continue
+                            out.append(Case(op, p, pass_, dims, dtype, label))
+    return out
+
+
+@dataclass
+class LaunchSpec:
+    """One kernel launch as a plan makes it: ``kernel[grid](*args, **kwargs)``."""
+
+    kernel: object  # the @triton.jit function (triton.runtime.jit.JITFunction)
+    grid: tuple[int, ...]
+    args: tuple  # positional arguments (tensors are fake CUDA tensors)
+    kwargs: dict  # keyword arguments: named arguments, constexprs, num_warps, num_stages
+
+
+@contextlib.contextmanager
+def gpu_host(sms: int = SMS):
+    """Run host code as on an H200 without one: tensors made inside are fake CUDA tensors,
+    torch.cuda answers for the device, and Triton launches are recorded (yields the list they
+    are appended to, as :class:`LaunchSpec`)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from triton.runtime.jit import JITFunction
+
+    common = sys.modules.get("bnkernels.backends.triton.common")
+    if common is not None and common.INTERPRET:
+        raise RuntimeError("bnkernels' Triton kernels were loaded with TRITON_INTERPRET=1; "
+                           "the SASS report needs a process with the interpreter off "
+                           "(bnkernels bench --sass starts one)")
+    props = types.SimpleNamespace(
+        name="NVIDIA H200", major=9, minor=0, multi_processor_count=sms,
+        total_memory=141 * 10**9, L2_cache_size=50 * 2**20,
+        max_threads_per_multi_processor=2048, regs_per_multiprocessor=65536, warp_size=32)
+    recorded: list[LaunchSpec] = []
+
+    def record(self, *args, grid, warmup, **kwargs):
+        if warmup:
+            raise RuntimeError("gpu_host: a warmup call inside a recorded plan call")
+        grid = grid(kwargs) if callable(grid) else grid
+        recorded.append(LaunchSpec(self, tuple(int(g) for g in grid), args, dict(kwargs)))
+
+    patches = [(torch.cuda, "get_device_properties", lambda *a, **k: props),
+               (torch.cuda, "current_device", lambda: 0),
+               (torch.cuda, "device_count", lambda: 1),
+               (JITFunction, "run", record)]
+    if hasattr(torch._C, "_cuda_getCurrentRawStream"):
+        patches.append((torch._C, "_cuda_getCurrentRawStream", lambda index: 0))
+    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
+    try:
+        for obj, name, value in patches:
+            setattr(obj, name, value)
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            yield recorded
+    finally:
+        for obj, name, value in saved:
+            setattr(obj, name, value)
+        if "bnkernels.backends" in sys.modules:  # plans made for the fake device must not
+            sys.modules["bnkernels.backends"].clear_plans()  # serve real calls later
+
+
+# ----------------------------------------------------------------------------- the adapter
+# What follows knows the plans; a change of the plans' interface is answered here alone.
+
+
+def case_signature(case: Case):
+    """The plans' :class:`~bnkernels.backends._base.Signature` of ``case`` on a CUDA device,
+    with the flags the benchmark's calls have: weight, bias and running statistics given, no
+    activation, an integer noise step, l_p uncentered."""
+    from ...backends._base import Signature
+
+    x = case.example("meta")
+    return Signature(tuple(x.shape), tuple(x.stride()), x.dtype, torch.device("cuda", 0),
+                     TRAINING[case.pass_], has_weight=True, has_bias=True, has_running=True,
+                     noisy=case.op == "noisy_batch_norm", step_tensor=False,
+                     p=LP_PS[case.p] if case.p else 2.0, centered=False)
+
+
+def launches_of(op: str, sig, direction: str) -> list[LaunchSpec]:
+    """The kernel launches the Triton plan of ``sig`` makes for ``op`` ("batch_norm",
+    "noisy_batch_norm", "lp_norm") in ``direction`` ("forward", "backward"; training or eval as
+    ``sig.training`` says), as the benchmark calls it: a training forward as autograd makes it,
+    an eval forward under no_grad, a backward wanting dx, dweight and dbias (after the forward
+    that saved its statistics). ``sig.device`` is a CUDA device; the plan runs under
+    :func:`gpu_host`, which records the launches."""
+    from ...backends.triton import batch_norm as bn
+    from ...backends.triton import lp_norm as lp
+    from ...noise import NoiseConfig
+
+    with gpu_host() as recorded:
+        x = torch.empty_strided(sig.shape, sig.stride, dtype=sig.dtype, device=sig.device)
+        acc = torch.float64 if sig.dtype == torch.float64 else torch.float32
+        rm, rv, w, b = (torch.empty(sig.shape[1], device=x.device, dtype=acc) for _ in range(4))
+        if op == "lp_norm":
+            plan, noise = lp.lp_norm_plan(sig), None
+        else:
+            plan = bn.batch_norm_plan(sig)
+            noise = (NoiseConfig(), 0, 0) if sig.noisy else None
+        backward = direction == "backward"
+        _, a, s, used = plan.forward(x, rm, rv, w, b, 0.1, 1e-5, noise,
+                                     need_saved=backward or sig.training)
+        if not backward:
+            return list(recorded)
+        recorded.clear()
+        if used is not None:
+            noise = (noise[0], noise[1], used)
+        plan.backward(torch.empty_like(x), x, a, s, w, b, 1e-5, (True, True, True), noise)
+        return list(recorded)
+
+
+def case_launches(case: Case) -> list[LaunchSpec]:
+    """:func:`launches_of` for a benchmark case."""
+    return launches_of(case.op, case_signature(case), DIRECTION[case.pass_])

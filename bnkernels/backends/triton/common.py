@@ -114,9 +114,16 @@ class ReduceConfig:
     groups: int = 1  # programs along the channel axis: C ("ncs") or cdiv(C, block_c) ("mc")
 
 
-def reduce_config(lay: Layout, fused: bool = False) -> ReduceConfig:
+def _num_warps(tile: int, itemsize: int, most: int) -> int:
+    """``most`` warps, fewer where a thread's share of the tile would be under 16 bytes: each
+    thread must hold a full 128-bit access (4 fp32 or 8 fp16/bf16 values) for the loads and
+    stores to be vectorized that wide."""
+    return max(1, min(most, tile * itemsize // (16 * 32)))
+
+
+def reduce_config(lay: Layout, fused: bool = False, itemsize: int = 4) -> ReduceConfig:
     """Tiles and split count of a per-channel reduction over ``lay`` (one program per channel
-    or channel group if ``fused``)."""
+    or channel group if ``fused``), for elements of ``itemsize`` bytes."""
     big = INTERPRET or lay.device.type != "cuda"
     groups = lay.C
     if lay.kind == "ncs":
@@ -130,7 +137,7 @@ def reduce_config(lay: Layout, fused: bool = False) -> ReduceConfig:
         split = 1 if fused else max(1, min(split, units))
         chunk = triton.cdiv(units, split)
         split = triton.cdiv(units, chunk)
-        num_warps = 4 if block_n * block_s <= 512 else 8
+        num_warps = _num_warps(block_n * block_s, itemsize, 4 if block_n * block_s <= 512 else 8)
         return ReduceConfig(split, chunk, block_n * block_s, 1, num_warps, block_n, block_s,
                             s_blocks, units, lay.C)
     block_c = _OVERRIDES.get("block_c", min(triton.next_power_of_2(lay.C), 256 if big else 32))
@@ -142,7 +149,7 @@ def reduce_config(lay: Layout, fused: bool = False) -> ReduceConfig:
     split = 1 if fused else max(1, min(split, max_split))
     chunk = triton.cdiv(triton.cdiv(lay.M, split), block_m) * block_m
     split = triton.cdiv(lay.M, chunk)
-    num_warps = 4 if block_m * block_c <= 512 else 8
+    num_warps = _num_warps(block_m * block_c, itemsize, 4 if block_m * block_c <= 512 else 8)
     return ReduceConfig(split, chunk, block_m, block_c, num_warps, groups=groups)
 
 
@@ -153,8 +160,9 @@ class ApplyConfig:
     num_warps: int
 
 
-def apply_config(lay: Layout) -> ApplyConfig:
-    """Tile of an elementwise pass over the ``[rows, cols]`` matrix."""
+def apply_config(lay: Layout, itemsize: int = 4) -> ApplyConfig:
+    """Tile of an elementwise pass over the ``[rows, cols]`` matrix of ``itemsize``-byte
+    elements."""
     big = INTERPRET or lay.device.type != "cuda"
     total = 16384 if big else 2048
     if lay.kind == "ncs":  # cols = S: the block that wastes fewest lanes at the row ends
@@ -164,7 +172,7 @@ def apply_config(lay: Layout) -> ApplyConfig:
     block_k = _OVERRIDES.get("block_k", block_k)
     block_r = max(1, min(triton.next_power_of_2(lay.rows), total // block_k))
     block_r = _OVERRIDES.get("block_r", block_r)
-    num_warps = 4 if block_r * block_k <= 1024 else 8
+    num_warps = _num_warps(block_r * block_k, itemsize, 4 if block_r * block_k <= 1024 else 8)
     return ApplyConfig(block_r, block_k, num_warps)
 
 

@@ -59,7 +59,7 @@ class LpNormPlan:
         self.training = sig.training
         self.copy = lay.copy
         self.ncs = lay.kind == "ncs"
-        acfg = apply_config(lay)
+        acfg = apply_config(lay, itemsize=sig.dtype.itemsize)
         self.ew_grid = (triton.cdiv(lay.rows, acfg.block_r), triton.cdiv(lay.cols, acfg.block_k))
         self.ew = dict(ROWS=lay.rows, COLS=lay.cols, C=lay.C, BLOCK_R=acfg.block_r,
                        BLOCK_K=acfg.block_k, CHAN_ON_ROWS=self.ncs, ACC=tl_dtype(acc),
@@ -72,7 +72,7 @@ class LpNormPlan:
             self.k_eval_save = self._apply_launch(FROM_LP_SCALE, SAVE_STATS=True)
             return
         self.fused = strategy(lay) == "fused"
-        self.cfg = cfg = reduce_config(lay, fused=self.fused)
+        self.cfg = cfg = reduce_config(lay, fused=self.fused, itemsize=sig.dtype.itemsize)
         self.centered = bool(sig.centered)
         self.P = _p_code(sig.p)
         if self.ncs:

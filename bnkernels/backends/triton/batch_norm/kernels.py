@@ -56,6 +56,7 @@ import triton
 import triton.language as tl
 
 from ..common import (
+    aligned,
     bcast,
     chan_load,
     div_rn,
@@ -323,7 +324,9 @@ def _bn_fwd_ncs_kernel(
     COUNT: tl.constexpr,
     ACC: tl.constexpr,
     INT64: tl.constexpr,
+    ALIGN: tl.constexpr = 1,  # a power of two dividing the rows (S or C)
 ):
+    S = aligned(S, ALIGN)
     c = tl.program_id(0)
     p = tl.program_id(1)
     _count_batch(nbt_ptr, (c == 0) & (p == 0), COUNT)
@@ -426,7 +429,9 @@ def _bn_fwd_mc_kernel(
     COUNT: tl.constexpr,
     ACC: tl.constexpr,
     INT64: tl.constexpr,
+    ALIGN: tl.constexpr = 1,  # a power of two dividing the rows (S or C)
 ):
+    C = aligned(C, ALIGN)
     pc = tl.program_id(0)
     p = tl.program_id(1)
     _count_batch(nbt_ptr, (pc == 0) & (p == 0), COUNT)
@@ -528,8 +533,10 @@ def _bn_apply_kernel(
     SAVE_STATS: tl.constexpr,  # eval with a backward to come: snapshot the statistics
     ACC: tl.constexpr,
     INT64: tl.constexpr,
+    ALIGN: tl.constexpr = 1,  # a power of two dividing the rows (S or C)
 ):
-    rows, cols, ch, cm, offs, mask = tile(ROWS, COLS, C, BLOCK_R, BLOCK_K, CHAN_ON_ROWS, INT64)
+    rows, cols, ch, cm, offs, mask = tile(ROWS, COLS, C, BLOCK_R, BLOCK_K, CHAN_ON_ROWS, INT64,
+                                          ALIGN)
     if SAVE_STATS:  # the programs holding each channel's first row (or column block 0)
         if CHAN_ON_ROWS:
             first = cm & (rows < C) & (tl.program_id(1) == 0)
@@ -628,7 +635,9 @@ def _bn_bwd_ncs_kernel(
     STEP_PTR: tl.constexpr,
     ACC: tl.constexpr,
     INT64: tl.constexpr,
+    ALIGN: tl.constexpr = 1,  # a power of two dividing the rows (S or C)
 ):
+    S = aligned(S, ALIGN)
     c = tl.program_id(0)
     p = tl.program_id(1)
     mu = 0.0
@@ -730,7 +739,9 @@ def _bn_bwd_mc_kernel(
     STEP_PTR: tl.constexpr,
     ACC: tl.constexpr,
     INT64: tl.constexpr,
+    ALIGN: tl.constexpr = 1,  # a power of two dividing the rows (S or C)
 ):
+    C = aligned(C, ALIGN)
     pc = tl.program_id(0)
     p = tl.program_id(1)
     cols = pc * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -838,8 +849,10 @@ def _bn_bwd_dx_kernel(
     STEP_PTR: tl.constexpr,
     ACC: tl.constexpr,
     INT64: tl.constexpr,
+    ALIGN: tl.constexpr = 1,  # a power of two dividing the rows (S or C)
 ):
-    rows, cols, ch, cm, offs, mask = tile(ROWS, COLS, C, BLOCK_R, BLOCK_K, CHAN_ON_ROWS, INT64)
+    rows, cols, ch, cm, offs, mask = tile(ROWS, COLS, C, BLOCK_R, BLOCK_K, CHAN_ON_ROWS, INT64,
+                                          ALIGN)
     mean = chan_load(mean_ptr, ch, cm, 0.0, CHAN_ON_ROWS, ACC)
     invstd = _invstd_from(chan_load(scale_ptr, ch, cm, 1.0, CHAN_ON_ROWS, ACC), eps, SCALE_FROM,
                           ACC)

@@ -10,7 +10,7 @@ import triton
 
 from ...layout import layout_of
 from ...plan import Signature, Workspaces, acc_dtype
-from ..common import apply_config, reduce_config, strategy, tl_dtype
+from ..common import apply_config, reduce_config, row_align, strategy, tl_dtype
 from ..launch import Launch
 from .kernels import (
     _WS_ROWS,
@@ -81,7 +81,7 @@ class BatchNormPlan:
         self.copy = lay.copy
         self.flags = dict(HAS_W=sig.has_weight, HAS_B=sig.has_bias, RELU=self.relu,
                           NOISY=sig.is_noisy, STEP_PTR=self.step_tensor, ACC=tl_dtype(acc),
-                          INT64=lay.int64)
+                          INT64=lay.int64, ALIGN=row_align(lay.cols))
         self.noise_consts = dict(
             n_mu=None if cfg_noise is None else float(cfg_noise.n_mu),
             n_sigma=None if cfg_noise is None else float(cfg_noise.n_sigma),

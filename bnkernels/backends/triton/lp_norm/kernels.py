@@ -62,6 +62,7 @@ import triton.language as tl
 
 from ..batch_norm.kernels import _count_batch
 from ..common import (
+    aligned,
     chan_load,
     div_rn,
     last_of_group,
@@ -236,7 +237,9 @@ def _lp_fwd_ncs_kernel(
     ACC: tl.constexpr,
     COUNT: tl.constexpr,
     INT64: tl.constexpr,
+    ALIGN: tl.constexpr = 1,  # a power of two dividing the rows (S or C)
 ):
+    S = aligned(S, ALIGN)
     c = tl.program_id(0)
     p = tl.program_id(1)
     _count_batch(nbt_ptr, (c == 0) & (p == 0) & (PHASE != 2), COUNT)
@@ -326,7 +329,9 @@ def _lp_fwd_mc_kernel(
     ACC: tl.constexpr,
     COUNT: tl.constexpr,
     INT64: tl.constexpr,
+    ALIGN: tl.constexpr = 1,  # a power of two dividing the rows (S or C)
 ):
+    C = aligned(C, ALIGN)
     pc = tl.program_id(0)
     p = tl.program_id(1)
     _count_batch(nbt_ptr, (pc == 0) & (p == 0) & (PHASE != 2), COUNT)
@@ -480,7 +485,9 @@ def _lp_bwd_ncs_kernel(
     WRITE_DB: tl.constexpr,
     ACC: tl.constexpr,
     INT64: tl.constexpr,
+    ALIGN: tl.constexpr = 1,  # a power of two dividing the rows (S or C)
 ):
+    S = aligned(S, ALIGN)
     c = tl.program_id(0)
     p = tl.program_id(1)
     cm = c < C
@@ -570,7 +577,9 @@ def _lp_bwd_mc_kernel(
     WRITE_DB: tl.constexpr,
     ACC: tl.constexpr,
     INT64: tl.constexpr,
+    ALIGN: tl.constexpr = 1,  # a power of two dividing the rows (S or C)
 ):
+    C = aligned(C, ALIGN)
     pc = tl.program_id(0)
     p = tl.program_id(1)
     cols = pc * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -664,8 +673,10 @@ def _lp_bwd_dx_kernel(
     CENTERED: tl.constexpr,
     ACC: tl.constexpr,
     INT64: tl.constexpr,
+    ALIGN: tl.constexpr = 1,  # a power of two dividing the rows (S or C)
 ):
-    _, _, ch, cm, offs, mask = tile(ROWS, COLS, C, BLOCK_R, BLOCK_K, CHAN_ON_ROWS, INT64)
+    _, _, ch, cm, offs, mask = tile(ROWS, COLS, C, BLOCK_R, BLOCK_K, CHAN_ON_ROWS, INT64,
+                                    ALIGN)
     mean = chan_load(mean_ptr, ch, cm, 0.0, CHAN_ON_ROWS, ACC)
     s = chan_load(scale_ptr, ch, cm, 0.0, CHAN_ON_ROWS, ACC)
     k1 = chan_load(coef_ptr, ch, cm, 0.0, CHAN_ON_ROWS, ACC)

@@ -12,7 +12,7 @@ from ...layout import layout_of
 from ...plan import Signature, Workspaces, acc_dtype
 from ..batch_norm.kernels import FROM_LP_SCALE, INVSTD, _bn_apply_kernel, _bn_bwd_dx_kernel
 from ..batch_norm.plan import _APPLY_CALL, _DX_CALL, _OWN
-from ..common import apply_config, reduce_config, strategy, tl_dtype
+from ..common import apply_config, reduce_config, row_align, strategy, tl_dtype
 from ..launch import Launch
 from .kernels import (
     _lp_bwd_dx_kernel,
@@ -63,7 +63,7 @@ class LpNormPlan:
         self.ew_grid = (triton.cdiv(lay.rows, acfg.block_r), triton.cdiv(lay.cols, acfg.block_k))
         self.ew = dict(ROWS=lay.rows, COLS=lay.cols, C=lay.C, BLOCK_R=acfg.block_r,
                        BLOCK_K=acfg.block_k, CHAN_ON_ROWS=self.ncs, ACC=tl_dtype(acc),
-                       INT64=lay.int64)
+                       INT64=lay.int64, ALIGN=row_align(lay.cols))
         self.ew_warps = acfg.num_warps
         self.has = dict(HAS_W=sig.has_weight, HAS_B=sig.has_bias)
         self._bwd_launches: dict = {}
@@ -86,7 +86,8 @@ class LpNormPlan:
                               BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c)
         self.grid = (cfg.groups, cfg.split)
         self.common = dict(P=self.P, FUSED=self.fused, CENTERED=self.centered,
-                           ACC=tl_dtype(acc), INT64=lay.int64, M_F=float(lay.M), **self.shape)
+                           ACC=tl_dtype(acc), INT64=lay.int64, ALIGN=row_align(lay.cols),
+                           M_F=float(lay.M), **self.shape)
         fwd = dict(self.common, UPDATE=sig.has_running, COUNT=sig.counter, **self.has)
         if self.fused:
             self.k_fwd = [self._launch(self.fwd_kernel, self.grid, cfg.num_warps, _FWD_CALL,

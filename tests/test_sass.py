@@ -291,13 +291,13 @@ def test_big_tensor_accesses_as_wide_as_alignment_allows(report, case):
 def test_bytes_model(report, case):
     """Training forward: fused moves 2 B (x read once, its re-read from cache, y written),
     split 3 B when x does not fit in L2 (2 B when it does), 3 B either way without reuse; plus
-    the per-channel vectors and workspace (a few fp32 values per channel)."""
+    the per-channel vectors (a few fp32 values per channel) and the split's partials."""
     b = _row(report, case)["bytes"]
     x, channels = b["x_bytes"], case[3][1]
     expect = 2 * x if b["launches"] == 1 or x <= H200.l2_bytes else 3 * x
     assert b["read"] + b["write"] == expect, b
     assert b["no_reuse_total"] - b["small"] == 3 * x, b
-    assert 0 < b["small"] <= 16 * 4 * channels * 8, b  # 16 vectors, split 8 ways at most
+    assert 0 < b["small"] <= 16 * 4 * channels + 0.01 * x, b  # vectors + split partials
 
 
 def test_sass_decoder_matches_cuobjdump(report):

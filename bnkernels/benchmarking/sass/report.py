@@ -53,7 +53,8 @@ def kernel_table(doc: dict, rows=None) -> list[dict]:
             "kernel": k["kernel"].strip("_").replace("_kernel", ""), "key": key,
             "warps": k["num_warps"], "regs": k["regs"],
             "spills": k["spill_stores"] + k["spill_loads"], "frame": k["stack_frame"],
-            "smem": k["smem"], "ldg": _widths(k["sass"]["LDG"]),
+            "smem": k["smem"], "insts": k["sass"]["instructions"],
+            "ldg": _widths(k["sass"]["LDG"]),
             "stg": _widths(k["sass"]["STG"]), "tile_ld": _widths(tile_ld),
             "tile_st": _widths(tile_st), "allowed": allowed,
             "blocks_sm": occ["blocks_per_sm"], "occupancy": occ["occupancy"],
@@ -69,7 +70,8 @@ def kernel_table(doc: dict, rows=None) -> list[dict]:
 
 
 KERNEL_COLUMNS = [("kernel", "{}"), ("warps", "{}"), ("regs", "{}"), ("spills", "{}"),
-                  ("frame", "{}"), ("smem", "{}"), ("ldg", "{}"), ("stg", "{}"),
+                  ("frame", "{}"), ("smem", "{}"), ("insts", "{}"), ("ldg", "{}"),
+                  ("stg", "{}"),
                   ("tile_ld", "{}"), ("tile_st", "{}"), ("allowed", "{}"), ("blocks_sm", "{}"),
                   ("occupancy", "{:.0%}"), ("limiter", "{}"), ("uses", "{}"),
                   ("example", "{}")]
@@ -142,7 +144,9 @@ def markdown(doc: dict) -> str:
     lines += ["## Kernels", "",
               "One row per kernel and specialization. `spills`: bytes ptxas spills (stores + "
               "loads); `frame`: stack frame bytes per thread; `smem`: bytes per block (static "
-              "+ dynamic); `ldg`/`stg`: SASS global loads/stores as bits x static count; "
+              "+ dynamic); `insts`: SASS instructions (static; an elementwise kernel runs "
+              "each about once per program); `ldg`/`stg`: SASS global loads/stores as bits x "
+              "static count; "
               "`tile_ld`/`tile_st`: those of the big tensors' tiles (x, y, dy, dx); "
               "`allowed`: the widest access alignment allows on them; `blocks_sm`, "
               "`occupancy`: resident blocks per SM and warps / 64; `uses`: cases launching it; "

@@ -132,16 +132,22 @@ def gpu_host(sms: int = SMS):
 
 
 def case_signature(case: Case):
-    """The plans' :class:`~bnkernels.backends._base.Signature` of ``case`` on a CUDA device,
-    with the flags the benchmark's calls have: weight, bias and running statistics given, no
-    activation, an integer noise step, l_p uncentered."""
-    from ...backends._base import Signature
+    """The plans' :class:`~bnkernels.backends.plan.Signature` of ``case`` on a CUDA device, as
+    the benchmark's calls make it: fp32 weight, bias and running statistics (contiguous), no
+    activation, no step counter, an integer noise step (the paper's NoiseConfig), l_p
+    uncentered."""
+    from ...backends.plan import Signature
+    from ...noise import NoiseConfig
 
     x = case.example("meta")
-    return Signature(tuple(x.shape), tuple(x.stride()), x.dtype, torch.device("cuda", 0),
-                     TRAINING[case.pass_], has_weight=True, has_bias=True, has_running=True,
-                     noisy=case.op == "noisy_batch_norm", step_tensor=False,
-                     p=LP_PS[case.p] if case.p else 2.0, centered=False)
+    device = torch.device("cuda", 0)
+    channel = (torch.float32, device, case.dims[1], True)
+    lp = case.op == "lp_norm"
+    noisy = (NoiseConfig(), False) if case.op == "noisy_batch_norm" else None
+    return Signature("lp_norm" if lp else "batch_norm", tuple(x.shape), tuple(x.stride()),
+                     x.dtype, device, TRAINING[case.pass_], None, noisy,
+                     LP_PS[case.p] if lp else None, False if lp else None, False,
+                     (channel,) * 4, None)
 
 
 def launches_of(op: str, sig, direction: str) -> list[LaunchSpec]:
@@ -150,20 +156,15 @@ def launches_of(op: str, sig, direction: str) -> list[LaunchSpec]:
     ``sig.training`` says), as the benchmark calls it: a training forward as autograd makes it,
     an eval forward under no_grad, a backward wanting dx, dweight and dbias (after the forward
     that saved its statistics). ``sig.device`` is a CUDA device; the plan runs under
-    :func:`gpu_host`, which records the launches."""
-    from ...backends.triton import batch_norm as bn
-    from ...backends.triton import lp_norm as lp
-    from ...noise import NoiseConfig
+    :func:`gpu_host`, which records the launches (a plan's pre-bound launches go through
+    ``kernel[grid](...)`` on their first call, which is what is recorded)."""
+    from ...backends.triton import TritonBackend
 
     with gpu_host() as recorded:
         x = torch.empty_strided(sig.shape, sig.stride, dtype=sig.dtype, device=sig.device)
-        acc = torch.float64 if sig.dtype == torch.float64 else torch.float32
-        rm, rv, w, b = (torch.empty(sig.shape[1], device=x.device, dtype=acc) for _ in range(4))
-        if op == "lp_norm":
-            plan, noise = lp.lp_norm_plan(sig), None
-        else:
-            plan = bn.batch_norm_plan(sig)
-            noise = (NoiseConfig(), 0, 0) if sig.noisy else None
+        rm, rv, w, b = (torch.empty(c[2], device=c[1], dtype=c[0]) for c in sig.channels)
+        plan = TritonBackend().plan(sig)
+        noise = (sig.noisy[0], 0, 0) if op == "noisy_batch_norm" else None
         backward = direction == "backward"
         _, a, s, used = plan.forward(x, rm, rv, w, b, 0.1, 1e-5, noise,
                                      need_saved=backward or sig.training)

@@ -126,9 +126,11 @@ def reduce_config(lay: Layout, fused: bool = False, itemsize: int = 4) -> Reduce
     """Tiles and split count of a per-channel reduction over ``lay`` (one program per channel
     or channel group if ``fused``), for elements of ``itemsize`` bytes."""
     big = INTERPRET or lay.device.type != "cuda"
+    # On a GPU, tiles of 4 KB: 8 warps of threads holding 16 bytes (one 128-bit access) each.
+    gpu_total = max(1024, 4096 // itemsize)
     groups = lay.C
     if lay.kind == "ncs":
-        total = _OVERRIDES.get("block_m", 4096 if big else 1024)
+        total = _OVERRIDES.get("block_m", 4096 if big else gpu_total)
         # Fewest masked lanes on a GPU; in the interpreter, fewest (largest) tiles.
         block_s = pick_block(lay.S, total, floor=total if big else min(32, total))
         block_n = max(1, min(triton.next_power_of_2(lay.N), total // block_s))
@@ -142,7 +144,7 @@ def reduce_config(lay: Layout, fused: bool = False, itemsize: int = 4) -> Reduce
         return ReduceConfig(split, chunk, block_n * block_s, 1, num_warps, block_n, block_s,
                             s_blocks, units, lay.C)
     block_c = _OVERRIDES.get("block_c", min(triton.next_power_of_2(lay.C), 256 if big else 32))
-    block_m = min(triton.next_power_of_2(lay.M), max(1, (8192 if big else 1024) // block_c))
+    block_m = min(triton.next_power_of_2(lay.M), max(1, (8192 if big else gpu_total) // block_c))
     block_m = _OVERRIDES.get("block_m", block_m)
     groups = triton.cdiv(lay.C, block_c)
     max_split = triton.cdiv(lay.M, block_m)

@@ -169,11 +169,13 @@ class ApplyConfig:
     num_warps: int
 
 
-def apply_config(lay: Layout, itemsize: int = 4) -> ApplyConfig:
+def apply_config(lay: Layout, itemsize: int = 4, heavy: bool = False) -> ApplyConfig:
     """Tile of an elementwise pass over the ``[rows, cols]`` matrix of ``itemsize``-byte
-    elements."""
+    elements. ``heavy``: per-element work dominates (noisy BatchNorm's Philox and Box-Muller):
+    one 16-byte vector per thread (4 KB tiles of 8 warps) keeps registers low, where plain
+    passes take 2048 values a tile (two vectors a thread in fp32)."""
     big = INTERPRET or lay.device.type != "cuda"
-    total = 16384 if big else 2048
+    total = 16384 if big else (max(256, 4096 // itemsize) if heavy else 2048)
     if lay.kind == "ncs":  # cols = S: the block that wastes fewest lanes at the row ends
         block_k = pick_block(lay.cols, total, floor=total if big else 32)
     else:
@@ -181,7 +183,8 @@ def apply_config(lay: Layout, itemsize: int = 4) -> ApplyConfig:
     block_k = _OVERRIDES.get("block_k", block_k)
     block_r = max(1, min(triton.next_power_of_2(lay.rows), total // block_k))
     block_r = _OVERRIDES.get("block_r", block_r)
-    num_warps = _num_warps(block_r * block_k, itemsize, 4 if block_r * block_k <= 1024 else 8)
+    most = 8 if heavy or block_r * block_k > 1024 else 4
+    num_warps = _num_warps(block_r * block_k, itemsize, most)
     return ApplyConfig(block_r, block_k, num_warps)
 
 

@@ -97,7 +97,7 @@ class BatchNormPlan:
             self.shape = dict(C=lay.C, S=lay.S, M=lay.M, CHUNK=cfg.chunk, SPLIT=cfg.split,
                               BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c)
         self.reduce_grid = (cfg.groups, cfg.split)
-        acfg = apply_config(lay, itemsize=sig.dtype.itemsize)
+        acfg = apply_config(lay, itemsize=sig.dtype.itemsize, heavy=sig.is_noisy)
         self.ew_grid = (triton.cdiv(lay.rows, acfg.block_r), triton.cdiv(lay.cols, acfg.block_k))
         self.ew = dict(ROWS=lay.rows, COLS=lay.cols, C=lay.C, S=lay.S, BLOCK_R=acfg.block_r,
                        BLOCK_K=acfg.block_k, CHAN_ON_ROWS=self.ncs)

@@ -143,7 +143,7 @@ def case_signature(case: Case):
     device = torch.device("cuda", 0)
     channel = (torch.float32, device, case.dims[1], True)
     lp = case.op == "lp_norm"
-    noisy = (NoiseConfig(), False) if case.op == "noisy_batch_norm" else None
+    noisy = (NoiseConfig(), None) if case.op == "noisy_batch_norm" else None  # an int step
     return Signature("lp_norm" if lp else "batch_norm", tuple(x.shape), tuple(x.stride()),
                      x.dtype, device, TRAINING[case.pass_], None, noisy,
                      LP_PS[case.p] if lp else None, False if lp else None, False,

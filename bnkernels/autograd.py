@@ -64,6 +64,9 @@ class NormFunction(torch.autograd.Function):
         plan, eps, noise, a, b = ctx.state
         needs = _needs(ctx, weight, bias)
         if _grad_enabled():  # create_graph=True: a backward autograd can differentiate
+            a, b, used = plan.split_saved(a, b, None)  # a step the plan kept with its stats
+            if used is not None:
+                noise = (noise[0], noise[1], used)
             dx, dw, db = double_backward.grads(plan, dy, x, weight, bias, a, b, eps, needs,
                                                noise)
         else:

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from . import backends
-from .backends.plan import Signature, acc_dtype
+from .backends.plan import BasePlan, Signature, acc_dtype
 from .noise import NoiseConfig
 
 
@@ -78,6 +78,7 @@ def batch_norm_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                  running_mean, running_var, backend)
     y, a, b, used = plan.forward(x, running_mean, running_var, weight, bias, momentum, eps, nz,
                                  True, counter)
+    a, b, used = plan.split_saved(a, b, used)
     a, b = _saved_or_empty(x, a, b)
     if step_tensor is None:
         used = _empty(x, torch.int64)
@@ -179,7 +180,7 @@ def _(dy, x, mean, scale, weight, bias, p, training, centered, eps, needs, backe
 # ----------------------------------------------------------------------------- the plan
 
 
-class OpPlan:
+class OpPlan(BasePlan):
     """The plan of the traced route: :class:`~.backends.plan.Plan` on the registered ops,
     for one call's flags and the backend its graph fixed."""
 

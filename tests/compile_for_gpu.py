@@ -31,8 +31,8 @@ BLOCKS = {"BLOCK": 256, "BLOCK_M": 32, "BLOCK_C": 16, "BLOCK_R": 4, "BLOCK_K": 6
 
 
 def _arg_type(kernel, name, values):
-    if name == "step":  # a 1-element tensor (STEP_PTR) or an int
-        return "*i64" if values.get("STEP_PTR") else "i64"
+    if name == "step":  # an int (STEP_PTR 0), a 1-element tensor (1), a saved invstd (2)
+        return {1: "*i64", 2: "*fp32"}.get(int(values.get("STEP_PTR", 0)), "i64")
     if name.endswith("_ptr"):
         return "*fp16" if name in DATA_PTRS else "*i64" if name in INT64_PTRS else "*fp32"
     if name in FLOATS or (name == "M" and "finalize" in kernel.__name__):
@@ -40,7 +40,7 @@ def _arg_type(kernel, name, values):
     return "i64" if name in WIDE_INTS else "i32"
 
 
-ENUMS = ("P", "SCALE_FROM", "PHASE")  # integer constexprs taking the values 0, 1 and 2
+ENUMS = ("P", "SCALE_FROM", "PHASE", "STEP_PTR")  # integer constexprs taking 0, 1 and 2
 
 
 def _variants(kernel):
@@ -54,6 +54,8 @@ def _variants(kernel):
             if "ACC" in names:
                 values["ACC"] = tl.float32
             values.update({n: e for n in enums})
+            if "STEP_PTR" in values and "bwd" not in kernel.__name__:
+                values["STEP_PTR"] = min(e, 1)  # only a backward reads a saved step (2)
             yield values
 
 

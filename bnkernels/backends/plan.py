@@ -126,9 +126,13 @@ class Plan(Protocol):
     and s_p) in training; in eval, snapshots of the statistics this forward used, so the
     backward is that of this forward whatever happens to the running buffers in between. Both
     None when ``need_saved`` is False (no backward will come). ``step_used``: the noise step
-    the forward used when it was given as a tensor (a 1-element int64 tensor), else None.
-    ``counter``: a module's ``num_batches_tracked``, incremented by this call (training with
-    running statistics).
+    the forward used when it was given as a tensor (a 1-element int64 tensor), else None (also
+    when the plan keeps it inside what it saved: see ``split_saved``). ``counter``: a module's
+    ``num_batches_tracked``, incremented by this call (training with running statistics).
+
+    ``split_saved(saved_a, saved_b, step_used) -> (mean, second, step_used)``: what the forward
+    saved, apart: (C,) statistics and the step as a tensor (or None), as the registered op
+    returns them (:class:`BasePlan`: as they are).
 
     ``backward(dy, x, saved_a, saved_b, weight, bias, eps, needs, noise) -> (dx, dw, db)``:
     None where ``needs`` (3 booleans) says a gradient is not wanted.
@@ -145,6 +149,16 @@ class Plan(Protocol):
                 need_saved=True, counter=None): ...
 
     def backward(self, dy, x, saved_a, saved_b, weight, bias, eps, needs, noise): ...
+
+    def split_saved(self, saved_a, saved_b, step_used): ...
+
+
+class BasePlan:
+    """What most plans share: ``split_saved`` for plans that save their statistics and step
+    apart already."""
+
+    def split_saved(self, saved_a, saved_b, step_used):
+        return saved_a, saved_b, step_used
 
 
 class SyncStages(Protocol):
@@ -234,7 +248,7 @@ class Workspaces:
         return ws
 
 
-class ContiguousChannels:
+class ContiguousChannels(BasePlan):
     """A plan for per-channel tensors that are not contiguous (a view such as ``w[::2]``; the
     kernels read them as contiguous vectors): contiguous copies go in, and updated running
     buffers are copied back. Rare, so it stays off the common path."""
@@ -255,6 +269,9 @@ class ContiguousChannels:
     def backward(self, dy, x, a, b, weight, bias, *args):
         return self.plan.backward(dy, x, a.contiguous(), b.contiguous(), _contiguous(weight),
                                   _contiguous(bias), *args)
+
+    def split_saved(self, saved_a, saved_b, step_used):
+        return self.plan.split_saved(saved_a, saved_b, step_used)
 
     # SyncBatchNorm's stages (BatchNorm plans)
 
@@ -277,5 +294,5 @@ def _contiguous(t):
     return t if t is None else t.contiguous()
 
 
-__all__ = ["FLOAT_DTYPES", "PLANS", "ContiguousChannels", "Plan", "PlanCache", "Signature",
-           "SyncStages", "Workspaces", "acc_dtype", "overriding", "step_entry"]
+__all__ = ["FLOAT_DTYPES", "PLANS", "BasePlan", "ContiguousChannels", "Plan", "PlanCache",
+           "Signature", "SyncStages", "Workspaces", "acc_dtype", "overriding", "step_entry"]

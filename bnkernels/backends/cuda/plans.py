@@ -26,8 +26,8 @@ import os
 import torch
 
 from ..layout import layout_of, view_layout
+from ..plan import BasePlan, acc_dtype, overriding
 from ..plan import Workspaces as _Workspaces
-from ..plan import acc_dtype, overriding
 from .loader import load
 
 # ----------------------------------------------------------------------------- launch options
@@ -124,7 +124,7 @@ class Workspaces(_Workspaces):
 # ----------------------------------------------------------------------------- plans (hot path)
 
 
-class BatchNormPlan:
+class BatchNormPlan(BasePlan):
     """One signature's BatchNorm calls: layout view, training path, split count and workspace
     resolved once (the extension is loaded when the plan is made); ``forward``/``backward``
     follow :class:`~..plan.Plan`, the stages :class:`~..plan.SyncStages`. Each method
@@ -231,7 +231,7 @@ class BatchNormPlan:
         return lay.restore(dx, x)
 
 
-class LpNormPlan:
+class LpNormPlan(BasePlan):
     """One signature's l_p normalization calls (see :class:`BatchNormPlan`). Launches: training
     forward 2 (uncentered) or 3 (centered: the mean first), backward 2; eval forward 1
     (BatchNorm's apply, invstd = 1/(running_scale + eps) computed in it), eval backward

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..plan import FLOAT_DTYPES, acc_dtype
+from ..plan import FLOAT_DTYPES, BasePlan, acc_dtype
 from . import formulas as F
 from .formulas import *  # noqa: F401,F403  (the formulas, as bnkernels.backends.reference.*)
 
@@ -22,7 +22,7 @@ def _step_used(noise):
     return None
 
 
-class BatchNormPlan:
+class BatchNormPlan(BasePlan):
     """BatchNorm (and noisy BatchNorm) of one signature: :class:`~..plan.Plan` and
     :class:`~..plan.SyncStages` on the reference formulas."""
 
@@ -68,7 +68,7 @@ class BatchNormPlan:
                                              self.activation, noise)
 
 
-class LpNormPlan:
+class LpNormPlan(BasePlan):
     """l_p normalization of one signature (saved: mean and s_p in training; in eval, as every
     backend, snapshots of running_mean and 1/(running_scale + eps), and BatchNorm's eval
     backward)."""

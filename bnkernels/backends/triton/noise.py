@@ -77,10 +77,16 @@ def element_noise(idx, mu, sigma, seed, step, r_mu, r_sigma, INT64: tl.constexpr
     return s, m
 
 
+# How a kernel gets the noise step (constexpr STEP_PTR): an int argument, a 1-element int
+# tensor read on device (CUDA-graph safe), or the snapshot a forward left at the tail of the
+# statistics it saved (see bnkernels.backends.triton.batch_norm.kernels._save_step).
+STEP_INT, STEP_TENSOR, STEP_SAVED = 0, 1, 2
+
+
 @triton.jit
 def load_step(step, STEP_PTR: tl.constexpr):
-    """The step: read on device from a 1-element tensor (CUDA-graph safe), or an integer."""
-    if STEP_PTR:
+    """The step of an int (STEP_INT) or a 1-element tensor (STEP_TENSOR)."""
+    if STEP_PTR == 1:
         out = tl.load(step).to(tl.int64)
     else:
         out = step.to(tl.int64)

@@ -270,11 +270,26 @@ def _count_batch(nbt_ptr, first, COUNT: tl.constexpr):
 
 
 @triton.jit
-def _save_step(used_ptr, step, first, SAVE_STEP: tl.constexpr):
-    """The first program records the noise step it used, for the backward."""
+def _save_step(stats_ptr, C, step, first, SAVE_STEP: tl.constexpr):
+    """The first program records the noise step it used, for the backward: at the tail of the
+    statistics the forward saves (``stats_ptr`` = its invstd, C + 2 long), as two 16-bit halves
+    (exact in any float; Philox reads the step mod 2^32), so a noisy forward allocates nothing
+    more for it."""
     if SAVE_STEP:
         if first:
-            tl.store(used_ptr, step)
+            tl.store(stats_ptr + C, (step & 0xFFFF).to(stats_ptr.dtype.element_ty))
+            tl.store(stats_ptr + C + 1, ((step >> 16) & 0xFFFF).to(stats_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _step_of(step, C, STEP_PTR: tl.constexpr):
+    """The noise step of a backward: an int, a 1-element tensor, or (STEP_SAVED) the forward's
+    snapshot at the tail of the saved invstd ``step`` (see :func:`_save_step`)."""
+    if STEP_PTR == 2:
+        out = (tl.load(step + C + 1).to(tl.int64) * 65536 + tl.load(step + C).to(tl.int64))
+    else:
+        out = load_step(step, STEP_PTR)
+    return out
 
 
 # ----------------------------------------------------------------------------- forward kernels
@@ -293,7 +308,7 @@ def _bn_fwd_ncs_kernel(
     ws_ptr,  # ACC workspace (split): [4, C, SPLIT] partials, then [C] mean_lo
     ticket_ptr,  # int32 [C] (split): programs of each channel done, reset by the last
     step,  # noise step: a 1-element int tensor (STEP_PTR) or an int
-    used_ptr,  # int64 [1] out: the step used (SAVE_STEP)
+    used_ptr,  # ACC [C + 2]: the saved invstd, whose tail gets the step used (SAVE_STEP)
     nbt_ptr,  # int64 [] num_batches_tracked, incremented once per call (COUNT)
     C,
     S,
@@ -361,7 +376,7 @@ def _bn_fwd_ncs_kernel(
         if NOISY:
             step = load_step(step, STEP_PTR)
             mu, sigma = channel_noise(c, seed, step, n_mu, n_sigma)
-            _save_step(used_ptr, step, c == 0, SAVE_STEP)
+            _save_step(used_ptr, C, step, c == 0, SAVE_STEP)
         for u in range(0, UNITS):
             offs, mask = ncs_unit(c, u, N, C, S, S_BLOCKS, BLOCK_N, BLOCK_S, INT64)
             x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
@@ -400,7 +415,7 @@ def _bn_fwd_mc_kernel(
     ws_ptr,  # ACC workspace (split): [4, C, SPLIT] partials, then [C] mean_lo
     ticket_ptr,  # int32 [cdiv(C, BLOCK_C)] (split)
     step,  # noise step: a 1-element int tensor (STEP_PTR) or an int
-    used_ptr,  # int64 [1] out: the step used (SAVE_STEP)
+    used_ptr,  # ACC [C + 2]: the saved invstd, whose tail gets the step used (SAVE_STEP)
     nbt_ptr,  # int64 [] num_batches_tracked, incremented once per call (COUNT)
     C,
     S,  # spatial size (the logical index of the noise)
@@ -464,7 +479,7 @@ def _bn_fwd_mc_kernel(
             step = load_step(step, STEP_PTR)
             mu, sigma = channel_noise(cols, seed, step, n_mu, n_sigma)
             mu, sigma = mu[None, :], sigma[None, :]
-            _save_step(used_ptr, step, pc == 0, SAVE_STEP)
+            _save_step(used_ptr, C, step, pc == 0, SAVE_STEP)
         for off in range(0, M, BLOCK_M):
             rows = off + tl.arange(0, BLOCK_M)
             if INT64:
@@ -506,7 +521,7 @@ def _bn_apply_kernel(
     w_ptr,  # [C] or dummy
     b_ptr,  # [C] or dummy
     step,  # noise step: a 1-element int tensor (STEP_PTR) or an int
-    used_ptr,  # int64 [1] out: the step used (SAVE_STEP)
+    used_ptr,  # ACC [C + 2]: the saved invstd, whose tail gets the step used (SAVE_STEP)
     save_mean_ptr,  # [C] ACC out (SAVE_STATS): the mean used, for the backward
     save_invstd_ptr,  # [C] ACC out (SAVE_STATS): the invstd used
     ROWS,
@@ -560,7 +575,7 @@ def _bn_apply_kernel(
         step = load_step(step, STEP_PTR)
         ns, nm = _tile_noise(rows, cols, ch, offs, C, S, seed, step, n_mu, n_sigma, r_mu,
                              r_sigma, CHAN_ON_ROWS, INT64)
-        _save_step(used_ptr, step, (tl.program_id(0) == 0) & (tl.program_id(1) == 0),
+        _save_step(used_ptr, C, step, (tl.program_id(0) == 0) & (tl.program_id(1) == 0),
                    SAVE_STEP)
     y = _bn_out(_bn_affine(x, mean, lo, invstd, w, b, HAS_LO), ns, nm, RELU, NOISY)
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
@@ -643,7 +658,7 @@ def _bn_bwd_ncs_kernel(
     mu = 0.0
     sigma = 1.0
     if NOISY:
-        step = load_step(step, STEP_PTR)
+        step = _step_of(step, C, STEP_PTR)
         mu, sigma = channel_noise(c, seed, step, n_mu, n_sigma)
     mean = tl.load(mean_ptr + c).to(ACC)
     invstd = _invstd_from(tl.load(scale_ptr + c).to(ACC), eps, SCALE_FROM, ACC)
@@ -749,7 +764,7 @@ def _bn_bwd_mc_kernel(
     mu = 0.0
     sigma = 1.0
     if NOISY:
-        step = load_step(step, STEP_PTR)
+        step = _step_of(step, C, STEP_PTR)
         mu, sigma = channel_noise(cols, seed, step, n_mu, n_sigma)
         mu, sigma = mu[None, :], sigma[None, :]
     mean_v = tl.load(mean_ptr + cols, mask=cmask, other=0.0).to(ACC)
@@ -868,7 +883,7 @@ def _bn_bwd_dx_kernel(
     ns = 1.0
     nm = 0.0
     if NOISY:
-        step = load_step(step, STEP_PTR)
+        step = _step_of(step, C, STEP_PTR)
         ns, nm = _tile_noise(rows, cols, ch, offs, C, S, seed, step, n_mu, n_sigma, r_mu,
                              r_sigma, CHAN_ON_ROWS, INT64)
     g = _upstream_grad(g, x, mean, invstd, w, b, ns, nm, RELU, NOISY)

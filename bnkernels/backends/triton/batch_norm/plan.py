@@ -9,9 +9,10 @@ import torch
 import triton
 
 from ...layout import layout_of
-from ...plan import Signature, Workspaces, acc_dtype
+from ...plan import BasePlan, Signature, Workspaces, acc_dtype
 from ..common import apply_config, reduce_config, row_align, strategy, tl_dtype
 from ..launch import Launch
+from ..noise import STEP_INT, STEP_SAVED, STEP_TENSOR
 from .kernels import (
     _WS_ROWS,
     FROM_VAR,
@@ -58,7 +59,7 @@ def noise_call(noise):
     return (None, None) if noise is None else (noise[1], noise[2])
 
 
-class BatchNormPlan:
+class BatchNormPlan(BasePlan):
     """Everything about a BatchNorm call that depends only on its :class:`Signature`, resolved
     once: the layout view, the strategy ("fused": one launch per direction; "split": two),
     the launches (grids, blocks, warps, constexprs, per-plan sizes) and a cached workspace.
@@ -79,8 +80,9 @@ class BatchNormPlan:
         self.step_tensor = sig.step_tensor
         self.save_step = self.step_tensor and sig.training
         self.copy = lay.copy
+        self.step_mode = STEP_TENSOR if self.step_tensor else STEP_INT
         self.flags = dict(HAS_W=sig.has_weight, HAS_B=sig.has_bias, RELU=self.relu,
-                          NOISY=sig.is_noisy, STEP_PTR=self.step_tensor, ACC=tl_dtype(acc),
+                          NOISY=sig.is_noisy, STEP_PTR=self.step_mode, ACC=tl_dtype(acc),
                           INT64=lay.int64, ALIGN=row_align(lay.cols))
         self.noise_consts = dict(
             n_mu=None if cfg_noise is None else float(cfg_noise.n_mu),
@@ -114,7 +116,7 @@ class BatchNormPlan:
             else:
                 self.k_stats = self._reduce_fwd_launch(
                     FUSED=False, UPDATE=sig.has_running, OUT_VAR=False, HAS_LO=not self.relu,
-                    SAVE_STEP=False, COUNT=sig.counter, NOISY=False, STEP_PTR=False,
+                    SAVE_STEP=False, COUNT=sig.counter, NOISY=False, STEP_PTR=STEP_INT,
                     HAS_W=False, HAS_B=False, RELU=False)
                 self.k_apply = self._apply_launch(SCALE_FROM=INVSTD, HAS_LO=not self.relu,
                                                   SAVE_STEP=self.save_step, SAVE_STATS=False)
@@ -140,14 +142,16 @@ class BatchNormPlan:
         consts.update(meta)
         return self._launch(_bn_apply_kernel, self.ew_grid, self.ew_warps, _APPLY_CALL, consts)
 
-    def _bwd_launch(self, need_dx: bool, need_dw: bool, need_db: bool, raw: bool = False):
+    def _bwd_launch(self, need_dx: bool, need_dw: bool, need_db: bool, raw: bool = False,
+                    step_mode: int | None = None):
         """The reduction launch of the backward for the gradients wanted (made on first use;
         ``raw``: SyncBatchNorm's sums). With ``need_dx`` in the split training backward it
         writes dx's coefficients to the workspace (the dx launch follows)."""
-        key = (need_dx, need_dw, need_db, raw)
+        key = (need_dx, need_dw, need_db, raw, step_mode)
         launch = self._bwd_launches.get(key)
         if launch is None:
             consts = dict(self.flags, **self.noise_consts, **self.shape,
+                          STEP_PTR=self.step_mode if step_mode is None else step_mode,
                           FUSED=self.fused, TRAINING=self.training or raw,
                           SCALE_FROM=INVSTD, WRITE_DX=need_dx, WRITE_DW=need_dw,
                           WRITE_DB=need_db, DW_RAW=raw, M_F=float(self.lay.M), eps=None)
@@ -158,8 +162,16 @@ class BatchNormPlan:
     @functools.cached_property
     def k_dx(self):
         """The elementwise dx launch (split training backward, eval dx alone, SyncBN)."""
+        return self._dx_launch(self.step_mode)
+
+    @functools.cached_property
+    def k_dx_saved(self):
+        """k_dx reading the noise step its forward saved (see :meth:`forward`)."""
+        return self._dx_launch(STEP_SAVED)
+
+    def _dx_launch(self, step_mode):
         consts = dict(self.flags, **self.noise_consts, **self.ew, TRAINING=self.training,
-                      SCALE_FROM=INVSTD, eps=None)
+                      SCALE_FROM=INVSTD, eps=None, STEP_PTR=step_mode)
         return self._launch(_bn_bwd_dx_kernel, self.ew_grid, self.ew_warps, _DX_CALL, consts)
 
     @functools.cached_property
@@ -177,8 +189,13 @@ class BatchNormPlan:
 
     def forward(self, x, running_mean, running_var, weight, bias, momentum, eps, noise,
                 need_saved=True, counter=None):
-        """``(y, mean, invstd, step_used)``: the batch statistics in training; in eval mode
-        snapshots of the mean and invstd used (None unless ``need_saved``)."""
+        """``(y, mean, invstd, None)``: the batch statistics in training; in eval mode
+        snapshots of the mean and invstd used (None unless ``need_saved``).
+
+        A noisy training forward with a tensor step snapshots the step it used at the tail of
+        the saved invstd (C + 2 long; :func:`.kernels._save_step`) instead of in a tensor of
+        its own: one allocation fewer per call. The backward reads it from there;
+        :meth:`split_saved` gives the registered op its (mean, invstd, step) apart."""
         xc = x.contiguous() if self.copy else x
         y = torch.empty_like(xc)
         seed, step = (None, None) if noise is None else (noise[1], noise[2])
@@ -198,8 +215,8 @@ class BatchNormPlan:
                     save_mean_ptr=None, save_invstd_ptr=None, eps=eps, seed=seed)
             return (y if not self.copy else self._restore(y, x)), mean, invstd, None
         mean = xc.new_empty(self.C, dtype=self.acc)
-        invstd = xc.new_empty(self.C, dtype=self.acc)
-        used = xc.new_empty(1, dtype=torch.int64) if self.save_step else None
+        invstd = xc.new_empty(self.C + 2 if self.save_step else self.C, dtype=self.acc)
+        used = invstd if self.save_step else None
         if self.fused:
             self.k_fwd.run(
                 x_ptr=xc, y_ptr=y, mean_ptr=mean, invstd_ptr=invstd, rmean_ptr=running_mean,
@@ -217,7 +234,15 @@ class BatchNormPlan:
                 x_ptr=xc, y_ptr=y, mean_ptr=mean, lo_ptr=ws.vec if not self.relu else None,
                 scale_ptr=invstd, w_ptr=weight, b_ptr=bias, step=step, used_ptr=used,
                 save_mean_ptr=None, save_invstd_ptr=None, eps=eps, seed=seed)
-        return (y if not self.copy else self._restore(y, x)), mean, invstd, used
+        return (y if not self.copy else self._restore(y, x)), mean, invstd, None
+
+    def split_saved(self, mean, invstd, used):
+        """What the forward saved as the registered op returns it: (mean, invstd, the step
+        used as a 1-element int64 tensor or None), the step taken from invstd's tail."""
+        if invstd is None or invstd.numel() == self.C:
+            return mean, invstd, used
+        tail = invstd[self.C:].to(torch.int64)
+        return mean, invstd[:self.C], (tail[1] * 65536 + tail[0]).reshape(1)
 
     def _restore(self, out, x):
         return self.lay.restore(out, x)
@@ -234,6 +259,11 @@ class BatchNormPlan:
             x = x.contiguous()
         dyc = dy if dy.stride() == x.stride() else self.lay.like(dy, x)
         seed, step = (None, None) if noise is None else (noise[1], noise[2])
+        # The step its forward saved at invstd's tail (eager calls; the registered op passes
+        # it apart, as a tensor).
+        saved_step = self.save_step and invstd.numel() != self.C
+        if saved_step:
+            step = invstd
         dx = torch.empty_like(x) if need_dx else None
         if not (need_dw or need_db or (need_dx and self.training)):
             if need_dx:  # eval, dx alone: one elementwise pass
@@ -244,14 +274,16 @@ class BatchNormPlan:
         db = torch.empty_like(bias) if need_db else None
         split_dx = need_dx and self.training and not self.fused
         ws = None if self.fused else self.workspaces.get()
-        self._bwd_launch(need_dx, need_dw, need_db).run(
+        self._bwd_launch(need_dx, need_dw, need_db,
+                         step_mode=STEP_SAVED if saved_step else None).run(
             dy_ptr=dyc, x_ptr=x, dx_ptr=None if split_dx else dx, mean_ptr=mean,
             scale_ptr=invstd, w_ptr=weight, b_ptr=bias, dw_ptr=dw, db_ptr=db,
             ws_ptr=ws.buf if ws is not None else None,
             ticket_ptr=ws.ticket if ws is not None else None, step=step, seed=seed)
         if split_dx:
-            self.k_dx.run(dy_ptr=dyc, x_ptr=x, dx_ptr=dx, mean_ptr=mean, scale_ptr=invstd,
-                          w_ptr=weight, b_ptr=bias, coef_ptr=ws.vec, step=step, seed=seed)
+            (self.k_dx_saved if saved_step else self.k_dx).run(
+                dy_ptr=dyc, x_ptr=x, dx_ptr=dx, mean_ptr=mean, scale_ptr=invstd, w_ptr=weight,
+                b_ptr=bias, coef_ptr=ws.vec, step=step, seed=seed)
         return dx, dw, db
 
     # -- SyncBatchNorm's stages (training plans)

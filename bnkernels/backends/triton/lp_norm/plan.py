@@ -9,7 +9,7 @@ import torch
 import triton
 
 from ...layout import layout_of
-from ...plan import Signature, Workspaces, acc_dtype
+from ...plan import BasePlan, Signature, Workspaces, acc_dtype
 from ..batch_norm.kernels import FROM_LP_SCALE, INVSTD, _bn_apply_kernel, _bn_bwd_dx_kernel
 from ..batch_norm.plan import _APPLY_CALL, _DX_CALL, _OWN
 from ..common import apply_config, reduce_config, row_align, strategy, tl_dtype
@@ -43,7 +43,7 @@ class _Workspace:
         self.vec = self.buf[4 * lay.C * cfg.split:]
 
 
-class LpNormPlan:
+class LpNormPlan(BasePlan):
     """Everything about an l_p normalization call that depends only on its
     :class:`Signature`, resolved once (as :class:`~..batch_norm.plan.BatchNormPlan`).
 

@@ -47,13 +47,17 @@ def _check_num_features(cls, num_features):
                          f"got {num_features!r}")
 
 
-def _running(module, running_mean, running_var):
-    """``(running_mean, running_var, bn_training, factor, counter)`` for a module's call, by
-    torch's _BatchNorm rules, each buffer read once: in training with running statistics the
+def _running(module, input, running_mean, running_var):
+    """Checks a module's ``input`` (dims, channels) and gives ``(running_mean, running_var,
+    bn_training, factor, counter)`` for its call, by torch's _BatchNorm rules, each buffer read
+    once: in training with running statistics the
     batch counter advances by the kernels (``counter``, no op of its own), so a call that is
     refused leaves it as it was (torch's modules count the batch first). When momentum is None
     the factor is the cumulative average 1/num_batches_tracked with this batch counted, the
     counter read on the host as torch does."""
+    module._check_input_dim(input)
+    if input.shape[1] != module.num_features:
+        _check_channels(module, input)
     momentum = module.momentum
     factor = 0.0 if momentum is None else momentum
     if not module.training:
@@ -76,6 +80,13 @@ def _check_eps(module, eps):
 class _BatchNormMixin:
     """The forward of torch's ``_BatchNorm`` on :func:`bnkernels.batch_norm`."""
 
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, *args, activation=None, **kwargs):
+        self._init_extra(num_features, momentum, activation, eps)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, *args,
+                         **kwargs)  # torch's class, next in the MRO
+        self.activation = activation
+
     def _init_extra(self, num_features, momentum, activation, eps=1e-5):
         _check_num_features(type(self), num_features)
         if momentum is not None and not 0.0 <= momentum <= 1.0:
@@ -89,43 +100,22 @@ class _BatchNormMixin:
         return s + (f", activation={self.activation!r}" if self.activation else "")
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        self._check_input_dim(input)
-        if input.shape[1] != self.num_features:
-            _check_channels(self, input)
-        rm, rv, bn_training, factor, counter = _running(self, self.running_mean,
+        rm, rv, bn_training, factor, counter = _running(self, input, self.running_mean,
                                                         self.running_var)
         return _batch_norm(input, rm, rv, self.weight, self.bias, bn_training, factor, self.eps,
                            self.activation, None, counter)
 
 
-def _bn_init(cls_name, torch_cls):
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, *args, activation=None, **kwargs):
-        _BatchNormMixin._init_extra(self, num_features, momentum, activation, eps)
-        torch_cls.__init__(self, num_features, eps, momentum, affine, track_running_stats,
-                           *args, **kwargs)
-        self.activation = activation
-
-    __init__.__qualname__ = f"{cls_name}.__init__"
-    return __init__
-
-
 class BatchNorm1d(_BatchNormMixin, nn.BatchNorm1d):
     """``torch.nn.BatchNorm1d`` on bnkernels' kernels; ``activation="relu"`` fuses a ReLU."""
-
-    __init__ = _bn_init("BatchNorm1d", nn.BatchNorm1d)
 
 
 class BatchNorm2d(_BatchNormMixin, nn.BatchNorm2d):
     """``torch.nn.BatchNorm2d`` on bnkernels' kernels; ``activation="relu"`` fuses a ReLU."""
 
-    __init__ = _bn_init("BatchNorm2d", nn.BatchNorm2d)
-
 
 class BatchNorm3d(_BatchNormMixin, nn.BatchNorm3d):
     """``torch.nn.BatchNorm3d`` on bnkernels' kernels; ``activation="relu"`` fuses a ReLU."""
-
-    __init__ = _bn_init("BatchNorm3d", nn.BatchNorm3d)
 
 
 # ----------------------------------------------------------------------------- noisy BatchNorm
@@ -139,6 +129,13 @@ class _NoisyBatchNormMixin(_BatchNormMixin):
     the same noise sequence and no host synchronisation is needed. Eval mode adds no random
     noise: it applies the noise's expectation, act(E[s] a + E[m]) (see
     :func:`bnkernels.noisy_batch_norm`)."""
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, *args, noise=NoiseConfig(), seed=0, activation=None,
+                 **kwargs):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, *args,
+                         activation=activation, **kwargs)
+        self._init_noise(noise, seed)
 
     def _init_noise(self, noise, seed):
         if not isinstance(noise, NoiseConfig):
@@ -156,10 +153,7 @@ class _NoisyBatchNormMixin(_BatchNormMixin):
         return super().extra_repr() + f", noise={self.noise}, seed={self.seed}"
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        self._check_input_dim(input)
-        if input.shape[1] != self.num_features:
-            _check_channels(self, input)
-        rm, rv, bn_training, factor, counter = _running(self, self.running_mean,
+        rm, rv, bn_training, factor, counter = _running(self, input, self.running_mean,
                                                         self.running_var)
         weight, bias = self.weight, self.bias
         if not self.training:  # the noise's expectation in place of the noise
@@ -174,36 +168,16 @@ class _NoisyBatchNormMixin(_BatchNormMixin):
         return y
 
 
-def _noisy_init(cls_name, torch_cls):
-    base = _bn_init(cls_name, torch_cls)
-
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, *args, noise=NoiseConfig(), seed=0, activation=None,
-                 **kwargs):
-        base(self, num_features, eps, momentum, affine, track_running_stats, *args,
-             activation=activation, **kwargs)
-        self._init_noise(noise, seed)
-
-    __init__.__qualname__ = f"{cls_name}.__init__"
-    return __init__
-
-
 class NoisyBatchNorm1d(_NoisyBatchNormMixin, nn.BatchNorm1d):
     """BatchNorm1d with the paper's noise in training; ``noise``, ``seed``, ``activation``."""
-
-    __init__ = _noisy_init("NoisyBatchNorm1d", nn.BatchNorm1d)
 
 
 class NoisyBatchNorm2d(_NoisyBatchNormMixin, nn.BatchNorm2d):
     """BatchNorm2d with the paper's noise in training; ``noise``, ``seed``, ``activation``."""
 
-    __init__ = _noisy_init("NoisyBatchNorm2d", nn.BatchNorm2d)
-
 
 class NoisyBatchNorm3d(_NoisyBatchNormMixin, nn.BatchNorm3d):
     """BatchNorm3d with the paper's noise in training; ``noise``, ``seed``, ``activation``."""
-
-    __init__ = _noisy_init("NoisyBatchNorm3d", nn.BatchNorm3d)
 
 
 # ----------------------------------------------------------------------------- l_p normalization
@@ -274,10 +248,7 @@ class _LpNorm(nn.Module):
                              "input)")
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        self._check_input_dim(input)
-        if input.shape[1] != self.num_features:
-            _check_channels(self, input)
-        rm, rs, bn_training, factor, counter = _running(self, self.running_mean,
+        rm, rs, bn_training, factor, counter = _running(self, input, self.running_mean,
                                                         self.running_scale)
         return _lp_norm(input, self.p, rm, rs, self.weight, self.bias, bn_training, factor,
                         self.eps, self.centered, counter)
@@ -316,10 +287,8 @@ class SyncBatchNorm(_BatchNormMixin, nn.SyncBatchNorm):
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, process_group=None, *args, activation=None,
                  **kwargs):
-        _BatchNormMixin._init_extra(self, num_features, momentum, activation, eps)
-        nn.SyncBatchNorm.__init__(self, num_features, eps, momentum, affine,
-                                  track_running_stats, process_group, *args, **kwargs)
-        self.activation = activation
+        super().__init__(num_features, eps, momentum, affine, track_running_stats,
+                         process_group, *args, activation=activation, **kwargs)
 
     def _check_input_dim(self, input):
         if input.dim() < 2:
@@ -327,14 +296,11 @@ class SyncBatchNorm(_BatchNormMixin, nn.SyncBatchNorm):
                              "input)")
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        self._check_input_dim(input)
-        if input.shape[1] != self.num_features:
-            _check_channels(self, input)
+        rm, rv, bn_training, factor, counter = _running(self, input, self.running_mean,
+                                                        self.running_var)
         group = self.process_group or (dist.group.WORLD if dist.is_available() and
                                        dist.is_initialized() else None)
         world = dist.get_world_size(group) if group is not None else 1
-        rm, rv, bn_training, factor, counter = _running(self, self.running_mean,
-                                                        self.running_var)
         if not (self.training and world > 1):
             return _batch_norm(input, rm, rv, self.weight, self.bias, bn_training, factor,
                                self.eps, self.activation, None, counter)

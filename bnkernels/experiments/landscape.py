@@ -120,12 +120,12 @@ class HessianTrace(NamedTuple):
     stderr: float  # its standard error (NaN for one sample)
 
 
-def _eager_factor(m: nn.Module) -> float:
+def _eager_factor(m: nn.Module, x: torch.Tensor) -> float:
     """torch's _BatchNorm rule for the running-statistics factor (counter updated): the
     layers' own rule (where the layers leave the count to their kernels, it is made here)."""
     from bnkernels.nn import _running
 
-    _, _, _, factor, counter = _running(m, None, None)
+    _, _, _, factor, counter = _running(m, x, None, None)
     if counter is not None:
         counter.add_(1)
     return factor
@@ -136,7 +136,7 @@ def _eager_batch_norm(self, x: torch.Tensor) -> torch.Tensor:
     from bnkernels.backends import reference
 
     noisy = isinstance(self, _NOISY)
-    factor = _eager_factor(self)
+    factor = _eager_factor(self, x)
     training = self.training or (self.running_mean is None and self.running_var is None)
     track = not self.training or self.track_running_stats
     noise = (self.noise, self.seed, self.noise_step) if noisy and self.training else None
@@ -155,7 +155,7 @@ def _eager_lp_norm(self, x: torch.Tensor) -> torch.Tensor:
     """bnkernels.LpNorm*d forward on the reference formulas."""
     from bnkernels.backends import reference
 
-    factor = _eager_factor(self)
+    factor = _eager_factor(self, x)
     training = self.training or self.running_mean is None
     track = not self.training or self.track_running_stats
     y, _, _ = reference.lp_norm_reference_fwd(

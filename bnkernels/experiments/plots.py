@@ -335,9 +335,10 @@ def fig4(runs, out: Path) -> Path | None:
     return _landscape_fig(sel, out / "fig4.png", f"VGG, lr {lr:g}", dirs or ("gradient",))
 
 
-def fig7(runs, out: Path) -> Path | None:
-    """Fig. 7: mean and variance of random activations of select layers over training, for
-    the standard, BatchNorm and noisy BatchNorm networks (first seed)."""
+def _activation_fig(runs, path: Path, curves, titles, yscales, **style) -> Path | None:
+    """Two rows of panels, a column per selected layer, a curve per network (standard,
+    BatchNorm, noisy BatchNorm; the VGG runs' first seed): ``curves(run, layer)`` gives the
+    steps and the two rows' values."""
     groups = _groups(runs)
     sel = _pick(groups, "vgg", _vgg_lr(groups), ("none", "batchnorm", "noisy"))
     if not sel:
@@ -346,42 +347,42 @@ def fig7(runs, out: Path) -> Path | None:
     fig, axes = plt.subplots(2, len(layers), figsize=(4.2 * len(layers), 6), squeeze=False)
     for k, layer in enumerate(layers):
         for n, group in sel:
-            run = group[0]
-            recs = [r for r in run.of("act", layer=layer)
-                    if r["step"] % max(run.config.act_every, 1) == 0]
-            steps = [r["step"] for r in recs]
-            axes[0][k].plot(steps, [r["mean"][0] for r in recs], color=COLORS[n],
-                            label=LABELS[n])
-            axes[1][k].plot(steps, [r["var"][0] for r in recs], color=COLORS[n],
-                            label=LABELS[n])
-        axes[0][k].set(title=f"layer #{layer}: mean", xlabel="step")
-        axes[1][k].set(title=f"layer #{layer}: variance", xlabel="step", yscale="log")
+            steps, *rows = curves(group[0], layer)
+            for row, values in enumerate(rows):
+                axes[row][k].plot(steps, values, color=COLORS[n], label=LABELS[n], **style)
+        for row in range(2):
+            axes[row][k].set(title=f"layer #{layer}: {titles[row]}", xlabel="step",
+                             yscale=yscales[row])
         axes[0][k].legend(fontsize=7)
-    return _save(fig, out / "fig7.png")
+    return _save(fig, path)
+
+
+def fig7(runs, out: Path) -> Path | None:
+    """Fig. 7: mean and variance of random activations of select layers over training, for
+    the standard, BatchNorm and noisy BatchNorm networks (first seed)."""
+
+    def curves(run, layer):
+        recs = [r for r in run.of("act", layer=layer)
+                if r["step"] % max(run.config.act_every, 1) == 0]
+        return ([r["step"] for r in recs], [r["mean"][0] for r in recs],
+                [r["var"][0] for r in recs])
+
+    return _activation_fig(runs, out / "fig7.png", curves, ("mean", "variance"),
+                           ("linear", "log"))
 
 
 def fig8(runs, out: Path) -> Path | None:
     """Fig. 8: change of the first two moments of activations between successive steps
     (first seed)."""
-    groups = _groups(runs)
-    sel = _pick(groups, "vgg", _vgg_lr(groups), ("none", "batchnorm", "noisy"))
-    if not sel:
-        return None
-    layers = sel[0][1][0].config.act_layers
-    fig, axes = plt.subplots(2, len(layers), figsize=(4.2 * len(layers), 6), squeeze=False)
-    for k, layer in enumerate(layers):
-        for n, group in sel:
-            ch = moment_changes(group[0].of("act", layer=layer))
-            steps = [c["step"] for c in ch]
-            axes[0][k].plot(steps, [max(c["d_mean"][0], 1e-12) for c in ch], color=COLORS[n],
-                            label=LABELS[n], marker=".", lw=0.8)
-            axes[1][k].plot(steps, [max(c["d_var"][0], 1e-12) for c in ch], color=COLORS[n],
-                            label=LABELS[n], marker=".", lw=0.8)
-        axes[0][k].set(title=f"layer #{layer}: |change of mean|", xlabel="step", yscale="log")
-        axes[1][k].set(title=f"layer #{layer}: |change of variance|", xlabel="step",
-                       yscale="log")
-        axes[0][k].legend(fontsize=7)
-    return _save(fig, out / "fig8.png")
+
+    def curves(run, layer):
+        ch = moment_changes(run.of("act", layer=layer))
+        return ([c["step"] for c in ch], [max(c["d_mean"][0], 1e-12) for c in ch],
+                [max(c["d_var"][0], 1e-12) for c in ch])
+
+    return _activation_fig(runs, out / "fig8.png", curves,
+                           ("|change of mean|", "|change of variance|"), ("log", "log"),
+                           marker=".", lw=0.8)
 
 
 def fig9(runs, out: Path) -> Path | None:

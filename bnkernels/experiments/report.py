@@ -444,12 +444,20 @@ def _landscape_pair(runs, model, lr):
     return _g(runs, model, "none", lr), _g(runs, model, "batchnorm", lr)
 
 
+def _landscape_medians(runs, model, lr, *keys, direction="gradient"):
+    """Per key, the (standard, BN) medians over the landscape probes along ``direction``;
+    None where either network's runs or probes are missing."""
+    std, bn = _landscape_pair(runs, model, lr)
+    if not (std and bn and std.of("landscape", direction=direction)):
+        return None
+    return [tuple(landscape_median(r, key, direction) for r in (std, bn)) for key in keys]
+
+
 def _c_loss_band(runs, s):
-    std, bn = _landscape_pair(runs, "vgg", s.vgg.lr)
-    if not (std and bn and std.of("landscape")):
+    got = _landscape_medians(runs, "vgg", s.vgg.lr, "loss_band", "loss")
+    if got is None:
         return _missing()
-    a, b = (landscape_median(r, "loss_band") for r in (std, bn))
-    la, lb = (landscape_median(r, "loss") for r in (std, bn))
+    (a, b), (la, lb) = got
     return Measured("median loss-band width (max - min) over the probes: standard $std, BN $bn "
                     "(median loss at the probed weights: $loss_std vs $loss_bn; chance level "
                     "ln 10 = 2.30)",
@@ -458,10 +466,10 @@ def _c_loss_band(runs, s):
 
 
 def _c_predictive(runs, s):
-    std, bn = _landscape_pair(runs, "vgg", s.vgg.lr)
-    if not (std and bn and std.of("landscape")):
+    got = _landscape_medians(runs, "vgg", s.vgg.lr, "grad_diff_max")
+    if got is None:
         return _missing()
-    a, b = (landscape_median(r, "grad_diff_max") for r in (std, bn))
+    (a, b), = got
     ratio = a / b if _ok(a, b) and b > 0 else math.nan
     return Measured("median upper band of ||grad L(w) - grad L(w - eta g)|| over the probes: "
                     "standard $std, BN $bn: ${ratio}x",
@@ -470,20 +478,20 @@ def _c_predictive(runs, s):
 
 
 def _c_beta(runs, s):
-    std, bn = _landscape_pair(runs, "vgg", s.vgg.lr)
-    if not (std and bn and std.of("landscape")):
+    got = _landscape_medians(runs, "vgg", s.vgg.lr, "beta_smoothness")
+    if got is None:
         return _missing()
-    a, b = (landscape_median(r, "beta_smoothness") for r in (std, bn))
+    (a, b), = got
     return Measured("median effective beta-smoothness: standard $std, BN $bn",
                     {"std": a, "bn": b}, _lt(b, a) if _ok(a, b) else None)
 
 
 def _c_random(runs, s):
-    std, bn = _landscape_pair(runs, "vgg", s.vgg.lr)
-    if not (std and bn and std.of("landscape", direction="random")):
+    got = _landscape_medians(runs, "vgg", s.vgg.lr, "loss_band", "beta_smoothness",
+                             direction="random")
+    if got is None:
         return _missing("not probed (landscape_directions lacks 'random')")
-    a, b = (landscape_median(r, "loss_band", "random") for r in (std, bn))
-    c, d = (landscape_median(r, "beta_smoothness", "random") for r in (std, bn))
+    (a, b), (c, d) = got
     return Measured("random directions: median loss-band width standard $band_std, BN "
                     "$band_bn (median beta, not part of the claim: $beta_std vs $beta_bn)",
                     {"band_std": a, "band_bn": b, "beta_std": c, "beta_bn": d},
@@ -491,11 +499,10 @@ def _c_random(runs, s):
 
 
 def _c_dln_smooth(runs, s):
-    std, bn = _landscape_pair(runs, "dln", s.dln.lr)
-    if not (std and bn and std.of("landscape")):
+    got = _landscape_medians(runs, "dln", s.dln.lr, "grad_diff_max", "beta_smoothness")
+    if got is None:
         return _missing()
-    a, b = (landscape_median(r, "grad_diff_max") for r in (std, bn))
-    c, d = (landscape_median(r, "beta_smoothness") for r in (std, bn))
+    (a, b), (c, d) = got
     orders = math.log10(a / b) if _ok(a, b) and a > 0 and b > 0 else math.nan
     return Measured("median grad-difference upper band over the probes: standard $gd_std, "
                     "BN $gd_bn ($orders orders of magnitude); median beta $beta_std vs $beta_bn",

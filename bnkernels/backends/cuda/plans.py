@@ -97,6 +97,15 @@ _NO_NOISE = (None, 0, 0, None)
 _INVSTD, _VAR, _LP_SCALE = 0, 1, 2
 
 
+def _backward_io(lay, dy, x, need_dx: bool):
+    """A training backward's dx (x's layout, None unless needed) and the kernels' first
+    arguments: (dy, x, S, dx) as their kernel views."""
+    xc = lay.prepare(x)
+    dx = torch.empty_like(xc) if need_dx else None
+    view = lay.kernel_view
+    return dx, (view(lay.like(dy, xc)), view(xc), lay.S, view(dx) if need_dx else None)
+
+
 class Workspaces(_Workspaces):
     """A plan's cached workspace (see :class:`bnkernels.backends.plan.Workspaces`; one per
     CUDA stream, one on the CPU where the tests' emulated kernels run): ``(acc, tickets)``.
@@ -185,17 +194,13 @@ class BatchNormPlan(BasePlan):
         """``a, b``: the mean and invstd the forward saved (or, with ``scale_from``, the
         variance or l_p scale the invstd is made from, in eval mode)."""
         need_dx, need_dw, need_db = needs
-        lay = self.lay
-        xc = lay.prepare(x)
-        dx = torch.empty_like(xc) if need_dx else None
-        view = lay.kernel_view
+        dx, args = _backward_io(self.lay, dy, x, need_dx)
         ws, tickets = self.workspaces.get()
         dw, db = self.ext.bn_backward(
-            view(lay.like(dy, xc)), view(xc), lay.S, view(dx) if need_dx else None, a, b,
-            scale_from, eps, weight, bias, self.training, self.relu,
+            *args, a, b, scale_from, eps, weight, bias, self.training, self.relu,
             bool(need_dw and weight is not None), bool(need_db and bias is not None),
-            *_noise_args(noise, xc.device), ws, tickets, self.split, self.path)
-        return (lay.restore(dx, x) if need_dx else None), dw, db
+            *_noise_args(noise, x.device), ws, tickets, self.split, self.path)
+        return (self.lay.restore(dx, x) if need_dx else None), dw, db
 
     # -- SyncBatchNorm's stages
 
@@ -272,16 +277,13 @@ class LpNormPlan(BasePlan):
         if not self.training:
             return self.bn.backward(dy, x, a, b, weight, bias, eps, needs, None, scale_from)
         need_dx, need_dw, need_db = needs
-        lay = self.lay
-        xc = lay.prepare(x)
-        dx = torch.empty_like(xc) if need_dx else None
-        view = lay.kernel_view
+        dx, args = _backward_io(self.lay, dy, x, need_dx)
         ws, tickets = self.workspaces.get()
         dw, db = self.ext.lp_backward_train(
-            view(lay.like(dy, xc)), view(xc), lay.S, view(dx) if need_dx else None, self.p,
-            self.centered, a, b, weight, bias, eps, bool(need_dw and weight is not None),
-            bool(need_db and bias is not None), ws, tickets, self.bn.split)
-        return (lay.restore(dx, x) if need_dx else None), dw, db
+            *args, self.p, self.centered, a, b, weight, bias, eps,
+            bool(need_dw and weight is not None), bool(need_db and bias is not None), ws, tickets,
+            self.bn.split)
+        return (self.lay.restore(dx, x) if need_dx else None), dw, db
 
 
 def noise_of(x, noise):

@@ -263,18 +263,7 @@ def _philox_passes(seed: int, step: int, start: int, passes, out: np.ndarray) ->
         np.bitwise_xor(C3, u64((pa2 >> 32) ^ k1), out=X2)
         np.bitwise_and(X2, mask, out=X2)  # c2 = hi(pa) ^ c3 ^ k1
         s3 = pa2 & _M32  # c3
-        # round 3: c3 scalar
-        k0, k1 = keys[2]
-        np.multiply(X0, ra, out=PA)
-        np.multiply(X2, rb, out=PB)
-        np.right_shift(PB, s32, out=X0)
-        np.bitwise_xor(X0, C1, out=X0)
-        np.bitwise_xor(X0, u64(k0), out=X0)
-        np.bitwise_and(X0, mask, out=X0)
-        np.right_shift(PA, s32, out=X2)
-        np.bitwise_xor(X2, u64(s3 ^ k1), out=X2)
-        C1, PB, C3, PA = PB, C1, PA, C3
-        for k0, k1 in keys[3:]:
+        for r, (k0, k1) in enumerate(keys[2:], 3):  # rounds 3 to 10
             np.multiply(X0, ra, out=PA)
             np.multiply(X2, rb, out=PB)
             np.right_shift(PB, s32, out=X0)
@@ -282,9 +271,12 @@ def _philox_passes(seed: int, step: int, start: int, passes, out: np.ndarray) ->
             np.bitwise_xor(X0, u64(k0), out=X0)
             np.bitwise_and(X0, mask, out=X0)
             np.right_shift(PA, s32, out=X2)
-            np.bitwise_xor(X2, C3, out=X2)
-            np.bitwise_xor(X2, u64(k1), out=X2)
-            np.bitwise_and(X2, mask, out=X2)
+            if r == 3:  # c3 still the scalar s3
+                np.bitwise_xor(X2, u64(s3 ^ k1), out=X2)
+            else:
+                np.bitwise_xor(X2, C3, out=X2)
+                np.bitwise_xor(X2, u64(k1), out=X2)
+                np.bitwise_and(X2, mask, out=X2)
             C1, PB, C3, PA = PB, C1, PA, C3
         np.right_shift(X0, s8, out=PA)
         out[0, lo:lo + c] = PA

@@ -134,14 +134,6 @@ def _interpret_triton_on_cpu() -> None:
         os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-def _choose(given, allowed, what: str) -> tuple[str, ...]:
-    unknown = [v for v in given if v not in allowed]
-    if unknown:
-        raise SystemExit(f"bnkernels bench: unknown {what} {unknown}; choose from "
-                         f"{list(allowed)}")
-    return tuple(given)
-
-
 def _list(device) -> int:
     from . import providers as P
     from . import shapes as S
@@ -196,7 +188,7 @@ def options(args: argparse.Namespace):
     except ValueError as e:
         raise SystemExit(f"bnkernels bench: {e}") from None
     known = {**P.PROVIDERS, **{n: None for n in OVH.names() + E2E.names()}}
-    requested = _choose(args.providers or (), known, "providers")
+    requested = S.choose(args.providers or (), known, "providers")
     providers = tuple(n for n in requested if n in P.PROVIDERS) if requested else \
         tuple(n for n in P.default_providers(device)
               if not (smoke and not cpu and P.PROVIDERS[n].compiled))
@@ -209,7 +201,7 @@ def options(args: argparse.Namespace):
     if args.cuda_graph and args.modes and tuple(args.modes) != ("graph",):
         raise SystemExit("bnkernels bench: --cuda-graph means --modes graph; give one of them")
     if args.modes:
-        modes = _choose(args.modes, MODES, "timing modes")
+        modes = S.choose(args.modes, MODES, "timing modes")
     elif args.cuda_graph:
         modes = ("graph",)
     elif cpu:
@@ -223,12 +215,12 @@ def options(args: argparse.Namespace):
     e2e = E2E.E2EOptions.for_device(device, quick=args.quick, smoke=smoke, requested=requested)
     return RunOptions(
         device=device, shapes=tuple(shapes),
-        dtypes=_choose(args.dtypes or suite.dtypes, S.DTYPES, "dtypes"),
-        layouts=_choose(args.layouts or suite.layouts, S.LAYOUTS, "layouts"),
-        ops=_choose(args.ops or P.OPS, P.OPS, "ops"),
-        passes=_choose(args.passes or P.PASSES, P.PASSES, "passes"),
+        dtypes=S.choose(args.dtypes or suite.dtypes, S.DTYPES, "dtypes"),
+        layouts=S.choose(args.layouts or suite.layouts, S.LAYOUTS, "layouts"),
+        ops=S.choose(args.ops or P.OPS, P.OPS, "ops"),
+        passes=S.choose(args.passes or P.PASSES, P.PASSES, "passes"),
         providers=providers, requested=requested,
-        lp_ps=_choose(args.lp_ps or suite.lp_ps, P.LP_PS, "l_p norms"),
+        lp_ps=S.choose(args.lp_ps or suite.lp_ps, P.LP_PS, "l_p norms"),
         reps=reps, warmup=warmup,
         flush=(not cpu) if args.flush is None else args.flush,
         modes=modes, compile_mode=args.compile_mode,
@@ -238,7 +230,7 @@ def options(args: argparse.Namespace):
         kernel_reserve_s=min(KERNEL_RESERVE, time_limit / 3) if time_limit else KERNEL_RESERVE,
         suite=",".join(args.shapes) if args.shapes else suite_name + (" (smoke)" if smoke
                                                                       else ""),
-        sections=_choose(args.sections or SECTIONS, SECTIONS, "sections"),
+        sections=S.choose(args.sections or SECTIONS, SECTIONS, "sections"),
         smoke=smoke, overhead=overhead, e2e=e2e,
         stack=STACK.StackOptions.for_run(smoke, quick=args.quick))
 

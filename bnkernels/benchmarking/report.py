@@ -185,19 +185,26 @@ def _verdict(met) -> str:
     return {True: "yes", False: "**no**", None: "-"}[met]
 
 
+def _table(title: str, intro: str, columns: list[str], rows: list[list]) -> list[str]:
+    """A markdown section: its title, an intro paragraph and a table (cells as given)."""
+    lines = [f"## {title}", "", intro, "", "| " + " | ".join(columns) + " |",
+             "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(c) for c in cells) + " |" for cells in rows]
+    return lines + [""]
+
+
 def _targets_md(result: dict) -> list[str]:
     targets = result.get("targets") or []
     if not targets:
         return []
-    lines = ["## Targets", "",
-             "Measured in this run; met = yes / **no** on a full GPU run, '-' where not judged "
-             "(smoke or CPU run) or not measured.", "",
-             "| target | measured | limit | met | where | test |", "|---|---|---|---|---|---|"]
-    for t in targets:
-        value = "not measured" if t["value"] is None else f"{t['value']:.3f}"
-        lines.append(f"| {t['name']} | {value} | {t['compare']} {t['limit']} | "
-                     f"{_verdict(t['met'])} | {t['where'] or '-'} | {t['test']} |")
-    return lines + [""]
+    return _table(
+        "Targets",
+        "Measured in this run; met = yes / **no** on a full GPU run, '-' where not judged "
+        "(smoke or CPU run) or not measured.",
+        ["target", "measured", "limit", "met", "where", "test"],
+        [[t["name"], "not measured" if t["value"] is None else f"{t['value']:.3f}",
+          f"{t['compare']} {t['limit']}", _verdict(t["met"]), t["where"] or "-", t["test"]]
+         for t in targets])
 
 
 def _overhead_md(result: dict) -> list[str]:
@@ -205,23 +212,23 @@ def _overhead_md(result: dict) -> list[str]:
     if not rows:
         return []
     info = result.get("overhead_timing", {})
-    lines = ["## Host time per call (overhead)", "",
-             f"{info.get('method', '')}; x {'x'.join(map(str, info.get('shape', [])))} "
-             f"{info.get('dtype', '')}. Ratio: to F.batch_norm ({info.get('baseline', '')}, "
-             "plain BatchNorm) in the same pass. fwd: training forward with autograd "
-             "recording; fwd+bwd: forward and backward.", "",
-             "| provider | op | fwd us/call | fwd ratio | fwd+bwd us/call | fwd+bwd ratio |",
-             "|---|---|---|---|---|---|"]
-    keys = list(dict.fromkeys((r["provider"], r["op"], r["p"]) for r in rows))
-    for prov, op, p in keys:
+    cells = []
+    for prov, op, p in dict.fromkeys((r["provider"], r["op"], r["p"]) for r in rows):
         by = {r["pass"]: r for r in rows if (r["provider"], r["op"], r["p"]) == (prov, op, p)}
-        cells = [prov, op + (f" (p={p})" if p else "")]
+        row = [prov, op + (f" (p={p})" if p else "")]
         for pass_ in ("fwd", "fwd+bwd"):
             r = by.get(pass_)
-            cells += ["-", "-"] if r is None else [f"{r['us_per_call']:.1f}",
-                                                   _num(r["ratio_vs_torch"])]
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines + [""]
+            row += ["-", "-"] if r is None else [f"{r['us_per_call']:.1f}",
+                                                 _num(r["ratio_vs_torch"])]
+        cells.append(row)
+    return _table(
+        "Host time per call (overhead)",
+        f"{info.get('method', '')}; x {'x'.join(map(str, info.get('shape', [])))} "
+        f"{info.get('dtype', '')}. Ratio: to F.batch_norm ({info.get('baseline', '')}, "
+        "plain BatchNorm) in the same pass. fwd: training forward with autograd "
+        "recording; fwd+bwd: forward and backward.",
+        ["provider", "op", "fwd us/call", "fwd ratio", "fwd+bwd us/call", "fwd+bwd ratio"],
+        cells)
 
 
 def _stack_md(result: dict) -> list[str]:
@@ -229,20 +236,19 @@ def _stack_md(result: dict) -> list[str]:
     if not rows:
         return []
     info = result.get("stack_timing", {})
-    lines = ["## The Python stack above the launches (stack)", "",
-             f"bnkernels: {info.get('bnkernels', '')}; torch: {info.get('torch', '')}. "
-             f"{info.get('method', '')}; {'x'.join(map(str, info.get('shape', [])))} "
-             f"{info.get('dtype', '')} on {info.get('device', '')}. Goals: module <= "
-             f"{info.get('limits', {}).get('module')}x torch's module, functional <= "
-             f"{info.get('limits', {}).get('functional')}x F.batch_norm (a CPU proxy: the GPU "
-             "launch itself is not in it).", "",
-             "| api | op | pass | us/call | torch us/call | ratio | goal |",
-             "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['api']} | {r['op']} | {r['pass']} | {r['us_per_call']:.1f} | "
-                     f"{r['torch_us_per_call']:.1f} | {r['ratio_vs_torch']:.2f} | "
-                     f"<= {r['limit']} {'met' if r['met'] else 'NOT MET'} |")
-    return lines + [""]
+    limits = info.get("limits", {})
+    return _table(
+        "The Python stack above the launches (stack)",
+        f"bnkernels: {info.get('bnkernels', '')}; torch: {info.get('torch', '')}. "
+        f"{info.get('method', '')}; {'x'.join(map(str, info.get('shape', [])))} "
+        f"{info.get('dtype', '')} on {info.get('device', '')}. Goals: module <= "
+        f"{limits.get('module')}x torch's module, functional <= "
+        f"{limits.get('functional')}x F.batch_norm (a CPU proxy: the GPU "
+        "launch itself is not in it).",
+        ["api", "op", "pass", "us/call", "torch us/call", "ratio", "goal"],
+        [[r["api"], r["op"], r["pass"], f"{r['us_per_call']:.1f}",
+          f"{r['torch_us_per_call']:.1f}", f"{r['ratio_vs_torch']:.2f}",
+          f"<= {r['limit']} {'met' if r['met'] else 'NOT MET'}"] for r in rows])
 
 
 def _e2e_md(result: dict) -> list[str]:
@@ -250,17 +256,16 @@ def _e2e_md(result: dict) -> list[str]:
     if not rows:
         return []
     info = result.get("e2e_timing", {})
-    lines = ["## Training step (e2e)", "",
-             f"{info.get('method', '')}. cuDNN: {info.get('cudnn', '')}. Ratio: step time over "
-             "torch.nn.BatchNorm2d's (same model, dtype, layout); first loss checked against "
-             "torch's (same weights, same batch).", "",
-             "| model | dtype | layout | provider | ms/step | ratio vs torch | steps | "
-             "first loss | check |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['model']} | {r['dtype']} | {r['layout']} | {r['provider']} | "
-                     f"{r['median_ms']:.2f} | {_num(r['ratio_vs_torch'], '{:.3f}')} | "
-                     f"{r['steps']} | {r['loss_first']:.4f} | {r['check'] or '-'} |")
-    return lines + [""]
+    return _table(
+        "Training step (e2e)",
+        f"{info.get('method', '')}. cuDNN: {info.get('cudnn', '')}. Ratio: step time over "
+        "torch.nn.BatchNorm2d's (same model, dtype, layout); first loss checked against "
+        "torch's (same weights, same batch).",
+        ["model", "dtype", "layout", "provider", "ms/step", "ratio vs torch", "steps",
+         "first loss", "check"],
+        [[r["model"], r["dtype"], r["layout"], r["provider"], f"{r['median_ms']:.2f}",
+          _num(r["ratio_vs_torch"], "{:.3f}"), r["steps"], f"{r['loss_first']:.4f}",
+          r["check"] or "-"] for r in rows])
 
 
 # ----------------------------------------------------------------------------- plots

@@ -259,3 +259,11 @@ __all__ = ["CPU_SHAPES", "DTYPES", "EDGE_CASES", "LAYOUTS", "NETWORKS", "QUICK_S
            "RESNET50", "VGG16", "Shape", "Suite", "combo_order", "edge_shapes", "layout_name",
            "memory_format", "network_shapes", "resolve_shapes", "resnet_bn_inputs",
            "shape_groups", "suites", "vgg_bn_inputs"]
+
+
+def choose(given, allowed, what: str, command: str = "bnkernels bench") -> tuple[str, ...]:
+    """``given`` as a tuple, or SystemExit naming the unknown values of ``what`` and the choice."""
+    unknown = [v for v in given if v not in allowed]
+    if unknown:
+        raise SystemExit(f"{command}: unknown {what} {unknown}; choose from {list(allowed)}")
+    return tuple(given)

@@ -197,11 +197,7 @@ def add_arguments(p) -> None:
 
 
 def _choose(given, allowed, what):
-    bad = [v for v in given if v not in allowed]
-    if bad:
-        raise SystemExit(f"bnkernels bench --sass: unknown {what} {bad}; choose from "
-                         f"{list(allowed)}")
-    return tuple(given)
+    return S.choose(given, allowed, what, "bnkernels bench --sass")
 
 
 def case_list(args) -> list:

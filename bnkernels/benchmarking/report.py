@@ -298,6 +298,16 @@ def _legend(fig, axes) -> None:
                    ncol=min(len(seen), 8), fontsize=8, frameon=False)
 
 
+def _finish(plt, fig, result: dict, title: str, smoke: str, rect: tuple, path: Path) -> None:
+    """The device and ``title`` over the figure (``smoke`` named where the run makes no
+    performance claims), laid out in ``rect``, saved to ``path`` and closed."""
+    note = "" if result["performance_claims"] else f" ({smoke}: no performance claims)"
+    fig.suptitle(f"{result['device']}: {title}{note}", fontsize=10)
+    fig.tight_layout(rect=rect)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _kernel_rows(result: dict) -> tuple[list[dict], str]:
     """The kernel rows of the goals' timing mode (graph where run) and that mode."""
     mode = result["summary"].get("mode") or "eager"
@@ -348,12 +358,8 @@ def plot_speedup(result: dict, path: Path) -> None:
             if j == 0:
                 ax.set_ylabel(f"speedup vs {baseline}")
     _legend(fig, axes)
-    note = "" if result["performance_claims"] else " (CPU smoke run: no performance claims)"
-    fig.suptitle(f"{result['device']}: speedup over {baseline} by shape (geomean over dtype, "
-                 f"layout, p; {mode} timing){note}", fontsize=10)
-    fig.tight_layout(rect=(0, 0.05, 1, 0.97))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _finish(plt, fig, result, f"speedup over {baseline} by shape (geomean over dtype, layout, "
+            f"p; {mode} timing)", "CPU smoke run", (0, 0.05, 1, 0.97), path)
 
 
 def plot_roofline(result: dict, path: Path) -> None:
@@ -392,12 +398,8 @@ def plot_roofline(result: dict, path: Path) -> None:
     handles += [Line2D([], [], ls="", marker=m, color="k", mfc="none") for m in markers.values()]
     fig.legend(handles, providers + list(markers), loc="lower center", frameon=False,
                ncol=min(len(handles), 11), fontsize=8)
-    note = "" if result["performance_claims"] else " (CPU smoke run: no performance claims)"
-    fig.suptitle(f"{result['device']}: achieved bandwidth ({mode} timing) under the copy roof "
-                 f"measured in the same run{note}", fontsize=10)
-    fig.tight_layout(rect=(0, 0.08, 1, 0.95))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _finish(plt, fig, result, f"achieved bandwidth ({mode} timing) under the copy roof measured "
+            "in the same run", "CPU smoke run", (0, 0.08, 1, 0.95), path)
 
 
 def plot_host(result: dict, path: Path) -> None:
@@ -451,11 +453,8 @@ def plot_host(result: dict, path: Path) -> None:
         ax.set_title(title, fontsize=9)
         ax.set_ylabel("time / torch's (lower is better)")
         ax.legend(fontsize=7)
-    note = "" if result["performance_claims"] else " (smoke run: no performance claims)"
-    fig.suptitle(f"{result['device']}: what users feel, against torch{note}", fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _finish(plt, fig, result, "what users feel, against torch", "smoke run", (0, 0, 1, 0.95),
+            path)
 
 
 __all__ = ["device_slug", "markdown", "partial_path", "plot_host", "plot_roofline",

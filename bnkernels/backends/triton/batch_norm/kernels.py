@@ -360,12 +360,12 @@ def _bn_fwd_kernel(
     used_ptr,  # ACC [C + 2]: the saved invstd, whose tail gets the step used (SAVE_STEP)
     nbt_ptr,  # int64 [] num_batches_tracked, incremented once per call (COUNT)
     C,
-    S,  # spatial size (channels last: the logical index of the noise, and M = N * S)
-    N,
-    S_BLOCKS,  # position blocks per batch-row block ("ncs"; 1 channels last)
+    S,  # spatial size (channels last: the logical index of the noise)
     UNITS,  # work units of a channel group: [BLOCK_A, BLOCK_B] tiles ("ncs") or rows M (CL)
     CHUNK,  # units per program (CL: a multiple of BLOCK_A)
     SPLIT,  # programs per channel group
+    N,
+    S_BLOCKS,  # position blocks per batch-row block ("ncs"; 1 channels last)
     momentum,
     eps,
     seed,  # noise: Philox key
@@ -564,11 +564,11 @@ def _bn_bwd_kernel(
     step,  # noise step: a 1-element int tensor (STEP_PTR) or an int
     C,
     S,
-    N,
-    S_BLOCKS,
     UNITS,
     CHUNK,
     SPLIT,
+    N,
+    S_BLOCKS,
     M_F,  # values per channel, as a float
     eps,
     seed,

@@ -17,8 +17,7 @@ from ..launch import Launch
 from .kernels import (
     _lp_bwd_dx_kernel,
     _lp_bwd_kernel,
-    _lp_fwd_mc_kernel,
-    _lp_fwd_ncs_kernel,
+    _lp_fwd_kernel,
     _p_code,
 )
 
@@ -75,27 +74,16 @@ class LpNormPlan(BasePlan):
         self.centered = bool(sig.centered)
         self.P = _p_code(sig.p)
         self.shape = reduce_shape(lay, cfg)
-        # The forward: a kernel per layout (see .kernels), with the arguments they were written
-        # with.
-        if self.ncs:
-            self.fwd_kernel = _lp_fwd_ncs_kernel
-            fwd_shape = dict(C=lay.C, S=lay.S, N=lay.N, S_BLOCKS=cfg.s_blocks, UNITS=cfg.units,
-                             CHUNK=cfg.chunk, SPLIT=cfg.split, BLOCK_N=cfg.block_a,
-                             BLOCK_S=cfg.block_b)
-        else:
-            self.fwd_kernel = _lp_fwd_mc_kernel
-            fwd_shape = dict(C=lay.C, S=lay.S, M=lay.M, CHUNK=cfg.chunk, SPLIT=cfg.split,
-                             BLOCK_M=cfg.block_a, BLOCK_C=cfg.block_b)
         self.grid = (cfg.groups, cfg.split)
         flags = dict(P=self.P, FUSED=self.fused, CENTERED=self.centered, ACC=tl_dtype(acc),
                      INT64=lay.int64, ALIGN=row_align(lay.cols), M_F=float(lay.M))
         self.common = dict(flags, **self.shape)
-        fwd = dict(flags, **fwd_shape, UPDATE=sig.has_running, COUNT=sig.counter, **self.has)
+        fwd = dict(flags, **self.shape, UPDATE=sig.has_running, COUNT=sig.counter, **self.has)
         if self.fused:
-            self.k_fwd = [self._launch(self.fwd_kernel, self.grid, cfg.num_warps, _FWD_CALL,
+            self.k_fwd = [self._launch(_lp_fwd_kernel, self.grid, cfg.num_warps, _FWD_CALL,
                                        dict(fwd, PHASE=0))]
         else:  # the phases of the reduction (uncentered: one; centered: mean, then scale)
-            self.k_fwd = [self._launch(self.fwd_kernel, self.grid, cfg.num_warps, _FWD_CALL,
+            self.k_fwd = [self._launch(_lp_fwd_kernel, self.grid, cfg.num_warps, _FWD_CALL,
                                        dict(fwd, PHASE=phase))
                           for phase in ((1, 2) if self.centered else (0,))]
             self.k_apply = self._apply_launch(INVSTD, SAVE_STATS=False)

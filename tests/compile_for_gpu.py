@@ -27,7 +27,8 @@ FLOATS = {"eps", "momentum", "n_mu", "n_sigma", "r_mu", "r_sigma", "inv_m", "M_F
 WIDE_INTS = {"seed"}
 INT64_PTRS = {"used_ptr", "nbt_ptr"}
 BLOCKS = {"BLOCK": 256, "BLOCK_M": 32, "BLOCK_C": 16, "BLOCK_R": 4, "BLOCK_K": 64, "BLOCK_N": 4,
-          "BLOCK_S": 64, "ALIGN": 4}  # ALIGN: a power of two dividing the rows
+          "BLOCK_S": 64, "BLOCK_A": 32, "BLOCK_B": 16,  # the reductions' tile, either layout (CL)
+          "ALIGN": 4}  # ALIGN: a power of two dividing the rows
 
 
 def _arg_type(kernel, name, values):

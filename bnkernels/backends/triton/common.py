@@ -96,20 +96,21 @@ def pick_block(extent: int, cap: int, floor: int = 32) -> int:
 
 @dataclass(frozen=True)
 class ReduceConfig:
-    """Launch of a per-channel split reduction.
+    """Launch of a per-channel split reduction: each of ``split`` programs per channel (or
+    channel group) takes ``chunk`` of its ``units``, in [block_a, block_b] tiles (the kernels'
+    loops: ``range(p * CHUNK, .., BLOCK_A if CL else 1)``, see ``unit``).
 
-    "ncs": the (N, S) values of a channel are ``units`` tiles of [block_n, block_s] (s_blocks
-    per row block); each of ``split`` programs per channel takes ``chunk`` consecutive units.
-    "mc": each of ``split`` programs per channel group takes ``chunk`` rows of the (M, C)
-    matrix, in [block_m, block_c] tiles."""
+    "ncs": units are the [block_n, block_s] tiles of (n, s) of one channel (s_blocks position
+    blocks per row block). "mc": units are the M rows of the (M, C) matrix, a tile the
+    [block_m, block_c] from one of them: chunk is in rows, a multiple of block_m (a loop over
+    tiles numbered by their first row compiles as the rows it was written with: no register
+    more than the kernels written for "mc" alone)."""
 
     split: int
-    chunk: int
-    block_m: int  # "mc": rows per tile; "ncs": block_n * block_s
-    block_c: int
+    chunk: int  # units per program ("mc": rows, a multiple of block_m)
+    block_a: int  # "ncs": block_n; "mc": block_m (rows per tile)
+    block_b: int  # "ncs": block_s; "mc": block_c (channels per program)
     num_warps: int
-    block_n: int = 1
-    block_s: int = 1
     s_blocks: int = 1
     units: int = 1
     groups: int = 1  # programs along the channel axis: C ("ncs") or cdiv(C, block_c) ("mc")
@@ -141,19 +142,25 @@ def reduce_config(lay: Layout, fused: bool = False, itemsize: int = 4) -> Reduce
         chunk = triton.cdiv(units, split)
         split = triton.cdiv(units, chunk)
         num_warps = _num_warps(block_n * block_s, itemsize, 4 if block_n * block_s <= 512 else 8)
-        return ReduceConfig(split, chunk, block_n * block_s, 1, num_warps, block_n, block_s,
-                            s_blocks, units, lay.C)
+        return ReduceConfig(split, chunk, block_n, block_s, num_warps, s_blocks, units, lay.C)
     block_c = _OVERRIDES.get("block_c", min(triton.next_power_of_2(lay.C), 256 if big else 32))
     block_m = min(triton.next_power_of_2(lay.M), max(1, (8192 if big else gpu_total) // block_c))
     block_m = _OVERRIDES.get("block_m", block_m)
     groups = triton.cdiv(lay.C, block_c)
-    max_split = triton.cdiv(lay.M, block_m)
+    tiles = triton.cdiv(lay.M, block_m)
     split = _OVERRIDES.get("split", triton.cdiv(_target_programs(lay.device), groups))
-    split = 1 if fused else max(1, min(split, max_split))
-    chunk = triton.cdiv(triton.cdiv(lay.M, split), block_m) * block_m
-    split = triton.cdiv(lay.M, chunk)
+    split = 1 if fused else max(1, min(split, tiles))
+    chunk = triton.cdiv(tiles, split)
+    split = triton.cdiv(tiles, chunk)
     num_warps = _num_warps(block_m * block_c, itemsize, 4 if block_m * block_c <= 512 else 8)
-    return ReduceConfig(split, chunk, block_m, block_c, num_warps, groups=groups)
+    return ReduceConfig(split, chunk * block_m, block_m, block_c, num_warps, 1, lay.M, groups)
+
+
+def reduce_shape(lay: Layout, cfg: ReduceConfig) -> dict:
+    """The shape arguments of the reduction kernels (both layouts: constexpr CL)."""
+    return dict(C=lay.C, S=lay.S, N=lay.N, S_BLOCKS=cfg.s_blocks, UNITS=cfg.units,
+                CHUNK=cfg.chunk, SPLIT=cfg.split, BLOCK_A=cfg.block_a, BLOCK_B=cfg.block_b,
+                CL=lay.kind != "ncs")
 
 
 def row_align(n: int) -> int:
@@ -310,3 +317,132 @@ def ncs_unit(c, u, N, C, S, S_BLOCKS, BLOCK_N: tl.constexpr, BLOCK_S: tl.constex
 def sum_all(a):
     """Sum of a 2-D tile."""
     return tl.sum(tl.sum(a, 1), 0)
+
+
+# Shared by the reduction kernels of every op family, which take both layouts through a
+# constexpr CL (channels last): "ncs" (CL False) gives each program one channel, a scalar, and
+# tiles [BLOCK_A, BLOCK_B] = [BLOCK_N, BLOCK_S] of its (n, s) values; "mc" (CL True) gives it a
+# group of BLOCK_C = BLOCK_B channels, a vector, and tiles [BLOCK_A, BLOCK_B] = [BLOCK_M,
+# BLOCK_C] of the (M, C) matrix. Per-channel values are then scalars or [BLOCK_C] vectors.
+
+
+@triton.jit
+def group(pid, C, BLOCK_C: tl.constexpr, CL: tl.constexpr):
+    """The channels of program ``pid`` and their mask: ``pid`` itself, a channel of the
+    grid's C, so a constant true mask that the compiler drops ("ncs"), or the BLOCK_C channels
+    from pid * BLOCK_C, those below C ("mc")."""
+    if CL:
+        ch = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+        cm = ch < C
+    else:
+        ch = pid
+        cm = tl.full([], 1, tl.int1)
+    return ch, cm
+
+
+@triton.jit
+def unit(u, ch, cm, N, C, S, S_BLOCKS, UNITS, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+         CL: tl.constexpr, INT64: tl.constexpr):
+    """Offsets and mask of work unit ``u`` of channels ``ch``: tile u of one channel, a
+    [BLOCK_N, BLOCK_S] tile of its (n, s) values ("ncs", :func:`ncs_unit`), or rows
+    u .. u + BLOCK_M - 1 of the (M, C) matrix in the group's columns, masked at M = UNITS
+    (channels last: a unit is named by its first row)."""
+    if CL:
+        rows = unit_rows(u, BLOCK_A, INT64)
+        offs = rows[:, None] * C + ch[None, :]
+        mask = (rows < UNITS)[:, None] & cm[None, :]
+    else:
+        offs, mask = ncs_unit(ch, u, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, INT64)
+    return offs, mask
+
+
+@triton.jit
+def unit_ptrs(ptr, u, ch, cm, N, C, S, S_BLOCKS, UNITS, BLOCK_A: tl.constexpr,
+              BLOCK_B: tl.constexpr, CL: tl.constexpr, INT64: tl.constexpr):
+    """``ptr`` + the offsets of :func:`unit`, and its mask, for a loop that reads one tensor:
+    channels last, a pointer per row, then its columns (ptxas then keeps fewer registers than
+    for ``ptr + offs``)."""
+    if CL:
+        rows = unit_rows(u, BLOCK_A, INT64)
+        mask = (rows < UNITS)[:, None] & cm[None, :]
+        ptrs = ptr + rows[:, None] * C + ch[None, :]
+    else:
+        offs, mask = ncs_unit(ch, u, N, C, S, S_BLOCKS, BLOCK_A, BLOCK_B, INT64)
+        ptrs = ptr + offs
+    return ptrs, mask
+
+
+@triton.jit
+def unit_rows(u, BLOCK_A: tl.constexpr, INT64: tl.constexpr):
+    """The rows of the (M, C) matrix unit ``u`` covers (channels last; see :func:`unit`)."""
+    rows = u + tl.arange(0, BLOCK_A)
+    if INT64:
+        rows = rows.to(tl.int64)
+    return rows
+
+
+@triton.jit
+def unit_end(start, CHUNK, UNITS, CL: tl.constexpr):
+    """Where a program's units from ``start`` end: CHUNK on, but at most UNITS ("ncs"; units
+    past UNITS are masked channels last, where loops step BLOCK_M rows as
+    ``range(start, end, BLOCK_A if CL else 1)``)."""
+    if CL:
+        end = start + CHUNK
+    else:
+        end = tl.minimum(start + CHUNK, UNITS)
+    return end
+
+
+@triton.jit
+def chan_sum(t, CL: tl.constexpr):
+    """Per-channel sum of a tile: all of it ("ncs"), or its columns ("mc")."""
+    if CL:
+        out = tl.sum(t, 0)
+    else:
+        out = sum_all(t)
+    return out
+
+
+@triton.jit
+def chan_bcast(v, CL: tl.constexpr):
+    """A per-channel value broadcast against a reduction tile: a scalar as it is ("ncs"), a
+    [BLOCK_C] vector over the rows ("mc")."""
+    if CL:
+        out = v[None, :]
+    else:
+        out = v
+    return out
+
+
+@triton.jit
+def chan_get(ptr, off, cm, other, CL: tl.constexpr, ACC: tl.constexpr,
+             PRESENT: tl.constexpr = True, CG: tl.constexpr = False):
+    """ptr[off] in ACC per channel (not broadcast), ``off`` the channels' offsets (``ch``, or
+    e.g. ``ch * SPLIT + q`` for partials): the program's channel, which exists, read unmasked
+    ("ncs"), or its group's, ``other`` past C ("mc"); ``other`` if not PRESENT. CG: bypass L1
+    (values other programs wrote)."""
+    if PRESENT:
+        if CL:
+            if CG:
+                v = tl.load(ptr + off, mask=cm, other=other, cache_modifier=".cg")
+            else:
+                v = tl.load(ptr + off, mask=cm, other=other)
+        else:
+            if CG:
+                v = tl.load(ptr + off, cache_modifier=".cg")
+            else:
+                v = tl.load(ptr + off)
+        v = v.to(ACC)
+    else:
+        v = tl.full(cm.shape, other, ACC)
+    return v
+
+
+@triton.jit
+def chan_put(ptr, off, cm, v, CL: tl.constexpr):
+    """ptr[off] = v per channel (see :func:`chan_get`; unmasked for the one channel of an
+    "ncs" program)."""
+    if CL:
+        tl.store(ptr + off, v, mask=cm)
+    else:
+        tl.store(ptr + off, v)

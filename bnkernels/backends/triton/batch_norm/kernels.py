@@ -28,12 +28,18 @@ Two strategies, chosen once per input signature by :class:`BatchNormPlan`:
   values, finalizes the statistics (saved mean/invstd, running statistics updated on the
   device) and writes y, re-reading its values from cache. Backward: the same with the
   gradient sums and dx.
-* **split**: two launches per direction. Forward: ``_bn_fwd_{ncs,mc}_kernel`` splits each
-  channel over SPLIT programs, each writing a (count, mean, M2) partial to the plan's cached
+* **split**: two launches per direction. Forward: ``_bn_fwd_kernel`` splits each channel
+  over SPLIT programs, each writing a (count, mean, M2) partial to the plan's cached
   workspace; the last program of each channel to finish (an atomic ticket) merges the SPLIT
   partials in a fixed order and finalizes. Then ``_bn_apply_kernel`` writes y. Backward:
-  ``_bn_bwd_{ncs,mc}_kernel`` (partial sum(g), sum(g (x - mean)); the last program writes
-  dweight, dbias and the coefficients of dx), then ``_bn_bwd_dx_kernel``.
+  ``_bn_bwd_kernel`` (partial sum(g), sum(g (x - mean)); the last program writes dweight,
+  dbias and the coefficients of dx), then ``_bn_bwd_dx_kernel``.
+
+The reduction kernels (``_bn_fwd_kernel``, ``_bn_bwd_kernel``) take both layouts, resolved at
+compile time by their constexpr CL (channels last): "ncs", a program per channel, tiles
+[BLOCK_N, BLOCK_S] of its (n, s) values; "mc", a program per group of BLOCK_C channels, tiles
+[BLOCK_M, BLOCK_C] of the matrix (see the helpers ``group``, ``unit``, ``chan_*`` of
+:mod:`..common`).
 
 Eval: the forward is ``_bn_apply_kernel`` alone (invstd = 1/sqrt(running_var + eps) computed in
 the kernel); the backward is ``_bn_bwd_dx_kernel`` alone, or, when dweight/dbias are wanted,
@@ -58,14 +64,21 @@ import triton.language as tl
 from ..common import (
     aligned,
     bcast,
+    chan_bcast,
+    chan_get,
     chan_load,
+    chan_put,
+    chan_sum,
     div_rn,
+    group,
     last_of_group,
-    ncs_unit,
     sqrt_rn,
-    sum_all,
     tile,
     two_sum_err,
+    unit,
+    unit_end,
+    unit_ptrs,
+    unit_rows,
 )
 from ..noise import channel_noise, element_noise, load_step
 
@@ -102,6 +115,18 @@ def _welford_lanes_merge(mean, m2, cnt, axis: tl.constexpr, ACC: tl.constexpr):
         d = mean - mean_t[:, None]
     m2_t = tl.sum(m2 + cnt * d * d, axis)
     return mean_t, m2_t, n
+
+
+@triton.jit
+def _welford_chan(mean, m2, cnt, CL: tl.constexpr, ACC: tl.constexpr):
+    """Per-channel merge of a reduction tile's lanes: over positions, then rows ("ncs"), or
+    over the rows of each column (channels last)."""
+    if CL:
+        mean, m2, cnt = _welford_lanes_merge(mean, m2, cnt, 0, ACC)
+    else:
+        mean, m2, cnt = _welford_lanes_merge(mean, m2, cnt, 1, ACC)
+        mean, m2, cnt = _welford_lanes_merge(mean, m2, cnt, 0, ACC)
+    return mean, m2, cnt
 
 
 @triton.jit
@@ -248,6 +273,30 @@ def _logical_index_mc(rows, cols, C, S):
 
 
 @triton.jit
+def _unit_noise(offs, u, ch, mu, sigma, C, S, seed, step, r_mu, r_sigma,
+                BLOCK_A: tl.constexpr, CL: tl.constexpr, INT64: tl.constexpr):
+    """(s, m) of the elements of reduction unit ``u`` (offsets ``offs``; see .noise): the
+    logical index is the offset in "ncs", the NCHW index of (row, channel) channels last."""
+    if CL:
+        idx = _logical_index_mc(unit_rows(u, BLOCK_A, INT64), ch, C, S)
+    else:
+        idx = offs
+    return element_noise(idx, mu, sigma, seed, step, r_mu, r_sigma, INT64)
+
+
+@triton.jit
+def _shift(x_ptr, ch, cm, S, CL: tl.constexpr, ACC: tl.constexpr, INT64: tl.constexpr):
+    """The channels' first elements x[0, ch, 0, ...]: the shift of their statistics."""
+    if CL:
+        k = tl.load(x_ptr + ch, mask=cm, other=0.0)
+    elif INT64:
+        k = tl.load(x_ptr + ch.to(tl.int64) * S)
+    else:
+        k = tl.load(x_ptr + ch * S)
+    return k.to(ACC)
+
+
+@triton.jit
 def _tile_noise(rows, cols, ch, offs, C, S, seed, step, n_mu, n_sigma, r_mu, r_sigma,
                 CHAN_ON_ROWS: tl.constexpr, INT64: tl.constexpr):
     """(s, m) of the elements of an elementwise tile (see .noise)."""
@@ -296,9 +345,9 @@ def _step_of(step, C, STEP_PTR: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=_NOISE_NO_SPEC)
-def _bn_fwd_ncs_kernel(
-    x_ptr,  # (N, C, S) contiguous
-    y_ptr,  # (N, C, S) out (FUSED)
+def _bn_fwd_kernel(
+    x_ptr,  # (N, C, S) contiguous, or (M, C) channels last (CL)
+    y_ptr,  # x's shape, out (FUSED)
     mean_ptr,  # [C] ACC out: mean
     invstd_ptr,  # [C] ACC out: 1/sqrt(biased var + eps), or the biased var if OUT_VAR
     rmean_ptr,  # [C] running_mean, updated in place if UPDATE
@@ -306,17 +355,17 @@ def _bn_fwd_ncs_kernel(
     w_ptr,  # [C] weight (if HAS_W)
     b_ptr,  # [C] bias (if HAS_B)
     ws_ptr,  # ACC workspace (split): [4, C, SPLIT] partials, then [C] mean_lo
-    ticket_ptr,  # int32 [C] (split): programs of each channel done, reset by the last
+    ticket_ptr,  # int32 [groups] (split): programs of each channel group done, reset by the last
     step,  # noise step: a 1-element int tensor (STEP_PTR) or an int
     used_ptr,  # ACC [C + 2]: the saved invstd, whose tail gets the step used (SAVE_STEP)
     nbt_ptr,  # int64 [] num_batches_tracked, incremented once per call (COUNT)
     C,
-    S,
+    S,  # spatial size (channels last: the logical index of the noise)
+    UNITS,  # work units of a channel group: [BLOCK_A, BLOCK_B] tiles ("ncs") or rows M (CL)
+    CHUNK,  # units per program (CL: a multiple of BLOCK_A)
+    SPLIT,  # programs per channel group
     N,
-    S_BLOCKS,  # position blocks per batch-row block
-    UNITS,  # [BLOCK_N, BLOCK_S] tiles per channel
-    CHUNK,  # tiles per program
-    SPLIT,  # programs per channel
+    S_BLOCKS,  # position blocks per batch-row block ("ncs"; 1 channels last)
     momentum,
     eps,
     seed,  # noise: Philox key
@@ -324,9 +373,10 @@ def _bn_fwd_ncs_kernel(
     n_sigma,
     r_mu,
     r_sigma,
-    BLOCK_N: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-    FUSED: tl.constexpr,  # one program per channel: finalize and write y here
+    BLOCK_A: tl.constexpr,  # tile rows: BLOCK_N ("ncs") or BLOCK_M (CL)
+    BLOCK_B: tl.constexpr,  # tile columns: BLOCK_S ("ncs") or BLOCK_C, channels a program (CL)
+    CL: tl.constexpr,  # channels last: x is (M, C); else (N, C, S), one channel a program
+    FUSED: tl.constexpr,  # one program per channel group: finalize and write y here
     UPDATE: tl.constexpr,
     OUT_VAR: tl.constexpr,
     HAS_W: tl.constexpr,
@@ -341,174 +391,66 @@ def _bn_fwd_ncs_kernel(
     INT64: tl.constexpr,
     ALIGN: tl.constexpr = 1,  # a power of two dividing the rows (S or C)
 ):
-    S = aligned(S, ALIGN)
-    c = tl.program_id(0)
-    p = tl.program_id(1)
-    _count_batch(nbt_ptr, (c == 0) & (p == 0), COUNT)
-    if INT64:
-        shift = tl.load(x_ptr + c.to(tl.int64) * S).to(ACC)
+    if CL:
+        C = aligned(C, ALIGN)
     else:
-        shift = tl.load(x_ptr + c * S).to(ACC)
-    mean = tl.zeros([BLOCK_N, BLOCK_S], ACC)
-    m2 = tl.zeros([BLOCK_N, BLOCK_S], ACC)
-    cnt = tl.zeros([BLOCK_N, BLOCK_S], ACC)
-    total = tl.zeros([BLOCK_N, BLOCK_S], ACC)  # plain sum of x: tells special values apart
-    for u in range(p * CHUNK, tl.minimum(p * CHUNK + CHUNK, UNITS)):
-        offs, mask = ncs_unit(c, u, N, C, S, S_BLOCKS, BLOCK_N, BLOCK_S, INT64)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+        S = aligned(S, ALIGN)
+    pid = tl.program_id(0)
+    p = tl.program_id(1)
+    _count_batch(nbt_ptr, (pid == 0) & (p == 0), COUNT)
+    ch, cm = group(pid, C, BLOCK_B, CL)
+    shift = _shift(x_ptr, ch, cm, S, CL, ACC, INT64)
+    mean = tl.zeros([BLOCK_A, BLOCK_B], ACC)
+    m2 = tl.zeros([BLOCK_A, BLOCK_B], ACC)
+    cnt = tl.zeros([BLOCK_A, BLOCK_B], ACC)
+    total = tl.zeros([BLOCK_A, BLOCK_B], ACC)  # plain sum of x: tells special values apart
+    for u in range(p * CHUNK, unit_end(p * CHUNK, CHUNK, UNITS, CL), BLOCK_A if CL else 1):
+        ptrs, mask = unit_ptrs(x_ptr, u, ch, cm, N, C, S, S_BLOCKS, UNITS, BLOCK_A, BLOCK_B, CL,
+                               INT64)
+        x = tl.load(ptrs, mask=mask, other=0.0).to(ACC)
         total += x
-        mean, m2, cnt = _welford_update(mean, m2, cnt, x - shift, mask)
-    mean, m2, cnt = _welford_lanes_merge(mean, m2, cnt, 1, ACC)  # over positions, then rows
-    mean, m2, cnt = _welford_lanes_merge(mean, m2, cnt, 0, ACC)
-    total = sum_all(total)
+        mean, m2, cnt = _welford_update(mean, m2, cnt, x - chan_bcast(shift, CL), mask)
+    mean, m2, cnt = _welford_chan(mean, m2, cnt, CL, ACC)
+    total = chan_sum(total, CL)
     if FUSED:
-        hi, lo, invstd = _bn_finalize(c, c < C, mean, m2, cnt, shift, total, mean_ptr,
+        hi, lo, invstd = _bn_finalize(ch, cm, mean, m2, cnt, shift, total, mean_ptr,
                                       invstd_ptr, rmean_ptr, rvar_ptr, momentum, eps, ACC,
                                       UPDATE, OUT_VAR)
-        w = 1.0
-        b = 0.0
-        if HAS_W:
-            w = tl.load(w_ptr + c).to(ACC)
-        if HAS_B:
-            b = tl.load(b_ptr + c).to(ACC)
+        w = chan_bcast(chan_get(w_ptr, ch, cm, 1.0, CL, ACC, HAS_W), CL)
+        b = chan_bcast(chan_get(b_ptr, ch, cm, 0.0, CL, ACC, HAS_B), CL)
         mu = 0.0
         sigma = 1.0
         if NOISY:
             step = load_step(step, STEP_PTR)
-            mu, sigma = channel_noise(c, seed, step, n_mu, n_sigma)
-            _save_step(used_ptr, C, step, c == 0, SAVE_STEP)
-        for u in range(0, UNITS):
-            offs, mask = ncs_unit(c, u, N, C, S, S_BLOCKS, BLOCK_N, BLOCK_S, INT64)
+            mu, sigma = channel_noise(ch, seed, step, n_mu, n_sigma)
+            mu, sigma = chan_bcast(mu, CL), chan_bcast(sigma, CL)
+            _save_step(used_ptr, C, step, pid == 0, SAVE_STEP)
+        hi, lo, invstd = chan_bcast(hi, CL), chan_bcast(lo, CL), chan_bcast(invstd, CL)
+        for u in range(0, UNITS, BLOCK_A if CL else 1):
+            offs, mask = unit(u, ch, cm, N, C, S, S_BLOCKS, UNITS, BLOCK_A, BLOCK_B, CL,
+                              INT64)
             x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
             ns = 1.0
             nm = 0.0
             if NOISY:
-                ns, nm = element_noise(offs, mu, sigma, seed, step, r_mu, r_sigma, INT64)
+                ns, nm = _unit_noise(offs, u, ch, mu, sigma, C, S, seed, step, r_mu, r_sigma,
+                                     BLOCK_A, CL, INT64)
             y = _bn_out(_bn_affine(x, hi, lo, invstd, w, b, HAS_LO), ns, nm, RELU, NOISY)
             tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
     else:
-        part = ws_ptr + c * SPLIT + p
-        tl.store(part, cnt)
-        tl.store(part + C * SPLIT, mean)
-        tl.store(part + 2 * C * SPLIT, m2)
-        tl.store(part + 3 * C * SPLIT, total)
-        if last_of_group(ticket_ptr, c, SPLIT):
-            mean, m2, cnt, total = _merge_partials(ws_ptr + c * SPLIT, C * SPLIT, SPLIT, c < C,
+        part = ws_ptr + ch * SPLIT + p
+        chan_put(part, 0, cm, cnt, CL)
+        chan_put(part, C * SPLIT, cm, mean, CL)
+        chan_put(part, 2 * C * SPLIT, cm, m2, CL)
+        chan_put(part, 3 * C * SPLIT, cm, total, CL)
+        if last_of_group(ticket_ptr, pid, SPLIT):
+            mean, m2, cnt, total = _merge_partials(ws_ptr + ch * SPLIT, C * SPLIT, SPLIT, cm,
                                                    ACC)
-            hi, lo, invstd = _bn_finalize(c, c < C, mean, m2, cnt, shift, total, mean_ptr,
+            hi, lo, invstd = _bn_finalize(ch, cm, mean, m2, cnt, shift, total, mean_ptr,
                                           invstd_ptr, rmean_ptr, rvar_ptr, momentum, eps, ACC,
                                           UPDATE, OUT_VAR)
-            tl.store(ws_ptr + _WS_VEC * C * SPLIT + c, lo)
-            tl.store(ticket_ptr + c, 0)
-
-
-@triton.jit(do_not_specialize=_NOISE_NO_SPEC)
-def _bn_fwd_mc_kernel(
-    x_ptr,  # (M, C) contiguous (channels last)
-    y_ptr,
-    mean_ptr,
-    invstd_ptr,
-    rmean_ptr,
-    rvar_ptr,
-    w_ptr,
-    b_ptr,
-    ws_ptr,  # ACC workspace (split): [4, C, SPLIT] partials, then [C] mean_lo
-    ticket_ptr,  # int32 [cdiv(C, BLOCK_C)] (split)
-    step,  # noise step: a 1-element int tensor (STEP_PTR) or an int
-    used_ptr,  # ACC [C + 2]: the saved invstd, whose tail gets the step used (SAVE_STEP)
-    nbt_ptr,  # int64 [] num_batches_tracked, incremented once per call (COUNT)
-    C,
-    S,  # spatial size (the logical index of the noise)
-    M,
-    CHUNK,  # rows per program (a multiple of BLOCK_M)
-    SPLIT,
-    momentum,
-    eps,
-    seed,
-    n_mu,
-    n_sigma,
-    r_mu,
-    r_sigma,
-    BLOCK_M: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    FUSED: tl.constexpr,
-    UPDATE: tl.constexpr,
-    OUT_VAR: tl.constexpr,
-    HAS_W: tl.constexpr,
-    HAS_B: tl.constexpr,
-    HAS_LO: tl.constexpr,
-    RELU: tl.constexpr,
-    NOISY: tl.constexpr,
-    STEP_PTR: tl.constexpr,
-    SAVE_STEP: tl.constexpr,
-    COUNT: tl.constexpr,
-    ACC: tl.constexpr,
-    INT64: tl.constexpr,
-    ALIGN: tl.constexpr = 1,  # a power of two dividing the rows (S or C)
-):
-    C = aligned(C, ALIGN)
-    pc = tl.program_id(0)
-    p = tl.program_id(1)
-    _count_batch(nbt_ptr, (pc == 0) & (p == 0), COUNT)
-    cols = pc * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
-    shift = tl.load(x_ptr + cols, mask=cmask, other=0.0).to(ACC)
-    mean = tl.zeros([BLOCK_M, BLOCK_C], ACC)
-    m2 = tl.zeros([BLOCK_M, BLOCK_C], ACC)
-    cnt = tl.zeros([BLOCK_M, BLOCK_C], ACC)
-    total = tl.zeros([BLOCK_M, BLOCK_C], ACC)  # plain sum of x: tells special values apart
-    for off in range(0, CHUNK, BLOCK_M):
-        rows = p * CHUNK + off + tl.arange(0, BLOCK_M)
-        if INT64:
-            rows = rows.to(tl.int64)
-        mask = (rows < M)[:, None] & cmask[None, :]
-        x = tl.load(x_ptr + rows[:, None] * C + cols[None, :], mask=mask, other=0.0).to(ACC)
-        total += x
-        mean, m2, cnt = _welford_update(mean, m2, cnt, x - shift[None, :], mask)
-    mean, m2, cnt = _welford_lanes_merge(mean, m2, cnt, 0, ACC)
-    total = tl.sum(total, 0)
-    if FUSED:
-        hi, lo, invstd = _bn_finalize(cols, cmask, mean, m2, cnt, shift, total, mean_ptr,
-                                      invstd_ptr, rmean_ptr, rvar_ptr, momentum, eps, ACC,
-                                      UPDATE, OUT_VAR)
-        w = chan_load(w_ptr, cols, cmask, 1.0, False, ACC, HAS_W)
-        b = chan_load(b_ptr, cols, cmask, 0.0, False, ACC, HAS_B)
-        mu = 0.0
-        sigma = 1.0
-        if NOISY:
-            step = load_step(step, STEP_PTR)
-            mu, sigma = channel_noise(cols, seed, step, n_mu, n_sigma)
-            mu, sigma = mu[None, :], sigma[None, :]
-            _save_step(used_ptr, C, step, pc == 0, SAVE_STEP)
-        for off in range(0, M, BLOCK_M):
-            rows = off + tl.arange(0, BLOCK_M)
-            if INT64:
-                rows = rows.to(tl.int64)
-            mask = (rows < M)[:, None] & cmask[None, :]
-            offs = rows[:, None] * C + cols[None, :]
-            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
-            ns = 1.0
-            nm = 0.0
-            if NOISY:
-                idx = _logical_index_mc(rows, cols, C, S)
-                ns, nm = element_noise(idx, mu, sigma, seed, step, r_mu, r_sigma, INT64)
-            y = _bn_out(_bn_affine(x, hi[None, :], lo[None, :], invstd[None, :], w, b, HAS_LO),
-                        ns, nm, RELU, NOISY)
-            tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
-    else:
-        part = ws_ptr + cols * SPLIT + p
-        tl.store(part, cnt, mask=cmask)
-        tl.store(part + C * SPLIT, mean, mask=cmask)
-        tl.store(part + 2 * C * SPLIT, m2, mask=cmask)
-        tl.store(part + 3 * C * SPLIT, total, mask=cmask)
-        if last_of_group(ticket_ptr, pc, SPLIT):
-            mean, m2, cnt, total = _merge_partials(ws_ptr + cols * SPLIT, C * SPLIT, SPLIT,
-                                                   cmask, ACC)
-            hi, lo, invstd = _bn_finalize(cols, cmask, mean, m2, cnt, shift, total, mean_ptr,
-                                          invstd_ptr, rmean_ptr, rvar_ptr, momentum, eps, ACC,
-                                          UPDATE, OUT_VAR)
-            tl.store(ws_ptr + _WS_VEC * C * SPLIT + cols, lo, mask=cmask)
-            tl.store(ticket_ptr + pc, 0)
+            chan_put(ws_ptr + _WS_VEC * C * SPLIT, ch, cm, lo, CL)
+            tl.store(ticket_ptr + pid, 0)
 
 
 @triton.jit(do_not_specialize=_NOISE_NO_SPEC)
@@ -607,10 +549,10 @@ def _bn_bwd_finalize(ch, cm, sum_g, sum_gx, invstd, coef_ptr, dw_ptr, db_ptr, C,
 
 
 @triton.jit(do_not_specialize=_NOISE_NO_SPEC)
-def _bn_bwd_ncs_kernel(
-    dy_ptr,  # (N, C, S) contiguous
-    x_ptr,  # (N, C, S) contiguous
-    dx_ptr,  # (N, C, S) out (FUSED, or eval with WRITE_DX)
+def _bn_bwd_kernel(
+    dy_ptr,  # (N, C, S) contiguous, or (M, C) channels last (CL)
+    x_ptr,  # dy's layout
+    dx_ptr,  # out (FUSED, or eval with WRITE_DX)
     mean_ptr,  # [C] mean (training) or running_mean (eval)
     scale_ptr,  # [C] invstd (training) or running_var (eval; see SCALE_FROM)
     w_ptr,
@@ -618,15 +560,15 @@ def _bn_bwd_ncs_kernel(
     dw_ptr,  # [C] out (weight's dtype) if WRITE_DW
     db_ptr,  # [C] out (bias's dtype) if WRITE_DB
     ws_ptr,  # ACC workspace (split): [2, C, SPLIT] partials, [2, C] coefficients at 4*C*SPLIT
-    ticket_ptr,  # int32 [C] (split)
+    ticket_ptr,  # int32 [groups] (split)
     step,  # noise step: a 1-element int tensor (STEP_PTR) or an int
     C,
     S,
-    N,
-    S_BLOCKS,
     UNITS,
     CHUNK,
     SPLIT,
+    N,
+    S_BLOCKS,
     M_F,  # values per channel, as a float
     eps,
     seed,
@@ -634,8 +576,9 @@ def _bn_bwd_ncs_kernel(
     n_sigma,
     r_mu,
     r_sigma,
-    BLOCK_N: tl.constexpr,
-    BLOCK_S: tl.constexpr,
+    BLOCK_A: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    CL: tl.constexpr,  # channels last (see _bn_fwd_kernel)
     FUSED: tl.constexpr,
     TRAINING: tl.constexpr,
     SCALE_FROM: tl.constexpr,
@@ -652,183 +595,73 @@ def _bn_bwd_ncs_kernel(
     INT64: tl.constexpr,
     ALIGN: tl.constexpr = 1,  # a power of two dividing the rows (S or C)
 ):
-    S = aligned(S, ALIGN)
-    c = tl.program_id(0)
+    if CL:
+        C = aligned(C, ALIGN)
+    else:
+        S = aligned(S, ALIGN)
+    pid = tl.program_id(0)
     p = tl.program_id(1)
+    ch, cm = group(pid, C, BLOCK_B, CL)
     mu = 0.0
     sigma = 1.0
     if NOISY:
         step = _step_of(step, C, STEP_PTR)
-        mu, sigma = channel_noise(c, seed, step, n_mu, n_sigma)
-    mean = tl.load(mean_ptr + c).to(ACC)
-    invstd = _invstd_from(tl.load(scale_ptr + c).to(ACC), eps, SCALE_FROM, ACC)
-    w = 1.0
-    b = 0.0
-    if HAS_W:
-        w = tl.load(w_ptr + c).to(ACC)
-    if HAS_B:
-        b = tl.load(b_ptr + c).to(ACC)
-    sum_g = tl.zeros([BLOCK_N, BLOCK_S], ACC)
-    sum_gx = tl.zeros([BLOCK_N, BLOCK_S], ACC)
-    for u in range(p * CHUNK, tl.minimum(p * CHUNK + CHUNK, UNITS)):
-        offs, mask = ncs_unit(c, u, N, C, S, S_BLOCKS, BLOCK_N, BLOCK_S, INT64)
+        mu, sigma = channel_noise(ch, seed, step, n_mu, n_sigma)
+        mu, sigma = chan_bcast(mu, CL), chan_bcast(sigma, CL)
+    mean_c = chan_get(mean_ptr, ch, cm, 0.0, CL, ACC)
+    invstd_c = _invstd_from(chan_get(scale_ptr, ch, cm, 1.0, CL, ACC), eps, SCALE_FROM, ACC)
+    mean = chan_bcast(mean_c, CL)
+    invstd = chan_bcast(invstd_c, CL)
+    w = chan_bcast(chan_get(w_ptr, ch, cm, 1.0, CL, ACC, HAS_W), CL)
+    b = chan_bcast(chan_get(b_ptr, ch, cm, 0.0, CL, ACC, HAS_B), CL)
+    sum_g = tl.zeros([BLOCK_A, BLOCK_B], ACC)
+    sum_gx = tl.zeros([BLOCK_A, BLOCK_B], ACC)
+    for u in range(p * CHUNK, unit_end(p * CHUNK, CHUNK, UNITS, CL), BLOCK_A if CL else 1):
+        offs, mask = unit(u, ch, cm, N, C, S, S_BLOCKS, UNITS, BLOCK_A, BLOCK_B, CL,
+                          INT64)
         g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
         ns = 1.0
         nm = 0.0
         if NOISY:
-            ns, nm = element_noise(offs, mu, sigma, seed, step, r_mu, r_sigma, INT64)
+            ns, nm = _unit_noise(offs, u, ch, mu, sigma, C, S, seed, step, r_mu, r_sigma,
+                                 BLOCK_A, CL, INT64)
         g = tl.where(mask, _upstream_grad(g, x, mean, invstd, w, b, ns, nm, RELU, NOISY), 0.0)
         sum_g += g
         sum_gx += g * tl.where(mask, x - mean, 0.0)
         if WRITE_DX and not TRAINING:  # eval: dx needs no sums, written in this pass
             tl.store(dx_ptr + offs, (g * invstd * w).to(dx_ptr.dtype.element_ty), mask=mask)
-    sum_g = sum_all(sum_g)
-    sum_gx = sum_all(sum_gx)
+    sum_g = chan_sum(sum_g, CL)
+    sum_gx = chan_sum(sum_gx, CL)
     if FUSED:
-        k1, k2 = _bn_bwd_finalize(c, c < C, sum_g, sum_gx, invstd, ws_ptr, dw_ptr, db_ptr, C, M_F,
-                                  ACC, False, WRITE_DW, WRITE_DB, DW_RAW)
+        k1, k2 = _bn_bwd_finalize(ch, cm, sum_g, sum_gx, invstd_c, ws_ptr, dw_ptr, db_ptr, C,
+                                  M_F, ACC, False, WRITE_DW, WRITE_DB, DW_RAW)
         if WRITE_DX and TRAINING:
-            for u in range(0, UNITS):
-                offs, mask = ncs_unit(c, u, N, C, S, S_BLOCKS, BLOCK_N, BLOCK_S, INT64)
+            k1 = chan_bcast(k1, CL)
+            k2 = chan_bcast(k2, CL)
+            for u in range(0, UNITS, BLOCK_A if CL else 1):
+                offs, mask = unit(u, ch, cm, N, C, S, S_BLOCKS, UNITS, BLOCK_A, BLOCK_B, CL,
+                                  INT64)
                 g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
                 x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
                 ns = 1.0
                 nm = 0.0
                 if NOISY:
-                    ns, nm = element_noise(offs, mu, sigma, seed, step, r_mu, r_sigma, INT64)
+                    ns, nm = _unit_noise(offs, u, ch, mu, sigma, C, S, seed, step, r_mu,
+                                         r_sigma, BLOCK_A, CL, INT64)
                 g = _upstream_grad(g, x, mean, invstd, w, b, ns, nm, RELU, NOISY)
                 dx = (g - k1 - (x - mean) * k2) * invstd * w
                 tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
     else:
-        part = ws_ptr + c * SPLIT + p
-        tl.store(part, sum_g)
-        tl.store(part + C * SPLIT, sum_gx)
-        if last_of_group(ticket_ptr, c, SPLIT):
-            sum_g, sum_gx = _sum_partials(ws_ptr + c * SPLIT, C * SPLIT, SPLIT, c < C)
-            _bn_bwd_finalize(c, c < C, sum_g, sum_gx, invstd, ws_ptr + _WS_VEC * C * SPLIT,
+        part = ws_ptr + ch * SPLIT + p
+        chan_put(part, 0, cm, sum_g, CL)
+        chan_put(part, C * SPLIT, cm, sum_gx, CL)
+        if last_of_group(ticket_ptr, pid, SPLIT):
+            sum_g, sum_gx = _sum_partials(ws_ptr + ch * SPLIT, C * SPLIT, SPLIT, cm)
+            _bn_bwd_finalize(ch, cm, sum_g, sum_gx, invstd_c, ws_ptr + _WS_VEC * C * SPLIT,
                              dw_ptr, db_ptr, C, M_F, ACC, WRITE_DX and TRAINING, WRITE_DW,
                              WRITE_DB, DW_RAW)
-            tl.store(ticket_ptr + c, 0)
-
-
-@triton.jit(do_not_specialize=_NOISE_NO_SPEC)
-def _bn_bwd_mc_kernel(
-    dy_ptr,  # (M, C) contiguous
-    x_ptr,
-    dx_ptr,
-    mean_ptr,
-    scale_ptr,
-    w_ptr,
-    b_ptr,
-    dw_ptr,
-    db_ptr,
-    ws_ptr,
-    ticket_ptr,  # int32 [cdiv(C, BLOCK_C)] (split)
-    step,  # noise step: a 1-element int tensor (STEP_PTR) or an int
-    C,
-    S,
-    M,  # rows (= values per channel)
-    CHUNK,
-    SPLIT,
-    M_F,  # values per channel, as a float
-    eps,
-    seed,
-    n_mu,
-    n_sigma,
-    r_mu,
-    r_sigma,
-    BLOCK_M: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    FUSED: tl.constexpr,
-    TRAINING: tl.constexpr,
-    SCALE_FROM: tl.constexpr,
-    WRITE_DX: tl.constexpr,
-    WRITE_DW: tl.constexpr,
-    WRITE_DB: tl.constexpr,
-    DW_RAW: tl.constexpr,
-    HAS_W: tl.constexpr,
-    HAS_B: tl.constexpr,
-    RELU: tl.constexpr,
-    NOISY: tl.constexpr,
-    STEP_PTR: tl.constexpr,
-    ACC: tl.constexpr,
-    INT64: tl.constexpr,
-    ALIGN: tl.constexpr = 1,  # a power of two dividing the rows (S or C)
-):
-    C = aligned(C, ALIGN)
-    pc = tl.program_id(0)
-    p = tl.program_id(1)
-    cols = pc * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
-    mu = 0.0
-    sigma = 1.0
-    if NOISY:
-        step = _step_of(step, C, STEP_PTR)
-        mu, sigma = channel_noise(cols, seed, step, n_mu, n_sigma)
-        mu, sigma = mu[None, :], sigma[None, :]
-    mean_v = tl.load(mean_ptr + cols, mask=cmask, other=0.0).to(ACC)
-    invstd_v = _invstd_from(tl.load(scale_ptr + cols, mask=cmask, other=1.0).to(ACC), eps,
-                            SCALE_FROM, ACC)
-    mean = mean_v[None, :]
-    invstd = invstd_v[None, :]
-    w = chan_load(w_ptr, cols, cmask, 1.0, False, ACC, HAS_W)
-    b = chan_load(b_ptr, cols, cmask, 0.0, False, ACC, HAS_B)
-    sum_g = tl.zeros([BLOCK_M, BLOCK_C], ACC)
-    sum_gx = tl.zeros([BLOCK_M, BLOCK_C], ACC)
-    for off in range(0, CHUNK, BLOCK_M):
-        rows = p * CHUNK + off + tl.arange(0, BLOCK_M)
-        if INT64:
-            rows = rows.to(tl.int64)
-        mask = (rows < M)[:, None] & cmask[None, :]
-        offs = rows[:, None] * C + cols[None, :]
-        g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
-        ns = 1.0
-        nm = 0.0
-        if NOISY:
-            idx = _logical_index_mc(rows, cols, C, S)
-            ns, nm = element_noise(idx, mu, sigma, seed, step, r_mu, r_sigma, INT64)
-        g = tl.where(mask, _upstream_grad(g, x, mean, invstd, w, b, ns, nm, RELU, NOISY), 0.0)
-        sum_g += g
-        sum_gx += g * tl.where(mask, x - mean, 0.0)
-        if WRITE_DX and not TRAINING:
-            tl.store(dx_ptr + offs, (g * invstd * w).to(dx_ptr.dtype.element_ty), mask=mask)
-    sum_g_v = tl.sum(sum_g, 0)
-    sum_gx_v = tl.sum(sum_gx, 0)
-    if FUSED:
-        k1, k2 = _bn_bwd_finalize(cols, cmask, sum_g_v, sum_gx_v, invstd_v, ws_ptr, dw_ptr,
-                                  db_ptr, C, M_F, ACC, False, WRITE_DW, WRITE_DB, DW_RAW)
-        if WRITE_DX and TRAINING:
-            k1 = k1[None, :]
-            k2 = k2[None, :]
-            for off in range(0, M, BLOCK_M):
-                rows = off + tl.arange(0, BLOCK_M)
-                if INT64:
-                    rows = rows.to(tl.int64)
-                mask = (rows < M)[:, None] & cmask[None, :]
-                offs = rows[:, None] * C + cols[None, :]
-                g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
-                x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
-                ns = 1.0
-                nm = 0.0
-                if NOISY:
-                    idx = _logical_index_mc(rows, cols, C, S)
-                    ns, nm = element_noise(idx, mu, sigma, seed, step, r_mu, r_sigma, INT64)
-                g = _upstream_grad(g, x, mean, invstd, w, b, ns, nm, RELU, NOISY)
-                dx = (g - k1 - (x - mean) * k2) * invstd * w
-                tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-    else:
-        part = ws_ptr + cols * SPLIT + p
-        tl.store(part, sum_g_v, mask=cmask)
-        tl.store(part + C * SPLIT, sum_gx_v, mask=cmask)
-        if last_of_group(ticket_ptr, pc, SPLIT):
-            sum_g_v, sum_gx_v = _sum_partials(ws_ptr + cols * SPLIT, C * SPLIT, SPLIT, cmask)
-            _bn_bwd_finalize(cols, cmask, sum_g_v, sum_gx_v, invstd_v,
-                             ws_ptr + _WS_VEC * C * SPLIT,
-                             dw_ptr, db_ptr, C, M_F, ACC, WRITE_DX and TRAINING, WRITE_DW,
-                             WRITE_DB, DW_RAW)
-            tl.store(ticket_ptr + pc, 0)
+            tl.store(ticket_ptr + pid, 0)
 
 
 @triton.jit(do_not_specialize=_NOISE_NO_SPEC)

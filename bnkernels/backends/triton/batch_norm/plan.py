@@ -10,7 +10,7 @@ import triton
 
 from ...layout import layout_of
 from ...plan import BasePlan, Signature, Workspaces, acc_dtype
-from ..common import apply_config, reduce_config, row_align, strategy, tl_dtype
+from ..common import apply_config, reduce_config, reduce_shape, row_align, strategy, tl_dtype
 from ..launch import Launch
 from ..noise import STEP_INT, STEP_SAVED, STEP_TENSOR
 from .kernels import (
@@ -19,10 +19,8 @@ from .kernels import (
     INVSTD,
     _bn_apply_kernel,
     _bn_bwd_dx_kernel,
-    _bn_bwd_mc_kernel,
-    _bn_bwd_ncs_kernel,
-    _bn_fwd_mc_kernel,
-    _bn_fwd_ncs_kernel,
+    _bn_bwd_kernel,
+    _bn_fwd_kernel,
 )
 
 # The per-call arguments of each kernel (everything else is fixed by the plan). Absent tensors
@@ -89,15 +87,7 @@ class BatchNormPlan(BasePlan):
             n_sigma=None if cfg_noise is None else float(cfg_noise.n_sigma),
             r_mu=None if cfg_noise is None else float(cfg_noise.r_mu),
             r_sigma=None if cfg_noise is None else float(cfg_noise.r_sigma))
-        if self.ncs:
-            self.reduce_fwd, self.reduce_bwd = _bn_fwd_ncs_kernel, _bn_bwd_ncs_kernel
-            self.shape = dict(C=lay.C, S=lay.S, N=lay.N, S_BLOCKS=cfg.s_blocks, UNITS=cfg.units,
-                              CHUNK=cfg.chunk, SPLIT=cfg.split, BLOCK_N=cfg.block_n,
-                              BLOCK_S=cfg.block_s)
-        else:
-            self.reduce_fwd, self.reduce_bwd = _bn_fwd_mc_kernel, _bn_bwd_mc_kernel
-            self.shape = dict(C=lay.C, S=lay.S, M=lay.M, CHUNK=cfg.chunk, SPLIT=cfg.split,
-                              BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c)
+        self.shape = reduce_shape(lay, cfg)
         self.reduce_grid = (cfg.groups, cfg.split)
         acfg = apply_config(lay, itemsize=sig.dtype.itemsize, heavy=sig.is_noisy)
         self.ew_grid = (triton.cdiv(lay.rows, acfg.block_r), triton.cdiv(lay.cols, acfg.block_k))
@@ -134,7 +124,7 @@ class BatchNormPlan(BasePlan):
     def _reduce_fwd_launch(self, **meta):
         consts = dict(self.flags, **self.noise_consts, **self.shape)
         consts.update(meta)
-        return self._launch(self.reduce_fwd, self.reduce_grid, self.cfg.num_warps, _FWD_CALL,
+        return self._launch(_bn_fwd_kernel, self.reduce_grid, self.cfg.num_warps, _FWD_CALL,
                             consts)
 
     def _apply_launch(self, **meta):
@@ -156,7 +146,7 @@ class BatchNormPlan(BasePlan):
                           SCALE_FROM=INVSTD, WRITE_DX=need_dx, WRITE_DW=need_dw,
                           WRITE_DB=need_db, DW_RAW=raw, M_F=float(self.lay.M), eps=None)
             launch = self._bwd_launches[key] = self._launch(
-                self.reduce_bwd, self.reduce_grid, self.cfg.num_warps, _BWD_CALL, consts)
+                _bn_bwd_kernel, self.reduce_grid, self.cfg.num_warps, _BWD_CALL, consts)
         return launch
 
     @functools.cached_property

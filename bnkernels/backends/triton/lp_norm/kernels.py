@@ -11,11 +11,12 @@ Per channel, over its M = N * S values (the layouts are BatchNorm's, see
 The strategies are BatchNorm's (see :mod:`.batch_norm`): **fused** (one program per channel
 or channel group does everything, one launch per direction) or **split** (each channel over
 SPLIT programs, the last to finish -- an atomic ticket -- merging the partials in a fixed order
-and finalizing; then an elementwise launch).
+and finalizing; then an elementwise launch). As BatchNorm's, the reduction kernels take both
+layouts through a constexpr CL (channels last).
 
 forward (training)::
 
-    _lp_fwd_{ncs,mc}_kernel     sum(x) and stat(z) (sum|z|, sum z^2 or max|z|) per channel ->
+    _lp_fwd_kernel              sum(x) and stat(z) (sum|z|, sum z^2 or max|z|) per channel ->
                                 mean, s, 1/(s + eps); running_mean/running_scale updated in
                                 place (no host sync); fused: y written by the same program
     _bn_apply_kernel            (split; BatchNorm's) y = (x - mean) * (1/(s + eps)) * w + b
@@ -29,7 +30,7 @@ forward (eval): ``_bn_apply_kernel`` alone, with 1/(running_scale + eps) compute
 
 backward (training), with a = s + eps, d = x - mean, xhat = d / a, g = dy::
 
-    _lp_bwd_{ncs,mc}_kernel   sum(g), sum(g*d), sum(f), count per channel -> dweight =
+    _lp_bwd_kernel            sum(g), sum(g*d), sum(f), count per channel -> dweight =
                               sum(g*d)/a, dbias = sum(g) and the per-channel coefficients of
                               dx; fused: dx written by the same program
     _lp_bwd_dx_kernel         (split) dx = (g - sum(g)/M) * w/a - k3 * (f - k4)
@@ -63,13 +64,19 @@ import triton.language as tl
 from ..batch_norm.kernels import _count_batch
 from ..common import (
     aligned,
+    chan_bcast,
+    chan_get,
     chan_load,
+    chan_put,
+    chan_sum,
     div_rn,
+    group,
     last_of_group,
-    ncs_unit,
     sqrt_rn,
-    sum_all,
     tile,
+    unit,
+    unit_end,
+    unit_ptrs,
 )
 
 # The kernels' constexpr P: 1, 2, or 0 for inf.
@@ -164,48 +171,36 @@ def _lp_finalize_scale(ch, cm, stat, M, scale_ptr, rscale_ptr, momentum, eps,
 
 
 @triton.jit
-def _lp_pass_ncs(x_ptr, c, u_start, u_end, mu, C, S, N, S_BLOCKS, BLOCK_N: tl.constexpr,
-                 BLOCK_S: tl.constexpr, P: tl.constexpr, STAT: tl.constexpr,
-                 ACC: tl.constexpr, INT64: tl.constexpr):
-    """(sum(x), stat(x - mu)) over tiles u_start..u_end-1 of channel c (stat 0 if not STAT)."""
-    sum_x = tl.zeros([BLOCK_N, BLOCK_S], ACC)
-    stat = tl.zeros([BLOCK_N, BLOCK_S], ACC)
-    for u in range(u_start, u_end):
-        offs, mask = ncs_unit(c, u, N, C, S, S_BLOCKS, BLOCK_N, BLOCK_S, INT64)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+def _lp_pass(x_ptr, ch, cm, u_start, u_end, mu, C, S, N, S_BLOCKS, BLOCK_A: tl.constexpr,
+             BLOCK_B: tl.constexpr, P: tl.constexpr, STAT: tl.constexpr, CL: tl.constexpr,
+             ACC: tl.constexpr, INT64: tl.constexpr):
+    """Per channel (sum(x), stat(x - mu)) over units u_start..u_end-1 of channels ``ch`` (stat
+    0 if not STAT; ``mu`` broadcast against the tile; channels last, rows from u_end on are
+    masked)."""
+    sum_x = tl.zeros([BLOCK_A, BLOCK_B], ACC)
+    stat = tl.zeros([BLOCK_A, BLOCK_B], ACC)
+    for u in range(u_start, u_end, BLOCK_A if CL else 1):
+        ptrs, mask = unit_ptrs(x_ptr, u, ch, cm, N, C, S, S_BLOCKS, u_end, BLOCK_A, BLOCK_B, CL,
+                               INT64)
+        x = tl.load(ptrs, mask=mask, other=0.0).to(ACC)
         sum_x += x
         if STAT:
             stat = _lp_stat_update(stat, x - mu, mask, P)
-    return sum_all(sum_x), _lp_stat_lanes(_lp_stat_lanes(stat, 1, P), 0, P)
-
-
-@triton.jit
-def _lp_pass_mc(x_ptr, cols, cmask, r_start, r_end, mu, C, BLOCK_M: tl.constexpr,
-                BLOCK_C: tl.constexpr, P: tl.constexpr, STAT: tl.constexpr,
-                ACC: tl.constexpr, INT64: tl.constexpr):
-    """(sum(x), stat(x - mu)) per column over rows r_start..r_end-1 (a multiple of BLOCK_M
-    apart; rows past r_end are masked by the caller's r_end = min(.., M))."""
-    sum_x = tl.zeros([BLOCK_M, BLOCK_C], ACC)
-    stat = tl.zeros([BLOCK_M, BLOCK_C], ACC)
-    for off in range(r_start, r_end, BLOCK_M):
-        rows = off + tl.arange(0, BLOCK_M)
-        if INT64:
-            rows = rows.to(tl.int64)
-        mask = (rows < r_end)[:, None] & cmask[None, :]
-        x = tl.load(x_ptr + rows[:, None] * C + cols[None, :], mask=mask, other=0.0).to(ACC)
-        sum_x += x
-        if STAT:
-            stat = _lp_stat_update(stat, x - mu, mask, P)
-    return tl.sum(sum_x, 0), _lp_stat_lanes(stat, 0, P)
+    sum_x = chan_sum(sum_x, CL)
+    if CL:
+        stat = _lp_stat_lanes(stat, 0, P)
+    else:
+        stat = _lp_stat_lanes(_lp_stat_lanes(stat, 1, P), 0, P)
+    return sum_x, stat
 
 
 # ----------------------------------------------------------------------------- forward kernels
 
 
 @triton.jit
-def _lp_fwd_ncs_kernel(
-    x_ptr,  # (N, C, S) contiguous
-    y_ptr,  # (N, C, S) out (FUSED)
+def _lp_fwd_kernel(
+    x_ptr,  # (N, C, S) contiguous, or (M, C) channels last (CL)
+    y_ptr,  # x's shape, out (FUSED)
     mean_ptr,  # [C] ACC out: mean (read in PHASE 2)
     scale_ptr,  # [C] ACC out: s_p
     rmean_ptr,  # [C] running_mean, updated in place if UPDATE
@@ -213,20 +208,21 @@ def _lp_fwd_ncs_kernel(
     w_ptr,
     b_ptr,
     ws_ptr,  # ACC workspace (split): [2, C, SPLIT] partials at 0, [C] 1/(s+eps) at 4*C*SPLIT
-    ticket_ptr,  # int32 [C] (split)
+    ticket_ptr,  # int32 [groups] (split)
     nbt_ptr,  # int64 [] num_batches_tracked, incremented once per call (COUNT)
     C,
     S,
+    UNITS,  # work units of a channel group: [BLOCK_A, BLOCK_B] tiles ("ncs") or rows M (CL)
+    CHUNK,  # units per program (CL: a multiple of BLOCK_A)
+    SPLIT,  # programs per channel group
     N,
-    S_BLOCKS,
-    UNITS,
-    CHUNK,
-    SPLIT,
+    S_BLOCKS,  # position blocks per batch-row block ("ncs"; 1 channels last)
     M_F,  # values per channel, as a float
     momentum,
     eps,
-    BLOCK_N: tl.constexpr,
-    BLOCK_S: tl.constexpr,
+    BLOCK_A: tl.constexpr,  # tile rows: BLOCK_N ("ncs") or BLOCK_M (CL)
+    BLOCK_B: tl.constexpr,  # tile columns: BLOCK_S ("ncs") or BLOCK_C, channels a program (CL)
+    CL: tl.constexpr,  # channels last: x is (M, C); else (N, C, S), one channel a program
     P: tl.constexpr,  # 1, 2, or 0 for inf
     PHASE: tl.constexpr,  # split: 0 sum and stat of x; 1 sum (centered); 2 stat of x - mean
     FUSED: tl.constexpr,
@@ -239,156 +235,63 @@ def _lp_fwd_ncs_kernel(
     INT64: tl.constexpr,
     ALIGN: tl.constexpr = 1,  # a power of two dividing the rows (S or C)
 ):
-    S = aligned(S, ALIGN)
-    c = tl.program_id(0)
+    if CL:
+        C = aligned(C, ALIGN)
+    else:
+        S = aligned(S, ALIGN)
+    pid = tl.program_id(0)
     p = tl.program_id(1)
-    _count_batch(nbt_ptr, (c == 0) & (p == 0) & (PHASE != 2), COUNT)
-    cm = c < C
+    _count_batch(nbt_ptr, (pid == 0) & (p == 0) & (PHASE != 2), COUNT)
+    ch, cm = group(pid, C, BLOCK_B, CL)
     if FUSED:
         if CENTERED:
-            sum_x, _ = _lp_pass_ncs(x_ptr, c, 0, UNITS, 0.0, C, S, N, S_BLOCKS, BLOCK_N, BLOCK_S,
-                                    P, False, ACC, INT64)
-            mean = _lp_finalize_mean(c, cm, sum_x, M_F, mean_ptr, rmean_ptr, momentum, ACC,
+            sum_x, _ = _lp_pass(x_ptr, ch, cm, 0, UNITS, 0.0, C, S, N, S_BLOCKS, BLOCK_A,
+                                BLOCK_B, P, False, CL, ACC, INT64)
+            mean = _lp_finalize_mean(ch, cm, sum_x, M_F, mean_ptr, rmean_ptr, momentum, ACC,
                                      UPDATE)
-            _, stat = _lp_pass_ncs(x_ptr, c, 0, UNITS, mean, C, S, N, S_BLOCKS, BLOCK_N,
-                                   BLOCK_S, P, True, ACC, INT64)
+            _, stat = _lp_pass(x_ptr, ch, cm, 0, UNITS, chan_bcast(mean, CL), C, S, N, S_BLOCKS,
+                               BLOCK_A, BLOCK_B, P, True, CL, ACC, INT64)
         else:
-            sum_x, stat = _lp_pass_ncs(x_ptr, c, 0, UNITS, 0.0, C, S, N, S_BLOCKS, BLOCK_N,
-                                       BLOCK_S, P, True, ACC, INT64)
-            mean = _lp_finalize_mean(c, cm, sum_x, M_F, mean_ptr, rmean_ptr, momentum, ACC,
+            sum_x, stat = _lp_pass(x_ptr, ch, cm, 0, UNITS, 0.0, C, S, N, S_BLOCKS, BLOCK_A,
+                                   BLOCK_B, P, True, CL, ACC, INT64)
+            mean = _lp_finalize_mean(ch, cm, sum_x, M_F, mean_ptr, rmean_ptr, momentum, ACC,
                                      UPDATE)
-        _, inv = _lp_finalize_scale(c, cm, stat, M_F, scale_ptr, rscale_ptr, momentum, eps, P,
+        _, inv = _lp_finalize_scale(ch, cm, stat, M_F, scale_ptr, rscale_ptr, momentum, eps, P,
                                     ACC, UPDATE)
-        w = 1.0
-        b = 0.0
-        if HAS_W:
-            w = tl.load(w_ptr + c).to(ACC)
-        if HAS_B:
-            b = tl.load(b_ptr + c).to(ACC)
-        for u in range(0, UNITS):
-            offs, mask = ncs_unit(c, u, N, C, S, S_BLOCKS, BLOCK_N, BLOCK_S, INT64)
+        w = chan_bcast(chan_get(w_ptr, ch, cm, 1.0, CL, ACC, HAS_W), CL)
+        b = chan_bcast(chan_get(b_ptr, ch, cm, 0.0, CL, ACC, HAS_B), CL)
+        mean, inv = chan_bcast(mean, CL), chan_bcast(inv, CL)
+        for u in range(0, UNITS, BLOCK_A if CL else 1):
+            offs, mask = unit(u, ch, cm, N, C, S, S_BLOCKS, UNITS, BLOCK_A, BLOCK_B, CL,
+                              INT64)
             x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
             y = (x - mean) * inv * w + b
             tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
     else:
         mu = 0.0
         if PHASE == 2:
-            mu = tl.load(mean_ptr + c).to(ACC)
-        sum_x, stat = _lp_pass_ncs(x_ptr, c, p * CHUNK, tl.minimum(p * CHUNK + CHUNK, UNITS), mu,
-                                   C, S, N, S_BLOCKS, BLOCK_N, BLOCK_S, P, PHASE != 1, ACC,
-                                   INT64)
-        part = ws_ptr + c * SPLIT + p
-        tl.store(part, sum_x)
-        tl.store(part + C * SPLIT, stat)
-        if last_of_group(ticket_ptr, c, SPLIT):
-            base = ws_ptr + c * SPLIT
-            sum_x = tl.load(base, cache_modifier=".cg")
-            stat = tl.load(base + C * SPLIT, cache_modifier=".cg")
+            mu = chan_bcast(chan_get(mean_ptr, ch, cm, 0.0, CL, ACC), CL)
+        sum_x, stat = _lp_pass(x_ptr, ch, cm, p * CHUNK, tl.minimum(p * CHUNK + CHUNK, UNITS),
+                               mu, C, S, N, S_BLOCKS, BLOCK_A, BLOCK_B, P, PHASE != 1, CL, ACC,
+                               INT64)
+        part = ws_ptr + ch * SPLIT + p
+        chan_put(part, 0, cm, sum_x, CL)
+        chan_put(part, C * SPLIT, cm, stat, CL)
+        if last_of_group(ticket_ptr, pid, SPLIT):
+            base = ws_ptr + ch * SPLIT
+            sum_x = chan_get(base, 0, cm, 0.0, CL, ACC, CG=True)
+            stat = chan_get(base, C * SPLIT, cm, 0.0, CL, ACC, CG=True)
             for q in range(1, SPLIT):  # fixed order: deterministic
-                sum_x += tl.load(base + q, cache_modifier=".cg")
-                stat = _lp_combine(stat, tl.load(base + C * SPLIT + q, cache_modifier=".cg"), P)
+                sum_x += chan_get(base, q, cm, 0.0, CL, ACC, CG=True)
+                stat = _lp_combine(stat, chan_get(base + C * SPLIT, q, cm, 0.0, CL, ACC,
+                                                  CG=True), P)
             if PHASE != 2:
-                _lp_finalize_mean(c, cm, sum_x, M_F, mean_ptr, rmean_ptr, momentum, ACC, UPDATE)
+                _lp_finalize_mean(ch, cm, sum_x, M_F, mean_ptr, rmean_ptr, momentum, ACC, UPDATE)
             if PHASE != 1:
-                _, inv = _lp_finalize_scale(c, cm, stat, M_F, scale_ptr, rscale_ptr, momentum,
+                _, inv = _lp_finalize_scale(ch, cm, stat, M_F, scale_ptr, rscale_ptr, momentum,
                                             eps, P, ACC, UPDATE)
-                tl.store(ws_ptr + 4 * C * SPLIT + c, inv)
-            tl.store(ticket_ptr + c, 0)
-
-
-@triton.jit
-def _lp_fwd_mc_kernel(
-    x_ptr,  # (M, C) contiguous (channels last)
-    y_ptr,
-    mean_ptr,
-    scale_ptr,
-    rmean_ptr,
-    rscale_ptr,
-    w_ptr,
-    b_ptr,
-    ws_ptr,
-    ticket_ptr,  # int32 [cdiv(C, BLOCK_C)] (split)
-    nbt_ptr,  # int64 [] num_batches_tracked, incremented once per call (COUNT)
-    C,
-    S,  # unused (the signature of the BatchNorm reductions)
-    M,
-    CHUNK,  # rows per program (a multiple of BLOCK_M)
-    SPLIT,
-    M_F,  # values per channel, as a float
-    momentum,
-    eps,
-    BLOCK_M: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    P: tl.constexpr,
-    PHASE: tl.constexpr,
-    FUSED: tl.constexpr,
-    CENTERED: tl.constexpr,
-    UPDATE: tl.constexpr,
-    HAS_W: tl.constexpr,
-    HAS_B: tl.constexpr,
-    ACC: tl.constexpr,
-    COUNT: tl.constexpr,
-    INT64: tl.constexpr,
-    ALIGN: tl.constexpr = 1,  # a power of two dividing the rows (S or C)
-):
-    C = aligned(C, ALIGN)
-    pc = tl.program_id(0)
-    p = tl.program_id(1)
-    _count_batch(nbt_ptr, (pc == 0) & (p == 0) & (PHASE != 2), COUNT)
-    cols = pc * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
-    if FUSED:
-        if CENTERED:
-            sum_x, _ = _lp_pass_mc(x_ptr, cols, cmask, 0, M, 0.0, C, BLOCK_M, BLOCK_C, P,
-                                   False, ACC, INT64)
-            mean = _lp_finalize_mean(cols, cmask, sum_x, M_F, mean_ptr, rmean_ptr, momentum, ACC,
-                                     UPDATE)
-            _, stat = _lp_pass_mc(x_ptr, cols, cmask, 0, M, mean[None, :], C, BLOCK_M,
-                                  BLOCK_C, P, True, ACC, INT64)
-        else:
-            sum_x, stat = _lp_pass_mc(x_ptr, cols, cmask, 0, M, 0.0, C, BLOCK_M, BLOCK_C,
-                                      P, True, ACC, INT64)
-            mean = _lp_finalize_mean(cols, cmask, sum_x, M_F, mean_ptr, rmean_ptr, momentum, ACC,
-                                     UPDATE)
-        _, inv = _lp_finalize_scale(cols, cmask, stat, M_F, scale_ptr, rscale_ptr, momentum, eps,
-                                    P, ACC, UPDATE)
-        w = chan_load(w_ptr, cols, cmask, 1.0, False, ACC, HAS_W)
-        b = chan_load(b_ptr, cols, cmask, 0.0, False, ACC, HAS_B)
-        for off in range(0, M, BLOCK_M):
-            rows = off + tl.arange(0, BLOCK_M)
-            if INT64:
-                rows = rows.to(tl.int64)
-            mask = (rows < M)[:, None] & cmask[None, :]
-            offs = rows[:, None] * C + cols[None, :]
-            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
-            y = (x - mean[None, :]) * inv[None, :] * w + b
-            tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
-    else:
-        mu = tl.zeros([BLOCK_C], ACC)
-        if PHASE == 2:
-            mu = tl.load(mean_ptr + cols, mask=cmask, other=0.0).to(ACC)
-        sum_x, stat = _lp_pass_mc(x_ptr, cols, cmask, p * CHUNK,
-                                  tl.minimum(p * CHUNK + CHUNK, M), mu[None, :], C, BLOCK_M,
-                                  BLOCK_C, P, PHASE != 1, ACC, INT64)
-        part = ws_ptr + cols * SPLIT + p
-        tl.store(part, sum_x, mask=cmask)
-        tl.store(part + C * SPLIT, stat, mask=cmask)
-        if last_of_group(ticket_ptr, pc, SPLIT):
-            base = ws_ptr + cols * SPLIT
-            sum_x = tl.load(base, mask=cmask, other=0.0, cache_modifier=".cg")
-            stat = tl.load(base + C * SPLIT, mask=cmask, other=0.0, cache_modifier=".cg")
-            for q in range(1, SPLIT):  # fixed order: deterministic
-                sum_x += tl.load(base + q, mask=cmask, other=0.0, cache_modifier=".cg")
-                stat = _lp_combine(stat, tl.load(base + C * SPLIT + q, mask=cmask, other=0.0,
-                                                 cache_modifier=".cg"), P)
-            if PHASE != 2:
-                _lp_finalize_mean(cols, cmask, sum_x, M_F, mean_ptr, rmean_ptr, momentum, ACC,
-                                  UPDATE)
-            if PHASE != 1:
-                _, inv = _lp_finalize_scale(cols, cmask, stat, M_F, scale_ptr, rscale_ptr,
-                                            momentum, eps, P, ACC, UPDATE)
-                tl.store(ws_ptr + 4 * C * SPLIT + cols, inv, mask=cmask)
-            tl.store(ticket_ptr + pc, 0)
+                chan_put(ws_ptr + 4 * C * SPLIT, ch, cm, inv, CL)
+            tl.store(ticket_ptr + pid, 0)
 
 
 # ----------------------------------------------------------------------------- backward kernels
@@ -454,8 +357,8 @@ def _lp_dx(g, x, mean, s, k1, k2, k3, k4, P: tl.constexpr, CENTERED: tl.constexp
 
 
 @triton.jit
-def _lp_bwd_ncs_kernel(
-    dy_ptr,  # (N, C, S) contiguous
+def _lp_bwd_kernel(
+    dy_ptr,  # (N, C, S) contiguous, or (M, C) channels last (CL)
     x_ptr,
     dx_ptr,  # out (FUSED)
     mean_ptr,  # [C] ACC
@@ -464,18 +367,19 @@ def _lp_bwd_ncs_kernel(
     dw_ptr,
     db_ptr,
     ws_ptr,  # ACC workspace (split): [4, C, SPLIT] partials at 0, [4, C] coefficients at 4*C*SPLIT
-    ticket_ptr,
+    ticket_ptr,  # int32 [groups] (split)
     C,
     S,
-    N,
-    S_BLOCKS,
     UNITS,
     CHUNK,
     SPLIT,
+    N,
+    S_BLOCKS,
     M_F,  # values per channel, as a float
     eps,
-    BLOCK_N: tl.constexpr,
-    BLOCK_S: tl.constexpr,
+    BLOCK_A: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    CL: tl.constexpr,  # channels last: x is (M, C); else (N, C, S), one channel a program
     P: tl.constexpr,
     FUSED: tl.constexpr,
     CENTERED: tl.constexpr,
@@ -487,21 +391,25 @@ def _lp_bwd_ncs_kernel(
     INT64: tl.constexpr,
     ALIGN: tl.constexpr = 1,  # a power of two dividing the rows (S or C)
 ):
-    S = aligned(S, ALIGN)
-    c = tl.program_id(0)
+    if CL:
+        C = aligned(C, ALIGN)
+    else:
+        S = aligned(S, ALIGN)
+    pid = tl.program_id(0)
     p = tl.program_id(1)
-    cm = c < C
-    mean = tl.load(mean_ptr + c).to(ACC)
-    s = tl.load(scale_ptr + c).to(ACC)
-    w = tl.zeros_like(s) + 1.0
-    if HAS_W:
-        w = tl.load(w_ptr + c).to(ACC)
-    sum_g = tl.zeros([BLOCK_N, BLOCK_S], ACC)
-    sum_gd = tl.zeros([BLOCK_N, BLOCK_S], ACC)
-    sum_f = tl.zeros([BLOCK_N, BLOCK_S], ACC)
-    cnt = tl.zeros([BLOCK_N, BLOCK_S], ACC)
-    for u in range(p * CHUNK, tl.minimum(p * CHUNK + CHUNK, UNITS)):
-        offs, mask = ncs_unit(c, u, N, C, S, S_BLOCKS, BLOCK_N, BLOCK_S, INT64)
+    ch, cm = group(pid, C, BLOCK_B, CL)
+    mean_c = chan_get(mean_ptr, ch, cm, 0.0, CL, ACC)
+    s_c = chan_get(scale_ptr, ch, cm, 0.0, CL, ACC)
+    w_c = chan_get(w_ptr, ch, cm, 1.0, CL, ACC, HAS_W)
+    mean = chan_bcast(mean_c, CL)
+    s = chan_bcast(s_c, CL)
+    sum_g = tl.zeros([BLOCK_A, BLOCK_B], ACC)
+    sum_gd = tl.zeros([BLOCK_A, BLOCK_B], ACC)
+    sum_f = tl.zeros([BLOCK_A, BLOCK_B], ACC)
+    cnt = tl.zeros([BLOCK_A, BLOCK_B], ACC)
+    for u in range(p * CHUNK, unit_end(p * CHUNK, CHUNK, UNITS, CL), BLOCK_A if CL else 1):
+        offs, mask = unit(u, ch, cm, N, C, S, S_BLOCKS, UNITS, BLOCK_A, BLOCK_B, CL,
+                          INT64)
         g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
         tg, tgd, tf, tc = _lp_bwd_terms(g, x, mean, s, mask, P, CENTERED)
@@ -509,150 +417,45 @@ def _lp_bwd_ncs_kernel(
         sum_gd += tgd
         sum_f += tf
         cnt += tc
-    sum_g = sum_all(sum_g)
-    sum_gd = sum_all(sum_gd)
-    sum_f = sum_all(sum_f)
-    cnt = sum_all(cnt)
+    sum_g = chan_sum(sum_g, CL)
+    sum_gd = chan_sum(sum_gd, CL)
+    sum_f = chan_sum(sum_f, CL)
+    cnt = chan_sum(cnt, CL)
     if FUSED:
-        k1, k2, k3, k4 = _lp_bwd_finalize(c, cm, sum_g, sum_gd, sum_f, cnt, s, w, M_F, eps, ws_ptr,
-                                          dw_ptr, db_ptr, C, P, CENTERED, ACC, False, WRITE_DW,
-                                          WRITE_DB)
+        k1, k2, k3, k4 = _lp_bwd_finalize(ch, cm, sum_g, sum_gd, sum_f, cnt, s_c, w_c, M_F, eps,
+                                          ws_ptr, dw_ptr, db_ptr, C, P, CENTERED, ACC, False,
+                                          WRITE_DW, WRITE_DB)
         if WRITE_DX:
-            for u in range(0, UNITS):
-                offs, mask = ncs_unit(c, u, N, C, S, S_BLOCKS, BLOCK_N, BLOCK_S, INT64)
+            k1, k2 = chan_bcast(k1, CL), chan_bcast(k2, CL)
+            k3, k4 = chan_bcast(k3, CL), chan_bcast(k4, CL)
+            for u in range(0, UNITS, BLOCK_A if CL else 1):
+                offs, mask = unit(u, ch, cm, N, C, S, S_BLOCKS, UNITS, BLOCK_A, BLOCK_B, CL,
+                                  INT64)
                 g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
                 x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
                 dx = _lp_dx(g, x, mean, s, k1, k2, k3, k4, P, CENTERED)
                 tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
     else:
-        part = ws_ptr + c * SPLIT + p
-        tl.store(part, sum_g)
-        tl.store(part + C * SPLIT, sum_gd)
-        tl.store(part + 2 * C * SPLIT, sum_f)
-        tl.store(part + 3 * C * SPLIT, cnt)
-        if last_of_group(ticket_ptr, c, SPLIT):
-            base = ws_ptr + c * SPLIT
-            sum_g = tl.load(base, cache_modifier=".cg")
-            sum_gd = tl.load(base + C * SPLIT, cache_modifier=".cg")
-            sum_f = tl.load(base + 2 * C * SPLIT, cache_modifier=".cg")
-            cnt = tl.load(base + 3 * C * SPLIT, cache_modifier=".cg")
+        part = ws_ptr + ch * SPLIT + p
+        chan_put(part, 0, cm, sum_g, CL)
+        chan_put(part, C * SPLIT, cm, sum_gd, CL)
+        chan_put(part, 2 * C * SPLIT, cm, sum_f, CL)
+        chan_put(part, 3 * C * SPLIT, cm, cnt, CL)
+        if last_of_group(ticket_ptr, pid, SPLIT):
+            base = ws_ptr + ch * SPLIT
+            sum_g = chan_get(base, 0, cm, 0.0, CL, ACC, CG=True)
+            sum_gd = chan_get(base, C * SPLIT, cm, 0.0, CL, ACC, CG=True)
+            sum_f = chan_get(base, 2 * C * SPLIT, cm, 0.0, CL, ACC, CG=True)
+            cnt = chan_get(base, 3 * C * SPLIT, cm, 0.0, CL, ACC, CG=True)
             for q in range(1, SPLIT):  # fixed order: deterministic
-                sum_g += tl.load(base + q, cache_modifier=".cg")
-                sum_gd += tl.load(base + C * SPLIT + q, cache_modifier=".cg")
-                sum_f += tl.load(base + 2 * C * SPLIT + q, cache_modifier=".cg")
-                cnt += tl.load(base + 3 * C * SPLIT + q, cache_modifier=".cg")
-            _lp_bwd_finalize(c, cm, sum_g, sum_gd, sum_f, cnt, s, w, M_F, eps,
+                sum_g += chan_get(base, q, cm, 0.0, CL, ACC, CG=True)
+                sum_gd += chan_get(base + C * SPLIT, q, cm, 0.0, CL, ACC, CG=True)
+                sum_f += chan_get(base + 2 * C * SPLIT, q, cm, 0.0, CL, ACC, CG=True)
+                cnt += chan_get(base + 3 * C * SPLIT, q, cm, 0.0, CL, ACC, CG=True)
+            _lp_bwd_finalize(ch, cm, sum_g, sum_gd, sum_f, cnt, s_c, w_c, M_F, eps,
                              ws_ptr + 4 * C * SPLIT, dw_ptr, db_ptr, C, P, CENTERED, ACC,
                              WRITE_DX, WRITE_DW, WRITE_DB)
-            tl.store(ticket_ptr + c, 0)
-
-
-@triton.jit
-def _lp_bwd_mc_kernel(
-    dy_ptr,  # (M, C) contiguous
-    x_ptr,
-    dx_ptr,
-    mean_ptr,
-    scale_ptr,
-    w_ptr,
-    dw_ptr,
-    db_ptr,
-    ws_ptr,
-    ticket_ptr,  # int32 [cdiv(C, BLOCK_C)] (split)
-    C,
-    S,  # unused
-    M,
-    CHUNK,
-    SPLIT,
-    M_F,
-    eps,
-    BLOCK_M: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    P: tl.constexpr,
-    FUSED: tl.constexpr,
-    CENTERED: tl.constexpr,
-    HAS_W: tl.constexpr,
-    WRITE_DX: tl.constexpr,
-    WRITE_DW: tl.constexpr,
-    WRITE_DB: tl.constexpr,
-    ACC: tl.constexpr,
-    INT64: tl.constexpr,
-    ALIGN: tl.constexpr = 1,  # a power of two dividing the rows (S or C)
-):
-    C = aligned(C, ALIGN)
-    pc = tl.program_id(0)
-    p = tl.program_id(1)
-    cols = pc * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
-    mean_v = tl.load(mean_ptr + cols, mask=cmask, other=0.0).to(ACC)
-    s_v = tl.load(scale_ptr + cols, mask=cmask, other=0.0).to(ACC)
-    if HAS_W:
-        w_v = tl.load(w_ptr + cols, mask=cmask, other=1.0).to(ACC)
-    else:
-        w_v = tl.full([BLOCK_C], 1.0, ACC)
-    mean = mean_v[None, :]
-    s = s_v[None, :]
-    sum_g = tl.zeros([BLOCK_M, BLOCK_C], ACC)
-    sum_gd = tl.zeros([BLOCK_M, BLOCK_C], ACC)
-    sum_f = tl.zeros([BLOCK_M, BLOCK_C], ACC)
-    cnt = tl.zeros([BLOCK_M, BLOCK_C], ACC)
-    for off in range(0, CHUNK, BLOCK_M):
-        rows = p * CHUNK + off + tl.arange(0, BLOCK_M)
-        if INT64:
-            rows = rows.to(tl.int64)
-        mask = (rows < M)[:, None] & cmask[None, :]
-        offs = rows[:, None] * C + cols[None, :]
-        g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
-        tg, tgd, tf, tc = _lp_bwd_terms(g, x, mean, s, mask, P, CENTERED)
-        sum_g += tg
-        sum_gd += tgd
-        sum_f += tf
-        cnt += tc
-    sum_g_v = tl.sum(sum_g, 0)
-    sum_gd_v = tl.sum(sum_gd, 0)
-    sum_f_v = tl.sum(sum_f, 0)
-    cnt_v = tl.sum(cnt, 0)
-    if FUSED:
-        k1, k2, k3, k4 = _lp_bwd_finalize(cols, cmask, sum_g_v, sum_gd_v, sum_f_v, cnt_v, s_v,
-                                          w_v, M_F, eps, ws_ptr, dw_ptr, db_ptr, C, P, CENTERED,
-                                          ACC, False, WRITE_DW, WRITE_DB)
-        if WRITE_DX:
-            for off in range(0, M, BLOCK_M):
-                rows = off + tl.arange(0, BLOCK_M)
-                if INT64:
-                    rows = rows.to(tl.int64)
-                mask = (rows < M)[:, None] & cmask[None, :]
-                offs = rows[:, None] * C + cols[None, :]
-                g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
-                x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
-                dx = _lp_dx(g, x, mean, s, k1[None, :], k2[None, :], k3[None, :], k4[None, :],
-                            P, CENTERED)
-                tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-    else:
-        part = ws_ptr + cols * SPLIT + p
-        tl.store(part, sum_g_v, mask=cmask)
-        tl.store(part + C * SPLIT, sum_gd_v, mask=cmask)
-        tl.store(part + 2 * C * SPLIT, sum_f_v, mask=cmask)
-        tl.store(part + 3 * C * SPLIT, cnt_v, mask=cmask)
-        if last_of_group(ticket_ptr, pc, SPLIT):
-            base = ws_ptr + cols * SPLIT
-            sum_g_v = tl.load(base, mask=cmask, other=0.0, cache_modifier=".cg")
-            sum_gd_v = tl.load(base + C * SPLIT, mask=cmask, other=0.0, cache_modifier=".cg")
-            sum_f_v = tl.load(base + 2 * C * SPLIT, mask=cmask, other=0.0, cache_modifier=".cg")
-            cnt_v = tl.load(base + 3 * C * SPLIT, mask=cmask, other=0.0, cache_modifier=".cg")
-            for q in range(1, SPLIT):  # fixed order: deterministic
-                sum_g_v += tl.load(base + q, mask=cmask, other=0.0, cache_modifier=".cg")
-                sum_gd_v += tl.load(base + C * SPLIT + q, mask=cmask, other=0.0,
-                                    cache_modifier=".cg")
-                sum_f_v += tl.load(base + 2 * C * SPLIT + q, mask=cmask, other=0.0,
-                                   cache_modifier=".cg")
-                cnt_v += tl.load(base + 3 * C * SPLIT + q, mask=cmask, other=0.0,
-                                 cache_modifier=".cg")
-            _lp_bwd_finalize(cols, cmask, sum_g_v, sum_gd_v, sum_f_v, cnt_v, s_v, w_v, M_F, eps,
-                             ws_ptr + 4 * C * SPLIT, dw_ptr, db_ptr, C, P, CENTERED, ACC,
-                             WRITE_DX, WRITE_DW, WRITE_DB)
-            tl.store(ticket_ptr + pc, 0)
+            tl.store(ticket_ptr + pid, 0)
 
 
 @triton.jit

@@ -12,14 +12,12 @@ from ...layout import layout_of
 from ...plan import BasePlan, Signature, Workspaces, acc_dtype
 from ..batch_norm.kernels import FROM_LP_SCALE, INVSTD, _bn_apply_kernel, _bn_bwd_dx_kernel
 from ..batch_norm.plan import _APPLY_CALL, _DX_CALL, _OWN
-from ..common import apply_config, reduce_config, row_align, strategy, tl_dtype
+from ..common import apply_config, reduce_config, reduce_shape, row_align, strategy, tl_dtype
 from ..launch import Launch
 from .kernels import (
     _lp_bwd_dx_kernel,
-    _lp_bwd_mc_kernel,
-    _lp_bwd_ncs_kernel,
-    _lp_fwd_mc_kernel,
-    _lp_fwd_ncs_kernel,
+    _lp_bwd_kernel,
+    _lp_fwd_kernel,
     _p_code,
 )
 
@@ -75,25 +73,17 @@ class LpNormPlan(BasePlan):
         self.cfg = cfg = reduce_config(lay, fused=self.fused, itemsize=sig.dtype.itemsize)
         self.centered = bool(sig.centered)
         self.P = _p_code(sig.p)
-        if self.ncs:
-            self.fwd_kernel, self.bwd_kernel = _lp_fwd_ncs_kernel, _lp_bwd_ncs_kernel
-            self.shape = dict(C=lay.C, S=lay.S, N=lay.N, S_BLOCKS=cfg.s_blocks,
-                              UNITS=cfg.units, CHUNK=cfg.chunk, SPLIT=cfg.split,
-                              BLOCK_N=cfg.block_n, BLOCK_S=cfg.block_s)
-        else:
-            self.fwd_kernel, self.bwd_kernel = _lp_fwd_mc_kernel, _lp_bwd_mc_kernel
-            self.shape = dict(C=lay.C, S=lay.S, M=lay.M, CHUNK=cfg.chunk, SPLIT=cfg.split,
-                              BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c)
+        self.shape = reduce_shape(lay, cfg)
         self.grid = (cfg.groups, cfg.split)
-        self.common = dict(P=self.P, FUSED=self.fused, CENTERED=self.centered,
-                           ACC=tl_dtype(acc), INT64=lay.int64, ALIGN=row_align(lay.cols),
-                           M_F=float(lay.M), **self.shape)
-        fwd = dict(self.common, UPDATE=sig.has_running, COUNT=sig.counter, **self.has)
+        flags = dict(P=self.P, FUSED=self.fused, CENTERED=self.centered, ACC=tl_dtype(acc),
+                     INT64=lay.int64, ALIGN=row_align(lay.cols), M_F=float(lay.M))
+        self.common = dict(flags, **self.shape)
+        fwd = dict(flags, **self.shape, UPDATE=sig.has_running, COUNT=sig.counter, **self.has)
         if self.fused:
-            self.k_fwd = [self._launch(self.fwd_kernel, self.grid, cfg.num_warps, _FWD_CALL,
+            self.k_fwd = [self._launch(_lp_fwd_kernel, self.grid, cfg.num_warps, _FWD_CALL,
                                        dict(fwd, PHASE=0))]
         else:  # the phases of the reduction (uncentered: one; centered: mean, then scale)
-            self.k_fwd = [self._launch(self.fwd_kernel, self.grid, cfg.num_warps, _FWD_CALL,
+            self.k_fwd = [self._launch(_lp_fwd_kernel, self.grid, cfg.num_warps, _FWD_CALL,
                                        dict(fwd, PHASE=phase))
                           for phase in ((1, 2) if self.centered else (0,))]
             self.k_apply = self._apply_launch(INVSTD, SAVE_STATS=False)
@@ -114,7 +104,7 @@ class LpNormPlan(BasePlan):
             consts = dict(self.common, HAS_W=self.sig.has_weight, WRITE_DX=need_dx,
                           WRITE_DW=need_dw, WRITE_DB=need_db)
             launch = self._bwd_launches[key] = self._launch(
-                self.bwd_kernel, self.grid, self.cfg.num_warps, _BWD_CALL, consts)
+                _lp_bwd_kernel, self.grid, self.cfg.num_warps, _BWD_CALL, consts)
         return launch
 
     @functools.cached_property

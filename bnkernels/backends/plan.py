@@ -21,6 +21,8 @@ from typing import NamedTuple, Protocol
 
 import torch
 
+from .layout import layout_of
+
 # Input dtypes every backend takes (fp64 mainly for gradcheck).
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -154,8 +156,20 @@ class Plan(Protocol):
 
 
 class BasePlan:
-    """What most plans share: ``split_saved`` for plans that save their statistics and step
-    apart already."""
+    """What most plans share: the fields resolved from the signature alone (``_resolve``) and
+    ``split_saved`` for plans that save their statistics and step apart already."""
+
+    def _resolve(self, sig: Signature):
+        """``sig``, the input's layout view ``lay``, the accumulation dtype ``acc``, ``C``,
+        ``training`` and ``copy`` (the input is copied to the kernels' layout); gives
+        (lay, acc)."""
+        self.sig = sig
+        self.lay = lay = layout_of(sig.shape, sig.stride, sig.device)
+        self.acc = acc = acc_dtype(sig.dtype)
+        self.C = lay.C
+        self.training = sig.training
+        self.copy = lay.copy
+        return lay, acc
 
     def split_saved(self, saved_a, saved_b, step_used):
         return saved_a, saved_b, step_used

@@ -25,7 +25,7 @@ import os
 
 import torch
 
-from ..layout import layout_of, view_layout
+from ..layout import view_layout
 from ..plan import BasePlan, acc_dtype, overriding
 from ..plan import Workspaces as _Workspaces
 from .loader import load
@@ -145,11 +145,8 @@ class BatchNormPlan(BasePlan):
     backward 1 (persistent, or eval dx alone) or 2."""
 
     def __init__(self, sig):
-        self.sig = sig
+        lay, _ = self._resolve(sig)
         self.ext = load()
-        self.lay = lay = layout_of(sig.shape, sig.stride, sig.device)
-        self.acc = acc_dtype(sig.dtype)
-        self.training = sig.training
         self.relu = sig.activation == "relu"
         self.step_tensor = sig.step_tensor
         self.split = _split()

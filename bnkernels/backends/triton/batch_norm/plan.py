@@ -8,8 +8,7 @@ import functools
 import torch
 import triton
 
-from ...layout import layout_of
-from ...plan import BasePlan, Signature, Workspaces, acc_dtype
+from ...plan import BasePlan, Signature, Workspaces
 from ..common import apply_config, reduce_config, reduce_shape, row_align, strategy, tl_dtype
 from ..launch import Launch
 from ..noise import STEP_INT, STEP_SAVED, STEP_TENSOR
@@ -65,11 +64,7 @@ class BatchNormPlan(BasePlan):
     :class:`~...plan.SyncStages`)."""
 
     def __init__(self, sig: Signature):
-        self.sig = sig
-        self.lay = lay = layout_of(sig.shape, sig.stride, sig.device)
-        self.acc = acc = acc_dtype(sig.dtype)
-        self.C = lay.C
-        self.training = sig.training
+        lay, acc = self._resolve(sig)
         self.fused = strategy(lay) == "fused"
         self.cfg = cfg = reduce_config(lay, fused=self.fused, itemsize=sig.dtype.itemsize)
         self.ncs = lay.kind == "ncs"
@@ -77,7 +72,6 @@ class BatchNormPlan(BasePlan):
         cfg_noise = sig.noisy[0] if sig.is_noisy else None
         self.step_tensor = sig.step_tensor
         self.save_step = self.step_tensor and sig.training
-        self.copy = lay.copy
         self.step_mode = STEP_TENSOR if self.step_tensor else STEP_INT
         self.flags = dict(HAS_W=sig.has_weight, HAS_B=sig.has_bias, RELU=self.relu,
                           NOISY=sig.is_noisy, STEP_PTR=self.step_mode, ACC=tl_dtype(acc),

@@ -8,8 +8,7 @@ import functools
 import torch
 import triton
 
-from ...layout import layout_of
-from ...plan import BasePlan, Signature, Workspaces, acc_dtype
+from ...plan import BasePlan, Signature, Workspaces
 from ..batch_norm.kernels import FROM_LP_SCALE, INVSTD, _bn_apply_kernel, _bn_bwd_dx_kernel
 from ..batch_norm.plan import _APPLY_CALL, _DX_CALL, _OWN
 from ..common import apply_config, reduce_config, reduce_shape, row_align, strategy, tl_dtype
@@ -50,12 +49,7 @@ class LpNormPlan(BasePlan):
     BatchNorm's eval dx kernel or reduction."""
 
     def __init__(self, sig: Signature):
-        self.sig = sig
-        self.lay = lay = layout_of(sig.shape, sig.stride, sig.device)
-        self.acc = acc = acc_dtype(sig.dtype)
-        self.C = lay.C
-        self.training = sig.training
-        self.copy = lay.copy
+        lay, acc = self._resolve(sig)
         self.ncs = lay.kind == "ncs"
         acfg = apply_config(lay, itemsize=sig.dtype.itemsize)
         self.ew_grid = (triton.cdiv(lay.rows, acfg.block_r), triton.cdiv(lay.cols, acfg.block_k))

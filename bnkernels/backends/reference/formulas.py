@@ -25,6 +25,7 @@ Backward, with g = dy (times [y > 0] for the fused ReLU)::
 from __future__ import annotations
 
 import os
+import threading
 
 import numpy as np
 import torch
@@ -191,16 +192,26 @@ a core's L2 cache. A power of two, so no pass straddles a multiple of 2^32."""
 def _philox_top_bits_cpu(seed: int, n: int, step: int, start: int = 0) -> torch.Tensor:
     """:func:`_philox_top_bits_torch` on the CPU, the same bits several times faster.
 
-    The eager version spends its time on memory: ~120 int64 operations per counter, each a
-    pass over n fresh 8-byte values. Here the rounds run on chunks of :data:`_CHUNK` counters
-    that stay in cache, in place in six reused buffers, with numpy's uint64 arithmetic, whose
-    right shift is logical (a high word needs no mask); the first two rounds, where three of
-    the four counter words are the same for every counter (i >> 32, step, 0), run those words
-    as Python integers. A product's low word is kept unmasked while it only feeds an XOR;
-    the XOR's result is masked where it is multiplied next. Passes end at multiples of
-    :data:`_CHUNK` counters, so i >> 32 is the same throughout a pass. With several torch
-    threads (``torch.get_num_threads()``), as many threads share the passes (numpy releases
-    the GIL in its loops); the bits do not depend on it."""
+    The integer work runs in C (``philox.c``, compiled at this process's first call, see
+    :func:`_philox_c`): one loop over the counters that the compiler vectorizes, ~5x faster
+    than :func:`_philox_passes`, numpy's version, which is what runs when no C compiler is
+    found or the compiled code fails its check. With several torch threads
+    (``torch.get_num_threads()``), as many threads share the counters (ctypes and numpy
+    release the GIL); the bits depend on neither the path nor the threads."""
+    step &= _M32
+    fn = _PHILOX_FN if _PHILOX_FN is not None else _philox_c()
+    if fn:
+        out = torch.empty((3, n), dtype=torch.float32)
+        threads = min(torch.get_num_threads(), n // _C_MIN_PER_THREAD)
+        seed &= _M64
+        if threads <= 1:
+            fn(seed, step, start, n, out.data_ptr(), n)
+        else:
+            ptr, per = out.data_ptr(), -(-n // threads)
+            list(_thread_pool(threads).map(
+                lambda lo: fn(seed, step, start + lo, min(per, n - lo), ptr + 4 * lo, n),
+                range(0, n, per)))
+        return out
     out = np.empty((3, n), np.float32)
     bounds = [start, *range((start // _CHUNK + 1) * _CHUNK, start + n, _CHUNK), start + n]
     passes = list(zip(bounds[:-1], bounds[1:]))
@@ -213,6 +224,79 @@ def _philox_top_bits_cpu(seed: int, n: int, step: int, start: int = 0) -> torch.
         list(_thread_pool(len(parts)).map(
             lambda part: _philox_passes(seed, step, start, part, out), parts))
     return torch.from_numpy(out)
+
+
+_M64 = (1 << 64) - 1
+_C_MIN_PER_THREAD = 1 << 16
+"""Counters per thread below which the C path uses fewer threads (64Ki take ~0.3 ms)."""
+
+_PHILOX_FN = None
+"""The compiled ``bnk_philox_top_bits`` (a ctypes function), False where it is unavailable,
+None until :func:`_philox_c` has looked."""
+_PHILOX_LOCK = threading.Lock()
+
+
+def _c_compilers() -> list:
+    """Commands to try, in order: Python's own ``CC`` (sysconfig), then ``cc`` and ``gcc``."""
+    import shlex
+    import sysconfig
+
+    found = []
+    for cmd in (sysconfig.get_config_var("CC") or "", "cc", "gcc"):
+        argv = shlex.split(cmd)
+        if argv and argv not in found:
+            found.append(argv)
+    return found
+
+
+def _philox_c():
+    """The compiled Philox (see ``philox.c``), or False: built once per process, at the
+    first call, into a private temporary directory removed once the library is loaded (no
+    cache on disk). Its output is checked against :func:`_philox_passes` on counters that
+    cross a multiple of 2^32 before it is used. Any failure (no compiler, a failed compile,
+    load or check) leaves the numpy path, silently: the bits are the same."""
+    global _PHILOX_FN
+    with _PHILOX_LOCK:
+        if _PHILOX_FN is None:
+            try:
+                _PHILOX_FN = _build_philox_c()
+            except Exception:
+                _PHILOX_FN = False
+        return _PHILOX_FN
+
+
+def _build_philox_c():
+    import ctypes
+    import shutil
+    import subprocess
+    import tempfile
+
+    src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "philox.c")
+    flags = ["-O3", "-march=native", "-shared", "-fPIC", "-ffp-contract=off"]
+    tmp = tempfile.mkdtemp(prefix="bnkernels-philox-")
+    try:
+        lib = os.path.join(tmp, "philox.so")
+        for cc in _c_compilers():
+            if shutil.which(cc[0]) is None:
+                continue
+            done = subprocess.run([*cc, *flags, src, "-o", lib], stdin=subprocess.DEVNULL,
+                                  capture_output=True, timeout=120)
+            if done.returncode == 0:
+                break
+        else:
+            return False
+        fn = ctypes.CDLL(lib).bnk_philox_top_bits
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # a loaded library needs no file
+    fn.restype = None
+    fn.argtypes = [ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint64, ctypes.c_int64,
+                   ctypes.c_void_p, ctypes.c_int64]
+    seed, step, start, n = 2**40 + 7, 2**31 + 3, 2**32 - 37, 75
+    got = torch.empty((3, n), dtype=torch.float32)
+    fn(seed, step, start, n, got.data_ptr(), n)
+    want = np.empty((3, n), np.float32)
+    _philox_passes(seed, step, start, [(start, 2**32), (2**32, start + n)], want)
+    return fn if torch.equal(got, torch.from_numpy(want)) else False
 
 
 _POOLS: dict = {}

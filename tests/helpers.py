@@ -4,7 +4,11 @@ element, and input builders. Imported by the test modules (tests/ is on sys.path
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -141,3 +145,14 @@ def use_backend(name: str) -> None:
     if strategy:
         common._OVERRIDES["strategy"] = strategy
     bnk.set_backend(backend)  # forgets every plan made under the previous choice
+
+
+def run_compiler_script(name: str, *args: str, timeout: float = 900) -> str:
+    """Run ``tests/<name>`` in a subprocess with the Triton interpreter off (so Triton's real
+    compiler runs, for sm_90, without a GPU); assert it succeeded and give its stdout."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = Path(__file__).with_name(name)
+    proc = subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stdout

@@ -344,14 +344,19 @@ class _LpOracle(nn.Module):
 def _torch_bn_module(d: Draw, w, b, rm, rv):
     cls = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
     m = cls[len(d.shape)](d.shape[1], d.eps, d.momentum, d.affine, d.track, dtype=w.dtype)
+    return _load(m, d, w, b, rm, rv).train(d.training)
+
+
+def _load(m, d: Draw, w, b, rm, rv):
+    """``m`` with the draw's weight, bias and running buffers (running_var or running_scale)."""
     with torch.no_grad():
         if d.affine:
             m.weight.copy_(w)
             m.bias.copy_(b)
         if d.track:
             m.running_mean.copy_(rm)
-            m.running_var.copy_(rv)
-    return m.train(d.training)
+            (m.running_scale if d.op == "lp" else m.running_var).copy_(rv)
+    return m
 
 
 def _oracle(d: Draw, x64, dy, w, b, rm, rv, noise, exact=True):
@@ -427,14 +432,8 @@ def _ours(d: Draw, x64, dy64, w, b, rm, rv, device):
             kw.update(activation=d.activation)
         if d.op == "noisy":
             kw.update(noise=CFG, seed=d.seed)
-        m = _bn_module_cls(d)(d.shape[1], **kw).to(device).train(d.training)
-        with torch.no_grad():
-            if d.affine:
-                m.weight.copy_(w)
-                m.bias.copy_(b)
-            if d.track:
-                m.running_mean.copy_(rm)
-                (m.running_scale if d.op == "lp" else m.running_var).copy_(rv)
+        m = _load(_bn_module_cls(d)(d.shape[1], **kw).to(device).train(d.training), d, w, b,
+                  rm, rv)
         if m.weight is not None:
             m.weight.requires_grad_(d.w_grad)
             m.bias.requires_grad_(d.w_grad)

@@ -11,16 +11,14 @@ The compiling tests run tests/sass_check.py in a subprocess with the Triton inte
 from __future__ import annotations
 
 import json
-import os
 import struct
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 triton = pytest.importorskip("triton")
+
+from helpers import run_compiler_script  # noqa: E402
 
 from bnkernels.benchmarking.sass import allowed_bits  # noqa: E402
 from bnkernels.benchmarking.sass import parse as P  # noqa: E402
@@ -239,11 +237,7 @@ def _case_id(c):
 def report(tmp_path_factory):
     """The report of CASES, made in a subprocess with the Triton interpreter off."""
     out = tmp_path_factory.mktemp("sass") / "report.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    script = Path(__file__).with_name("sass_check.py")
-    proc = subprocess.run([sys.executable, str(script), json.dumps(CASES), str(out)], env=env,
-                          capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_compiler_script("sass_check.py", json.dumps(CASES), str(out), timeout=1200)
     return json.loads(out.read_text())
 
 

@@ -1,13 +1,9 @@
 """The direct launch path agrees with Triton's JIT launch (see tests/triton_launch_check.py),
 and launches are stubbed exactly (the host-path measurements rely on it)."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from helpers import run_compiler_script
 
 triton = pytest.importorskip("triton")
 
@@ -15,13 +11,9 @@ triton = pytest.importorskip("triton")
 @pytest.mark.skipif(not hasattr(triton, "knobs"),
                     reason="Triton < 3.3 has no direct launch path (every launch is the JIT's)")
 def test_direct_launch_matches_the_jit_launch():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    script = Path(__file__).with_name("triton_launch_check.py")
-    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
-                          text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    n = int(proc.stdout.split("ok ")[-1])
-    assert n >= 100, proc.stdout
+    out = run_compiler_script("triton_launch_check.py")
+    n = int(out.split("ok ")[-1])
+    assert n >= 100, out
 
 
 def test_stubbed_launches_run_no_kernel(device):

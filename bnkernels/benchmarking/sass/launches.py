@@ -147,7 +147,7 @@ def case_signature(case: Case):
     return Signature("lp_norm" if lp else "batch_norm", tuple(x.shape), tuple(x.stride()),
                      x.dtype, device, TRAINING[case.pass_], None, noisy,
                      LP_PS[case.p] if lp else None, False if lp else None, False,
-                     (channel,) * 4, None)
+                     (channel,) * 4, None, None)
 
 
 def launches_of(op: str, sig, direction: str) -> list[LaunchSpec]:

@@ -88,7 +88,8 @@ class LpNormPlan(BasePlan):
 
     def _apply_launch(self, scale_from, SAVE_STATS):
         consts = dict(self.ew, **self.has, **_EW_NO_NOISE, S=self.lay.S, SCALE_FROM=scale_from,
-                      HAS_LO=False, SAVE_STEP=False, SAVE_STATS=SAVE_STATS)
+                      HAS_LO=False, SAVE_STEP=False, SAVE_STATS=SAVE_STATS, res_ptr=None,
+                      HAS_RES=False)
         return self._launch(_bn_apply_kernel, self.ew_grid, self.ew_warps, _APPLY_CALL, consts)
 
     def _bwd_launch(self, need_dx, need_dw, need_db):
@@ -111,7 +112,7 @@ class LpNormPlan(BasePlan):
     def k_eval_dx(self):
         """Eval dx alone: BatchNorm's eval dx kernel (invstd = the snapshot 1/(s + eps))."""
         consts = dict(self.ew, **self.has, **_EW_NO_NOISE, S=self.lay.S, TRAINING=False,
-                      SCALE_FROM=INVSTD, eps=None)
+                      SCALE_FROM=INVSTD, eps=None, out_ptr=None, dres_ptr=None, OUT_MASK=False)
         return self._launch(_bn_bwd_dx_kernel, self.ew_grid, self.ew_warps, _DX_CALL, consts)
 
     @functools.cached_property

@@ -25,9 +25,9 @@ from .kernels import (
 # The per-call arguments of each kernel (everything else is fixed by the plan). Absent tensors
 # (no weight, no running statistics, no noise) are passed as None: Triton takes a None
 # argument as a constexpr, so the kernel variant of a plan never sees a placeholder.
-_FWD_CALL = ("x_ptr", "y_ptr", "res_ptr", "mean_ptr", "invstd_ptr", "rmean_ptr", "rvar_ptr", "w_ptr",
-             "b_ptr", "ws_ptr", "ticket_ptr", "step", "used_ptr", "nbt_ptr", "momentum", "eps",
-             "seed")
+_FWD_CALL = ("x_ptr", "y_ptr", "res_ptr", "mean_ptr", "invstd_ptr", "rmean_ptr", "rvar_ptr",
+             "w_ptr", "b_ptr", "ws_ptr", "ticket_ptr", "step", "used_ptr", "nbt_ptr", "momentum",
+             "eps", "seed")
 _APPLY_CALL = ("x_ptr", "y_ptr", "res_ptr", "mean_ptr", "lo_ptr", "scale_ptr", "w_ptr", "b_ptr",
                "step", "used_ptr", "save_mean_ptr", "save_invstd_ptr", "eps", "seed")
 _BWD_CALL = ("dy_ptr", "x_ptr", "dx_ptr", "out_ptr", "dres_ptr", "mean_ptr", "scale_ptr",

@@ -592,7 +592,8 @@ def _bn_bwd_kernel(
     x_ptr,  # dy's layout
     dx_ptr,  # out (FUSED, or eval with WRITE_DX)
     out_ptr,  # dy's layout: the forward's output, for the ReLU's mask (OUT_MASK)
-    dres_ptr,  # out, dy's layout: d(residual), written with dx (OUT_MASK)
+    dres_ptr,  # out, dy's layout: d(residual) = the masked dy, written by the first sweep
+    # (OUT_MASK; None: not wanted): the split training backward's dx pass reads it as its dy
     mean_ptr,  # [C] mean (training) or running_mean (eval)
     scale_ptr,  # [C] invstd (training) or running_var (eval; see SCALE_FROM)
     w_ptr,
@@ -668,8 +669,7 @@ def _bn_bwd_kernel(
             ns, nm = _unit_noise(offs, u, ch, mu, sigma, C, S, seed, step, r_mu, r_sigma,
                                  BLOCK_A, CL, INT64)
         g = _out_mask(g, out_ptr, offs, mask, OUT_MASK)
-        if WRITE_DX and not TRAINING:
-            _dres_store(dres_ptr, offs, mask, g, OUT_MASK)
+        _dres_store(dres_ptr, offs, mask, g, OUT_MASK)  # the split dx pass reads it as dy
         g = tl.where(mask, _upstream_grad(g, x, mean, invstd, w, b, ns, nm, RELU, NOISY), 0.0)
         sum_g += g
         sum_gx += g * tl.where(mask, x - mean, 0.0)
@@ -693,8 +693,7 @@ def _bn_bwd_kernel(
                 if NOISY:
                     ns, nm = _unit_noise(offs, u, ch, mu, sigma, C, S, seed, step, r_mu,
                                          r_sigma, BLOCK_A, CL, INT64)
-                g = _out_mask(g, out_ptr, offs, mask, OUT_MASK)
-                _dres_store(dres_ptr, offs, mask, g, OUT_MASK)
+                g = _out_mask(g, out_ptr, offs, mask, OUT_MASK)  # re-read from cache
                 g = _upstream_grad(g, x, mean, invstd, w, b, ns, nm, RELU, NOISY)
                 dx = (g - k1 - (x - mean) * k2) * invstd * w
                 tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
@@ -715,7 +714,7 @@ def _bn_bwd_dx_kernel(
     dy_ptr,  # [ROWS, COLS] contiguous, same layout as x
     x_ptr,
     dx_ptr,  # out, x's dtype
-    out_ptr,  # the forward's output, for the ReLU's mask (OUT_MASK)
+    out_ptr,  # the forward's output, for the ReLU's mask (OUT_MASK: eval's one pass)
     dres_ptr,  # out: d(residual) (OUT_MASK)
     mean_ptr,  # [C] mean (training) or running_mean (eval)
     scale_ptr,  # [C] invstd, or what SCALE_FROM says

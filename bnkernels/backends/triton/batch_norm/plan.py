@@ -166,9 +166,11 @@ class BatchNormPlan(BasePlan):
         return self._dx_launch(STEP_SAVED)
 
     def _dx_launch(self, step_mode):
+        # A residual's training dx pass reads the masked dy its reduction wrote (d(residual)):
+        # no mask there; eval's one pass masks and writes d(residual) itself.
         consts = dict(self.flags, **self.noise_consts, **self.ew, TRAINING=self.training,
                       SCALE_FROM=INVSTD, eps=None, STEP_PTR=step_mode, RELU=self.recompute,
-                      OUT_MASK=self.out_mask)
+                      OUT_MASK=self.out_mask and not self.training)
         return self._launch(_bn_bwd_dx_kernel, self.ew_grid, self.ew_warps, _DX_CALL, consts)
 
     @functools.cached_property
@@ -267,15 +269,15 @@ class BatchNormPlan(BasePlan):
                                         noise)
             return dx, dw, db, (dy if need_dz else None)
         xc = x.contiguous() if self.copy else x
-        if need_dz and not needs[0]:  # no dx pass to write it in: one elementwise op
-            dz = torch.where(out <= 0, torch.zeros_like(dy), dy)
-            dx, dw, db = self._backward(dy, x, mean, invstd, weight, bias, eps, needs[:3], noise,
-                                        (self.lay.like(out, xc), None))
-            return dx, dw, db, dz
-        dz = torch.empty_like(xc) if need_dz else None
+        # d(residual), the masked dy, is written by the first sweep: wanted, or read by the
+        # split training backward's dx pass
+        split_dx = needs[0] and self.training and not self.fused
+        dz = torch.empty_like(xc) if need_dz or split_dx else None
+        if need_dz and not any(needs[:3]):  # nothing else wanted: one elementwise op
+            return None, None, None, torch.where(out <= 0, torch.zeros_like(dy), dy)
         dx, dw, db = self._backward(dy, x, mean, invstd, weight, bias, eps, needs[:3], noise,
                                     (self.lay.like(out, xc), dz))
-        return dx, dw, db, dz
+        return dx, dw, db, (dz if need_dz else None)
 
     def _backward(self, dy, x, mean, invstd, weight, bias, eps, needs, noise, res=None):
         """The backward's launches; ``res``: (the forward's output in x's layout, the
@@ -307,13 +309,14 @@ class BatchNormPlan(BasePlan):
         self._bwd_launch(need_dx, need_dw, need_db,
                          step_mode=STEP_SAVED if saved_step else None).run(
             dy_ptr=dyc, x_ptr=x, dx_ptr=None if split_dx else dx, out_ptr=out,
-            dres_ptr=None if split_dx else dres, mean_ptr=mean,
+            dres_ptr=dres, mean_ptr=mean,
             scale_ptr=invstd, w_ptr=weight, b_ptr=bias, dw_ptr=dw, db_ptr=db,
             ws_ptr=ws.buf if ws is not None else None,
             ticket_ptr=ws.ticket if ws is not None else None, step=step, seed=seed)
-        if split_dx:
+        if split_dx:  # with a residual and a ReLU, dy is the masked dy the reduction wrote
             (self.k_dx_saved if saved_step else self.k_dx).run(
-                dy_ptr=dyc, x_ptr=x, dx_ptr=dx, out_ptr=out, dres_ptr=dres, mean_ptr=mean,
+                dy_ptr=dyc if dres is None else dres, x_ptr=x, dx_ptr=dx, out_ptr=None,
+                dres_ptr=None, mean_ptr=mean,
                 scale_ptr=invstd, w_ptr=weight,
                 b_ptr=bias, coef_ptr=ws.vec, step=step, seed=seed)
         return dx, dw, db

@@ -463,7 +463,7 @@ def _lp_norm(x, p, running_mean, running_scale, weight, bias, training, momentum
         sig = _new(Signature, (
             "lp_norm", x.shape, x.stride(), x.dtype, x.device, training, None, None, _P[p],
             centered, counter is not None, _channels(weight, bias, running_mean, running_scale),
-            None))
+            None, None))
         plan = _plan_get(sig) or _lp_norm_plan(sig, x, p, running_mean, running_scale, weight,
                                                 bias, training, momentum, eps)
         momentum, eps = float(momentum), float(eps)

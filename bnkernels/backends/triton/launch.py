@@ -15,16 +15,27 @@ constexprs included, as ``JITFunction.run`` does). The direct call is generated 
 launch as a function with keyword-only parameters (named arguments at the cost of positional
 ones).
 
+The direct call passes every pointer as the integer address (Triton's launcher then makes
+no ``cuPointerGetAttribute`` call per pointer) and, when the kernel needs no scratch memory,
+calls the C entry behind Triton's ``CudaLauncher`` itself, with the arguments
+``CudaLauncher.__call__`` would pass it.
+
 It is taken only while it is exactly what the JIT would launch:
 
-* the per-call tensors have the alignment the kernel was specialized for (Triton specializes
-  pointers on 16-byte alignment; a view at an odd offset takes the JIT path, which compiles
-  its own variant);
+* the plan's device is the current one (else the call makes it current for the launch, as
+  torch's own ops do, and the JIT path does the same: a function handle, a stream and the
+  tensors of one device);
+* every per-call pointer the kernel was specialized as 16-byte aligned is 16-byte aligned at
+  this call (a view at an odd offset takes the JIT path, which compiles its own variant):
+  outputs the plan allocates are checked as well, at the cost of one ``|`` each;
 * the per-call integers keep their Triton type (i32 or i64 by value);
 * no launch hook is installed (a profiler such as proton: the JIT path calls the hooks).
 
 Otherwise, and on Triton < 3.3, on the interpreter, or with ``BNKERNELS_TRITON_LAUNCH=jit``
-(read once, when this module is imported), a call goes through ``kernel[grid](...)``.
+(read once, when this module is imported), a call goes through ``kernel[grid](...)``. The
+bound launch holds the ``CompiledKernel`` it launches, so its function handle stays loaded
+whatever Triton does with its caches. ``docs/launch-path.md`` lists these guarantees and the
+checks that hold them.
 """
 
 from __future__ import annotations
@@ -35,6 +46,7 @@ import weakref
 import torch
 import triton
 
+from ..plan import _raw_stream_getter
 from .common import INTERPRET
 
 # Triton >= 3.3 launches with every bound argument (constexprs included) and keeps its launch
@@ -53,12 +65,18 @@ _ALL: weakref.WeakSet = weakref.WeakSet()
 _stubbed = False
 _jit_only = False
 
+# The current CUDA device (read per call; ~40 ns) and a guard that makes another one current
+# for a block. Module attributes so that a fake driver (tests/triton_launch_check.py) can
+# stand in for them.
+_get_device = getattr(torch._C, "_cuda_getDevice", None) or torch.cuda.current_device
+_device_guard = torch.cuda.device
 
-def _raw_stream_getter():
-    getter = getattr(torch._C, "_cuda_getCurrentRawStream", None)
-    if getter is None:  # pragma: no cover - every CUDA build of torch >= 2.4 has it
-        return lambda index: torch.cuda.current_stream(index).cuda_stream
-    return getter
+
+def _index_of(device: torch.device | None) -> int | None:
+    """The CUDA device index a plan's launches run on (None: not a CUDA device)."""
+    if device is None or device.type != "cuda":
+        return None
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 def _hooks_installed() -> bool:
@@ -70,17 +88,32 @@ def _hooks_installed() -> bool:
     return False
 
 
+def _c_entry(launcher):
+    """``(entry, fixed)``: the C function behind Triton's ``CudaLauncher`` and the arguments
+    it passes that do not change between calls, when calling it directly is what
+    ``CudaLauncher.__call__`` would do (no global or profile scratch to allocate, no
+    instrumentation); else None (the launcher is called as the JIT calls it)."""
+    try:
+        if (launcher.global_scratch_size or launcher.profile_scratch_size
+                or getattr(launcher, "gsan_enabled", False)):
+            return None
+        return launcher.launch, (launcher.launch_cooperative_grid, launcher.launch_pdl,
+                                 launcher.arg_annotations, launcher.kernel_signature)
+    except AttributeError:  # another Triton's launcher: call it as the JIT does
+        return None
+
+
 class Launch:
     """One kernel launch of a plan (see the module docstring).
 
     ``grid``, ``num_warps``, ``consts`` (constexprs, and the per-plan values of non-constexpr
     parameters) are fixed; ``call`` names the per-call parameters, which ``run`` takes as
-    keyword-only arguments. ``aligned`` names per-call pointers that are always the plan's own
-    allocations (outputs, workspaces): their alignment needs no check per call.
+    keyword-only arguments. ``device``: the plan's device; its launches run there whichever
+    device is current (as torch's own ops do).
     """
 
     def __init__(self, kernel, grid, num_warps: int, consts: dict, call: tuple[str, ...],
-                 aligned: tuple[str, ...] = (), device: torch.device | None = None):
+                 device: torch.device | None = None):
         self.kernel = kernel
         names = kernel.arg_names
         missing = [n for n in names if n not in consts and n not in call]
@@ -92,9 +125,8 @@ class Launch:
         self.num_warps = int(num_warps)
         self.consts = dict(consts)
         self.call = tuple(call)
-        self.aligned = frozenset(aligned)
-        self.device_index = (device.index if device is not None and device.index is not None
-                             else None)
+        self.device_index = _index_of(device)
+        self.compiled = None  # the CompiledKernel the direct path launches (kept alive)
         self.direct = False  # the direct path is bound
         self.run = self._first
         if _stubbed:
@@ -108,7 +140,12 @@ class Launch:
     # -- the JIT path
 
     def jit(self, **args):
-        """Launch through Triton's JIT (``kernel[grid](...)``); returns what it returns."""
+        """Launch through Triton's JIT (``kernel[grid](...)``) on the plan's device; returns
+        what it returns."""
+        index = self.device_index
+        if index is not None and _get_device() != index:
+            with _device_guard(index):
+                return self.kernel[self.grid](**args, **self.consts, num_warps=self.num_warps)
         return self.kernel[self.grid](**args, **self.consts, num_warps=self.num_warps)
 
     def _first(self, **args):
@@ -116,6 +153,15 @@ class Launch:
         if DIRECT and compiled is not None and not (_stubbed or _jit_only):
             self._bind(compiled, args)
         return compiled
+
+    def _other(self, **args):
+        """A call the direct path does not take as it is: on another current device, the same
+        launch with the plan's device made current; else the JIT."""
+        index = self.device_index
+        if _get_device() != index:
+            with _device_guard(index):
+                return self.run(**args)
+        return self.jit(**args)
 
     # -- the direct path
 
@@ -129,19 +175,22 @@ class Launch:
             return
         index = self.device_index
         if index is None:
-            index = torch.cuda.current_device()
+            index = _get_device()
+            self.device_index = index
+        entry = _c_entry(launcher)
         env = {"_launch": launcher, "_function": function, "_packed": packed,
-               "_stream": _raw_stream_getter(), "_index": index, "_jit": self.jit,
-               "_hooks": _hooks_installed}
+               "_stream": _raw_stream_getter(), "_index": index, "_other": self._other,
+               "_hooks": _hooks_installed, "_dev": _get_device}
         params_by_name = {p.name: p for p in self.kernel.params}
-        guards = []
+        guards, addresses, aligned = [], [], []
         for name in self.call:
             value = args[name]
             param = params_by_name[name]
             if isinstance(value, torch.Tensor):
-                if (name not in self.aligned and value.data_ptr() % 16 == 0
+                addresses.append(f"_p_{name} = {name}.data_ptr()")
+                if (value.data_ptr() % 16 == 0
                         and not getattr(param, "do_not_specialize_on_alignment", False)):
-                    guards.append(f"{name}.data_ptr() & 15")  # specialized as 16-aligned
+                    aligned.append(f"_p_{name}")  # specialized as 16-aligned: checked per call
             elif isinstance(value, bool) or value is None:
                 guards.append(f"{name} is not _v_{name}")
                 env[f"_v_{name}"] = value
@@ -156,20 +205,38 @@ class Launch:
         params = []
         for name in self.kernel.arg_names:
             if name in self.call:
-                params.append(name)
+                params.append(f"_p_{name}" if isinstance(args[name], torch.Tensor) else name)
             else:
                 env[f"_c_{name}"] = self.consts[name]
                 params.append(f"_c_{name}")
         g0, g1, g2 = self.grid
         signature = ", ".join(self.call)
         keywords = ", ".join(f"{n}={n}" for n in self.call)
-        guard = " or ".join(["_hooks()", *guards])
-        src = (f"def run(*, {signature}):\n"
-               f"    if {guard}:\n"
-               f"        return _jit({keywords})\n"
-               f"    _launch({g0}, {g1}, {g2}, _stream(_index), _function, _packed, None, None, "
-               f"None, {', '.join(params)})\n")
+        guard = " or ".join(["_hooks()", f"_dev() != {index}", *guards])
+        lines = [f"def run(*, {signature}):",
+                 f"    if {guard}:",
+                 f"        return _other({keywords})"]
+        # The addresses, passed as ints (Triton then asks the driver nothing per pointer).
+        lines += [f"    {a}" for a in addresses]
+        if aligned:
+            lines += [f"    if ({' | '.join(aligned)}) & 15:",
+                      f"        return _other({keywords})"]
+        if entry is not None:
+            env["_entry"] = entry[0]
+            coop, pdl, annotations, ksig = entry[1]
+            env.update(_coop=coop, _pdl=pdl, _ann=annotations, _ksig=ksig)
+            lines.append(f"    _entry({g0}, {g1}, {g2}, _stream({index}), _function, _coop, _pdl, "
+                         f"_packed, None, None, None, None, None, _ann, _ksig, "
+                         f"({', '.join(params)},))")
+        else:
+            lines.append(f"    _launch({g0}, {g1}, {g2}, _stream({index}), _function, _packed, "
+                         f"None, None, None, {', '.join(params)})")
+        src = "\n".join(lines) + "\n"
         exec(compile(src, f"<bnkernels launch {self.kernel.__name__}>", "exec"), env)
+        # The direct path holds the CompiledKernel itself, not only its function handle:
+        # Triton unloads the module when that object goes (its __del__), e.g. when its
+        # caches are cleared, and the handle would dangle.
+        self.compiled = compiled
         self.run = env["run"]
         self.direct = True
 
@@ -186,6 +253,7 @@ class Launch:
         else:
             self.run = self._first
             self.direct = False
+            self.compiled = None
 
 
 class jit_only:
@@ -198,7 +266,7 @@ class jit_only:
         global _jit_only
         _jit_only = True
         for launch in list(_ALL):
-            launch.run, launch.direct = launch._first, False
+            launch.run, launch.direct, launch.compiled = launch._first, False, None
         return self
 
     def __exit__(self, *exc):

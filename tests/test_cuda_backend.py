@@ -529,6 +529,47 @@ def test_ticket_finalize_with_many_splits(case, dev, monkeypatch):
             assert int(lplan.workspaces.get()[1].abs().sum()) == 0
 
 
+def test_workspaces_under_emulated_cuda_graphs(dev):
+    """Each graph captured with a split plan owns workspaces made (and zero-filled) inside its
+    capture: two graphs and the eager calls never share partials or tickets, the graphs keep
+    them through PLANS.clear(), and replays (interleaved, one after a ticket was left part-way)
+    give the eager call's results bit for bit."""
+    import gc
+
+    from cuda_emulator.graphs import EmulatedGraph
+
+    from bnkernels.backends.plan import GRAPH_WORKSPACES, PLANS
+
+    inp = make_inputs(Case((5, 3, 7, 9)), dev)
+    x = inp["x"]
+    with cuda.override_config(split=16, path="multipass"):
+        plan = cuda.BatchNormPlan(Signature.of("batch_norm", x, True))
+
+        def call():
+            y, mean, invstd, _ = plan.forward(x, None, None, None, None, 0.1, 1e-5, None)
+            dx = plan.backward(inp["dy"], x, mean, invstd, None, None, 1e-5,
+                               (True, False, False), None)[0]
+            return y, dx
+
+        eager = call()
+        eager_ws = plan.workspaces.get()
+        graphs = [EmulatedGraph([plan.workspaces], call) for _ in range(2)]
+        for g in graphs:
+            g.capture()
+        a, b = (g.made for g in graphs)
+        assert len(a) == len(b) == 2  # forward and backward: one each
+        owned = [id(t) for ws in (*a, *b, eager_ws) for t in ws]
+        assert len(set(owned)) == len(owned), "two graphs or eager calls share a workspace"
+        PLANS.clear()
+        gc.collect()
+        assert all(any(ws is held for held in GRAPH_WORKSPACES) for ws in (*a, *b))
+        a[0][1].fill_(3)  # a ticket left part-way (an interrupted replay)
+        for g in (graphs[0], graphs[1], graphs[0], graphs[1]):
+            out = g.replay()
+            assert all(torch.equal(o, e) for o, e in zip(out, eager))
+        assert plan.workspaces.get() is eager_ws and int(eager_ws[1].abs().sum()) == 0
+
+
 def test_host_path(dev):
     """test_host_path's checks on this backend: no environment, import or filesystem access on
     the hot path (Python side), and an eval backward with its forward's statistics."""

@@ -40,8 +40,10 @@ checks that hold them.
 
 from __future__ import annotations
 
+import itertools
 import os
 import weakref
+from types import SimpleNamespace
 
 import torch
 import triton
@@ -64,6 +66,7 @@ _I64 = (-(2**63), 2**63 - 1)
 _ALL: weakref.WeakSet = weakref.WeakSet()
 _stubbed = False
 _jit_only = False
+_emulated = False
 
 # The current CUDA device (read per call; ~40 ns) and a guard that makes another one current
 # for a block. Module attributes so that a fake driver (tests/triton_launch_check.py) can
@@ -149,6 +152,9 @@ class Launch:
         return self.kernel[self.grid](**args, **self.consts, num_warps=self.num_warps)
 
     def _first(self, **args):
+        if _emulated:
+            self._bind(_EmulatedKernel(), args, emulated=True)
+            return self.run(**args)
         compiled = self.jit(**args)
         if DIRECT and compiled is not None and not (_stubbed or _jit_only):
             self._bind(compiled, args)
@@ -165,27 +171,35 @@ class Launch:
 
     # -- the direct path
 
-    def _bind(self, compiled, args: dict) -> None:
+    def _bind(self, compiled, args: dict, emulated: bool = False) -> None:
         """Generate ``run``: the compiled kernel's launcher called as the JIT calls it, behind
-        the guards that keep it the JIT's choice (see the module docstring)."""
+        the guards that keep it the JIT's choice (see the module docstring). ``emulated``:
+        see :class:`emulate_launches`."""
         try:
             launcher = compiled.run
             function, packed = compiled.function, compiled.packed_metadata
         except Exception:  # pragma: no cover - a Triton whose CompiledKernel differs
             return
         index = self.device_index
-        if index is None:
-            index = _get_device()
-            self.device_index = index
+        if emulated:
+            index = 0  # the current device, and its stream, from C builtins of the same cost
+            get_device, stream = int, abs
+        else:
+            if index is None:
+                index = _get_device()
+                self.device_index = index
+            get_device, stream = _get_device, _raw_stream_getter()
         entry = _c_entry(launcher)
         env = {"_launch": launcher, "_function": function, "_packed": packed,
-               "_stream": _raw_stream_getter(), "_index": index, "_other": self._other,
-               "_hooks": _hooks_installed, "_dev": _get_device}
-        params_by_name = {p.name: p for p in self.kernel.params}
+               "_stream": stream, "_index": index, "_other": self._other,
+               "_hooks": _hooks_installed, "_dev": get_device}
+        # (the interpreter's kernels, under emulate_launches, have no parameter objects: no
+        # do_not_specialize there)
+        params_by_name = {p.name: p for p in getattr(self.kernel, "params", ())}
         guards, addresses, aligned = [], [], []
         for name in self.call:
             value = args[name]
-            param = params_by_name[name]
+            param = params_by_name.get(name)
             if isinstance(value, torch.Tensor):
                 addresses.append(f"_p_{name} = {name}.data_ptr()")
                 if (value.data_ptr() % 16 == 0
@@ -202,17 +216,43 @@ class Launch:
                     guards.append(f"({name} % 16 == 0) is not {value % 16 == 0}")
             elif not isinstance(value, float):
                 return  # an argument kind the direct path does not know: stay on the JIT
-        params = []
+        # The arguments in the kernel's order: the per-call ones as built per call, each run
+        # of fixed ones (constexprs, per-plan sizes) one prebuilt tuple, concatenated.
+        segments: list = []
         for name in self.kernel.arg_names:
-            if name in self.call:
-                params.append(f"_p_{name}" if isinstance(args[name], torch.Tensor) else name)
+            per_call = name in self.call
+            if not segments or segments[-1][0] != per_call:
+                segments.append((per_call, []))
+            if per_call:
+                segments[-1][1].append(f"_p_{name}" if isinstance(args[name], torch.Tensor)
+                                       else name)
             else:
-                env[f"_c_{name}"] = self.consts[name]
-                params.append(f"_c_{name}")
+                segments[-1][1].append(self.consts[name])
+        parts = []
+        for i, (per_call, items) in enumerate(segments):
+            if per_call:
+                parts.append(f"({', '.join(items)},)")
+            else:
+                env[f"_k{i}"] = tuple(items)
+                parts.append(f"_k{i}")
+        all_args = " + ".join(parts) if parts else "()"
         g0, g1, g2 = self.grid
         signature = ", ".join(self.call)
         keywords = ", ".join(f"{n}={n}" for n in self.call)
-        guard = " or ".join(["_hooks()", f"_dev() != {index}", *guards])
+        # Launch hooks: the two HookChains bound here, still in place and with no call in
+        # them (a plain read each); anything else (a hook added, a knob replaced) goes to the
+        # JIT, which calls the hooks.
+        rt = _KNOBS.runtime
+        enter, leave = rt.launch_enter_hook, rt.launch_exit_hook
+        if isinstance(getattr(enter, "calls", None), list) and isinstance(
+                getattr(leave, "calls", None), list):
+            env.update(_rt=rt, _enter=enter, _leave=leave, _enter_calls=enter.calls,
+                       _leave_calls=leave.calls)
+            hooks = ("_enter_calls or _leave_calls or _rt.launch_enter_hook is not _enter or "
+                     "_rt.launch_exit_hook is not _leave")
+        else:  # pragma: no cover - a Triton whose hooks are not HookChains
+            hooks = "_hooks()"
+        guard = " or ".join([hooks, f"_dev() != {index}", *guards])
         lines = [f"def run(*, {signature}):",
                  f"    if {guard}:",
                  f"        return _other({keywords})"]
@@ -226,19 +266,19 @@ class Launch:
             coop, pdl, annotations, ksig = entry[1]
             env.update(_coop=coop, _pdl=pdl, _ann=annotations, _ksig=ksig)
             lines.append(f"    _entry({g0}, {g1}, {g2}, _stream({index}), _function, _coop, _pdl, "
-                         f"_packed, None, None, None, None, None, _ann, _ksig, "
-                         f"({', '.join(params)},))")
+                         f"_packed, None, None, None, None, None, _ann, _ksig, {all_args})")
         else:
             lines.append(f"    _launch({g0}, {g1}, {g2}, _stream({index}), _function, _packed, "
-                         f"None, None, None, {', '.join(params)})")
+                         f"None, None, None, *({all_args}))")
         src = "\n".join(lines) + "\n"
+        self.source = src  # the generated direct call (for reading)
         exec(compile(src, f"<bnkernels launch {self.kernel.__name__}>", "exec"), env)
         # The direct path holds the CompiledKernel itself, not only its function handle:
         # Triton unloads the module when that object goes (its __del__), e.g. when its
         # caches are cleared, and the handle would dangle.
         self.compiled = compiled
         self.run = env["run"]
-        self.direct = True
+        self.direct = not emulated
 
     # -- stubs (host-path measurements)
 
@@ -254,6 +294,39 @@ class Launch:
             self.run = self._first
             self.direct = False
             self.compiled = None
+
+
+class _EmulatedKernel:
+    """Stands for a CompiledKernel under :class:`emulate_launches`: a launcher whose C entry
+    is ``itertools.chain`` (a C callable that takes any positional arguments and does
+    nothing with them)."""
+
+    function = 0
+    packed_metadata = ()
+    run = SimpleNamespace(launch=itertools.chain, global_scratch_size=0, profile_scratch_size=0,
+                          launch_cooperative_grid=False, launch_pdl=False, arg_annotations=(),
+                          kernel_signature=b"")
+
+
+class emulate_launches:
+    """Context manager: every Triton launch takes the direct path, guards and all, with the
+    launcher's C entry a no-op and the current-device and stream calls C builtins of like
+    cost: the Python a warm direct launch costs, measurable without a GPU (``bnkernels bench
+    --device cpu``'s stack rows). Results are garbage inside it."""
+
+    def __enter__(self):
+        global _emulated
+        _emulated = True
+        for launch in list(_ALL):
+            launch.run, launch.direct, launch.compiled = launch._first, False, None
+        return self
+
+    def __exit__(self, *exc):
+        global _emulated
+        _emulated = False
+        for launch in list(_ALL):
+            launch.run, launch.direct, launch.compiled = launch._first, False, None
+        return False
 
 
 class jit_only:
@@ -295,4 +368,4 @@ class stub_launches:
         return False
 
 
-__all__ = ["DIRECT", "Launch", "jit_only", "stub_launches"]
+__all__ = ["DIRECT", "Launch", "emulate_launches", "jit_only", "stub_launches"]

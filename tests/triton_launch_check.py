@@ -40,10 +40,9 @@ assert os.environ.get("TRITON_INTERPRET", "0") != "1", "run with the interpreter
 import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.runtime.driver import driver  # noqa: E402
-
 from triton.backends.nvidia import driver as nvidia_driver  # noqa: E402
 from triton.backends.nvidia.driver import CudaLauncher  # noqa: E402
+from triton.runtime.driver import driver  # noqa: E402
 
 CALLS: list[tuple] = []
 # The fake machine: two devices; CURRENT[0] is the current one, TENSORS[0] the device the

@@ -126,6 +126,8 @@ class E2EOptions:
         cuda = device.type == "cuda"
         default = GPU_PROVIDERS if cuda else CPU_PROVIDERS
         chosen = tuple(n for n in default if not requested or n in requested or n == BASELINE)
+        if smoke:  # compiling each tiny model would take longer than the rest of the run
+            chosen = tuple(n for n in chosen if not n.endswith(COMPILE))
         if not cuda or smoke:  # fp32 NCHW and bf16 channels_last only
             return cls(TINY_MODELS, DTYPES, LAYOUTS, chosen, warmup=1, min_steps=2,
                        min_seconds=0.0, max_steps=2, max_combos=2)

@@ -24,6 +24,7 @@ from torch import Tensor
 from . import backends
 from .autograd import NormFunction
 from .backends.plan import FLOAT_DTYPES, PLANS, Signature, step_entry
+from .errors import ValidationError, ValidationTypeError
 from .library import OpPlan
 from .noise import NoiseConfig
 
@@ -56,13 +57,13 @@ _EMPTY = _Empty()
 
 def _check_input(op: str, x: torch.Tensor) -> None:
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{op}: expected a torch.Tensor input, got {type(x).__name__}")
+        raise ValidationTypeError(f"{op}: expected a torch.Tensor input, got {type(x).__name__}")
     if x.dim() < 2:
-        raise ValueError(
+        raise ValidationError(
             f"{op}: expected an input of shape (N, C, *spatial) with 2 or more dims, "
             f"got {x.dim()}D input of shape {tuple(x.shape)}")
     if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(
+        raise ValidationTypeError(
             f"{op}: unsupported input dtype {x.dtype}; expected one of "
             f"{', '.join(str(d) for d in FLOAT_DTYPES)} (convert the input, e.g. x.float())")
 
@@ -81,23 +82,25 @@ def _check_per_channel(op: str, x: torch.Tensor, **tensors) -> None:
         if t is None:
             continue
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{op}: {name} must be a tensor or None, got {type(t).__name__}")
+            raise ValidationTypeError(
+                f"{op}: {name} must be a tensor or None, got {type(t).__name__}")
         if t.device != x.device:
-            raise ValueError(
+            raise ValidationError(
                 f"{op}: {name} is on {t.device} but the input is on {x.device}; "
                 f"all tensors must be on the same device (move it with {name}.to(x.device), "
                 "or the module with module.to(device))")
         if not t.is_floating_point():
-            raise TypeError(f"{op}: {name} must be a floating-point tensor, got {t.dtype} "
-                            f"(convert it, e.g. {name}.float())")
+            raise ValidationTypeError(
+                f"{op}: {name} must be a floating-point tensor, got {t.dtype} "
+                f"(convert it, e.g. {name}.float())")
         if t.numel() != C:
-            raise ValueError(
+            raise ValidationError(
                 f"{op}: {name} should contain {C} elements (one per channel of the input, "
                 f"shape {tuple(x.shape)}), not {t.numel()}")
         allowed = (x.dtype, torch.float32) if x.dtype in _LOW_PRECISION else (x.dtype,)
         if t.dtype not in allowed:
             want = " or ".join(str(d) for d in allowed)
-            raise TypeError(
+            raise ValidationTypeError(
                 f"{op}: {name} is {t.dtype} but the input is {x.dtype}; weight, bias and the "
                 f"running statistics must be {want} (float32 parameters only with a float16 or "
                 f"bfloat16 input): convert with {name}.to({x.dtype}), or the module and its "
@@ -105,7 +108,7 @@ def _check_per_channel(op: str, x: torch.Tensor, **tensors) -> None:
         if first is None:
             first = (name, t.dtype)
         elif t.dtype != first[1]:
-            raise TypeError(
+            raise ValidationTypeError(
                 f"{op}: {name} is {t.dtype} but {first[0]} is {first[1]}; weight, bias and the "
                 f"running statistics must share one dtype: convert with "
                 f"{name}.to({first[1]}) (or module.to(dtype))")
@@ -114,7 +117,7 @@ def _check_per_channel(op: str, x: torch.Tensor, **tensors) -> None:
 def _check_training_size(x: torch.Tensor, op: str = "batch_norm") -> None:
     """As PyTorch: statistics of a single value per channel are meaningless."""
     if x.shape[0] * math.prod(x.shape[2:]) == 1:
-        raise ValueError(
+        raise ValidationError(
             f"Expected more than 1 value per channel when training, got input size {x.size()} "
             f"({op}: the batch statistics of one value per channel are undefined; train on a "
             "batch with N * prod(spatial) >= 2, or use eval mode (training=False, "
@@ -123,16 +126,16 @@ def _check_training_size(x: torch.Tensor, op: str = "batch_norm") -> None:
 
 def _check_scalars(op: str, momentum, eps, activation=None) -> None:
     if momentum is None:
-        raise ValueError(
+        raise ValidationError(
             f"{op}: momentum=None (cumulative moving average) needs the number of batches seen; "
             "the modules (bnkernels.BatchNorm2d, ...) track it, or pass "
             "momentum=1/num_batches yourself")
     if not 0.0 <= float(momentum) <= 1.0:
-        raise ValueError(f"{op}: momentum must be in [0, 1], got {momentum}")
+        raise ValidationError(f"{op}: momentum must be in [0, 1], got {momentum}")
     if not 0.0 < float(eps) < math.inf:  # comparisons only: eps may be symbolic in a graph
-        raise ValueError(f"{op}: eps must be a positive finite number, got {eps}")
+        raise ValidationError(f"{op}: eps must be a positive finite number, got {eps}")
     if activation not in ACTIVATIONS:
-        raise ValueError(f"{op}: activation must be one of {ACTIVATIONS}, got {activation!r}")
+        raise ValidationError(f"{op}: activation must be one of {ACTIVATIONS}, got {activation!r}")
 
 
 # ----------------------------------------------------------------------------- BatchNorm
@@ -205,10 +208,10 @@ def _validate_batch_norm(op, x, running_mean, running_var, weight, bias, trainin
                        weight=weight, bias=bias)
     _check_scalars(op, momentum, eps, activation)
     if (running_mean is None) != (running_var is None):
-        raise ValueError(f"{op}: pass both running_mean and {var_name}, or neither")
+        raise ValidationError(f"{op}: pass both running_mean and {var_name}, or neither")
     if not training and running_mean is None:
-        raise ValueError(f"{op}: running_mean and {var_name} must be given in eval mode "
-                         "(training=False)")
+        raise ValidationError(f"{op}: running_mean and {var_name} must be given in eval mode "
+                              "(training=False)")
     if training:
         _check_training_size(x, op)
 
@@ -263,22 +266,23 @@ def _check_noise(op, x, noise, seed, step):
             and ((type(step) is int and step >= 0) or isinstance(step, Tensor))):
         return
     if not isinstance(noise, NoiseConfig):
-        raise TypeError(f"{op}: noise must be a bnkernels.NoiseConfig, got {type(noise).__name__}")
+        raise ValidationTypeError(
+            f"{op}: noise must be a bnkernels.NoiseConfig, got {type(noise).__name__}")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise ValueError(f"{op}: seed must be an int in [0, 2**63), got {seed!r}")
+        raise ValidationError(f"{op}: seed must be an int in [0, 2**63), got {seed!r}")
     if isinstance(step, torch.Tensor):
         _check_step_tensor(op, x, step)
     elif isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"{op}: step must be an int >= 0 or a 1-element integer tensor, "
-                         f"got {step!r}")
+        raise ValidationError(f"{op}: step must be an int >= 0 or a 1-element integer tensor, "
+                              f"got {step!r}")
 
 
 def _check_step_tensor(op, x, step):
     if step.numel() != 1 or step.is_floating_point() or step.is_complex():
-        raise ValueError(f"{op}: a step tensor must hold one integer, got {step.dtype} "
-                         f"of shape {tuple(step.shape)}")
+        raise ValidationError(f"{op}: a step tensor must hold one integer, got {step.dtype} "
+                              f"of shape {tuple(step.shape)}")
     if step.device != x.device:
-        raise ValueError(f"{op}: step is on {step.device} but the input is on {x.device}")
+        raise ValidationError(f"{op}: step is on {step.device} but the input is on {x.device}")
 
 
 def noisy_batch_norm(x: torch.Tensor, running_mean: torch.Tensor | None,
@@ -375,8 +379,8 @@ def _check_p(op: str, p):
     else:
         value = None
     if value is None:
-        raise ValueError(f"{op}: p must be one of 1, 2, inf (or the strings '1', '2', 'inf'), "
-                         f"got p={p!r}")
+        raise ValidationError(f"{op}: p must be one of 1, 2, inf (or the strings '1', '2', 'inf'), "
+                              f"got p={p!r}")
     return value
 
 

@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .autograd import SyncBatchNormFunction
+from .errors import ValidationError, ValidationTypeError
 from .functional import (
     ACTIVATIONS,
     _batch_norm,
@@ -29,22 +30,22 @@ from .noise import NoiseConfig
 
 def _check_activation(module, activation):
     if activation not in ACTIVATIONS:
-        raise ValueError(f"{type(module).__name__}: activation must be one of {ACTIVATIONS}, "
-                         f"got {activation!r}")
+        raise ValidationError(f"{type(module).__name__}: activation must be one of {ACTIVATIONS}, "
+                              f"got {activation!r}")
     return activation
 
 
 def _check_channels(module, x: torch.Tensor) -> None:
     if x.dim() >= 2 and x.shape[1] != module.num_features:
-        raise ValueError(
+        raise ValidationError(
             f"{type(module).__name__}: input has {x.shape[1]} channels (shape "
             f"{tuple(x.shape)}) but the module was built for num_features={module.num_features}")
 
 
 def _check_num_features(cls, num_features):
     if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
-        raise ValueError(f"{cls.__name__}: num_features must be a positive int, "
-                         f"got {num_features!r}")
+        raise ValidationError(f"{cls.__name__}: num_features must be a positive int, "
+                              f"got {num_features!r}")
 
 
 def _running(module, input, running_mean, running_var):
@@ -73,8 +74,8 @@ def _running(module, input, running_mean, running_var):
 
 def _check_eps(module, eps):
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0.0 < eps < math.inf:
-        raise ValueError(f"{type(module).__name__}: eps must be a positive finite number, got "
-                         f"{eps!r} (the default is 1e-5)")
+        raise ValidationError(f"{type(module).__name__}: eps must be a positive finite number, got "
+                              f"{eps!r} (the default is 1e-5)")
 
 
 class _BatchNormMixin:
@@ -90,8 +91,8 @@ class _BatchNormMixin:
     def _init_extra(self, num_features, momentum, activation, eps=1e-5):
         _check_num_features(type(self), num_features)
         if momentum is not None and not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"{type(self).__name__}: momentum must be in [0, 1] or None, "
-                             f"got {momentum}")
+            raise ValidationError(f"{type(self).__name__}: momentum must be in [0, 1] or None, "
+                                  f"got {momentum}")
         _check_eps(self, eps)
         self.activation = _check_activation(self, activation)
 
@@ -139,10 +140,11 @@ class _NoisyBatchNormMixin(_BatchNormMixin):
 
     def _init_noise(self, noise, seed):
         if not isinstance(noise, NoiseConfig):
-            raise TypeError(f"{type(self).__name__}: noise must be a bnkernels.NoiseConfig, "
-                            f"got {type(noise).__name__}")
+            raise ValidationTypeError(
+                f"{type(self).__name__}: noise must be a bnkernels.NoiseConfig, "
+                f"got {type(noise).__name__}")
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-            raise ValueError(f"{type(self).__name__}: seed must be an int in [0, 2**63), "
+            raise ValidationError(f"{type(self).__name__}: seed must be an int in [0, 2**63), "
                              f"got {seed!r}")
         self.noise = noise
         self.seed = seed
@@ -199,8 +201,8 @@ class _LpNorm(nn.Module):
         self.p = _check_p(type(self).__name__, p)
         _check_eps(self, eps)
         if momentum is not None and not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"{type(self).__name__}: momentum must be in [0, 1] or None, "
-                             f"got {momentum}")
+            raise ValidationError(f"{type(self).__name__}: momentum must be in [0, 1] or None, "
+                                  f"got {momentum}")
         factory = dict(device=device, dtype=dtype)
         self.num_features = num_features
         self.eps = eps
@@ -244,8 +246,8 @@ class _LpNorm(nn.Module):
     def _check_input_dim(self, x: torch.Tensor) -> None:
         if x.dim() not in self._expected_dims:
             want = " or ".join(f"{d}D" for d in self._expected_dims)
-            raise ValueError(f"{type(self).__name__}: expected {want} input (got {x.dim()}D "
-                             "input)")
+            raise ValidationError(f"{type(self).__name__}: expected {want} input (got {x.dim()}D "
+                                  "input)")
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         rm, rs, bn_training, factor, counter = _running(self, input, self.running_mean,
@@ -292,8 +294,8 @@ class SyncBatchNorm(_BatchNormMixin, nn.SyncBatchNorm):
 
     def _check_input_dim(self, input):
         if input.dim() < 2:
-            raise ValueError(f"SyncBatchNorm: expected at least 2D input (got {input.dim()}D "
-                             "input)")
+            raise ValidationError(f"SyncBatchNorm: expected at least 2D input (got {input.dim()}D "
+                                  "input)")
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         rm, rv, bn_training, factor, counter = _running(self, input, self.running_mean,
@@ -305,7 +307,7 @@ class SyncBatchNorm(_BatchNormMixin, nn.SyncBatchNorm):
             return _batch_norm(input, rm, rv, self.weight, self.bias, bn_training, factor,
                                self.eps, self.activation, None, counter)
         if input.numel() // input.shape[1] == 0 and input.numel() != 0:
-            raise ValueError("SyncBatchNorm: empty channels")
+            raise ValidationError("SyncBatchNorm: empty channels")
         _check_scalars("SyncBatchNorm", factor, self.eps, self.activation)  # every call
         plan = sync_plan(input, rm, rv, self.weight, self.bias, self.activation)
         y = SyncBatchNormFunction.apply(input, self.weight, self.bias, rm, rv, self.eps, factor,
@@ -402,7 +404,7 @@ def convert(model: nn.Module, to: str = "batchnorm", sync: bool = False, dim: in
     normalization layer is returned replaced.
     """
     if to not in TARGETS:
-        raise ValueError(f"convert: unknown target {to!r}; choose one of {TARGETS}")
+        raise ValidationError(f"convert: unknown target {to!r}; choose one of {TARGETS}")
     if _is_norm(model):
         new = _replacement(model, to, sync, dim, kwargs)
         if to != "none":

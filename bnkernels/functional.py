@@ -141,19 +141,21 @@ def _check_scalars(op: str, momentum, eps, activation=None) -> None:
 # ----------------------------------------------------------------------------- BatchNorm
 
 
-def batch_norm(x: torch.Tensor, running_mean: torch.Tensor | None,
+def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None,
                running_var: torch.Tensor | None, weight: torch.Tensor | None = None,
                bias: torch.Tensor | None = None, training: bool = False, momentum: float = 0.1,
                eps: float = 1e-5, activation: str | None = None) -> torch.Tensor:
     """Batch normalization with the semantics of ``torch.nn.functional.batch_norm``.
 
-    Normalizes each channel of ``x`` (N, C, *spatial) over N and the spatial dims. In training
-    the batch statistics are used and, if given, ``running_mean``/``running_var`` are updated in
-    place (unbiased variance, ``momentum`` as in PyTorch); in eval mode the running statistics
-    are used. ``activation="relu"`` fuses a ReLU on the output. Statistics are accumulated in
-    fp32 (fp64 for fp64 input); the output has x's dtype and memory format.
+    Normalizes each channel of ``input`` (N, C, *spatial) over N and the spatial dims. In
+    training the batch statistics are used and, if given, ``running_mean``/``running_var`` are
+    updated in place (unbiased variance, ``momentum`` as in PyTorch); in eval mode the running
+    statistics are used. ``activation="relu"`` fuses a ReLU on the output. Statistics are
+    accumulated in fp32 (fp64 for fp64 input); the output has the input's dtype and memory
+    format. The arguments are ``torch.nn.functional.batch_norm``'s, in its order, plus
+    ``activation``.
     """
-    return _batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps,
+    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
                        activation, None, None)
 
 
@@ -285,32 +287,33 @@ def _check_step_tensor(op, x, step):
         raise ValidationError(f"{op}: step is on {step.device} but the input is on {x.device}")
 
 
-def noisy_batch_norm(x: torch.Tensor, running_mean: torch.Tensor | None,
+def noisy_batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None,
                      running_var: torch.Tensor | None, weight: torch.Tensor | None = None,
                      bias: torch.Tensor | None = None, training: bool = False,
                      momentum: float = 0.1, eps: float = 1e-5,
                      noise: NoiseConfig = NoiseConfig(), seed: int = 0,
-                     step: int | torch.Tensor = 0, activation: str | None = None) -> torch.Tensor:
+                     step: int | torch.Tensor = 0,
+                     activation: str | None = None) -> torch.Tensor:
     """BatchNorm with the paper's time-varying noise (Algorithm 1): out = act(s * a + m).
 
     ``a`` is the BatchNorm output after the affine weight/bias; (s, m) is drawn per channel
     and per element from ``noise`` (see :class:`NoiseConfig`) by a counter-based RNG keyed by
     ``seed``, ``step`` and the element's (N, C, *spatial) index: the same (seed, step) gives the
     same noise on every backend call and in backward, which regenerates it instead of storing
-    it. ``step`` may be an int or a 1-element integer tensor on x's device (read on device: no
-    host synchronisation, so it works under CUDA graphs). In eval mode there is no random
-    noise: the output is its expectation given the statistics, act(E[s] a + E[m]) with the
+    it. ``step`` may be an int or a 1-element integer tensor on the input's device (read on
+    device: no host synchronisation, so it works under CUDA graphs). In eval mode there is no
+    random noise: the output is its expectation given the statistics, act(E[s] a + E[m]) with the
     running statistics (:meth:`NoiseConfig.expectation`; E[s] = 1.125, E[m] = 0 at the paper's
     constants). Plain BatchNorm in eval (dropping E[s]) would feed every later layer inputs
     ~1.125x smaller than the ones its running statistics were gathered on in training; on the
     quick reproduction's VGG that took test accuracy from 97.8% to 40.1% (median of 3 seeds).
     """
-    _check_noise("noisy_batch_norm", x, noise, seed, step)
+    _check_noise("noisy_batch_norm", input, noise, seed, step)
     if not training:
-        weight, bias = expected_noise_affine(noise, weight, bias, x, running_mean)
-        return _batch_norm(x, running_mean, running_var, weight, bias, False, momentum, eps,
+        weight, bias = expected_noise_affine(noise, weight, bias, input, running_mean)
+        return _batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps,
                            activation, None, None)
-    return _batch_norm(x, running_mean, running_var, weight, bias, True, momentum, eps,
+    return _batch_norm(input, running_mean, running_var, weight, bias, True, momentum, eps,
                        activation, (noise, seed, step), None)
 
 
@@ -384,22 +387,23 @@ def _check_p(op: str, p):
     return value
 
 
-def lp_norm(x: torch.Tensor, p, running_mean: torch.Tensor | None = None,
+def lp_norm(input: torch.Tensor, p, running_mean: torch.Tensor | None = None,
             running_scale: torch.Tensor | None = None, weight: torch.Tensor | None = None,
             bias: torch.Tensor | None = None, training: bool = False, momentum: float = 0.1,
             eps: float = 1e-5, centered: bool = False) -> torch.Tensor:
     """l_p normalization (p in {1, 2, inf}): ``y = weight * (x - mean) / (s_p + eps) + bias``.
 
-    Per channel of ``x`` (N, C, *spatial), over N and the spatial dims: mean = mean(x) and
-    s_1 = mean|z|, s_2 = sqrt(mean z^2), s_inf = max|z|, where z = x ("before shifting the
-    mean", the default) or z = x - mean (``centered=True``). In training the batch statistics
-    are used and, if given, ``running_mean``/``running_scale`` are updated in place:
-    r <- momentum * batch + (1 - momentum) * r (no unbiasing of the scale). In eval mode the
-    running statistics are used (and required), as constants. The gradient of the l_inf scale
-    is split equally among the values attaining max|z| (as torch.amax's). Statistics are
-    accumulated in fp32 (fp64 for fp64 input); the output has x's dtype and memory format.
+    Per channel of ``input`` (x, shape (N, C, *spatial)), over N and the spatial dims:
+    mean = mean(x) and s_1 = mean|z|, s_2 = sqrt(mean z^2), s_inf = max|z|, where z = x
+    ("before shifting the mean", the default) or z = x - mean (``centered=True``). In training
+    the batch statistics are used and, if given, ``running_mean``/``running_scale`` are updated
+    in place: r <- momentum * batch + (1 - momentum) * r (no unbiasing of the scale). In eval
+    mode the running statistics are used (and required), as constants. The gradient of the
+    l_inf scale is split equally among the values attaining max|z| (as torch.amax's).
+    Statistics are accumulated in fp32 (fp64 for fp64 input); the output has the input's dtype
+    and memory format.
     """
-    return _lp_norm(x, p, running_mean, running_scale, weight, bias, training, momentum, eps,
+    return _lp_norm(input, p, running_mean, running_scale, weight, bias, training, momentum, eps,
                     centered, None)
 
 

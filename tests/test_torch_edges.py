@@ -1,0 +1,63 @@
+"""Where bnkernels meets code written for torch: argument names, constructor signatures,
+docstrings, and the error types. Reference backend, tiny tensors: about a second."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import use_backend
+from torch import nn
+
+import bnkernels as bnk
+
+
+@pytest.fixture(autouse=True)
+def backend():
+    use_backend("reference")
+
+
+def _params(fn):
+    return list(inspect.signature(fn).parameters)
+
+
+def test_functional_first_argument_is_input_as_torchs():
+    assert _params(F.batch_norm)[:8] == _params(bnk.batch_norm)[:8]
+    assert _params(bnk.batch_norm)[0] == "input"
+    assert _params(bnk.noisy_batch_norm)[:8] == _params(F.batch_norm)[:8]
+    assert _params(bnk.lp_norm)[0] == "input"
+
+
+def test_input_by_keyword_and_by_position_agree_with_torch():
+    x = torch.randn(4, 3, 5, dtype=torch.float64)
+    rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    want = F.batch_norm(input=x, running_mean=rm.clone(), running_var=rv.clone(), training=True)
+    for y in (bnk.batch_norm(input=x, running_mean=rm.clone(), running_var=rv.clone(),
+                             training=True),
+              bnk.batch_norm(x, rm.clone(), rv.clone(), None, None, True)):
+        torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12)
+    y = bnk.noisy_batch_norm(input=x, running_mean=None, running_var=None, training=True,
+                             seed=3)
+    assert y.shape == x.shape
+    torch.testing.assert_close(bnk.lp_norm(input=x, p=2, training=True),
+                               bnk.lp_norm(x, 2, training=True), rtol=0, atol=0)
+
+
+def test_errors_are_runtime_errors_with_our_messages():
+    x = torch.randn(4, 3, 5)
+    with pytest.raises(RuntimeError, match="running_var should contain 3 elements"):
+        bnk.batch_norm(x, torch.zeros(3), torch.ones(2), training=True)
+    with pytest.raises(ValueError, match="running_var should contain 3 elements"):
+        bnk.batch_norm(x, torch.zeros(3), torch.ones(2), training=True)
+    with pytest.raises(RuntimeError, match="unsupported input dtype"):
+        bnk.batch_norm(x.int(), None, None, training=True)
+    with pytest.raises(TypeError, match="unsupported input dtype"):
+        bnk.batch_norm(x.int(), None, None, training=True)
+    with pytest.raises(RuntimeError, match="built for num_features=4"):
+        bnk.BatchNorm1d(4)(x)
+    # torch raises RuntimeError for the same mistake: one except clause serves both
+    for module in (nn.BatchNorm1d(4), bnk.BatchNorm1d(4)):
+        with pytest.raises(RuntimeError):
+            module(x)

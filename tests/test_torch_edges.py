@@ -61,3 +61,47 @@ def test_errors_are_runtime_errors_with_our_messages():
     for module in (nn.BatchNorm1d(4), bnk.BatchNorm1d(4)):
         with pytest.raises(RuntimeError):
             module(x)
+
+
+TWINS = [(bnk.BatchNorm1d, nn.BatchNorm1d), (bnk.BatchNorm2d, nn.BatchNorm2d),
+         (bnk.BatchNorm3d, nn.BatchNorm3d), (bnk.NoisyBatchNorm2d, nn.BatchNorm2d),
+         (bnk.SyncBatchNorm, nn.SyncBatchNorm)]
+
+
+@pytest.mark.parametrize("ours,theirs", TWINS, ids=lambda c: c.__name__)
+def test_module_signatures_are_explicit_and_include_torchs(ours, theirs):
+    sig = inspect.signature(ours)
+    kinds = {p.kind for p in sig.parameters.values()}
+    assert inspect.Parameter.VAR_POSITIONAL not in kinds
+    assert inspect.Parameter.VAR_KEYWORD not in kinds
+    torch_sig = inspect.signature(theirs)
+    for name, p in torch_sig.parameters.items():  # every torch argument, same default
+        assert name in sig.parameters, name
+        assert sig.parameters[name].default == p.default, name
+        assert sig.parameters[name].kind == p.kind, name
+    assert {"device", "dtype", "bias", "activation"} <= set(sig.parameters)
+    # the docstring adds to torch's, whole
+    assert ours.__doc__.startswith(f"``torch.nn.{theirs.__name__}``")
+    assert inspect.getdoc(theirs) in ours.__doc__ and "activation" in ours.__doc__
+
+
+def test_constructor_arguments_reach_torch():
+    m = bnk.BatchNorm2d(3, 1e-3, 0.2, True, True, "cpu", torch.float64, activation="relu")
+    assert (m.eps, m.momentum, m.weight.dtype, m.activation) == (1e-3, 0.2, torch.float64,
+                                                                 "relu")
+    m = bnk.NoisyBatchNorm1d(3, dtype=torch.float64, seed=5)
+    assert m.running_mean.dtype == torch.float64 and m.seed == 5
+    m = bnk.SyncBatchNorm(3, process_group=None, device="cpu", activation="relu")
+    assert m.activation == "relu" and m.process_group is None
+    if "bias" in inspect.signature(nn.BatchNorm2d).parameters:
+        want_keys = nn.BatchNorm2d(3, bias=False).state_dict().keys()
+        for cls in (bnk.BatchNorm2d, bnk.NoisyBatchNorm2d, bnk.SyncBatchNorm):
+            m = cls(3, bias=False)
+            assert m.bias is None and m.weight is not None
+            assert set(want_keys) <= set(m.state_dict().keys())
+        x = torch.randn(4, 3, 2, 2, dtype=torch.float64)
+        want = nn.BatchNorm2d(3, bias=False, dtype=torch.float64)(x)
+        got = bnk.BatchNorm2d(3, bias=False, dtype=torch.float64)(x)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    with pytest.raises(TypeError):
+        bnk.BatchNorm2d(3, 1e-5, 0.1, True, True, None, None, False)  # bias is keyword-only

@@ -101,6 +101,8 @@ def test_cuda_first_use_build_is_logged(caplog, monkeypatch, tmp_path):
     monkeypatch.setattr(loader, "_build_error", None)
     monkeypatch.setattr(loader, "_prebuilt", lambda: None)
     monkeypatch.setattr(loader, "library_path", lambda: tmp_path / "missing.so")
+    if hasattr(loader, "library_complete"):
+        monkeypatch.setattr(loader, "library_complete", lambda: False)
     monkeypatch.setattr(loader, "_jit_directory", lambda: tmp_path)
     monkeypatch.setattr(loader, "build", fake_build)
     with caplog.at_level(logging.INFO, logger="bnkernels"):

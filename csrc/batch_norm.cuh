@@ -136,6 +136,17 @@ __device__ __forceinline__ A bn_out(const BnChan<A>& ch, A x, int64_t idx, const
   return out;
 }
 
+// out = act(s a + m + z): bn_out with a residual z added, in the accumulation type, before the
+// activation (rounded once to the output's type by the caller).
+template <typename A, bool NOISY>
+__device__ __forceinline__ A bn_out_res(const BnChan<A>& ch, A x, A z, int64_t idx,
+                                        const Noise& noise, bool relu) {
+  A s;
+  A out = bn_out<A, NOISY>(ch, x, idx, noise, false, s) + z;
+  if (relu && out < A(0)) out = A(0);  // NaN passes, as torch.relu
+  return out;
+}
+
 // g = dL/da from dy: zero where the fused ReLU's output is <= 0 (as threshold_backward, so NaN
 // passes), times the noise scale s.
 template <typename A, bool NOISY>
@@ -286,9 +297,11 @@ template <typename A> struct BnChanSource {
   }
 };
 
-template <typename A_, bool NOISY> struct BnApplyOp {
+// RES: a residual is added before the activation; the elementwise kernels read it in the
+// place of dy.
+template <typename A_, bool NOISY, bool RES = false> struct BnApplyOp {
   using A = A_;
-  static constexpr bool kDy = false, kIndex = NOISY;
+  static constexpr bool kDy = RES, kIndex = NOISY;
   using Chan = BnChan<A>;
   BnChanSource<A> src;
   A* save_mean;    // with src.given: snapshots of the statistics used (nullable)
@@ -308,9 +321,13 @@ template <typename A_, bool NOISY> struct BnApplyOp {
     }
   }
   __device__ Chan chan(int64_t c) const { return src.chan(c, noise); }
-  __device__ A elem(const Chan& ch, A x, A, int64_t idx) const {
-    A s;
-    return bn_out<A, NOISY>(ch, x, idx, noise, relu, s);
+  __device__ A elem(const Chan& ch, A x, A z, int64_t idx) const {
+    if constexpr (RES) {
+      return bn_out_res<A, NOISY>(ch, x, z, idx, noise, relu);
+    } else {
+      A s;
+      return bn_out<A, NOISY>(ch, x, idx, noise, relu, s);
+    }
   }
 };
 
@@ -403,18 +420,27 @@ template <typename A> BnChanSource<A> chan_source(const Launch& l, const void* c
           static_cast<const A*>(mean_sums), l.g.C};
 }
 
+template <typename A, bool NOISY, bool RES>
+BnApplyOp<A, NOISY, RES> apply_op(const Launch& l, const BnApplyArgs& a) {
+  return {chan_source<A>(l, a.coef, a.given, nullptr),
+          static_cast<A*>(a.save_mean),
+          static_cast<A*>(a.save_invstd),
+          a.relu,
+          a.noise,
+          a.noise.step_ptr,
+          a.step_used != nullptr && a.noise.step_ptr != nullptr ? a.step_used : nullptr};
+}
+
 template <bool NOISY> void bn_apply_launch(const Launch& l, const BnApplyArgs& a) {
   BNK_DISPATCH(l.dtype, T, VEC, {
     using A = acc_t<T>;
-    BnApplyOp<A, NOISY> op{chan_source<A>(l, a.coef, a.given, nullptr),
-                           static_cast<A*>(a.save_mean),
-                           static_cast<A*>(a.save_invstd),
-                           a.relu,
-                           a.noise,
-                           a.noise.step_ptr,
-                           a.step_used != nullptr && a.noise.step_ptr != nullptr ? a.step_used
-                                                                                 : nullptr};
-    launch_elementwise<T, VEC>(l, op, a.x, nullptr, a.y, "bn_apply");
+    if (a.res != nullptr) {
+      launch_elementwise<T, VEC>(l, apply_op<A, NOISY, true>(l, a), a.x, a.res, a.y,
+                                 "bn_apply");
+    } else {
+      launch_elementwise<T, VEC>(l, apply_op<A, NOISY, false>(l, a), a.x, nullptr, a.y,
+                                 "bn_apply");
+    }
   });
 }
 

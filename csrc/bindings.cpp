@@ -351,15 +351,16 @@ void* acc_out(const OptTensor& t, const Tensor& x, int64_t C, const char* name) 
 // Training forward: y (written), (mean, invstd) of the batch; running buffers updated. One
 // persistent launch, or bn_stats + bn_apply. step_used (nullable, int64 [1]): the noise step
 // the call used, written by the kernel (a snapshot of step_tensor for the backward).
+// residual (nullable; x's layout and dtype): added before the activation, y = act(bn(x) + r).
 std::tuple<Tensor, Tensor> bn_forward_train(
     const Tensor& x, int64_t spatial, const Tensor& y, const OptTensor& weight,
     const OptTensor& bias, const OptTensor& running_mean, const OptTensor& running_var,
     double momentum, double eps, bool relu, const Noise& noise, int64_t seed, int64_t step,
     const OptTensor& step_tensor, const OptTensor& step_used, const OptTensor& ws,
-    const OptTensor& tickets, int64_t split, int64_t path) {
+    const OptTensor& tickets, int64_t split, int64_t path, const OptTensor& residual) {
   const DeviceGuard guard(x);
   const OptTensor out = y;
-  const bnk::Launch l = launch_for(x, spatial, {{&out, "y"}}, split);
+  const bnk::Launch l = launch_for(x, spatial, {{&out, "y"}, {&residual, "residual"}}, split);
   const int64_t C = l.g.C;
   const OptTensor w = per_channel(weight, x, C, "weight");
   const OptTensor b = per_channel(bias, x, C, "bias");
@@ -388,6 +389,7 @@ std::tuple<Tensor, Tensor> bn_forward_train(
     a.weight = ptr(w);
     a.bias = ptr(b);
     a.relu = relu;
+    a.res = ptr(residual);
     done = bnk::bn_persistent_fwd(l, plan, a);
   }
   if (!done) {
@@ -404,13 +406,16 @@ std::tuple<Tensor, Tensor> bn_forward_train(
     s.weight = ptr(w);
     s.bias = ptr(b);
     s.coef = work.coef();
-    s.keep_lo = !relu;  // with the ReLU, the backward must recompute the forward's bits
+    // With the ReLU, the backward must recompute the forward's bits; not with a residual
+    // (its backward reads the output for the mask).
+    s.keep_lo = !relu || residual.has_value();
     s.noise = nz;
     bnk::bn_stats(l, s);
     bnk::BnApplyArgs a;
     a.x = x.data_ptr();
     a.y = y.data_ptr();
     a.coef = work.coef();
+    a.res = ptr(residual);
     a.relu = relu;
     a.noise = nz;
     if (step_used.has_value() && step_used->defined() && nz.step_ptr != nullptr) {
@@ -449,15 +454,16 @@ std::tuple<Tensor, Tensor> bn_stats(const Tensor& x, int64_t spatial, const OptT
 // y = act(s (k (x - mean) + b) + m) with given statistics: mean and `second`, read as
 // scale_from says (0: invstd; 1: a variance, invstd = 1/sqrt(var + eps); 2: an l_p scale,
 // invstd = 1/(s + eps); computed in the kernel). save_mean / save_invstd (nullable, [C] in the
-// accumulation type): snapshots of the mean and invstd used. One launch.
+// accumulation type): snapshots of the mean and invstd used. residual (nullable): added
+// before the activation. One launch.
 void bn_apply(const Tensor& x, int64_t spatial, const Tensor& y, const Tensor& mean,
               const Tensor& second, int64_t scale_from, double eps, const OptTensor& weight,
               const OptTensor& bias, bool relu, const Noise& noise, int64_t seed, int64_t step,
               const OptTensor& step_tensor, const OptTensor& save_mean,
-              const OptTensor& save_invstd) {
+              const OptTensor& save_invstd, const OptTensor& residual) {
   const DeviceGuard guard(x);
   const OptTensor out = y;
-  const bnk::Launch l = launch_for(x, spatial, {{&out, "y"}});
+  const bnk::Launch l = launch_for(x, spatial, {{&out, "y"}, {&residual, "residual"}});
   const int64_t C = l.g.C;
   const OptTensor m = per_channel(mean, x, C, "mean");
   const OptTensor sec = per_channel(second, x, C, "second");
@@ -471,6 +477,7 @@ void bn_apply(const Tensor& x, int64_t spatial, const Tensor& y, const Tensor& m
   a.save_invstd = acc_out(save_invstd, x, C, "save_invstd");
   TORCH_CHECK((a.save_mean == nullptr) == (a.save_invstd == nullptr),
               "bnkernels cuda: pass both save_mean and save_invstd, or neither");
+  a.res = ptr(residual);
   a.relu = relu;
   a.noise = make_noise(noise, seed, step, step_tensor, x);
   bnk::bn_apply(l, a);

@@ -132,6 +132,8 @@ void bn_stats(const Launch& l, const BnStatsArgs& a);
 struct BnApplyArgs {
   const void* x = nullptr;
   void* y = nullptr;
+  const void* res = nullptr;       // residual, x's layout and dtype (nullable): added before
+                                   // the activation, y = act(s a + m + res)
   const void* coef = nullptr;      // [kBnCoefs, C] A; null: from `given`
   BnGiven given;
   void* save_mean = nullptr;       // out [C] A (nullable; with `given`)
@@ -198,6 +200,7 @@ PersistentPlan bn_persistent_plan(const Launch& l, bool backward, int device);
 struct BnPersistentFwdArgs {
   const void* x = nullptr;
   void* y = nullptr;
+  const void* res = nullptr;       // residual (nullable), as BnApplyArgs::res
   void* ws = nullptr;              // workspace [4, C, per_channel] A
   void* mean = nullptr;            // out [C] A
   void* invstd = nullptr;          // out [C] A

@@ -43,6 +43,7 @@ constexpr int kItems = 16;  // elements per thread per tensor held in registers
 template <typename A> struct PersistentFwd {
   const void* x;
   void* y;
+  const void* res;  // residual (nullable): y = act(a + res)
   A* ws;
   A* mean;
   A* invstd;
@@ -184,7 +185,7 @@ __global__ void __launch_bounds__(kThreads) bn_persistent_fwd_kernel(PersistentF
       const BnMoments<A> r = bn_moments(merged, op.shift(c), p.m, p.eps);
       const BnChan<A> ch = make_chan(c, r.mean, r.invstd, p.weight, p.bias, Noise{});
       sh_mean[cl] = ch.mean;
-      sh_lo[cl] = p.relu ? A(0) : r.lo;
+      sh_lo[cl] = p.relu && p.res == nullptr ? A(0) : r.lo;
       sh_k[cl] = ch.k;
       sh_b[cl] = ch.b;
       if (t.share == 0) {
@@ -198,12 +199,14 @@ __global__ void __launch_bounds__(kThreads) bn_persistent_fwd_kernel(PersistentF
 
   // Phase 3: normalize the registers.
   T* y = static_cast<T*>(p.y);
+  const T* res = static_cast<const T*>(p.res);
   const Noise no_noise{};
 #pragma unroll
   for (int j = 0; j < IV; ++j) {
     const int64_t off = t.offset(g, j);
     if (off < 0) continue;
-    A out[VEC];
+    A out[VEC], zv[VEC];
+    if (res != nullptr) load_vec<T, VEC>(res + off, zv);
 #pragma unroll
     for (int s = 0; s < VEC; ++s) {
       const int cl = NCS ? 0 : t.tx * VEC + s;
@@ -213,7 +216,8 @@ __global__ void __launch_bounds__(kThreads) bn_persistent_fwd_kernel(PersistentF
       ch.k = sh_k[cl];
       ch.b = sh_b[cl];
       A unused;
-      out[s] = bn_out<A, false>(ch, xr[j][s], 0, no_noise, p.relu, unused);
+      out[s] = res != nullptr ? bn_out_res<A, false>(ch, xr[j][s], zv[s], 0, no_noise, p.relu)
+                              : bn_out<A, false>(ch, xr[j][s], 0, no_noise, p.relu, unused);
     }
     store_vec<T, VEC>(y + off, out);
   }
@@ -464,6 +468,7 @@ bool bn_persistent_fwd(const Launch& l, const PersistentPlan& plan, const BnPers
   const double M = static_cast<double>(l.g.M());
   PersistentFwd<float> p{a.x,
                          a.y,
+                         a.res,
                          static_cast<float*>(a.ws),
                          static_cast<float*>(a.mean),
                          static_cast<float*>(a.invstd),

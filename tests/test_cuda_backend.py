@@ -34,6 +34,7 @@ import test_batch_norm as bn_tests
 import test_fuzz as fuzz_tests
 import test_lp_norm as lp_tests
 import test_noisy_batch_norm as noisy_tests
+import test_residual as res_tests
 import torch
 import torch.nn.functional as F
 from conftest import toolkit_env
@@ -864,6 +865,149 @@ def test_lp_split_and_stability(split, dev):
             for centered in (False, True):
                 lp_tests.check(Case((5, 6, 7, 9), True), dev, "cuda", p, training=True,
                                centered=centered)
+
+
+# ----------------------------------------------------------------------------- residual
+
+# out = act(bn(x) + z) (noisy: act(s a + m + z)) against torch's composite act(F.batch_norm(x)
+# + z) in fp64 (test_residual's check: y, dx, dweight, dbias, d(residual) and the running
+# statistics, each within helpers.TOLERANCES of its dtype; test_residual_tolerance_is_two_sided
+# shows the nearest wrong fusions fall outside them). Training on each path forced (the
+# persistent kernel where x fits on chip, or the split statistics + apply), and eval.
+RES_CASES = [Case((4, 3, 5, 6)), Case((4, 3, 5, 6), True), Case((6, 5))]
+
+
+@pytest.mark.parametrize("case", RES_CASES, ids=str)
+@pytest.mark.parametrize("activation", [None, "relu"])
+@pytest.mark.parametrize("mode", ["persistent", "multipass", "eval"])
+def test_residual_matches_torch_composite(case, activation, mode, dev):
+    if mode == "persistent":
+        x = torch.empty(case.shape, device=dev)
+        assert cuda.persistent_plan(x)["fits"] and cuda.persistent_plan(x, backward=True)["fits"]
+    with cuda.override_config(path="multipass" if mode == "eval" else mode):
+        res_tests._check(case, dev, "cuda", mode != "eval", activation)
+
+
+@pytest.mark.parametrize(("dtype", "path"), [(torch.float16, "persistent"),
+                                             (torch.bfloat16, "persistent"),
+                                             (torch.float16, "multipass"),
+                                             (torch.bfloat16, "multipass"),
+                                             (torch.float64, "multipass")], ids=str)
+def test_residual_dtypes(dtype, path, dev):
+    """Channels last; fp16/bf16 with fp32 parameters (the persistent kernels do not take
+    fp64)."""
+    case = Case((4, 3, 5, 6), True, dtype, torch.float32 if dtype != torch.float64 else None)
+    with cuda.override_config(path=path):
+        res_tests._check(case, dev, "cuda", True, "relu")
+        if path == "multipass":
+            res_tests._check(case, dev, "cuda", False, "relu")
+
+
+@pytest.mark.parametrize("x_cl", [False, True])
+def test_residual_with_its_own_strides(x_cl, dev):
+    """A residual strided unlike x is read in x's layout; the output keeps x's."""
+    res_tests._check(Case((4, 3, 5, 6), x_cl), dev, "cuda", True, "relu",
+                     res_channels_last=not x_cl)
+    res_tests._check(Case((4, 3, 5, 6), x_cl), dev, "cuda", False, None,
+                     res_channels_last=not x_cl)
+
+
+def test_residual_tolerance_is_two_sided(dev):
+    """The comparisons above fail for the nearest wrong fusions: the residual dropped or added
+    after the ReLU (y), the ReLU's mask taken from bn(x) alone (d(residual))."""
+    bnk.set_backend("cuda")
+    inp = make_inputs(Case((4, 3, 5, 6)), dev, seed=5)
+    z = torch.randn_like(inp["x"]).requires_grad_()
+    y = bnk.batch_norm(inp["x"], None, None, inp["weight"], inp["bias"], True,
+                       activation="relu", residual=z)
+    (dz,) = torch.autograd.grad(y, (z,), inp["dy"])
+    exact = res_tests._composite(inp, z.detach(), True, "relu", None, None)
+    assert_close(y, exact, torch.float32, "y")
+    assert_close(dz, torch.where(exact > 0, inp["dy"].double(), 0.0), torch.float32, "dz")
+    no_res = res_tests._composite(inp, z.detach() * 0, True, "relu", None, None)
+    for name, got, wrong in (("y", y, no_res), ("y", y, no_res + z.detach().double()),
+                             ("dz", dz, torch.where(no_res > 0, inp["dy"].double(), 0.0))):
+        with pytest.raises(AssertionError, match="outside"):
+            assert_close(got, wrong, torch.float32, name)
+
+
+@pytest.mark.parametrize(("case", "training", "activation"), [
+    (Case((4, 3, 5, 6), True), True, "relu"), (Case((4, 3, 5, 6)), True, None),
+    (Case((6, 5)), True, "relu"), (Case((4, 3, 5, 6), True), False, "relu")], ids=str)
+def test_noisy_residual_matches_fp64_oracle(case, training, activation, dev):
+    """act(s a + m + z) against torch's BatchNorm composed with the reference backend's noise
+    (eval: no random noise, E[s] a + E[m]) and z, in fp64 (noisy BatchNorm has the
+    multi-pass kernels only)."""
+    inp = make_inputs(case, dev, seed=2)
+    z = torch.randn(case.shape, generator=torch.Generator().manual_seed(4),
+                    dtype=torch.float64).to(case.dtype).to(dev)
+    x64 = inp["x"].double().requires_grad_()
+    w64, b64 = (inp[k].double().requires_grad_() for k in ("weight", "bias"))
+    z64 = z.double().requires_grad_()
+    rm64, rv64 = inp["running_mean"].double(), inp["running_var"].double()
+    a = F.batch_norm(x64, rm64, rv64, w64, b64, training, 0.1, 1e-5)
+    if training:
+        s, m = R.noisy_bn_noise_reference(inp["x"], (CFG, 7, 3))
+        a = s.double() * a + m.double()
+    else:  # the noise's expectation
+        es, em = CFG.expectation()
+        a = es * a + em
+    yr = a + z64
+    yr = yr.relu() if activation == "relu" else yr
+    exact = torch.autograd.grad(yr, (x64, w64, b64, z64), inp["dy"].double())
+    bnk.set_backend("cuda")
+    x, w, b = (inp[k].clone().requires_grad_() for k in ("x", "weight", "bias"))
+    zz = z.clone().requires_grad_()
+    rm, rv = inp["running_mean"].clone(), inp["running_var"].clone()
+    y = bnk.noisy_batch_norm(x, rm, rv, w, b, training, 0.1, 1e-5, CFG, 7, 3, activation,
+                             residual=zz)
+    got = torch.autograd.grad(y, (x, w, b, zz), inp["dy"])
+    assert_close(y, yr, case.dtype, "y")
+    for name, g, e in zip(("dx", "dweight", "dbias", "dresidual"), got, exact):
+        assert_close(g, e, case.dtype, name)
+    assert_close(rm, rm64, case.dtype, "running_mean")
+    assert_close(rv, rv64, case.dtype, "running_var")
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_residual_gradcheck_fp64(training, activation, dev):
+    bnk.set_backend("cuda")
+    inp = make_inputs(Case((3, 2, 3, 2), True, torch.float64), dev, seed=3)
+    x = inp["x"].requires_grad_()
+    w, b = inp["weight"].requires_grad_(), inp["bias"].requires_grad_()
+    z = torch.randn(3, 2, 3, 2, dtype=torch.float64, device=dev).requires_grad_()
+    rm, rv = inp["running_mean"], inp["running_var"]
+
+    def f(x, w, b, z):
+        return bnk.batch_norm(x, rm.clone(), rv.clone(), w, b, training, 0.1, 1e-5,
+                              activation=activation, residual=z)
+
+    # In full in eval; in fast mode (a random projection of the Jacobian) in training, whose
+    # full check takes ~10 s under the emulator.
+    assert torch.autograd.gradcheck(f, (x, w, b, z), eps=1e-6, atol=1e-6, rtol=1e-5,
+                                    fast_mode=training)
+
+
+@pytest.mark.skipif(GPU, reason="counts the CPU emulator's launches")
+def test_residual_launches(_kernel_module, dev):
+    """The residual is read by the forward's launches (no launch of its own); d(residual)
+    alone is one masking op (threshold_backward's mask), no kernel."""
+    module = _kernel_module[0]
+    bnk.set_backend("cuda")
+    x = torch.randn(4, 3, 5, 6, device=dev)
+    z = torch.randn_like(x, requires_grad=True)
+    dy = torch.randn_like(x)
+    for path, n in (("persistent", 1), ("multipass", 2)):
+        with cuda.override_config(path=path):
+            count, _ = _launches(module, lambda: bnk.batch_norm(
+                x, None, None, training=True, activation="relu", residual=z.detach()))
+            assert count == n, (path, count)
+    y = bnk.batch_norm(x, None, None, training=True, activation="relu", residual=z)
+    count, _ = _launches(module, lambda: torch.autograd.grad(y, (z,), dy, retain_graph=True))
+    (dz,) = torch.autograd.grad(y, (z,), dy)
+    assert count == 0
+    assert torch.equal(dz, torch.where(y > 0, dy, torch.zeros_like(dy)))
 
 
 # ----------------------------------------------------------------------------- fuzzing

@@ -148,6 +148,11 @@ class BatchNormPlan(BasePlan):
         lay, _ = self._resolve(sig)
         self.ext = load()
         self.relu = sig.activation == "relu"
+        # A residual: the forward kernels add it before the activation; the backward masks dy
+        # with the forward's output (d(residual)) and runs the kernels without the activation
+        # on it (bn(x) + residual cannot be recomputed from x alone).
+        self.res = sig.has_residual
+        self.bwd_relu = self.relu and not self.res
         self.step_tensor = sig.step_tensor
         self.split = _split()
         self.path = _path()
@@ -162,9 +167,10 @@ class BatchNormPlan(BasePlan):
         return self.lay, xc, torch.empty_like(xc)
 
     def forward(self, x, running_mean, running_var, weight, bias, momentum, eps, noise,
-                need_saved=True, counter=None):
+                need_saved=True, counter=None, residual=None):
         lay, xc, y = self._start(x, counter)
         view = lay.kernel_view
+        res = None if residual is None else view(lay.like(residual, xc))
         if self.training:
             used = (torch.empty(1, device=xc.device, dtype=torch.int64)
                     if self.step_tensor and noise is not None else None)
@@ -172,29 +178,46 @@ class BatchNormPlan(BasePlan):
             mean, invstd = self.ext.bn_forward_train(
                 view(xc), lay.S, view(y), weight, bias, running_mean, running_var, momentum,
                 eps, self.relu, *_noise_args(noise, xc.device), used, ws, tickets, self.split,
-                self.path)
+                self.path, res)
             return lay.restore(y, x), mean, invstd, used
         if not need_saved:
             self.ext.bn_apply(view(xc), lay.S, view(y), running_mean, running_var, _VAR, eps,
                               weight, bias, self.relu, *_noise_args(noise, xc.device), None,
-                              None)
+                              None, res)
             return lay.restore(y, x), None, None, None
         # The apply snapshots the statistics it used: the backward is that of this forward,
         # whatever happens to the running buffers in between.
         mean = torch.empty(lay.C, device=xc.device, dtype=self.acc)
         invstd = torch.empty(lay.C, device=xc.device, dtype=self.acc)
         self.ext.bn_apply(view(xc), lay.S, view(y), running_mean, running_var, _VAR, eps,
-                          weight, bias, self.relu, *_noise_args(noise, xc.device), mean, invstd)
+                          weight, bias, self.relu, *_noise_args(noise, xc.device), mean, invstd,
+                          res)
         return lay.restore(y, x), mean, invstd, None
 
-    def backward(self, dy, x, a, b, weight, bias, eps, needs, noise, scale_from=_INVSTD):
+    def backward(self, dy, x, a, b, weight, bias, eps, needs, noise, out=None,
+                 scale_from=_INVSTD):
         """``a, b``: the mean and invstd the forward saved (or, with ``scale_from``, the
-        variance or l_p scale the invstd is made from, in eval mode)."""
+        variance or l_p scale the invstd is made from, in eval mode). With a residual,
+        ``needs`` has a fourth entry, d(residual), ``out`` is the forward's output (a ReLU's
+        mask) and it returns ``(dx, dw, db, dresidual)``: d(residual) = dy where out > 0, else
+        0 (threshold_backward's mask, so a NaN output passes dy), or dy itself without the
+        ReLU; the kernels then take it as the dy of bn(x), without the activation."""
+        if self.res:
+            g = dy.masked_fill(out <= 0, 0) if self.relu else dy
+            if any(needs[:3]):
+                dx, dw, db = self._backward(g, x, a, b, weight, bias, eps, needs[:3], noise,
+                                            scale_from)
+            else:
+                dx = dw = db = None
+            return dx, dw, db, (g if needs[3] else None)
+        return self._backward(dy, x, a, b, weight, bias, eps, needs, noise, scale_from)
+
+    def _backward(self, dy, x, a, b, weight, bias, eps, needs, noise, scale_from):
         need_dx, need_dw, need_db = needs
         dx, args = _backward_io(self.lay, dy, x, need_dx)
         ws, tickets = self.workspaces.get()
         dw, db = self.ext.bn_backward(
-            *args, a, b, scale_from, eps, weight, bias, self.training, self.relu,
+            *args, a, b, scale_from, eps, weight, bias, self.training, self.bwd_relu,
             bool(need_dw and weight is not None), bool(need_db and bias is not None),
             *_noise_args(noise, x.device), ws, tickets, self.split, self.path)
         return (self.lay.restore(dx, x) if need_dx else None), dw, db
@@ -272,7 +295,8 @@ class LpNormPlan(BasePlan):
         """``a, b``: the forward's saved (mean, s_p) in training; in eval mode its snapshots
         (mean, invstd), or with ``scale_from`` the running scale itself."""
         if not self.training:
-            return self.bn.backward(dy, x, a, b, weight, bias, eps, needs, None, scale_from)
+            return self.bn.backward(dy, x, a, b, weight, bias, eps, needs, None,
+                                    scale_from=scale_from)
         need_dx, need_dw, need_db = needs
         dx, args = _backward_io(self.lay, dy, x, need_dx)
         ws, tickets = self.workspaces.get()

@@ -235,7 +235,7 @@ class BatchNormPlan(BasePlan):
         y = torch.empty_like(xc)
         self.ext.bn_apply(lay.kernel_view(xc), lay.S, lay.kernel_view(y), mean, invstd, _INVSTD,
                           0.0, weight, bias, self.relu, *_noise_args(noise, xc.device), None,
-                          None)
+                          None, None)
         return lay.restore(y, x)
 
     def bwd_reduce(self, dy, x, mean, invstd, weight, bias, noise):
@@ -274,7 +274,7 @@ class LpNormPlan(BasePlan):
         self.workspaces = self.bn.workspaces
 
     def forward(self, x, running_mean, running_scale, weight, bias, momentum, eps, noise=None,
-                need_saved=True, counter=None):
+                need_saved=True, counter=None, residual=None):  # l_p has no residual
         lay, xc, y = self.bn._start(x, counter)
         view = lay.kernel_view
         if self.training:
@@ -288,10 +288,11 @@ class LpNormPlan(BasePlan):
             saved = (torch.empty(lay.C, device=xc.device, dtype=self.bn.acc),
                      torch.empty(lay.C, device=xc.device, dtype=self.bn.acc))
         self.ext.bn_apply(view(xc), lay.S, view(y), running_mean, running_scale, _LP_SCALE, eps,
-                          weight, bias, False, *_NO_NOISE, *saved)
+                          weight, bias, False, *_NO_NOISE, *saved, None)
         return lay.restore(y, x), saved[0], saved[1], None
 
-    def backward(self, dy, x, a, b, weight, bias, eps, needs, noise=None, scale_from=_INVSTD):
+    def backward(self, dy, x, a, b, weight, bias, eps, needs, noise=None, out=None,
+                 scale_from=_INVSTD):
         """``a, b``: the forward's saved (mean, s_p) in training; in eval mode its snapshots
         (mean, invstd), or with ``scale_from`` the running scale itself."""
         if not self.training:

@@ -72,8 +72,10 @@ from ..common import (
     div_rn,
     group,
     last_of_group,
+    program,
     sqrt_rn,
     tile,
+    tile_ids,
     two_sum_err,
     unit,
     unit_end,
@@ -395,8 +397,8 @@ def _bn_fwd_kernel(
         C = aligned(C, ALIGN)
     else:
         S = aligned(S, ALIGN)
-    pid = tl.program_id(0)
-    p = tl.program_id(1)
+    pid = program(0, INT64)
+    p = program(1, INT64)
     _count_batch(nbt_ptr, (pid == 0) & (p == 0), COUNT)
     ch, cm = group(pid, C, BLOCK_B, CL)
     shift = _shift(x_ptr, ch, cm, S, CL, ACC, INT64)
@@ -495,10 +497,11 @@ def _bn_apply_kernel(
     rows, cols, ch, cm, offs, mask = tile(ROWS, COLS, C, BLOCK_R, BLOCK_K, CHAN_ON_ROWS, INT64,
                                           ALIGN)
     if SAVE_STATS:  # the programs holding each channel's first row (or column block 0)
+        pr, pk = tile_ids(aligned(COLS, ALIGN), BLOCK_K, INT64)
         if CHAN_ON_ROWS:
-            first = cm & (rows < C) & (tl.program_id(1) == 0)
+            first = cm & (rows < C) & (pk == 0)
         else:
-            first = cm & (tl.program_id(0) == 0)
+            first = cm & (pr == 0)
         tl.store(save_mean_ptr + ch, tl.load(mean_ptr + ch, mask=first, other=0.0).to(ACC),
                  mask=first)
         tl.store(save_invstd_ptr + ch, _invstd_from(
@@ -517,8 +520,7 @@ def _bn_apply_kernel(
         step = load_step(step, STEP_PTR)
         ns, nm = _tile_noise(rows, cols, ch, offs, C, S, seed, step, n_mu, n_sigma, r_mu,
                              r_sigma, CHAN_ON_ROWS, INT64)
-        _save_step(used_ptr, C, step, (tl.program_id(0) == 0) & (tl.program_id(1) == 0),
-                   SAVE_STEP)
+        _save_step(used_ptr, C, step, tl.program_id(0) == 0, SAVE_STEP)
     y = _bn_out(_bn_affine(x, mean, lo, invstd, w, b, HAS_LO), ns, nm, RELU, NOISY)
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -599,8 +601,8 @@ def _bn_bwd_kernel(
         C = aligned(C, ALIGN)
     else:
         S = aligned(S, ALIGN)
-    pid = tl.program_id(0)
-    p = tl.program_id(1)
+    pid = program(0, INT64)
+    p = program(1, INT64)
     ch, cm = group(pid, C, BLOCK_B, CL)
     mu = 0.0
     sigma = 1.0

@@ -72,6 +72,7 @@ from ..common import (
     div_rn,
     group,
     last_of_group,
+    program,
     sqrt_rn,
     tile,
     unit,
@@ -239,8 +240,8 @@ def _lp_fwd_kernel(
         C = aligned(C, ALIGN)
     else:
         S = aligned(S, ALIGN)
-    pid = tl.program_id(0)
-    p = tl.program_id(1)
+    pid = program(0, INT64)
+    p = program(1, INT64)
     _count_batch(nbt_ptr, (pid == 0) & (p == 0) & (PHASE != 2), COUNT)
     ch, cm = group(pid, C, BLOCK_B, CL)
     if FUSED:
@@ -395,8 +396,8 @@ def _lp_bwd_kernel(
         C = aligned(C, ALIGN)
     else:
         S = aligned(S, ALIGN)
-    pid = tl.program_id(0)
-    p = tl.program_id(1)
+    pid = program(0, INT64)
+    p = program(1, INT64)
     ch, cm = group(pid, C, BLOCK_B, CL)
     mean_c = chan_get(mean_ptr, ch, cm, 0.0, CL, ACC)
     s_c = chan_get(scale_ptr, ch, cm, 0.0, CL, ACC)

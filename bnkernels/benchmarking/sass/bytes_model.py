@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import math
 
+from .tables import fmt_table, md_table
+
 # Compulsory traffic of each pass, in tensors of x's size (read, written): a training forward
 # reads x and writes y; the backward (dx, dweight, dbias) reads dy and x and writes dx; eval
 # reads x and writes y; the eval backward with dweight reads dy and x (dweight = sum(dy * xhat))
@@ -155,8 +157,6 @@ TEXT_ROWS_MAX = 160  # the text report lists every row up to this many (files li
 
 
 def text_table(doc: dict) -> list[str]:
-    from .report import fmt_table
-
     lines = fmt_table(strategy_table(doc), STRATEGY_COLUMNS)
     rows = row_table(doc)
     if len(rows) <= TEXT_ROWS_MAX:
@@ -167,8 +167,6 @@ def text_table(doc: dict) -> list[str]:
 
 
 def markdown(doc: dict) -> list[str]:
-    from .report import md_table
-
     lines = ["Per launch sequence (`vs_min`: modeled DRAM bytes over the minimum, with L2 "
              "reuse as assumed below; `no_reuse_vs_min`: every sweep from DRAM):", ""]
     lines += md_table(strategy_table(doc), STRATEGY_COLUMNS)

@@ -12,14 +12,10 @@ from pathlib import Path
 from .. import shapes as S
 from . import bytes_model
 from .launches import LP_PS, OPS, PASSES, cases
+from .tables import fmt_table, md_table
+from .tables import widths as _widths
 
 # ----------------------------------------------------------------------------- tables
-
-
-def _widths(bits: dict) -> str:
-    """{"128": 2, "32": 5} -> "128x2/32x5" (widest first)."""
-    return "/".join(f"{b}x{n}" for b, n in sorted(bits.items(), key=lambda kv: -int(kv[0]))) \
-        or "-"
 
 
 _SHOWN = ("BLOCK_N", "BLOCK_S", "BLOCK_M", "BLOCK_C", "BLOCK_R", "BLOCK_K", "FUSED", "TRAINING",
@@ -75,23 +71,6 @@ KERNEL_COLUMNS = [("kernel", "{}"), ("warps", "{}"), ("regs", "{}"), ("spills", 
                   ("tile_ld", "{}"), ("tile_st", "{}"), ("allowed", "{}"), ("blocks_sm", "{}"),
                   ("occupancy", "{:.0%}"), ("limiter", "{}"), ("uses", "{}"),
                   ("example", "{}")]
-
-
-def fmt_table(rows: list[dict], columns) -> list[str]:
-    """Fixed-width text lines, a header first."""
-    cells = [[c for c, _ in columns]] + [[fmt.format(r[c]) if r[c] is not None else "-"
-                                          for c, fmt in columns] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
-    return ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in cells]
-
-
-def md_table(rows: list[dict], columns) -> list[str]:
-    head = [c for c, _ in columns]
-    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        out.append("| " + " | ".join(fmt.format(r[c]) if r[c] is not None else "-"
-                                     for c, fmt in columns) + " |")
-    return out
 
 
 def summary(doc: dict) -> dict:

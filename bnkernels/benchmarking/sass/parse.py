@@ -161,8 +161,9 @@ def parse_ptx(text: str) -> list[dict]:
     and the source location they come from (innermost (file, line, column) and the one it is
     inlined at, from the ``.loc`` before the instruction)."""
     files = {m.group(1): m.group(2) for m in map(_PTX_FILE.match, text.splitlines()) if m}
+    loops = ptx_loops(text)
     out, loc, in_asm = [], None, False
-    for line in text.splitlines():
+    for index, line in enumerate(text.splitlines()):
         if "begin inline asm" in line or "end inline asm" in line:
             # Inside an inline-asm block LLVM numbers the block's own lines from the statement's
             # .loc on (a 4-element load's asm reads as 4 source lines): keep the .loc before it.
@@ -183,7 +184,25 @@ def parse_ptx(text: str) -> list[dict]:
         vec = next((int(t[1:]) for t in mods if t in ("v2", "v4", "v8")), 1)
         bits = next((_PTX_BITS[t] for t in reversed(mods) if t in _PTX_BITS), 32)
         kind = {"ld": "load", "st": "store"}.get(op, "atomic")
-        out.append({"kind": kind, "bits": vec * bits, "loc": loc})
+        loop = min((lp for lp in loops if lp[0] < index < lp[1]),
+                   key=lambda lp: lp[1] - lp[0], default=None)
+        out.append({"kind": kind, "bits": vec * bits, "loc": loc, "loop": loop})
+    return out
+
+
+_PTX_LABEL = re.compile(r"^\s*(\$L__\w+):")
+_PTX_BRA = re.compile(r"\bbra(?:\.uni)?\s+(\$L__\w+);")
+
+
+def ptx_loops(text: str) -> list[tuple[int, int]]:
+    """The loops of a PTX listing as (line of the label, line of the backward branch to it)."""
+    lines = text.splitlines()
+    labels = {m.group(1): i for i, m in enumerate(map(_PTX_LABEL.match, lines)) if m}
+    out = []
+    for i, line in enumerate(lines):
+        m = _PTX_BRA.search(line)
+        if m and labels.get(m.group(1), i) < i:
+            out.append((labels[m.group(1)], i))
     return out
 
 
@@ -314,6 +333,7 @@ def access_summary(ptx: list[dict], ttir: dict) -> dict:
 
     reached = set()
     unmatched = 0
+    tile_bytes: dict = {}  # loop (or None: straight-line code) -> tile bytes loaded a thread
     for acc in ptx:
         loc = acc["loc"]
         cands = [op for op in (by_loc.get(loc) or by_inner.get(loc[0] if loc else None) or [])
@@ -321,6 +341,9 @@ def access_summary(ptx: list[dict], ttir: dict) -> dict:
         if not cands:
             unmatched += 1
             continue
+        if acc["kind"] == "load" and any(op["rank"] >= 2 for op in cands):
+            group = acc.get("loop")
+            tile_bytes[group] = tile_bytes.get(group, 0) + acc["bits"] // 8
         for op in cands:
             reached.add(id(op))
             for name in op["params"] or ["?"]:
@@ -337,4 +360,10 @@ def access_summary(ptx: list[dict], ttir: dict) -> dict:
     for s in params.values():
         for k in ("tile_load_bits", "tile_store_bits", "load_bits", "store_bits"):
             s[k] = {str(b): n for b, n in sorted(s[k].items())}
-    return {"params": params, "unmatched_ptx_accesses": unmatched}
+    # Bytes of tile loads a thread has in flight at once: those of one loop iteration (the
+    # loop that loads most; a fused kernel's loops run one after the other), or of the whole
+    # kernel where no loop loads tiles (an elementwise pass).
+    in_loops = [n for g, n in tile_bytes.items() if g is not None]
+    per_thread = max(in_loops) if in_loops else tile_bytes.get(None, 0)
+    return {"params": params, "unmatched_ptx_accesses": unmatched,
+            "tile_load_bytes_per_thread": per_thread}

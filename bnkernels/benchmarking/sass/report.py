@@ -12,8 +12,8 @@ from pathlib import Path
 from .. import shapes as S
 from . import bytes_model
 from .launches import LP_PS, OPS, PASSES, cases
+from .tables import access_widths as _widths
 from .tables import fmt_table, md_table
-from .tables import widths as _widths
 
 # ----------------------------------------------------------------------------- tables
 
@@ -54,6 +54,7 @@ def kernel_table(doc: dict, rows=None) -> list[dict]:
             "stg": _widths(k["sass"]["STG"]), "tile_ld": _widths(tile_ld),
             "tile_st": _widths(tile_st), "allowed": allowed,
             "blocks_sm": occ["blocks_per_sm"], "occupancy": occ["occupancy"],
+            "inflight_kb": k.get("inflight_per_sm", 0) / 1024,
             "limiter": occ["limiter"], "uses": len(where),
             "example": f"{first['op']}{'(p=' + first['p'] + ')' if first['p'] else ''} "
                        f"{first['pass']} {first['shape_name']} {first['dtype']} "
@@ -69,7 +70,8 @@ KERNEL_COLUMNS = [("kernel", "{}"), ("warps", "{}"), ("regs", "{}"), ("spills", 
                   ("frame", "{}"), ("smem", "{}"), ("insts", "{}"), ("ldg", "{}"),
                   ("stg", "{}"),
                   ("tile_ld", "{}"), ("tile_st", "{}"), ("allowed", "{}"), ("blocks_sm", "{}"),
-                  ("occupancy", "{:.0%}"), ("limiter", "{}"), ("uses", "{}"),
+                  ("occupancy", "{:.0%}"), ("inflight_kb", "{:.0f}"), ("limiter", "{}"),
+                  ("uses", "{}"),
                   ("example", "{}")]
 
 
@@ -79,8 +81,15 @@ def summary(doc: dict) -> dict:
     table = kernel_table(doc)
     spills = [r for r in table if r["spills"]]
     narrow = [r for r in table if any("alignment allows" in p for p in r["problems"])]
+    # A target, reported (not yet required): 32 KB of tile loads in flight per SM.
+    low = [r for r in table if r["inflight_kb"] < INFLIGHT_TARGET_KB]
     return {"kernels": len(table), "with_spills": len(spills),
-            "narrower_than_alignment": len(narrow), "met": not spills and not narrow}
+            "narrower_than_alignment": len(narrow),
+            f"below_{INFLIGHT_TARGET_KB}kb_in_flight": len(low),
+            "met": not spills and not narrow}
+
+
+INFLIGHT_TARGET_KB = 32
 
 
 def text_report(doc: dict) -> str:
@@ -94,7 +103,11 @@ def text_report(doc: dict) -> str:
     lines += fmt_table(table, KERNEL_COLUMNS)
     lines += ["", f"requirements: {s['with_spills']} of {s['kernels']} kernels spill; "
                   f"{s['narrower_than_alignment']} have tile accesses narrower than alignment "
-                  f"allows -> {'MET' if s['met'] else 'NOT MET'}"]
+                  f"allows -> {'MET' if s['met'] else 'NOT MET'}",
+              f"target: {s[f'below_{INFLIGHT_TARGET_KB}kb_in_flight']} of {s['kernels']} "
+              f"kernels keep under {INFLIGHT_TARGET_KB} KB of tile loads in flight per SM "
+              "(inflight_kb: tile bytes a thread loads per loop iteration x threads x "
+              "resident blocks)"]
     for r in table:
         for p in r["problems"]:
             lines.append(f"  {r['kernel']} ({r['example']}): {p}")
@@ -114,6 +127,10 @@ def markdown(doc: dict) -> str:
              f"- no spills: {s['kernels'] - s['with_spills']} of {s['kernels']} kernels",
              f"- tile accesses of x, y, dy, dx as wide as alignment allows: "
              f"{s['kernels'] - s['narrower_than_alignment']} of {s['kernels']} kernels",
+             f"- (target) at least {INFLIGHT_TARGET_KB} KB of tile loads in flight per SM "
+             "(`inflight_kb`: tile bytes a thread loads per loop iteration x threads x "
+             f"resident blocks): {s['kernels'] - s[f'below_{INFLIGHT_TARGET_KB}kb_in_flight']}"
+             f" of {s['kernels']} kernels",
              f"- **{'met' if s['met'] else 'not met'}**", ""]
     table = kernel_table(doc)
     problems = [(r, p) for r in table for p in r["problems"]]

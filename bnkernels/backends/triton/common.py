@@ -101,8 +101,8 @@ def _fill(total: int, rows: int) -> int:
 
 
 # What a GPU launches: at most 2^31 - 1 programs on grid x, 65535 on y and z. The reductions'
-# grid is (channel groups, SPLIT), SPLIT clamped to 65535; the elementwise grid is 1-D
-# (:func:`ew_grid`).
+# grid is (channel groups, SPLIT), SPLIT clamped to 65535; the elementwise grid puts its
+# larger side on x (:func:`ew_grid`).
 GRID_X_MAX = 2**31 - 1
 GRID_YZ_MAX = 65535
 
@@ -226,11 +226,16 @@ def apply_config(lay: Layout, itemsize: int = 4, heavy: bool = False) -> ApplyCo
     return ApplyConfig(block_r, block_k, num_warps)
 
 
-def ew_grid(lay: Layout, cfg: ApplyConfig) -> tuple:
-    """The 1-D grid of an elementwise launch: row blocks times column blocks (see the kernels'
-    ``tile_ids``)."""
-    n = triton.cdiv(lay.rows, cfg.block_r) * triton.cdiv(lay.cols, cfg.block_k)
-    return check_grid((n,), "elementwise launch")
+def ew_grid(lay: Layout, cfg: ApplyConfig) -> tuple[tuple, bool]:
+    """(grid, COLS_ON_X) of an elementwise launch: (row blocks, column blocks), or, when there
+    are more than 65535 column blocks (a long row: S above 65535 * BLOCK_K), (column blocks,
+    row blocks) with the kernels' COLS_ON_X (see ``tile_ids``). Both over 65535 would take
+    over 2^32 tiles: not a tensor that fits a GPU."""
+    n_r = triton.cdiv(lay.rows, cfg.block_r)
+    n_k = triton.cdiv(lay.cols, cfg.block_k)
+    cols_on_x = n_k > GRID_YZ_MAX
+    grid = (n_k, n_r) if cols_on_x else (n_r, n_k)
+    return check_grid(grid, "elementwise launch"), cols_on_x
 
 
 # ----------------------------------------------------------------------------- jit helpers
@@ -301,26 +306,29 @@ def program(axis: tl.constexpr, INT64: tl.constexpr):
 
 
 @triton.jit
-def tile_ids(COLS, BLOCK_K: tl.constexpr, INT64: tl.constexpr):
-    """(row block, column block) of this program of an elementwise launch. The grid is 1-D,
-    row blocks times column blocks, column blocks fastest (:func:`ew_grid`): a GPU allows
-    2^31 - 1 programs on grid x but only 65535 on y and z, which a 2-D grid of column blocks
-    would exceed for a long row (S above 65535 * BLOCK_K)."""
-    pid = program(0, INT64)
-    n_k = tl.cdiv(COLS, BLOCK_K)
-    pr = pid // n_k
-    return pr, pid - pr * n_k
+def tile_ids(INT64: tl.constexpr, COLS_ON_X: tl.constexpr = False):
+    """(row block, column block) of this program of an elementwise launch: the grid is
+    (row blocks, column blocks), or (column blocks, row blocks) when COLS_ON_X (a GPU allows
+    2^31 - 1 programs on grid x but only 65535 on y; see :func:`ew_grid`)."""
+    if COLS_ON_X:
+        pr = program(1, INT64)
+        pk = program(0, INT64)
+    else:
+        pr = program(0, INT64)
+        pk = program(1, INT64)
+    return pr, pk
 
 
 @triton.jit
 def tile(ROWS, COLS, C, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-         CHAN_ON_ROWS: tl.constexpr, INT64: tl.constexpr, ALIGN: tl.constexpr = 1):
+         CHAN_ON_ROWS: tl.constexpr, INT64: tl.constexpr, ALIGN: tl.constexpr = 1,
+         COLS_ON_X: tl.constexpr = False):
     """This program's tile: (rows, cols, channel per row or column, its mask, element offsets,
     tile mask). Channel = row % C in the "ncs" layout (CHAN_ON_ROWS), = column in "mc".
     ALIGN: a power of two dividing COLS (see :func:`aligned`). INT64: rows and columns are
     64-bit from the program id on (see :func:`program`)."""
     COLS = aligned(COLS, ALIGN)
-    pr, pk = tile_ids(COLS, BLOCK_K, INT64)
+    pr, pk = tile_ids(INT64, COLS_ON_X)
     rows = pr * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = pk * BLOCK_K + tl.arange(0, BLOCK_K)
     rmask = rows < ROWS

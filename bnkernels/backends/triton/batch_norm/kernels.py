@@ -493,11 +493,12 @@ def _bn_apply_kernel(
     ACC: tl.constexpr,
     INT64: tl.constexpr,
     ALIGN: tl.constexpr = 1,  # a power of two dividing the rows (S or C)
+    COLS_ON_X: tl.constexpr = False,  # grid (column blocks, row blocks): see common.ew_grid
 ):
     rows, cols, ch, cm, offs, mask = tile(ROWS, COLS, C, BLOCK_R, BLOCK_K, CHAN_ON_ROWS, INT64,
-                                          ALIGN)
+                                          ALIGN, COLS_ON_X)
     if SAVE_STATS:  # the programs holding each channel's first row (or column block 0)
-        pr, pk = tile_ids(aligned(COLS, ALIGN), BLOCK_K, INT64)
+        pr, pk = tile_ids(INT64, COLS_ON_X)
         if CHAN_ON_ROWS:
             first = cm & (rows < C) & (pk == 0)
         else:
@@ -520,7 +521,8 @@ def _bn_apply_kernel(
         step = load_step(step, STEP_PTR)
         ns, nm = _tile_noise(rows, cols, ch, offs, C, S, seed, step, n_mu, n_sigma, r_mu,
                              r_sigma, CHAN_ON_ROWS, INT64)
-        _save_step(used_ptr, C, step, tl.program_id(0) == 0, SAVE_STEP)
+        _save_step(used_ptr, C, step, (tl.program_id(0) == 0) & (tl.program_id(1) == 0),
+                   SAVE_STEP)
     y = _bn_out(_bn_affine(x, mean, lo, invstd, w, b, HAS_LO), ns, nm, RELU, NOISY)
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -700,9 +702,10 @@ def _bn_bwd_dx_kernel(
     ACC: tl.constexpr,
     INT64: tl.constexpr,
     ALIGN: tl.constexpr = 1,  # a power of two dividing the rows (S or C)
+    COLS_ON_X: tl.constexpr = False,  # grid (column blocks, row blocks): see common.ew_grid
 ):
     rows, cols, ch, cm, offs, mask = tile(ROWS, COLS, C, BLOCK_R, BLOCK_K, CHAN_ON_ROWS, INT64,
-                                          ALIGN)
+                                          ALIGN, COLS_ON_X)
     mean = chan_load(mean_ptr, ch, cm, 0.0, CHAN_ON_ROWS, ACC)
     invstd = _invstd_from(chan_load(scale_ptr, ch, cm, 1.0, CHAN_ON_ROWS, ACC), eps, SCALE_FROM,
                           ACC)

@@ -92,9 +92,9 @@ class BatchNormPlan(BasePlan):
         self.shape = reduce_shape(lay, cfg)
         self.reduce_grid = check_grid((cfg.groups, cfg.split), "reduction launch")
         acfg = apply_config(lay, itemsize=sig.dtype.itemsize, heavy=sig.is_noisy)
-        self.ew_grid = ew_grid(lay, acfg)
+        self.ew_grid, cols_on_x = ew_grid(lay, acfg)
         self.ew = dict(ROWS=lay.rows, COLS=lay.cols, C=lay.C, S=lay.S, BLOCK_R=acfg.block_r,
-                       BLOCK_K=acfg.block_k, CHAN_ON_ROWS=self.ncs)
+                       BLOCK_K=acfg.block_k, CHAN_ON_ROWS=self.ncs, COLS_ON_X=cols_on_x)
         self.ew_warps = acfg.num_warps
         self.workspaces = Workspaces(lay.device, lambda: _Workspace(lay, cfg, acc))
         self._bwd_launches: dict = {}

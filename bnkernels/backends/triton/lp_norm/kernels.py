@@ -478,9 +478,10 @@ def _lp_bwd_dx_kernel(
     ACC: tl.constexpr,
     INT64: tl.constexpr,
     ALIGN: tl.constexpr = 1,  # a power of two dividing the rows (S or C)
+    COLS_ON_X: tl.constexpr = False,  # grid (column blocks, row blocks): see common.ew_grid
 ):
     _, _, ch, cm, offs, mask = tile(ROWS, COLS, C, BLOCK_R, BLOCK_K, CHAN_ON_ROWS, INT64,
-                                    ALIGN)
+                                    ALIGN, COLS_ON_X)
     mean = chan_load(mean_ptr, ch, cm, 0.0, CHAN_ON_ROWS, ACC)
     s = chan_load(scale_ptr, ch, cm, 0.0, CHAN_ON_ROWS, ACC)
     k1 = chan_load(coef_ptr, ch, cm, 0.0, CHAN_ON_ROWS, ACC)

@@ -60,10 +60,10 @@ class LpNormPlan(BasePlan):
         lay, acc = self._resolve(sig)
         self.ncs = lay.kind == "ncs"
         acfg = apply_config(lay, itemsize=sig.dtype.itemsize)
-        self.ew_grid = ew_grid(lay, acfg)
+        self.ew_grid, cols_on_x = ew_grid(lay, acfg)
         self.ew = dict(ROWS=lay.rows, COLS=lay.cols, C=lay.C, BLOCK_R=acfg.block_r,
                        BLOCK_K=acfg.block_k, CHAN_ON_ROWS=self.ncs, ACC=tl_dtype(acc),
-                       INT64=lay.int64, ALIGN=row_align(lay.cols))
+                       INT64=lay.int64, ALIGN=row_align(lay.cols), COLS_ON_X=cols_on_x)
         self.ew_warps = acfg.num_warps
         self.has = dict(HAS_W=sig.has_weight, HAS_B=sig.has_bias)
         self._bwd_launches: dict = {}

@@ -206,9 +206,14 @@ def apply_config(lay: Layout, itemsize: int = 4, heavy: bool = False) -> ApplyCo
     """Tile of an elementwise pass over the ``[rows, cols]`` matrix of ``itemsize``-byte
     elements. ``heavy``: per-element work dominates (noisy BatchNorm's Philox and Box-Muller):
     one 16-byte vector per thread (4 KB tiles of 8 warps) keeps registers low, where plain
-    passes take 2048 values a tile (two vectors a thread in fp32)."""
+    passes take 8 KB tiles (2048 fp32 or 4096 fp16/bf16 values: two 16-byte vectors a thread,
+    for bytes in flight) where rows are 16-byte aligned."""
     big = INTERPRET or lay.device.type != "cuda"
-    total = 16384 if big else (max(256, 4096 // itemsize) if heavy else 2048)
+    # 8 KB tiles where rows allow 16-byte accesses (two a thread); else 2048 values, whose
+    # narrow accesses each take a register for their address.
+    wide = lay.cols * itemsize % 16 == 0
+    total = 16384 if big else (max(256, 4096 // itemsize) if heavy else
+                               max(2048, 8192 // itemsize) if wide else 2048)
     if lay.kind == "ncs":  # cols = S: the block that wastes fewest lanes at the row ends ...
         # ... among those that still fill a tile of `total` values when there are few rows
         # (N*C): else an odd S gives 32-wide blocks, and a long row of a small batch becomes

@@ -392,6 +392,7 @@ def _bn_fwd_kernel(
     ACC: tl.constexpr,
     INT64: tl.constexpr,
     ALIGN: tl.constexpr = 1,  # a power of two dividing the rows (S or C)
+    PAIR: tl.constexpr = False,  # two units a loop iteration (bytes in flight; 4-byte x)
 ):
     if CL:
         C = aligned(C, ALIGN)
@@ -406,12 +407,25 @@ def _bn_fwd_kernel(
     m2 = tl.zeros([BLOCK_A, BLOCK_B], ACC)
     cnt = tl.zeros([BLOCK_A, BLOCK_B], ACC)
     total = tl.zeros([BLOCK_A, BLOCK_B], ACC)  # plain sum of x: tells special values apart
-    for u in range(p * CHUNK, unit_end(p * CHUNK, CHUNK, UNITS, CL), BLOCK_A if CL else 1):
+    # PAIR: two units an iteration, both loads issued before either update (twice the bytes
+    # in flight, no more accumulators); each lane still takes its units in order (same bits).
+    end = unit_end(p * CHUNK, CHUNK, UNITS, CL)
+    for u in range(p * CHUNK, end, (2 if PAIR else 1) * (BLOCK_A if CL else 1)):
         ptrs, mask = unit_ptrs(x_ptr, u, ch, cm, N, C, S, S_BLOCKS, UNITS, BLOCK_A, BLOCK_B, CL,
                                INT64)
-        x = tl.load(ptrs, mask=mask, other=0.0).to(ACC)
+        x = tl.load(ptrs, mask=mask, other=0.0)
+        if PAIR:
+            u2 = u + (BLOCK_A if CL else 1)
+            ptrs2, mask2 = unit_ptrs(x_ptr, u2, ch, cm, N, C, S, S_BLOCKS, UNITS, BLOCK_A,
+                                     BLOCK_B, CL, INT64)
+            mask2 = mask2 & (u2 < end)
+            x2 = tl.load(ptrs2, mask=mask2, other=0.0).to(ACC)
+        x = x.to(ACC)
         total += x
         mean, m2, cnt = _welford_update(mean, m2, cnt, x - chan_bcast(shift, CL), mask)
+        if PAIR:
+            total += x2
+            mean, m2, cnt = _welford_update(mean, m2, cnt, x2 - chan_bcast(shift, CL), mask2)
     mean, m2, cnt = _welford_chan(mean, m2, cnt, CL, ACC)
     total = chan_sum(total, CL)
     if FUSED:

@@ -124,7 +124,8 @@ class BatchNormPlan(BasePlan):
         return Launch(kernel, grid, num_warps, consts, call, aligned=_OWN, device=self.lay.device)
 
     def _reduce_fwd_launch(self, **meta):
-        consts = dict(self.flags, **self.noise_consts, **self.shape)
+        consts = dict(self.flags, **self.noise_consts, **self.shape,
+                      PAIR=self.sig.dtype.itemsize >= 4)
         consts.update(meta)
         return self._launch(_bn_fwd_kernel, self.reduce_grid, self.cfg.num_warps, _FWD_CALL,
                             consts)

@@ -80,7 +80,8 @@ class LpNormPlan(BasePlan):
         flags = dict(P=self.P, FUSED=self.fused, CENTERED=self.centered, ACC=tl_dtype(acc),
                      INT64=lay.int64, ALIGN=row_align(lay.cols), M_F=float(lay.M))
         self.common = dict(flags, **self.shape)
-        fwd = dict(flags, **self.shape, UPDATE=sig.has_running, COUNT=sig.counter, **self.has)
+        fwd = dict(flags, **self.shape, UPDATE=sig.has_running, COUNT=sig.counter, **self.has,
+                   PAIR=True)
         if self.fused:
             self.k_fwd = [self._launch(_lp_fwd_kernel, self.grid, cfg.num_warps, _FWD_CALL,
                                        dict(fwd, PHASE=0))]

@@ -201,6 +201,23 @@ def test_ptx_loops_and_tile_bytes_in_flight():
     assert P.access_summary(straight, ttir)["tile_load_bytes_per_thread"] == 4 + 2 * 16
 
 
+def test_tile_loads_of_one_loop_body_are_one_sweep():
+    """Two tile loads of x in one loop body (a loop taking two units an iteration) sweep x
+    once between them; the bytes model counts sweeps."""
+    paired = TTIR.replace(
+        "      %v = tt.load %p : tensor<16x64x!tt.ptr<bf16>> loc(#loc1)\n",
+        "      %v = tt.load %p : tensor<16x64x!tt.ptr<bf16>> loc(#loc1)\n"
+        "      %v2 = tt.load %p : tensor<16x64x!tt.ptr<bf16>> loc(#loc1)\n")
+    assert paired != TTIR
+    ptx = [{"kind": "load", "bits": 128, "loc": (("/k/bn.py", 20, 9), None), "loop": (1, 3)}]
+    for ir in (TTIR, paired):
+        got = P.access_summary(ptx, P.parse_ttir(ir, ["x_ptr", "w_ptr", "S"]))
+        assert got["params"]["x_ptr"]["tile_loads"] == 1
+    ops = P.parse_ttir(paired, ["x_ptr", "w_ptr", "S"])["ops"]
+    assert ops[0]["loop"] is not None and ops[0]["loop"] == ops[1]["loop"]
+    assert ops[2]["loop"] is None  # w's load, after the loop
+
+
 @pytest.mark.parametrize("regs,smem,warps,blocks,limiter", [
     (26, 0, 8, 8, "warps"),          # 64 warps resident
     (39, 1152, 8, 6, "registers"),   # 1280 regs/warp: 12 warps per sub-partition

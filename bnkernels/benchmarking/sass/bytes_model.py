@@ -3,8 +3,9 @@ it) against the minimum its op and pass need, and the time each takes at the cop
 
 The model reads the compiled kernels, not a table: a kernel's *tile loads* of a big tensor
 (x, y, dy, dx: x's size) are the tt.load operations of 2-D pointer blocks in its Triton IR that
-reach the PTX; each sweeps the tensor once over the launch's grid (every kernel here tiles its
-big tensors exactly once per such load). Likewise for tile stores. Whether a sweep after the
+reach the PTX; those of one loop body sweep the tensor once together over the launch's grid (a
+loop taking two units an iteration loads half of it with each), and each outside a loop sweeps
+it once (every kernel here tiles its big tensors so). Likewise for tile stores. Whether a sweep after the
 first comes from DRAM or from L2 is decided by :data:`ASSUMPTIONS`.
 """
 
@@ -21,8 +22,8 @@ from .tables import fmt_table, md_table
 MINIMUM = {"fwd-train": (1, 1), "bwd": (2, 1), "fwd-eval": (1, 1), "bwd-eval": (2, 1)}
 
 ASSUMPTIONS = [
-    "bytes model: a tile load or store of a big tensor (x, y, dy, dx) in a kernel's Triton IR "
-    "sweeps that tensor once; the first sweep of a tensor comes from DRAM, every store goes to "
+    "bytes model: the tile loads (stores) of a big tensor (x, y, dy, dx) in one loop body of "
+    "a kernel's Triton IR sweep that tensor once, as does each outside a loop; the first sweep of a tensor comes from DRAM, every store goes to "
     "DRAM (write-back), per-channel vectors, workspace partials and tickets count once per "
     "launch that touches them",
     "L2 reuse: a sweep of a tensor already swept in the same launch (a fused kernel re-reading "

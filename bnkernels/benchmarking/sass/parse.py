@@ -267,14 +267,17 @@ def parse_ttir(text: str, arg_names: list[str]) -> dict:
     # names in sibling regions); loop-carried values start from their initial values (a loop
     # step derives from them); region results collect what their regions yield.
     stack: list[list[str]] = []  # the results of the region-holding ops we are inside
-    for line in lines[start + 1:]:
+    loops: list = []  # per open region: the line of the innermost scf.for holding it, or None
+    for index, line in enumerate(lines[start + 1:]):
         code = line.split(" loc(")[0]
         stripped = code.strip()
         if stripped.startswith("}"):
             if stack:
                 top = stack.pop()
+                loop = loops.pop()
                 if stripped.endswith("{"):  # "} else {": the same op's next region
                     stack.append(top)
+                    loops.append(loop)
             continue
         m = _TTIR_DEF.match(code)
         results, rhs = [], stripped
@@ -298,6 +301,7 @@ def parse_ttir(text: str, arg_names: list[str]) -> dict:
                 deps.setdefault(r, set()).update(src)
         if stripped.endswith("{"):
             stack.append(results)
+            loops.append(index if "scf.for" in rhs else (loops[-1] if loops else None))
         mem = _TTIR_MEMOP.search(rhs)
         if not mem:
             continue
@@ -309,7 +313,8 @@ def parse_ttir(text: str, arg_names: list[str]) -> dict:
         lm = re.search(r"loc\((#loc\d*)\)\s*$", line)
         ops.append({"kind": {"load": "load", "store": "store"}.get(mem.group(1), "atomic"),
                     "params": sorted(deps.get(ptr, set())), "rank": rank,
-                    "loc": _resolve_loc(lm.group(1), locs) if lm else None})
+                    "loc": _resolve_loc(lm.group(1), locs) if lm else None,
+                    "loop": loops[-1] if loops else None})
     return {"args": args, "ops": ops}
 
 
@@ -353,10 +358,18 @@ def access_summary(ptx: list[dict], ttir: dict) -> dict:
                     continue
                 key = ("tile_" if op["rank"] >= 2 else "") + acc["kind"] + "_bits"
                 s[key][acc["bits"]] = s[key].get(acc["bits"], 0) + 1
+    # Sweeps: tile accesses of a tensor in one loop body split the loop's units between them
+    # (a loop taking two units an iteration loads each half of the tensor once): one sweep per
+    # loop, and one per tile access outside loops.
+    sweeps: dict = {}
     for op in ttir["ops"]:
         if op["rank"] >= 2 and op["kind"] in ("load", "store") and id(op) in reached:
+            group = op.get("loop")
             for name in op["params"]:
-                slot(name)["tile_" + op["kind"] + "s"] += 1
+                sweeps.setdefault((name, op["kind"]), set()).add(
+                    ("loop", group) if group is not None else ("op", id(op)))
+    for (name, kind), groups in sweeps.items():
+        slot(name)["tile_" + kind + "s"] = len(groups)
     for s in params.values():
         for k in ("tile_load_bits", "tile_store_bits", "load_bits", "store_bits"):
             s[k] = {str(b): n for b, n in sorted(s[k].items())}

@@ -380,7 +380,7 @@ def ncs_unit(c, u, N, C, S, S_BLOCKS, BLOCK_N: tl.constexpr, BLOCK_S: tl.constex
     is below UNITS < 2^31 (tiles, not elements): the INT64 variants, whose ``u`` is 64-bit
     (from a widened program id), divide it in 32 bits and widen the rows n."""
     if INT64:
-        u = u.to(tl.int32)
+        u = tl.cast(u, tl.int32)  # (u: a Python int in the interpreter's fused loops)
     nb = u // S_BLOCKS
     n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
     s = (u - nb * S_BLOCKS) * BLOCK_S + tl.arange(0, BLOCK_S)

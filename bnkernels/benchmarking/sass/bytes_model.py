@@ -5,8 +5,8 @@ The model reads the compiled kernels, not a table: a kernel's *tile loads* of a 
 (x, y, dy, dx: x's size) are the tt.load operations of 2-D pointer blocks in its Triton IR that
 reach the PTX; those of one loop body sweep the tensor once together over the launch's grid (a
 loop taking two units an iteration loads half of it with each), and each outside a loop sweeps
-it once (every kernel here tiles its big tensors so). Likewise for tile stores. Whether a sweep after the
-first comes from DRAM or from L2 is decided by :data:`ASSUMPTIONS`.
+it once (every kernel here tiles its big tensors so). Likewise for tile stores. Whether a
+sweep after the first comes from DRAM or from L2 is decided by :data:`ASSUMPTIONS`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ MINIMUM = {"fwd-train": (1, 1), "bwd": (2, 1), "fwd-eval": (1, 1), "bwd-eval": (
 
 ASSUMPTIONS = [
     "bytes model: the tile loads (stores) of a big tensor (x, y, dy, dx) in one loop body of "
-    "a kernel's Triton IR sweep that tensor once, as does each outside a loop; the first sweep of a tensor comes from DRAM, every store goes to "
+    "a kernel's Triton IR sweep that tensor once, as does each outside a loop; the first "
+    "sweep of a tensor comes from DRAM, every store goes to "
     "DRAM (write-back), per-channel vectors, workspace partials and tickets count once per "
     "launch that touches them",
     "L2 reuse: a sweep of a tensor already swept in the same launch (a fused kernel re-reading "

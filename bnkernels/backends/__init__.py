@@ -27,12 +27,14 @@ import os
 import torch
 
 from . import speed
+from .cpu import CpuBackend
 from .cuda import CudaBackend
 from .plan import PLANS, ContiguousChannels, Signature
 from .reference import ReferenceBackend
 from .triton import TritonBackend
 
-_BACKENDS = {b.name: b for b in (TritonBackend(), CudaBackend(), ReferenceBackend())}
+_BACKENDS = {b.name: b for b in (TritonBackend(), CudaBackend(), CpuBackend(),
+                                  ReferenceBackend())}
 _CHOICES = ("auto", *_BACKENDS)
 _selected: str | None = None  # None: read BNKERNELS_BACKEND
 GENERATION = 0  # incremented whenever the selection may change (read by compiled graphs)
@@ -87,8 +89,11 @@ def _auto_order(x: torch.Tensor, op: str = "batch_norm") -> list[str]:
         if speed.faster(op, x) == "cuda":
             return ["cuda", "triton", "reference"]
         return ["triton", "cuda", "reference"]
-    # On the CPU the Triton interpreter is a correctness tool, chosen only when it is switched on.
-    return ["triton", "reference"] if _BACKENDS["triton"].interpreting() else ["reference"]
+    # On the CPU the Triton interpreter is a correctness tool, chosen only when it is switched
+    # on; otherwise the cpu backend's C kernels, and the reference where they cannot be built.
+    if _BACKENDS["triton"].interpreting():
+        return ["triton", "cpu", "reference"]
+    return ["cpu", "reference"]
 
 
 def select(op: str, x: torch.Tensor, name: str | None = None):

@@ -26,7 +26,7 @@ from ..reference import formulas as _ref
 from . import build
 
 _LOW = (torch.float16, torch.bfloat16)
-OPS = ("batch_norm", "noisy_batch_norm", "lp_norm")
+OPS = ("batch_norm", "noisy_batch_norm", "noisy_batch_norm_noise", "lp_norm")
 _M32 = 0xFFFFFFFF
 
 
@@ -130,6 +130,18 @@ class BatchNormPlan(_Common, _ReferenceBatchNormPlan):
         self._bind(sig, lib, "bn")
         self.relu = int(sig.activation == "relu")
         self._lib = lib
+        # the noise laid out as the kernels read x: channels last where x is (4-D/5-D)
+        self.noise_format = None
+        if self.dims[3] and self.dims[2] > 1:
+            self.noise_format = torch.channels_last if len(sig.shape) == 4 else \
+                torch.channels_last_3d
+
+    def _noise(self, x, noise):
+        ns, nm = noise_of(self._lib, x, noise)
+        if self.noise_format is not None:
+            ns = ns.contiguous(memory_format=self.noise_format)
+            nm = nm.contiguous(memory_format=self.noise_format)
+        return ns, nm
 
     def forward(self, x, running_mean, running_var, weight, bias, momentum, eps, noise,
                 need_saved=True, counter=None):
@@ -145,7 +157,7 @@ class BatchNormPlan(_Common, _ReferenceBatchNormPlan):
         sb = torch.empty(self.C, dtype=self.acc) if keep else None
         ns = nm = None
         if noise is not None:
-            ns, nm = noise_of(self._lib, x, noise)
+            ns, nm = self._noise(x, noise)
         self._fwd(xk.data_ptr(), y.data_ptr(), *self.dims, int(self.training), _ptr(w),
                   _ptr(b), eps, momentum, _ptr(rm), _ptr(rv), _ptr(sa), _ptr(sb), _ptr(ns),
                   _ptr(nm), self.relu)
@@ -169,7 +181,7 @@ class BatchNormPlan(_Common, _ReferenceBatchNormPlan):
         if isinstance(mean, tuple):
             mean, ns, nm = mean
         elif noise is not None:
-            ns, nm = noise_of(self._lib, x, noise)
+            ns, nm = self._noise(x, noise)
         return self._bn_backward(dy, x, mean, invstd, weight, bias, needs,
                                  int(self.training), self.relu, ns, nm)
 

@@ -74,10 +74,9 @@ static void FN(apply_)(const T *restrict x, T *restrict y, int64_t N, int64_t C,
       const T *restrict p = x + r * C;
       T *restrict q = y + r * C;
       if (ns) {
-        int64_t n = r / S, s = r % S;
+        const float *restrict s_ = ns + r * C, *restrict m_ = nm + r * C;
         for (int64_t c = 0; c < C; ++c) {
-          int64_t o = (n * C + c) * S + s;
-          T v = (((p[c] - hi[c]) - lo[c]) * a[c] + b[c]) * (T)ns[o] + (T)nm[o];
+          T v = (((p[c] - hi[c]) - lo[c]) * a[c] + b[c]) * (T)s_[c] + (T)m_[c];
           q[c] = relu && v < 0 ? (T)0 : v;
         }
       } else if (relu) {
@@ -226,33 +225,25 @@ static inline __attribute__((always_inline)) void FN(bn_mc_)(
     const T *mu, const T *is, const T *ww, const T *bb, const float *ns, const float *nm,
     double *restrict sg, double *restrict sgx, const T *k, const T *mg, const T *mgx,
     int training, int relu, int noisy, int sums) {
-  T *sv = noisy ? malloc(sizeof(T) * 2 * C) : NULL, *mv = noisy ? sv + C : NULL;
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t s = 0; s < S; ++s) {
-      int64_t rr = n * S + s;
-      const T *restrict p = x + rr * C, *restrict q = dy + rr * C;
-      if (noisy)
-        for (int64_t c = 0; c < C; ++c) {
-          sv[c] = (T)ns[(n * C + c) * S + s];
-          mv[c] = (T)nm[(n * C + c) * S + s];
-        }
-      if (sums) {
-        for (int64_t c = 0; c < C; ++c) {
-          T g = FN(bn_g_)(q[c], p[c], mu[c], is[c], ww[c], bb[c], relu, noisy,
-                          noisy ? sv[c] : 0, noisy ? mv[c] : 0);
-          sg[c] += (double)g;
-          sgx[c] += (double)(g * ((p[c] - mu[c]) * is[c]));
-        }
-      } else {
-        T *restrict r = dx + rr * C;
-        for (int64_t c = 0; c < C; ++c) {
-          T g = FN(bn_g_)(q[c], p[c], mu[c], is[c], ww[c], bb[c], relu, noisy,
-                          noisy ? sv[c] : 0, noisy ? mv[c] : 0);
-          r[c] = training ? (g - mg[c] - ((p[c] - mu[c]) * is[c]) * mgx[c]) * k[c] : g * k[c];
-        }
+  for (int64_t rr = 0; rr < N * S; ++rr) {
+    const T *restrict p = x + rr * C, *restrict q = dy + rr * C;
+    const float *restrict sv = noisy ? ns + rr * C : NULL, *restrict mv = noisy ? nm + rr * C : NULL;
+    if (sums) {
+      for (int64_t c = 0; c < C; ++c) {
+        T g = FN(bn_g_)(q[c], p[c], mu[c], is[c], ww[c], bb[c], relu, noisy,
+                        noisy ? (T)sv[c] : 0, noisy ? (T)mv[c] : 0);
+        sg[c] += (double)g;
+        sgx[c] += (double)(g * ((p[c] - mu[c]) * is[c]));
+      }
+    } else {
+      T *restrict r = dx + rr * C;
+      for (int64_t c = 0; c < C; ++c) {
+        T g = FN(bn_g_)(q[c], p[c], mu[c], is[c], ww[c], bb[c], relu, noisy,
+                        noisy ? (T)sv[c] : 0, noisy ? (T)mv[c] : 0);
+        r[c] = training ? (g - mg[c] - ((p[c] - mu[c]) * is[c]) * mgx[c]) * k[c] : g * k[c];
       }
     }
-  free(sv);
+  }
 }
 
 static inline __attribute__((always_inline)) void FN(bn_bwd_body_)(

@@ -3,6 +3,99 @@
 #define CAT(a, b) CAT2(a, b)
 #define FN(name) CAT(name, SUF)
 
+/* LANES values of T, and their lane masks (GCC/Clang vector extensions: one AVX-512
+ * register of floats, or two AVX2 registers; plain scalar code where there are none). */
+typedef T FN(vt_) __attribute__((vector_size(LANES * sizeof(T))));
+typedef TI FN(vi_) __attribute__((vector_size(LANES * sizeof(T))));
+#define VT FN(vt_)
+#define VI FN(vi_)
+
+static inline VT FN(load_)(const T *p) {
+  VT v;
+  memcpy(&v, p, sizeof v);
+  return v;
+}
+
+static inline VT FN(loadf_)(const float *p) { /* float noise as T */
+  vf v;
+  memcpy(&v, p, sizeof v);
+  return __builtin_convertvector(v, VT);
+}
+
+/* Channels last with a period: when C is a multiple of LANES, or divides it, the flat
+ * (M*C) array is a sequence of blocks of P = C or P = LANES values in which value j belongs to
+ * channel j % C, so whole vectors go through with per-lane constants. Other C: scalar rows. */
+static inline int64_t FN(mc_period_)(int64_t C) {
+  return C % LANES == 0 ? C : (LANES % C == 0 ? LANES : 0);
+}
+
+/* dst[j] = src[j % C], j < P (per-lane constants of one block) */
+static void FN(lanes_of_)(const T *src, T *dst, int64_t C, int64_t P) {
+  for (int64_t j = 0; j < P; ++j) dst[j] = src[j % C];
+}
+
+static vd *FN(alloc_vd_)(int64_t K) {
+  vd *p = aligned_alloc(64, sizeof(vd) * (size_t)(K > 0 ? K : 1));
+  memset(p, 0, sizeof(vd) * (size_t)(K > 0 ? K : 1));
+  return p;
+}
+
+/* out[c] = sum over the channel's values of x (pass 0), or of (x - mean[c])^2 (pass 1) */
+static void FN(mc_sums_)(const T *restrict x, int64_t total, int64_t C, int64_t P, int pass,
+                         const double *mean, double *out) {
+  const int64_t K = P / LANES;
+  vd *acc = FN(alloc_vd_)(K), *mv = FN(alloc_vd_)(K);
+  double *md = (double *)mv;
+  for (int64_t j = 0; j < P; ++j) md[j] = pass ? mean[j % C] : 0.0;
+  for (int64_t c = 0; c < C; ++c) out[c] = 0;
+  int64_t j = 0;
+  for (; j + P <= total; j += P)
+    for (int64_t k = 0; k < K; ++k) {
+      vd v = __builtin_convertvector(FN(load_)(x + j + k * LANES), vd);
+      if (pass) {
+        v -= mv[k];
+        acc[k] += v * v;
+      } else {
+        acc[k] += v;
+      }
+    }
+  for (; j < total; ++j) {
+    double v = (double)x[j] - (pass ? mean[j % C] : 0.0);
+    out[j % C] += pass ? v * v : v;
+  }
+  const double *ad = (const double *)acc;
+  for (int64_t q = 0; q < P; ++q) out[q % C] += ad[q];
+  free(acc);
+  free(mv);
+}
+
+/* y = ((x - hi) - lo) * a + b [* s + m] [relu], per-lane constants, noise laid out as x */
+static void FN(mc_apply_)(const T *restrict x, T *restrict y, int64_t total, int64_t C,
+                          int64_t P, const T *hi, const T *lo, const T *a, const T *b,
+                          const float *restrict ns, const float *restrict nm, int relu) {
+  T *lc = aligned_alloc(64, sizeof(T) * 4 * (size_t)P);
+  FN(lanes_of_)(hi, lc, C, P);
+  FN(lanes_of_)(lo, lc + P, C, P);
+  FN(lanes_of_)(a, lc + 2 * P, C, P);
+  FN(lanes_of_)(b, lc + 3 * P, C, P);
+  int64_t j = 0;
+  for (; j + P <= total; j += P)
+    for (int64_t q = 0; q < P; q += LANES) {
+      VT v = ((FN(load_)(x + j + q) - FN(load_)(lc + q)) - FN(load_)(lc + P + q)) *
+                 FN(load_)(lc + 2 * P + q) + FN(load_)(lc + 3 * P + q);
+      if (ns) v = v * FN(loadf_)(ns + j + q) + FN(loadf_)(nm + j + q);
+      if (relu) v = (VT)((VI)v & ~(VI)(v < 0));
+      memcpy(y + j + q, &v, sizeof v);
+    }
+  for (; j < total; ++j) {
+    int64_t c = j % C;
+    T v = ((x[j] - hi[c]) - lo[c]) * a[c] + b[c];
+    if (ns) v = v * (T)ns[j] + (T)nm[j];
+    y[j] = relu && v < 0 ? (T)0 : v;
+  }
+  free(lc);
+}
+
 /* Per-channel sum of EXPR(v, c) (v: one value of channel c, as T) over the channel's M values,
  * in double, into out[c]. */
 #define CHANNEL_SUMS(xp, out, EXPR)                                                        \
@@ -69,6 +162,8 @@ static void FN(apply_)(const T *restrict x, T *restrict y, int64_t N, int64_t C,
           for (int64_t s = 0; s < S; ++s) q[s] = ((p[s] - h) - l) * k + d;
         }
       }
+  } else if (FN(mc_period_)(C)) {
+    FN(mc_apply_)(x, y, N * S * C, C, FN(mc_period_)(C), hi, lo, a, b, ns, nm, relu);
   } else {
     for (int64_t r = 0; r < N * S; ++r) {
       const T *restrict p = x + r * C;
@@ -103,11 +198,16 @@ void FN(bnk_bn_fwd_)(const T *x, T *y, int64_t N, int64_t C, int64_t S, int mc, 
   T *con = malloc(sizeof(T) * 4 * C);
   double *mean = buf, *m2 = buf + C;
   T *hi = con, *lo = con + C, *a = con + 2 * C, *bb = con + 3 * C;
+  const int64_t P = mc ? FN(mc_period_)(C) : 0;
   if (training) {
-    CHANNEL_SUMS(x, mean, v);
+    if (P) {
+      FN(mc_sums_)(x, M * C, C, P, 0, NULL, mean);
+    } else {
+      CHANNEL_SUMS(x, mean, v);
+    }
     for (int64_t c = 0; c < C; ++c) mean[c] /= (double)M;
-    if (!mc) {
-      CHANNEL_SUMS(x, m2, ((double)v - mean[c]) * ((double)v - mean[c]));
+    if (P) {
+      FN(mc_sums_)(x, M * C, C, P, 1, mean, m2);
     } else {
       CHANNEL_SUMS(x, m2, ((double)v - mean[c]) * ((double)v - mean[c]));
     }
@@ -143,25 +243,6 @@ void FN(bnk_bn_fwd_)(const T *x, T *y, int64_t N, int64_t C, int64_t S, int mc, 
   FN(apply_)(x, y, N, C, S, mc, hi, lo, a, bb, ns, nm, relu);
   free(buf);
   free(con);
-}
-
-/* LANES values of T, and their lane masks (GCC/Clang vector extensions: one AVX-512
- * register of floats, or two AVX2 registers; plain scalar code where there are none). */
-typedef T FN(vt_) __attribute__((vector_size(LANES * sizeof(T))));
-typedef TI FN(vi_) __attribute__((vector_size(LANES * sizeof(T))));
-#define VT FN(vt_)
-#define VI FN(vi_)
-
-static inline VT FN(load_)(const T *p) {
-  VT v;
-  memcpy(&v, p, sizeof v);
-  return v;
-}
-
-static inline VT FN(loadf_)(const float *p) { /* float noise as T */
-  vf v;
-  memcpy(&v, p, sizeof v);
-  return __builtin_convertvector(v, VT);
 }
 
 /* The gradient reaching a = w xhat + b from dy (relu: masked where the output was <= 0,
@@ -246,6 +327,67 @@ static inline __attribute__((always_inline)) void FN(bn_mc_)(
   }
 }
 
+/* The (mc) rows with a period (see mc_period_): whole vectors, per-lane constants. */
+static inline __attribute__((always_inline)) void FN(bn_mcp_)(
+    const T *restrict dy, const T *restrict x, T *restrict dx, int64_t total, int64_t C,
+    int64_t P, const T *mu, const T *is, const T *ww, const T *bb, const float *restrict ns,
+    const float *restrict nm, double *sg, double *sgx, const T *k, const T *mg, const T *mgx,
+    int training, int relu, int noisy, int sums) {
+  const int64_t K = P / LANES;
+  T *lc = aligned_alloc(64, sizeof(T) * 7 * (size_t)P);
+  const T *src[7] = {mu, is, ww, bb, k, mg, mgx};
+  for (int i = 0; i < 7; ++i)
+    if (sums ? i < 4 : 1) FN(lanes_of_)(src[i], lc + i * P, C, P);
+  vd *a0 = FN(alloc_vd_)(K), *a1 = FN(alloc_vd_)(K);
+  VT zero = {0};
+  int64_t j = 0;
+  for (; j + P <= total; j += P)
+    for (int64_t kk = 0; kk < K; ++kk) {
+      const int64_t q = kk * LANES, o = j + q;
+      VT xv = FN(load_)(x + o), g = FN(load_)(dy + o);
+      VT m_ = FN(load_)(lc + q), i_ = FN(load_)(lc + P + q);
+      VT xh = (xv - m_) * i_;
+      VT sv = noisy ? FN(loadf_)(ns + o) : zero;
+      if (relu) {
+        VT out = xh * FN(load_)(lc + 2 * P + q) + FN(load_)(lc + 3 * P + q);
+        if (noisy) out = sv * out + FN(loadf_)(nm + o);
+        g = (VT)((VI)g & ~(VI)(out <= 0));
+      }
+      if (noisy) g = g * sv;
+      if (sums) {
+        a0[kk] += __builtin_convertvector(g, vd);
+        a1[kk] += __builtin_convertvector(g * xh, vd);
+      } else {
+        VT kv = FN(load_)(lc + 4 * P + q);
+        VT r = training ? (g - FN(load_)(lc + 5 * P + q) - xh * FN(load_)(lc + 6 * P + q)) * kv
+                        : g * kv;
+        memcpy(dx + o, &r, sizeof r);
+      }
+    }
+  for (; j < total; ++j) {
+    int64_t c = j % C;
+    T g = FN(bn_g_)(dy[j], x[j], mu[c], is[c], ww[c], bb[c], relu, noisy,
+                    noisy ? (T)ns[j] : 0, noisy ? (T)nm[j] : 0);
+    T xh = (x[j] - mu[c]) * is[c];
+    if (sums) {
+      sg[c] += (double)g;
+      sgx[c] += (double)(g * xh);
+    } else {
+      dx[j] = training ? (g - mg[c] - xh * mgx[c]) * k[c] : g * k[c];
+    }
+  }
+  if (sums) {
+    const double *d0 = (const double *)a0, *d1 = (const double *)a1;
+    for (int64_t q = 0; q < P; ++q) {
+      sg[q % C] += d0[q];
+      sgx[q % C] += d1[q];
+    }
+  }
+  free(a0);
+  free(a1);
+  free(lc);
+}
+
 static inline __attribute__((always_inline)) void FN(bn_bwd_body_)(
     const T *dy, const T *x, T *dx, int64_t N, int64_t C, int64_t S, int mc, int training,
     const T *mu, const T *is, const T *ww, const T *bb, const float *ns, const float *nm,
@@ -270,8 +412,12 @@ static inline __attribute__((always_inline)) void FN(bn_bwd_body_)(
       }
     } else {
       for (int64_t c = 0; c < C; ++c) sg[c] = sgx[c] = 0;
-      FN(bn_mc_)(dy, x, dx, N, C, S, mu, is, ww, bb, ns, nm, sg, sgx, k, mg, mgx, training,
-                 relu, noisy, 1);
+      if (FN(mc_period_)(C))
+        FN(bn_mcp_)(dy, x, dx, M * C, C, FN(mc_period_)(C), mu, is, ww, bb, ns, nm, sg, sgx, k,
+                    mg, mgx, training, relu, noisy, 1);
+      else
+        FN(bn_mc_)(dy, x, dx, N, C, S, mu, is, ww, bb, ns, nm, sg, sgx, k, mg, mgx, training,
+                   relu, noisy, 1);
     }
   }
   if (!dx) return;
@@ -287,6 +433,9 @@ static inline __attribute__((always_inline)) void FN(bn_bwd_body_)(
         FN(bn_run_dx_)(dy + o, x + o, noisy ? ns + o : NULL, noisy ? nm + o : NULL, dx + o, S,
                        mu[c], is[c], ww[c], bb[c], k[c], mg[c], mgx[c], training, relu, noisy);
       }
+  } else if (FN(mc_period_)(C)) {
+    FN(bn_mcp_)(dy, x, dx, M * C, C, FN(mc_period_)(C), mu, is, ww, bb, ns, nm, sg, sgx, k, mg,
+                mgx, training, relu, noisy, 0);
   } else {
     FN(bn_mc_)(dy, x, dx, N, C, S, mu, is, ww, bb, ns, nm, sg, sgx, k, mg, mgx, training, relu,
                noisy, 0);

@@ -501,22 +501,57 @@ void FN(bnk_lp_fwd_)(const T *x, T *y, int64_t N, int64_t C, int64_t S, int mc, 
     } else if (p == 2) {
       CHANNEL_SUMS(x, acc, (double)Z(v, c) * (double)Z(v, c));
     } else {
-      CHANNEL_SUMS(x, nan, Z(v, c) != Z(v, c));
+      /* max |z| per channel, NaN if any z is NaN; lanes of vectors, then the lanes' max */
       T *mx = malloc(sizeof(T) * C);
-      for (int64_t c = 0; c < C; ++c) mx[c] = 0;
-      if (!mc) {
-        for (int64_t c = 0; c < C; ++c)
-          for (int64_t n = 0; n < N; ++n) {
-            const T *restrict q = x + (n * C + c) * S;
-            T m_ = mx[c];
-            for (int64_t s = 0; s < S; ++s) {
-              T z = Z(q[s], c);
-              z = z < 0 ? -z : z;
-              m_ = z > m_ ? z : m_;
-            }
-            mx[c] = m_;
+      const int64_t P = mc ? FN(mc_period_)(C) : 0;
+      if (!mc || P) {
+        const int64_t K = mc ? P / LANES : 1, width = mc ? P : LANES;
+        VT *vm = aligned_alloc(64, sizeof(VT) * (size_t)K), *vn = aligned_alloc(64, sizeof(VT) * (size_t)K);
+        T *lz = aligned_alloc(64, sizeof(T) * (size_t)width);
+        for (int64_t c = 0; c < C; ++c) {
+          mx[c] = 0;
+          nan[c] = 0;
+        }
+        for (int64_t c = 0; c < (mc ? 1 : C); ++c) {
+          for (int64_t kk = 0; kk < K; ++kk) {
+            VT zero = {0};
+            vm[kk] = zero;
+            vn[kk] = zero;
           }
+          for (int64_t q = 0; q < width; ++q) lz[q] = centered ? mt[mc ? q % C : c] : (T)0;
+          const int64_t runs = mc ? 1 : N, len = mc ? M * C : S;
+          for (int64_t n = 0; n < runs; ++n) {
+            const T *restrict p = mc ? x : x + (n * C + c) * S;
+            int64_t j = 0;
+            for (; j + width <= len; j += width)
+              for (int64_t kk = 0; kk < K; ++kk) {
+                VT z = FN(load_)(p + j + kk * LANES) - FN(load_)(lz + kk * LANES);
+                z = (VT)((VI)z & ~(VI)(z < 0)) - (VT)((VI)z & (VI)(z < 0));
+                VI gt = (VI)(z > vm[kk]);
+                vm[kk] = (VT)(((VI)z & gt) | ((VI)vm[kk] & ~gt));
+                vn[kk] = (VT)((VI)vn[kk] | (VI)(z != z));
+              }
+            for (; j < len; ++j) {
+              int64_t cc = mc ? j % C : c;
+              T z = centered ? p[j] - mt[cc] : p[j];
+              z = z < 0 ? -z : z;
+              mx[cc] = z > mx[cc] ? z : mx[cc];
+              nan[cc] += z != z;
+            }
+          }
+          for (int64_t q = 0; q < (mc ? P : LANES); ++q) {
+            int64_t cc = mc ? q % C : c;
+            T v = ((const T *)vm)[q];
+            mx[cc] = v > mx[cc] ? v : mx[cc];
+            nan[cc] += ((const TI *)vn)[q] != 0;
+          }
+        }
+        free(vm);
+        free(vn);
+        free(lz);
       } else {
+        CHANNEL_SUMS(x, nan, Z(v, c) != Z(v, c));
+        for (int64_t c = 0; c < C; ++c) mx[c] = 0;
         for (int64_t r = 0; r < M; ++r)
           for (int64_t c = 0; c < C; ++c) {
             T z = Z(x[r * C + c], c);
@@ -630,6 +665,53 @@ static inline __attribute__((always_inline)) void FN(lp_bwd_body_)(
         cnt[c] += a3[l];
       }
     }
+  } else if (FN(mc_period_)(C)) {
+    const int64_t P = FN(mc_period_)(C), K = P / LANES, total = M * C;
+    T *lc = aligned_alloc(64, sizeof(T) * 3 * (size_t)P);
+    FN(lanes_of_)(mu, lc, C, P);
+    FN(lanes_of_)(zs, lc + P, C, P);
+    FN(lanes_of_)(sc, lc + 2 * P, C, P);
+    vd *a0 = FN(alloc_vd_)(K), *a1 = FN(alloc_vd_)(K), *a2 = FN(alloc_vd_)(K),
+       *a3 = FN(alloc_vd_)(K);
+    VT one = {0};
+    one += 1;
+    int64_t j = 0;
+    for (; j + P <= total; j += P)
+      for (int64_t kk = 0; kk < K; ++kk) {
+        const int64_t q = kk * LANES, o = j + q;
+        VT g = FN(load_)(dy + o), xv = FN(load_)(x + o);
+        VT z = xv - FN(load_)(lc + P + q), s_ = FN(load_)(lc + 2 * P + q);
+        a0[kk] += __builtin_convertvector(g, vd);
+        a1[kk] += __builtin_convertvector(g * (xv - FN(load_)(lc + q)), vd);
+        VI tie = (VI)(z == s_) | (VI)(-z == s_);
+        if (need_f) {
+          VT sg_ = (VT)((VI)one & (VI)(z > 0)) - (VT)((VI)one & (VI)(z < 0));
+          VT f = p == 1 ? sg_ : p == 2 ? z : (VT)((VI)sg_ & tie);
+          a2[kk] += __builtin_convertvector(f, vd);
+        }
+        if (need_cnt) a3[kk] += __builtin_convertvector((VT)((VI)one & tie), vd);
+      }
+    for (; j < total; ++j) {
+      int64_t c = j % C;
+      T g = dy[j], z = x[j] - zs[c];
+      sg[c] += (double)g;
+      sgd[c] += (double)(g * (x[j] - mu[c]));
+      if (need_f) sf[c] += (double)FN(lp_f_)(z, sc[c], p);
+      if (need_cnt) cnt[c] += (double)(z == sc[c] || -z == sc[c]);
+    }
+    const double *d0 = (const double *)a0, *d1 = (const double *)a1, *d2 = (const double *)a2,
+                 *d3 = (const double *)a3;
+    for (int64_t q = 0; q < P; ++q) {
+      sg[q % C] += d0[q];
+      sgd[q % C] += d1[q];
+      sf[q % C] += d2[q];
+      cnt[q % C] += d3[q];
+    }
+    free(a0);
+    free(a1);
+    free(a2);
+    free(a3);
+    free(lc);
   } else {
     for (int64_t r = 0; r < M; ++r) {
       const T *restrict q = dy + r * C, *restrict v = x + r * C;

@@ -299,6 +299,8 @@ def test_targets_follow_the_rows(smoke):
     expected = {"host fwd+bwd per call", "host fwd per call"}
     expected |= {f"{m.name} step {d} {lay}" for m, d, lay in opts.configs()}
     expected |= {f"kernels {g['goal']}" for g in result["summary"]["goals"]}
+    if not GPU:  # the cpu section's (see test_cpu_section)
+        expected |= {t["name"] for t in result["targets"] if t["section"] == "cpu"}
     assert set(tg) == expected
     assert all(t["met"] is None for t in tg.values())  # smoke run: nothing judged
     for pass_, limit in targets.OVERHEAD_LIMITS.items():

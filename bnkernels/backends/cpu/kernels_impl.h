@@ -26,7 +26,9 @@ static inline VT FN(loadf_)(const float *p) { /* float noise as T */
  * (M*C) array is a sequence of blocks of P = C or P = LANES values in which value j belongs to
  * channel j % C, so whole vectors go through with per-lane constants. Other C: scalar rows. */
 static inline int64_t FN(mc_period_)(int64_t C) {
-  return C % LANES == 0 ? C : (LANES % C == 0 ? LANES : 0);
+  int64_t P = C % LANES == 0 ? C : (LANES % C == 0 ? LANES : 0);
+  while (P && P < 4 * LANES) P *= 2; /* >= 4 vectors a block: independent accumulators */
+  return P;
 }
 
 /* dst[j] = src[j % C], j < P (per-lane constants of one block) */
@@ -44,7 +46,7 @@ static vd *FN(alloc_vd_)(int64_t K) {
 static void FN(mc_sums_)(const T *restrict x, int64_t total, int64_t C, int64_t P, int pass,
                          const double *mean, double *out) {
   const int64_t K = P / LANES;
-  vd *acc = FN(alloc_vd_)(K), *mv = FN(alloc_vd_)(K);
+  vd *restrict acc = FN(alloc_vd_)(K), *restrict mv = FN(alloc_vd_)(K);
   double *md = (double *)mv;
   for (int64_t j = 0; j < P; ++j) md[j] = pass ? mean[j % C] : 0.0;
   for (int64_t c = 0; c < C; ++c) out[c] = 0;
@@ -338,7 +340,7 @@ static inline __attribute__((always_inline)) void FN(bn_mcp_)(
   const T *src[7] = {mu, is, ww, bb, k, mg, mgx};
   for (int i = 0; i < 7; ++i)
     if (sums ? i < 4 : 1) FN(lanes_of_)(src[i], lc + i * P, C, P);
-  vd *a0 = FN(alloc_vd_)(K), *a1 = FN(alloc_vd_)(K);
+  vd *restrict a0 = FN(alloc_vd_)(K), *restrict a1 = FN(alloc_vd_)(K);
   VT zero = {0};
   int64_t j = 0;
   for (; j + P <= total; j += P)
@@ -671,8 +673,8 @@ static inline __attribute__((always_inline)) void FN(lp_bwd_body_)(
     FN(lanes_of_)(mu, lc, C, P);
     FN(lanes_of_)(zs, lc + P, C, P);
     FN(lanes_of_)(sc, lc + 2 * P, C, P);
-    vd *a0 = FN(alloc_vd_)(K), *a1 = FN(alloc_vd_)(K), *a2 = FN(alloc_vd_)(K),
-       *a3 = FN(alloc_vd_)(K);
+    vd *restrict a0 = FN(alloc_vd_)(K), *restrict a1 = FN(alloc_vd_)(K),
+       *restrict a2 = FN(alloc_vd_)(K), *restrict a3 = FN(alloc_vd_)(K);
     VT one = {0};
     one += 1;
     int64_t j = 0;

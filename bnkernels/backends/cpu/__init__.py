@@ -51,6 +51,17 @@ def noise_of(lib, x, noise):
     return s.view(x.shape), m
 
 
+class _Kept(tuple):
+    """What a noisy forward saves as ``saved_a``: (mean, s, m), the noise kept for the
+    backward. Contiguous already (``contiguous`` is for wrappers that make saved statistics
+    contiguous, as :class:`~..plan.ContiguousChannels`)."""
+
+    __slots__ = ()
+
+    def contiguous(self):
+        return self
+
+
 def _ptr(t):
     return None if t is None else t.data_ptr()
 
@@ -168,7 +179,7 @@ class BatchNormPlan(_Common, _ReferenceBatchNormPlan):
         if not need_saved:
             return y, None, None, None
         if ns is not None:
-            sa = (sa, ns, nm)
+            sa = _Kept((sa, ns, nm))
         return y, sa, sb, _step_snapshot(noise)
 
     def split_saved(self, saved_a, saved_b, step_used):

@@ -40,6 +40,7 @@ _BACKENDS = {b.name: b for b in (TritonBackend(), CudaBackend(), CpuBackend(),
 _CHOICES = ("auto", *_BACKENDS)
 _selected: str | None = None  # None: read BNKERNELS_BACKEND
 GENERATION = 0  # incremented whenever the selection may change (read by compiled graphs)
+RESIDUAL = "+residual"  # the op name's suffix a backend sees for a call with a residual
 
 
 def clear_plans() -> None:
@@ -119,6 +120,8 @@ def make_plan(sig: Signature, x: torch.Tensor):
     """The plan of ``sig`` (``x`` is a tensor of that signature), made by the backend the
     signature names or the selection picks, and cached in :data:`~.plan.PLANS`."""
     op = "noisy_batch_norm" if sig.noisy is not None else sig.op
+    if sig.residual is not None:
+        op += RESIDUAL
     plan = select(op, x, sig.backend).plan(sig)
     if not sig.channels_contiguous:
         plan = ContiguousChannels(plan)

@@ -89,3 +89,20 @@ def test_reasons_for_unsupported_dtype():
         assert any("dtype torch.int32" in r for r in reasons), name
     with pytest.raises(ValueError, match="unknown backend 'auto'"):
         backends.backend("auto")
+
+
+def test_a_residual_call_on_a_cpu_takes_the_reference(monkeypatch):
+    """The cpu backend does not run BatchNorm with a residual: "auto" gives it to the
+    reference (the same result as the reference by name), and asking for cpu names why."""
+    monkeypatch.setattr(TritonBackend, "interpreting", lambda self: False)
+    g = torch.Generator().manual_seed(0)
+    x, r = torch.randn(4, 3, 5, generator=g), torch.randn(4, 3, 5, generator=g)
+    bnk.set_backend("auto")
+    y = bnk.batch_norm(x, None, None, training=True, activation="relu", residual=r)
+    bnk.set_backend("reference")
+    want = bnk.batch_norm(x, None, None, training=True, activation="relu", residual=r)
+    assert torch.equal(y, want)
+    assert backends.select("batch_norm", x).name == "reference"  # set_backend("reference")
+    bnk.set_backend("cpu")
+    with pytest.raises(RuntimeError, match=r"cpu: op 'batch_norm\+residual' is not supported"):
+        bnk.batch_norm(x, None, None, training=True, residual=r)

@@ -23,6 +23,7 @@ import torch
 
 import bnkernels
 from bnkernels.cli import main
+from bnkernels.experiments.batch import PORTABLE_CPU_ENV, run_many
 from bnkernels.experiments.runfiles import (
     CheckpointError,
     FolderLockedError,
@@ -34,10 +35,8 @@ from bnkernels.experiments.runfiles import (
 from bnkernels.experiments.stopping import Interrupted
 from bnkernels.experiments.train import (
     CONFIGS,
-    PORTABLE_CPU_ENV,
     MetricsWriter,
     read_metrics,
-    run_many,
     train,
 )
 

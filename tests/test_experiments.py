@@ -16,14 +16,15 @@ from helpers import assert_close
 from torch import nn
 
 import bnkernels
-from bnkernels.experiments import data, ics, landscape, models, noisy, report
+from bnkernels.experiments import claims_landscape, data, ics, landscape, models, noisy, report
 from bnkernels.experiments.activations import (
     ActivationSampler,
     activation_site,
     moment_changes,
     sample_activations,
 )
-from bnkernels.experiments.train import RunConfig, choose_dist_backend, place
+from bnkernels.experiments.batch import place
+from bnkernels.experiments.train import RunConfig, choose_dist_backend
 
 needs_modules = pytest.mark.skipif(not hasattr(bnkernels, "LpNorm2d"),
                                    reason="modules issue pending")
@@ -707,7 +708,7 @@ def test_claim_causes_are_computed_from_the_runs():
                    "vgg-batchnorm-lr0.05": _run("b", bn, norm="batchnorm", lr=lr)}}
     row = {"per_seed": [{"seed": 0, "held": "not held"}], "held_in": 0, "measured_in": 1}
     loss_band = report.CLAIMS[7]
-    assert loss_band.check is report._c_loss_band
+    assert loss_band.check is claims_landscape._c_loss_band
     why = report.explain(loss_band, row, by_seed, s)
     assert why.startswith("(a) scale") and "at chance loss in 2 of 4 probes" in why
     assert "loss-band width is 2.25 vs BN's 0.01" in why

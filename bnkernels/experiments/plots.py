@@ -24,7 +24,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from .activations import QUANTILES, moment_changes  # noqa: E402
-from .train import RunConfig, read_metrics  # noqa: E402
+from .config import RunConfig  # noqa: E402
+from .train import read_metrics  # noqa: E402
 
 LABELS = {"none": "Standard", "batchnorm": "Standard + BatchNorm", "noisy": 'Standard + "Noisy" BN',
           "l1": "l1 norm", "l2": "l2 norm", "linf": "l_inf norm", "torch": "torch BatchNorm"}

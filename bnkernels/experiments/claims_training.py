@@ -1,0 +1,241 @@
+"""The claims about training (Figs. 1, 2, 7, 8, 13, 14: claims 1-5, 13-15, 17): accuracy,
+noisy BatchNorm, l_p normalizations' training and activations, each with the cause shown when
+a seed does not hold it."""
+
+from __future__ import annotations
+
+import math
+
+from .measures import (
+    Measured,
+    _act_std,
+    _failing,
+    _fmt,
+    _g,
+    _gt,
+    _lt,
+    _mean,
+    _median,
+    _missing,
+    _ok,
+    _pct,
+    _spread,
+    early_train_acc,
+    final_test_acc,
+    final_train,
+    landscape_median,
+    moment_shift,
+)
+from .plots import LABELS
+
+
+def _c_train_faster(runs, s):
+    std, bn = _g(runs, "vgg", "none", s.vgg.lr), _g(runs, "vgg", "batchnorm", s.vgg.lr)
+    if not (std and bn):
+        return _missing()
+    a, b = early_train_acc(std, s.early_step), early_train_acc(bn, s.early_step)
+    return Measured(f"lr {s.vgg.lr:g}, mean train acc over steps 0-{s.early_step}: standard "
+                    "$std, BN $bn; at the end: $std_end vs $bn_end",
+                    {"std": a, "bn": b, "std_end": final_train(std), "bn_end": final_train(bn)},
+                    _gt(b, a) if _ok(a, b) else None, dict.fromkeys(("std", "bn", "std_end",
+                                                                 "bn_end"), "pct"))
+
+
+def _c_test(runs, s):
+    std, bn = _g(runs, "vgg", "none", s.vgg.lr), _g(runs, "vgg", "batchnorm", s.vgg.lr)
+    if not (std and bn):
+        return _missing()
+    a, b = final_test_acc(std), final_test_acc(bn)
+    return Measured(f"lr {s.vgg.lr:g}, final test acc: standard $std, BN $bn", {"std": a, "bn": b},
+                    _gt(b, a) if _ok(a, b) else None, {"std": "pct", "bn": "pct"})
+
+
+def _c_high_lr(runs, s):
+    lr = s.vgg_high_lr
+    std, bn = _g(runs, "vgg", "none", lr), _g(runs, "vgg", "batchnorm", lr)
+    if not (std and bn):
+        return _missing()
+    a, b = final_test_acc(std), final_test_acc(bn)
+    return Measured(f"lr {lr:g}: final test acc standard $std, BN $bn (train $std_tr vs "
+                    "$bn_tr)", {"std": a, "bn": b, "std_tr": final_train(std),
+                                "bn_tr": final_train(bn)},
+                    (a < 0.2 and b > a + 0.3) if _ok(a, b) else None,
+                    dict.fromkeys(("std", "bn", "std_tr", "bn_tr"), "pct"))
+
+
+def _c_noisy_trains(runs, s):
+    std, bn, noisy = (_g(runs, "vgg", n, s.vgg.lr) for n in ("none", "batchnorm", "noisy"))
+    if not (std and bn and noisy):
+        return _missing()
+    a, b, c = (early_train_acc(r, s.early_step) for r in (std, bn, noisy))
+    return Measured(f"mean train acc over steps 0-{s.early_step}: standard $std, BN $bn, "
+                    "noisy BN $noisy", {"std": a, "bn": b, "noisy": c},
+                    (_gt(c, a) and b - c <= 0.10) if _ok(a, b, c) else None,
+                    dict.fromkeys(("std", "bn", "noisy"), "pct"))
+
+
+def _c_noisy_unstable(runs, s):
+    std, bn, noisy = (_g(runs, "vgg", n, s.vgg.lr) for n in ("none", "batchnorm", "noisy"))
+    if not (std and bn and noisy):
+        return _missing()
+    a, b, c = (moment_shift(r) for r in (std, bn, noisy))
+    return Measured("median step-to-step |d mean| + |d std|: standard $std, BN $bn, noisy BN "
+                    "$noisy", {"std": a, "bn": b, "noisy": c}, _gt(c, a) if _ok(a, c) else None)
+
+
+
+def _c_lp_vgg(runs, s):
+    bn = _g(runs, "vgg", "batchnorm", s.vgg.lr)
+    std = _g(runs, "vgg", "none", s.vgg.lr)
+    lps = {n: _g(runs, "vgg", n, s.vgg.lr) for n in ("l1", "l2", "linf")}
+    if not (bn and std and all(lps.values())):
+        return _missing()
+    ref = final_test_acc(bn)
+    acc = {n: final_test_acc(r) for n, r in lps.items()}
+    early = {n: early_train_acc(r, s.early_step) for n, r in lps.items()}
+    std_early = early_train_acc(std, s.early_step)
+    ok = _ok(ref, std_early, *acc.values(), *early.values())
+    held = (all(abs(a - ref) <= 0.05 for a in acc.values())
+            and all(_gt(e, std_early) for e in early.values())) if ok else None
+    values = {"bn": ref, **acc, "std_early": std_early,
+              **{f"{n}_early": v for n, v in early.items()}}
+    return Measured("final test acc: BN $bn, " + ", ".join(f"{n} ${n}" for n in lps) +
+                    "; early train acc: standard $std_early, " +
+                    ", ".join(f"{n} ${n}_early" for n in lps),
+                    values, held, dict.fromkeys(values, "pct"))
+
+
+def _dln_final(runs, s) -> dict[str, float]:
+    out = {}
+    for n in ("none", "batchnorm", "l1", "l2", "linf"):
+        r = _g(runs, "dln", n, s.dln.lr)
+        if r is not None and r.of("train"):
+            out[n] = r.of("train")[-1]["loss"]
+    return out
+
+
+def _c_lp_dln_beat_std(runs, s):
+    f = _dln_final(runs, s)
+    if len(f) < 5:
+        return _missing()
+    held = all(_lt(f[n], f["none"]) for n in ("batchnorm", "l1", "l2", "linf")) \
+        if _ok(*f.values()) else None
+    steps = _g(runs, "dln", "none", s.dln.lr).config.steps
+    return Measured(f"final loss after {steps} steps: " +
+                    ", ".join(f"{LABELS[n].replace('Standard + ', '')} ${n}" for n in f),
+                    dict(f), held)
+
+
+def _c_l1_beats_bn(runs, s):
+    f = _dln_final(runs, s)
+    if "l1" not in f or "batchnorm" not in f:
+        return _missing()
+    return Measured("final loss: l1 $l1, BN $bn", {"l1": f["l1"], "bn": f["batchnorm"]},
+                    _lt(f["l1"], f["batchnorm"]) if _ok(f["l1"], f["batchnorm"]) else None,
+                    {"l1": 4, "bn": 4})
+
+
+def _c_lp_smooth(runs, s):
+    parts, values, held = [], {}, True
+    for model, lr in (("vgg", s.vgg.lr), ("dln", s.dln.lr)):
+        std = _g(runs, model, "none", lr)
+        if std is None or not std.of("landscape"):
+            return _missing()
+        a = landscape_median(std, "beta_smoothness")
+        vals = {}
+        for n in ("l1", "l2", "linf"):
+            r = _g(runs, model, n, lr)
+            if r is None:
+                return _missing()
+            vals[n] = landscape_median(r, "beta_smoothness")
+        if not _ok(a, *vals.values()):
+            held = None
+        elif held is not None:
+            held = held and all(_lt(v, a) for v in vals.values())
+        values[f"{model}_std"] = a
+        values.update({f"{model}_{n}": v for n, v in vals.items()})
+        parts.append(f"{model.upper()} median beta: standard ${model}_std, " +
+                     ", ".join(f"{n} ${model}_{n}" for n in vals))
+    return Measured("; ".join(parts), values, held)
+
+
+def _c_lp_shift(runs, s):
+    std = _g(runs, "vgg", "none", s.vgg.lr)
+    lps = {n: _g(runs, "vgg", n, s.vgg.lr) for n in ("l1", "l2", "linf")}
+    if not (std and all(lps.values())):
+        return _missing()
+    a = moment_shift(std)
+    vals = {n: moment_shift(r) for n, r in lps.items()}
+    held = all(_gt(v, a) for v in vals.values()) if _ok(a, *vals.values()) else None
+    return Measured("median step-to-step |d mean| + |d std|: standard $std, " +
+                    ", ".join(f"{n} ${n}" for n in vals), {"std": a, **vals}, held)
+
+
+
+def _cause_test(by_seed, s, row):
+    parts, ceiling = [], True
+    for seed in _failing(row):
+        runs = by_seed[seed]
+        std, bn = (_g(runs, "vgg", n, s.vgg.lr) for n in ("none", "batchnorm"))
+        a, b = final_test_acc(std), final_test_acc(bn)
+        ma, mb = (_mean(r["acc"] for r in run.of("test")) for run in (std, bn))
+        ceiling = ceiling and _ok(a, b) and min(a, b) >= 0.95
+        parts.append(f"seed {seed}: final test accuracy standard {_pct(a)} vs BN {_pct(b)}; "
+                     f"mean over the test evaluations during training {_pct(ma)} vs {_pct(mb)}")
+    head = ("(a) scale: the bundled digits are too easy to separate the two at the end: both "
+            "networks reach >= 95% test accuracy, where the 1% margin decides nothing; the "
+            "paper's 2.9-point gap is on CIFAR-10, far from its ceiling. "
+            if ceiling else "not explained by a ceiling: ")
+    return head + "; ".join(parts)
+
+
+
+def _cause_l1_bn(by_seed, s, row):
+    r1, r2, init = [], [], []
+    for seed in sorted(by_seed):
+        f = _dln_final(by_seed[seed], s)
+        if {"l1", "l2", "batchnorm"} <= set(f):
+            r1.append(f["l1"] / f["batchnorm"])
+            r2.append(f["l2"] / f["batchnorm"])
+        l1, bn = (_g(by_seed[seed], "dln", n, s.dln.lr) for n in ("l1", "batchnorm"))
+        a, b = (_act_std(r) if r else [] for r in (l1, bn))
+        if a and len(a) == len(b):
+            init.append(_median(x / y for x, y in zip(a, b) if y > 0))
+    measured = (f"final loss l1 / BN {_spread(r1, 3)}, l2 / BN {_spread(r2, 3)} over the seeds"
+                + (f"; at initialization the l1 layer's output is {_spread(init, 4)} times BN's "
+                   f"(sqrt(pi/2) = {math.sqrt(math.pi / 2):.4f})" if init else ""))
+    return ("(c) checked against the paper's definition, no mismatch, and not a matter of "
+            "scale: the DLN's inputs are zero-mean Gaussian and its layers linear, so every "
+            "activation is zero-mean Gaussian, for which mean |x| = sqrt(2/pi) std and "
+            "sqrt(mean x^2) = std: the l1 layer computes BatchNorm times sqrt(pi/2) and the l2 "
+            "layer BatchNorm itself, and the next normalization undoes a constant factor. "
+            f"Measured: {measured}; they stay equal at the paper's 10,000 steps "
+            "(docs/scale-checks.md). The paper's l1 DLN (4.8x below BN) must differ from its "
+            "description in something it does not state.")
+
+
+def _cause_lp_shift(by_seed, s, row):
+    parts = []
+    for seed in _failing(row):
+        runs = by_seed[seed]
+        std = _g(runs, "vgg", "none", s.vgg.lr)
+        lps = {n: _g(runs, "vgg", n, s.vgg.lr) for n in ("l1", "l2", "linf")}
+
+        def growth(run):
+            first = _act_std(run, 0)
+            last_step = max(r["step"] for r in run.of("act"))
+            return _median(b / a for a, b in zip(first, _act_std(run, last_step)) if a > 0)
+
+        fit = {n: next((r["step"] for r in run.of("train") if r["loss"] < 0.05), None)
+               for n, run in lps.items()}
+        parts.append(f"seed {seed}: sampled activations' std, end / start: standard "
+                     f"{_fmt(growth(std))}x, " + ", ".join(f"{n} {_fmt(growth(r))}x"
+                                                         for n, r in lps.items())
+                     + "; minibatch loss first < 0.05 at step " +
+                     ", ".join(f"{n} {fit[n]}" for n in lps))
+    return ("(a) scale: the standard network's activations grow from the vanishing scale of its "
+            "Glorot initialization while it learns, and the normalized networks fit the digits "
+            "within a few dozen steps, after which their activations barely move; the paper "
+            "trains 15,000 steps on CIFAR-10, where they keep learning. " + "; ".join(parts))
+
+

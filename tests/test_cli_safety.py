@@ -168,13 +168,23 @@ def _corrupt(path: Path, how: str, tmp_path: Path) -> None:
         torch.save(state, path)
     elif how == "not a checkpoint":
         torch.save({"weight": torch.ones(3)}, path)
+    elif how == "flipped tensor byte":  # one running_mean value changed; still unpickles
+        state = torch.load(path, weights_only=True)
+        key = next(k for k in state["model"] if k.endswith("running_mean"))
+        data = state["model"][key].numpy().tobytes()
+        at = good.find(data)
+        assert at > 0 and good.find(data, at + 1) < 0
+        path.write_bytes(good[:at + 1] + bytes([good[at + 1] ^ 0x10]) + good[at + 2:])
+        assert not torch.equal(torch.load(path, weights_only=True)["model"][key],
+                               state["model"][key])
 
 
 CORRUPTIONS = ["truncated", "empty", "random bytes", "malicious pickle", "another run",
-               "not a checkpoint"]
+               "not a checkpoint", "flipped tensor byte"]
 WHY = {"truncated": "not a readable torch checkpoint", "empty": "is empty",
        "random bytes": "not a readable torch checkpoint", "malicious pickle": "was refused",
-       "another run": "another run config", "not a checkpoint": "not a bnkernels run checkpoint"}
+       "another run": "another run config", "not a checkpoint": "not a bnkernels run checkpoint",
+       "flipped tensor byte": "fails its checksum"}
 
 
 @pytest.mark.parametrize("how", CORRUPTIONS)
@@ -222,6 +232,7 @@ def test_checkpoints_are_written_atomically(tmp_path):
     """A write cut short leaves the old file whole and no temporary file."""
     path = tmp_path / "step_2.pt"
     save_checkpoint(path, {"step": 2})
+    assert "checksum" in torch.load(path, weights_only=True)
     before = path.read_bytes()
 
     def fail(f):

@@ -129,8 +129,11 @@ def run_many(jobs_list: list[tuple[RunConfig, Path]], jobs: int | None = None,
     Each run is placed by :func:`place` (the DLN on the CPU, VGG on the GPU when there is
     one). CPU runs go to ``jobs`` processes (default: one per core, minus the GPU workers),
     GPU runs to ``gpu_jobs`` processes sharing the device(s) (default 4 per GPU); both pools
-    work at the same time, each run with ``threads`` torch threads. With one worker in all
-    (``jobs=1`` and no GPU run), runs train in this process, one after another.
+    work at the same time, each run with ``threads`` torch threads. Every run trains in a
+    worker process, even with ``jobs=1``: the floating-point environment of
+    :data:`PORTABLE_CPU_ENV` is read by torch, oneDNN and MKL when they load, so only a fresh
+    process gets it, and a run's numbers are then the same whatever ``jobs`` is (a suite
+    stopped under one ``jobs`` and resumed under another matches an uninterrupted one).
 
     SIGINT (one Ctrl-C) or SIGTERM stops every run within a step or so, each folder cut back
     to its last checkpoint, and raises :class:`~.stopping.Interrupted` once no worker is left;
@@ -144,18 +147,6 @@ def run_many(jobs_list: list[tuple[RunConfig, Path]], jobs: int | None = None,
     n_gpu = min(len(on_gpu), gpu_jobs or default_gpu_jobs()) if on_gpu else 0
     n_cpu = min(len(on_cpu), jobs or max(1, default_jobs() - n_gpu)) if on_cpu else 0
     seconds: dict[str, float] = {}
-    if n_gpu == 0 and n_cpu <= 1:
-        before = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            with stopping.stop_on_signals():
-                for cfg, run_dir, dev in placed:
-                    t0 = time.time()
-                    train(cfg, run_dir, resume=True, device=dev, progress=progress)
-                    seconds[str(run_dir)] = time.time() - t0
-        finally:
-            torch.set_num_threads(before)
-        return seconds
     import concurrent.futures as cf
     import multiprocessing as mp
 

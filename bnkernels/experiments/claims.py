@@ -37,6 +37,7 @@ from .claims_training import (
     _cause_test,
 )
 from .measures import (
+    CRITERIA,
     Claim,
     Measured,
     _fmt_kind,
@@ -45,76 +46,38 @@ from .measures import (
 from .plots import Run, seed_groups
 from .suite import SuiteConfig
 
-CLAIMS: list[Claim] = [
-    Claim("BatchNorm makes VGG train faster (at the base lr: the paper's 0.1)", "Fig. 1a",
-          "train acc at 500 steps: 36% standard vs 68% BN; 2k: 70% vs 89%",
-          "BN's mean early training accuracy > the standard network's", _c_train_faster),
-    Claim("BatchNorm improves test accuracy (at the base lr)", "Fig. 1b",
-          "80.0% standard vs 82.9% BN (CIFAR-10, no augmentation)",
-          "BN's final test accuracy > the standard network's", _c_test, _cause_test),
-    Claim("At lr 0.5 the standard VGG fails to train while BatchNorm trains", "Fig. 1",
-          "test acc 10% standard vs 80.2% BN",
-          "standard < 20% and BN > standard + 30 points (final test accuracy)", _c_high_lr),
-    Claim('"Noisy" BatchNorm (severe covariate shift) trains nearly as well as BatchNorm, '
-          "and better than the standard network", "Fig. 2",
-          "train acc at 500 steps: 64% noisy vs 68% BN vs 36% standard",
-          "noisy > standard, and BN - noisy <= 10 points (mean early training accuracy)",
-          _c_noisy_trains),
-    Claim('"Noisy" BatchNorm\'s activations are less stable than even the standard '
-          "network's", "Figs. 2, 7, 8",
-          "step-to-step change of mean: up to ~1.0 noisy, ~0.01-0.14 standard, < 0.01 BN",
-          "noisy's median step-to-step moment change > the standard network's",
-          _c_noisy_unstable),
-    Claim("BatchNorm does not reduce ICS (Definition 2.1) in VGG: similar or worse",
-          "Fig. 3 (VGG)",
-          "layer #5: cos ~0.6-0.8 standard vs ~0.5-0.7 BN; l2 ~0.2-0.9 vs ~0.7-3.7",
-          "BN's mean cos(G, G') <= standard's + 0.05", _c_ics_vgg),
-    Claim("In the DLN the standard network has almost no ICS while BN's G and G' are "
-          "nearly uncorrelated", "Fig. 3 (DLN)",
-          "lr 1e-7: cos ~1 standard; BN cos swings over [-1, 1], l2 ~1e3-1e4",
-          "standard mean cos > 0.9 and BN mean cos < 0.5", _c_ics_dln, _cause_ics_dln),
-    Claim("BatchNorm makes the loss change less along the gradient (Lipschitzness)",
-          "Fig. 4a", "loss band at step 1k: [2.6, 8.1] standard vs [1.85, 2.74] BN; at 10k: "
-          "[0.97, 2.3] vs [0.90, 1.0]",
-          "BN's median band width < standard's (probes over the whole run, as in the figure)",
-          _c_loss_band, _cause_plateau("loss_band")),
-    Claim("BatchNorm makes gradients more predictive", "Fig. 4b",
-          '"close to two orders of magnitude" (text); ~5-10x in the figure\'s upper band',
-          "BN's median upper band < standard's (probes over the whole run)", _c_predictive,
-          _cause_plateau("grad_diff_max")),
-    Claim('BatchNorm lowers the "effective" beta-smoothness', "Fig. 4c",
-          "~19-23 standard (spikes to 45) vs ~16-20 BN",
-          "BN's median < standard's", _c_beta, _cause_plateau("beta_smoothness")),
-    Claim("The loss behaves similarly along random directions", "Sec. 3.2",
-          "stated in the text (about the loss), no figure",
-          "BN's median loss band < standard's along random directions", _c_random,
-          _cause_plateau("loss_band", "random")),
-    Claim("BatchNorm smooths the deep linear network's landscape too", "Fig. 9",
-          ">= 3 orders of magnitude in gradient predictiveness",
-          "BN's median gradient difference and beta < standard's (probes over the whole run)",
-          _c_dln_smooth, _cause_dln_smooth),
-    Claim("l_p normalizations train VGG comparably to BatchNorm", "Fig. 13",
-          "all l_p variants comparable to BN",
-          "each l_p within 5 points of BN's final test accuracy and faster than standard early",
-          _c_lp_vgg),
-    Claim("l_p normalizations beat the standard DLN", "Fig. 13",
-          "final loss at lr 1e-6: standard 1.66e3, BN 4.8e2, l1 1.0e2, l2 4.8e2, linf 9.9e2",
-          "every normalized DLN's final loss < the standard one's", _c_lp_dln_beat_std),
-    Claim("l1 normalization beats BatchNorm on the DLN", "Fig. 13 / Sec. 3.3",
-          "l1 1.0e2 vs BN 4.8e2", "l1's final loss < BN's", _c_l1_beats_bn, _cause_l1_bn),
-    Claim("l_p normalizations smooth the landscape like BatchNorm", "Figs. 11, 12",
-          "qualitative (figures)", "each l_p's median beta < the standard network's, "
-          "VGG and DLN", _c_lp_smooth, _cause_lp_smooth),
-    Claim("l_p normalizations shift activation distributions more than the standard network",
-          "Fig. 14 / Sec. 3.3", "qualitative (figure)",
-          "each l_p's median step-to-step moment change > standard's", _c_lp_shift,
-          _cause_lp_shift),
-    Claim("BatchNorm lowers the top Hessian eigenvalue along training (not a claim of the "
-          "paper: a curvature check of its smoothness argument)", "Curvature figure (new)",
-          "not measured in the paper (its Sec. 4 bounds the quadratic form along the gradient)",
-          "BN's median |top eigenvalue| (the Hessian's spectral norm) over the measurements < "
-          "standard's, VGG and DLN", _c_hessian, _cause_hessian),
+_CHECKS = [  # (check, cause) of claims 1, 2, ... in the criteria file's order
+    (_c_train_faster, None),
+    (_c_test, _cause_test),
+    (_c_high_lr, None),
+    (_c_noisy_trains, None),
+    (_c_noisy_unstable, None),
+    (_c_ics_vgg, None),
+    (_c_ics_dln, _cause_ics_dln),
+    (_c_loss_band, _cause_plateau("loss_band")),
+    (_c_predictive, _cause_plateau("grad_diff_max")),
+    (_c_beta, _cause_plateau("beta_smoothness")),
+    (_c_random, _cause_plateau("loss_band", "random")),
+    (_c_dln_smooth, _cause_dln_smooth),
+    (_c_lp_vgg, None),
+    (_c_lp_dln_beat_std, None),
+    (_c_l1_beats_bn, _cause_l1_bn),
+    (_c_lp_smooth, _cause_lp_smooth),
+    (_c_lp_shift, _cause_lp_shift),
+    (_c_hessian, _cause_hessian),
 ]
+
+
+def _claim(i: int, check, cause) -> Claim:
+    c = CRITERIA["claims"][str(i)]
+    return Claim(c["statement"], c["figure"], c["paper"], c["criterion"], check, cause,
+                 weak=c.get("weak"), matched=i in MATCHED)
+
+
+MATCHED = (6, 8, 9, 10, 11, 12, 16)
+"""Claims decided at equal steps (the paper's protocol) and at matched training loss."""
+
+CLAIMS: list[Claim] = [_claim(i, check, cause) for i, (check, cause) in enumerate(_CHECKS, 1)]
 
 
 def verdict(held_in: int, measured_in: int) -> str:
@@ -131,8 +94,18 @@ def verdict(held_in: int, measured_in: int) -> str:
 
 
 
+_HELD = {True: "held", False: "not held", None: "not measured"}
+
+
+def _text(m: Measured) -> str:
+    return string.Template(m.text).safe_substitute(
+        {k: _fmt_kind(v, m.kinds.get(k)) for k, v in m.values.items()})
+
+
 def aggregate(per_seed: list[tuple[int, Measured]]) -> dict:
-    """The claims.json fields of one claim from its per-seed measurements."""
+    """The claims.json fields of one claim from its per-seed measurements; where the seeds
+    carry a matched-loss measurement (:attr:`Measured.matched`), the same fields for it under
+    ``matched`` (and each seed's under ``per_seed[i]["matched"]``)."""
     measured = [m for _, m in per_seed if m.held is not None]
     with_values = [m for _, m in per_seed if m.values]
     if with_values:
@@ -143,16 +116,21 @@ def aggregate(per_seed: list[tuple[int, Measured]]) -> dict:
     else:
         text = per_seed[0][1].text if per_seed else "runs missing"
     held_in = sum(bool(m.held) for m in measured)
-    return {
+    out = {
         "measured": text, "held": verdict(held_in, len(measured)), "seeds": len(per_seed),
         "held_in": held_in, "measured_in": len(measured),
-        "per_seed": [{"seed": seed, "held": {True: "held", False: "not held",
-                                             None: "not measured"}[m.held],
-                      "values": m.values,
-                      "measured": string.Template(m.text).safe_substitute(
-                          {k: _fmt_kind(v, m.kinds.get(k)) for k, v in m.values.items()})}
-                     for seed, m in per_seed],
+        "per_seed": [{"seed": seed, "held": _HELD[m.held], "values": m.values,
+                      "measured": _text(m)} for seed, m in per_seed],
     }
+    matched = [(seed, m.matched) for seed, m in per_seed if m.matched is not None]
+    if matched:
+        sub = aggregate(matched)
+        out["matched"] = {k: sub[k] for k in ("measured", "held", "held_in", "measured_in")}
+        for p, (_, m) in zip(out["per_seed"], ((s, m) for s, m in per_seed)):
+            if m.matched is not None:
+                p["matched"] = {"held": _HELD[m.matched.held], "values": m.matched.values,
+                                "measured": _text(m.matched)}
+    return out
 
 
 def evaluate_claims(runs: dict[str, Run], suite: SuiteConfig) -> list[dict]:
@@ -171,7 +149,7 @@ def evaluate_claims(runs: dict[str, Run], suite: SuiteConfig) -> list[dict]:
                 m = Measured(f"could not measure: {type(e).__name__}: {e}")
             per_seed.append((seed, m))
         row = {"id": i, "claim": c.text, "figure": c.figure, "paper": c.paper,
-               "criterion": c.criterion, **aggregate(per_seed)}
+               "criterion": c.criterion, "weak": c.weak, **aggregate(per_seed)}
         row["cause"] = explain(c, row, by_seed, suite)
         rows.append(row)
     return rows

@@ -25,6 +25,9 @@ from .measures import (
     hessian_median,
     ics_mean,
     landscape_median,
+    matched_measured,
+    matched_medians,
+    param,
 )
 from .plots import Run
 
@@ -33,13 +36,23 @@ def _c_ics_vgg(runs, s):
     std, bn = _g(runs, "vgg", "none", s.vgg.lr), _g(runs, "vgg", "batchnorm", s.vgg.lr)
     if not (std and bn and std.of("ics")):
         return _missing()
-    ca, cb = ics_mean(std, "cosine"), ics_mean(bn, "cosine")
+    def after(run, key):  # the records after initialization, where BN's cos is ~0
+        return _mean(r[key] for r in run.of("ics") if r["step"] > 0)
+
+    slack = param(6, "slack")
+    ca, cb = after(std, "cosine"), after(bn, "cosine")
+    c0a, c0b = (_mean(r["cosine"] for r in run.of("ics", step=0)) for run in (std, bn))
     layers = ", ".join(f"#{i}" for i in std.config.ics_layers)
-    return Measured(f"layers {layers}, mean cos(G, G'): standard $cos_std, BN $cos_bn; mean "
-                    "||G - G'||: $l2_std vs $l2_bn",
-                    {"cos_std": ca, "cos_bn": cb, "l2_std": ics_mean(std, "l2"),
-                     "l2_bn": ics_mean(bn, "l2")},
-                    cb <= ca + 0.05 if _ok(ca, cb) else None, {"cos_std": 2, "cos_bn": 2})
+    m = Measured(f"layers {layers}, mean cos(G, G') after initialization: standard $cos_std, "
+                 "BN $cos_bn (at step 0: $cos0_std vs $cos0_bn); mean ||G - G'||: $l2_std vs "
+                 "$l2_bn",
+                 {"cos_std": ca, "cos_bn": cb, "cos0_std": c0a, "cos0_bn": c0b,
+                  "l2_std": after(std, "l2"), "l2_bn": after(bn, "l2")},
+                 cb <= ca + slack if _ok(ca, cb) else None,
+                 {"cos_std": 2, "cos_bn": 2, "cos0_std": 2, "cos0_bn": 2})
+    m.matched = matched_measured(std, bn, "ics", lambda r: r["cosine"],
+                                 lambda a, b: b <= a + slack)
+    return m
 
 
 def _c_ics_dln(runs, s):
@@ -56,7 +69,8 @@ def _c_ics_dln(runs, s):
                     "mean ||G - G'||: $l2_std vs $l2_bn",
                     {"cos_std": ca, "cos_bn": cb, "bn_min": lo, "l2_std": ics_mean(std, "l2"),
                      "l2_bn": ics_mean(bn, "l2")},
-                    (ca > 0.9 and cb < 0.5) if _ok(ca, cb) else None,
+                    (ca > param(7, "std_min") and cb < param(7, "bn_max"))
+                    if _ok(ca, cb) else None,
                     {"cos_bn": 2, "bn_min": 2})
 
 
@@ -66,11 +80,10 @@ def _c_loss_band(runs, s):
     if got is None:
         return _missing()
     (a, b), (la, lb) = got
-    return Measured("median loss-band width (max - min) over the probes: standard $std, BN $bn "
-                    "(median loss at the probed weights: $loss_std vs $loss_bn; chance level "
-                    "ln 10 = 2.30)",
-                    {"std": a, "bn": b, "loss_std": la, "loss_bn": lb},
-                    _lt(b, a) if _ok(a, b) else None)
+    return _with_matched(runs, "vgg", s.vgg.lr, "loss_band", Measured(
+        "median loss-band width (max - min) over the probes: standard $std, BN $bn "
+        "(median loss at the probed weights: $loss_std vs $loss_bn; chance level ln 10 = 2.30)",
+        {"std": a, "bn": b, "loss_std": la, "loss_bn": lb}, _lt(b, a) if _ok(a, b) else None))
 
 
 def _c_predictive(runs, s):
@@ -79,10 +92,10 @@ def _c_predictive(runs, s):
         return _missing()
     (a, b), = got
     ratio = a / b if _ok(a, b) and b > 0 else math.nan
-    return Measured("median upper band of ||grad L(w) - grad L(w - eta g)|| over the probes: "
-                    "standard $std, BN $bn: ${ratio}x",
-                    {"std": a, "bn": b, "ratio": ratio}, _lt(b, a) if _ok(a, b) else None,
-                    {"ratio": 2})
+    return _with_matched(runs, "vgg", s.vgg.lr, "grad_diff_max", Measured(
+        "median upper band of ||grad L(w) - grad L(w - eta g)|| over the probes: "
+        "standard $std, BN $bn: ${ratio}x",
+        {"std": a, "bn": b, "ratio": ratio}, _lt(b, a) if _ok(a, b) else None, {"ratio": 2}))
 
 
 def _c_beta(runs, s):
@@ -90,8 +103,9 @@ def _c_beta(runs, s):
     if got is None:
         return _missing()
     (a, b), = got
-    return Measured("median effective beta-smoothness: standard $std, BN $bn",
-                    {"std": a, "bn": b}, _lt(b, a) if _ok(a, b) else None)
+    return _with_matched(runs, "vgg", s.vgg.lr, "beta_smoothness", Measured(
+        "median effective beta-smoothness: standard $std, BN $bn",
+        {"std": a, "bn": b}, _lt(b, a) if _ok(a, b) else None))
 
 
 def _c_random(runs, s):
@@ -100,10 +114,11 @@ def _c_random(runs, s):
     if got is None:
         return _missing("not probed (landscape_directions lacks 'random')")
     (a, b), (c, d) = got
-    return Measured("random directions: median loss-band width standard $band_std, BN "
-                    "$band_bn (median beta, not part of the claim: $beta_std vs $beta_bn)",
-                    {"band_std": a, "band_bn": b, "beta_std": c, "beta_bn": d},
-                    _lt(b, a) if _ok(a, b) else None)
+    return _with_matched(runs, "vgg", s.vgg.lr, "loss_band", Measured(
+        "random directions: median loss-band width standard $band_std, BN "
+        "$band_bn (median beta, not part of the claim: $beta_std vs $beta_bn)",
+        {"band_std": a, "band_bn": b, "beta_std": c, "beta_bn": d},
+        _lt(b, a) if _ok(a, b) else None), direction="random")
 
 
 def _c_dln_smooth(runs, s):
@@ -112,10 +127,29 @@ def _c_dln_smooth(runs, s):
         return _missing()
     (a, b), (c, d) = got
     orders = math.log10(a / b) if _ok(a, b) and a > 0 and b > 0 else math.nan
-    return Measured("median grad-difference upper band over the probes: standard $gd_std, "
-                    "BN $gd_bn ($orders orders of magnitude); median beta $beta_std vs $beta_bn",
-                    {"gd_std": a, "gd_bn": b, "orders": orders, "beta_std": c, "beta_bn": d},
-                    (_lt(b, a) and _lt(d, c)) if _ok(a, b, c, d) else None, {"orders": 2})
+    need = param(12, "min_orders")
+
+    def held(x, y):
+        return x > 0 and y > 0 and math.log10(x / y) >= need
+
+    m = Measured("median grad-difference upper band over the probes: standard $gd_std, "
+                 "BN $gd_bn ($orders orders of magnitude); median beta $beta_std vs $beta_bn",
+                 {"gd_std": a, "gd_bn": b, "orders": orders, "beta_std": c, "beta_bn": d},
+                 (held(a, b) and _lt(d, c)) if _ok(a, b, c, d) else None, {"orders": 2})
+    std, bn = _landscape_pair(runs, "dln", s.dln.lr)
+    m.matched = matched_measured(std, bn, "landscape", lambda r: r["grad_diff_max"], held,
+                                 direction="gradient")
+    return m
+
+
+def _with_matched(runs, model, lr, key, m: Measured, direction="gradient") -> Measured:
+    """``m`` with its matched-loss verdict: the standard and BN probes along ``direction``
+    whose training loss lies in the range both cover, compared by "BN's median < standard's"
+    on ``key``."""
+    std, bn = _landscape_pair(runs, model, lr)
+    m.matched = matched_measured(std, bn, "landscape", lambda r: _probe_value(r, key),
+                                 lambda a, b: _lt(b, a), direction=direction)
+    return m
 
 
 
@@ -140,7 +174,29 @@ def _c_lp_smooth(runs, s):
         values.update({f"{model}_{n}": v for n, v in vals.items()})
         parts.append(f"{model.upper()} median beta: standard ${model}_std, " +
                      ", ".join(f"{n} ${model}_{n}" for n in vals))
-    return Measured("; ".join(parts), values, held)
+    m = Measured("; ".join(parts), values, held)
+    m.matched = _lp_smooth_matched(runs, s)
+    return m
+
+
+def _lp_smooth_matched(runs, s) -> Measured:
+    """Claim 16 at matched training loss: each l_p network against the standard one, its
+    probes and the standard's in the loss range both cover."""
+    parts, values, held = [], {}, True
+    for model, lr in (("vgg", s.vgg.lr), ("dln", s.dln.lr)):
+        std = _g(runs, model, "none", lr)
+        for n in ("l1", "l2", "linf"):
+            got = matched_medians(std, _g(runs, model, n, lr), "landscape",
+                                  lambda r: r["beta_smoothness"], direction="gradient")
+            if got is None or not _ok(got["a"], got["b"]):
+                held = None
+                parts.append(f"{model.upper()} {n}: no overlap")
+                continue
+            if held is not None:
+                held = held and _lt(got["b"], got["a"])
+            values[f"{model}_{n}"], values[f"{model}_{n}_std"] = got["b"], got["a"]
+            parts.append(f"{model.upper()} {n} ${model}_{n} vs standard ${model}_{n}_std")
+    return Measured("matched-loss median beta: " + ", ".join(parts), values, held)
 
 
 

@@ -4,10 +4,12 @@ the comparisons with their margin, and the formatting of numbers."""
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from .activations import moment_changes
 from .plots import Run, base_name
@@ -56,17 +58,20 @@ def landscape_median(run: Run, key: str, direction: str = "gradient",
 
 
 def hessian_median(run: Run) -> float:
-    """Median over a run's measurements of |top Hessian eigenvalue| (power iteration's
-    eigenvalue of largest magnitude): the Hessian's spectral norm, the local beta."""
+    """Median over a run's measurements of |top Hessian eigenvalue| (the eigenvalue of
+    largest magnitude): the Hessian's spectral norm, the local beta."""
     return _median(abs(r["top_eigenvalue"]) for r in run.of("hessian"))
 
 
-def moment_shift(run: Run) -> float:
+def moment_shift(run: Run, kind: str = "act") -> float:
     """Median over sampled units and step pairs of |change of mean| + |change of std| between
-    successive steps (Figs. 7, 8, 14)."""
+    successive steps (Figs. 7, 8, 14), at the normalization's output (``kind="act"``) or its
+    input (``"act_in"``; the standard network's one site for both)."""
     out = []
     for layer in run.config.act_layers:
-        recs = run.of("act", layer=layer)
+        recs = run.of(kind, layer=layer)
+        if not recs and kind == "act_in" and run.config.norm == "none":
+            recs = run.of("act", layer=layer)  # no normalization: one site
         by_step = {r["step"]: r for r in recs}
         for ch in moment_changes(recs):
             a, b = by_step[ch["step"]], by_step[ch["step"] + 1]
@@ -88,6 +93,7 @@ class Measured:
     values: dict[str, float] = field(default_factory=dict)
     held: bool | None = None
     kinds: dict[str, str | int] = field(default_factory=dict)
+    matched: Measured | None = None  # the same criterion at matched training loss
 
 
 def _missing(why: str = "runs missing") -> Measured:
@@ -104,6 +110,8 @@ class Claim:
     criterion: str  # when it counts as held in one seed
     check: Callable  # (runs of one seed by base name, suite) -> Measured
     cause: Callable | None = None  # (runs by seed, suite, row) -> why a seed did not hold
+    weak: str | None = None  # why the criterion cannot fail (or fails off the mechanism)
+    matched: bool = False  # also decided at matched training loss (Measured.matched)
 
 
 def _g(runs, model, norm, lr):
@@ -124,7 +132,19 @@ def _ok(*values) -> bool:
     return all(v is not None and math.isfinite(v) for v in values)
 
 
-MARGIN = 0.01
+CRITERIA_FILE = Path(__file__).with_name("criteria.json")
+CRITERIA: dict = json.loads(CRITERIA_FILE.read_text(encoding="utf-8"))
+"""The criteria file: per claim its statement, the paper's figure and number, the
+measurement, window, criterion, thresholds (``params``), reason and ``weak`` mark, and the
+dated change log (see ``criteria.json``'s ``about``)."""
+
+
+def param(claim: int, name: str) -> float:
+    """A threshold of claim ``claim`` from the criteria file."""
+    return CRITERIA["claims"][str(claim)]["params"][name]
+
+
+MARGIN = CRITERIA["margin"]
 """A comparison "a < b" of two measurements holds only when a is below b by more than 1% of
 |b| ("a > b" likewise): a tie within rounding and run-to-run noise decides nothing."""
 
@@ -202,3 +222,72 @@ def _act_std(run: Run, step: int = 0) -> list[float]:
     return [math.sqrt(v) for r in run.of("act", step=step) for v in r["var"]]
 
 
+
+
+# ----------------------------------------------------------------------------- matched loss
+# The control beside the paper's protocol: two networks compared where their training losses
+# agree. Probe magnitudes scale with the gradient, and at equal steps a network that has fit
+# the data is compared with one that has not; at matched loss both are at the same stage.
+
+MIN_MATCHED = 2
+"""Probes each network needs inside the shared loss range for a matched-loss verdict."""
+
+
+def train_loss_at(run: Run, step: int) -> float:
+    """The training loss logged last at or before ``step`` (the first one if none is)."""
+    recs = run.of("train")
+    if not recs:
+        return math.nan
+    best = recs[0]
+    for r in recs:
+        if r["step"] > step:
+            break
+        best = r
+    return best["loss"]
+
+
+def _loss_of(rec: dict, run: Run) -> float:
+    """The training loss at a record: the loss at w a landscape probe holds, else the
+    training loss logged at its step."""
+    return rec["loss"] if "loss" in rec else train_loss_at(run, rec["step"])
+
+
+def matched_medians(a: Run, b: Run, kind: str, value: Callable[[dict], float],
+                    **filters) -> dict | None:
+    """Medians of ``value`` over the ``kind`` records of runs ``a`` and ``b`` (with
+    ``filters``, as :meth:`Run.of`) whose training loss lies in the range both runs' records
+    cover; None when the ranges do not overlap or either run has fewer than
+    :data:`MIN_MATCHED` records there. Returns ``a``, ``b``, the range ``lo``, ``hi`` and the
+    counts ``n_a``, ``n_b``."""
+    ra, rb = a.of(kind, **filters), b.of(kind, **filters)
+    la = [_loss_of(r, a) for r in ra]
+    lb = [_loss_of(r, b) for r in rb]
+    la_f, lb_f = [x for x in la if math.isfinite(x)], [x for x in lb if math.isfinite(x)]
+    if not la_f or not lb_f:
+        return None
+    lo, hi = max(min(la_f), min(lb_f)), min(max(la_f), max(lb_f))
+    if lo > hi:
+        return None
+    sa = [value(r) for r, x in zip(ra, la) if lo <= x <= hi]
+    sb = [value(r) for r, x in zip(rb, lb) if lo <= x <= hi]
+    if len(sa) < MIN_MATCHED or len(sb) < MIN_MATCHED:
+        return None
+    return {"a": _median(sa), "b": _median(sb), "lo": lo, "hi": hi, "n_a": len(sa),
+            "n_b": len(sb)}
+
+
+def matched_measured(a: Run, b: Run, kind: str, value: Callable[[dict], float],
+                     held: Callable[[float, float], bool], names=("std", "bn"),
+                     **filters) -> Measured:
+    """The matched-loss :class:`Measured` of a comparison of runs ``a`` and ``b``: ``held``
+    is the equal-step criterion applied to the matched medians."""
+    m = matched_medians(a, b, kind, value, **filters)
+    if m is None:
+        return Measured("no overlapping training-loss range with enough probes")
+    x, y = names
+    ok = _ok(m["a"], m["b"])
+    return Measured(f"at training loss in [$lo, $hi] ($n_{x} vs $n_{y} probes): ${x} vs ${y}",
+                    {x: m["a"], y: m["b"], "lo": m["lo"], "hi": m["hi"], f"n_{x}": m["n_a"],
+                     f"n_{y}": m["n_b"]},
+                    held(m["a"], m["b"]) if ok else None,
+                    {f"n_{x}": 3, f"n_{y}": 3})

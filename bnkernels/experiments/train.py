@@ -13,7 +13,8 @@ metrics.jsonl kinds: "train" (per-minibatch loss and accuracy of step t, before 
 "test" (test loss and accuracy after ``step`` updates; noisy BatchNorm networks add two
 consistent evaluations, see :mod:`.noisy`), "ics" (Definition 2.1 at step t, one line per
 layer), "landscape" (one probe at step t), "hessian" (top Hessian eigenvalue, optionally the
-trace, at step t), "act" (activation summaries at step t).
+trace, at step t), "act" (activation summaries at step t, at the normalization's output),
+"act_in" (the same units at the normalization's input, where it differs).
 
 Resume: a checkpoint holds the byte length metrics.jsonl had when it was written; the file is
 cut back to it and the run goes on from the checkpoint's step. RNG states are saved (CPU, and
@@ -392,7 +393,7 @@ def _train(cfg: RunConfig, data: Dataset, run_dir: Path, ddp: _Dist, dev: torch.
     # A summed loss over a slice is 1/world of the global one after DDP's gradient average.
     loss_scale = float(ddp.world) if shard and cfg.loss.endswith("sum_squared") else 1.0
     writer = MetricsWriter(metrics_path, enabled=rank0)
-    sampler = (ActivationSampler(base, cfg.act_layers, cfg.act_units, cfg.seed)
+    sampler = (ActivationSampler(base, cfg.act_layers, cfg.act_units, cfg.seed, inputs=True)
                if cfg.act_every else None)
     train_x, train_y = data.train_x, data.train_y
     classify = data.num_classes is not None
@@ -506,7 +507,9 @@ def measure_hessian(model: nn.Module, loss_fn, x, y, cfg: RunConfig, step: int) 
     top = landscape.hessian_top_eigenvalue(model, loss_fn, x, y, cfg.hessian_iters,
                                            cfg.hessian_tol, seed=seed)
     rec = {"kind": "hessian", "step": step, "top_eigenvalue": top.value,
-           "iterations": top.iterations, "max_iterations": cfg.hessian_iters}
+           "max_eigenvalue": top.largest, "min_eigenvalue": top.smallest,
+           "converged": top.converged, "iterations": top.iterations,
+           "max_iterations": cfg.hessian_iters}
     if cfg.hessian_trace_samples:
         tr = landscape.hessian_trace(model, loss_fn, x, y, cfg.hessian_trace_samples, seed)
         rec.update(trace=tr.value, trace_stderr=tr.stderr)

@@ -284,10 +284,11 @@ def test_hessian_top_eigenvalue_of_quadratics_is_the_closed_form():
     top = landscape.hessian_top_eigenvalue(model, _half_sse, X, y, iters=500, tol=1e-12)
     _assert_same_state(before, _state(model))
     assert top.value == pytest.approx(float(torch.linalg.eigvalsh(X.T @ X)[-1]), rel=1e-8)
-    value, iterations = top  # unpacks as (value, iterations used)
-    assert 1 < iterations < 500 and value == top.value
-    # An indefinite Hessian whose eigenvalue of largest magnitude is negative: power iteration
-    # returns it, signed (PyHessian's "top eigenvalue"; |value| is the spectral norm).
+    value, iterations, largest, smallest, converged = top
+    assert 1 < iterations < 500 and value == top.value == largest and converged
+    assert smallest == pytest.approx(float(torch.linalg.eigvalsh(X.T @ X)[0]), rel=1e-8)
+    # An indefinite Hessian whose eigenvalue of largest magnitude is negative: returned
+    # signed (|value| is the spectral norm), with both ends of the spectrum.
     q = torch.linalg.qr(torch.randn(3, 3, generator=torch.Generator().manual_seed(0),
                                     dtype=torch.float64))[0]
     A = q @ torch.diag(torch.tensor([-5.0, 1.0, 3.0], dtype=torch.float64)) @ q.T
@@ -295,6 +296,7 @@ def test_hessian_top_eigenvalue_of_quadratics_is_the_closed_form():
     top = landscape.hessian_top_eigenvalue(point, _quadratic_form, None, A, iters=500,
                                            tol=1e-13)
     assert top.value == pytest.approx(-5.0, rel=1e-9)
+    assert (top.smallest, top.largest) == (pytest.approx(-5.0), pytest.approx(3.0))
     with pytest.raises(ValueError):
         landscape.hessian_top_eigenvalue(point, _quadratic_form, None, A, iters=0)
 

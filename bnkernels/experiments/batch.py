@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+import bnkernels as bnk
+
 from . import stopping
 from .config import RunConfig, pick_device
 from .train import train
@@ -74,8 +76,10 @@ STOP_SECONDS = 30.0
 kills the ones left."""
 
 
-def _run_worker(cfg_dict: dict, run_dir: str, device: str, threads: int) -> tuple[str, float]:
+def _run_worker(cfg_dict: dict, run_dir: str, device: str, threads: int,
+                backend: str = "auto") -> tuple[str, float]:
     torch.set_num_threads(threads)
+    bnk.set_backend(backend)  # the caller's choice, as if the run trained in its process
     t0 = time.time()
     try:
         with stopping.armed():  # a signal stops this run (its folder back to a checkpoint)
@@ -151,6 +155,7 @@ def run_many(jobs_list: list[tuple[RunConfig, Path]], jobs: int | None = None,
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
+    backend = bnk.get_backend()
     portable = PORTABLE_CPU_ENV if platform.machine().lower() in ("x86_64", "amd64") else {}
     pools: list = []
     futures: list = []
@@ -168,7 +173,7 @@ def run_many(jobs_list: list[tuple[RunConfig, Path]], jobs: int | None = None,
             pools.extend(by_kind.values())
             for cfg, run_dir, dev in placed:
                 futures.append(by_kind["gpu" if dev != "cpu" else "cpu"].submit(
-                    _run_worker, cfg.to_dict(), str(run_dir), dev, threads))
+                    _run_worker, cfg.to_dict(), str(run_dir), dev, threads, backend))
             pending = set(futures)
             while pending:
                 # wake up now and then: a signal that landed on another thread runs its

@@ -63,7 +63,7 @@ def test_run_folder_layout(tmp_path):
     assert ckpts == ["step_4.pt", "step_6.pt"]  # every 2 steps, the last 2 kept
     recs = read_metrics(run)
     kinds = {r["kind"] for r in recs}
-    assert kinds == {"train", "test", "ics", "landscape", "hessian", "act"}
+    assert kinds == {"train", "test", "ics", "landscape", "hessian", "act", "act_in"}
     assert [r["step"] for r in recs if r["kind"] == "train"] == list(range(TINY.steps))
     assert [r["step"] for r in recs if r["kind"] == "test"] == [3, 6]
     assert [(r["step"], r["layer"]) for r in recs if r["kind"] == "ics"] == [
@@ -357,7 +357,8 @@ def test_ddp_two_gloo_processes_with_every_probe_on(tmp_path):
     out = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     recs = read_metrics(tmp_path / "ddp")
-    assert {r["kind"] for r in recs} == {"train", "test", "ics", "landscape", "hessian", "act"}
+    assert {r["kind"] for r in recs} == {"train", "test", "ics", "landscape", "hessian", "act",
+                                        "act_in"}
     hess = [r for r in recs if r["kind"] == "hessian"]
     assert [r["step"] for r in hess] == [0, 3]
     assert all(math.isfinite(r["top_eigenvalue"]) for r in hess)

@@ -297,9 +297,10 @@ def test_a_run_folder_in_use_is_refused(tmp_path):
 
 
 def test_sigterm_stops_a_run_at_its_last_checkpoint(tmp_path, full_run):
-    """In one process (run_many with one job): SIGTERM mid-run raises Interrupted, the folder
-    holds the metrics up to its last checkpoint and nothing after, and a rerun finishes with
-    the uninterrupted run's metrics."""
+    """run_many with one job (one worker process): SIGTERM to the caller mid-run raises
+    Interrupted, the folder holds the metrics up to its last checkpoint and nothing after,
+    and a rerun finishes with the uninterrupted run's metrics (also trained by run_many: in
+    this process, without the workers' floating-point environment, they would differ)."""
     run = tmp_path / "run"
     ckpts = run / "checkpoints"
     slow = dataclasses.replace(TINY, hessian_every=1)  # long enough steps to land in one
@@ -310,7 +311,8 @@ def test_sigterm_stops_a_run_at_its_last_checkpoint(tmp_path, full_run):
             time.sleep(0.01)
         os.kill(os.getpid(), signal.SIGTERM)
 
-    full = train(slow, tmp_path / "full", progress=False)
+    full = tmp_path / "full"
+    run_many([(slow, full)], jobs=1, device="cpu", progress=False)
     killer = threading.Thread(target=kill_after_first_checkpoint)
     killer.start()
     try:
@@ -379,10 +381,9 @@ its costliest measurements (Hessian, the DLN's landscape)."""
 
 @pytest.fixture(scope="module")
 def uninterrupted_suite(tmp_path_factory):
-    """SUITE run without interruption, its runs one after another in the parent process
-    (no worker to start): with the environment run_many gives its workers set for every
-    process (PORTABLE_CPU_ENV, see cpu_env) and one thread per run, it trains exactly as the
-    workers do."""
+    """SUITE run without interruption with --jobs 1 (one worker process, its runs one after
+    another): every run trains in a worker with PORTABLE_CPU_ENV and one thread, so this
+    matches the --jobs 2 runs bit for bit."""
     out = tmp_path_factory.mktemp("uninterrupted") / "suite"
     r = run_cli(*[a if a != "2" else "1" for a in SUITE], "--out", str(out), timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

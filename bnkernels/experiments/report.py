@@ -147,7 +147,8 @@ def _result_cell(r: dict) -> str:
             "not measured": "not measured"}[r["held"]]
     if r["held"] == "not measured":
         return mark
-    return f"{mark} ({r['held_in']}/{r['measured_in']} seeds)"
+    firm = r["held_in"] in (0, r["measured_in"])
+    return f"{mark} ({r['held_in']}/{r['measured_in']} seeds{'' if firm else ', fragile'})"
 
 
 def _matched_cell(r: dict) -> str:
@@ -310,11 +311,14 @@ def _mode_note(meta: dict, suite: SuiteConfig) -> list[str]:
               "two thirds fail; otherwise mixed). In a criterion, \"<\" and \">\" "
               "mean by more than 1% of the compared value, so that ties do not decide. The "
               "measured column gives the median and [min, max] over seeds; `claims.json` has "
-              "every seed's numbers. Reruns on one machine repeat every number bit for bit; "
-              "another machine whose floating-point rounding differs can change a seed's "
-              "trajectory (training is chaotic, e.g. when the standard network leaves its "
-              "initial plateau), so a verdict carried by all seeds is firm and one carried by "
-              "a bare two thirds is one seed away from changing.")
+              "every seed's numbers. Every run trains in a worker process with one thread and "
+              "a fixed floating-point environment, so reruns on one machine repeat every "
+              "number bit for bit whatever `--jobs` is. Another machine whose floating-point "
+              "rounding differs moves the numbers from their second or third significant "
+              "digit and can change a seed's trajectory (training is chaotic, e.g. when the "
+              "standard network leaves its initial plateau; `docs/reproduction.md`), so a "
+              "verdict carried by all seeds is firm and one carried by a bare two thirds is "
+              "marked *fragile*: one seed away from changing.")
     if meta["mode"] == "full":
         return [common, ""]
     what = {"quick": "a scaled-down check on a CPU", "gpu": "a GPU-sized check",

@@ -123,10 +123,10 @@ CONFIGS: dict[str, RunConfig] = {
     # seconds-long runs for smoke tests.
     "tiny": replace(PAPER_VGG, arch="vgg11", width=1 / 32, dataset="digits", image_size=16,
                     batch_size=16, steps=6, log_every=1, test_every=3, ics_every=3,
-                    ics_layers=(2, 3), landscape_every=3, hessian_every=3, hessian_iters=8,
+                    ics_layers=(2, 3), landscape_every=3, hessian_every=3, hessian_iters=20,
                     act_every=3, act_layers=(1, 2), checkpoint_every=2),
     "dln-tiny": replace(PAPER_DLN, steps=6, log_every=1, ics_every=3, landscape_every=3,
-                        hessian_every=3, hessian_iters=8, act_every=3, checkpoint_every=2),
+                        hessian_every=3, hessian_iters=20, act_every=3, checkpoint_every=2),
 }
 
 

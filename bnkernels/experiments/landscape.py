@@ -235,8 +235,9 @@ def hessian_top_eigenvalue(model: nn.Module, loss_fn, inputs: torch.Tensor,
     most about ``iters`` products (ARPACK restarts in whole cycles; ``iterations`` is the
     count taken). Unlike power iteration, which returns a mixture when two eigenvalues of
     opposite sign have nearly the same magnitude (+833 and -838: any value between), Lanczos
-    resolves both ends. When the budget runs out first, the Ritz values reached are returned
-    with ``converged=False``. Models with fewer than :data:`DENSE_BELOW` parameters get the
+    resolves both ends. When the budget runs out first, ``converged`` is False and only the
+    eigenvalues ARPACK converged are returned (one of them: taken as the largest if positive,
+    the smallest if negative, the other end NaN; none: NaN). Models with fewer than :data:`DENSE_BELOW` parameters get the
     exact spectrum of the whole Hessian.
 
     The model is evaluated in its current train/eval mode with its buffers as found (so batch
@@ -280,6 +281,10 @@ def hessian_top_eigenvalue(model: nn.Module, loss_fn, inputs: torch.Tensor,
         eig = np.sort(np.asarray(eig, dtype=np.float64))
         if eig.size == 0:
             return TopEigen(math.nan, count, math.nan, math.nan, False)
+        if eig.size == 1:  # one end converged: by its sign, the largest or the smallest
+            v = float(eig[0])
+            return TopEigen(v, count, v if v >= 0 else math.nan, v if v < 0 else math.nan,
+                            False)
         lo, hi = float(eig[0]), float(eig[-1])
     value = hi if abs(hi) >= abs(lo) else lo
     return TopEigen(value, count, hi, lo, converged)

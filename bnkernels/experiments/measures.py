@@ -254,26 +254,35 @@ def _loss_of(rec: dict, run: Run) -> float:
 
 def matched_medians(a: Run, b: Run, kind: str, value: Callable[[dict], float],
                     **filters) -> dict | None:
-    """Medians of ``value`` over the ``kind`` records of runs ``a`` and ``b`` (with
-    ``filters``, as :meth:`Run.of`) whose training loss lies in the range both runs' records
-    cover; None when the ranges do not overlap or either run has fewer than
-    :data:`MIN_MATCHED` records there. Returns ``a``, ``b``, the range ``lo``, ``hi`` and the
-    counts ``n_a``, ``n_b``."""
-    ra, rb = a.of(kind, **filters), b.of(kind, **filters)
-    la = [_loss_of(r, a) for r in ra]
-    lb = [_loss_of(r, b) for r in rb]
-    la_f, lb_f = [x for x in la if math.isfinite(x)], [x for x in lb if math.isfinite(x)]
-    if not la_f or not lb_f:
+    """``value`` of runs ``a`` and ``b`` compared where their training losses agree: the
+    ``kind`` records (with ``filters``, as :meth:`Run.of`) whose training loss lies in the
+    range both runs' records cover are paired, each with the other run's record of nearest
+    log-loss (from both sides), and the medians over the pairs returned as ``a`` and ``b``,
+    with the range ``lo``, ``hi``, the records of each run in it ``n_a``, ``n_b`` and the
+    ``pairs``. None when the ranges do not overlap or either run has fewer than
+    :data:`MIN_MATCHED` records in it."""
+    def inside(run):
+        recs = [(_loss_of(r, run), r) for r in run.of(kind, **filters)]
+        return [(x, r) for x, r in recs if math.isfinite(x) and x > 0]
+
+    ra, rb = inside(a), inside(b)
+    if not ra or not rb:
         return None
-    lo, hi = max(min(la_f), min(lb_f)), min(max(la_f), max(lb_f))
-    if lo > hi:
+    lo = max(min(x for x, _ in ra), min(x for x, _ in rb))
+    hi = min(max(x for x, _ in ra), max(x for x, _ in rb))
+    ra = [(x, r) for x, r in ra if lo <= x <= hi]
+    rb = [(x, r) for x, r in rb if lo <= x <= hi]
+    if len(ra) < MIN_MATCHED or len(rb) < MIN_MATCHED:
         return None
-    sa = [value(r) for r, x in zip(ra, la) if lo <= x <= hi]
-    sb = [value(r) for r, x in zip(rb, lb) if lo <= x <= hi]
-    if len(sa) < MIN_MATCHED or len(sb) < MIN_MATCHED:
-        return None
-    return {"a": _median(sa), "b": _median(sb), "lo": lo, "hi": hi, "n_a": len(sa),
-            "n_b": len(sb)}
+
+    def nearest(x, recs):
+        return min(recs, key=lambda t: abs(math.log(t[0] / x)))[1]
+
+    pairs = {(id(r), id(nearest(x, rb))): (r, nearest(x, rb)) for x, r in ra}
+    pairs.update({(id(nearest(x, ra)), id(r)): (nearest(x, ra), r) for x, r in rb})
+    return {"a": _median(value(p) for p, _ in pairs.values()),
+            "b": _median(value(q) for _, q in pairs.values()),
+            "lo": lo, "hi": hi, "n_a": len(ra), "n_b": len(rb), "pairs": len(pairs)}
 
 
 def matched_measured(a: Run, b: Run, kind: str, value: Callable[[dict], float],
@@ -286,8 +295,9 @@ def matched_measured(a: Run, b: Run, kind: str, value: Callable[[dict], float],
         return Measured("no overlapping training-loss range with enough probes")
     x, y = names
     ok = _ok(m["a"], m["b"])
-    return Measured(f"at training loss in [$lo, $hi] ($n_{x} vs $n_{y} probes): ${x} vs ${y}",
+    return Measured(f"over $pairs pairs of records at the nearest training loss, in [$lo, $hi] "
+                    f"($n_{x} vs $n_{y} records in the range): ${x} vs ${y}",
                     {x: m["a"], y: m["b"], "lo": m["lo"], "hi": m["hi"], f"n_{x}": m["n_a"],
-                     f"n_{y}": m["n_b"]},
+                     f"n_{y}": m["n_b"], "pairs": m["pairs"]},
                     held(m["a"], m["b"]) if ok else None,
-                    {f"n_{x}": 3, f"n_{y}": 3})
+                    {f"n_{x}": 3, f"n_{y}": 3, "pairs": 3})

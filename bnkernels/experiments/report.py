@@ -183,8 +183,39 @@ def _control_section(rows: list[dict]) -> list[str]:
         "faster training, not of a smoother landscape at the same point of training.", "",
         f"Here: the same verdict under both for claims {ids(same)}; held at equal steps but "
         f"not at matched loss for {ids(lost)}; held only at matched loss for {ids(gained)}.",
-        "",
+        "", *_ratio_lines(ctl), "",
     ]
+
+
+_RATIO_KEYS = {6: ("cos_std", "cos_bn", "std", "bn", "standard's cos(G, G') / BN's"),
+               8: ("std", "bn", "std", "bn", "standard's loss band / BN's"),
+               9: ("std", "bn", "std", "bn", "standard's gradient difference / BN's"),
+               10: ("std", "bn", "std", "bn", "standard's effective beta / BN's"),
+               11: ("band_std", "band_bn", "std", "bn",
+                    "standard's loss band along random directions / BN's"),
+               12: ("gd_std", "gd_bn", "std", "bn", "standard DLN's gradient difference / BN's")}
+"""Per claim with a matched-loss control: the (standard, BN) value keys at equal steps and at
+matched loss, and what their ratio is."""
+
+
+def _ratio_lines(rows: list[dict]) -> list[str]:
+    """Median over seeds of the standard / BN ratio, at equal steps and at matched loss: how
+    much of each effect is left once the networks are compared at the same training loss."""
+    out = []
+    for r in rows:
+        keys = _RATIO_KEYS.get(r["id"])
+        if keys is None:
+            continue
+        a, b, ma, mb, what = keys
+        eq = [p["values"][a] / p["values"][b] for p in r["per_seed"]
+              if _ok(p["values"].get(a), p["values"].get(b)) and p["values"][b] != 0]
+        mt = [p["matched"]["values"][ma] / p["matched"]["values"][mb] for p in r["per_seed"]
+              if "matched" in p and _ok(p["matched"]["values"].get(ma),
+                                        p["matched"]["values"].get(mb))
+              and p["matched"]["values"][mb] != 0]
+        out.append(f"- claim {r['id']}, {what}: {_spread(eq, 3)} at equal steps, "
+                   f"{_spread(mt, 3)} at matched loss.")
+    return out
 
 
 def _criteria_section() -> list[str]:

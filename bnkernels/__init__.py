@@ -2,6 +2,7 @@
 toolkit reproducing "How Does Batch Normalization Help Optimization?" (Santurkar et al., 2018).
 """
 
+from ._version import __version__ as __version__
 from .backends import available_backends, get_backend, set_backend
 from .functional import batch_norm, lp_norm, noisy_batch_norm, noisy_batch_norm_noise
 from .nn import (
@@ -18,8 +19,6 @@ from .nn import (
     convert,
 )
 from .noise import NoiseConfig
-
-__version__ = "0.1.0"
 
 __all__ = [
     "BatchNorm1d",

@@ -24,6 +24,7 @@ from torch import Tensor
 from . import backends
 from .autograd import NormFunction
 from .backends.plan import FLOAT_DTYPES, PLANS, Signature, step_entry
+from .errors import ValidationError, ValidationTypeError
 from .library import OpPlan
 from .noise import NoiseConfig
 
@@ -56,13 +57,13 @@ _EMPTY = _Empty()
 
 def _check_input(op: str, x: torch.Tensor) -> None:
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{op}: expected a torch.Tensor input, got {type(x).__name__}")
+        raise ValidationTypeError(f"{op}: expected a torch.Tensor input, got {type(x).__name__}")
     if x.dim() < 2:
-        raise ValueError(
+        raise ValidationError(
             f"{op}: expected an input of shape (N, C, *spatial) with 2 or more dims, "
             f"got {x.dim()}D input of shape {tuple(x.shape)}")
     if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(
+        raise ValidationTypeError(
             f"{op}: unsupported input dtype {x.dtype}; expected one of "
             f"{', '.join(str(d) for d in FLOAT_DTYPES)} (convert the input, e.g. x.float())")
 
@@ -81,23 +82,25 @@ def _check_per_channel(op: str, x: torch.Tensor, **tensors) -> None:
         if t is None:
             continue
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{op}: {name} must be a tensor or None, got {type(t).__name__}")
+            raise ValidationTypeError(
+                f"{op}: {name} must be a tensor or None, got {type(t).__name__}")
         if t.device != x.device:
-            raise ValueError(
+            raise ValidationError(
                 f"{op}: {name} is on {t.device} but the input is on {x.device}; "
                 f"all tensors must be on the same device (move it with {name}.to(x.device), "
                 "or the module with module.to(device))")
         if not t.is_floating_point():
-            raise TypeError(f"{op}: {name} must be a floating-point tensor, got {t.dtype} "
-                            f"(convert it, e.g. {name}.float())")
+            raise ValidationTypeError(
+                f"{op}: {name} must be a floating-point tensor, got {t.dtype} "
+                f"(convert it, e.g. {name}.float())")
         if t.numel() != C:
-            raise ValueError(
+            raise ValidationError(
                 f"{op}: {name} should contain {C} elements (one per channel of the input, "
                 f"shape {tuple(x.shape)}), not {t.numel()}")
         allowed = (x.dtype, torch.float32) if x.dtype in _LOW_PRECISION else (x.dtype,)
         if t.dtype not in allowed:
             want = " or ".join(str(d) for d in allowed)
-            raise TypeError(
+            raise ValidationTypeError(
                 f"{op}: {name} is {t.dtype} but the input is {x.dtype}; weight, bias and the "
                 f"running statistics must be {want} (float32 parameters only with a float16 or "
                 f"bfloat16 input): convert with {name}.to({x.dtype}), or the module and its "
@@ -105,7 +108,7 @@ def _check_per_channel(op: str, x: torch.Tensor, **tensors) -> None:
         if first is None:
             first = (name, t.dtype)
         elif t.dtype != first[1]:
-            raise TypeError(
+            raise ValidationTypeError(
                 f"{op}: {name} is {t.dtype} but {first[0]} is {first[1]}; weight, bias and the "
                 f"running statistics must share one dtype: convert with "
                 f"{name}.to({first[1]}) (or module.to(dtype))")
@@ -114,7 +117,7 @@ def _check_per_channel(op: str, x: torch.Tensor, **tensors) -> None:
 def _check_training_size(x: torch.Tensor, op: str = "batch_norm") -> None:
     """As PyTorch: statistics of a single value per channel are meaningless."""
     if x.shape[0] * math.prod(x.shape[2:]) == 1:
-        raise ValueError(
+        raise ValidationError(
             f"Expected more than 1 value per channel when training, got input size {x.size()} "
             f"({op}: the batch statistics of one value per channel are undefined; train on a "
             "batch with N * prod(spatial) >= 2, or use eval mode (training=False, "
@@ -123,34 +126,36 @@ def _check_training_size(x: torch.Tensor, op: str = "batch_norm") -> None:
 
 def _check_scalars(op: str, momentum, eps, activation=None) -> None:
     if momentum is None:
-        raise ValueError(
+        raise ValidationError(
             f"{op}: momentum=None (cumulative moving average) needs the number of batches seen; "
             "the modules (bnkernels.BatchNorm2d, ...) track it, or pass "
             "momentum=1/num_batches yourself")
     if not 0.0 <= float(momentum) <= 1.0:
-        raise ValueError(f"{op}: momentum must be in [0, 1], got {momentum}")
+        raise ValidationError(f"{op}: momentum must be in [0, 1], got {momentum}")
     if not 0.0 < float(eps) < math.inf:  # comparisons only: eps may be symbolic in a graph
-        raise ValueError(f"{op}: eps must be a positive finite number, got {eps}")
+        raise ValidationError(f"{op}: eps must be a positive finite number, got {eps}")
     if activation not in ACTIVATIONS:
-        raise ValueError(f"{op}: activation must be one of {ACTIVATIONS}, got {activation!r}")
+        raise ValidationError(f"{op}: activation must be one of {ACTIVATIONS}, got {activation!r}")
 
 
 # ----------------------------------------------------------------------------- BatchNorm
 
 
-def batch_norm(x: torch.Tensor, running_mean: torch.Tensor | None,
+def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None,
                running_var: torch.Tensor | None, weight: torch.Tensor | None = None,
                bias: torch.Tensor | None = None, training: bool = False, momentum: float = 0.1,
                eps: float = 1e-5, activation: str | None = None) -> torch.Tensor:
     """Batch normalization with the semantics of ``torch.nn.functional.batch_norm``.
 
-    Normalizes each channel of ``x`` (N, C, *spatial) over N and the spatial dims. In training
-    the batch statistics are used and, if given, ``running_mean``/``running_var`` are updated in
-    place (unbiased variance, ``momentum`` as in PyTorch); in eval mode the running statistics
-    are used. ``activation="relu"`` fuses a ReLU on the output. Statistics are accumulated in
-    fp32 (fp64 for fp64 input); the output has x's dtype and memory format.
+    Normalizes each channel of ``input`` (N, C, *spatial) over N and the spatial dims. In
+    training the batch statistics are used and, if given, ``running_mean``/``running_var`` are
+    updated in place (unbiased variance, ``momentum`` as in PyTorch); in eval mode the running
+    statistics are used. ``activation="relu"`` fuses a ReLU on the output. Statistics are
+    accumulated in fp32 (fp64 for fp64 input); the output has the input's dtype and memory
+    format. The arguments are ``torch.nn.functional.batch_norm``'s, in its order, plus
+    ``activation``.
     """
-    return _batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps,
+    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
                        activation, None, None)
 
 
@@ -205,10 +210,10 @@ def _validate_batch_norm(op, x, running_mean, running_var, weight, bias, trainin
                        weight=weight, bias=bias)
     _check_scalars(op, momentum, eps, activation)
     if (running_mean is None) != (running_var is None):
-        raise ValueError(f"{op}: pass both running_mean and {var_name}, or neither")
+        raise ValidationError(f"{op}: pass both running_mean and {var_name}, or neither")
     if not training and running_mean is None:
-        raise ValueError(f"{op}: running_mean and {var_name} must be given in eval mode "
-                         "(training=False)")
+        raise ValidationError(f"{op}: running_mean and {var_name} must be given in eval mode "
+                              "(training=False)")
     if training:
         _check_training_size(x, op)
 
@@ -263,50 +268,52 @@ def _check_noise(op, x, noise, seed, step):
             and ((type(step) is int and step >= 0) or isinstance(step, Tensor))):
         return
     if not isinstance(noise, NoiseConfig):
-        raise TypeError(f"{op}: noise must be a bnkernels.NoiseConfig, got {type(noise).__name__}")
+        raise ValidationTypeError(
+            f"{op}: noise must be a bnkernels.NoiseConfig, got {type(noise).__name__}")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise ValueError(f"{op}: seed must be an int in [0, 2**63), got {seed!r}")
+        raise ValidationError(f"{op}: seed must be an int in [0, 2**63), got {seed!r}")
     if isinstance(step, torch.Tensor):
         _check_step_tensor(op, x, step)
     elif isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"{op}: step must be an int >= 0 or a 1-element integer tensor, "
-                         f"got {step!r}")
+        raise ValidationError(f"{op}: step must be an int >= 0 or a 1-element integer tensor, "
+                              f"got {step!r}")
 
 
 def _check_step_tensor(op, x, step):
     if step.numel() != 1 or step.is_floating_point() or step.is_complex():
-        raise ValueError(f"{op}: a step tensor must hold one integer, got {step.dtype} "
-                         f"of shape {tuple(step.shape)}")
+        raise ValidationError(f"{op}: a step tensor must hold one integer, got {step.dtype} "
+                              f"of shape {tuple(step.shape)}")
     if step.device != x.device:
-        raise ValueError(f"{op}: step is on {step.device} but the input is on {x.device}")
+        raise ValidationError(f"{op}: step is on {step.device} but the input is on {x.device}")
 
 
-def noisy_batch_norm(x: torch.Tensor, running_mean: torch.Tensor | None,
+def noisy_batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None,
                      running_var: torch.Tensor | None, weight: torch.Tensor | None = None,
                      bias: torch.Tensor | None = None, training: bool = False,
                      momentum: float = 0.1, eps: float = 1e-5,
                      noise: NoiseConfig = NoiseConfig(), seed: int = 0,
-                     step: int | torch.Tensor = 0, activation: str | None = None) -> torch.Tensor:
+                     step: int | torch.Tensor = 0,
+                     activation: str | None = None) -> torch.Tensor:
     """BatchNorm with the paper's time-varying noise (Algorithm 1): out = act(s * a + m).
 
     ``a`` is the BatchNorm output after the affine weight/bias; (s, m) is drawn per channel
     and per element from ``noise`` (see :class:`NoiseConfig`) by a counter-based RNG keyed by
     ``seed``, ``step`` and the element's (N, C, *spatial) index: the same (seed, step) gives the
     same noise on every backend call and in backward, which regenerates it instead of storing
-    it. ``step`` may be an int or a 1-element integer tensor on x's device (read on device: no
-    host synchronisation, so it works under CUDA graphs). In eval mode there is no random
-    noise: the output is its expectation given the statistics, act(E[s] a + E[m]) with the
+    it. ``step`` may be an int or a 1-element integer tensor on the input's device (read on
+    device: no host synchronisation, so it works under CUDA graphs). In eval mode there is no
+    random noise: the output is its expectation given the statistics, act(E[s] a + E[m]) with the
     running statistics (:meth:`NoiseConfig.expectation`; E[s] = 1.125, E[m] = 0 at the paper's
     constants). Plain BatchNorm in eval (dropping E[s]) would feed every later layer inputs
     ~1.125x smaller than the ones its running statistics were gathered on in training; on the
     quick reproduction's VGG that took test accuracy from 97.8% to 40.1% (median of 3 seeds).
     """
-    _check_noise("noisy_batch_norm", x, noise, seed, step)
+    _check_noise("noisy_batch_norm", input, noise, seed, step)
     if not training:
-        weight, bias = expected_noise_affine(noise, weight, bias, x, running_mean)
-        return _batch_norm(x, running_mean, running_var, weight, bias, False, momentum, eps,
+        weight, bias = expected_noise_affine(noise, weight, bias, input, running_mean)
+        return _batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps,
                            activation, None, None)
-    return _batch_norm(x, running_mean, running_var, weight, bias, True, momentum, eps,
+    return _batch_norm(input, running_mean, running_var, weight, bias, True, momentum, eps,
                        activation, (noise, seed, step), None)
 
 
@@ -375,27 +382,28 @@ def _check_p(op: str, p):
     else:
         value = None
     if value is None:
-        raise ValueError(f"{op}: p must be one of 1, 2, inf (or the strings '1', '2', 'inf'), "
-                         f"got p={p!r}")
+        raise ValidationError(f"{op}: p must be one of 1, 2, inf (or the strings '1', '2', 'inf'), "
+                              f"got p={p!r}")
     return value
 
 
-def lp_norm(x: torch.Tensor, p, running_mean: torch.Tensor | None = None,
+def lp_norm(input: torch.Tensor, p, running_mean: torch.Tensor | None = None,
             running_scale: torch.Tensor | None = None, weight: torch.Tensor | None = None,
             bias: torch.Tensor | None = None, training: bool = False, momentum: float = 0.1,
             eps: float = 1e-5, centered: bool = False) -> torch.Tensor:
     """l_p normalization (p in {1, 2, inf}): ``y = weight * (x - mean) / (s_p + eps) + bias``.
 
-    Per channel of ``x`` (N, C, *spatial), over N and the spatial dims: mean = mean(x) and
-    s_1 = mean|z|, s_2 = sqrt(mean z^2), s_inf = max|z|, where z = x ("before shifting the
-    mean", the default) or z = x - mean (``centered=True``). In training the batch statistics
-    are used and, if given, ``running_mean``/``running_scale`` are updated in place:
-    r <- momentum * batch + (1 - momentum) * r (no unbiasing of the scale). In eval mode the
-    running statistics are used (and required), as constants. The gradient of the l_inf scale
-    is split equally among the values attaining max|z| (as torch.amax's). Statistics are
-    accumulated in fp32 (fp64 for fp64 input); the output has x's dtype and memory format.
+    Per channel of ``input`` (x, shape (N, C, *spatial)), over N and the spatial dims:
+    mean = mean(x) and s_1 = mean|z|, s_2 = sqrt(mean z^2), s_inf = max|z|, where z = x
+    ("before shifting the mean", the default) or z = x - mean (``centered=True``). In training
+    the batch statistics are used and, if given, ``running_mean``/``running_scale`` are updated
+    in place: r <- momentum * batch + (1 - momentum) * r (no unbiasing of the scale). In eval
+    mode the running statistics are used (and required), as constants. The gradient of the
+    l_inf scale is split equally among the values attaining max|z| (as torch.amax's).
+    Statistics are accumulated in fp32 (fp64 for fp64 input); the output has the input's dtype
+    and memory format.
     """
-    return _lp_norm(x, p, running_mean, running_scale, weight, bias, training, momentum, eps,
+    return _lp_norm(input, p, running_mean, running_scale, weight, bias, training, momentum, eps,
                     centered, None)
 
 

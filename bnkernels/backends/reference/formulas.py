@@ -24,6 +24,7 @@ Backward, with g = dy (times [y > 0] for the fused ReLU)::
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 
@@ -31,6 +32,8 @@ import numpy as np
 import torch
 
 from ..plan import acc_dtype
+
+_log = logging.getLogger(__name__)  # under the "bnkernels" logger
 
 
 def _reduce_dims(x: torch.Tensor) -> list[int]:
@@ -254,14 +257,19 @@ def _philox_c():
     first call, into a private temporary directory removed once the library is loaded (no
     cache on disk). Its output is checked against :func:`_philox_passes` on counters that
     cross a multiple of 2^32 before it is used. Any failure (no compiler, a failed compile,
-    load or check) leaves the numpy path, silently: the bits are the same."""
+    load or check) leaves the numpy path, with one warning on the ``bnkernels`` logger: the
+    bits are the same, the noise about twice as slow."""
     global _PHILOX_FN
     with _PHILOX_LOCK:
         if _PHILOX_FN is None:
+            why = "no C compiler found, or the compiled code failed its check against numpy"
             try:
                 _PHILOX_FN = _build_philox_c()
-            except Exception:
-                _PHILOX_FN = False
+            except Exception as e:
+                _PHILOX_FN, why = False, f"{type(e).__name__}: {e}"
+            if _PHILOX_FN is False:
+                _log.warning("the compiled CPU Philox is unavailable (%s); noisy BatchNorm's "
+                             "CPU noise comes from numpy instead (the same bits, slower)", why)
         return _PHILOX_FN
 
 

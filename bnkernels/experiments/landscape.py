@@ -237,8 +237,8 @@ def hessian_top_eigenvalue(model: nn.Module, loss_fn, inputs: torch.Tensor,
     opposite sign have nearly the same magnitude (+833 and -838: any value between), Lanczos
     resolves both ends. When the budget runs out first, ``converged`` is False and only the
     eigenvalues ARPACK converged are returned (one of them: taken as the largest if positive,
-    the smallest if negative, the other end NaN; none: NaN). Models with fewer than :data:`DENSE_BELOW` parameters get the
-    exact spectrum of the whole Hessian.
+    the smallest if negative, the other end NaN; none: NaN). Models with fewer than
+    :data:`DENSE_BELOW` parameters get the exact spectrum of the whole Hessian.
 
     The model is evaluated in its current train/eval mode with its buffers as found (so batch
     statistics and the noise of noisy BatchNorm are those of a training step at this point)

@@ -235,8 +235,9 @@ def hessian_top_eigenvalue(model: nn.Module, loss_fn, inputs: torch.Tensor,
     most about ``iters`` products (ARPACK restarts in whole cycles; ``iterations`` is the
     count taken). Unlike power iteration, which returns a mixture when two eigenvalues of
     opposite sign have nearly the same magnitude (+833 and -838: any value between), Lanczos
-    resolves both ends. When the budget runs out first, ``converged`` is False and only the
-    eigenvalues ARPACK converged are returned (one of them: taken as the largest if positive,
+    resolves both ends. When the budget runs out before either end converges, it is tried once
+    more with four times the restarts at 1% accuracy; ``converged`` is then False and only
+    the eigenvalues ARPACK converged are returned (one of them: taken as the largest if positive,
     the smallest if negative, the other end NaN; none: NaN). Models with fewer than
     :data:`DENSE_BELOW` parameters get the exact spectrum of the whole Hessian.
 
@@ -278,6 +279,13 @@ def hessian_top_eigenvalue(model: nn.Module, loss_fn, inputs: torch.Tensor,
                         return_eigenvectors=False)
         except ArpackNoConvergence as e:
             converged, eig = False, e.eigenvalues
+        if len(eig) == 0:  # once more, with four times the restarts and at least 1% accuracy
+            try:
+                eig = eigsh(op, k=2, which="BE", v0=v0, ncv=ncv, tol=max(tol, 1e-2),
+                            maxiter=4 * maxiter, return_eigenvectors=False)
+                converged = tol >= 1e-2
+            except ArpackNoConvergence as e:
+                eig = e.eigenvalues if len(e.eigenvalues) > len(eig) else eig
         eig = np.sort(np.asarray(eig, dtype=np.float64))
         if eig.size == 0:
             return TopEigen(math.nan, count, math.nan, math.nan, False)

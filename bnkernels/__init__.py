@@ -5,6 +5,7 @@ toolkit reproducing "How Does Batch Normalization Help Optimization?" (Santurkar
 from ._version import __version__ as __version__
 from .backends import available_backends, get_backend, set_backend
 from .functional import batch_norm, lp_norm, noisy_batch_norm, noisy_batch_norm_noise
+from .fuse import fuse
 from .nn import (
     BatchNorm1d,
     BatchNorm2d,
@@ -35,6 +36,7 @@ __all__ = [
     "available_backends",
     "batch_norm",
     "convert",
+    "fuse",
     "get_backend",
     "lp_norm",
     "noisy_batch_norm",

@@ -365,10 +365,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=20, help="SGD steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=0.1, help="SGD step size")
-    p.add_argument("--backend", choices=("auto", "triton", "reference"), default="auto",
-                   help="auto: bnkernels' choice (without a GPU its reference backend, the CPU "
-                        "path); triton: the Triton kernels (without a GPU in the interpreter, "
-                        "slow: about 1.5 s a step on a 2-core CPU)")
+    p.add_argument("--backend", choices=("auto", "triton", "cpu", "reference"), default="auto",
+                   help="auto: bnkernels' choice (without a GPU its cpu backend, the CPU "
+                        "path; reference: the eager oracle); triton: the Triton kernels "
+                        "(without a GPU in the interpreter, slow: about 1.5 s a step on a "
+                        "2-core CPU)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("env", help="versions, GPUs, backends (and why one cannot run), the "

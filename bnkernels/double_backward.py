@@ -37,19 +37,33 @@ def _chan(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return t.reshape(1, -1, *([1] * (x.dim() - 2)))
 
 
-def grads(plan, dy, x, weight, bias, saved_a, saved_b, eps, needs, noise=None):
+_KEEP = object()
+
+
+def grads(plan, dy, x, weight, bias, saved_a, saved_b, eps, needs, noise=None,
+          activation=_KEEP):
     """(dx, dweight, dbias) of the call ``plan`` ran (None where ``needs`` says so),
     differentiable in dy, x, weight and bias. ``saved_a``/``saved_b``: what the plan's forward
     saved; only an eval forward's are used (the mean and the inverse scale it applied:
-    1/sqrt(var + eps), or 1/(s_p + eps) for l_p), constants, as the running statistics are."""
+    1/sqrt(var + eps), or 1/(s_p + eps) for l_p), constants, as the running statistics are.
+    ``activation``: the call's unless given (None for a residual call, whose dy arrives
+    masked by :func:`residual_grad`)."""
     flags = getattr(plan, "sig", plan)  # a backend's plan: its Signature; an OpPlan: itself
-    training, activation = flags.training, getattr(flags, "activation", None)
+    training = flags.training
+    if activation is _KEEP:
+        activation = getattr(flags, "activation", None)
     if not training:  # every op: out = act(w * (x - mean) * inv + b), mean and inv constant
         return R.batch_norm_reference_bwd(dy, x, saved_a.detach(), saved_b.detach(), weight,
                                           bias, False, activation, needs, noise)
     if flags.op == "lp_norm":
         return lp_norm_grads(dy, x, flags.p, weight, bias, flags.centered, eps, needs)
     return batch_norm_grads(dy, x, weight, bias, activation, eps, needs, noise)
+
+
+def residual_grad(dy, out, activation):
+    """d(residual) of out = act(bn(x) + residual), differentiable in dy: dy masked where the
+    fused ReLU's output is <= 0 (the mask a constant, as in torch's ReLU double backward)."""
+    return R.residual_grad(dy, out, activation)
 
 
 def batch_norm_grads(dy, x, weight, bias, activation, eps, needs, noise=None):
@@ -86,4 +100,5 @@ def no_double_backward(op: str, why: str, instead: str) -> RuntimeError:
         f"{instead}")
 
 
-__all__ = ["batch_norm_grads", "grads", "lp_norm_grads", "no_double_backward"]
+__all__ = ["batch_norm_grads", "grads", "lp_norm_grads", "no_double_backward",
+           "residual_grad"]

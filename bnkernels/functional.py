@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from . import backends
-from .autograd import NormFunction
+from .autograd import NormFunction, ResidualNormFunction
 from .backends.plan import FLOAT_DTYPES, PLANS, Signature, step_entry
 from .errors import ValidationError, ValidationTypeError
 from .library import OpPlan
@@ -124,6 +124,29 @@ def _check_training_size(x: torch.Tensor, op: str = "batch_norm") -> None:
             "module.eval()) with running statistics)")
 
 
+def _check_residual(op: str, x: torch.Tensor, residual) -> None:
+    """A residual is added to the normalized x before the activation: a tensor of x's shape,
+    dtype and device (any strides)."""
+    if residual is None:
+        return
+    if not isinstance(residual, torch.Tensor):
+        raise ValidationTypeError(
+            f"{op}: residual must be a tensor or None, got {type(residual).__name__}")
+    if residual.shape != x.shape:
+        raise ValidationError(
+            f"{op}: residual has shape {tuple(residual.shape)} but the input has shape "
+            f"{tuple(x.shape)}; the residual is added elementwise to the normalized input and "
+            "must have its shape (no broadcasting)")
+    if residual.device != x.device:
+        raise ValidationError(
+            f"{op}: residual is on {residual.device} but the input is on {x.device} (move it "
+            "with residual.to(x.device))")
+    if residual.dtype != x.dtype:
+        raise ValidationTypeError(
+            f"{op}: residual is {residual.dtype} but the input is {x.dtype}; convert it with "
+            f"residual.to({x.dtype})")
+
+
 def _check_scalars(op: str, momentum, eps, activation=None) -> None:
     if momentum is None:
         raise ValidationError(
@@ -144,43 +167,52 @@ def _check_scalars(op: str, momentum, eps, activation=None) -> None:
 def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None,
                running_var: torch.Tensor | None, weight: torch.Tensor | None = None,
                bias: torch.Tensor | None = None, training: bool = False, momentum: float = 0.1,
-               eps: float = 1e-5, activation: str | None = None) -> torch.Tensor:
+               eps: float = 1e-5, activation: str | None = None,
+               residual: torch.Tensor | None = None) -> torch.Tensor:
     """Batch normalization with the semantics of ``torch.nn.functional.batch_norm``.
 
     Normalizes each channel of ``input`` (N, C, *spatial) over N and the spatial dims. In
     training the batch statistics are used and, if given, ``running_mean``/``running_var`` are
     updated in place (unbiased variance, ``momentum`` as in PyTorch); in eval mode the running
-    statistics are used. ``activation="relu"`` fuses a ReLU on the output. Statistics are
-    accumulated in fp32 (fp64 for fp64 input); the output has the input's dtype and memory
-    format. The arguments are ``torch.nn.functional.batch_norm``'s, in its order, plus
-    ``activation``.
+    statistics are used. ``activation="relu"`` fuses a ReLU on the output. ``residual`` (a
+    tensor of the input's shape, dtype and device, any strides) is added before the
+    activation, in the same pass: the output is ``act(bn(input) + residual)``, and
+    d(residual) comes from the backward's passes. Statistics are accumulated in fp32 (fp64
+    for fp64 input); the output has the input's dtype and memory format. The arguments are
+    ``torch.nn.functional.batch_norm``'s, in its order, plus ``activation`` and ``residual``.
     """
     return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
-                       activation, None, None)
+                       activation, None, None, residual)
 
 
 def _batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, activation,
-                noise, counter):
+                noise, counter, residual=None):
     """batch_norm and noisy_batch_norm. ``noise``: (NoiseConfig, seed, step) or None.
-    ``counter``: a module's num_batches_tracked, incremented by the call (or None)."""
+    ``counter``: a module's num_batches_tracked, incremented by the call (or None).
+    ``residual``: added before the activation (or None)."""
     if type(x) not in _PLAIN or _is_compiling() or _dispatch_modes():
         return _batch_norm_traced(x, running_mean, running_var, weight, bias, training,
-                                  momentum, eps, activation, noise, counter)
+                                  momentum, eps, activation, noise, counter, residual)
     try:
         sig = _new(Signature, (
             "batch_norm", x.shape, x.stride(), x.dtype, x.device, training, activation,
             None if noise is None else (noise[0], _step_entry(noise[2])), None, None,
-            counter is not None, _channels(weight, bias, running_mean, running_var), None))
+            counter is not None, _channels(weight, bias, running_mean, running_var),
+            None if residual is None else (residual.dtype, residual.device, residual.shape),
+            None))
         plan = _plan_get(sig) or _batch_norm_plan(sig, x, running_mean, running_var, weight,
                                                    bias, training, momentum, eps, activation,
-                                                   noise)
+                                                   noise, residual)
         momentum, eps = float(momentum), float(eps)
     except (AttributeError, TypeError, ValueError):  # validation says what is wrong
         _validate_batch_norm(_bn_name(noise), x, running_mean, running_var, weight, bias,
-                             training, momentum, eps, activation)
+                             training, momentum, eps, activation, residual=residual)
         raise
     if not (0.0 <= momentum <= 1.0 and 0.0 < eps < _INF):
         _check_scalars(_bn_name(noise), momentum, eps, activation)
+    if residual is not None:
+        return _run_residual(plan, x, running_mean, running_var, weight, bias, momentum, eps,
+                             noise, counter, residual, activation)
     return _run(plan, x, running_mean, running_var, weight, bias, momentum, eps, noise, counter)
 
 
@@ -197,15 +229,30 @@ def _run(plan, x, running_mean, running_var, weight, bias, momentum, eps, noise,
                         counter)[0]
 
 
+def _run_residual(plan, x, running_mean, running_var, weight, bias, momentum, eps, noise,
+                  counter, residual, activation):
+    """:func:`_run` with a residual (its own autograd Function: four differentiable inputs)."""
+    if plan is _EMPTY:
+        return _empty_batch(x, weight, bias, activation, counter, residual)
+    if _grad_enabled() and (x.requires_grad or residual.requires_grad
+                            or (weight is not None and weight.requires_grad)
+                            or (bias is not None and bias.requires_grad)):
+        return ResidualNormFunction.apply(x, weight, bias, residual, (
+            running_mean, running_var, plan, momentum, eps, noise, counter))
+    return plan.forward(x, running_mean, running_var, weight, bias, momentum, eps, noise, False,
+                        counter, residual)[0]
+
+
 def _bn_name(noise):
     return "noisy_batch_norm" if noise is not None else "batch_norm"
 
 
 def _validate_batch_norm(op, x, running_mean, running_var, weight, bias, training, momentum,
-                         eps, activation, var_name="running_var"):
+                         eps, activation, var_name="running_var", residual=None):
     """Everything about a call that its signature's first call checks (``var_name``: what the
     second running buffer is called, running_scale for l_p)."""
     _check_input(op, x)
+    _check_residual(op, x, residual)
     _check_per_channel(op, x, running_mean=running_mean, **{var_name: running_var},
                        weight=weight, bias=bias)
     _check_scalars(op, momentum, eps, activation)
@@ -219,10 +266,10 @@ def _validate_batch_norm(op, x, running_mean, running_var, weight, bias, trainin
 
 
 def _batch_norm_plan(sig, x, running_mean, running_var, weight, bias, training, momentum, eps,
-                     activation, noise):
+                     activation, noise, residual=None):
     """The cold path: validate a new signature, make its plan and cache it."""
     _validate_batch_norm(_bn_name(noise), x, running_mean, running_var, weight, bias, training,
-                         momentum, eps, activation)
+                         momentum, eps, activation, residual=residual)
     if noise is not None and isinstance(noise[2], Tensor):
         _check_step_tensor("noisy_batch_norm", x, noise[2])
     if x.numel() == 0:
@@ -231,18 +278,22 @@ def _batch_norm_plan(sig, x, running_mean, running_var, weight, bias, training, 
 
 
 def _batch_norm_traced(x, running_mean, running_var, weight, bias, training, momentum, eps,
-                       activation, noise, counter):
+                       activation, noise, counter, residual=None):
     """The traced route: the same validation, then the registered ops (an OpPlan)."""
     op = _bn_name(noise)
     _validate_batch_norm(op, x, running_mean, running_var, weight, bias, training, momentum,
-                         eps, activation)
+                         eps, activation, residual=residual)
     if x.numel() == 0:
-        return _empty_batch(x, weight, bias, activation, counter)
-    name = backends.backend_name_for_compile(op, str(x.device), str(x.dtype).replace("torch.", ""),
-                                             backends.GENERATION)
-    plan = OpPlan("batch_norm", training, activation, None, None, name)
-    return NormFunction.apply(x, weight, bias, (running_mean, running_var, plan, float(momentum),
-                                                float(eps), noise, counter))
+        return _empty_batch(x, weight, bias, activation, counter, residual)
+    name = backends.backend_name_for_compile(
+        op if residual is None else op + backends.RESIDUAL, str(x.device),
+        str(x.dtype).replace("torch.", ""), backends.GENERATION)
+    plan = OpPlan("batch_norm", training, activation, None, None, name,
+                  residual=residual is not None)
+    call = (running_mean, running_var, plan, float(momentum), float(eps), noise, counter)
+    if residual is not None:
+        return ResidualNormFunction.apply(x, weight, bias, residual, call)
+    return NormFunction.apply(x, weight, bias, call)
 
 
 def sync_plan(x, running_mean, running_var, weight, bias, activation):
@@ -292,8 +343,8 @@ def noisy_batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None,
                      bias: torch.Tensor | None = None, training: bool = False,
                      momentum: float = 0.1, eps: float = 1e-5,
                      noise: NoiseConfig = NoiseConfig(), seed: int = 0,
-                     step: int | torch.Tensor = 0,
-                     activation: str | None = None) -> torch.Tensor:
+                     step: int | torch.Tensor = 0, activation: str | None = None,
+                     residual: torch.Tensor | None = None) -> torch.Tensor:
     """BatchNorm with the paper's time-varying noise (Algorithm 1): out = act(s * a + m).
 
     ``a`` is the BatchNorm output after the affine weight/bias; (s, m) is drawn per channel
@@ -304,17 +355,18 @@ def noisy_batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None,
     device: no host synchronisation, so it works under CUDA graphs). In eval mode there is no
     random noise: the output is its expectation given the statistics, act(E[s] a + E[m]) with the
     running statistics (:meth:`NoiseConfig.expectation`; E[s] = 1.125, E[m] = 0 at the paper's
-    constants). Plain BatchNorm in eval (dropping E[s]) would feed every later layer inputs
-    ~1.125x smaller than the ones its running statistics were gathered on in training; on the
-    quick reproduction's VGG that took test accuracy from 97.8% to 40.1% (median of 3 seeds).
+    constants). ``residual``: added before the activation, act(s * a + m + residual), as
+    :func:`batch_norm`'s. Plain BatchNorm in eval (dropping E[s]) would feed every later layer
+    inputs ~1.125x smaller than the ones its running statistics were gathered on in training; on
+    the quick reproduction's VGG that took test accuracy from 97.8% to 40.1% (median of 3 seeds).
     """
     _check_noise("noisy_batch_norm", input, noise, seed, step)
     if not training:
         weight, bias = expected_noise_affine(noise, weight, bias, input, running_mean)
         return _batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps,
-                           activation, None, None)
+                           activation, None, None, residual)
     return _batch_norm(input, running_mean, running_var, weight, bias, True, momentum, eps,
-                       activation, (noise, seed, step), None)
+                       activation, (noise, seed, step), None, residual)
 
 
 def expected_noise_affine(noise: NoiseConfig, weight, bias, x, running_mean=None):
@@ -357,7 +409,7 @@ def noisy_batch_norm_noise(x: torch.Tensor, noise: NoiseConfig = NoiseConfig(), 
     return backends.select(op, x).noise(x, (noise, seed, step))
 
 
-def _empty_batch(x, weight, bias, activation, counter=None):
+def _empty_batch(x, weight, bias, activation, counter=None, residual=None):
     """As PyTorch: an empty batch gives an empty output, statistics untouched (the module's
     batch counter still advances), and (zero) gradients still reach weight and bias."""
     if counter is not None:
@@ -367,6 +419,8 @@ def _empty_batch(x, weight, bias, activation, counter=None):
         out = out * weight.reshape(1, -1, *([1] * (x.dim() - 2)))
     if bias is not None:
         out = out + bias.reshape(1, -1, *([1] * (x.dim() - 2)))
+    if residual is not None:
+        out = out + residual
     return torch.relu(out) if activation == "relu" else out
 
 
@@ -416,7 +470,7 @@ def _lp_norm(x, p, running_mean, running_scale, weight, bias, training, momentum
         sig = _new(Signature, (
             "lp_norm", x.shape, x.stride(), x.dtype, x.device, training, None, None, _P[p],
             centered, counter is not None, _channels(weight, bias, running_mean, running_scale),
-            None))
+            None, None))
         plan = _plan_get(sig) or _lp_norm_plan(sig, x, p, running_mean, running_scale, weight,
                                                 bias, training, momentum, eps)
         momentum, eps = float(momentum), float(eps)

@@ -163,11 +163,18 @@ class _BatchNormMixin:
         s = super().extra_repr()
         return s + (f", activation={self.activation!r}" if self.activation else "")
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        """act(bn(input) + residual): ``residual`` (input's shape and dtype) is added before
+        the activation in the same pass (see :func:`bnkernels.batch_norm`)."""
+        return self._forward(input, residual, self.activation)
+
+    def _forward(self, input, residual, activation):
+        """forward with the activation given (:func:`bnkernels.fuse`'s call sites)."""
         rm, rv, bn_training, factor, counter = _running(self, input, self.running_mean,
                                                         self.running_var)
         return _batch_norm(input, rm, rv, self.weight, self.bias, bn_training, factor, self.eps,
-                           self.activation, None, counter)
+                           activation, None, counter, residual)
 
 
 class BatchNorm1d(_BatchNormMixin, nn.BatchNorm1d):
@@ -218,7 +225,8 @@ class _NoisyBatchNormMixin(_BatchNormMixin):
     def extra_repr(self) -> str:
         return super().extra_repr() + f", noise={self.noise}, seed={self.seed}"
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def _forward(self, input, residual, activation):
+        """act(s * a + m + residual) in training (see :func:`bnkernels.noisy_batch_norm`)."""
         rm, rv, bn_training, factor, counter = _running(self, input, self.running_mean,
                                                         self.running_var)
         weight, bias = self.weight, self.bias
@@ -226,10 +234,10 @@ class _NoisyBatchNormMixin(_BatchNormMixin):
             weight, bias = expected_noise_affine(self.noise, weight, bias, input,
                                                  self.running_mean)
             return _batch_norm(input, rm, rv, weight, bias, bn_training, factor, self.eps,
-                               self.activation, None, counter)
+                               activation, None, counter, residual)
         step = self.noise_step
-        y = _batch_norm(input, rm, rv, weight, bias, True, factor, self.eps, self.activation,
-                        (self.noise, self.seed, step), counter)
+        y = _batch_norm(input, rm, rv, weight, bias, True, factor, self.eps, activation,
+                        (self.noise, self.seed, step), counter, residual)
         step.add_(1)
         return y
 
@@ -398,7 +406,10 @@ class SyncBatchNorm(_BatchNormMixin, nn.SyncBatchNorm):
             raise ValidationError(f"SyncBatchNorm: expected at least 2D input (got {input.dim()}D "
                                   "input)")
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        """act(bn(input) + residual); ``residual`` only within one process (not across a
+        multi-process group)."""
         rm, rv, bn_training, factor, counter = _running(self, input, self.running_mean,
                                                         self.running_var)
         group = self.process_group or (dist.group.WORLD if dist.is_available() and
@@ -406,7 +417,11 @@ class SyncBatchNorm(_BatchNormMixin, nn.SyncBatchNorm):
         world = dist.get_world_size(group) if group is not None else 1
         if not (self.training and world > 1):
             return _batch_norm(input, rm, rv, self.weight, self.bias, bn_training, factor,
-                               self.eps, self.activation, None, counter)
+                               self.eps, self.activation, None, counter, residual)
+        if residual is not None:
+            raise ValidationError(
+                "SyncBatchNorm: residual= is not supported across processes (world size "
+                f"{world}); add it after the layer (activation=None), or use one process")
         if input.numel() // input.shape[1] == 0 and input.numel() != 0:
             raise ValidationError("SyncBatchNorm: empty channels")
         _check_scalars("SyncBatchNorm", factor, self.eps, self.activation)  # every call

@@ -65,10 +65,11 @@ def run_cli(*args, timeout=300, **env) -> subprocess.CompletedProcess:
 
 
 def test_demo_runs_on_a_cpu_from_a_fresh_process():
-    """`bnkernels demo` with nothing set: bnkernels' CPU path, matching torch."""
+    """`bnkernels demo` with nothing set: bnkernels' CPU path (the cpu backend), matching
+    torch."""
     out = run_cli("demo", "--steps", "2")
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    assert "backend 'reference'" in out.stdout and "MATCH" in out.stdout
+    assert "backend 'cpu' (its CPU path" in out.stdout and "MATCH" in out.stdout
     assert "Traceback" not in out.stderr
 
 
@@ -82,7 +83,7 @@ def test_demo_runs_the_triton_kernels_in_the_interpreter_on_a_cpu():
 
 def test_interpreter_switched_on_too_late_is_a_clear_error():
     """TRITON_INTERPRET=1 set after triton was imported: the triton backend says so (and what
-    to do) instead of failing inside a kernel; "auto" keeps to the reference backend."""
+    to do) instead of failing inside a kernel; "auto" keeps to the CPU path (cpu backend)."""
     code = (
         "import os, torch, bnkernels as bnk\n"
         "os.environ['TRITON_INTERPRET'] = '1'\n"
@@ -97,7 +98,7 @@ def test_interpreter_switched_on_too_late_is_a_clear_error():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env=cpu_env(), timeout=120, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "auto ok reference" in out.stdout
+    assert "auto ok cpu" in out.stdout
     assert "error:" in out.stdout and "set TRITON_INTERPRET=1 before the process" in out.stdout
 
 

@@ -16,7 +16,7 @@ import bnkernels as bnk
 from bnkernels.backends import reference as R
 from bnkernels.backends.triton import common as triton_common
 
-BACKENDS = ["triton", "triton-split", "reference"]
+BACKENDS = ["triton", "triton-split", "reference", "cpu"]
 CFG = bnk.NoiseConfig()
 
 
@@ -182,7 +182,8 @@ CASES = [
 ]
 
 
-ORACLE = ([(be, c, act) for be in ("triton", "reference") for c in CASES for act in (None, "relu")]
+ORACLE = ([(be, c, act) for be in ("triton", "reference", "cpu") for c in CASES
+           for act in (None, "relu")]
           + [("triton-split", c, act) for c in CASES[::2] for act in (None, "relu")])
 
 
@@ -213,7 +214,7 @@ def test_low_precision_no_worse_than_torch_composite(case, device):
     assert_no_worse_than_torch(ours["y"], theirs, exact["y"], case.dtype, "y")
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("backend", ["triton", "reference", "cpu"])
 @pytest.mark.parametrize("activation", [None, "relu"])
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("channels_last", [False, True])

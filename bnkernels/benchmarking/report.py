@@ -100,8 +100,10 @@ def markdown(result: dict, plots: dict | None = None) -> str:
         lines += ["> **Smoke run: no performance claims.** Tiny sizes; on the CPU Triton runs in "
                   "its interpreter and times are CPU wall-clock. This checks the runner, not "
                   "the kernels.", ""]
+    from .cpu_path import markdown as cpu_markdown
+
     lines += (_targets_md(result) + _overhead_md(result) + _stack_md(result)
-              + _e2e_md(result))
+              + _e2e_md(result) + cpu_markdown(result, _table))
     if plots:
         lines += [f"![{k}]({v})" if k != "error" else v for k, v in plots.items()] + [""]
     if "kernels" not in result.get("sections", ["kernels"]):
@@ -260,12 +262,15 @@ def _e2e_md(result: dict) -> list[str]:
         "Training step (e2e)",
         f"{info.get('method', '')}. cuDNN: {info.get('cudnn', '')}. Ratio: step time over "
         "torch.nn.BatchNorm2d's (same model, dtype, layout); first loss checked against "
-        "torch's (same weights, same batch).",
+        "torch's (same weights, same batch). norm MB: the bytes a step moves through its "
+        "normalization sites (BatchNorm, and the ReLUs and residual adds a fused site takes "
+        "in), modeled per element (bnkernels.benchmarking.e2e.SITE_ACCESSES); '-' for "
+        "compiled models.",
         ["model", "dtype", "layout", "provider", "ms/step", "ratio vs torch", "steps",
-         "first loss", "check"],
+         "first loss", "check", "norm MB"],
         [[r["model"], r["dtype"], r["layout"], r["provider"], f"{r['median_ms']:.2f}",
           _num(r["ratio_vs_torch"], "{:.3f}"), r["steps"], f"{r['loss_first']:.4f}",
-          r["check"] or "-"] for r in rows])
+          r["check"] or "-", _num(r.get("norm_MB"), "{:.1f}")] for r in rows])
 
 
 # ----------------------------------------------------------------------------- plots

@@ -177,9 +177,8 @@ def twice_differentiable_copy(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` (same parameters' values, buffers, modes, noise steps) in
     which every bnkernels normalization layer computes its forward with the reference
     formulas as ordinary autograd-traced torch ops, so that double backward (Hessian-vector
-    products) works. The function computed is the same: on the CPU the reference backend is
-    what the layers run anyway (bit-identical), elsewhere it is the oracle the fast backends
-    are tested against. bnkernels.SyncBatchNorm becomes BatchNorm on this process's own
+    products) works. The function computed is the same up to rounding: the reference formulas
+    are the oracle every fast backend (cpu, triton, cuda) is tested against. bnkernels.SyncBatchNorm becomes BatchNorm on this process's own
     input: under data-parallel training the copy is the network of one process's slice of
     the batch (the Hessian of that slice's loss, a local definition: no collective in its
     products, so the ranks cannot hang on one another). torch's own layers need nothing."""

@@ -26,8 +26,9 @@ import os
 import sys
 from pathlib import Path
 
+from .experiments.batch import default_jobs
+from .experiments.config import CONFIGS, RunConfig
 from .experiments.models import NORMS
-from .experiments.train import CONFIGS, RunConfig, default_jobs
 
 
 def _csv(kind):
@@ -123,9 +124,9 @@ SWEEP_NORMS = {"ics": "none,batchnorm", "landscape": "none,batchnorm",
 
 def cmd_sweep(args) -> int:
     """ics / landscape / lr-sweep / lp: a grid of norms x learning rates, then a plot."""
+    from .experiments.batch import run_many
     from .experiments.plots import Run, plot_runs
     from .experiments.report import final_test_acc, final_train, ics_mean, landscape_median
-    from .experiments.train import run_many
 
     name = f"{args.model}-quick" if args.quick else args.model
     base = dataclasses.replace(CONFIGS[name], **SWEEP_MEASURE[args.command])

@@ -82,7 +82,7 @@ def test_wheel_has_license_sources_and_metadata(dists):
     assert wheel.name.startswith(f"bnkernels-{bnkernels.__version__}-py3-none-any")
     for name in ("bnkernels/py.typed", "bnkernels/backends/cuda_speed.json",
                  "bnkernels/backends/reference/philox.c", "bnkernels/backends/cpu/kernels.c",
-                 "bnkernels/backends/cpu/kernels_impl.h",
+                 "bnkernels/backends/cpu/kernels_impl.h", "bnkernels/experiments/criteria.json",
                  *(f"bnkernels/csrc/{f}" for f in CSRC)):
         assert name in names, f"{name} missing from the wheel"
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names), sorted(names)

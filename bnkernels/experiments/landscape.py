@@ -179,9 +179,10 @@ def twice_differentiable_copy(model: nn.Module) -> nn.Module:
     formulas as ordinary autograd-traced torch ops, so that double backward (Hessian-vector
     products) works. The function computed is the same up to rounding: the reference formulas
     are the oracle every fast backend (cpu, triton, cuda) is tested against.
-    bnkernels.SyncBatchNorm becomes BatchNorm on this process's own input: under data-parallel training the copy is the network of one process's slice of
-    the batch (the Hessian of that slice's loss, a local definition: no collective in its
-    products, so the ranks cannot hang on one another). torch's own layers need nothing."""
+    bnkernels.SyncBatchNorm becomes BatchNorm on this process's own input: under data-parallel
+    training the copy is the network of one process's slice of the batch (the Hessian of that
+    slice's loss, a local definition: no collective in its products, so the ranks cannot hang
+    on one another). torch's own layers need nothing."""
     twin = copy.deepcopy(model)
     for m in twin.modules():
         if isinstance(m, _BN):

@@ -1,5 +1,5 @@
-"""The autograd Functions: one for every op family on a :class:`~.backends.plan.Plan`, and
-SyncBatchNorm's.
+"""The autograd Function: one for every op family on a :class:`~.backends.plan.Plan`
+(SyncBatchNorm's included: :mod:`bnkernels.sync`).
 
 :class:`NormFunction` is what a training step runs for BatchNorm, noisy BatchNorm and l_p
 normalization alike: a plain ``torch.autograd.Function`` whose forward and backward call the
@@ -12,10 +12,8 @@ dispatcher in between); under torch.compile, export, fake tensors or a dispatch 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from . import double_backward
-from .backends.plan import acc_dtype
 
 _grad_enabled = torch.is_grad_enabled
 
@@ -64,9 +62,6 @@ class NormFunction(torch.autograd.Function):
         plan, eps, noise, a, b = ctx.state
         needs = _needs(ctx, weight, bias)
         if _grad_enabled():  # create_graph=True: a backward autograd can differentiate
-            a, b, used = plan.split_saved(a, b, None)  # a step the plan kept with its stats
-            if used is not None:
-                noise = (noise[0], noise[1], used)
             dx, dw, db = double_backward.grads(plan, dy, x, weight, bias, a, b, eps, needs,
                                                noise)
         else:
@@ -75,78 +70,4 @@ class NormFunction(torch.autograd.Function):
                 None)
 
 
-class SyncBatchNormFunction(torch.autograd.Function):
-    """BatchNorm over the union of the batches of all processes in ``group``, on a plan's
-    :class:`~.backends.plan.SyncStages`.
-
-    Forward: each process computes its per-channel (count n_r, mean_r, biased var_r); they are
-    all-gathered and merged (Chan et al.): n = sum n_r, mean = sum n_r mean_r / n,
-    var = (sum n_r var_r + sum n_r (mean_r - mean)^2) / n. Running statistics get the unbiased
-    n / (n - 1) var. Backward: the per-channel sums [sum(g), sum(g (x - mean))] are all-reduced
-    and divided by n for dx; weight and bias gradients are each process's own sums (DDP then
-    reduces them), as in torch.nn.SyncBatchNorm. Everything stays on the device.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum, group, world,
-                plan):
-        acc = acc_dtype(x.dtype)
-        C = x.shape[1]
-        count = x.numel() // C
-        if count > 0:
-            mean, var = plan.stats(x)
-        else:
-            mean = var = torch.zeros(C, device=x.device, dtype=acc)
-        local = torch.cat([torch.full((1,), float(count), device=x.device, dtype=acc),
-                           mean, var])
-        gathered = [torch.empty_like(local) for _ in range(world)]
-        dist.all_gather(gathered, local, group=group)
-        stats = torch.stack(gathered)  # [world, 1 + 2C]
-        n_r, mean_r, var_r = stats[:, :1], stats[:, 1:C + 1], stats[:, C + 1:]
-        n = n_r.sum(0)
-        mean = (n_r * mean_r).sum(0) / n
-        m2 = (n_r * var_r).sum(0) + (n_r * (mean_r - mean).square()).sum(0)
-        invstd = torch.rsqrt(m2 / n + eps)
-        if running_mean is not None:
-            unbiased = m2 / (n - 1).clamp_min(1)
-            running_mean.copy_(momentum * mean + (1 - momentum) * running_mean.to(acc))
-            running_var.copy_(momentum * unbiased + (1 - momentum) * running_var.to(acc))
-        y = plan.apply(x, mean, invstd, weight, bias, None) if count > 0 else torch.empty_like(x)
-        ctx.save_for_backward(x, weight, bias, mean, invstd, n)
-        ctx.group, ctx.plan = group, plan
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        if _grad_enabled():
-            raise double_backward.no_double_backward(
-                "SyncBatchNorm (across processes)",
-                "its statistics merge every process's batch, which a differentiable local "
-                "recomputation cannot see",
-                "Take second derivatives in one process (bnkernels.BatchNorm*d, or "
-                "SyncBatchNorm outside a multi-process group).")
-        return SyncBatchNormFunction._backward(ctx, dy)
-
-    @staticmethod
-    @torch.no_grad()
-    def _backward(ctx, dy):
-        x, weight, bias, mean, invstd, n = ctx.saved_tensors
-        plan = ctx.plan
-        if x.numel() > 0:
-            sums = plan.bwd_reduce(dy, x, mean, invstd, weight, bias, None)
-        else:
-            sums = torch.zeros((2, x.shape[1]), device=x.device, dtype=mean.dtype)
-        dw = (sums[1] * invstd).to(weight.dtype) if ctx.needs_input_grad[1] else None
-        db = sums[0].to(bias.dtype) if ctx.needs_input_grad[2] else None
-        dx = None
-        if ctx.needs_input_grad[0]:
-            total = sums.clone()
-            dist.all_reduce(total, group=ctx.group)
-            if x.numel() > 0:
-                dx = plan.bwd_dx(dy, x, mean, invstd, weight, bias, total / n, None)
-            else:
-                dx = torch.zeros_like(x)
-        return dx, dw, db, None, None, None, None, None, None, None
-
-
-__all__ = ["NormFunction", "SyncBatchNormFunction"]
+__all__ = ["NormFunction"]

@@ -24,7 +24,7 @@ from torch import Tensor
 from . import backends
 from .autograd import NormFunction
 from .backends.plan import FLOAT_DTYPES, PLANS, Signature, step_entry
-from .library import OpPlan
+from .families import BATCH_NORM, LP_NORM, family_of
 from .noise import NoiseConfig
 
 ACTIVATIONS = (None, "relu")
@@ -197,17 +197,21 @@ def _bn_name(noise):
 
 
 def _validate_batch_norm(op, x, running_mean, running_var, weight, bias, training, momentum,
-                         eps, activation, var_name="running_var"):
-    """Everything about a call that its signature's first call checks (``var_name``: what the
-    second running buffer is called, running_scale for l_p)."""
+                         eps, activation, running=BATCH_NORM.running):
+    """Everything about a call that its signature's first call checks (``running``: the names
+    of the family's running buffers, e.g. running_scale for l_p; a family may have only
+    running_mean)."""
     _check_input(op, x)
-    _check_per_channel(op, x, running_mean=running_mean, **{var_name: running_var},
+    _check_per_channel(op, x, **dict(zip(running, (running_mean, running_var))),
                        weight=weight, bias=bias)
     _check_scalars(op, momentum, eps, activation)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError(f"{op}: pass both running_mean and {var_name}, or neither")
+    if len(running) == 1:
+        if running_var is not None:
+            raise ValueError(f"{op}: takes one running buffer ({running[0]}), got a second")
+    elif (running_mean is None) != (running_var is None):
+        raise ValueError(f"{op}: pass both running_mean and {running[1]}, or neither")
     if not training and running_mean is None:
-        raise ValueError(f"{op}: running_mean and {var_name} must be given in eval mode "
+        raise ValueError(f"{op}: {' and '.join(running)} must be given in eval mode "
                          "(training=False)")
     if training:
         _check_training_size(x, op)
@@ -235,15 +239,16 @@ def _batch_norm_traced(x, running_mean, running_var, weight, bias, training, mom
         return _empty_batch(x, weight, bias, activation, counter)
     name = backends.backend_name_for_compile(op, str(x.device), str(x.dtype).replace("torch.", ""),
                                              backends.GENERATION)
-    plan = OpPlan("batch_norm", training, activation, None, None, name)
+    plan = BATCH_NORM.op_plan("batch_norm", training, activation, None, None, name)
     return NormFunction.apply(x, weight, bias, (running_mean, running_var, plan, float(momentum),
                                                 float(eps), noise, counter))
 
 
-def sync_plan(x, running_mean, running_var, weight, bias, activation):
-    """The plan of a SyncBatchNorm training call (its stages), from the cache."""
+def sync_plan(x, running_mean, running_var, weight, bias, activation, backend=None):
+    """The BatchNorm plan whose stages a SyncBatchNorm training call runs, from the cache
+    (validated when its signature is new; ``backend``: the one a traced graph fixed)."""
     sig = Signature.of("batch_norm", x, True, activation=activation, weight=weight, bias=bias,
-                       running_mean=running_mean, running_var=running_var)
+                       running_mean=running_mean, running_var=running_var, backend=backend)
     plan = PLANS.get(sig)
     if plan is None:
         _validate_batch_norm("batch_norm", x, running_mean, running_var, weight, bias, True, 0.1,
@@ -427,7 +432,7 @@ def _validate_lp_norm(op, x, p, running_mean, running_scale, weight, bias, train
     _check_input(op, x)  # before p: a wrong input is the first thing to say
     p = _check_p(op, p)
     _validate_batch_norm(op, x, running_mean, running_scale, weight, bias, training, momentum,
-                         eps, None, "running_scale")
+                         eps, None, LP_NORM.running)
     return p
 
 
@@ -450,6 +455,47 @@ def _lp_norm_traced(x, p, running_mean, running_scale, weight, bias, training, m
     name = backends.backend_name_for_compile("lp_norm", str(x.device),
                                              str(x.dtype).replace("torch.", ""),
                                              backends.GENERATION)
-    plan = OpPlan("lp_norm", training, None, p, bool(centered), name)
+    plan = LP_NORM.op_plan("lp_norm", training, None, p, bool(centered), name)
     return NormFunction.apply(x, weight, bias, (running_mean, running_scale, plan,
                                                 float(momentum), float(eps), None, counter))
+
+
+# ----------------------------------------------------------------------------- any family
+
+
+def norm(op: str, x: torch.Tensor, running_mean: torch.Tensor | None = None,
+         running_var: torch.Tensor | None = None, weight: torch.Tensor | None = None,
+         bias: torch.Tensor | None = None, training: bool = False, momentum: float = 0.1,
+         eps: float = 1e-5) -> torch.Tensor:
+    """The functional op of the registered op family ``op`` (see :mod:`bnkernels.families`)
+    for calls whose only flag is ``training``: ``running_var`` is the family's second running
+    buffer, if it has one. BatchNorm's and l_p's own entry points (:func:`batch_norm`,
+    :func:`lp_norm`) take their flags. Raises for an op no family names."""
+    return _norm(family_of(op), x, running_mean, running_var, weight, bias, training, momentum,
+                 eps, None)
+
+
+def _norm(family, x, running_mean, running_var, weight, bias, training, momentum, eps, counter):
+    op = family.name
+    if type(x) not in _PLAIN or _is_compiling() or _dispatch_modes():
+        _validate_batch_norm(op, x, running_mean, running_var, weight, bias, training,
+                             momentum, eps, None, family.running)
+        if x.numel() == 0:
+            return _empty_batch(x, weight, bias, None, counter)
+        name = backends.backend_name_for_compile(op, str(x.device),
+                                                 str(x.dtype).replace("torch.", ""),
+                                                 backends.GENERATION, op)
+        plan = family.op_plan(op, training, None, None, None, name)
+        return NormFunction.apply(x, weight, bias, (running_mean, running_var, plan,
+                                                    float(momentum), float(eps), None, counter))
+    sig = Signature.of(op, x, training, counter=counter is not None, weight=weight, bias=bias,
+                       running_mean=running_mean, running_var=running_var)
+    plan = _plan_get(sig)
+    if plan is None:
+        _validate_batch_norm(op, x, running_mean, running_var, weight, bias, training,
+                             momentum, eps, None, family.running)
+        plan = PLANS.put(sig, _EMPTY) if x.numel() == 0 else backends.make_plan(sig, x)
+    momentum, eps = float(momentum), float(eps)
+    if not (0.0 <= momentum <= 1.0 and 0.0 < eps < _INF):
+        _check_scalars(op, momentum, eps)
+    return _run(plan, x, running_mean, running_var, weight, bias, momentum, eps, None, counter)

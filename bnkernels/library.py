@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from . import backends
+from .backends.family import family_of
 from .backends.plan import BasePlan, Signature, acc_dtype
 from .noise import NoiseConfig
 
@@ -78,7 +79,6 @@ def batch_norm_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                  running_mean, running_var, backend)
     y, a, b, used = plan.forward(x, running_mean, running_var, weight, bias, momentum, eps, nz,
                                  True, counter)
-    a, b, used = plan.split_saved(a, b, used)
     a, b = _saved_or_empty(x, a, b)
     if step_tensor is None:
         used = _empty(x, torch.int64)
@@ -177,14 +177,24 @@ def _(dy, x, mean, scale, weight, bias, p, training, centered, eps, needs, backe
     return _grads_like(x, weight, bias, needs)
 
 
-# ----------------------------------------------------------------------------- the plan
+# ----------------------------------------------------------------------------- the plans
 
 
 class OpPlan(BasePlan):
-    """The plan of the traced route: :class:`~.backends.plan.Plan` on the registered ops,
-    for one call's flags and the backend its graph fixed."""
+    """The plan of the traced route: :class:`~.backends.plan.Plan` on a family's registered
+    ops, for one call's flags and the backend its graph fixed. ``OpPlan(op, ...)`` gives the
+    op family's own subclass (its descriptor's ``op_plan``)."""
 
-    def __init__(self, op: str, training: bool, activation, p, centered, backend: str):
+    def __new__(cls, op: str, *args, **kwargs):
+        if cls is OpPlan:
+            cls = family_of(op).op_plan
+            if cls is None:
+                raise RuntimeError(f"bnkernels: the {op!r} op family has no traced route "
+                                   "(its descriptor names no op_plan)")
+        return object.__new__(cls)
+
+    def __init__(self, op: str, training: bool, activation=None, p=None, centered=None,
+                 backend: str = "reference"):
         self.op = op
         self.training = bool(training)
         self.activation = activation
@@ -192,13 +202,17 @@ class OpPlan(BasePlan):
         self.centered = centered
         self.backend = backend
 
+    @staticmethod
+    def _grads(dx, dw, db, needs):
+        return (dx if needs[0] else None, dw if needs[1] else None, db if needs[2] else None)
+
+
+class BatchNormOpPlan(OpPlan):
+    """BatchNorm's (and noisy BatchNorm's) traced route: ``bnkernels::batch_norm`` and
+    ``bnkernels::batch_norm_backward``."""
+
     def forward(self, x, running_mean, running_var, weight, bias, momentum, eps, noise,
                 need_saved=True, counter=None):
-        if self.op == "lp_norm":
-            y, a, b = lp_norm_op(x, weight, bias, running_mean, running_var, counter,
-                                 float(self.p), self.training, momentum, eps,
-                                 bool(self.centered), self.backend)
-            return y, a, b, None
         cfg, seed, step, step_tensor = _flat_noise(noise)
         y, a, b, used = batch_norm_op(x, weight, bias, running_mean, running_var, counter,
                                       self.training, momentum, eps, self.activation, cfg, seed,
@@ -207,17 +221,88 @@ class OpPlan(BasePlan):
 
     def backward(self, dy, x, a, b, weight, bias, eps, needs, noise):
         needs = [bool(n) for n in needs]
-        if self.op == "lp_norm":
-            dx, dw, db = lp_norm_backward_op(dy, x, a, b, weight, bias, float(self.p),
-                                             self.training, bool(self.centered), eps, needs,
-                                             self.backend)
-        else:
-            cfg, seed, step, step_tensor = _flat_noise(noise)
-            dx, dw, db = batch_norm_backward_op(dy, x, a, b, weight, bias, self.training,
-                                                self.activation, needs, cfg, seed, step,
-                                                step_tensor, self.backend)
-        return (dx if needs[0] else None, dw if needs[1] else None,
-                db if needs[2] else None)
+        cfg, seed, step, step_tensor = _flat_noise(noise)
+        return self._grads(*batch_norm_backward_op(
+            dy, x, a, b, weight, bias, self.training, self.activation, needs, cfg, seed, step,
+            step_tensor, self.backend), needs)
+
+
+class LpNormOpPlan(OpPlan):
+    """l_p normalization's traced route: ``bnkernels::lp_norm`` and
+    ``bnkernels::lp_norm_backward``."""
+
+    def forward(self, x, running_mean, running_var, weight, bias, momentum, eps, noise=None,
+                need_saved=True, counter=None):
+        y, a, b = lp_norm_op(x, weight, bias, running_mean, running_var, counter, float(self.p),
+                             self.training, momentum, eps, bool(self.centered), self.backend)
+        return y, a, b, None
+
+    def backward(self, dy, x, a, b, weight, bias, eps, needs, noise=None):
+        needs = [bool(n) for n in needs]
+        return self._grads(*lp_norm_backward_op(dy, x, a, b, weight, bias, float(self.p),
+                                                self.training, bool(self.centered), eps, needs,
+                                                self.backend), needs)
+
+
+# ----------------------------------------------------------------------------- other families
+
+
+def register_family_ops(name: str):
+    """Register ``bnkernels::<name>`` and ``bnkernels::<name>_backward`` for an op family
+    whose calls have no flags but ``training`` (a family a user registers: see
+    :func:`bnkernels.families.register`); gives its traced route's plan class. The ops look
+    the backend's plan up as the built-in families' do."""
+
+    @torch.library.custom_op(f"bnkernels::{name}",
+                             mutates_args=("running_mean", "running_var", "counter"))
+    def forward_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                   running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                   counter: Optional[Tensor], training: bool, momentum: float, eps: float,
+                   backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+        plan = _plan(name, x, training, None, None, None, None, counter, weight, bias,
+                     running_mean, running_var, backend)
+        y, a, b, _ = plan.forward(x, running_mean, running_var, weight, bias, momentum, eps,
+                                  None, True, counter)
+        a, b = _saved_or_empty(x, a, b)
+        return y, a, b
+
+    @forward_op.register_fake
+    def _(x, weight, bias, running_mean, running_var, counter, training, momentum, eps,
+          backend):
+        acc = acc_dtype(x.dtype)
+        C = x.shape[1]
+        return torch.empty_like(x), x.new_empty((C,), dtype=acc), x.new_empty((C,), dtype=acc)
+
+    @torch.library.custom_op(f"bnkernels::{name}_backward", mutates_args=())
+    def backward_op(dy: Tensor, x: Tensor, a: Tensor, b: Tensor, weight: Optional[Tensor],
+                    bias: Optional[Tensor], training: bool, eps: float, needs: List[bool],
+                    backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+        plan = _plan(name, x, training, None, None, None, None, None, weight, bias, None, None,
+                     backend)
+        dx, dw, db = plan.backward(dy, x, a, b, weight, bias, eps, tuple(needs), None)
+        return (dx if dx is not None else _empty(x), dw if dw is not None else _empty(x),
+                db if db is not None else _empty(x))
+
+    @backward_op.register_fake
+    def _(dy, x, a, b, weight, bias, training, eps, needs, backend):
+        return _grads_like(x, weight, bias, needs)
+
+    class FamilyOpPlan(OpPlan):
+        __doc__ = f"The traced route of {name!r}: bnkernels::{name} and its backward."
+
+        def forward(self, x, running_mean, running_var, weight, bias, momentum, eps,
+                    noise=None, need_saved=True, counter=None):
+            y, a, b = forward_op(x, weight, bias, running_mean, running_var, counter,
+                                 self.training, momentum, eps, self.backend)
+            return y, a, b, None
+
+        def backward(self, dy, x, a, b, weight, bias, eps, needs, noise=None):
+            needs = [bool(n) for n in needs]
+            return self._grads(*backward_op(dy, x, a, b, weight, bias, self.training, eps,
+                                            needs, self.backend), needs)
+
+    FamilyOpPlan.forward_op, FamilyOpPlan.backward_op = forward_op, backward_op
+    return FamilyOpPlan
 
 
 def _flat_noise(noise):
@@ -231,5 +316,5 @@ def _flat_noise(noise):
     return cfg.as_list(), int(seed), int(step), None
 
 
-__all__ = ["OpPlan", "batch_norm_backward_op", "batch_norm_op", "lp_norm_backward_op",
-           "lp_norm_op"]
+__all__ = ["BatchNormOpPlan", "LpNormOpPlan", "OpPlan", "batch_norm_backward_op",
+           "batch_norm_op", "lp_norm_backward_op", "lp_norm_op", "register_family_ops"]

@@ -14,7 +14,6 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .autograd import SyncBatchNormFunction
 from .functional import (
     ACTIVATIONS,
     _batch_norm,
@@ -22,9 +21,9 @@ from .functional import (
     _check_scalars,
     _lp_norm,
     expected_noise_affine,
-    sync_plan,
 )
 from .noise import NoiseConfig
+from .sync import sync_batch_norm
 
 
 def _check_activation(module, activation):
@@ -307,12 +306,8 @@ class SyncBatchNorm(_BatchNormMixin, nn.SyncBatchNorm):
         if input.numel() // input.shape[1] == 0 and input.numel() != 0:
             raise ValueError("SyncBatchNorm: empty channels")
         _check_scalars("SyncBatchNorm", factor, self.eps, self.activation)  # every call
-        plan = sync_plan(input, rm, rv, self.weight, self.bias, self.activation)
-        y = SyncBatchNormFunction.apply(input, self.weight, self.bias, rm, rv, self.eps, factor,
-                                        group, world, plan)
-        if counter is not None:  # the stages count nothing: count here (once they succeeded)
-            counter.add_(1)
-        return y
+        return sync_batch_norm(input, rm, rv, self.weight, self.bias, factor, self.eps,
+                               self.activation, group, world, counter)
 
 
 # ----------------------------------------------------------------------------- convert

@@ -128,13 +128,9 @@ class Plan(Protocol):
     and s_p) in training; in eval, snapshots of the statistics this forward used, so the
     backward is that of this forward whatever happens to the running buffers in between. Both
     None when ``need_saved`` is False (no backward will come). ``step_used``: the noise step
-    the forward used when it was given as a tensor (a 1-element int64 tensor), else None (also
-    when the plan keeps it inside what it saved: see ``split_saved``). ``counter``: a module's
-    ``num_batches_tracked``, incremented by this call (training with running statistics).
-
-    ``split_saved(saved_a, saved_b, step_used) -> (mean, second, step_used)``: what the forward
-    saved, apart: (C,) statistics and the step as a tensor (or None), as the registered op
-    returns them (:class:`BasePlan`: as they are).
+    the forward used when it was given as a tensor (a 1-element int64 tensor, the one form on
+    every backend), else None. ``counter``: a module's ``num_batches_tracked``, incremented by
+    this call (training with running statistics).
 
     ``backward(dy, x, saved_a, saved_b, weight, bias, eps, needs, noise) -> (dx, dw, db)``:
     None where ``needs`` (3 booleans) says a gradient is not wanted.
@@ -152,12 +148,9 @@ class Plan(Protocol):
 
     def backward(self, dy, x, saved_a, saved_b, weight, bias, eps, needs, noise): ...
 
-    def split_saved(self, saved_a, saved_b, step_used): ...
-
 
 class BasePlan:
-    """What most plans share: the fields resolved from the signature alone (``_resolve``) and
-    ``split_saved`` for plans that save their statistics and step apart already."""
+    """What most plans share: the fields resolved from the signature alone (``_resolve``)."""
 
     def _resolve(self, sig: Signature):
         """``sig``, the input's layout view ``lay``, the accumulation dtype ``acc``, ``C``,
@@ -170,9 +163,6 @@ class BasePlan:
         self.training = sig.training
         self.copy = lay.copy
         return lay, acc
-
-    def split_saved(self, saved_a, saved_b, step_used):
-        return saved_a, saved_b, step_used
 
 
 class SyncStages(Protocol):
@@ -283,9 +273,6 @@ class ContiguousChannels(BasePlan):
     def backward(self, dy, x, a, b, weight, bias, *args):
         return self.plan.backward(dy, x, a.contiguous(), b.contiguous(), _contiguous(weight),
                                   _contiguous(bias), *args)
-
-    def split_saved(self, saved_a, saved_b, step_used):
-        return self.plan.split_saved(saved_a, saved_b, step_used)
 
     # SyncBatchNorm's stages (BatchNorm plans)
 

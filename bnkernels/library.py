@@ -247,6 +247,9 @@ class LpNormOpPlan(OpPlan):
 # ----------------------------------------------------------------------------- other families
 
 
+_FAMILY_OPS: dict = {}  # family name -> (forward op, backward op), for register_family_ops
+
+
 def register_family_ops(name: str):
     """Register ``bnkernels::<name>`` and ``bnkernels::<name>_backward`` for an op family
     whose calls have no flags but ``training`` (a family a user registers: see
@@ -292,16 +295,18 @@ def register_family_ops(name: str):
 
         def forward(self, x, running_mean, running_var, weight, bias, momentum, eps,
                     noise=None, need_saved=True, counter=None):
-            y, a, b = forward_op(x, weight, bias, running_mean, running_var, counter,
-                                 self.training, momentum, eps, self.backend)
+            y, a, b = _FAMILY_OPS[self.op][0](x, weight, bias, running_mean, running_var,
+                                              counter, self.training, momentum, eps,
+                                              self.backend)
             return y, a, b, None
 
         def backward(self, dy, x, a, b, weight, bias, eps, needs, noise=None):
             needs = [bool(n) for n in needs]
-            return self._grads(*backward_op(dy, x, a, b, weight, bias, self.training, eps,
-                                            needs, self.backend), needs)
+            return self._grads(*_FAMILY_OPS[self.op][1](dy, x, a, b, weight, bias,
+                                                        self.training, eps, needs,
+                                                        self.backend), needs)
 
-    FamilyOpPlan.forward_op, FamilyOpPlan.backward_op = forward_op, backward_op
+    _FAMILY_OPS[name] = (forward_op, backward_op)
     return FamilyOpPlan
 
 

@@ -23,6 +23,10 @@ def _needs(ctx, weight, bias) -> tuple[bool, bool, bool]:
     return (bool(n[0]), bool(n[1]) and weight is not None, bool(n[2]) and bias is not None)
 
 
+def _detach(t):
+    return None if t is None else t.detach()
+
+
 class NormFunction(torch.autograd.Function):
     """y = plan.forward(x, ...); its backward is ``plan.backward`` with what the forward saved.
 
@@ -42,9 +46,13 @@ class NormFunction(torch.autograd.Function):
     is caught).
 
     Double backward: when a graph of the gradient is asked for (create_graph=True, grad mode on
-    in the backward), the backward runs :func:`bnkernels.double_backward.grads` -- the same
-    gradients as differentiable torch ops, the batch statistics recomputed from x -- in place
-    of the plan's kernels, which serve every other backward.
+    in the backward), the backward runs :func:`bnkernels.double_backward.grads` -- the op
+    family's gradients as differentiable torch ops, the batch statistics recomputed from x --
+    for the graph, and the plan's own backward (the backend's kernels) for the values: each
+    gradient is ``graph + (kernels - graph).detach()``, the kernels' value with the formulas'
+    derivative. So the first derivatives a create_graph backward returns are the backend's,
+    and gradgradcheck compares the formulas' second derivatives with finite differences of the
+    kernels' first derivatives (two independent computations).
     """
 
     @staticmethod
@@ -62,8 +70,12 @@ class NormFunction(torch.autograd.Function):
         plan, eps, noise, a, b = ctx.state
         needs = _needs(ctx, weight, bias)
         if _grad_enabled():  # create_graph=True: a backward autograd can differentiate
-            dx, dw, db = double_backward.grads(plan, dy, x, weight, bias, a, b, eps, needs,
-                                               noise)
+            graph = double_backward.grads(plan, dy, x, weight, bias, a, b, eps, needs, noise)
+            with torch.no_grad():
+                values = plan.backward(dy.detach(), x.detach(), a, b, _detach(weight),
+                                       _detach(bias), eps, needs, noise)
+            dx, dw, db = (g if v is None or g is None else g + (v - g).detach()
+                          for g, v in zip(graph, values))
         else:
             dx, dw, db = plan.backward(dy, x, a, b, weight, bias, eps, needs, noise)
         return (dx if needs[0] else None, dw if needs[1] else None, db if needs[2] else None,

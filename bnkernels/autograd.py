@@ -11,6 +11,8 @@ dispatcher in between); under torch.compile, export, fake tensors or a dispatch 
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import torch
 
 from . import double_backward
@@ -23,6 +25,21 @@ def _needs(ctx, weight, bias) -> tuple[bool, bool, bool]:
     return (bool(n[0]), bool(n[1]) and weight is not None, bool(n[2]) and bias is not None)
 
 
+class Call(NamedTuple):
+    """What :class:`NormFunction` takes besides x, weight and bias: one argument, so that
+    autograd looks at three tensors per call, not ten (the running buffers never get
+    gradients). Built per call with ``tuple.__new__(Call, (...))`` (no NamedTuple
+    constructor)."""
+
+    running_mean: Any  # Tensor or None
+    running_var: Any  # the family's second running buffer (l_p: running_scale), or None
+    plan: Any  # the call's Plan: a backend's, or the traced route's
+    momentum: float
+    eps: float
+    noise: Any  # None, or (NoiseConfig, seed, step) for noisy BatchNorm
+    counter: Any  # a module's num_batches_tracked (incremented by the forward), or None
+
+
 def _detach(t):
     return None if t is None else t.detach()
 
@@ -30,9 +47,7 @@ def _detach(t):
 class NormFunction(torch.autograd.Function):
     """y = plan.forward(x, ...); its backward is ``plan.backward`` with what the forward saved.
 
-    ``call`` = (running_mean, running_var, plan, momentum, eps, noise, counter): one argument,
-    so that autograd looks at three tensors per call, not ten (the running buffers never get
-    gradients; ``running_var`` is the running scale for l_p).
+    ``call``: a :class:`Call` (running buffers, plan, momentum, eps, noise, counter).
 
     Training: the plan saves the batch statistics (BatchNorm: mean and 1/sqrt(var + eps); l_p:
     mean and s_p). Eval: it saves snapshots of the statistics this forward used, so the
@@ -82,4 +97,4 @@ class NormFunction(torch.autograd.Function):
                 None)
 
 
-__all__ = ["NormFunction"]
+__all__ = ["Call", "NormFunction"]

@@ -22,8 +22,8 @@ import torch
 from torch import Tensor
 
 from . import backends
-from .autograd import NormFunction
-from .backends.plan import FLOAT_DTYPES, PLANS, Signature, step_entry
+from .autograd import Call, NormFunction
+from .backends.plan import FLOAT_DTYPES, PLANS, Signature, signature, step_entry
 from .families import BATCH_NORM, LP_NORM, family_of
 from .noise import NoiseConfig
 
@@ -37,7 +37,8 @@ _INF = math.inf
 _is_compiling = torch.compiler.is_compiling
 _dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 0)
 _grad_enabled = torch.is_grad_enabled
-_new = tuple.__new__  # a Signature from a plain tuple, without NamedTuple's __new__
+_new = tuple.__new__  # a NamedTuple from a plain tuple, without NamedTuple's __new__
+_signature = signature
 _plan_get = PLANS.get  # PLANS is cleared in place, never replaced
 _channels = Signature.channels_of
 _step_entry = step_entry
@@ -162,10 +163,10 @@ def _batch_norm(x, running_mean, running_var, weight, bias, training, momentum, 
         return _batch_norm_traced(x, running_mean, running_var, weight, bias, training,
                                   momentum, eps, activation, noise, counter)
     try:
-        sig = _new(Signature, (
-            "batch_norm", x.shape, x.stride(), x.dtype, x.device, training, activation,
-            None if noise is None else (noise[0], _step_entry(noise[2])), None, None,
-            counter is not None, _channels(weight, bias, running_mean, running_var), None))
+        sig = _signature("batch_norm", x, training, activation,
+                         None if noise is None else (noise[0], _step_entry(noise[2])), None,
+                         None, counter is not None,
+                         _channels(weight, bias, running_mean, running_var))
         plan = _plan_get(sig) or _batch_norm_plan(sig, x, running_mean, running_var, weight,
                                                    bias, training, momentum, eps, activation,
                                                    noise)
@@ -186,8 +187,8 @@ def _run(plan, x, running_mean, running_var, weight, bias, momentum, eps, noise,
         return _empty_batch(x, weight, bias, None, counter)  # no values: no activation
     if _grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
                             or (bias is not None and bias.requires_grad)):
-        return NormFunction.apply(x, weight, bias, (running_mean, running_var, plan, momentum,
-                                                    eps, noise, counter))
+        return NormFunction.apply(x, weight, bias, _new(Call, (
+            running_mean, running_var, plan, momentum, eps, noise, counter)))
     return plan.forward(x, running_mean, running_var, weight, bias, momentum, eps, noise, False,
                         counter)[0]
 
@@ -240,8 +241,8 @@ def _batch_norm_traced(x, running_mean, running_var, weight, bias, training, mom
     name = backends.backend_name_for_compile(op, str(x.device), str(x.dtype).replace("torch.", ""),
                                              backends.GENERATION)
     plan = BATCH_NORM.op_plan("batch_norm", training, activation, None, None, name)
-    return NormFunction.apply(x, weight, bias, (running_mean, running_var, plan, float(momentum),
-                                                float(eps), noise, counter))
+    return NormFunction.apply(x, weight, bias, _new(Call, (
+        running_mean, running_var, plan, float(momentum), float(eps), noise, counter)))
 
 
 def sync_plan(x, running_mean, running_var, weight, bias, activation, backend=None):
@@ -410,10 +411,9 @@ def _lp_norm(x, p, running_mean, running_scale, weight, bias, training, momentum
         return _lp_norm_traced(x, p, running_mean, running_scale, weight, bias, training,
                                momentum, eps, centered, counter)
     try:
-        sig = _new(Signature, (
-            "lp_norm", x.shape, x.stride(), x.dtype, x.device, training, None, None, _P[p],
-            centered, counter is not None, _channels(weight, bias, running_mean, running_scale),
-            None))
+        sig = _signature("lp_norm", x, training, None, None, _P[p], centered,
+                         counter is not None,
+                         _channels(weight, bias, running_mean, running_scale))
         plan = _plan_get(sig) or _lp_norm_plan(sig, x, p, running_mean, running_scale, weight,
                                                 bias, training, momentum, eps)
         momentum, eps = float(momentum), float(eps)
@@ -456,8 +456,8 @@ def _lp_norm_traced(x, p, running_mean, running_scale, weight, bias, training, m
                                              str(x.dtype).replace("torch.", ""),
                                              backends.GENERATION)
     plan = LP_NORM.op_plan("lp_norm", training, None, p, bool(centered), name)
-    return NormFunction.apply(x, weight, bias, (running_mean, running_scale, plan,
-                                                float(momentum), float(eps), None, counter))
+    return NormFunction.apply(x, weight, bias, _new(Call, (
+        running_mean, running_scale, plan, float(momentum), float(eps), None, counter)))
 
 
 # ----------------------------------------------------------------------------- any family
@@ -486,10 +486,10 @@ def _norm(family, x, running_mean, running_var, weight, bias, training, momentum
                                                  str(x.dtype).replace("torch.", ""),
                                                  backends.GENERATION, op)
         plan = family.op_plan(op, training, None, None, None, name)
-        return NormFunction.apply(x, weight, bias, (running_mean, running_var, plan,
-                                                    float(momentum), float(eps), None, counter))
-    sig = Signature.of(op, x, training, counter=counter is not None, weight=weight, bias=bias,
-                       running_mean=running_mean, running_var=running_var)
+        return NormFunction.apply(x, weight, bias, _new(Call, (
+            running_mean, running_var, plan, float(momentum), float(eps), None, counter)))
+    sig = _signature(op, x, training, None, None, None, None, counter is not None,
+                     _channels(weight, bias, running_mean, running_var))
     plan = _plan_get(sig)
     if plan is None:
         _validate_batch_norm(op, x, running_mean, running_var, weight, bias, training,

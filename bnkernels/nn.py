@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .families import family_of
 from .functional import (
     ACTIVATIONS,
     _batch_norm,
@@ -23,7 +24,6 @@ from .functional import (
     _norm,
     expected_noise_affine,
 )
-from .families import family_of
 from .noise import NoiseConfig
 from .sync import sync_batch_norm
 

@@ -26,12 +26,13 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import backends
-from .autograd import NormFunction
+from .autograd import Call, NormFunction
 from .backends.family import Family, register
 from .backends.plan import acc_dtype
 from .functional import _validate_batch_norm
 from .functional import sync_plan as stage_plan
 
+_new = tuple.__new__
 _is_compiling = torch.compiler.is_compiling
 _dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 0)
 
@@ -214,8 +215,8 @@ def sync_batch_norm(x, running_mean, running_var, weight, bias, momentum, eps, a
     else:
         plan = SyncPlan(stage_plan(x, running_mean, running_var, weight, bias, activation),
                         group, world)
-    return NormFunction.apply(x, weight, bias, (running_mean, running_var, plan,
-                                                float(momentum), float(eps), None, counter))
+    return NormFunction.apply(x, weight, bias, _new(Call, (
+        running_mean, running_var, plan, float(momentum), float(eps), None, counter)))
 
 
 __all__ = ["SYNC_BATCH_NORM", "SyncOpPlan", "SyncPlan", "sync_batch_norm",

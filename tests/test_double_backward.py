@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from helpers import use_backend
 
 import bnkernels as bnk
-from bnkernels import autograd, functional
+from bnkernels import autograd
 from bnkernels.library import OpPlan
 
 BACKENDS = ["reference", "triton"]

@@ -131,8 +131,11 @@ def test_new_family_gradcheck_and_declined_double_backward():
     for training in (True, False):
         rm = torch.randn(2, dtype=torch.float64)
         inputs = [t.clone().requires_grad_() for t in (x, w, b)]
-        assert torch.autograd.gradcheck(
-            lambda x, w, b: norm(OP, x, rm.clone(), None, w, b, training=training), inputs)
+
+        def f(x, w, b, rm=rm, training=training):
+            return norm(OP, x, rm.clone(), None, w, b, training=training)
+
+        assert torch.autograd.gradcheck(f, inputs)
     xs = x.clone().requires_grad_()
     y = norm(OP, xs, None, None, w, b, training=True)
     with pytest.raises(RuntimeError, match=f"{OP}: double backward .* not supported: it has "

@@ -78,12 +78,11 @@ class Signature(NamedTuple):
     def of(cls, op: str, x: torch.Tensor, training: bool, *, activation=None, noise=None,
            p=None, centered=None, counter=False, weight=None, bias=None, running_mean=None,
            running_var=None, backend: str | None = None) -> Signature:
-        """The signature of a call (the readable spelling; the hot path builds the same tuple
-        inline). ``noise``: None or (NoiseConfig, seed, step)."""
+        """The signature of a call, by keyword (the hot path calls :func:`signature` with
+        the same values). ``noise``: None or (NoiseConfig, seed, step)."""
         noisy = None if noise is None else (noise[0], step_entry(noise[2]))
-        return cls(op, x.shape, x.stride(), x.dtype, x.device, bool(training), activation,
-                   noisy, p, centered, bool(counter),
-                   cls.channels_of(weight, bias, running_mean, running_var), backend)
+        return signature(op, x, bool(training), activation, noisy, p, centered, bool(counter),
+                         cls.channels_of(weight, bias, running_mean, running_var), backend)
 
     # -- readable views of the fields
 
@@ -110,6 +109,16 @@ class Signature(NamedTuple):
     @property
     def channels_contiguous(self) -> bool:
         return all(c is None or c[3] for c in self.channels)
+
+
+_new = tuple.__new__
+
+
+def signature(op, x, training, activation, noisy, p, centered, counter, channels, backend=None):
+    """The one spelling of a call's :class:`Signature` (positional: the hot path calls it per
+    call; ``tuple.__new__`` skips NamedTuple's constructor)."""
+    return _new(Signature, (op, x.shape, x.stride(), x.dtype, x.device, training, activation,
+                            noisy, p, centered, counter, channels, backend))
 
 
 def step_entry(step):
@@ -296,4 +305,5 @@ def _contiguous(t):
 
 
 __all__ = ["FLOAT_DTYPES", "PLANS", "BasePlan", "ContiguousChannels", "Plan", "PlanCache",
-           "Signature", "SyncStages", "Workspaces", "acc_dtype", "overriding", "step_entry"]
+           "Signature", "SyncStages", "Workspaces", "acc_dtype", "overriding", "signature",
+           "step_entry"]

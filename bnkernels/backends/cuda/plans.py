@@ -187,14 +187,13 @@ class BatchNormPlan(BasePlan):
                           weight, bias, self.relu, *_noise_args(noise, xc.device), mean, invstd)
         return lay.restore(y, x), mean, invstd, None
 
-    def backward(self, dy, x, a, b, weight, bias, eps, needs, noise, scale_from=_INVSTD):
-        """``a, b``: the mean and invstd the forward saved (or, with ``scale_from``, the
-        variance or l_p scale the invstd is made from, in eval mode)."""
+    def backward(self, dy, x, a, b, weight, bias, eps, needs, noise):
+        """``a, b``: the mean and invstd the forward saved."""
         need_dx, need_dw, need_db = needs
         dx, args = _backward_io(self.lay, dy, x, need_dx)
         ws, tickets = self.workspaces.get()
         dw, db = self.ext.bn_backward(
-            *args, a, b, scale_from, eps, weight, bias, self.training, self.relu,
+            *args, a, b, _INVSTD, eps, weight, bias, self.training, self.relu,
             bool(need_dw and weight is not None), bool(need_db and bias is not None),
             *_noise_args(noise, x.device), ws, tickets, self.split, self.path)
         return (self.lay.restore(dx, x) if need_dx else None), dw, db
@@ -268,11 +267,11 @@ class LpNormPlan(BasePlan):
                           weight, bias, False, *_NO_NOISE, *saved)
         return lay.restore(y, x), saved[0], saved[1], None
 
-    def backward(self, dy, x, a, b, weight, bias, eps, needs, noise=None, scale_from=_INVSTD):
+    def backward(self, dy, x, a, b, weight, bias, eps, needs, noise=None):
         """``a, b``: the forward's saved (mean, s_p) in training; in eval mode its snapshots
-        (mean, invstd), or with ``scale_from`` the running scale itself."""
+        (mean, invstd)."""
         if not self.training:
-            return self.bn.backward(dy, x, a, b, weight, bias, eps, needs, None, scale_from)
+            return self.bn.backward(dy, x, a, b, weight, bias, eps, needs, None)
         need_dx, need_dw, need_db = needs
         dx, args = _backward_io(self.lay, dy, x, need_dx)
         ws, tickets = self.workspaces.get()

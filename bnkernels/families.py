@@ -22,33 +22,27 @@ from .backends.reference import BatchNormPlan as _RefBatchNorm
 from .backends.reference import LpNormPlan as _RefLpNorm
 from .library import BatchNormOpPlan, LpNormOpPlan, register_family_ops
 
-BATCH_NORM = Family(
-    name="batch_norm",  # noisy BatchNorm included: a noisy call's signature has its noise
-    plans={
-        "reference": _RefBatchNorm,
-        "triton": "bnkernels.backends.triton.batch_norm.plan:BatchNormPlan",
-        "cuda": "bnkernels.backends.cuda.plans:BatchNormPlan",
-    },
-    running=("running_mean", "running_var"),
-    saved=("mean", "invstd"),
-    op_plan=BatchNormOpPlan,
-    grads=double_backward.batch_norm_family_grads,
-    doc="BatchNorm and noisy BatchNorm: act(s * (w * (x - mean) / sqrt(var + eps) + b) + m)",
-)
 
-LP_NORM = Family(
-    name="lp_norm",
-    plans={
-        "reference": _RefLpNorm,
-        "triton": "bnkernels.backends.triton.lp_norm.plan:LpNormPlan",
-        "cuda": "bnkernels.backends.cuda.plans:LpNormPlan",
-    },
-    running=("running_mean", "running_scale"),
-    saved=("mean", "scale"),
-    op_plan=LpNormOpPlan,
-    grads=double_backward.lp_norm_family_grads,
-    doc="l_p normalization: w * (x - mean) / (s_p + eps) + b",
-)
+def _builtin(name, reference, plan_class, running, saved, op_plan, grads, doc):
+    """A family with plans on the reference, Triton (``backends/triton/<name>/plan.py``) and
+    CUDA (``backends/cuda/plans.py``) backends."""
+    return Family(name=name, plans={
+        "reference": reference,
+        "triton": f"bnkernels.backends.triton.{name}.plan:{plan_class}",
+        "cuda": f"bnkernels.backends.cuda.plans:{plan_class}",
+    }, running=running, saved=saved, op_plan=op_plan, grads=grads, doc=doc)
+
+
+# BatchNorm, noisy BatchNorm included (a noisy call's signature carries its noise).
+BATCH_NORM = _builtin(
+    "batch_norm", _RefBatchNorm, "BatchNormPlan", ("running_mean", "running_var"),
+    ("mean", "invstd"), BatchNormOpPlan, double_backward.batch_norm_family_grads,
+    "BatchNorm and noisy BatchNorm: act(s * (w * (x - mean) / sqrt(var + eps) + b) + m)")
+
+LP_NORM = _builtin(
+    "lp_norm", _RefLpNorm, "LpNormPlan", ("running_mean", "running_scale"), ("mean", "scale"),
+    LpNormOpPlan, double_backward.lp_norm_family_grads,
+    "l_p normalization: w * (x - mean) / (s_p + eps) + b")
 
 
 def register(family: Family, replace: bool = False) -> Family:

@@ -57,6 +57,22 @@ def _saved_or_empty(x, a, b):
     return a, b
 
 
+def _forward(plan, x, running_mean, running_var, weight, bias, momentum, eps, counter):
+    """(y, saved_a, saved_b) of a plan's forward without noise, as the forward ops return
+    them."""
+    y, a, b, _ = plan.forward(x, running_mean, running_var, weight, bias, momentum, eps, None,
+                              True, counter)
+    return (y, *_saved_or_empty(x, a, b))
+
+
+def forward_like(x: Tensor, *args, **kwargs) -> Tuple[Tensor, Tensor, Tensor]:
+    """The fake (meta) implementation of a forward op whose first argument is x: y like x,
+    two (C,) statistics."""
+    acc = acc_dtype(x.dtype)
+    C = x.shape[1]
+    return torch.empty_like(x), x.new_empty((C,), dtype=acc), x.new_empty((C,), dtype=acc)
+
+
 # ----------------------------------------------------------------------------- BatchNorm
 
 
@@ -115,7 +131,7 @@ def batch_norm_backward_op(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor,
             db if db is not None else _empty(x))
 
 
-def _grads_like(x, weight, bias, needs):
+def grads_like(x, weight, bias, needs):
     return (torch.empty_like(x) if needs[0] else _empty(x),
             torch.empty_like(weight) if needs[1] and weight is not None else _empty(x),
             torch.empty_like(bias) if needs[2] and bias is not None else _empty(x))
@@ -124,7 +140,7 @@ def _grads_like(x, weight, bias, needs):
 @batch_norm_backward_op.register_fake
 def _(dy, x, mean, invstd, weight, bias, training, activation, needs, noise, seed, step,
       step_tensor, backend):
-    return _grads_like(x, weight, bias, needs)
+    return grads_like(x, weight, bias, needs)
 
 
 # ----------------------------------------------------------------------------- l_p norm
@@ -144,18 +160,10 @@ def lp_norm_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     running mean and 1/(running_scale + eps) used in eval."""
     plan = _plan("lp_norm", x, training, None, None, _p(p), centered, counter, weight, bias,
                  running_mean, running_scale, backend)
-    y, a, b, _ = plan.forward(x, running_mean, running_scale, weight, bias, momentum, eps,
-                              None, True, counter)
-    a, b = _saved_or_empty(x, a, b)
-    return y, a, b
+    return _forward(plan, x, running_mean, running_scale, weight, bias, momentum, eps, counter)
 
 
-@lp_norm_op.register_fake
-def _(x, weight, bias, running_mean, running_scale, counter, p, training, momentum, eps,
-      centered, backend):
-    acc = acc_dtype(x.dtype)
-    C = x.shape[1]
-    return torch.empty_like(x), x.new_empty((C,), dtype=acc), x.new_empty((C,), dtype=acc)
+lp_norm_op.register_fake(forward_like)
 
 
 @torch.library.custom_op("bnkernels::lp_norm_backward", mutates_args=())
@@ -174,7 +182,7 @@ def lp_norm_backward_op(dy: Tensor, x: Tensor, mean: Tensor, scale: Tensor,
 
 @lp_norm_backward_op.register_fake
 def _(dy, x, mean, scale, weight, bias, p, training, centered, eps, needs, backend):
-    return _grads_like(x, weight, bias, needs)
+    return grads_like(x, weight, bias, needs)
 
 
 # ----------------------------------------------------------------------------- the plans
@@ -264,17 +272,10 @@ def register_family_ops(name: str):
                    backend: str) -> Tuple[Tensor, Tensor, Tensor]:
         plan = _plan(name, x, training, None, None, None, None, counter, weight, bias,
                      running_mean, running_var, backend)
-        y, a, b, _ = plan.forward(x, running_mean, running_var, weight, bias, momentum, eps,
-                                  None, True, counter)
-        a, b = _saved_or_empty(x, a, b)
-        return y, a, b
+        return _forward(plan, x, running_mean, running_var, weight, bias, momentum, eps,
+                        counter)
 
-    @forward_op.register_fake
-    def _(x, weight, bias, running_mean, running_var, counter, training, momentum, eps,
-          backend):
-        acc = acc_dtype(x.dtype)
-        C = x.shape[1]
-        return torch.empty_like(x), x.new_empty((C,), dtype=acc), x.new_empty((C,), dtype=acc)
+    forward_op.register_fake(forward_like)
 
     @torch.library.custom_op(f"bnkernels::{name}_backward", mutates_args=())
     def backward_op(dy: Tensor, x: Tensor, a: Tensor, b: Tensor, weight: Optional[Tensor],
@@ -288,7 +289,7 @@ def register_family_ops(name: str):
 
     @backward_op.register_fake
     def _(dy, x, a, b, weight, bias, training, eps, needs, backend):
-        return _grads_like(x, weight, bias, needs)
+        return grads_like(x, weight, bias, needs)
 
     class FamilyOpPlan(OpPlan):
         __doc__ = f"The traced route of {name!r}: bnkernels::{name} and its backward."

@@ -31,6 +31,7 @@ from .backends.family import Family, register
 from .backends.plan import acc_dtype
 from .functional import _validate_batch_norm
 from .functional import sync_plan as stage_plan
+from .library import forward_like, grads_like
 
 _new = tuple.__new__
 _is_compiling = torch.compiler.is_compiling
@@ -129,12 +130,7 @@ def sync_batch_norm_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tenso
     return y, mean, invstd
 
 
-@sync_batch_norm_op.register_fake
-def _(x, weight, bias, running_mean, running_var, counter, momentum, eps, activation, group,
-      world, backend):
-    acc = acc_dtype(x.dtype)
-    C = x.shape[1]
-    return torch.empty_like(x), x.new_empty((C,), dtype=acc), x.new_empty((C,), dtype=acc)
+sync_batch_norm_op.register_fake(forward_like)
 
 
 @torch.library.custom_op("bnkernels::sync_batch_norm_backward", mutates_args=())
@@ -152,10 +148,7 @@ def sync_batch_norm_backward_op(dy: Tensor, x: Tensor, mean: Tensor, invstd: Ten
 
 @sync_batch_norm_backward_op.register_fake
 def _(dy, x, mean, invstd, weight, bias, activation, needs, group, world, backend):
-    empty = x.new_empty((0,))
-    return (torch.empty_like(x) if needs[0] else empty,
-            torch.empty_like(weight) if needs[1] and weight is not None else empty,
-            torch.empty_like(bias) if needs[2] and bias is not None else empty)
+    return grads_like(x, weight, bias, needs)
 
 
 class SyncOpPlan:

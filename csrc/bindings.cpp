@@ -371,6 +371,9 @@ std::tuple<Tensor, Tensor> bn_forward_train(
   const bnk::PersistentPlan plan = choose_persistent(l, x, false, nz.on, path);
   const Work work = workspace_for(
       l, x, ws, tickets, plan.fits ? bnk::kBnCoefs * C + 4 * C * plan.per_channel : 0);
+  // A refused cooperative launch (MPS, an SM-limited context) falls back to the multi-pass
+  // kernels below.
+  bool done = false;
   if (plan.fits) {
     bnk::BnPersistentFwdArgs a;
     a.x = x.data_ptr();
@@ -385,8 +388,9 @@ std::tuple<Tensor, Tensor> bn_forward_train(
     a.weight = ptr(w);
     a.bias = ptr(b);
     a.relu = relu;
-    bnk::bn_persistent_fwd(l, plan, a);
-  } else {
+    done = bnk::bn_persistent_fwd(l, plan, a);
+  }
+  if (!done) {
     bnk::BnStatsArgs s;
     s.x = x.data_ptr();
     s.part = work.part(C);
@@ -508,6 +512,7 @@ std::tuple<OptTensor, OptTensor> bn_backward(
   const bool need_sums = (training && need_dx) || need_dw || need_db;
   const bnk::PersistentPlan plan =
       training && need_sums ? choose_persistent(l, x, true, nz.on, path) : bnk::PersistentPlan{};
+  bool done = false;  // a refused cooperative launch falls back to the multi-pass kernels
   if (plan.fits) {
     const Work work =
         workspace_for(l, x, ws, tickets, bnk::kBnCoefs * C + 2 * C * plan.per_channel);
@@ -523,8 +528,9 @@ std::tuple<OptTensor, OptTensor> bn_backward(
     a.dweight = need_dw ? dw_acc->data_ptr() : nullptr;
     a.dbias = need_db ? db_acc->data_ptr() : nullptr;
     a.relu = relu;
-    bnk::bn_persistent_bwd(l, plan, a);
-  } else {
+    done = bnk::bn_persistent_bwd(l, plan, a);
+  }
+  if (!done) {
     const bool coef_dx = training && need_dx;  // dx from the sums' coefficients
     std::optional<Work> work;
     if (need_sums) {

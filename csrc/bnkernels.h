@@ -208,7 +208,8 @@ struct BnPersistentFwdArgs {
   const void* bias = nullptr;
   bool relu = false;
 };
-void bn_persistent_fwd(const Launch& l, const PersistentPlan& p, const BnPersistentFwdArgs& a);
+// false: the driver refused the cooperative launch (nothing ran): run the multi-pass kernels.
+bool bn_persistent_fwd(const Launch& l, const PersistentPlan& p, const BnPersistentFwdArgs& a);
 
 struct BnPersistentBwdArgs {
   const void* dy = nullptr;
@@ -223,7 +224,8 @@ struct BnPersistentBwdArgs {
   void* dbias = nullptr;           // out [C] A (nullable)
   bool relu = false;
 };
-void bn_persistent_bwd(const Launch& l, const PersistentPlan& p, const BnPersistentBwdArgs& a);
+// false: as bn_persistent_fwd.
+bool bn_persistent_bwd(const Launch& l, const PersistentPlan& p, const BnPersistentBwdArgs& a);
 
 // ------------------------------------------------------------------------------ l_p norm
 // p is 1, 2, or 0 for infinity. See lp_norm.cu for the formulas.

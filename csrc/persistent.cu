@@ -382,8 +382,12 @@ bool cooperative(int device) {
 }
 
 // One launch of the whole grid, every block resident at once (what grid.sync() needs).
+// Returns false, with nothing launched and the error cleared, when the driver refuses a
+// cooperative launch of this size here (an MPS client or an SM-limited context: "cooperative
+// launch too large"; or not supported/permitted): the caller then runs the multi-pass kernels.
+// Any other error throws.
 template <typename P>
-void launch_cooperative(void (*kernel)(P), const PersistentPlan& plan, P params,
+bool launch_cooperative(void (*kernel)(P), const PersistentPlan& plan, P params,
                         cudaStream_t stream, const char* what) {
 #ifndef BNK_CPU_EMULATION
   void* args[] = {&params};
@@ -395,11 +399,14 @@ void launch_cooperative(void (*kernel)(P), const PersistentPlan& plan, P params,
   const cudaError_t e =
       ::emu::launch_cooperative(kernel, dim3(plan.blocks), dim3(kThreads), params);
 #endif
-  if (e != cudaSuccess) {
-    (void)cudaGetLastError();  // clear it
-    throw std::runtime_error(std::string("bnkernels cuda: cooperative launch of ") + what +
-                             " failed: " + cudaGetErrorString(e));
+  if (e == cudaSuccess) return true;
+  (void)cudaGetLastError();  // clear it
+  if (e == cudaErrorCooperativeLaunchTooLarge || e == cudaErrorNotSupported ||
+      e == cudaErrorNotPermitted) {
+    return false;
   }
+  throw std::runtime_error(std::string("bnkernels cuda: cooperative launch of ") + what +
+                           " failed: " + cudaGetErrorString(e));
 }
 
 }  // namespace
@@ -449,7 +456,7 @@ PersistentPlan bn_persistent_plan(const Launch& l, bool backward, int device) {
   return plan;
 }
 
-void bn_persistent_fwd(const Launch& l, const PersistentPlan& plan, const BnPersistentFwdArgs& a) {
+bool bn_persistent_fwd(const Launch& l, const PersistentPlan& plan, const BnPersistentFwdArgs& a) {
   const auto kernel = kernel_for<false>(l);
   if (!plan.fits || kernel == nullptr) {
     throw std::runtime_error("bnkernels cuda: no persistent plan");
@@ -474,10 +481,10 @@ void bn_persistent_fwd(const Launch& l, const PersistentPlan& plan, const BnPers
                          plan.per_channel,
                          plan.tx,
                          plan.chunk};
-  launch_cooperative(kernel, plan, p, l.stream, "bn_persistent_fwd");
+  return launch_cooperative(kernel, plan, p, l.stream, "bn_persistent_fwd");
 }
 
-void bn_persistent_bwd(const Launch& l, const PersistentPlan& plan, const BnPersistentBwdArgs& a) {
+bool bn_persistent_bwd(const Launch& l, const PersistentPlan& plan, const BnPersistentBwdArgs& a) {
   const auto kernel = kernel_for<true>(l);
   if (!plan.fits || kernel == nullptr) {
     throw std::runtime_error("bnkernels cuda: no persistent plan");
@@ -498,7 +505,7 @@ void bn_persistent_bwd(const Launch& l, const PersistentPlan& plan, const BnPers
                          plan.per_channel,
                          plan.tx,
                          plan.chunk};
-  launch_cooperative(kernel, plan, p, l.stream, "bn_persistent_bwd");
+  return launch_cooperative(kernel, plan, p, l.stream, "bn_persistent_bwd");
 }
 
 }  // namespace bnk

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -122,6 +123,62 @@ def test_unbuildable_extension_reports_why(monkeypatch):
         cuda_loader.build()
     monkeypatch.setenv("BNKERNELS_SKIP_CUDA_BUILD", "1")
     assert any("BNKERNELS_SKIP_CUDA_BUILD=1" in r for r in cuda_loader.build_reasons())
+
+
+def test_loader_ignores_incomplete_or_stale_builds(monkeypatch, tmp_path):
+    """A truncated or half-written cached library is not "built" (it is rebuilt, never
+    imported); a prebuilt module from other sources is not "built" either, so auto takes
+    Triton; a build is installed by atomic renames with its record last; a failed build keeps
+    the compiler's whole output."""
+    import types
+
+    monkeypatch.setattr(cuda_loader, "_ext", None)
+    monkeypatch.setattr(cuda_loader, "_build_error", None)
+    lib = tmp_path / "cuda-x" / f"{cuda_build.EXT_NAME}.so"
+    lib.parent.mkdir()
+    monkeypatch.setattr(cuda_loader, "library_path", lambda: lib)
+    monkeypatch.setattr(cuda_loader, "_prebuilt_module", lambda: None)
+    built = tmp_path / "built.so"
+    built.write_bytes(b"\x7fELF" + bytes(range(256)) * 64)
+    assert not cuda_loader.is_built()
+    cuda_loader._install(built, lib)
+    assert cuda_loader.is_built() and lib.read_bytes() == built.read_bytes()
+    assert [p.name for p in lib.parent.iterdir() if p.name.startswith(".")] == []
+    lib.write_bytes(built.read_bytes()[:1000])  # truncated (a crash, a half-copied file)
+    assert not cuda_loader.is_built()
+    lib.write_bytes(built.read_bytes())
+    assert cuda_loader.is_built()
+    lib.unlink()
+    assert not cuda_loader.is_built()
+    # A stale prebuilt module: not built, so auto does not pick the cuda backend.
+    monkeypatch.undo()
+    monkeypatch.setattr(cuda_loader, "_ext", None)
+    monkeypatch.setattr(cuda_loader, "library_path", lambda: lib)
+    stale = types.ModuleType(cuda_build.PREBUILT)
+    stale.SOURCE_HASH = "h-from-other-sources"
+    monkeypatch.setitem(sys.modules, cuda_build.PREBUILT, stale)
+    real_find = cuda_loader.importlib.util.find_spec
+    monkeypatch.setattr(cuda_loader.importlib.util, "find_spec",
+                        lambda name, *a: object() if name == cuda_build.PREBUILT
+                        else real_find(name, *a))
+    cuda_loader._prebuilt_module.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="not built from the current csrc"):
+            assert not cuda_loader.is_built()
+        assert not CudaBackend().is_built()
+        x = SimpleNamespace(device=torch.device("cuda", 0), numel=lambda: 1000)
+        monkeypatch.setattr(speed, "faster", lambda op, x: "cuda")
+        assert backends._auto_order(x, "batch_norm") == ["triton", "reference"]
+    finally:
+        cuda_loader._prebuilt_module.cache_clear()
+    # A failed build: the whole compiler output is kept, its error lines are the reason.
+    output = ("[1/3] nvcc -c bindings.cpp\nFAILED: bindings.o\n"
+              "bindings.cpp:12:3: error: 'foo' was not declared in this scope\n"
+              "ninja: build stopped: subcommand failed.")
+    monkeypatch.setattr(cuda_loader, "_build_error", f"RuntimeError: {output}")
+    assert "error: 'foo' was not declared" in cuda_loader.build_error()
+    (reason,) = cuda_loader.extension_reasons()
+    assert "'foo' was not declared" in reason and "ninja: build stopped" not in reason
 
 
 def test_auto_uses_the_measured_speed_table(monkeypatch):
@@ -230,14 +287,16 @@ def test_extension_builds_and_imports(background_build):
     (Without a GPU the first build started in the background with the session.)"""
     env = _toolkit_env()
     if not GPU and not env.get("TORCH_CUDA_ARCH_LIST"):
-        assert cuda_build.arch_list() == "8.0;9.0"
-        assert {"-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"} \
-            <= set(cuda_build.nvcc_flags(cuda_build.arch_list()))
+        assert cuda_build.arch_list() == "8.0;9.0+PTX"
+        assert {"-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
+                "-gencode=arch=compute_90,code=compute_90"} \
+            <= set(cuda_build.nvcc_flags(cuda_build.arch_list()))  # PTX for newer GPUs
     proc = background_build("cuda") or _build(env)[0]
     assert proc.returncode == 0, proc.stderr[-6000:]
     path = Path(proc.stdout.strip().splitlines()[-1])
     assert path.is_file() and path.suffix == ".so", proc.stdout
     assert path.parent.parent == cuda_build.cache_root()
+    assert cuda_loader.library_complete(path)  # renamed into place, its record written last
     mod = cuda_loader._import_library(path)
     assert mod.SOURCE_HASH == cuda_build.source_hash()
     for name in ENTRY_POINTS:
@@ -265,8 +324,12 @@ def _kernel_module(background_build):
 
         background_build("emulator")  # one build of the emulation at a time
         return cuda_emulator.build(), torch.device("cpu")
-    except Exception as e:  # e.g. no host compiler
-        pytest.skip(f"cannot build the CPU emulation of the kernels: {e}")
+    except Exception as e:  # e.g. no host compiler: every kernel test would be lost
+        why = f"cannot build the CPU emulation of the kernels: {type(e).__name__}: {e}"
+        if os.environ.get("BNKERNELS_TESTS_ALLOW_NO_EMULATOR", "0") == "1":
+            pytest.skip(f"{why} (BNKERNELS_TESTS_ALLOW_NO_EMULATOR=1)")
+        pytest.fail(f"{why}\n(set BNKERNELS_TESTS_ALLOW_NO_EMULATOR=1 to skip the kernel tests "
+                    "instead)", pytrace=False)
 
 
 @pytest.fixture
@@ -529,6 +592,47 @@ def test_ticket_finalize_with_many_splits(case, dev, monkeypatch):
             assert int(lplan.workspaces.get()[1].abs().sum()) == 0
 
 
+def test_workspaces_under_emulated_cuda_graphs(dev):
+    """Each graph captured with a split plan owns workspaces made (and zero-filled) inside its
+    capture: two graphs and the eager calls never share partials or tickets, the graphs keep
+    them through PLANS.clear(), and replays (interleaved, one after a ticket was left part-way)
+    give the eager call's results bit for bit."""
+    import gc
+
+    from cuda_emulator.graphs import EmulatedGraph
+
+    from bnkernels.backends.plan import GRAPH_WORKSPACES, PLANS
+
+    inp = make_inputs(Case((5, 3, 7, 9)), dev)
+    x = inp["x"]
+    with cuda.override_config(split=16, path="multipass"):
+        plan = cuda.BatchNormPlan(Signature.of("batch_norm", x, True))
+
+        def call():
+            y, mean, invstd, _ = plan.forward(x, None, None, None, None, 0.1, 1e-5, None)
+            dx = plan.backward(inp["dy"], x, mean, invstd, None, None, 1e-5,
+                               (True, False, False), None)[0]
+            return y, dx
+
+        eager = call()
+        eager_ws = plan.workspaces.get()
+        graphs = [EmulatedGraph([plan.workspaces], call) for _ in range(2)]
+        for g in graphs:
+            g.capture()
+        a, b = (g.made for g in graphs)
+        assert len(a) == len(b) == 2  # forward and backward: one each
+        owned = [id(t) for ws in (*a, *b, eager_ws) for t in ws]
+        assert len(set(owned)) == len(owned), "two graphs or eager calls share a workspace"
+        PLANS.clear()
+        gc.collect()
+        assert all(any(ws is held for held in GRAPH_WORKSPACES) for ws in (*a, *b))
+        a[0][1].fill_(3)  # a ticket left part-way (an interrupted replay)
+        for g in (graphs[0], graphs[1], graphs[0], graphs[1]):
+            out = g.replay()
+            assert all(torch.equal(o, e) for o, e in zip(out, eager))
+        assert plan.workspaces.get() is eager_ws and int(eager_ws[1].abs().sum()) == 0
+
+
 def test_host_path(dev):
     """test_host_path's checks on this backend: no environment, import or filesystem access on
     the hot path (Python side), and an eval backward with its forward's statistics."""
@@ -607,6 +711,28 @@ def test_persistent_equals_multipass(case, dev):
     for key, value in out["persistent"].items():
         dt = case.dtype if key in ("y", "dx") else case.pdtype
         assert_close(value, out["multipass"][key], dt, name=f"persistent vs multipass {key}")
+
+
+@pytest.mark.skipif(GPU, reason="forces the CPU emulator's cooperative launch to fail")
+def test_refused_cooperative_launch_falls_back_to_multipass(_kernel_module, dev, monkeypatch):
+    """A driver that refuses the cooperative launch ("cooperative launch too large": an MPS
+    client, an SM-limited context; forced in the emulator by BNK_EMU_COOP_FAIL=1): the
+    persistent path's calls run the multi-pass kernels instead (2 launches, not 1) and give
+    the multi-pass results bit for bit, running statistics included."""
+    module = _kernel_module[0]
+    case = Case((4, 3, 5, 7))
+    inp = make_inputs(case, dev)
+    out = {}
+    for path, refuse in (("multipass", "0"), ("persistent", "1")):
+        monkeypatch.setenv("BNK_EMU_COOP_FAIL", refuse)
+        with cuda.override_config(path=path):
+            assert cuda.persistent_plan(inp["x"])["fits"]
+            n, _ = _launches(module, lambda: bn_tests.run(bn_tests.bnk_bn("cuda"), inp,
+                                                          training=True))
+            out[path] = (n, bn_tests.run(bn_tests.bnk_bn("cuda"), inp, training=True))
+    assert out["persistent"][0] == out["multipass"][0] == 4  # forward 2, backward 2
+    for key, value in out["multipass"][1].items():
+        assert torch.equal(out["persistent"][1][key], value), key
 
 
 def test_persistent_path_refuses_what_it_cannot_take(dev):

@@ -232,20 +232,41 @@ def _raw_stream_getter():
     return getter
 
 
+def _never() -> bool:
+    return False
+
+
+def _capture_check(device: torch.device):
+    """A function telling whether the current stream is capturing a CUDA graph (per call)."""
+    return torch.cuda.is_current_stream_capturing if device.type == "cuda" else _never
+
+
+# Workspaces made inside CUDA graph captures: the graphs write them at every replay, and
+# nothing tells when a graph is destroyed, so they are held for the life of the process
+# (never freed by PLANS.clear() or eviction; a few KB to a few MB per captured call).
+GRAPH_WORKSPACES: list = []
+
+
 class Workspaces:
     """The cached workspace of a plan: one per CUDA stream it runs on (one on the CPU), made
-    by ``make()`` on first use and reused by every later call on that stream.
+    by ``make()`` on first use and reused by every later eager call on that stream.
 
     A split reduction's workspace holds its partials and one ticket counter per channel group;
     the last program (block) of a group resets its counter, so a workspace is zeroed once, when
-    made. Calls on one stream are ordered, so they can share it; calls on two streams at once
-    get two workspaces. (A CUDA graph captured on a side stream keeps that stream's workspace;
-    replaying it concurrently with eager calls of the same plan on that side stream would share
-    it.)"""
+    made (``make`` zeroes the tickets). Eager calls on one stream are ordered, so they can
+    share it; calls on two streams at once get two workspaces.
+
+    A call made while its stream captures a CUDA graph gets a workspace of its own, made (and
+    zero-filled) inside the capture: the graph owns it alone (two graphs, or a graph and eager
+    calls, never share partials or tickets, so concurrent replays do not race), the zero-fill
+    is part of the graph (run before the kernels at every replay, so a ticket left part-way by
+    an interrupted replay is reset by the next), and it is held in :data:`GRAPH_WORKSPACES`
+    (a later ``PLANS.clear()`` or eviction cannot free memory a replay writes)."""
 
     def __init__(self, device: torch.device, make):
         self._make = make
         self._by_stream: dict = {}
+        self._capturing = _capture_check(device)
         if device.type == "cuda":
             getter = _raw_stream_getter()
             index = device.index if device.index is not None else torch.cuda.current_device()
@@ -254,6 +275,10 @@ class Workspaces:
             self._stream = lambda: 0
 
     def get(self):
+        if self._capturing():
+            ws = self._make()
+            GRAPH_WORKSPACES.append(ws)
+            return ws
         key = self._stream()
         ws = self._by_stream.get(key)
         if ws is None:

@@ -10,6 +10,14 @@ same call, kernels included (torch's are C++ calls on a tiny tensor): ``bnk.batc
 l_p (functional and module) with the same torch BatchNorm. Goals (issue #17): modules at most
 1.0x torch's module, functionals at most 1.2x ``F.batch_norm``, forward and forward+backward.
 
+Each row is also measured with every launch *emulated* (:class:`~bnkernels.backends.triton.
+launch.emulate_launches`): the direct launch path itself, its guards (current device, pointer
+alignment, integer types, launch hooks), the addresses and the call of the launcher's C entry,
+only that C entry a no-op -- what a warm launch costs in Python on a GPU machine
+(``us_per_call_emulated``, ``ratio_emulated``). ``us_per_launch``: one warm direct launch of
+the row's first kernel, timed alone (called with keywords, as its plan calls it);
+``launches``: launches per call.
+
 On the CPU it is a proxy, not a GPU claim: a GPU launch itself costs a few microseconds more
 (the direct launcher) and torch's CUDA path costs more than its CPU kernel on a tiny tensor.
 
@@ -113,12 +121,43 @@ def _loop_us(fn: Callable[[], object], calls: int, sync: Callable[[], None], clo
     return (clock() - t0) / calls * 1e6
 
 
+def _call_site(run, args: dict) -> Callable[[], object]:
+    """``run(name=value, ...)`` as a plan's call site makes it (keywords, values from
+    globals), as a no-argument function."""
+    env = {"_run": run, **{f"_v{i}": v for i, v in enumerate(args.values())}}
+    keywords = ", ".join(f"{k}=_v{i}" for i, k in enumerate(args))
+    exec(compile(f"def call():\n    _run({keywords})\n", "<stack call site>", "exec"), env)
+    return env["call"]
+
+
+def _first_launch(fn: Callable[[], object]):
+    """(launches per call of ``fn``, its first Launch, that launch's arguments)."""
+    from bnkernels.backends.triton import launch as L
+
+    seen: list = []
+    with L.stub_launches():
+        fn()
+        saved = {la: la.run for la in list(L._ALL)}
+        for la, run in saved.items():
+            def counted(_la=la, _run=run, **kw):
+                seen.append((_la, kw))
+                return _run(**kw)
+            la.run = counted
+        try:
+            fn()
+        finally:
+            for la, run in saved.items():
+                la.run = run
+    first, kw = seen[0]
+    return len(seen), first, kw
+
+
 def measure(device: torch.device, opts: StackOptions = StackOptions(),
             log: Callable[[str], None] = print) -> list[dict]:
     """Every (api, op, pass) row: bnkernels' stack (Triton launches stubbed) and torch's
     path per call, side by side. Needs the Triton backend (on the CPU: the interpreter on)."""
     import bnkernels as bnk
-    from bnkernels.backends.triton.launch import stub_launches
+    from bnkernels.backends.triton.launch import emulate_launches, stub_launches
 
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -149,20 +188,36 @@ def measure(device: torch.device, opts: StackOptions = StackOptions(),
                         for _ in range(opts.warmup):
                             theirs()
                             ours()
-                        t_theirs, t_ours = [], []
-                        for _ in range(opts.rounds):
+                    n_launches, first, first_args = _first_launch(ours)
+                    t_theirs, t_ours, t_emu, t_one = [], [], [], []
+                    for _ in range(opts.rounds):
+                        with stub_launches():
                             t_theirs.append(_loop_us(theirs, opts.calls, sync, clock))
                             t_ours.append(_loop_us(ours, opts.calls, sync, clock))
+                        with emulate_launches():
+                            ours()  # binds the (emulated) direct path
+                            one = _call_site(first.run, first_args)
+                            one()
+                            t_emu.append(_loop_us(ours, opts.calls, sync, clock))
+                            t_one.append(_loop_us(one, opts.calls * 5, sync, clock))
                     ratio = statistics.median(o / t for o, t in zip(t_ours, t_theirs))
+                    ratio_emu = statistics.median(o / t for o, t in zip(t_emu, t_theirs))
                     row = {"api": api, "op": op, "pass": pass_, "shape": list(opts.shape),
                            "us_per_call": statistics.median(t_ours),
                            "torch_us_per_call": statistics.median(t_theirs),
                            "ratio_vs_torch": ratio, "limit": LIMITS[api],
-                           "met": ratio <= LIMITS[api]}
+                           "met": ratio <= LIMITS[api],
+                           "us_per_call_emulated": statistics.median(t_emu),
+                           "ratio_emulated": ratio_emu, "met_emulated": ratio_emu <= LIMITS[api],
+                           "launches": n_launches,
+                           "us_per_launch": statistics.median(t_one),
+                           "us_per_launch_spread": [min(t_one), max(t_one)]}
                     rows.append(row)
                     log(f"stack: {api:<10} {op:<16} {pass_:<7} {row['us_per_call']:7.1f} us "
                         f"vs torch {row['torch_us_per_call']:7.1f} us = {ratio:.2f}x "
-                        f"(goal <= {LIMITS[api]})")
+                        f"(goal <= {LIMITS[api]}); launches emulated "
+                        f"{row['us_per_call_emulated']:7.1f} us = {ratio_emu:.2f}x, "
+                        f"{n_launches} launches, {row['us_per_launch']:.2f} us per launch")
     finally:
         bnk.set_backend(before)
         torch.set_num_threads(threads)
@@ -176,7 +231,8 @@ def settings(opts: StackOptions, device: torch.device) -> dict:
                       f"{opts.warmup} warm-up calls; medians; ratio = median of the per-round "
                       f"ratios ({clock})",
             "shape": list(opts.shape), "dtype": "fp32", "device": str(device),
-            "bnkernels": "triton backend, every launch a no-op (stub_launches)",
+            "bnkernels": "triton backend, every launch a no-op (stub_launches); emulated: the "
+                         "direct launch path with its C entry a no-op (emulate_launches)",
             "torch": "F.batch_norm / torch.nn.BatchNorm2d, kernels included",
             "limits": dict(LIMITS)}
 

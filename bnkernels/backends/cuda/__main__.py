@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from . import build_config as cuda_build
-from .loader import _toolkit_problem, build, library_path
+from .loader import _toolkit_problem, build, library_complete, library_path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"sources:      {cuda_build.CSRC} (hash {cuda_build.source_hash()})"
           if cuda_build.have_sources() else f"sources:      not found at {cuda_build.CSRC}")
     print(f"archs:        {cuda_build.arch_list()}")
-    print(f"library:      {library_path()} ({'built' if library_path().exists() else 'absent'})")
+    state = "built" if library_complete() else "absent or incomplete"
+    print(f"library:      {library_path()} ({state})")
     print(f"toolkit:      {_toolkit_problem() or 'ok'}")
     from . import CudaBackend
 

@@ -14,8 +14,10 @@ safe, FMA contraction, is on by default (``--fmad=true``); the noise turns it of
 
 Architectures. ``TORCH_CUDA_ARCH_LIST`` if set (e.g. ``"8.0;9.0"``, ``"9.0+PTX"``); otherwise the
 visible GPUs' (a JIT build on a GPU machine compiles for that GPU only); with no GPU,
-``DEFAULT_ARCHS``. The build splits the kernels over several ``.cu`` files (ninja compiles them
-in parallel, ``MAX_JOBS``) and passes ``--threads`` to nvcc (``NVCC_THREADS``, default 2: the
+``DEFAULT_ARCHS`` ("8.0;9.0+PTX": SASS for sm_80 and sm_90, and sm_90's PTX, which the driver
+compiles for newer GPUs such as sm_100 and sm_120 instead of failing with "no kernel image").
+The build splits the kernels over several ``.cu`` files (ninja compiles them in parallel,
+``MAX_JOBS``) and passes ``--threads`` to nvcc (``NVCC_THREADS``, default 2: the
 architectures of one file in parallel).
 """
 
@@ -34,7 +36,7 @@ EXT_NAME = "bnkernels_cuda_ext"  # the JIT module; the prebuilt one is bnkernels
 PREBUILT = "bnkernels._cuda_ext"
 SOURCES = ("bindings.cpp", "batch_norm.cu", "noisy.cu", "lp_norm.cu", "persistent.cu")
 HEADERS = ("bnkernels.h", "common.cuh", "batch_norm.cuh")
-DEFAULT_ARCHS = "8.0;9.0"
+DEFAULT_ARCHS = "8.0;9.0+PTX"  # PTX: GPUs newer than sm_90 JIT-compile it
 
 
 def have_sources(root: Path = CSRC) -> bool:

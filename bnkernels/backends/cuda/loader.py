@@ -14,7 +14,16 @@ Build explicitly (works with nvcc and no GPU; prints the path of the shared libr
 
 The plans that call it are in :mod:`.plans`.
 
-Environment: ``TORCH_CUDA_ARCH_LIST`` (default: the visible GPUs', else "8.0;9.0"),
+A cached build counts only when complete: the build runs in a directory of its own, the
+library is moved into the cache with an atomic rename (another process, e.g. another torchrun
+rank, never opens a half-written file) and a record of its size and SHA-256 is written next
+to it last; a library that does not match its record (truncated, corrupt, from an older
+loader) is not "built", and a library that fails to import is rebuilt once. A prebuilt module
+counts only when it imports and was built from the current sources, so ``auto`` takes Triton
+rather than a stale or broken module. A failed build keeps the compiler's whole output
+(``build_error()``; the reasons list its error lines).
+
+Environment: ``TORCH_CUDA_ARCH_LIST`` (default: the visible GPUs', else "8.0;9.0+PTX"),
 ``NVCC_THREADS`` and ``MAX_JOBS`` (build parallelism), ``XDG_CACHE_HOME`` (cache),
 ``BNKERNELS_SKIP_CUDA_BUILD=1`` (never JIT-build).
 """
@@ -22,10 +31,14 @@ Environment: ``TORCH_CUDA_ARCH_LIST`` (default: the visible GPUs', else "8.0;9.0
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib
 import importlib.util
+import json
 import os
 import shutil
+import tempfile
+import uuid
 import warnings
 from pathlib import Path
 
@@ -54,18 +67,28 @@ def _toolkit_problem() -> str | None:
     return None
 
 
-def _prebuilt():
-    """The prebuilt extension if it exists and matches the sources here (or there are none)."""
+@functools.cache
+def _prebuilt_module():
+    """The prebuilt extension if it imports and matches the sources here (or there are none);
+    else None, with a warning saying why (once)."""
+    if importlib.util.find_spec(cuda_build.PREBUILT) is None:
+        return None
     try:
         mod = importlib.import_module(cuda_build.PREBUILT)
-    except ImportError:
+    except Exception as e:  # built for another torch or CUDA, or a broken file
+        warnings.warn(f"bnkernels: the prebuilt CUDA extension does not import ({e}); "
+                      "not using it", stacklevel=3)
         return None
-    if cuda_build.have_sources() and mod.SOURCE_HASH != cuda_build.source_hash():
-        warnings.warn(f"bnkernels: the prebuilt CUDA extension ({mod.SOURCE_HASH}) is not built "
-                      f"from the current csrc/ ({cuda_build.source_hash()}); using a JIT build",
-                      stacklevel=3)
+    if cuda_build.have_sources() and getattr(mod, "SOURCE_HASH", None) != cuda_build.source_hash():
+        warnings.warn(f"bnkernels: the prebuilt CUDA extension ({getattr(mod, 'SOURCE_HASH', '?')})"
+                      f" is not built from the current csrc/ ({cuda_build.source_hash()}); "
+                      "not using it", stacklevel=3)
         return None
     return mod
+
+
+def _prebuilt():
+    return _prebuilt_module()
 
 
 @functools.lru_cache(maxsize=8)
@@ -90,6 +113,57 @@ def library_path() -> Path:
     return _jit_directory() / f"{cuda_build.EXT_NAME}.so"
 
 
+def _record_path(library: Path) -> Path:
+    return library.with_name(library.name + ".complete.json")
+
+
+def _digest(path: Path) -> dict:
+    st = path.stat()
+    return _digest_of(str(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _digest_of(path: str, size: int, mtime_ns: int) -> dict:
+    """(read once per file version: is_built() is asked on every auto dispatch)"""
+    return {"size": size, "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest()}
+
+
+def library_complete(library: Path | None = None) -> bool:
+    """The cached library exists and matches the record its build wrote last (size, SHA-256):
+    not truncated, not half-written, not corrupt."""
+    library = library_path() if library is None else library
+    try:
+        record = json.loads(_record_path(library).read_text())
+        return library.is_file() and record == _digest(library)
+    except (OSError, ValueError):
+        return False
+
+
+def _install(built: Path, library: Path) -> None:
+    """Move a finished build's library into the cache: atomic renames, the record last."""
+    tmp = library.with_name(f".{library.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+    shutil.copyfile(built, tmp)
+    digest = _digest(tmp)
+    os.replace(tmp, library)
+    record = _record_path(library)
+    tmp_record = record.with_name(f".{record.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+    tmp_record.write_text(json.dumps(digest))
+    os.replace(tmp_record, record)
+
+
+def build_error() -> str | None:
+    """The whole output of this process's last failed build (None: none failed)."""
+    return _build_error
+
+
+def _error_summary(text: str) -> str:
+    """The compiler's error lines of a build's output (its last line where it has none)."""
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "error" in ln.lower() and not ln.startswith("ninja: build")]
+    keep = list(dict.fromkeys(errors[:12])) or lines[-1:]
+    return " | ".join(keep) if keep else "(no output)"
+
+
 def build_reasons() -> list[str]:
     """Why a JIT build cannot run here (empty: it can)."""
     reasons = []
@@ -108,17 +182,13 @@ def build_reasons() -> list[str]:
     return reasons
 
 
-@functools.cache
-def _have_prebuilt() -> bool:
-    return importlib.util.find_spec(cuda_build.PREBUILT) is not None
-
-
 def is_built() -> bool:
-    """True when the extension loads without compiling: loaded, prebuilt, or JIT-cached."""
-    if _ext is not None or _have_prebuilt():
+    """True when the extension loads without compiling: loaded, a prebuilt module that imports
+    and matches the sources, or a complete JIT-cached library."""
+    if _ext is not None or _prebuilt_module() is not None:
         return True
     try:
-        return library_path().exists()
+        return library_complete()
     except Exception:  # e.g. an unparsable TORCH_CUDA_ARCH_LIST
         return False
 
@@ -129,7 +199,7 @@ def extension_reasons() -> list[str]:
     if _ext is not None:
         return []
     if _build_error is not None:
-        return [f"the CUDA extension failed to build: {_build_error}"]
+        return [f"the CUDA extension failed to build: {_error_summary(_build_error)}"]
     if is_built():
         return []
     return [f"the CUDA extension is not built, and cannot be built here: {r}"
@@ -147,8 +217,15 @@ def build(verbose: bool = False) -> Path:
     from torch.utils import cpp_extension
 
     archs = cuda_build.arch_list()
-    directory = _jit_directory()
-    directory.mkdir(parents=True, exist_ok=True)
+    library = _jit_directory_for(archs) / f"{cuda_build.EXT_NAME}.so"
+    if library_complete(library):
+        if _ext is None:
+            _ext = _import_library(library)
+        return library
+    library.parent.mkdir(parents=True, exist_ok=True)
+    # A directory of this build's own: another process building at the same time never sees
+    # (or opens) a half-written file; the finished library is renamed into the cache.
+    work = Path(tempfile.mkdtemp(prefix=".build-", dir=library.parent))
     try:
         mod = cpp_extension.load(
             name=cuda_build.EXT_NAME,
@@ -156,15 +233,18 @@ def build(verbose: bool = False) -> Path:
             extra_cflags=cuda_build.cxx_flags(),
             extra_cuda_cflags=cuda_build.nvcc_flags(archs),
             extra_include_paths=[str(cuda_build.CSRC)],
-            build_directory=str(directory),
+            build_directory=str(work),
             verbose=verbose,
             with_cuda=True,
         )
+        _install(Path(mod.__file__), library)
     except Exception as e:
-        _build_error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e) else ''}"
+        _build_error = f"{type(e).__name__}: {e}"  # the compiler's whole output
         raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # a loaded library stays mapped
     _ext = mod
-    return Path(mod.__file__)
+    return library
 
 
 def load():
@@ -173,8 +253,13 @@ def load():
     global _ext
     if _ext is None:
         _ext = _prebuilt()
-    if _ext is None and library_path().exists():
-        _ext = _import_library(library_path())
+    if _ext is None and library_complete():
+        try:
+            _ext = _import_library(library_path())
+        except (ImportError, OSError) as e:  # complete but unloadable: rebuild it once
+            warnings.warn(f"bnkernels: the cached CUDA extension does not load ({e}); "
+                          "rebuilding it", stacklevel=2)
+            _record_path(library_path()).unlink(missing_ok=True)
     if _ext is None:
         if _build_error is not None:
             raise RuntimeError(f"bnkernels: the CUDA extension failed to build: {_build_error}")

@@ -15,26 +15,40 @@ constexprs included, as ``JITFunction.run`` does). The direct call is generated 
 launch as a function with keyword-only parameters (named arguments at the cost of positional
 ones).
 
+The direct call passes every pointer as the integer address (Triton's launcher then makes
+no ``cuPointerGetAttribute`` call per pointer) and, when the kernel needs no scratch memory,
+calls the C entry behind Triton's ``CudaLauncher`` itself, with the arguments
+``CudaLauncher.__call__`` would pass it.
+
 It is taken only while it is exactly what the JIT would launch:
 
-* the per-call tensors have the alignment the kernel was specialized for (Triton specializes
-  pointers on 16-byte alignment; a view at an odd offset takes the JIT path, which compiles
-  its own variant);
+* the plan's device is the current one (else the call makes it current for the launch, as
+  torch's own ops do, and the JIT path does the same: a function handle, a stream and the
+  tensors of one device);
+* every per-call pointer the kernel was specialized as 16-byte aligned is 16-byte aligned at
+  this call (a view at an odd offset takes the JIT path, which compiles its own variant):
+  outputs the plan allocates are checked as well, at the cost of one ``|`` each;
 * the per-call integers keep their Triton type (i32 or i64 by value);
 * no launch hook is installed (a profiler such as proton: the JIT path calls the hooks).
 
 Otherwise, and on Triton < 3.3, on the interpreter, or with ``BNKERNELS_TRITON_LAUNCH=jit``
-(read once, when this module is imported), a call goes through ``kernel[grid](...)``.
+(read once, when this module is imported), a call goes through ``kernel[grid](...)``. The
+bound launch holds the ``CompiledKernel`` it launches, so its function handle stays loaded
+whatever Triton does with its caches. ``docs/launch-path.md`` lists these guarantees and the
+checks that hold them.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import weakref
+from types import SimpleNamespace
 
 import torch
 import triton
 
+from ..plan import _raw_stream_getter
 from .common import INTERPRET
 
 # Triton >= 3.3 launches with every bound argument (constexprs included) and keeps its launch
@@ -52,13 +66,20 @@ _I64 = (-(2**63), 2**63 - 1)
 _ALL: weakref.WeakSet = weakref.WeakSet()
 _stubbed = False
 _jit_only = False
+_emulated = False
+
+# The current CUDA device (read per call; ~40 ns) and a guard that makes another one current
+# for a block. Module attributes so that a fake driver (tests/triton_launch_check.py) can
+# stand in for them.
+_get_device = getattr(torch._C, "_cuda_getDevice", None) or torch.cuda.current_device
+_device_guard = torch.cuda.device
 
 
-def _raw_stream_getter():
-    getter = getattr(torch._C, "_cuda_getCurrentRawStream", None)
-    if getter is None:  # pragma: no cover - every CUDA build of torch >= 2.4 has it
-        return lambda index: torch.cuda.current_stream(index).cuda_stream
-    return getter
+def _index_of(device: torch.device | None) -> int | None:
+    """The CUDA device index a plan's launches run on (None: not a CUDA device)."""
+    if device is None or device.type != "cuda":
+        return None
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 def _hooks_installed() -> bool:
@@ -70,17 +91,32 @@ def _hooks_installed() -> bool:
     return False
 
 
+def _c_entry(launcher):
+    """``(entry, fixed)``: the C function behind Triton's ``CudaLauncher`` and the arguments
+    it passes that do not change between calls, when calling it directly is what
+    ``CudaLauncher.__call__`` would do (no global or profile scratch to allocate, no
+    instrumentation); else None (the launcher is called as the JIT calls it)."""
+    try:
+        if (launcher.global_scratch_size or launcher.profile_scratch_size
+                or getattr(launcher, "gsan_enabled", False)):
+            return None
+        return launcher.launch, (launcher.launch_cooperative_grid, launcher.launch_pdl,
+                                 launcher.arg_annotations, launcher.kernel_signature)
+    except AttributeError:  # another Triton's launcher: call it as the JIT does
+        return None
+
+
 class Launch:
     """One kernel launch of a plan (see the module docstring).
 
     ``grid``, ``num_warps``, ``consts`` (constexprs, and the per-plan values of non-constexpr
     parameters) are fixed; ``call`` names the per-call parameters, which ``run`` takes as
-    keyword-only arguments. ``aligned`` names per-call pointers that are always the plan's own
-    allocations (outputs, workspaces): their alignment needs no check per call.
+    keyword-only arguments. ``device``: the plan's device; its launches run there whichever
+    device is current (as torch's own ops do).
     """
 
     def __init__(self, kernel, grid, num_warps: int, consts: dict, call: tuple[str, ...],
-                 aligned: tuple[str, ...] = (), device: torch.device | None = None):
+                 device: torch.device | None = None):
         self.kernel = kernel
         names = kernel.arg_names
         missing = [n for n in names if n not in consts and n not in call]
@@ -92,9 +128,8 @@ class Launch:
         self.num_warps = int(num_warps)
         self.consts = dict(consts)
         self.call = tuple(call)
-        self.aligned = frozenset(aligned)
-        self.device_index = (device.index if device is not None and device.index is not None
-                             else None)
+        self.device_index = _index_of(device)
+        self.compiled = None  # the CompiledKernel the direct path launches (kept alive)
         self.direct = False  # the direct path is bound
         self.run = self._first
         if _stubbed:
@@ -108,40 +143,68 @@ class Launch:
     # -- the JIT path
 
     def jit(self, **args):
-        """Launch through Triton's JIT (``kernel[grid](...)``); returns what it returns."""
+        """Launch through Triton's JIT (``kernel[grid](...)``) on the plan's device; returns
+        what it returns."""
+        index = self.device_index
+        if index is not None and _get_device() != index:
+            with _device_guard(index):
+                return self.kernel[self.grid](**args, **self.consts, num_warps=self.num_warps)
         return self.kernel[self.grid](**args, **self.consts, num_warps=self.num_warps)
 
     def _first(self, **args):
+        if _emulated:
+            self._bind(_EmulatedKernel(), args, emulated=True)
+            return self.run(**args)
         compiled = self.jit(**args)
         if DIRECT and compiled is not None and not (_stubbed or _jit_only):
             self._bind(compiled, args)
         return compiled
 
+    def _other(self, **args):
+        """A call the direct path does not take as it is: on another current device, the same
+        launch with the plan's device made current; else the JIT."""
+        index = self.device_index
+        if _get_device() != index:
+            with _device_guard(index):
+                return self.run(**args)
+        return self.jit(**args)
+
     # -- the direct path
 
-    def _bind(self, compiled, args: dict) -> None:
+    def _bind(self, compiled, args: dict, emulated: bool = False) -> None:
         """Generate ``run``: the compiled kernel's launcher called as the JIT calls it, behind
-        the guards that keep it the JIT's choice (see the module docstring)."""
+        the guards that keep it the JIT's choice (see the module docstring). ``emulated``:
+        see :class:`emulate_launches`."""
         try:
             launcher = compiled.run
             function, packed = compiled.function, compiled.packed_metadata
         except Exception:  # pragma: no cover - a Triton whose CompiledKernel differs
             return
         index = self.device_index
-        if index is None:
-            index = torch.cuda.current_device()
+        if emulated:
+            index = 0  # the current device, and its stream, from C builtins of the same cost
+            get_device, stream = int, abs
+        else:
+            if index is None:
+                index = _get_device()
+                self.device_index = index
+            get_device, stream = _get_device, _raw_stream_getter()
+        entry = _c_entry(launcher)
         env = {"_launch": launcher, "_function": function, "_packed": packed,
-               "_stream": _raw_stream_getter(), "_index": index, "_jit": self.jit,
-               "_hooks": _hooks_installed}
-        params_by_name = {p.name: p for p in self.kernel.params}
-        guards = []
+               "_stream": stream, "_index": index, "_other": self._other,
+               "_hooks": _hooks_installed, "_dev": get_device}
+        # (the interpreter's kernels, under emulate_launches, have no parameter objects: no
+        # do_not_specialize there)
+        params_by_name = {p.name: p for p in getattr(self.kernel, "params", ())}
+        guards, addresses, aligned = [], [], []
         for name in self.call:
             value = args[name]
-            param = params_by_name[name]
+            param = params_by_name.get(name)
             if isinstance(value, torch.Tensor):
-                if (name not in self.aligned and value.data_ptr() % 16 == 0
+                addresses.append(f"_p_{name} = {name}.data_ptr()")
+                if (value.data_ptr() % 16 == 0
                         and not getattr(param, "do_not_specialize_on_alignment", False)):
-                    guards.append(f"{name}.data_ptr() & 15")  # specialized as 16-aligned
+                    aligned.append(f"_p_{name}")  # specialized as 16-aligned: checked per call
             elif isinstance(value, bool) or value is None:
                 guards.append(f"{name} is not _v_{name}")
                 env[f"_v_{name}"] = value
@@ -153,25 +216,69 @@ class Launch:
                     guards.append(f"({name} % 16 == 0) is not {value % 16 == 0}")
             elif not isinstance(value, float):
                 return  # an argument kind the direct path does not know: stay on the JIT
-        params = []
+        # The arguments in the kernel's order: the per-call ones as built per call, each run
+        # of fixed ones (constexprs, per-plan sizes) one prebuilt tuple, concatenated.
+        segments: list = []
         for name in self.kernel.arg_names:
-            if name in self.call:
-                params.append(name)
+            per_call = name in self.call
+            if not segments or segments[-1][0] != per_call:
+                segments.append((per_call, []))
+            if per_call:
+                segments[-1][1].append(f"_p_{name}" if isinstance(args[name], torch.Tensor)
+                                       else name)
             else:
-                env[f"_c_{name}"] = self.consts[name]
-                params.append(f"_c_{name}")
+                segments[-1][1].append(self.consts[name])
+        parts = []
+        for i, (per_call, items) in enumerate(segments):
+            if per_call:
+                parts.append(f"({', '.join(items)},)")
+            else:
+                env[f"_k{i}"] = tuple(items)
+                parts.append(f"_k{i}")
+        all_args = " + ".join(parts) if parts else "()"
         g0, g1, g2 = self.grid
         signature = ", ".join(self.call)
         keywords = ", ".join(f"{n}={n}" for n in self.call)
-        guard = " or ".join(["_hooks()", *guards])
-        src = (f"def run(*, {signature}):\n"
-               f"    if {guard}:\n"
-               f"        return _jit({keywords})\n"
-               f"    _launch({g0}, {g1}, {g2}, _stream(_index), _function, _packed, None, None, "
-               f"None, {', '.join(params)})\n")
+        # Launch hooks: the two HookChains bound here, still in place and with no call in
+        # them (a plain read each); anything else (a hook added, a knob replaced) goes to the
+        # JIT, which calls the hooks.
+        rt = _KNOBS.runtime
+        enter, leave = rt.launch_enter_hook, rt.launch_exit_hook
+        if isinstance(getattr(enter, "calls", None), list) and isinstance(
+                getattr(leave, "calls", None), list):
+            env.update(_rt=rt, _enter=enter, _leave=leave, _enter_calls=enter.calls,
+                       _leave_calls=leave.calls)
+            hooks = ("_enter_calls or _leave_calls or _rt.launch_enter_hook is not _enter or "
+                     "_rt.launch_exit_hook is not _leave")
+        else:  # pragma: no cover - a Triton whose hooks are not HookChains
+            hooks = "_hooks()"
+        guard = " or ".join([hooks, f"_dev() != {index}", *guards])
+        lines = [f"def run(*, {signature}):",
+                 f"    if {guard}:",
+                 f"        return _other({keywords})"]
+        # The addresses, passed as ints (Triton then asks the driver nothing per pointer).
+        lines += [f"    {a}" for a in addresses]
+        if aligned:
+            lines += [f"    if ({' | '.join(aligned)}) & 15:",
+                      f"        return _other({keywords})"]
+        if entry is not None:
+            env["_entry"] = entry[0]
+            coop, pdl, annotations, ksig = entry[1]
+            env.update(_coop=coop, _pdl=pdl, _ann=annotations, _ksig=ksig)
+            lines.append(f"    _entry({g0}, {g1}, {g2}, _stream({index}), _function, _coop, _pdl, "
+                         f"_packed, None, None, None, None, None, _ann, _ksig, {all_args})")
+        else:
+            lines.append(f"    _launch({g0}, {g1}, {g2}, _stream({index}), _function, _packed, "
+                         f"None, None, None, *({all_args}))")
+        src = "\n".join(lines) + "\n"
+        self.source = src  # the generated direct call (for reading)
         exec(compile(src, f"<bnkernels launch {self.kernel.__name__}>", "exec"), env)
+        # The direct path holds the CompiledKernel itself, not only its function handle:
+        # Triton unloads the module when that object goes (its __del__), e.g. when its
+        # caches are cleared, and the handle would dangle.
+        self.compiled = compiled
         self.run = env["run"]
-        self.direct = True
+        self.direct = not emulated
 
     # -- stubs (host-path measurements)
 
@@ -186,6 +293,40 @@ class Launch:
         else:
             self.run = self._first
             self.direct = False
+            self.compiled = None
+
+
+class _EmulatedKernel:
+    """Stands for a CompiledKernel under :class:`emulate_launches`: a launcher whose C entry
+    is ``itertools.chain`` (a C callable that takes any positional arguments and does
+    nothing with them)."""
+
+    function = 0
+    packed_metadata = ()
+    run = SimpleNamespace(launch=itertools.chain, global_scratch_size=0, profile_scratch_size=0,
+                          launch_cooperative_grid=False, launch_pdl=False, arg_annotations=(),
+                          kernel_signature=b"")
+
+
+class emulate_launches:
+    """Context manager: every Triton launch takes the direct path, guards and all, with the
+    launcher's C entry a no-op and the current-device and stream calls C builtins of like
+    cost: the Python a warm direct launch costs, measurable without a GPU (``bnkernels bench
+    --device cpu``'s stack rows). Results are garbage inside it."""
+
+    def __enter__(self):
+        global _emulated
+        _emulated = True
+        for launch in list(_ALL):
+            launch.run, launch.direct, launch.compiled = launch._first, False, None
+        return self
+
+    def __exit__(self, *exc):
+        global _emulated
+        _emulated = False
+        for launch in list(_ALL):
+            launch.run, launch.direct, launch.compiled = launch._first, False, None
+        return False
 
 
 class jit_only:
@@ -198,7 +339,7 @@ class jit_only:
         global _jit_only
         _jit_only = True
         for launch in list(_ALL):
-            launch.run, launch.direct = launch._first, False
+            launch.run, launch.direct, launch.compiled = launch._first, False, None
         return self
 
     def __exit__(self, *exc):
@@ -227,4 +368,4 @@ class stub_launches:
         return False
 
 
-__all__ = ["DIRECT", "Launch", "jit_only", "stub_launches"]
+__all__ = ["DIRECT", "Launch", "emulate_launches", "jit_only", "stub_launches"]

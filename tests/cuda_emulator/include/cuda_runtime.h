@@ -27,7 +27,13 @@ struct dim3 {
 struct alignas(8) uint2 { unsigned x, y; };
 struct alignas(16) uint4 { unsigned x, y, z, w; };
 
-enum cudaError_t { cudaSuccess = 0, cudaErrorLaunchFailure = 4 };
+enum cudaError_t {
+  cudaSuccess = 0,
+  cudaErrorLaunchFailure = 4,
+  cudaErrorCooperativeLaunchTooLarge = 720,
+  cudaErrorNotPermitted = 800,
+  cudaErrorNotSupported = 801
+};
 struct CUstream_st;
 typedef CUstream_st* cudaStream_t;
 enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16, cudaDevAttrCooperativeLaunch = 95 };

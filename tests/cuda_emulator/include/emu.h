@@ -275,6 +275,10 @@ cudaError_t launch_cooperative(void (*kernel)(P), dim3 grid, dim3 block, P param
   if (grid.x * grid.y * grid.z > static_cast<unsigned>(num_sms() * blocks_per_sm())) {
     return cudaErrorLaunchFailure;  // more blocks than can be resident at once
   }
+  // BNK_EMU_COOP_FAIL=1: the driver refuses every cooperative launch, as for an MPS client
+  // or an SM-limited context (tests of the multi-pass fallback).
+  const char* refuse = std::getenv("BNK_EMU_COOP_FAIL");
+  if (refuse != nullptr && refuse[0] == '1') return cudaErrorCooperativeLaunchTooLarge;
   ++launch_count();
   execute(grid, block, [&params, kernel] { kernel(params); }, true);
   return cudaSuccess;

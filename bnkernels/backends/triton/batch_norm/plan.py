@@ -34,9 +34,9 @@ _BWD_CALL = ("dy_ptr", "x_ptr", "dx_ptr", "mean_ptr", "scale_ptr", "w_ptr", "b_p
              "db_ptr", "ws_ptr", "ticket_ptr", "step", "seed")
 _DX_CALL = ("dy_ptr", "x_ptr", "dx_ptr", "mean_ptr", "scale_ptr", "w_ptr", "b_ptr", "coef_ptr",
             "step", "seed")
-# Outputs and workspaces the plan allocates itself: always aligned, no check per call.
-_OWN = ("y_ptr", "mean_ptr", "invstd_ptr", "ws_ptr", "ticket_ptr", "used_ptr", "dx_ptr",
-        "dw_ptr", "db_ptr", "save_mean_ptr", "save_invstd_ptr", "lo_ptr", "coef_ptr")
+# Every per-call pointer is checked for the alignment its kernel variant assumes (see
+# ..launch): the user's tensors, and the plan's own too (running_mean is passed as mean_ptr in
+# eval, SyncBatchNorm's sums[1] and the workspace's tail sit at offsets of C elements).
 
 
 class _Workspace:
@@ -113,7 +113,7 @@ class BatchNormPlan(BasePlan):
     # -- launches
 
     def _launch(self, kernel, grid, num_warps, call, consts):
-        return Launch(kernel, grid, num_warps, consts, call, aligned=_OWN, device=self.lay.device)
+        return Launch(kernel, grid, num_warps, consts, call, device=self.lay.device)
 
     def _reduce_fwd_launch(self, **meta):
         consts = dict(self.flags, **self.noise_consts, **self.shape)

@@ -10,7 +10,7 @@ import triton
 
 from ...plan import BasePlan, Signature, Workspaces
 from ..batch_norm.kernels import FROM_LP_SCALE, INVSTD, _bn_apply_kernel, _bn_bwd_dx_kernel
-from ..batch_norm.plan import _APPLY_CALL, _DX_CALL, _OWN
+from ..batch_norm.plan import _APPLY_CALL, _DX_CALL
 from ..common import apply_config, reduce_config, reduce_shape, row_align, strategy, tl_dtype
 from ..launch import Launch
 from .kernels import (
@@ -84,7 +84,7 @@ class LpNormPlan(BasePlan):
         self.workspaces = Workspaces(lay.device, lambda: _Workspace(lay, cfg, acc))
 
     def _launch(self, kernel, grid, num_warps, call, consts):
-        return Launch(kernel, grid, num_warps, consts, call, aligned=_OWN, device=self.lay.device)
+        return Launch(kernel, grid, num_warps, consts, call, device=self.lay.device)
 
     def _apply_launch(self, scale_from, SAVE_STATS):
         consts = dict(self.ew, **self.has, **_EW_NO_NOISE, S=self.lay.S, SCALE_FROM=scale_from,

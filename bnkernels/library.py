@@ -255,7 +255,7 @@ class LpNormOpPlan(OpPlan):
 # ----------------------------------------------------------------------------- other families
 
 
-_FAMILY_OPS: dict = {}  # family name -> (forward op, backward op), for register_family_ops
+_FAMILY_OPS: dict = {}  # family name -> (forward op, backward op, traced-route plan class)
 
 
 def register_family_ops(name: str):
@@ -263,6 +263,8 @@ def register_family_ops(name: str):
     whose calls have no flags but ``training`` (a family a user registers: see
     :func:`bnkernels.families.register`); gives its traced route's plan class. The ops look
     the backend's plan up as the built-in families' do."""
+    if name in _FAMILY_OPS:  # a family registered again: the same ops
+        return _FAMILY_OPS[name][2]
 
     @torch.library.custom_op(f"bnkernels::{name}",
                              mutates_args=("running_mean", "running_var", "counter"))
@@ -307,7 +309,7 @@ def register_family_ops(name: str):
                                                         self.training, eps, needs,
                                                         self.backend), needs)
 
-    _FAMILY_OPS[name] = (forward_op, backward_op)
+    _FAMILY_OPS[name] = (forward_op, backward_op, FamilyOpPlan)
     return FamilyOpPlan
 
 

@@ -28,8 +28,8 @@ def _needs(ctx, weight, bias) -> tuple[bool, bool, bool]:
 class Call(NamedTuple):
     """What :class:`NormFunction` takes besides x, weight and bias: one argument, so that
     autograd looks at three tensors per call, not ten (the running buffers never get
-    gradients). Built per call with ``tuple.__new__(Call, (...))`` (no NamedTuple
-    constructor)."""
+    gradients). The eager hot path passes its fields in this order as a plain tuple (nothing
+    built per call for the structure); the traced routes build a Call."""
 
     running_mean: Any  # Tensor or None
     running_var: Any  # the family's second running buffer (l_p: running_scale), or None

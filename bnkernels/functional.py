@@ -187,8 +187,9 @@ def _run(plan, x, running_mean, running_var, weight, bias, momentum, eps, noise,
         return _empty_batch(x, weight, bias, None, counter)  # no values: no activation
     if _grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
                             or (bias is not None and bias.requires_grad)):
-        return NormFunction.apply(x, weight, bias, _new(Call, (
-            running_mean, running_var, plan, momentum, eps, noise, counter)))
+        # a Call's fields, in order, as a plain tuple: nothing is built for the structure
+        return NormFunction.apply(x, weight, bias, (running_mean, running_var, plan, momentum,
+                                                    eps, noise, counter))
     return plan.forward(x, running_mean, running_var, weight, bias, momentum, eps, noise, False,
                         counter)[0]
 
@@ -241,8 +242,8 @@ def _batch_norm_traced(x, running_mean, running_var, weight, bias, training, mom
     name = backends.backend_name_for_compile(op, str(x.device), str(x.dtype).replace("torch.", ""),
                                              backends.GENERATION)
     plan = BATCH_NORM.op_plan("batch_norm", training, activation, None, None, name)
-    return NormFunction.apply(x, weight, bias, _new(Call, (
-        running_mean, running_var, plan, float(momentum), float(eps), noise, counter)))
+    return NormFunction.apply(x, weight, bias, Call(
+        running_mean, running_var, plan, float(momentum), float(eps), noise, counter))
 
 
 def sync_plan(x, running_mean, running_var, weight, bias, activation, backend=None):
@@ -456,8 +457,8 @@ def _lp_norm_traced(x, p, running_mean, running_scale, weight, bias, training, m
                                              str(x.dtype).replace("torch.", ""),
                                              backends.GENERATION)
     plan = LP_NORM.op_plan("lp_norm", training, None, p, bool(centered), name)
-    return NormFunction.apply(x, weight, bias, _new(Call, (
-        running_mean, running_scale, plan, float(momentum), float(eps), None, counter)))
+    return NormFunction.apply(x, weight, bias, Call(
+        running_mean, running_scale, plan, float(momentum), float(eps), None, counter))
 
 
 # ----------------------------------------------------------------------------- any family
@@ -486,8 +487,8 @@ def _norm(family, x, running_mean, running_var, weight, bias, training, momentum
                                                  str(x.dtype).replace("torch.", ""),
                                                  backends.GENERATION, op)
         plan = family.op_plan(op, training, None, None, None, name)
-        return NormFunction.apply(x, weight, bias, _new(Call, (
-            running_mean, running_var, plan, float(momentum), float(eps), None, counter)))
+        return NormFunction.apply(x, weight, bias, Call(
+            running_mean, running_var, plan, float(momentum), float(eps), None, counter))
     sig = _signature(op, x, training, None, None, None, None, counter is not None,
                      _channels(weight, bias, running_mean, running_var))
     plan = _plan_get(sig)

@@ -33,7 +33,6 @@ from .functional import _validate_batch_norm
 from .functional import sync_plan as stage_plan
 from .library import forward_like, grads_like
 
-_new = tuple.__new__
 _is_compiling = torch.compiler.is_compiling
 _dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 0)
 
@@ -208,8 +207,8 @@ def sync_batch_norm(x, running_mean, running_var, weight, bias, momentum, eps, a
     else:
         plan = SyncPlan(stage_plan(x, running_mean, running_var, weight, bias, activation),
                         group, world)
-    return NormFunction.apply(x, weight, bias, _new(Call, (
-        running_mean, running_var, plan, float(momentum), float(eps), None, counter)))
+    return NormFunction.apply(x, weight, bias, Call(
+        running_mean, running_var, plan, float(momentum), float(eps), None, counter))
 
 
 __all__ = ["SYNC_BATCH_NORM", "SyncOpPlan", "SyncPlan", "sync_batch_norm",

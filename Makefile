@@ -7,9 +7,10 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: test demo lint venv clean gpu-check
 
-# On a lent GPU machine (torch and triton installed, no .venv): build the CUDA extension, run the
-# test suite on CUDA and `bnkernels bench --quick`, within 8 minutes; summary and archives under
-# build/gpu-check/ and $(OUT) if set. Not tied to the venv. See README, "GPU".
+# A contributor's one-command check on any CUDA machine (torch and triton installed, no .venv
+# needed): build the CUDA extension, run the test suite on CUDA and `bnkernels bench --quick`,
+# within 8 minutes; summary and archives under build/gpu-check/ and $(OUT) if set. Not tied to
+# the venv. See docs/benchmarks.md, "The GPU check".
 GPU_PYTHON ?= $(shell for p in python3 python; do $$p -c 'import torch' >/dev/null 2>&1 && \
                 echo $$p && break; done)
 

@@ -2,8 +2,10 @@
 toolkit reproducing "How Does Batch Normalization Help Optimization?" (Santurkar et al., 2018).
 """
 
+from ._version import __version__ as __version__
 from .backends import available_backends, get_backend, set_backend
 from .functional import batch_norm, lp_norm, noisy_batch_norm, noisy_batch_norm_noise
+from .fuse import fuse
 from .nn import (
     BatchNorm1d,
     BatchNorm2d,
@@ -18,8 +20,6 @@ from .nn import (
     convert,
 )
 from .noise import NoiseConfig
-
-__version__ = "0.1.0"
 
 __all__ = [
     "BatchNorm1d",
@@ -36,6 +36,7 @@ __all__ = [
     "available_backends",
     "batch_norm",
     "convert",
+    "fuse",
     "get_backend",
     "lp_norm",
     "noisy_batch_norm",

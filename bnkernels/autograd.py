@@ -97,4 +97,41 @@ class NormFunction(torch.autograd.Function):
                 None)
 
 
-__all__ = ["Call", "NormFunction"]
+class ResidualNormFunction(torch.autograd.Function):
+    """out = act(bn(x) + residual): :class:`NormFunction` with a fourth differentiable input.
+
+    The backward needs to know where a fused ReLU was active: it reads the forward's output
+    (out > 0 there, as torch's own ReLU backward reads its result) rather than recomputing
+    bn(x) + residual, which would read the residual instead: the same bytes, but the output is
+    the next layer's input, which that layer keeps anyway, while a residual may be a tensor
+    nothing else keeps (a downsampling branch's). Without an activation the output is not
+    saved: d(residual) is dy itself. ``docs/fused-ops.md`` counts the bytes."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, call):
+        running_mean, running_var, plan, momentum, eps, noise, counter = call
+        y, a, b, used = plan.forward(x, running_mean, running_var, weight, bias, momentum, eps,
+                                     noise, True, counter, residual)
+        relu = getattr(plan, "sig", plan).activation == "relu"  # an OpPlan: itself
+        ctx.save_for_backward(x, weight, bias, y if relu else None)
+        ctx.state = (plan, eps, noise if used is None else (noise[0], noise[1], used), a, b)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, bias, out = ctx.saved_tensors
+        plan, eps, noise, a, b = ctx.state
+        n = ctx.needs_input_grad
+        needs = (*_needs(ctx, weight, bias), bool(n[3]))
+        if _grad_enabled():  # create_graph=True: a backward autograd can differentiate
+            g = double_backward.residual_grad(dy, out, getattr(plan, "sig", plan).activation)
+            dx, dw, db = double_backward.grads(plan, g, x, weight, bias, a, b, eps, needs[:3],
+                                               noise, activation=None)
+            dz = g
+        else:
+            dx, dw, db, dz = plan.backward(dy, x, a, b, weight, bias, eps, needs, noise, out)
+        return (dx if needs[0] else None, dw if needs[1] else None, db if needs[2] else None,
+                dz if needs[3] else None, None)
+
+
+__all__ = ["Call", "NormFunction", "ResidualNormFunction"]

@@ -11,6 +11,9 @@
                           minutes; --mode gpu: VGG-16 at full width, ~10 min on one GPU)
     bnkernels demo        bnkernels' BatchNorm against torch's, side by side
     bnkernels bench       kernel benchmarks (bnkernels.benchmarking)
+    bnkernels env         versions, GPUs, backends and why one cannot run, the CUDA
+                          extension, optional modules, environment variables
+    bnkernels --version   the version
 
 Every option of a run's config (``RunConfig``) can be overridden: ``--steps 500 --width 0.5``.
 """
@@ -224,6 +227,19 @@ def cmd_reproduce(args) -> int:
     return 0
 
 
+def cmd_env(args) -> int:
+    from .envinfo import collect, format_report
+
+    info = collect()
+    if args.json:
+        import json
+
+        print(json.dumps(info, indent=2))
+    else:
+        print(format_report(info))
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -267,6 +283,9 @@ def _common(p, jobs: bool = True) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bnkernels", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    from ._version import __version__
+
+    parser.add_argument("--version", action="version", version=f"bnkernels {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train one run in runs/<id>/")
@@ -351,6 +370,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "slow: about 1.5 s a step on a 2-core CPU)")
     p.set_defaults(func=cmd_demo)
 
+    p = sub.add_parser("env", help="versions, GPUs, backends (and why one cannot run), the "
+                                   "CUDA extension, optional modules, environment variables")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_env)
+
     add_bench_parser(sub)
     return parser
 
@@ -366,6 +390,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with stop_on_signals():
             return int(args.func(args) or 0)
+    except ModuleNotFoundError as e:  # an optional module: name the extra that installs it
+        from .envinfo import install_hint
+
+        hint = install_hint(e.name or "")
+        if hint is None:
+            raise
+        print(f"bnkernels {args.command}: error: this command needs {e.name}, which is not "
+              f"installed: {hint}", file=sys.stderr)
+        return 2
     except (FileNotFoundError, FileExistsError) as e:  # missing data, occupied run folder
         print(f"bnkernels {args.command}: error: {e}", file=sys.stderr)
         return 2

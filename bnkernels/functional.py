@@ -22,8 +22,9 @@ import torch
 from torch import Tensor
 
 from . import backends
-from .autograd import Call, NormFunction
+from .autograd import Call, NormFunction, ResidualNormFunction
 from .backends.plan import FLOAT_DTYPES, PLANS, Signature, signature, step_entry
+from .errors import ValidationError, ValidationTypeError
 from .families import BATCH_NORM, LP_NORM, family_of
 from .noise import NoiseConfig
 
@@ -57,13 +58,13 @@ _EMPTY = _Empty()
 
 def _check_input(op: str, x: torch.Tensor) -> None:
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{op}: expected a torch.Tensor input, got {type(x).__name__}")
+        raise ValidationTypeError(f"{op}: expected a torch.Tensor input, got {type(x).__name__}")
     if x.dim() < 2:
-        raise ValueError(
+        raise ValidationError(
             f"{op}: expected an input of shape (N, C, *spatial) with 2 or more dims, "
             f"got {x.dim()}D input of shape {tuple(x.shape)}")
     if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(
+        raise ValidationTypeError(
             f"{op}: unsupported input dtype {x.dtype}; expected one of "
             f"{', '.join(str(d) for d in FLOAT_DTYPES)} (convert the input, e.g. x.float())")
 
@@ -82,23 +83,25 @@ def _check_per_channel(op: str, x: torch.Tensor, **tensors) -> None:
         if t is None:
             continue
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{op}: {name} must be a tensor or None, got {type(t).__name__}")
+            raise ValidationTypeError(
+                f"{op}: {name} must be a tensor or None, got {type(t).__name__}")
         if t.device != x.device:
-            raise ValueError(
+            raise ValidationError(
                 f"{op}: {name} is on {t.device} but the input is on {x.device}; "
                 f"all tensors must be on the same device (move it with {name}.to(x.device), "
                 "or the module with module.to(device))")
         if not t.is_floating_point():
-            raise TypeError(f"{op}: {name} must be a floating-point tensor, got {t.dtype} "
-                            f"(convert it, e.g. {name}.float())")
+            raise ValidationTypeError(
+                f"{op}: {name} must be a floating-point tensor, got {t.dtype} "
+                f"(convert it, e.g. {name}.float())")
         if t.numel() != C:
-            raise ValueError(
+            raise ValidationError(
                 f"{op}: {name} should contain {C} elements (one per channel of the input, "
                 f"shape {tuple(x.shape)}), not {t.numel()}")
         allowed = (x.dtype, torch.float32) if x.dtype in _LOW_PRECISION else (x.dtype,)
         if t.dtype not in allowed:
             want = " or ".join(str(d) for d in allowed)
-            raise TypeError(
+            raise ValidationTypeError(
                 f"{op}: {name} is {t.dtype} but the input is {x.dtype}; weight, bias and the "
                 f"running statistics must be {want} (float32 parameters only with a float16 or "
                 f"bfloat16 input): convert with {name}.to({x.dtype}), or the module and its "
@@ -106,7 +109,7 @@ def _check_per_channel(op: str, x: torch.Tensor, **tensors) -> None:
         if first is None:
             first = (name, t.dtype)
         elif t.dtype != first[1]:
-            raise TypeError(
+            raise ValidationTypeError(
                 f"{op}: {name} is {t.dtype} but {first[0]} is {first[1]}; weight, bias and the "
                 f"running statistics must share one dtype: convert with "
                 f"{name}.to({first[1]}) (or module.to(dtype))")
@@ -115,68 +118,102 @@ def _check_per_channel(op: str, x: torch.Tensor, **tensors) -> None:
 def _check_training_size(x: torch.Tensor, op: str = "batch_norm") -> None:
     """As PyTorch: statistics of a single value per channel are meaningless."""
     if x.shape[0] * math.prod(x.shape[2:]) == 1:
-        raise ValueError(
+        raise ValidationError(
             f"Expected more than 1 value per channel when training, got input size {x.size()} "
             f"({op}: the batch statistics of one value per channel are undefined; train on a "
             "batch with N * prod(spatial) >= 2, or use eval mode (training=False, "
             "module.eval()) with running statistics)")
 
 
+def _check_residual(op: str, x: torch.Tensor, residual) -> None:
+    """A residual is added to the normalized x before the activation: a tensor of x's shape,
+    dtype and device (any strides)."""
+    if residual is None:
+        return
+    if not isinstance(residual, torch.Tensor):
+        raise ValidationTypeError(
+            f"{op}: residual must be a tensor or None, got {type(residual).__name__}")
+    if residual.shape != x.shape:
+        raise ValidationError(
+            f"{op}: residual has shape {tuple(residual.shape)} but the input has shape "
+            f"{tuple(x.shape)}; the residual is added elementwise to the normalized input and "
+            "must have its shape (no broadcasting)")
+    if residual.device != x.device:
+        raise ValidationError(
+            f"{op}: residual is on {residual.device} but the input is on {x.device} (move it "
+            "with residual.to(x.device))")
+    if residual.dtype != x.dtype:
+        raise ValidationTypeError(
+            f"{op}: residual is {residual.dtype} but the input is {x.dtype}; convert it with "
+            f"residual.to({x.dtype})")
+
+
 def _check_scalars(op: str, momentum, eps, activation=None) -> None:
     if momentum is None:
-        raise ValueError(
+        raise ValidationError(
             f"{op}: momentum=None (cumulative moving average) needs the number of batches seen; "
             "the modules (bnkernels.BatchNorm2d, ...) track it, or pass "
             "momentum=1/num_batches yourself")
     if not 0.0 <= float(momentum) <= 1.0:
-        raise ValueError(f"{op}: momentum must be in [0, 1], got {momentum}")
+        raise ValidationError(f"{op}: momentum must be in [0, 1], got {momentum}")
     if not 0.0 < float(eps) < math.inf:  # comparisons only: eps may be symbolic in a graph
-        raise ValueError(f"{op}: eps must be a positive finite number, got {eps}")
+        raise ValidationError(f"{op}: eps must be a positive finite number, got {eps}")
     if activation not in ACTIVATIONS:
-        raise ValueError(f"{op}: activation must be one of {ACTIVATIONS}, got {activation!r}")
+        raise ValidationError(f"{op}: activation must be one of {ACTIVATIONS}, got {activation!r}")
 
 
 # ----------------------------------------------------------------------------- BatchNorm
 
 
-def batch_norm(x: torch.Tensor, running_mean: torch.Tensor | None,
+def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None,
                running_var: torch.Tensor | None, weight: torch.Tensor | None = None,
                bias: torch.Tensor | None = None, training: bool = False, momentum: float = 0.1,
-               eps: float = 1e-5, activation: str | None = None) -> torch.Tensor:
+               eps: float = 1e-5, activation: str | None = None,
+               residual: torch.Tensor | None = None) -> torch.Tensor:
     """Batch normalization with the semantics of ``torch.nn.functional.batch_norm``.
 
-    Normalizes each channel of ``x`` (N, C, *spatial) over N and the spatial dims. In training
-    the batch statistics are used and, if given, ``running_mean``/``running_var`` are updated in
-    place (unbiased variance, ``momentum`` as in PyTorch); in eval mode the running statistics
-    are used. ``activation="relu"`` fuses a ReLU on the output. Statistics are accumulated in
-    fp32 (fp64 for fp64 input); the output has x's dtype and memory format.
+    Normalizes each channel of ``input`` (N, C, *spatial) over N and the spatial dims. In
+    training the batch statistics are used and, if given, ``running_mean``/``running_var`` are
+    updated in place (unbiased variance, ``momentum`` as in PyTorch); in eval mode the running
+    statistics are used. ``activation="relu"`` fuses a ReLU on the output. ``residual`` (a
+    tensor of the input's shape, dtype and device, any strides) is added before the
+    activation, in the same pass: the output is ``act(bn(input) + residual)``, and
+    d(residual) comes from the backward's passes. Statistics are accumulated in fp32 (fp64
+    for fp64 input); the output has the input's dtype and memory format. The arguments are
+    ``torch.nn.functional.batch_norm``'s, in its order, plus ``activation`` and ``residual``.
     """
-    return _batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps,
-                       activation, None, None)
+    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                       activation, None, None, residual)
 
 
 def _batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, activation,
-                noise, counter):
+                noise, counter, residual=None):
     """batch_norm and noisy_batch_norm. ``noise``: (NoiseConfig, seed, step) or None.
-    ``counter``: a module's num_batches_tracked, incremented by the call (or None)."""
+    ``counter``: a module's num_batches_tracked, incremented by the call (or None).
+    ``residual``: added before the activation (or None)."""
     if type(x) not in _PLAIN or _is_compiling() or _dispatch_modes():
         return _batch_norm_traced(x, running_mean, running_var, weight, bias, training,
-                                  momentum, eps, activation, noise, counter)
+                                  momentum, eps, activation, noise, counter, residual)
     try:
         sig = _signature("batch_norm", x, training, activation,
                          None if noise is None else (noise[0], _step_entry(noise[2])), None,
                          None, counter is not None,
-                         _channels(weight, bias, running_mean, running_var))
+                         _channels(weight, bias, running_mean, running_var),
+                         None if residual is None else (residual.dtype, residual.device,
+                                                        residual.shape))
         plan = _plan_get(sig) or _batch_norm_plan(sig, x, running_mean, running_var, weight,
                                                    bias, training, momentum, eps, activation,
-                                                   noise)
+                                                   noise, residual)
         momentum, eps = float(momentum), float(eps)
     except (AttributeError, TypeError, ValueError):  # validation says what is wrong
         _validate_batch_norm(_bn_name(noise), x, running_mean, running_var, weight, bias,
-                             training, momentum, eps, activation)
+                             training, momentum, eps, activation, residual=residual)
         raise
     if not (0.0 <= momentum <= 1.0 and 0.0 < eps < _INF):
         _check_scalars(_bn_name(noise), momentum, eps, activation)
+    if residual is not None:
+        return _run_residual(plan, x, running_mean, running_var, weight, bias, momentum, eps,
+                             noise, counter, residual, activation)
     return _run(plan, x, running_mean, running_var, weight, bias, momentum, eps, noise, counter)
 
 
@@ -194,36 +231,52 @@ def _run(plan, x, running_mean, running_var, weight, bias, momentum, eps, noise,
                         counter)[0]
 
 
+def _run_residual(plan, x, running_mean, running_var, weight, bias, momentum, eps, noise,
+                  counter, residual, activation):
+    """:func:`_run` with a residual (its own autograd Function: four differentiable inputs)."""
+    if plan is _EMPTY:
+        return _empty_batch(x, weight, bias, activation, counter, residual)
+    if _grad_enabled() and (x.requires_grad or residual.requires_grad
+                            or (weight is not None and weight.requires_grad)
+                            or (bias is not None and bias.requires_grad)):
+        return ResidualNormFunction.apply(x, weight, bias, residual, (
+            running_mean, running_var, plan, momentum, eps, noise, counter))
+    return plan.forward(x, running_mean, running_var, weight, bias, momentum, eps, noise, False,
+                        counter, residual)[0]
+
+
 def _bn_name(noise):
     return "noisy_batch_norm" if noise is not None else "batch_norm"
 
 
 def _validate_batch_norm(op, x, running_mean, running_var, weight, bias, training, momentum,
-                         eps, activation, running=BATCH_NORM.running):
+                         eps, activation, running=BATCH_NORM.running, residual=None):
     """Everything about a call that its signature's first call checks (``running``: the names
     of the family's running buffers, e.g. running_scale for l_p; a family may have only
     running_mean)."""
     _check_input(op, x)
+    _check_residual(op, x, residual)
     _check_per_channel(op, x, **dict(zip(running, (running_mean, running_var))),
                        weight=weight, bias=bias)
     _check_scalars(op, momentum, eps, activation)
     if len(running) == 1:
         if running_var is not None:
-            raise ValueError(f"{op}: takes one running buffer ({running[0]}), got a second")
+            raise ValidationError(f"{op}: takes one running buffer ({running[0]}), got a "
+                                  "second")
     elif (running_mean is None) != (running_var is None):
-        raise ValueError(f"{op}: pass both running_mean and {running[1]}, or neither")
+        raise ValidationError(f"{op}: pass both running_mean and {running[1]}, or neither")
     if not training and running_mean is None:
-        raise ValueError(f"{op}: {' and '.join(running)} must be given in eval mode "
-                         "(training=False)")
+        raise ValidationError(f"{op}: {' and '.join(running)} must be given in eval mode "
+                              "(training=False)")
     if training:
         _check_training_size(x, op)
 
 
 def _batch_norm_plan(sig, x, running_mean, running_var, weight, bias, training, momentum, eps,
-                     activation, noise):
+                     activation, noise, residual=None):
     """The cold path: validate a new signature, make its plan and cache it."""
     _validate_batch_norm(_bn_name(noise), x, running_mean, running_var, weight, bias, training,
-                         momentum, eps, activation)
+                         momentum, eps, activation, residual=residual)
     if noise is not None and isinstance(noise[2], Tensor):
         _check_step_tensor("noisy_batch_norm", x, noise[2])
     if x.numel() == 0:
@@ -232,18 +285,22 @@ def _batch_norm_plan(sig, x, running_mean, running_var, weight, bias, training, 
 
 
 def _batch_norm_traced(x, running_mean, running_var, weight, bias, training, momentum, eps,
-                       activation, noise, counter):
+                       activation, noise, counter, residual=None):
     """The traced route: the same validation, then the registered ops (an OpPlan)."""
     op = _bn_name(noise)
     _validate_batch_norm(op, x, running_mean, running_var, weight, bias, training, momentum,
-                         eps, activation)
+                         eps, activation, residual=residual)
     if x.numel() == 0:
-        return _empty_batch(x, weight, bias, activation, counter)
-    name = backends.backend_name_for_compile(op, str(x.device), str(x.dtype).replace("torch.", ""),
-                                             backends.GENERATION)
-    plan = BATCH_NORM.op_plan("batch_norm", training, activation, None, None, name)
-    return NormFunction.apply(x, weight, bias, Call(
-        running_mean, running_var, plan, float(momentum), float(eps), noise, counter))
+        return _empty_batch(x, weight, bias, activation, counter, residual)
+    name = backends.backend_name_for_compile(
+        op if residual is None else op + backends.RESIDUAL, str(x.device),
+        str(x.dtype).replace("torch.", ""), backends.GENERATION)
+    plan = BATCH_NORM.op_plan("batch_norm", training, activation, None, None, name,
+                              residual=residual is not None)
+    call = Call(running_mean, running_var, plan, float(momentum), float(eps), noise, counter)
+    if residual is not None:
+        return ResidualNormFunction.apply(x, weight, bias, residual, call)
+    return NormFunction.apply(x, weight, bias, call)
 
 
 def sync_plan(x, running_mean, running_var, weight, bias, activation, backend=None):
@@ -270,51 +327,54 @@ def _check_noise(op, x, noise, seed, step):
             and ((type(step) is int and step >= 0) or isinstance(step, Tensor))):
         return
     if not isinstance(noise, NoiseConfig):
-        raise TypeError(f"{op}: noise must be a bnkernels.NoiseConfig, got {type(noise).__name__}")
+        raise ValidationTypeError(
+            f"{op}: noise must be a bnkernels.NoiseConfig, got {type(noise).__name__}")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise ValueError(f"{op}: seed must be an int in [0, 2**63), got {seed!r}")
+        raise ValidationError(f"{op}: seed must be an int in [0, 2**63), got {seed!r}")
     if isinstance(step, torch.Tensor):
         _check_step_tensor(op, x, step)
     elif isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"{op}: step must be an int >= 0 or a 1-element integer tensor, "
-                         f"got {step!r}")
+        raise ValidationError(f"{op}: step must be an int >= 0 or a 1-element integer tensor, "
+                              f"got {step!r}")
 
 
 def _check_step_tensor(op, x, step):
     if step.numel() != 1 or step.is_floating_point() or step.is_complex():
-        raise ValueError(f"{op}: a step tensor must hold one integer, got {step.dtype} "
-                         f"of shape {tuple(step.shape)}")
+        raise ValidationError(f"{op}: a step tensor must hold one integer, got {step.dtype} "
+                              f"of shape {tuple(step.shape)}")
     if step.device != x.device:
-        raise ValueError(f"{op}: step is on {step.device} but the input is on {x.device}")
+        raise ValidationError(f"{op}: step is on {step.device} but the input is on {x.device}")
 
 
-def noisy_batch_norm(x: torch.Tensor, running_mean: torch.Tensor | None,
+def noisy_batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None,
                      running_var: torch.Tensor | None, weight: torch.Tensor | None = None,
                      bias: torch.Tensor | None = None, training: bool = False,
                      momentum: float = 0.1, eps: float = 1e-5,
                      noise: NoiseConfig = NoiseConfig(), seed: int = 0,
-                     step: int | torch.Tensor = 0, activation: str | None = None) -> torch.Tensor:
+                     step: int | torch.Tensor = 0, activation: str | None = None,
+                     residual: torch.Tensor | None = None) -> torch.Tensor:
     """BatchNorm with the paper's time-varying noise (Algorithm 1): out = act(s * a + m).
 
     ``a`` is the BatchNorm output after the affine weight/bias; (s, m) is drawn per channel
     and per element from ``noise`` (see :class:`NoiseConfig`) by a counter-based RNG keyed by
     ``seed``, ``step`` and the element's (N, C, *spatial) index: the same (seed, step) gives the
     same noise on every backend call and in backward, which regenerates it instead of storing
-    it. ``step`` may be an int or a 1-element integer tensor on x's device (read on device: no
-    host synchronisation, so it works under CUDA graphs). In eval mode there is no random
-    noise: the output is its expectation given the statistics, act(E[s] a + E[m]) with the
+    it. ``step`` may be an int or a 1-element integer tensor on the input's device (read on
+    device: no host synchronisation, so it works under CUDA graphs). In eval mode there is no
+    random noise: the output is its expectation given the statistics, act(E[s] a + E[m]) with the
     running statistics (:meth:`NoiseConfig.expectation`; E[s] = 1.125, E[m] = 0 at the paper's
-    constants). Plain BatchNorm in eval (dropping E[s]) would feed every later layer inputs
-    ~1.125x smaller than the ones its running statistics were gathered on in training; on the
-    quick reproduction's VGG that took test accuracy from 97.8% to 40.1% (median of 3 seeds).
+    constants). ``residual``: added before the activation, act(s * a + m + residual), as
+    :func:`batch_norm`'s. Plain BatchNorm in eval (dropping E[s]) would feed every later layer
+    inputs ~1.125x smaller than the ones its running statistics were gathered on in training; on
+    the quick reproduction's VGG that took test accuracy from 97.8% to 40.1% (median of 3 seeds).
     """
-    _check_noise("noisy_batch_norm", x, noise, seed, step)
+    _check_noise("noisy_batch_norm", input, noise, seed, step)
     if not training:
-        weight, bias = expected_noise_affine(noise, weight, bias, x, running_mean)
-        return _batch_norm(x, running_mean, running_var, weight, bias, False, momentum, eps,
-                           activation, None, None)
-    return _batch_norm(x, running_mean, running_var, weight, bias, True, momentum, eps,
-                       activation, (noise, seed, step), None)
+        weight, bias = expected_noise_affine(noise, weight, bias, input, running_mean)
+        return _batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps,
+                           activation, None, None, residual)
+    return _batch_norm(input, running_mean, running_var, weight, bias, True, momentum, eps,
+                       activation, (noise, seed, step), None, residual)
 
 
 def expected_noise_affine(noise: NoiseConfig, weight, bias, x, running_mean=None):
@@ -357,7 +417,7 @@ def noisy_batch_norm_noise(x: torch.Tensor, noise: NoiseConfig = NoiseConfig(), 
     return backends.select(op, x).noise(x, (noise, seed, step))
 
 
-def _empty_batch(x, weight, bias, activation, counter=None):
+def _empty_batch(x, weight, bias, activation, counter=None, residual=None):
     """As PyTorch: an empty batch gives an empty output, statistics untouched (the module's
     batch counter still advances), and (zero) gradients still reach weight and bias."""
     if counter is not None:
@@ -367,6 +427,8 @@ def _empty_batch(x, weight, bias, activation, counter=None):
         out = out * weight.reshape(1, -1, *([1] * (x.dim() - 2)))
     if bias is not None:
         out = out + bias.reshape(1, -1, *([1] * (x.dim() - 2)))
+    if residual is not None:
+        out = out + residual
     return torch.relu(out) if activation == "relu" else out
 
 
@@ -382,27 +444,28 @@ def _check_p(op: str, p):
     else:
         value = None
     if value is None:
-        raise ValueError(f"{op}: p must be one of 1, 2, inf (or the strings '1', '2', 'inf'), "
-                         f"got p={p!r}")
+        raise ValidationError(f"{op}: p must be one of 1, 2, inf (or the strings '1', '2', 'inf'), "
+                              f"got p={p!r}")
     return value
 
 
-def lp_norm(x: torch.Tensor, p, running_mean: torch.Tensor | None = None,
+def lp_norm(input: torch.Tensor, p, running_mean: torch.Tensor | None = None,
             running_scale: torch.Tensor | None = None, weight: torch.Tensor | None = None,
             bias: torch.Tensor | None = None, training: bool = False, momentum: float = 0.1,
             eps: float = 1e-5, centered: bool = False) -> torch.Tensor:
     """l_p normalization (p in {1, 2, inf}): ``y = weight * (x - mean) / (s_p + eps) + bias``.
 
-    Per channel of ``x`` (N, C, *spatial), over N and the spatial dims: mean = mean(x) and
-    s_1 = mean|z|, s_2 = sqrt(mean z^2), s_inf = max|z|, where z = x ("before shifting the
-    mean", the default) or z = x - mean (``centered=True``). In training the batch statistics
-    are used and, if given, ``running_mean``/``running_scale`` are updated in place:
-    r <- momentum * batch + (1 - momentum) * r (no unbiasing of the scale). In eval mode the
-    running statistics are used (and required), as constants. The gradient of the l_inf scale
-    is split equally among the values attaining max|z| (as torch.amax's). Statistics are
-    accumulated in fp32 (fp64 for fp64 input); the output has x's dtype and memory format.
+    Per channel of ``input`` (x, shape (N, C, *spatial)), over N and the spatial dims:
+    mean = mean(x) and s_1 = mean|z|, s_2 = sqrt(mean z^2), s_inf = max|z|, where z = x
+    ("before shifting the mean", the default) or z = x - mean (``centered=True``). In training
+    the batch statistics are used and, if given, ``running_mean``/``running_scale`` are updated
+    in place: r <- momentum * batch + (1 - momentum) * r (no unbiasing of the scale). In eval
+    mode the running statistics are used (and required), as constants. The gradient of the
+    l_inf scale is split equally among the values attaining max|z| (as torch.amax's).
+    Statistics are accumulated in fp32 (fp64 for fp64 input); the output has the input's dtype
+    and memory format.
     """
-    return _lp_norm(x, p, running_mean, running_scale, weight, bias, training, momentum, eps,
+    return _lp_norm(input, p, running_mean, running_scale, weight, bias, training, momentum, eps,
                     centered, None)
 
 

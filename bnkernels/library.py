@@ -42,11 +42,11 @@ def _noise(noise: Optional[List[float]], seed: int, step: int, step_tensor: Opti
 
 
 def _plan(op, x, training, activation, noise, p, centered, counter, weight, bias,
-          running_mean, running_var, backend):
+          running_mean, running_var, backend, residual=None):
     sig = Signature.of(op, x, training, activation=activation, noise=noise, p=p,
                        centered=centered, counter=counter is not None, weight=weight,
                        bias=bias, running_mean=running_mean, running_var=running_var,
-                       backend=backend)
+                       residual=residual, backend=backend)
     return backends.plan_of(sig, x)
 
 
@@ -82,19 +82,20 @@ def batch_norm_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                   running_mean: Optional[Tensor], running_var: Optional[Tensor],
                   counter: Optional[Tensor], training: bool, momentum: float, eps: float,
                   activation: Optional[str], noise: Optional[List[float]], seed: int,
-                  step: int, step_tensor: Optional[Tensor], backend: str
-                  ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                  step: int, step_tensor: Optional[Tensor], backend: str,
+                  residual: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(y, saved_mean, saved_invstd, step_used): the batch statistics in training, snapshots of
     the statistics used in eval. ``noise`` = [n_mu, n_sigma, r_mu, r_sigma] or None; the step
     is ``step_tensor`` if given (read on device), else ``step``. ``step_used`` is a copy of
     ``step_tensor`` (empty if None) for the backward: the step buffer may advance before it
     runs, and a copy made inside this op cannot be folded back into the buffer by a compiler.
-    ``counter`` (a module's num_batches_tracked) is incremented."""
+    ``counter`` (a module's num_batches_tracked) is incremented. ``residual``: added before
+    the activation (or None)."""
     nz = _noise(noise, seed, step, step_tensor)
     plan = _plan("batch_norm", x, training, activation, nz, None, None, counter, weight, bias,
-                 running_mean, running_var, backend)
+                 running_mean, running_var, backend, residual)
     y, a, b, used = plan.forward(x, running_mean, running_var, weight, bias, momentum, eps, nz,
-                                 True, counter)
+                                 True, counter, *(() if residual is None else (residual,)))
     a, b = _saved_or_empty(x, a, b)
     if step_tensor is None:
         used = _empty(x, torch.int64)
@@ -105,7 +106,7 @@ def batch_norm_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
 
 @batch_norm_op.register_fake
 def _(x, weight, bias, running_mean, running_var, counter, training, momentum, eps, activation,
-      noise, seed, step, step_tensor, backend):
+      noise, seed, step, step_tensor, backend, residual=None):
     acc = acc_dtype(x.dtype)
     used = (x.new_empty((1,), dtype=torch.int64) if step_tensor is not None
             else _empty(x, torch.int64))
@@ -119,16 +120,25 @@ def batch_norm_backward_op(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor,
                            weight: Optional[Tensor], bias: Optional[Tensor], training: bool,
                            activation: Optional[str], needs: List[bool],
                            noise: Optional[List[float]], seed: int, step: int,
-                           step_tensor: Optional[Tensor], backend: str
-                           ) -> Tuple[Tensor, Tensor, Tensor]:
-    """(dx, dweight, dbias) from what the forward op saved; an empty tensor for each gradient
-    not in ``needs``."""
+                           step_tensor: Optional[Tensor], backend: str,
+                           residual: bool = False, out: Optional[Tensor] = None
+                           ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dweight, dbias, dresidual) from what the forward op saved; an empty tensor for
+    each gradient not in ``needs`` (three booleans, a fourth with ``residual``: the call had
+    a residual, ``out`` its forward's output where a ReLU was fused)."""
     nz = _noise(noise, seed, step, step_tensor)
     plan = _plan("batch_norm", x, training, activation, nz, None, None, None, weight, bias,
-                 None, None, backend)
-    dx, dw, db = plan.backward(dy, x, mean, invstd, weight, bias, 0.0, tuple(needs), nz)
+                 None, None, backend, x if residual else None)
+    if residual:
+        dx, dw, db, dz = plan.backward(dy, x, mean, invstd, weight, bias, 0.0, tuple(needs), nz,
+                                       out)
+        if dz is dy:  # no activation: d(residual) = dy, which an op's output may not alias
+            dz = dy.clone()
+    else:
+        dx, dw, db = plan.backward(dy, x, mean, invstd, weight, bias, 0.0, tuple(needs), nz)
+        dz = None
     return (dx if dx is not None else _empty(x), dw if dw is not None else _empty(x),
-            db if db is not None else _empty(x))
+            db if db is not None else _empty(x), dz if dz is not None else _empty(x))
 
 
 def grads_like(x, weight, bias, needs):
@@ -139,8 +149,9 @@ def grads_like(x, weight, bias, needs):
 
 @batch_norm_backward_op.register_fake
 def _(dy, x, mean, invstd, weight, bias, training, activation, needs, noise, seed, step,
-      step_tensor, backend):
-    return grads_like(x, weight, bias, needs)
+      step_tensor, backend, residual=False, out=None):
+    dz = torch.empty_like(x) if residual and needs[3] else _empty(x)
+    return (*grads_like(x, weight, bias, needs), dz)
 
 
 # ----------------------------------------------------------------------------- l_p norm
@@ -202,8 +213,9 @@ class OpPlan(BasePlan):
         return object.__new__(cls)
 
     def __init__(self, op: str, training: bool, activation=None, p=None, centered=None,
-                 backend: str = "reference"):
+                 backend: str = "reference", residual: bool = False):
         self.op = op
+        self.residual = residual
         self.training = bool(training)
         self.activation = activation
         self.p = p
@@ -220,19 +232,26 @@ class BatchNormOpPlan(OpPlan):
     ``bnkernels::batch_norm_backward``."""
 
     def forward(self, x, running_mean, running_var, weight, bias, momentum, eps, noise,
-                need_saved=True, counter=None):
+                need_saved=True, counter=None, residual=None):
         cfg, seed, step, step_tensor = _flat_noise(noise)
         y, a, b, used = batch_norm_op(x, weight, bias, running_mean, running_var, counter,
                                       self.training, momentum, eps, self.activation, cfg, seed,
-                                      step, step_tensor, self.backend)
+                                      step, step_tensor, self.backend, residual)
         return y, a, b, used if step_tensor is not None else None
 
-    def backward(self, dy, x, a, b, weight, bias, eps, needs, noise):
+    def backward(self, dy, x, a, b, weight, bias, eps, needs, noise, out=None):
         needs = [bool(n) for n in needs]
         cfg, seed, step, step_tensor = _flat_noise(noise)
+        if self.residual:
+            relu = self.activation == "relu"  # else d(residual) is dy itself
+            dx, dw, db, dz = batch_norm_backward_op(
+                dy, x, a, b, weight, bias, self.training, self.activation,
+                needs[:3] + [needs[3] and relu], cfg, seed, step, step_tensor, self.backend,
+                True, out)
+            return (*self._grads(dx, dw, db, needs), (dz if relu else dy) if needs[3] else None)
         return self._grads(*batch_norm_backward_op(
             dy, x, a, b, weight, bias, self.training, self.activation, needs, cfg, seed, step,
-            step_tensor, self.backend), needs)
+            step_tensor, self.backend)[:3], needs)
 
 
 class LpNormOpPlan(OpPlan):

@@ -7,6 +7,7 @@ SyncBatchNorm; LpNorm1d/2d/3d have no twin and follow BatchNorm's conventions.
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -14,6 +15,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .errors import ValidationError, ValidationTypeError
 from .families import family_of
 from .functional import (
     ACTIVATIONS,
@@ -30,22 +32,22 @@ from .sync import sync_batch_norm
 
 def _check_activation(module, activation):
     if activation not in ACTIVATIONS:
-        raise ValueError(f"{type(module).__name__}: activation must be one of {ACTIVATIONS}, "
-                         f"got {activation!r}")
+        raise ValidationError(f"{type(module).__name__}: activation must be one of {ACTIVATIONS}, "
+                              f"got {activation!r}")
     return activation
 
 
 def _check_channels(module, x: torch.Tensor) -> None:
     if x.dim() >= 2 and x.shape[1] != module.num_features:
-        raise ValueError(
+        raise ValidationError(
             f"{type(module).__name__}: input has {x.shape[1]} channels (shape "
             f"{tuple(x.shape)}) but the module was built for num_features={module.num_features}")
 
 
 def _check_num_features(cls, num_features):
     if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
-        raise ValueError(f"{cls.__name__}: num_features must be a positive int, "
-                         f"got {num_features!r}")
+        raise ValidationError(f"{cls.__name__}: num_features must be a positive int, "
+                              f"got {num_features!r}")
 
 
 def _running(module, input, running_mean, running_var):
@@ -74,24 +76,86 @@ def _running(module, input, running_mean, running_var):
 
 def _check_momentum(module, momentum):
     if momentum is not None and not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"{type(module).__name__}: momentum must be in [0, 1] or None, "
-                         f"got {momentum}")
+        raise ValidationError(f"{type(module).__name__}: momentum must be in [0, 1] or None, "
+                              f"got {momentum}")
 
 
 def _check_eps(module, eps):
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0.0 < eps < math.inf:
-        raise ValueError(f"{type(module).__name__}: eps must be a positive finite number, got "
-                         f"{eps!r} (the default is 1e-5)")
+        raise ValidationError(f"{type(module).__name__}: eps must be a positive finite number, got "
+                              f"{eps!r} (the default is 1e-5)")
+
+
+# torch's BatchNorm takes ``bias=`` (a keyword) in recent versions; the modules here always
+# list it, and refuse bias=False only where the installed torch cannot honour it.
+_TORCH_HAS_BIAS = "bias" in inspect.signature(_BatchNorm.__init__).parameters
+
+
+def _bias_kwargs(cls, bias: bool) -> dict:
+    if _TORCH_HAS_BIAS:
+        return {"bias": bias}
+    if not bias:
+        raise ValidationError(f"{cls.__name__}: bias=False needs a torch whose BatchNorm takes "
+                              f"bias= (torch {torch.__version__} does not); use affine=False, "
+                              "or a newer torch")
+    return {}
+
+
+def _doc(ours: str, twin: type, holds: str = "everything it says holds here") -> str:
+    """A module's docstring: bnkernels' part, then its torch twin's whole docstring."""
+    theirs = inspect.getdoc(twin)
+    ours = inspect.cleandoc(ours)
+    if not theirs:  # python -OO
+        return ours
+    return (f"{ours}\n\nThe documentation of ``{twin.__module__.split('.modules')[0]}."
+            f"{twin.__name__}`` follows; {holds}.\n\n{theirs}")
+
+
+_BN_DOC = """``torch.nn.{name}`` on bnkernels' kernels: a drop-in replacement.
+
+    The same constructor arguments, parameters, buffers and state_dict keys, and the same
+    behaviour (training and eval, ``track_running_stats=False``, ``momentum=None``, an empty
+    batch); the backend is bnkernels' choice (:func:`bnkernels.set_backend`). In addition:
+
+    Args:
+        activation: ``None`` (default) or ``"relu"``: a ReLU fused into the normalization's
+            kernels, forward and backward.
+
+    Bad input raises errors that name the argument and the fix; they are ``ValueError`` or
+    ``TypeError`` and also ``RuntimeError``, as torch's are. ``bias=False`` needs a torch whose
+    BatchNorm takes ``bias``."""
+
+_NOISY_DOC = """``torch.nn.{name}`` with the time-varying noise of Santurkar et al. (2018),
+    Algorithm 1, in training; on bnkernels' kernels.
+
+    At every training step t, per channel j: mu_j ~ U(-n_mu, n_mu), sigma_j ~ U(1, n_sigma);
+    per element m ~ U(mu_j - r_mu, mu_j + r_mu) and s ~ N(sigma_j, r_sigma); the output is
+    act(s * a + m), a the BatchNorm output after the affine. The noise comes from a
+    counter-based RNG keyed by ``seed`` and the ``noise_step`` buffer (which advances on the
+    device after each training forward, and is saved in the state_dict), so a checkpoint
+    resumes the same noise. Eval mode adds no random noise: it applies the noise's expectation,
+    act(E[s] a + E[m]). The arguments, parameters and buffers are torch's, plus:
+
+    Args:
+        noise: a :class:`bnkernels.NoiseConfig` (default: the paper's constants).
+        seed: an int in [0, 2**63) keying the noise.
+        activation: ``None`` (default) or ``"relu"``, fused.
+
+    Bad input raises errors that are ``ValueError``/``TypeError`` and also ``RuntimeError``."""
+
+_NOISY_HOLDS = "it holds here for the normalization and affine the noise is applied to"
 
 
 class _BatchNormMixin:
     """The forward of torch's ``_BatchNorm`` on :func:`bnkernels.batch_norm`."""
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, *args, activation=None, **kwargs):
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, device=None,
+                 dtype=None, *, bias: bool = True, activation: str | None = None) -> None:
         self._init_extra(num_features, momentum, activation, eps)
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, *args,
-                         **kwargs)  # torch's class, next in the MRO
+        super().__init__(num_features, eps, momentum, affine, track_running_stats,
+                         device=device, dtype=dtype,
+                         **_bias_kwargs(type(self), bias))  # torch's class, next in the MRO
         self.activation = activation
 
     def _init_extra(self, num_features, momentum, activation, eps=1e-5):
@@ -104,23 +168,30 @@ class _BatchNormMixin:
         s = super().extra_repr()
         return s + (f", activation={self.activation!r}" if self.activation else "")
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        """act(bn(input) + residual): ``residual`` (input's shape and dtype) is added before
+        the activation in the same pass (see :func:`bnkernels.batch_norm`)."""
+        return self._forward(input, residual, self.activation)
+
+    def _forward(self, input, residual, activation):
+        """forward with the activation given (:func:`bnkernels.fuse`'s call sites)."""
         rm, rv, bn_training, factor, counter = _running(self, input, self.running_mean,
                                                         self.running_var)
         return _batch_norm(input, rm, rv, self.weight, self.bias, bn_training, factor, self.eps,
-                           self.activation, None, counter)
+                           activation, None, counter, residual)
 
 
 class BatchNorm1d(_BatchNormMixin, nn.BatchNorm1d):
-    """``torch.nn.BatchNorm1d`` on bnkernels' kernels; ``activation="relu"`` fuses a ReLU."""
+    __doc__ = _doc(_BN_DOC.format(name="BatchNorm1d"), nn.BatchNorm1d)
 
 
 class BatchNorm2d(_BatchNormMixin, nn.BatchNorm2d):
-    """``torch.nn.BatchNorm2d`` on bnkernels' kernels; ``activation="relu"`` fuses a ReLU."""
+    __doc__ = _doc(_BN_DOC.format(name="BatchNorm2d"), nn.BatchNorm2d)
 
 
 class BatchNorm3d(_BatchNormMixin, nn.BatchNorm3d):
-    """``torch.nn.BatchNorm3d`` on bnkernels' kernels; ``activation="relu"`` fuses a ReLU."""
+    __doc__ = _doc(_BN_DOC.format(name="BatchNorm3d"), nn.BatchNorm3d)
 
 
 # ----------------------------------------------------------------------------- noisy BatchNorm
@@ -135,19 +206,21 @@ class _NoisyBatchNormMixin(_BatchNormMixin):
     noise: it applies the noise's expectation, act(E[s] a + E[m]) (see
     :func:`bnkernels.noisy_batch_norm`)."""
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, *args, noise=NoiseConfig(), seed=0, activation=None,
-                 **kwargs):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, *args,
-                         activation=activation, **kwargs)
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, device=None,
+                 dtype=None, *, bias: bool = True, noise: NoiseConfig = NoiseConfig(),
+                 seed: int = 0, activation: str | None = None) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device,
+                         dtype, bias=bias, activation=activation)
         self._init_noise(noise, seed)
 
     def _init_noise(self, noise, seed):
         if not isinstance(noise, NoiseConfig):
-            raise TypeError(f"{type(self).__name__}: noise must be a bnkernels.NoiseConfig, "
-                            f"got {type(noise).__name__}")
+            raise ValidationTypeError(
+                f"{type(self).__name__}: noise must be a bnkernels.NoiseConfig, "
+                f"got {type(noise).__name__}")
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-            raise ValueError(f"{type(self).__name__}: seed must be an int in [0, 2**63), "
+            raise ValidationError(f"{type(self).__name__}: seed must be an int in [0, 2**63), "
                              f"got {seed!r}")
         self.noise = noise
         self.seed = seed
@@ -157,7 +230,8 @@ class _NoisyBatchNormMixin(_BatchNormMixin):
     def extra_repr(self) -> str:
         return super().extra_repr() + f", noise={self.noise}, seed={self.seed}"
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def _forward(self, input, residual, activation):
+        """act(s * a + m + residual) in training (see :func:`bnkernels.noisy_batch_norm`)."""
         rm, rv, bn_training, factor, counter = _running(self, input, self.running_mean,
                                                         self.running_var)
         weight, bias = self.weight, self.bias
@@ -165,27 +239,51 @@ class _NoisyBatchNormMixin(_BatchNormMixin):
             weight, bias = expected_noise_affine(self.noise, weight, bias, input,
                                                  self.running_mean)
             return _batch_norm(input, rm, rv, weight, bias, bn_training, factor, self.eps,
-                               self.activation, None, counter)
+                               activation, None, counter, residual)
         step = self.noise_step
-        y = _batch_norm(input, rm, rv, weight, bias, True, factor, self.eps, self.activation,
-                        (self.noise, self.seed, step), counter)
+        y = _batch_norm(input, rm, rv, weight, bias, True, factor, self.eps, activation,
+                        (self.noise, self.seed, step), counter, residual)
         step.add_(1)
         return y
 
 
 class NoisyBatchNorm1d(_NoisyBatchNormMixin, nn.BatchNorm1d):
-    """BatchNorm1d with the paper's noise in training; ``noise``, ``seed``, ``activation``."""
+    __doc__ = _doc(_NOISY_DOC.format(name="BatchNorm1d"), nn.BatchNorm1d, _NOISY_HOLDS)
 
 
 class NoisyBatchNorm2d(_NoisyBatchNormMixin, nn.BatchNorm2d):
-    """BatchNorm2d with the paper's noise in training; ``noise``, ``seed``, ``activation``."""
+    __doc__ = _doc(_NOISY_DOC.format(name="BatchNorm2d"), nn.BatchNorm2d, _NOISY_HOLDS)
 
 
 class NoisyBatchNorm3d(_NoisyBatchNormMixin, nn.BatchNorm3d):
-    """BatchNorm3d with the paper's noise in training; ``noise``, ``seed``, ``activation``."""
+    __doc__ = _doc(_NOISY_DOC.format(name="BatchNorm3d"), nn.BatchNorm3d, _NOISY_HOLDS)
 
 
 # ----------------------------------------------------------------------------- l_p normalization
+
+
+_LP_DOC = """l_p normalization of {shape} input, per channel (Section 3.3 of Santurkar et al.,
+    2018), with BatchNorm's conventions.
+
+    y = weight * (x - mean) / (s_p + eps) + bias, with mean and s_p per channel over the batch
+    and spatial dims: s_1 = mean|z|, s_2 = sqrt(mean z^2), s_inf = max|z|, z = x (the paper's
+    "before shifting the mean") or x - mean (``centered=True``). See
+    :func:`bnkernels.lp_norm`.
+
+    Args:
+        num_features: C, the number of channels.
+        p: 1, 2 or ``math.inf`` (also the strings "1", "2", "inf"). Default 2.
+        eps: added to s_p. Default 1e-5.
+        momentum: for ``running_mean`` and ``running_scale``, as BatchNorm's; ``None`` for a
+            cumulative average. Default 0.1.
+        affine: learnable ``weight`` and ``bias`` (default True).
+        track_running_stats: keep ``running_mean``, ``running_scale`` and
+            ``num_batches_tracked`` and use them in eval mode (default True); else batch
+            statistics in eval too.
+        centered: take s_p over x - mean instead of x (default False).
+        device, dtype: of the parameters and buffers.
+
+    Shape: {shape} in, the same out (and the same memory format)."""
 
 
 class FamilyNorm(nn.Module):
@@ -249,8 +347,8 @@ class FamilyNorm(nn.Module):
     def _check_input_dim(self, x: torch.Tensor) -> None:
         if self._expected_dims and x.dim() not in self._expected_dims:
             want = " or ".join(f"{d}D" for d in self._expected_dims)
-            raise ValueError(f"{type(self).__name__}: expected {want} input (got {x.dim()}D "
-                             "input)")
+            raise ValidationError(f"{type(self).__name__}: expected {want} input (got {x.dim()}D "
+                                  "input)")
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         rm, rs, bn_training, factor, counter = _running(self, input, *self._running_buffers())
@@ -289,19 +387,19 @@ class _LpNorm(FamilyNorm):
 
 
 class LpNorm1d(_LpNorm):
-    """l_p normalization of (N, C) or (N, C, L) input."""
+    __doc__ = inspect.cleandoc(_LP_DOC.format(shape="(N, C) or (N, C, L)"))
 
     _expected_dims = (2, 3)
 
 
 class LpNorm2d(_LpNorm):
-    """l_p normalization of (N, C, H, W) input."""
+    __doc__ = inspect.cleandoc(_LP_DOC.format(shape="(N, C, H, W)"))
 
     _expected_dims = (4,)
 
 
 class LpNorm3d(_LpNorm):
-    """l_p normalization of (N, C, D, H, W) input."""
+    __doc__ = inspect.cleandoc(_LP_DOC.format(shape="(N, C, D, H, W)"))
 
     _expected_dims = (5,)
 
@@ -310,26 +408,42 @@ class LpNorm3d(_LpNorm):
 
 
 class SyncBatchNorm(_BatchNormMixin, nn.SyncBatchNorm):
-    """``torch.nn.SyncBatchNorm`` on bnkernels' kernels.
+    __doc__ = _doc("""``torch.nn.SyncBatchNorm`` on bnkernels' kernels: a drop-in replacement.
 
     In training with more than one process in ``process_group``, the per-process
     (count, mean, biased var) are all-gathered and merged by Chan's count-weighted formula, and
     the backward's per-channel gradient sums are all-reduced, so N processes compute what one
     process would on the concatenated batch (weight/bias gradients stay per process, as in
-    torch, for DDP to reduce). Otherwise it is :class:`BatchNorm2d` for any input dims."""
+    torch, for DDP to reduce). Otherwise it is :class:`BatchNorm2d` for any input dims. Unlike
+    torch's, it also runs on CPU tensors with the gloo backend (torch's DDP refuses any
+    SyncBatchNorm in a CPU module: see ``examples/ddp_syncbn.py``). In addition to torch's
+    arguments:
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, process_group=None, *args, activation=None,
-                 **kwargs):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats,
-                         process_group, *args, activation=activation, **kwargs)
+    Args:
+        activation: ``None`` (default) or ``"relu"``, fused into the kernels.
+
+    Bad input raises errors that are ``ValueError``/``TypeError`` and also ``RuntimeError``.""",
+                   nn.SyncBatchNorm)
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, process_group=None,
+                 device=None, dtype=None, *, bias: bool = True,
+                 activation: str | None = None) -> None:
+        self._init_extra(num_features, momentum, activation, eps)
+        nn.SyncBatchNorm.__init__(self, num_features, eps, momentum, affine,
+                                  track_running_stats, process_group, device=device, dtype=dtype,
+                                  **_bias_kwargs(type(self), bias))
+        self.activation = activation
 
     def _check_input_dim(self, input):
         if input.dim() < 2:
-            raise ValueError(f"SyncBatchNorm: expected at least 2D input (got {input.dim()}D "
-                             "input)")
+            raise ValidationError(f"SyncBatchNorm: expected at least 2D input (got {input.dim()}D "
+                                  "input)")
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        """act(bn(input) + residual); ``residual`` only within one process (not across a
+        multi-process group)."""
         rm, rv, bn_training, factor, counter = _running(self, input, self.running_mean,
                                                         self.running_var)
         group = self.process_group or (dist.group.WORLD if dist.is_available() and
@@ -337,9 +451,13 @@ class SyncBatchNorm(_BatchNormMixin, nn.SyncBatchNorm):
         world = dist.get_world_size(group) if group is not None else 1
         if not (self.training and world > 1):
             return _batch_norm(input, rm, rv, self.weight, self.bias, bn_training, factor,
-                               self.eps, self.activation, None, counter)
+                               self.eps, self.activation, None, counter, residual)
+        if residual is not None:
+            raise ValidationError(
+                "SyncBatchNorm: residual= is not supported across processes (world size "
+                f"{world}); add it after the layer (activation=None), or use one process")
         if input.numel() // input.shape[1] == 0 and input.numel() != 0:
-            raise ValueError("SyncBatchNorm: empty channels")
+            raise ValidationError("SyncBatchNorm: empty channels")
         _check_scalars("SyncBatchNorm", factor, self.eps, self.activation)  # every call
         return sync_batch_norm(input, rm, rv, self.weight, self.bias, factor, self.eps,
                                self.activation, group, world, counter)
@@ -432,7 +550,7 @@ def convert(model: nn.Module, to: str = "batchnorm", sync: bool = False, dim: in
     normalization layer is returned replaced.
     """
     if to not in TARGETS:
-        raise ValueError(f"convert: unknown target {to!r}; choose one of {TARGETS}")
+        raise ValidationError(f"convert: unknown target {to!r}; choose one of {TARGETS}")
     if _is_norm(model):
         new = _replacement(model, to, sync, dim, kwargs)
         if to != "none":

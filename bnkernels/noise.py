@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import astuple, dataclass
 
+from .errors import ValidationError
+
 
 @dataclass(frozen=True)
 class NoiseConfig:
@@ -25,9 +27,10 @@ class NoiseConfig:
         for name in ("n_mu", "r_mu", "r_sigma"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v >= 0):
-                raise ValueError(f"NoiseConfig: {name} must be finite and >= 0, got {v}")
+                raise ValidationError(f"NoiseConfig: {name} must be finite and >= 0, got {v}")
         if not (math.isfinite(self.n_sigma) and self.n_sigma >= 1):
-            raise ValueError(f"NoiseConfig: n_sigma must be finite and >= 1, got {self.n_sigma}")
+            raise ValidationError(
+                f"NoiseConfig: n_sigma must be finite and >= 1, got {self.n_sigma}")
 
     def __hash__(self) -> int:
         return self._hash

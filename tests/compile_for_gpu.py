@@ -22,7 +22,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 MODULES = ["batch_norm.kernels", "noise", "lp_norm.kernels"]
-DATA_PTRS = {"x_ptr", "y_ptr", "dy_ptr", "dx_ptr"}  # the input's dtype: fp16 here
+DATA_PTRS = {"x_ptr", "y_ptr", "dy_ptr", "dx_ptr", "res_ptr", "out_ptr", "dres_ptr"}  # fp16 here
 FLOATS = {"eps", "momentum", "n_mu", "n_sigma", "r_mu", "r_sigma", "inv_m", "M_F"}
 WIDE_INTS = {"seed"}
 INT64_PTRS = {"used_ptr", "nbt_ptr"}

@@ -38,8 +38,9 @@ def _buffers(dtype=torch.float32, device="cpu"):
 def _refuses(op, exc, match, x, rm, rv, **kw):
     """``op`` raises ``exc`` matching ``match``, leaving rm and rv as they were."""
     before = [t.clone() if t is not None else None for t in (rm, rv)]
-    with pytest.raises(exc, match=match):
+    with pytest.raises(exc, match=match) as info:
         _call(op, x, rm, rv, **kw)
+    assert isinstance(info.value, RuntimeError), "not catchable as torch's errors are"
     for t, b in zip((rm, rv), before):
         if t is not None:
             assert torch.equal(t, b), "a failed call changed a running buffer"
@@ -47,8 +48,9 @@ def _refuses(op, exc, match, x, rm, rv, **kw):
 
 def _module_refuses(m, x, exc, match):
     before = {k: v.clone() for k, v in m.state_dict().items()}
-    with pytest.raises(exc, match=match):
+    with pytest.raises(exc, match=match) as info:
         m(x)
+    assert isinstance(info.value, RuntimeError), "not catchable as torch's errors are"
     for k, v in m.state_dict().items():
         assert torch.equal(v, before[k]), f"a failed call changed the buffer {k}"
 

@@ -44,7 +44,7 @@ OVERHEAD_KEYS = {"op", "p", "pass", "provider", "shape", "dtype", "calls", "repe
                  "ratio_vs_torch"}
 E2E_KEYS = {"model", "arch", "dtype", "layout", "provider", "batch", "image", "steps",
             "median_ms", "min_ms", "max_ms", "loss_first", "loss_last", "weights_kept",
-            "ratio_vs_torch", "loss_rel_diff", "check"}
+            "ratio_vs_torch", "loss_rel_diff", "check", "norm_MB"}
 
 
 def _parse(argv):
@@ -526,3 +526,21 @@ def test_quick_gpu_options_cover_every_target():
     full = bench.options(_parse(["--device", "cuda"]))
     assert full.modes == ("eager", "graph") and full.time_limit_s is None
     assert bench.options(_parse(["--device", "cuda", "--cuda-graph"])).modes == ("graph",)
+
+
+def test_e2e_norm_bytes_of_resnet50_sites():
+    """The e2e rows' norm_MB: ResNet-50's 53 BatchNorms are 33 BN -> ReLU sites, 16 BN -> add
+    -> ReLU sites and 4 downsampling BatchNorms; fusing saves 5 element accesses at each fused
+    site's elements (13 -> 8 and 16 -> 11 per element)."""
+    from bnkernels.benchmarking import models
+
+    spec = E.TINY_MODELS[1]
+    torch.manual_seed(0)
+    model = models.build(spec.arch, spec.classes, spec.width)
+    x = torch.randn(spec.batch, 3, spec.image, spec.image)
+    sites = E.norm_sites(model, x)
+    kinds = [k for k, _ in sites]
+    assert (kinds.count("bn+relu"), kinds.count("bn+add+relu"), kinds.count("bn")) == (33, 16, 4)
+    fused_elems = sum(n for k, n in sites if k != "bn")
+    assert E.norm_bytes(sites, 2, False) - E.norm_bytes(sites, 2, True) == 5 * 2 * fused_elems
+    assert E.norm_bytes(sites, 4, False) == 2 * E.norm_bytes(sites, 2, False)

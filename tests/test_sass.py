@@ -226,6 +226,9 @@ CASES = [
     ("batch_norm", None, "fwd-eval", (64, 2048, 7, 7), "fp32", "NCHW"),       # S = 49
     ("lp_norm", "2", "fwd-train", (64, 256, 56, 56), "bf16", "channels_last"),
     ("lp_norm", "2", "bwd", (64, 256, 56, 56), "fp32", "NCHW"),
+    # relu(bn(x) + residual): the fused forward, the split channels-last backward
+    ("batch_norm_add_relu", None, "fwd-train", (32, 128, 16, 16), "bf16", "NCHW"),
+    ("batch_norm_add_relu", None, "bwd", (64, 256, 56, 56), "bf16", "channels_last"),
 ]
 
 
@@ -281,7 +284,8 @@ def test_big_tensor_accesses_as_wide_as_alignment_allows(report, case):
         assert lau["problems"] == [], f"{k['kernel']}: {lau['problems']}"
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c[2] == "fwd-train"], ids=_case_id)
+@pytest.mark.parametrize("case", [c for c in CASES if c[2] == "fwd-train"
+                                  and c[0] != "batch_norm_add_relu"], ids=_case_id)
 def test_bytes_model(report, case):
     """Training forward: fused moves 2 B (x read once, its re-read from cache, y written),
     split 3 B when x does not fit in L2 (2 B when it does), 3 B either way without reuse; plus
@@ -301,3 +305,16 @@ def test_sass_decoder_matches_cuobjdump(report):
     assert checks
     for c in checks:
         assert c["decoded"] == c["listing"], c
+
+
+def test_bytes_model_of_the_residual_add(report):
+    """relu(bn(x) + residual): the fused forward reads x and the residual once each and
+    writes y (3 x-sizes, the minimum); the split backward reads dy, x and the output (the
+    ReLU's mask) and writes d(residual) in its first sweep, then reads d(residual) and x and
+    writes dx (7 x-sizes; 8 if the dx pass re-read dy and the output)."""
+    fwd = _row(report, CASES[-2])["bytes"]
+    assert fwd["read"] + fwd["write"] == 3 * fwd["x_bytes"] == fwd["minimum"], fwd
+    bwd = _row(report, CASES[-1])["bytes"]
+    x = bwd["x_bytes"]
+    assert (bwd["read"], bwd["write"]) == (5 * x, 2 * x), bwd
+    assert bwd["minimum"] == 5 * x and bwd["launches"] == 2, bwd

@@ -300,6 +300,24 @@ def main() -> int:
                                                     t["w"], t["b"], 1e-5, (True, True, True),
                                                     None),
                               ins + [saved["a"], saved["b"]])
+                    # a residual add and ReLU: forward, then the backward reading the output
+                    for training in (True, False):
+                        rsig = Signature.of("batch_norm", t["x"], training, activation="relu",
+                                            weight=t["w"], bias=t["b"], running_mean=t["rm"],
+                                            running_var=t["rv"], residual=t["dy"])
+                        rplan = BatchNormPlan(rsig)
+                        rsaved = {}
+
+                        def rfwd():
+                            out = rplan.forward(t["x"], t["rm"], t["rv"], t["w"], t["b"], 0.1,
+                                                1e-5, None, True, None, t["dy"])
+                            rsaved["y"], rsaved["a"], rsaved["b"] = out[0], out[1], out[2]
+
+                        twice(rfwd, ins)
+                        twice(lambda: rplan.backward(t["dy"], t["x"], rsaved["a"], rsaved["b"],
+                                                     t["w"], t["b"], 1e-5, (True,) * 4, None,
+                                                     rsaved["y"]),
+                              ins + [rsaved["y"], rsaved["a"], rsaved["b"]])
                     # noisy, with a tensor step and with an int step
                     for step in (t["step"], 5):
                         noise = (cfg, 3, step)

@@ -1,4 +1,4 @@
-"""``make gpu-check``: everything a lent GPU should run, in one command, within 8 minutes.
+"""``make gpu-check``: a contributor's one-command check on a CUDA machine, within 8 minutes.
 
 Run from the repository root on a machine with torch and triton (no .venv needed; the stages
 run with ``PYTHONPATH=<repo root>`` and this interpreter):

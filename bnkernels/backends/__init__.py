@@ -37,6 +37,7 @@ _BACKENDS = {b.name: b for b in (TritonBackend(), CudaBackend(), ReferenceBacken
 _CHOICES = ("auto", *_BACKENDS)
 _selected: str | None = None  # None: read BNKERNELS_BACKEND
 GENERATION = 0  # incremented whenever the selection may change (read by compiled graphs)
+RESIDUAL = "+residual"  # the op name's suffix a backend sees for a call with a residual
 
 
 def clear_plans() -> None:
@@ -116,6 +117,8 @@ def make_plan(sig: Signature, x: torch.Tensor):
     signature names or the selection picks, and cached in :data:`~.plan.PLANS`."""
     family = family_of(sig.op)
     op = "noisy_batch_norm" if sig.noisy is not None else sig.op
+    if sig.residual is not None:
+        op += RESIDUAL
     plan = family.make_plan(select(op, x, sig.backend, family).name, sig)
     if not sig.channels_contiguous:
         plan = ContiguousChannels(plan)

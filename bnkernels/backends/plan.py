@@ -59,6 +59,7 @@ class Signature(NamedTuple):
     centered: bool | None  # l_p: the scale of x - mean
     counter: bool  # a module's num_batches_tracked comes along, to be incremented
     channels: tuple  # entries of weight, bias, running mean, running var/scale (see channels)
+    residual: tuple | None = None  # BatchNorm with a residual: its (dtype, device, shape)
     backend: str | None = None
 
     @staticmethod
@@ -77,12 +78,19 @@ class Signature(NamedTuple):
     @classmethod
     def of(cls, op: str, x: torch.Tensor, training: bool, *, activation=None, noise=None,
            p=None, centered=None, counter=False, weight=None, bias=None, running_mean=None,
-           running_var=None, backend: str | None = None) -> Signature:
+           running_var=None, residual=None, backend: str | None = None) -> Signature:
         """The signature of a call, by keyword (the hot path calls :func:`signature` with
         the same values). ``noise``: None or (NoiseConfig, seed, step)."""
         noisy = None if noise is None else (noise[0], step_entry(noise[2]))
         return signature(op, x, bool(training), activation, noisy, p, centered, bool(counter),
-                         cls.channels_of(weight, bias, running_mean, running_var), backend)
+                         cls.channels_of(weight, bias, running_mean, running_var),
+                         cls.residual_of(residual), backend)
+
+    @staticmethod
+    def residual_of(residual) -> tuple | None:
+        """The ``residual`` entry: None, or the residual's (dtype, device, shape); its strides
+        are not part of it (a plan copies a residual strided unlike x to x's layout)."""
+        return None if residual is None else (residual.dtype, residual.device, residual.shape)
 
     # -- readable views of the fields
 
@@ -97,6 +105,10 @@ class Signature(NamedTuple):
     @property
     def has_running(self) -> bool:
         return self.channels[2] is not None
+
+    @property
+    def has_residual(self) -> bool:
+        return self.residual is not None
 
     @property
     def is_noisy(self) -> bool:
@@ -114,11 +126,12 @@ class Signature(NamedTuple):
 _new = tuple.__new__
 
 
-def signature(op, x, training, activation, noisy, p, centered, counter, channels, backend=None):
+def signature(op, x, training, activation, noisy, p, centered, counter, channels,
+              residual=None, backend=None):
     """The one spelling of a call's :class:`Signature` (positional: the hot path calls it per
     call; ``tuple.__new__`` skips NamedTuple's constructor)."""
     return _new(Signature, (op, x.shape, x.stride(), x.dtype, x.device, training, activation,
-                            noisy, p, centered, counter, channels, backend))
+                            noisy, p, centered, counter, channels, residual, backend))
 
 
 def step_entry(step):
@@ -144,6 +157,13 @@ class Plan(Protocol):
     ``backward(dy, x, saved_a, saved_b, weight, bias, eps, needs, noise) -> (dx, dw, db)``:
     None where ``needs`` (3 booleans) says a gradient is not wanted.
 
+    BatchNorm with a residual (``sig.residual``): ``forward(..., counter, residual)`` computes
+    out = act(bn(x) + residual) (noisy: act(s * a + m + residual)); ``backward(..., noise,
+    out)`` takes the forward's output (where a fused ReLU was active: out > 0, as torch's
+    threshold_backward reads it), ``needs`` has a fourth boolean, d(residual), and it returns
+    ``(dx, dw, db, dresidual)``: d(residual) is the activation-masked dy (dy itself without
+    an activation), written by the pass that writes dx.
+
     ``noise`` is None, or ``(NoiseConfig, seed, step)`` for noisy BatchNorm.
 
     ``sig``: the :class:`Signature` the plan was made for (the double backward reads the call's
@@ -153,9 +173,9 @@ class Plan(Protocol):
     sig: Signature
 
     def forward(self, x, running_mean, running_var, weight, bias, momentum, eps, noise,
-                need_saved=True, counter=None): ...
+                need_saved=True, counter=None, residual=None): ...
 
-    def backward(self, dy, x, saved_a, saved_b, weight, bias, eps, needs, noise): ...
+    def backward(self, dy, x, saved_a, saved_b, weight, bias, eps, needs, noise, out=None): ...
 
 
 class BasePlan:

@@ -13,6 +13,12 @@ model's state_dict equals the copy's before conversion exactly (``weights_kept``
 step's loss (``loss_first``: same weights, same data for every provider) is within
 ``LOSS_TOL`` of torch's (relative, ``loss_rel_diff``); "FAIL" otherwise.
 
+Variants of a provider, by suffix: ``-fused`` runs ``bnkernels.fuse`` after the conversion
+(every BatchNorm -> ReLU and BatchNorm -> add -> ReLU site one fused call), ``-compile``
+``torch.compile``s the model (torch's BatchNorm: ``torch-compile``). ``norm_MB``: the bytes a
+step moves through normalization and the ReLUs and residual adds around it, modeled per
+element (:func:`norm_bytes`; None for compiled models, whose fusions the model does not know).
+
 cuDNN runs with ``benchmark=True`` (as a training script sets it) for every provider; TF32 is
 left at torch's defaults (cuDNN convolutions may use it, matmuls do not).
 """
@@ -68,13 +74,33 @@ LR, MOMENTUM = 0.01, 0.9
 # (CPU, reference backend: up to 1.3e-5 in fp32, 1.4e-2 in bf16 autocast over 10 seeds).
 LOSS_TOL = {"fp32": 1e-3, "bf16": 5e-2}
 
-GPU_PROVIDERS = (BASELINE, "bnkernels-auto", "bnkernels-triton", "bnkernels-cuda")
-CPU_PROVIDERS = (BASELINE, "bnkernels-reference")
+GPU_PROVIDERS = (BASELINE, "bnkernels-auto", "bnkernels-triton", "bnkernels-cuda",
+                 "bnkernels-auto-fused", "torch-compile", "bnkernels-auto-fused-compile")
+CPU_PROVIDERS = (BASELINE, "bnkernels-reference", "bnkernels-reference-fused")
+FUSED, COMPILE = "-fused", "-compile"  # provider name suffixes (see the module docstring)
 NOT_ON_CPU = {
     "bnkernels-auto": "on the CPU 'auto' runs the interpreted Triton kernels (seconds per step "
                       "of even the tiny models); the reference backend stands in",
     "bnkernels-triton": "interpreted on the CPU: seconds per step of even the tiny models",
     "bnkernels-cuda": "the CUDA backend needs a CUDA device",
+    "bnkernels-auto-fused": "'auto' runs the interpreted Triton kernels on the CPU; "
+                            "bnkernels-reference-fused stands in",
+    "torch-compile": "compiling the models takes minutes on the CPU: GPU runs only",
+    "bnkernels-auto-fused-compile": "compiling the models takes minutes on the CPU: GPU runs "
+                                    "only",
+}
+
+# Element accesses of x's size per training step at each kind of site (forward + backward),
+# without cache reuse between passes: torch's BatchNorm reads x twice (statistics, then
+# normalize) and writes y, its backward reads dy and x twice and writes dx (8); a ReLU reads
+# and writes (forward 2, its backward reads dy and y and writes dx: 3); an add reads two and
+# writes one (its backward passes the gradient on: 0). bnkernels' fused BatchNorm + ReLU keeps
+# BatchNorm's 8 (the backward recomputes the ReLU's mask from x); + residual add reads the
+# residual in the forward, and in the backward reads the output (the mask) and writes
+# d(residual) in its first sweep, which its dx pass reads instead of dy (4 + 7).
+SITE_ACCESSES = {
+    "unfused": {"bn": 8, "bn+relu": 13, "bn+add+relu": 16, "bn+add": 11},
+    "fused": {"bn": 8, "bn+relu": 8, "bn+add+relu": 11, "bn+add": 9},
 }
 
 
@@ -100,6 +126,8 @@ class E2EOptions:
         cuda = device.type == "cuda"
         default = GPU_PROVIDERS if cuda else CPU_PROVIDERS
         chosen = tuple(n for n in default if not requested or n in requested or n == BASELINE)
+        if smoke:  # compiling each tiny model would take longer than the rest of the run
+            chosen = tuple(n for n in chosen if not n.endswith(COMPILE))
         if not cuda or smoke:  # fp32 NCHW and bf16 channels_last only
             return cls(TINY_MODELS, DTYPES, LAYOUTS, chosen, warmup=1, min_steps=2,
                        min_seconds=0.0, max_steps=2, max_combos=2)
@@ -122,11 +150,47 @@ class E2EOptions:
         return [(m, d, lay) for d, lay in combos for m in self.models]
 
 
+def _variant(name: str) -> tuple[str, bool, bool]:
+    """(provider name, fused, compiled) of an e2e provider name."""
+    compiled = name.endswith(COMPILE)
+    if compiled:
+        name = name[:-len(COMPILE)]
+    fused = name.endswith(FUSED)
+    if fused:
+        name = name[:-len(FUSED)]
+    return name, fused, compiled
+
+
 def _provider(name: str) -> P.Provider | None:
     """The bnkernels provider of a name (None for torch's BatchNorm)."""
+    name = _variant(name)[0]
     if name == BASELINE:
         return None
     return P.AUTO if name == P.AUTO.name else P.PROVIDERS[name]
+
+
+def norm_sites(model: torch.nn.Module, x: torch.Tensor) -> list[tuple[str, int]]:
+    """(site kind, elements) of every BatchNorm call of a training step of ``model`` on a batch
+    like ``x``: the kinds :func:`bnkernels.fuse` finds ("bn+relu", "bn+add+relu", "bn+add",
+    and "bn" for a BatchNorm it leaves), the elements from a forward on the meta device."""
+    fused = bnkernels.fuse(copy.deepcopy(model).train())
+    kinds = {name: kind for kind, name, _ in fused.fusion_report.fused}
+    sizes: dict[str, int] = {}
+    meta = copy.deepcopy(model).to("meta").train()
+    hooks = [m.register_forward_hook(lambda m, a, out, n=n: sizes.__setitem__(n, out.numel()))
+             for n, m in meta.named_modules()
+             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    with torch.no_grad():
+        meta(torch.empty(x.shape, device="meta"))
+    for h in hooks:
+        h.remove()
+    return [(kinds.get(n, "bn"), numel) for n, numel in sizes.items()]
+
+
+def norm_bytes(sites: list[tuple[str, int]], itemsize: int, fused: bool) -> int:
+    """Bytes a training step moves through its normalization sites (see SITE_ACCESSES)."""
+    table = SITE_ACCESSES["fused" if fused else "unfused"]
+    return sum(table[kind] * numel * itemsize for kind, numel in sites)
 
 
 def _context(name: str):
@@ -149,14 +213,19 @@ def _trainer(base: torch.nn.Module, provider: str, x: torch.Tensor, y: torch.Ten
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     kept = None
-    if provider != BASELINE:
+    name, fused, compiled = _variant(provider)
+    if name != BASELINE:
         before = {k: v.clone() for k, v in model.state_dict().items()}
         model = bnkernels.convert(model, to="batchnorm")
+        if fused:
+            model = bnkernels.fuse(model.train())
         after = model.state_dict()
         kept = before.keys() == after.keys() and all(torch.equal(v, after[k])
                                                      for k, v in before.items())
         del before, after
     model.train()
+    if compiled:
+        model = torch.compile(model)
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16"
                 else contextlib.nullcontext())
@@ -192,7 +261,7 @@ def run(device: torch.device, opts: E2EOptions, skipped: list[dict],
     rows: list[dict] = []
     configs = opts.configs()
     truncated = None
-    made: dict[str, tuple] = {}  # model name -> (model, x, y), built once
+    made: dict[str, tuple] = {}  # model name -> (model, x, y, sites), built once
     # cuDNN's autotuner for the convolutions, as a training script sets it; through the flags
     # context manager, which also works where global flags are frozen (torch's test utilities
     # freeze them).
@@ -232,11 +301,12 @@ def _model_and_batch(spec: ModelSpec, device: torch.device):
     gen.manual_seed(1)
     x = torch.randn(spec.batch, 3, spec.image, spec.image, device=device, generator=gen)
     y = torch.randint(0, spec.classes, (spec.batch,), device=device, generator=gen)
-    return base, x, y
+    return base, x, y, norm_sites(base, x)
 
 
-def _run_config(spec: ModelSpec, dtype: str, layout: str, base, x, y, providers: list[str],
-                device: torch.device, opts: E2EOptions, skipped: list[dict], log) -> list[dict]:
+def _run_config(spec: ModelSpec, dtype: str, layout: str, base, x, y, sites,
+                providers: list[str], device: torch.device, opts: E2EOptions,
+                skipped: list[dict], log) -> list[dict]:
     rows = []
     for name in providers:
         where = {"model": spec.name, "dtype": dtype, "layout": layout, "provider": name}
@@ -249,7 +319,11 @@ def _run_config(spec: ModelSpec, dtype: str, layout: str, base, x, y, providers:
             continue
         finally:
             _release(device)
+        _, fused, compiled = _variant(name)
+        norm_mb = None if compiled else norm_bytes(sites, 2 if dtype == "bf16" else 4,
+                                                   fused) / 1e6
         rows.append({**where, "arch": spec.arch, "batch": spec.batch, "image": spec.image,
+                     "norm_MB": norm_mb,
                      "width": spec.width, "classes": spec.classes, "steps": len(times),
                      "warmup": max(1, opts.warmup), "median_ms": statistics.median(times),
                      "min_ms": min(times), "max_ms": max(times), "loss_first": first,
@@ -258,9 +332,10 @@ def _run_config(spec: ModelSpec, dtype: str, layout: str, base, x, y, providers:
     add_ratios(rows)
     for r in rows:
         ratio = "-" if r["ratio_vs_torch"] is None else f"{r['ratio_vs_torch']:.3f}x"
-        log(f"e2e: {r['model']:<22} {r['dtype']:<4} {r['layout']:<13} {r['provider']:<20} "
-            f"{r['median_ms']:>9.2f} ms/step  {ratio} torch  loss {r['loss_first']:.4f}"
-            + (f" {r['check']}" if r["check"] else ""))
+        norm = "-" if r["norm_MB"] is None else f"{r['norm_MB']:.1f}"
+        log(f"e2e: {r['model']:<22} {r['dtype']:<4} {r['layout']:<13} {r['provider']:<28} "
+            f"{r['median_ms']:>9.2f} ms/step  {ratio} torch  loss {r['loss_first']:.4f}  "
+            f"norm {norm} MB" + (f" {r['check']}" if r["check"] else ""))
     return rows
 
 
@@ -320,5 +395,5 @@ def settings(opts: E2EOptions, device: torch.device) -> dict:
 
 
 __all__ = ["BASELINE", "CPU_PROVIDERS", "DTYPES", "E2EOptions", "GPU_MODELS", "GPU_PROVIDERS",
-           "LAYOUTS", "LIMITS", "LOSS_TOL", "ModelSpec", "TINY_MODELS", "add_ratios", "names",
-           "run", "settings"]
+           "LAYOUTS", "LIMITS", "LOSS_TOL", "ModelSpec", "SITE_ACCESSES", "TINY_MODELS",
+           "add_ratios", "names", "norm_bytes", "norm_sites", "run", "settings"]

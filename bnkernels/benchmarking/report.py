@@ -260,12 +260,15 @@ def _e2e_md(result: dict) -> list[str]:
         "Training step (e2e)",
         f"{info.get('method', '')}. cuDNN: {info.get('cudnn', '')}. Ratio: step time over "
         "torch.nn.BatchNorm2d's (same model, dtype, layout); first loss checked against "
-        "torch's (same weights, same batch).",
+        "torch's (same weights, same batch). norm MB: the bytes a step moves through its "
+        "normalization sites (BatchNorm, and the ReLUs and residual adds a fused site takes "
+        "in), modeled per element (bnkernels.benchmarking.e2e.SITE_ACCESSES); '-' for "
+        "compiled models.",
         ["model", "dtype", "layout", "provider", "ms/step", "ratio vs torch", "steps",
-         "first loss", "check"],
+         "first loss", "check", "norm MB"],
         [[r["model"], r["dtype"], r["layout"], r["provider"], f"{r['median_ms']:.2f}",
           _num(r["ratio_vs_torch"], "{:.3f}"), r["steps"], f"{r['loss_first']:.4f}",
-          r["check"] or "-"] for r in rows])
+          r["check"] or "-", _num(r.get("norm_MB"), "{:.1f}")] for r in rows])
 
 
 # ----------------------------------------------------------------------------- plots

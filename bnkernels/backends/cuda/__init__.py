@@ -44,6 +44,9 @@ class CudaBackend:
             reasons.append(f"the cuda backend needs CUDA tensors; x is on {x.device.type}")
         if x.dtype not in FLOAT_DTYPES:
             reasons.append(f"dtype {x.dtype} is not supported")
+        if op.endswith("+residual"):
+            reasons.append("the residual add (batch_norm(..., residual=...)) is not in the "
+                           "cuda backend's kernels yet; the triton backend fuses it")
         return reasons
 
     def plan(self, sig):

@@ -31,7 +31,6 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[3]
-CSRC = ROOT / "csrc"
 EXT_NAME = "bnkernels_cuda_ext"  # the JIT module; the prebuilt one is bnkernels._cuda_ext
 PREBUILT = "bnkernels._cuda_ext"
 SOURCES = ("bindings.cpp", "batch_norm.cu", "noisy.cu", "lp_norm.cu", "persistent.cu")
@@ -39,8 +38,20 @@ HEADERS = ("bnkernels.h", "common.cuh", "batch_norm.cuh")
 DEFAULT_ARCHS = "8.0;9.0+PTX"  # PTX: GPUs newer than sm_90 JIT-compile it
 
 
-def have_sources(root: Path = CSRC) -> bool:
+def have_sources(root: Path | None = None) -> bool:
+    root = CSRC if root is None else root
     return all((root / f).is_file() for f in SOURCES + HEADERS)
+
+
+def find_sources() -> Path:
+    """Where the C++/CUDA sources are: ``bnkernels/csrc`` inside an installed package (the wheel
+    ships them there), else ``csrc/`` of the source checkout this package runs from (an
+    editable install); the checkout's path when neither has them (build_reasons says so)."""
+    installed = Path(__file__).resolve().parents[2] / "csrc"
+    return installed if have_sources(installed) else ROOT / "csrc"
+
+
+CSRC = find_sources()
 
 
 @functools.lru_cache(maxsize=4)

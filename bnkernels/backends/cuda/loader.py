@@ -35,9 +35,11 @@ import hashlib
 import importlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import tempfile
+import time
 import uuid
 import warnings
 from pathlib import Path
@@ -45,6 +47,8 @@ from pathlib import Path
 import torch
 
 from . import build_config as cuda_build
+
+_log = logging.getLogger(__name__)  # under the "bnkernels" logger
 
 # ----------------------------------------------------------------------------- loading
 
@@ -172,13 +176,15 @@ def build_reasons() -> list[str]:
     if torch.version.cuda is None:
         reasons.append(f"this torch ({torch.__version__}) is not a CUDA build")
     if not cuda_build.have_sources():
-        reasons.append(f"the CUDA sources are not at {cuda_build.CSRC} (install from a source "
-                       "checkout, or prebuild with BNKERNELS_BUILD_CUDA=1)")
+        reasons.append(f"the CUDA sources are not at {cuda_build.CSRC} (bnkernels' wheel and "
+                       "sdist ship them as bnkernels/csrc: reinstall the package, or prebuild "
+                       "with BNKERNELS_BUILD_CUDA=1)")
     problem = _toolkit_problem()
     if problem is not None:
         reasons.append(problem)
     if shutil.which("ninja") is None and importlib.util.find_spec("ninja") is None:
-        reasons.append("ninja is not installed (pip install ninja)")
+        reasons.append("ninja is not installed (pip install 'bnkernels[cuda]', or pip "
+                       "install ninja)")
     return reasons
 
 
@@ -263,5 +269,9 @@ def load():
     if _ext is None:
         if _build_error is not None:
             raise RuntimeError(f"bnkernels: the CUDA extension failed to build: {_build_error}")
+        _log.info("building the CUDA extension from %s into %s (once; a minute or more)",
+                  cuda_build.CSRC, _jit_directory())
+        started = time.perf_counter()
         build()
+        _log.info("built the CUDA extension in %.0f s", time.perf_counter() - started)
     return _ext

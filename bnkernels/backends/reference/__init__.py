@@ -33,12 +33,12 @@ class BatchNormPlan(BasePlan):
         self.activation = sig.activation
 
     def forward(self, x, running_mean, running_var, weight, bias, momentum, eps, noise,
-                need_saved=True, counter=None):
+                need_saved=True, counter=None, residual=None):
         if counter is not None:
             counter.add_(1)
         y, mean, invstd = F.batch_norm_reference_fwd(
             x, running_mean, running_var, weight, bias, self.training, momentum, eps,
-            self.activation, noise)
+            self.activation, noise, residual)
         if not self.training:
             if not need_saved:
                 return y, None, None, None
@@ -47,9 +47,14 @@ class BatchNormPlan(BasePlan):
                     1.0 / torch.sqrt(running_var.to(acc) + eps), None)
         return y, mean, invstd, _step_used(noise)
 
-    def backward(self, dy, x, mean, invstd, weight, bias, eps, needs, noise):
-        return F.batch_norm_reference_bwd(dy, x, mean, invstd, weight, bias, self.training,
-                                          self.activation, needs, noise)
+    def backward(self, dy, x, mean, invstd, weight, bias, eps, needs, noise, out=None):
+        if not self.sig.has_residual:
+            return F.batch_norm_reference_bwd(dy, x, mean, invstd, weight, bias, self.training,
+                                              self.activation, needs, noise)
+        g = F.residual_grad(dy, out, self.activation)  # d(residual), and what reaches bn(x)
+        dx, dw, db = F.batch_norm_reference_bwd(g, x, mean, invstd, weight, bias,
+                                                self.training, None, needs[:3], noise)
+        return dx, dw, db, (g if needs[3] else None)
 
     # SyncBatchNorm's stages
 

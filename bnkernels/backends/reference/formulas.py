@@ -24,6 +24,7 @@ Backward, with g = dy (times [y > 0] for the fused ReLU)::
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 
@@ -31,6 +32,8 @@ import numpy as np
 import torch
 
 from ..plan import acc_dtype
+
+_log = logging.getLogger(__name__)  # under the "bnkernels" logger
 
 
 def _reduce_dims(x: torch.Tensor) -> list[int]:
@@ -58,11 +61,12 @@ def _relu_mask(g: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def batch_norm_reference_fwd(x, running_mean, running_var, weight, bias, training, momentum,
-                             eps, activation, noise=None):
+                             eps, activation, noise=None, residual=None):
     """Returns ``(y, save_mean, save_invstd)``; updates the running buffers in place.
 
     In eval mode ``(y, None, None)``: the statistics are the running buffers.
     ``noise = (NoiseConfig, seed, step)``: noisy BatchNorm, y = act(s * a + m), a = w xhat + b.
+    ``residual`` (x's shape and dtype): added before the activation, y = act(a + residual).
     """
     acc = acc_dtype(x.dtype)
     if training:
@@ -76,10 +80,11 @@ def batch_norm_reference_fwd(x, running_mean, running_var, weight, bias, trainin
             running_var.copy_(momentum * unbiased + (1 - momentum) * running_var.to(acc))
         # x - mean as (x - shift) - mean_d: exact where the fp32 mean itself would round
         centered = (x.to(acc) - _per_channel(shift, x)) - _per_channel(mean_d, x)
-        y = _apply_centered(centered, invstd, weight, bias, activation, noise, x)
+        y = _apply_centered(centered, invstd, weight, bias, activation, noise, x, residual)
         return y, mean, invstd
     invstd = 1.0 / torch.sqrt(running_var.to(acc) + eps)
-    y = batch_norm_reference_apply(x, running_mean, invstd, weight, bias, activation, noise)
+    y = batch_norm_reference_apply(x, running_mean, invstd, weight, bias, activation, noise,
+                                   residual)
     return y, None, None
 
 
@@ -112,19 +117,23 @@ def batch_norm_reference_stats(x):
     return shift + mean_d, var
 
 
-def batch_norm_reference_apply(x, mean, invstd, weight, bias, activation, noise=None):
-    """y = act(s * a + m) (or act(a)), a = w * (x - mean) * invstd + b."""
+def batch_norm_reference_apply(x, mean, invstd, weight, bias, activation, noise=None,
+                               residual=None):
+    """y = act(s * a + m + r) (or act(a + r); r = residual, or 0),
+    a = w * (x - mean) * invstd + b."""
     acc = acc_dtype(x.dtype)
     centered = x.to(acc) - _per_channel(mean.to(acc), x)
-    return _apply_centered(centered, invstd, weight, bias, activation, noise, x)
+    return _apply_centered(centered, invstd, weight, bias, activation, noise, x, residual)
 
 
-def _apply_centered(centered, invstd, weight, bias, activation, noise, x):
+def _apply_centered(centered, invstd, weight, bias, activation, noise, x, residual=None):
     acc = centered.dtype
     y = _affine(centered * _per_channel(invstd.to(acc), x), weight, bias, x, acc)
     if noise is not None:
         s, m = noisy_bn_noise_reference(x, noise)
         y = y.mul_(s).add_(m)  # s * y + m (y is a temporary of this call)
+    if residual is not None:
+        y = y + residual.to(acc)  # in the accumulation dtype, rounded once to x's dtype
     if activation == "relu":
         y = _relu(y)
     return _like(y, x)
@@ -254,14 +263,19 @@ def _philox_c():
     first call, into a private temporary directory removed once the library is loaded (no
     cache on disk). Its output is checked against :func:`_philox_passes` on counters that
     cross a multiple of 2^32 before it is used. Any failure (no compiler, a failed compile,
-    load or check) leaves the numpy path, silently: the bits are the same."""
+    load or check) leaves the numpy path, with one warning on the ``bnkernels`` logger: the
+    bits are the same, the noise about twice as slow."""
     global _PHILOX_FN
     with _PHILOX_LOCK:
         if _PHILOX_FN is None:
+            why = "no C compiler found, or the compiled code failed its check against numpy"
             try:
                 _PHILOX_FN = _build_philox_c()
-            except Exception:
-                _PHILOX_FN = False
+            except Exception as e:
+                _PHILOX_FN, why = False, f"{type(e).__name__}: {e}"
+            if _PHILOX_FN is False:
+                _log.warning("the compiled CPU Philox is unavailable (%s); noisy BatchNorm's "
+                             "CPU noise comes from numpy instead (the same bits, slower)", why)
         return _PHILOX_FN
 
 
@@ -412,7 +426,8 @@ def noisy_bn_noise_reference(x: torch.Tensor, noise) -> tuple[torch.Tensor, torc
 
 
 def _upstream(dy, x, mean, invstd, weight, bias, activation, noise):
-    """(g, xhat) with g = dL/da, a = w * xhat + b, given dy = dL/dout."""
+    """(g, xhat) with g = dL/da, a = w * xhat + b, given dy = dL/dout (or, with a residual,
+    the activation-masked dy and activation None: see :func:`residual_grad`)."""
     acc = acc_dtype(x.dtype)
     xhat = (x.to(acc) - _per_channel(mean.to(acc), x)) * _per_channel(invstd.to(acc), x)
     g = dy.to(acc)
@@ -434,6 +449,15 @@ def _dx_from(g, xhat, x, invstd, weight, mean_g=None, mean_gxhat=None):
     if mean_g is not None:
         g = g - _per_channel(mean_g, x) - xhat * _per_channel(mean_gxhat, x)
     return _like(g * _per_channel(scale, x), x)
+
+
+def residual_grad(dy, out, activation):
+    """d(residual) of out = act(... + residual): dy masked where a fused ReLU's output ``out``
+    is <= 0 (as torch's threshold_backward: NaN passes), or dy itself. It is also what reaches
+    the BatchNorm part: the backward then runs without the activation."""
+    if activation == "relu":
+        return _relu_mask(dy, out)
+    return dy
 
 
 def batch_norm_reference_bwd(dy, x, mean, invstd, weight, bias, training, activation, needs,

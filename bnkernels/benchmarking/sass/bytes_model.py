@@ -17,9 +17,20 @@ import math
 # reads x and writes y; the eval backward with dweight reads dy and x (dweight = sum(dy * xhat))
 # and writes dx.
 MINIMUM = {"fwd-train": (1, 1), "bwd": (2, 1), "fwd-eval": (1, 1), "bwd-eval": (2, 1)}
+# relu(bn(x) + residual): the forward reads the residual too; the backward reads what says where
+# the ReLU was active (here the output: one tensor; a 1-bit mask would be 1/16 of an fp16 x)
+# and writes d(residual) beside dx.
+MINIMUM_RESIDUAL = {"fwd-train": (2, 1), "bwd": (3, 2), "fwd-eval": (2, 1), "bwd-eval": (3, 2)}
+
+
+def minimum_of(case) -> tuple[int, int]:
+    """The compulsory (read, written) tensors of x's size of ``case``'s op and pass."""
+    table = MINIMUM_RESIDUAL if case.op == "batch_norm_add_relu" else MINIMUM
+    return table[case.pass_]
 
 ASSUMPTIONS = [
-    "bytes model: a tile load or store of a big tensor (x, y, dy, dx) in a kernel's Triton IR "
+    "bytes model: a tile load or store of a big tensor (x, y, dy, dx; the residual, the output "
+    "read for the ReLU's mask and d(residual) with a residual add) in a kernel's Triton IR "
     "sweeps that tensor once; the first sweep of a tensor comes from DRAM, every store goes to "
     "DRAM (write-back), per-channel vectors, workspace partials and tickets count once per "
     "launch that touches them",
@@ -34,7 +45,10 @@ ASSUMPTIONS = [
     "bandwidth); launch latency (a few us per launch) is not in it. A training pass must see "
     "every value before it can normalize any, so where x (and dy) exceed what L2 and the SMs "
     "hold (~50 MB + ~60 MB of registers and shared memory) 3 B forward / 5 B backward is the "
-    "floor in practice and vs_min 1.5 / 1.67 is what an optimal kernel shows",
+    "floor in practice and vs_min 1.5 / 1.67 is what an optimal kernel shows; with a residual "
+    "add and ReLU (batch_norm_add_relu) the minimum reads the residual in the forward and the "
+    "output (the ReLU's mask) in the backward and writes d(residual): 3 B forward, 5 B "
+    "backward (4 B forward, 8 B backward the floor in practice)",
 ]
 
 
@@ -76,7 +90,7 @@ def model(case, launches: list[dict], kernels: dict, device) -> dict:
                 write += a["bytes"]
                 seen_here.add(a["id"])
                 history.append((a["id"], a["bytes"]))
-    r_min, w_min = MINIMUM[case.pass_]
+    r_min, w_min = minimum_of(case)
     minimum = (r_min + w_min) * x_bytes
     total = read + write + small
     worst = no_reuse_read + write + small

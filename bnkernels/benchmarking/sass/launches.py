@@ -21,7 +21,9 @@ import torch
 from .. import shapes as S
 
 PASSES = ("fwd-train", "bwd", "fwd-eval", "bwd-eval")
-OPS = ("batch_norm", "noisy_batch_norm", "lp_norm")
+OPS = ("batch_norm", "noisy_batch_norm", "lp_norm", "batch_norm_add_relu")
+# batch_norm_add_relu: relu(batch_norm(x) + residual), bnkernels.batch_norm(..., residual=z,
+# activation="relu") (the residual strided as x)
 DIRECTION = {"fwd-train": "forward", "bwd": "backward", "fwd-eval": "forward",
              "bwd-eval": "backward"}
 TRAINING = {"fwd-train": True, "bwd": True, "fwd-eval": False, "bwd-eval": False}
@@ -134,8 +136,8 @@ def gpu_host(sms: int = SMS):
 def case_signature(case: Case):
     """The plans' :class:`~bnkernels.backends.plan.Signature` of ``case`` on a CUDA device, as
     the benchmark's calls make it: fp32 weight, bias and running statistics (contiguous), no
-    activation, no step counter, an integer noise step (the paper's NoiseConfig), l_p
-    uncentered."""
+    activation (ReLU and a residual of x's shape and dtype for batch_norm_add_relu), no step
+    counter, an integer noise step (the paper's NoiseConfig), l_p uncentered."""
     from ...backends.plan import Signature
     from ...noise import NoiseConfig
 
@@ -144,10 +146,11 @@ def case_signature(case: Case):
     channel = (torch.float32, device, case.dims[1], True)
     lp = case.op == "lp_norm"
     noisy = (NoiseConfig(), None) if case.op == "noisy_batch_norm" else None  # an int step
+    res = case.op == "batch_norm_add_relu"
     return Signature("lp_norm" if lp else "batch_norm", tuple(x.shape), tuple(x.stride()),
-                     x.dtype, device, TRAINING[case.pass_], None, noisy,
+                     x.dtype, device, TRAINING[case.pass_], "relu" if res else None, noisy,
                      LP_PS[case.p] if lp else None, False if lp else None, False,
-                     (channel,) * 4, None)
+                     (channel,) * 4, (x.dtype, device, x.shape) if res else None, None)
 
 
 def launches_of(op: str, sig, direction: str) -> list[LaunchSpec]:
@@ -166,14 +169,18 @@ def launches_of(op: str, sig, direction: str) -> list[LaunchSpec]:
         plan = TritonBackend().plan(sig)
         noise = (sig.noisy[0], 0, 0) if op == "noisy_batch_norm" else None
         backward = direction == "backward"
-        _, a, s, used = plan.forward(x, rm, rv, w, b, 0.1, 1e-5, noise,
-                                     need_saved=backward or sig.training)
+        res = () if sig.residual is None else (torch.empty_like(x),)
+        y, a, s, used = plan.forward(x, rm, rv, w, b, 0.1, 1e-5, noise,
+                                     backward or sig.training, None, *res)
         if not backward:
             return list(recorded)
         recorded.clear()
         if used is not None:
             noise = (noise[0], noise[1], used)
-        plan.backward(torch.empty_like(x), x, a, s, w, b, 1e-5, (True, True, True), noise)
+        if res:  # d(residual) too, the ReLU's mask read from the output
+            plan.backward(torch.empty_like(x), x, a, s, w, b, 1e-5, (True,) * 4, noise, y)
+        else:
+            plan.backward(torch.empty_like(x), x, a, s, w, b, 1e-5, (True, True, True), noise)
         return list(recorded)
 
 

@@ -224,10 +224,13 @@ def _bn_affine(x, mean, lo, invstd, w, b, HAS_LO: tl.constexpr):
 
 
 @triton.jit
-def _bn_out(a, s, m, RELU: tl.constexpr, NOISY: tl.constexpr):
-    """out = act(s * a + m) (noisy) or act(a)."""
+def _bn_out(a, s, m, RELU: tl.constexpr, NOISY: tl.constexpr, r=0.0,
+            HAS_RES: tl.constexpr = False):
+    """out = act(s * a + m + r) (noisy) or act(a + r); r: the residual (HAS_RES)."""
     if NOISY:
         a = tl.math.fma(s, a, m)
+    if HAS_RES:
+        a = a + r
     if RELU:
         a = tl.where(a < 0.0, 0.0, a)  # NaN propagates, as torch.relu
     return a
@@ -248,6 +251,34 @@ def _upstream_grad(g, x, mean, invstd, w, b, s, m, RELU: tl.constexpr, NOISY: tl
     if NOISY:
         g = g * s
     return g
+
+
+@triton.jit
+def _res_load(res_ptr, offs, mask, ACC: tl.constexpr, HAS_RES: tl.constexpr):
+    """The residual at ``offs`` (x's layout), or 0.0 without one."""
+    r = 0.0
+    if HAS_RES:
+        r = tl.load(res_ptr + offs, mask=mask, other=0.0).to(ACC)
+    return r
+
+
+@triton.jit
+def _out_mask(g, out_ptr, offs, mask, OUT_MASK: tl.constexpr):
+    """dy masked where the forward's output is <= 0 (a ReLU fused after a residual add: the
+    backward reads the output instead of recomputing bn(x) + residual), as torch's
+    threshold_backward (NaN passes); g itself without OUT_MASK."""
+    if OUT_MASK:
+        o = tl.load(out_ptr + offs, mask=mask, other=0.0)
+        g = tl.where(o <= 0.0, 0.0, g)
+    return g
+
+
+@triton.jit
+def _dres_store(dres_ptr, offs, mask, g, OUT_MASK: tl.constexpr):
+    """d(residual) = the masked dy (OUT_MASK), in the pass that writes dx."""
+    if OUT_MASK:
+        if dres_ptr is not None:  # None: d(residual) not wanted
+            tl.store(dres_ptr + offs, g.to(dres_ptr.dtype.element_ty), mask=mask)
 
 
 # What a per-channel "scale" argument holds (constexpr SCALE_FROM of the kernels).
@@ -334,6 +365,7 @@ def _save_step(used_ptr, step, first, SAVE_STEP: tl.constexpr):
 def _bn_fwd_kernel(
     x_ptr,  # (N, C, S) contiguous, or (M, C) channels last (CL)
     y_ptr,  # x's shape, out (FUSED)
+    res_ptr,  # x's layout: the residual added before the activation (HAS_RES)
     mean_ptr,  # [C] ACC out: mean
     invstd_ptr,  # [C] ACC out: 1/sqrt(biased var + eps), or the biased var if OUT_VAR
     rmean_ptr,  # [C] running_mean, updated in place if UPDATE
@@ -376,6 +408,7 @@ def _bn_fwd_kernel(
     ACC: tl.constexpr,
     INT64: tl.constexpr,
     ALIGN: tl.constexpr = 1,  # a power of two dividing the rows (S or C)
+    HAS_RES: tl.constexpr = False,  # add the residual before the activation
 ):
     if CL:
         C = aligned(C, ALIGN)
@@ -421,7 +454,9 @@ def _bn_fwd_kernel(
             if NOISY:
                 ns, nm = _unit_noise(offs, u, ch, mu, sigma, C, S, seed, step, r_mu, r_sigma,
                                      BLOCK_A, CL, INT64)
-            y = _bn_out(_bn_affine(x, hi, lo, invstd, w, b, HAS_LO), ns, nm, RELU, NOISY)
+            r = _res_load(res_ptr, offs, mask, ACC, HAS_RES)
+            y = _bn_out(_bn_affine(x, hi, lo, invstd, w, b, HAS_LO), ns, nm, RELU, NOISY, r,
+                        HAS_RES)
             tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
     else:
         part = ws_ptr + ch * SPLIT + p
@@ -443,6 +478,7 @@ def _bn_fwd_kernel(
 def _bn_apply_kernel(
     x_ptr,  # [ROWS, COLS] contiguous
     y_ptr,  # [ROWS, COLS] out, x's dtype
+    res_ptr,  # [ROWS, COLS]: the residual added before the activation (HAS_RES)
     mean_ptr,  # [C] mean (mean_hi)
     lo_ptr,  # [C] ACC mean_lo (if HAS_LO)
     scale_ptr,  # [C] invstd, or what SCALE_FROM says
@@ -477,6 +513,7 @@ def _bn_apply_kernel(
     ACC: tl.constexpr,
     INT64: tl.constexpr,
     ALIGN: tl.constexpr = 1,  # a power of two dividing the rows (S or C)
+    HAS_RES: tl.constexpr = False,  # add the residual before the activation
 ):
     rows, cols, ch, cm, offs, mask = tile(ROWS, COLS, C, BLOCK_R, BLOCK_K, CHAN_ON_ROWS, INT64,
                                           ALIGN)
@@ -505,7 +542,8 @@ def _bn_apply_kernel(
                              r_sigma, CHAN_ON_ROWS, INT64)
         _save_step(used_ptr, step, (tl.program_id(0) == 0) & (tl.program_id(1) == 0),
                    SAVE_STEP)
-    y = _bn_out(_bn_affine(x, mean, lo, invstd, w, b, HAS_LO), ns, nm, RELU, NOISY)
+    r = _res_load(res_ptr, offs, mask, ACC, HAS_RES)
+    y = _bn_out(_bn_affine(x, mean, lo, invstd, w, b, HAS_LO), ns, nm, RELU, NOISY, r, HAS_RES)
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -539,6 +577,9 @@ def _bn_bwd_kernel(
     dy_ptr,  # (N, C, S) contiguous, or (M, C) channels last (CL)
     x_ptr,  # dy's layout
     dx_ptr,  # out (FUSED, or eval with WRITE_DX)
+    out_ptr,  # dy's layout: the forward's output, for the ReLU's mask (OUT_MASK)
+    dres_ptr,  # out, dy's layout: d(residual) = the masked dy, written by the first sweep
+    # (OUT_MASK; None: not wanted): the split training backward's dx pass reads it as its dy
     mean_ptr,  # [C] mean (training) or running_mean (eval)
     scale_ptr,  # [C] invstd (training) or running_var (eval; see SCALE_FROM)
     w_ptr,
@@ -580,6 +621,7 @@ def _bn_bwd_kernel(
     ACC: tl.constexpr,
     INT64: tl.constexpr,
     ALIGN: tl.constexpr = 1,  # a power of two dividing the rows (S or C)
+    OUT_MASK: tl.constexpr = False,  # ReLU after a residual add: mask from out, write dres
 ):
     if CL:
         C = aligned(C, ALIGN)
@@ -612,6 +654,8 @@ def _bn_bwd_kernel(
         if NOISY:
             ns, nm = _unit_noise(offs, u, ch, mu, sigma, C, S, seed, step, r_mu, r_sigma,
                                  BLOCK_A, CL, INT64)
+        g = _out_mask(g, out_ptr, offs, mask, OUT_MASK)
+        _dres_store(dres_ptr, offs, mask, g, OUT_MASK)  # the split dx pass reads it as dy
         g = tl.where(mask, _upstream_grad(g, x, mean, invstd, w, b, ns, nm, RELU, NOISY), 0.0)
         sum_g += g
         sum_gx += g * tl.where(mask, x - mean, 0.0)
@@ -635,6 +679,7 @@ def _bn_bwd_kernel(
                 if NOISY:
                     ns, nm = _unit_noise(offs, u, ch, mu, sigma, C, S, seed, step, r_mu,
                                          r_sigma, BLOCK_A, CL, INT64)
+                g = _out_mask(g, out_ptr, offs, mask, OUT_MASK)  # re-read from cache
                 g = _upstream_grad(g, x, mean, invstd, w, b, ns, nm, RELU, NOISY)
                 dx = (g - k1 - (x - mean) * k2) * invstd * w
                 tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
@@ -655,6 +700,8 @@ def _bn_bwd_dx_kernel(
     dy_ptr,  # [ROWS, COLS] contiguous, same layout as x
     x_ptr,
     dx_ptr,  # out, x's dtype
+    out_ptr,  # the forward's output, for the ReLU's mask (OUT_MASK: eval's one pass)
+    dres_ptr,  # out: d(residual) (OUT_MASK)
     mean_ptr,  # [C] mean (training) or running_mean (eval)
     scale_ptr,  # [C] invstd, or what SCALE_FROM says
     w_ptr,
@@ -684,6 +731,7 @@ def _bn_bwd_dx_kernel(
     ACC: tl.constexpr,
     INT64: tl.constexpr,
     ALIGN: tl.constexpr = 1,  # a power of two dividing the rows (S or C)
+    OUT_MASK: tl.constexpr = False,  # ReLU after a residual add: mask from out, write dres
 ):
     rows, cols, ch, cm, offs, mask = tile(ROWS, COLS, C, BLOCK_R, BLOCK_K, CHAN_ON_ROWS, INT64,
                                           ALIGN)
@@ -705,6 +753,8 @@ def _bn_bwd_dx_kernel(
         step = load_step(step, STEP_PTR)
         ns, nm = _tile_noise(rows, cols, ch, offs, C, S, seed, step, n_mu, n_sigma, r_mu,
                              r_sigma, CHAN_ON_ROWS, INT64)
+    g = _out_mask(g, out_ptr, offs, mask, OUT_MASK)
+    _dres_store(dres_ptr, offs, mask, g, OUT_MASK)
     g = _upstream_grad(g, x, mean, invstd, w, b, ns, nm, RELU, NOISY)
     if TRAINING:
         dx = (g - k1 - (x - mean) * k2) * invstd * w

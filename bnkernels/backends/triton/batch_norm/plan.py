@@ -25,14 +25,16 @@ from .kernels import (
 # The per-call arguments of each kernel (everything else is fixed by the plan). Absent tensors
 # (no weight, no running statistics, no noise) are passed as None: Triton takes a None
 # argument as a constexpr, so the kernel variant of a plan never sees a placeholder.
-_FWD_CALL = ("x_ptr", "y_ptr", "mean_ptr", "invstd_ptr", "rmean_ptr", "rvar_ptr", "w_ptr",
-             "b_ptr", "ws_ptr", "ticket_ptr", "step", "used_ptr", "nbt_ptr", "momentum", "eps",
-             "seed")
-_APPLY_CALL = ("x_ptr", "y_ptr", "mean_ptr", "lo_ptr", "scale_ptr", "w_ptr", "b_ptr", "step",
-               "used_ptr", "save_mean_ptr", "save_invstd_ptr", "eps", "seed")
-_BWD_CALL = ("dy_ptr", "x_ptr", "dx_ptr", "mean_ptr", "scale_ptr", "w_ptr", "b_ptr", "dw_ptr",
+_FWD_CALL = ("x_ptr", "y_ptr", "res_ptr", "mean_ptr", "invstd_ptr", "rmean_ptr", "rvar_ptr",
+             "w_ptr", "b_ptr", "ws_ptr", "ticket_ptr", "step", "used_ptr", "nbt_ptr", "momentum",
+             "eps", "seed")
+_APPLY_CALL = ("x_ptr", "y_ptr", "res_ptr", "mean_ptr", "lo_ptr", "scale_ptr", "w_ptr", "b_ptr",
+               "step", "used_ptr", "save_mean_ptr", "save_invstd_ptr", "eps", "seed")
+_BWD_CALL = ("dy_ptr", "x_ptr", "dx_ptr", "out_ptr", "dres_ptr", "mean_ptr", "scale_ptr",
+             "w_ptr", "b_ptr", "dw_ptr",
              "db_ptr", "ws_ptr", "ticket_ptr", "step", "seed")
-_DX_CALL = ("dy_ptr", "x_ptr", "dx_ptr", "mean_ptr", "scale_ptr", "w_ptr", "b_ptr", "coef_ptr",
+_DX_CALL = ("dy_ptr", "x_ptr", "dx_ptr", "out_ptr", "dres_ptr", "mean_ptr", "scale_ptr",
+            "w_ptr", "b_ptr", "coef_ptr",
             "step", "seed")
 # Every per-call pointer is checked for the alignment its kernel variant assumes (see
 # ..launch): the user's tensors, and the plan's own too (running_mean is passed as mean_ptr in
@@ -69,6 +71,12 @@ class BatchNormPlan(BasePlan):
         self.cfg = cfg = reduce_config(lay, fused=self.fused, itemsize=sig.dtype.itemsize)
         self.ncs = lay.kind == "ncs"
         self.relu = sig.activation == "relu"
+        # A residual: the forward adds it before the activation (HAS_RES); with a ReLU, the
+        # backward reads the forward's output for the mask (OUT_MASK) and writes d(residual)
+        # with dx, instead of recomputing bn(x) + residual (see docs/fused-ops.md).
+        self.res = sig.has_residual
+        self.out_mask = self.res and self.relu
+        self.recompute = self.relu and not self.res  # the backward recomputes the output
         cfg_noise = sig.noisy[0] if sig.is_noisy else None
         self.step_tensor = sig.step_tensor
         self.save_step = self.step_tensor and sig.training
@@ -94,15 +102,17 @@ class BatchNormPlan(BasePlan):
         if sig.training:
             if self.fused:
                 self.k_fwd = self._reduce_fwd_launch(FUSED=True, UPDATE=sig.has_running,
-                                                     OUT_VAR=False, HAS_LO=not self.relu,
+                                                     OUT_VAR=False,
+                                                     HAS_LO=not self.recompute,
                                                      SAVE_STEP=self.save_step,
                                                      COUNT=sig.counter)
             else:
                 self.k_stats = self._reduce_fwd_launch(
-                    FUSED=False, UPDATE=sig.has_running, OUT_VAR=False, HAS_LO=not self.relu,
-                    SAVE_STEP=False, COUNT=sig.counter, NOISY=False, STEP_PTR=STEP_INT,
-                    HAS_W=False, HAS_B=False, RELU=False)
-                self.k_apply = self._apply_launch(SCALE_FROM=INVSTD, HAS_LO=not self.relu,
+                    FUSED=False, UPDATE=sig.has_running, OUT_VAR=False,
+                    HAS_LO=not self.recompute, SAVE_STEP=False, COUNT=sig.counter, NOISY=False,
+                    STEP_PTR=STEP_INT, HAS_W=False, HAS_B=False, RELU=False, HAS_RES=False)
+                self.k_apply = self._apply_launch(SCALE_FROM=INVSTD,
+                                                  HAS_LO=not self.recompute,
                                                   SAVE_STEP=self.save_step, SAVE_STATS=False)
         else:
             self.k_eval = self._apply_launch(SCALE_FROM=FROM_VAR, HAS_LO=False, SAVE_STEP=False,
@@ -116,13 +126,13 @@ class BatchNormPlan(BasePlan):
         return Launch(kernel, grid, num_warps, consts, call, device=self.lay.device)
 
     def _reduce_fwd_launch(self, **meta):
-        consts = dict(self.flags, **self.noise_consts, **self.shape)
+        consts = dict(self.flags, **self.noise_consts, **self.shape, HAS_RES=self.res)
         consts.update(meta)
         return self._launch(_bn_fwd_kernel, self.reduce_grid, self.cfg.num_warps, _FWD_CALL,
                             consts)
 
     def _apply_launch(self, **meta):
-        consts = dict(self.flags, **self.noise_consts, **self.ew)
+        consts = dict(self.flags, **self.noise_consts, **self.ew, HAS_RES=self.res)
         consts.update(meta)
         return self._launch(_bn_apply_kernel, self.ew_grid, self.ew_warps, _APPLY_CALL, consts)
 
@@ -137,7 +147,8 @@ class BatchNormPlan(BasePlan):
                           STEP_PTR=self.step_mode,
                           FUSED=self.fused, TRAINING=self.training or raw,
                           SCALE_FROM=INVSTD, WRITE_DX=need_dx, WRITE_DW=need_dw,
-                          WRITE_DB=need_db, DW_RAW=raw, M_F=float(self.lay.M), eps=None)
+                          WRITE_DB=need_db, DW_RAW=raw, M_F=float(self.lay.M), eps=None,
+                          RELU=self.recompute, OUT_MASK=self.out_mask)
             launch = self._bwd_launches[key] = self._launch(
                 _bn_bwd_kernel, self.reduce_grid, self.cfg.num_warps, _BWD_CALL, consts)
         return launch
@@ -148,25 +159,29 @@ class BatchNormPlan(BasePlan):
         return self._dx_launch(self.step_mode)
 
     def _dx_launch(self, step_mode):
+        # A residual's training dx pass reads the masked dy its reduction wrote (d(residual)):
+        # no mask there; eval's one pass masks and writes d(residual) itself.
         consts = dict(self.flags, **self.noise_consts, **self.ew, TRAINING=self.training,
-                      SCALE_FROM=INVSTD, eps=None, STEP_PTR=step_mode)
+                      SCALE_FROM=INVSTD, eps=None, STEP_PTR=step_mode, RELU=self.recompute,
+                      OUT_MASK=self.out_mask and not self.training)
         return self._launch(_bn_bwd_dx_kernel, self.ew_grid, self.ew_warps, _DX_CALL, consts)
 
     @functools.cached_property
     def k_sync_stats(self):
         return self._reduce_fwd_launch(FUSED=False, UPDATE=False, OUT_VAR=True, HAS_LO=False,
                                        SAVE_STEP=False, COUNT=False, NOISY=False,
-                                       STEP_PTR=False, HAS_W=False, HAS_B=False, RELU=False)
+                                       STEP_PTR=False, HAS_W=False, HAS_B=False, RELU=False,
+                                       HAS_RES=False)
 
     @functools.cached_property
     def k_sync_apply(self):
         return self._apply_launch(SCALE_FROM=INVSTD, HAS_LO=False, SAVE_STEP=False,
-                                  SAVE_STATS=False)
+                                  SAVE_STATS=False, HAS_RES=False)
 
     # -- forward
 
     def forward(self, x, running_mean, running_var, weight, bias, momentum, eps, noise,
-                need_saved=True, counter=None):
+                need_saved=True, counter=None, residual=None):
         """``(y, mean, invstd, used)``: the batch statistics in training; in eval mode
         snapshots of the mean and invstd used (None unless ``need_saved``). ``used``: the step
         a noisy training forward with a tensor step used (1-element int64, written by its
@@ -174,18 +189,19 @@ class BatchNormPlan(BasePlan):
         xc = x.contiguous() if self.copy else x
         y = torch.empty_like(xc)
         seed, step = (None, None) if noise is None else (noise[1], noise[2])
+        res = None if residual is None else self.lay.like(residual, xc)  # x's layout
         if not self.training:
             if need_saved:
                 mean = xc.new_empty(self.C, dtype=self.acc)
                 invstd = xc.new_empty(self.C, dtype=self.acc)
                 self.k_eval_save.run(
-                    x_ptr=xc, y_ptr=y, mean_ptr=running_mean, lo_ptr=None,
+                    x_ptr=xc, y_ptr=y, res_ptr=res, mean_ptr=running_mean, lo_ptr=None,
                     scale_ptr=running_var, w_ptr=weight, b_ptr=bias, step=step, used_ptr=None,
                     save_mean_ptr=mean, save_invstd_ptr=invstd, eps=eps, seed=seed)
             else:
                 mean = invstd = None
                 self.k_eval.run(
-                    x_ptr=xc, y_ptr=y, mean_ptr=running_mean, lo_ptr=None,
+                    x_ptr=xc, y_ptr=y, res_ptr=res, mean_ptr=running_mean, lo_ptr=None,
                     scale_ptr=running_var, w_ptr=weight, b_ptr=bias, step=step, used_ptr=None,
                     save_mean_ptr=None, save_invstd_ptr=None, eps=eps, seed=seed)
             return (y if not self.copy else self._restore(y, x)), mean, invstd, None
@@ -194,19 +210,22 @@ class BatchNormPlan(BasePlan):
         used = xc.new_empty(1, dtype=torch.int64) if self.save_step else None
         if self.fused:
             self.k_fwd.run(
-                x_ptr=xc, y_ptr=y, mean_ptr=mean, invstd_ptr=invstd, rmean_ptr=running_mean,
+                x_ptr=xc, y_ptr=y, res_ptr=res, mean_ptr=mean, invstd_ptr=invstd,
+                rmean_ptr=running_mean,
                 rvar_ptr=running_var, w_ptr=weight, b_ptr=bias, ws_ptr=None, ticket_ptr=None,
                 step=step, used_ptr=used, nbt_ptr=counter, momentum=momentum, eps=eps,
                 seed=seed)
         else:
             ws = self.workspaces.get()
             self.k_stats.run(
-                x_ptr=xc, y_ptr=None, mean_ptr=mean, invstd_ptr=invstd, rmean_ptr=running_mean,
+                x_ptr=xc, y_ptr=None, res_ptr=None, mean_ptr=mean, invstd_ptr=invstd,
+                rmean_ptr=running_mean,
                 rvar_ptr=running_var, w_ptr=None, b_ptr=None, ws_ptr=ws.buf,
                 ticket_ptr=ws.ticket, step=None, used_ptr=None, nbt_ptr=counter,
                 momentum=momentum, eps=eps, seed=None)
             self.k_apply.run(
-                x_ptr=xc, y_ptr=y, mean_ptr=mean, lo_ptr=ws.vec if not self.relu else None,
+                x_ptr=xc, y_ptr=y, res_ptr=res, mean_ptr=mean,
+                lo_ptr=ws.vec if not self.recompute else None,
                 scale_ptr=invstd, w_ptr=weight, b_ptr=bias, step=step, used_ptr=used,
                 save_mean_ptr=None, save_invstd_ptr=None, eps=eps, seed=seed)
         return (y if not self.copy else self._restore(y, x)), mean, invstd, used
@@ -216,20 +235,48 @@ class BatchNormPlan(BasePlan):
 
     # -- backward
 
-    def backward(self, dy, x, mean, invstd, weight, bias, eps, needs, noise):
+    def backward(self, dy, x, mean, invstd, weight, bias, eps, needs, noise, out=None):
         """``(dx, dweight, dbias)``, None where ``needs`` says so; ``mean, invstd``: what the
-        forward saved (the batch statistics, or the eval snapshots)."""
+        forward saved (the batch statistics, or the eval snapshots). With a residual,
+        ``(dx, dweight, dbias, dresidual)`` (``needs`` has four entries; ``out``: the
+        forward's output, read for a ReLU's mask)."""
+        if self.res:
+            return self._backward_res(dy, x, mean, invstd, weight, bias, eps, needs, noise, out)
+        return self._backward(dy, x, mean, invstd, weight, bias, eps, needs, noise)
+
+    def _backward_res(self, dy, x, mean, invstd, weight, bias, eps, needs, noise, out):
+        need_dz = needs[3]
+        if not self.out_mask:  # no activation: d(residual) = dy, and bn(x) gets dy
+            dx, dw, db = self._backward(dy, x, mean, invstd, weight, bias, eps, needs[:3],
+                                        noise)
+            return dx, dw, db, (dy if need_dz else None)
+        xc = x.contiguous() if self.copy else x
+        # d(residual), the masked dy, is written by the first sweep: wanted, or read by the
+        # split training backward's dx pass
+        split_dx = needs[0] and self.training and not self.fused
+        dz = torch.empty_like(xc) if need_dz or split_dx else None
+        if need_dz and not any(needs[:3]):  # nothing else wanted: one elementwise op
+            return None, None, None, torch.where(out <= 0, torch.zeros_like(dy), dy)
+        dx, dw, db = self._backward(dy, x, mean, invstd, weight, bias, eps, needs[:3], noise,
+                                    (self.lay.like(out, xc), dz))
+        return dx, dw, db, (dz if need_dz else None)
+
+    def _backward(self, dy, x, mean, invstd, weight, bias, eps, needs, noise, res=None):
+        """The backward's launches; ``res``: (the forward's output in x's layout, the
+        d(residual) out or None) where a ReLU follows a residual add."""
         need_dx, need_dw, need_db = needs
         need_dw = need_dw and weight is not None
         need_db = need_db and bias is not None
         if self.copy:
             x = x.contiguous()
         dyc = dy if dy.stride() == x.stride() else self.lay.like(dy, x)
+        out, dres = (None, None) if res is None else res
         seed, step = (None, None) if noise is None else (noise[1], noise[2])
         dx = torch.empty_like(x) if need_dx else None
         if not (need_dw or need_db or (need_dx and self.training)):
             if need_dx:  # eval, dx alone: one elementwise pass
-                self.k_dx.run(dy_ptr=dyc, x_ptr=x, dx_ptr=dx, mean_ptr=mean, scale_ptr=invstd,
+                self.k_dx.run(dy_ptr=dyc, x_ptr=x, dx_ptr=dx, out_ptr=out, dres_ptr=dres,
+                              mean_ptr=mean, scale_ptr=invstd,
                               w_ptr=weight, b_ptr=bias, coef_ptr=None, step=step, seed=seed)
             return dx, None, None
         dw = torch.empty_like(weight) if need_dw else None
@@ -237,13 +284,16 @@ class BatchNormPlan(BasePlan):
         split_dx = need_dx and self.training and not self.fused
         ws = None if self.fused else self.workspaces.get()
         self._bwd_launch(need_dx, need_dw, need_db).run(
-            dy_ptr=dyc, x_ptr=x, dx_ptr=None if split_dx else dx, mean_ptr=mean,
+            dy_ptr=dyc, x_ptr=x, dx_ptr=None if split_dx else dx, out_ptr=out,
+            dres_ptr=dres, mean_ptr=mean,
             scale_ptr=invstd, w_ptr=weight, b_ptr=bias, dw_ptr=dw, db_ptr=db,
             ws_ptr=ws.buf if ws is not None else None,
             ticket_ptr=ws.ticket if ws is not None else None, step=step, seed=seed)
-        if split_dx:
+        if split_dx:  # with a residual and a ReLU, dy is the masked dy the reduction wrote
             self.k_dx.run(
-                dy_ptr=dyc, x_ptr=x, dx_ptr=dx, mean_ptr=mean, scale_ptr=invstd, w_ptr=weight,
+                dy_ptr=dyc if dres is None else dres, x_ptr=x, dx_ptr=dx, out_ptr=None,
+                dres_ptr=None, mean_ptr=mean,
+                scale_ptr=invstd, w_ptr=weight,
                 b_ptr=bias, coef_ptr=ws.vec, step=step, seed=seed)
         return dx, dw, db
 
@@ -256,7 +306,8 @@ class BatchNormPlan(BasePlan):
         var = xc.new_empty(self.C, dtype=self.acc)
         ws = self.workspaces.get()
         self.k_sync_stats.run(
-            x_ptr=xc, y_ptr=None, mean_ptr=mean, invstd_ptr=var, rmean_ptr=None, rvar_ptr=None,
+            x_ptr=xc, y_ptr=None, res_ptr=None, mean_ptr=mean, invstd_ptr=var, rmean_ptr=None,
+            rvar_ptr=None,
             w_ptr=None, b_ptr=None, ws_ptr=ws.buf, ticket_ptr=ws.ticket, step=None,
             used_ptr=None, nbt_ptr=None, momentum=0.0, eps=0.0, seed=None)
         return mean, var
@@ -267,7 +318,8 @@ class BatchNormPlan(BasePlan):
         y = torch.empty_like(xc)
         seed, step = noise_call(noise)
         self.k_sync_apply.run(
-            x_ptr=xc, y_ptr=y, mean_ptr=mean.to(self.acc).contiguous(), lo_ptr=None,
+            x_ptr=xc, y_ptr=y, res_ptr=None, mean_ptr=mean.to(self.acc).contiguous(),
+            lo_ptr=None,
             scale_ptr=invstd.to(self.acc).contiguous(), w_ptr=weight, b_ptr=bias, step=step,
             used_ptr=None, save_mean_ptr=None, save_invstd_ptr=None, eps=0.0, seed=seed)
         return y if not self.copy else self._restore(y, x)
@@ -281,7 +333,8 @@ class BatchNormPlan(BasePlan):
         seed, step = noise_call(noise)
         ws = None if self.fused else self.workspaces.get()
         self._bwd_launch(False, True, True, raw=True).run(
-            dy_ptr=dyc, x_ptr=x, dx_ptr=None, mean_ptr=mean.to(self.acc).contiguous(),
+            dy_ptr=dyc, x_ptr=x, dx_ptr=None, out_ptr=None, dres_ptr=None,
+            mean_ptr=mean.to(self.acc).contiguous(),
             scale_ptr=invstd.to(self.acc).contiguous(), w_ptr=weight, b_ptr=bias,
             dw_ptr=sums[1], db_ptr=sums[0],
             ws_ptr=ws.buf if ws is not None else None,
@@ -298,7 +351,8 @@ class BatchNormPlan(BasePlan):
         coef = torch.stack([mean_sums[0].to(acc), mean_sums[1].to(acc) * invstd * invstd])
         dx = torch.empty_like(x)
         seed, step = noise_call(noise)
-        self.k_dx.run(dy_ptr=dyc, x_ptr=x, dx_ptr=dx, mean_ptr=mean, scale_ptr=invstd,
+        self.k_dx.run(dy_ptr=dyc, x_ptr=x, dx_ptr=dx, out_ptr=None, dres_ptr=None, mean_ptr=mean,
+                      scale_ptr=invstd,
                       w_ptr=weight, b_ptr=bias, coef_ptr=coef.contiguous(), step=step,
                       seed=seed)
         return dx

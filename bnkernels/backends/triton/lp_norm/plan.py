@@ -10,7 +10,8 @@ import triton
 
 from ...plan import BasePlan, Signature, Workspaces
 from ..batch_norm.kernels import FROM_LP_SCALE, INVSTD, _bn_apply_kernel, _bn_bwd_dx_kernel
-from ..batch_norm.plan import _APPLY_CALL, _DX_CALL
+from ..batch_norm.plan import _APPLY_CALL as _BN_APPLY_CALL
+from ..batch_norm.plan import _DX_CALL as _BN_DX_CALL
 from ..common import apply_config, reduce_config, reduce_shape, row_align, strategy, tl_dtype
 from ..launch import Launch
 from .kernels import (
@@ -24,6 +25,9 @@ _FWD_CALL = ("x_ptr", "y_ptr", "mean_ptr", "scale_ptr", "rmean_ptr", "rscale_ptr
              "b_ptr", "ws_ptr", "ticket_ptr", "nbt_ptr", "momentum", "eps")
 _BWD_CALL = ("dy_ptr", "x_ptr", "dx_ptr", "mean_ptr", "scale_ptr", "w_ptr", "dw_ptr", "db_ptr",
              "ws_ptr", "ticket_ptr", "eps")
+# BatchNorm's elementwise kernels without a residual (its pointers are constexpr None here)
+_APPLY_CALL = tuple(n for n in _BN_APPLY_CALL if n != "res_ptr")
+_DX_CALL = tuple(n for n in _BN_DX_CALL if n not in ("out_ptr", "dres_ptr"))
 _LP_DX_CALL = ("dy_ptr", "x_ptr", "dx_ptr", "mean_ptr", "scale_ptr", "coef_ptr")
 _EW_NO_NOISE = dict(NOISY=False, STEP_PTR=False, RELU=False, n_mu=None, n_sigma=None, r_mu=None,
                     r_sigma=None)
@@ -88,7 +92,8 @@ class LpNormPlan(BasePlan):
 
     def _apply_launch(self, scale_from, SAVE_STATS):
         consts = dict(self.ew, **self.has, **_EW_NO_NOISE, S=self.lay.S, SCALE_FROM=scale_from,
-                      HAS_LO=False, SAVE_STEP=False, SAVE_STATS=SAVE_STATS)
+                      HAS_LO=False, SAVE_STEP=False, SAVE_STATS=SAVE_STATS, res_ptr=None,
+                      HAS_RES=False)
         return self._launch(_bn_apply_kernel, self.ew_grid, self.ew_warps, _APPLY_CALL, consts)
 
     def _bwd_launch(self, need_dx, need_dw, need_db):
@@ -111,7 +116,7 @@ class LpNormPlan(BasePlan):
     def k_eval_dx(self):
         """Eval dx alone: BatchNorm's eval dx kernel (invstd = the snapshot 1/(s + eps))."""
         consts = dict(self.ew, **self.has, **_EW_NO_NOISE, S=self.lay.S, TRAINING=False,
-                      SCALE_FROM=INVSTD, eps=None)
+                      SCALE_FROM=INVSTD, eps=None, out_ptr=None, dres_ptr=None, OUT_MASK=False)
         return self._launch(_bn_bwd_dx_kernel, self.ew_grid, self.ew_warps, _DX_CALL, consts)
 
     @functools.cached_property

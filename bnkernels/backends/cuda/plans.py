@@ -162,7 +162,7 @@ class BatchNormPlan(BasePlan):
         return self.lay, xc, torch.empty_like(xc)
 
     def forward(self, x, running_mean, running_var, weight, bias, momentum, eps, noise,
-                need_saved=True, counter=None):
+                need_saved=True, counter=None, residual=None):
         lay, xc, y = self._start(x, counter)
         view = lay.kernel_view
         if self.training:
@@ -187,8 +187,9 @@ class BatchNormPlan(BasePlan):
                           weight, bias, self.relu, *_noise_args(noise, xc.device), mean, invstd)
         return lay.restore(y, x), mean, invstd, None
 
-    def backward(self, dy, x, a, b, weight, bias, eps, needs, noise):
-        """``a, b``: the mean and invstd the forward saved."""
+    def backward(self, dy, x, a, b, weight, bias, eps, needs, noise, out=None):
+        """``a, b``: the mean and invstd the forward saved. (No residual: the selection does
+        not give this backend a call with one.)"""
         need_dx, need_dw, need_db = needs
         dx, args = _backward_io(self.lay, dy, x, need_dx)
         ws, tickets = self.workspaces.get()
@@ -250,7 +251,7 @@ class LpNormPlan(BasePlan):
         self.workspaces = self.bn.workspaces
 
     def forward(self, x, running_mean, running_scale, weight, bias, momentum, eps, noise=None,
-                need_saved=True, counter=None):
+                need_saved=True, counter=None, residual=None):
         lay, xc, y = self.bn._start(x, counter)
         view = lay.kernel_view
         if self.training:
@@ -267,7 +268,7 @@ class LpNormPlan(BasePlan):
                           weight, bias, False, *_NO_NOISE, *saved)
         return lay.restore(y, x), saved[0], saved[1], None
 
-    def backward(self, dy, x, a, b, weight, bias, eps, needs, noise=None):
+    def backward(self, dy, x, a, b, weight, bias, eps, needs, noise=None, out=None):
         """``a, b``: the forward's saved (mean, s_p) in training; in eval mode its snapshots
         (mean, invstd)."""
         if not self.training:

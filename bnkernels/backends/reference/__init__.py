@@ -86,7 +86,7 @@ class LpNormPlan(BasePlan):
         self.centered = sig.centered
 
     def forward(self, x, running_mean, running_scale, weight, bias, momentum, eps, noise=None,
-                need_saved=True, counter=None):
+                need_saved=True, counter=None, residual=None):  # l_p: never a residual
         if counter is not None:
             counter.add_(1)
         y, mean, scale = F.lp_norm_reference_fwd(
@@ -100,7 +100,7 @@ class LpNormPlan(BasePlan):
                     1.0 / (running_scale.to(acc) + eps), None)
         return y, mean, scale, None
 
-    def backward(self, dy, x, a, b, weight, bias, eps, needs, noise=None):
+    def backward(self, dy, x, a, b, weight, bias, eps, needs, noise=None, out=None):
         if not self.training:  # constant statistics: BatchNorm's eval backward, invstd = b
             return F.batch_norm_reference_bwd(dy, x, a, b, weight, bias, False, None, needs)
         return F.lp_norm_reference_bwd(dy, x, self.p, a, b, weight, bias, self.training,

@@ -26,8 +26,9 @@ import os
 import sys
 from pathlib import Path
 
+from .experiments.batch import default_jobs
+from .experiments.config import CONFIGS, RunConfig
 from .experiments.models import NORMS
-from .experiments.train import CONFIGS, RunConfig, default_jobs
 
 
 def _csv(kind):
@@ -123,9 +124,9 @@ SWEEP_NORMS = {"ics": "none,batchnorm", "landscape": "none,batchnorm",
 
 def cmd_sweep(args) -> int:
     """ics / landscape / lr-sweep / lp: a grid of norms x learning rates, then a plot."""
+    from .experiments.batch import run_many
     from .experiments.plots import Run, plot_runs
     from .experiments.report import final_test_acc, final_train, ics_mean, landscape_median
-    from .experiments.train import run_many
 
     name = f"{args.model}-quick" if args.quick else args.model
     base = dataclasses.replace(CONFIGS[name], **SWEEP_MEASURE[args.command])
@@ -364,10 +365,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=20, help="SGD steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=0.1, help="SGD step size")
-    p.add_argument("--backend", choices=("auto", "triton", "reference"), default="auto",
-                   help="auto: bnkernels' choice (without a GPU its reference backend, the CPU "
-                        "path); triton: the Triton kernels (without a GPU in the interpreter, "
-                        "slow: about 1.5 s a step on a 2-core CPU)")
+    p.add_argument("--backend", choices=("auto", "triton", "cpu", "reference"), default="auto",
+                   help="auto: bnkernels' choice (without a GPU its cpu backend, the CPU "
+                        "path; reference: the eager oracle); triton: the Triton kernels "
+                        "(without a GPU in the interpreter, slow: about 1.5 s a step on a "
+                        "2-core CPU)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("env", help="versions, GPUs, backends (and why one cannot run), the "

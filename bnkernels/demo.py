@@ -50,7 +50,7 @@ def _task(seed: int, n: int = 32, size: int = 12, classes: int = 4):
     return x, y
 
 
-DEMO_BACKENDS = ("auto", "triton", "reference")
+DEMO_BACKENDS = ("auto", "triton", "cpu", "reference")
 _CHILD = "BNKERNELS_DEMO_INTERPRETER_CHILD"  # set in the child process that reruns the demo
 
 
@@ -92,7 +92,7 @@ def run_demo(steps: int = 20, seed: int = 0, lr: float = 0.1, backend: str = "au
     """Train both models for ``steps`` SGD steps; 0 when they match, 1 when not.
 
     ``backend``: "auto" (bnkernels' choice), "triton" (the Triton kernels; the interpreter
-    without a GPU) or "reference"."""
+    without a GPU), "cpu" (the C kernels of CPU tensors) or "reference"."""
     if backend not in DEMO_BACKENDS:
         raise ValueError(f"run_demo: backend must be one of {DEMO_BACKENDS}, got {backend!r}")
     if steps < 1:
@@ -127,8 +127,10 @@ def _run(bnk, steps: int, seed: int, lr: float) -> int:
     ours.load_state_dict(ref.state_dict())  # same parameters and buffers, same keys
     backend = bnk.backends.select("batch_norm", x).name
     where = {("triton", "cpu"): " (Triton interpreter)",
-             ("reference", "cpu"): " (its CPU path; --backend triton runs the Triton kernels "
-                                   "in the interpreter)"}.get((backend, device.type), "")
+             ("cpu", "cpu"): " (its CPU path; --backend triton runs the Triton kernels "
+                             "in the interpreter)",
+             ("reference", "cpu"): " (the eager oracle; --backend triton runs the Triton "
+                                   "kernels in the interpreter)"}.get((backend, device.type), "")
     print(f"bnkernels demo: small CNN, {steps} SGD steps (lr {lr}) on {device}, "
           f"bnkernels backend {backend!r}{where}")
     print(f"{'step':>4}  {'loss torch':>11}  {'loss bnkernels':>14}  {'|diff|':>9}")

@@ -137,8 +137,14 @@ def numel_per_channel(shape) -> int:
 def use_backend(name: str) -> None:
     """Select a backend by its test name: "reference", "triton" (its own choice of strategy
     per shape), or "triton-fused" / "triton-split" (that strategy forced: one launch per
-    direction, or each channel split over many programs and finalized by the last)."""
+    direction, or each channel split over many programs and finalized by the last), or "cpu"
+    (the C kernels of CPU tensors: the test is skipped where the tests' device is a GPU)."""
     from bnkernels.backends.triton import common
+
+    if name == "cpu" and torch.cuda.is_available():
+        import pytest
+
+        pytest.skip("the cpu backend runs CPU tensors; the tests' device is a GPU")
 
     backend, _, strategy = name.partition("-")
     common._OVERRIDES.pop("strategy", None)

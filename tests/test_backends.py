@@ -12,8 +12,9 @@ from bnkernels.backends.triton import TritonBackend
 
 def test_available_backends_lists_every_backend_with_reasons():
     avail = bnk.available_backends()
-    assert set(avail) == {"triton", "cuda", "reference"}
+    assert set(avail) == {"triton", "cuda", "cpu", "reference"}
     assert avail["reference"] == []
+    assert avail["cpu"] == []  # a C compiler is on every test machine
     assert all(isinstance(r, list) for r in avail.values())
     if not torch.cuda.is_available():  # conftest switched the interpreter on
         assert avail["triton"] == []
@@ -46,7 +47,28 @@ def test_auto_on_cpu_follows_the_interpreter(monkeypatch):
     monkeypatch.setattr(TritonBackend, "interpreting", lambda self: True)
     assert backends.select("batch_norm", x).name == "triton"
     monkeypatch.setattr(TritonBackend, "interpreting", lambda self: False)
+    assert backends.select("batch_norm", x).name == "cpu"
+    for op in ("noisy_batch_norm", "lp_norm", "noisy_batch_norm_noise"):
+        assert backends.select(op, x).name == "cpu"
+
+
+def test_auto_falls_back_to_the_reference_without_the_cpu_kernels(monkeypatch):
+    """No C compiler (or a failed build): the cpu backend says why, "auto" takes the
+    reference; an op it does not run (a later family) falls back the same way."""
+    from bnkernels.backends.cpu import CpuBackend, build
+
+    monkeypatch.setattr(TritonBackend, "interpreting", lambda self: False)
+    monkeypatch.setattr(build, "_LIB", "no C compiler found (set CC, or install cc/gcc)")
+    x = torch.randn(4, 3)
     assert backends.select("batch_norm", x).name == "reference"
+    why = bnk.available_backends()["cpu"]
+    assert why and "no C compiler found" in why[0]
+    monkeypatch.undo()
+    monkeypatch.setattr(TritonBackend, "interpreting", lambda self: False)
+    assert CpuBackend().not_supported_reasons("batch_norm_add", x) == [
+        "op 'batch_norm_add' is not supported by the cpu backend (it runs "
+        "('batch_norm', 'noisy_batch_norm', 'noisy_batch_norm_noise', 'lp_norm'))"]
+    assert backends.select("batch_norm_add", x).name == "reference"
 
 
 def test_cpu_tensor_to_triton_without_interpreter_names_the_reason(monkeypatch):
@@ -61,9 +83,26 @@ def test_cpu_tensor_to_triton_without_interpreter_names_the_reason(monkeypatch):
 
 
 def test_reasons_for_unsupported_dtype():
-    for name in ("triton", "cuda", "reference"):
+    for name in ("triton", "cuda", "cpu", "reference"):
         reasons = backends.backend(name).not_supported_reasons("batch_norm",
                                                                torch.ones(2, 2, dtype=torch.int32))
         assert any("dtype torch.int32" in r for r in reasons), name
     with pytest.raises(ValueError, match="unknown backend 'auto'"):
         backends.backend("auto")
+
+
+def test_a_residual_call_on_a_cpu_takes_the_reference(monkeypatch):
+    """The cpu backend does not run BatchNorm with a residual: "auto" gives it to the
+    reference (the same result as the reference by name), and asking for cpu names why."""
+    monkeypatch.setattr(TritonBackend, "interpreting", lambda self: False)
+    g = torch.Generator().manual_seed(0)
+    x, r = torch.randn(4, 3, 5, generator=g), torch.randn(4, 3, 5, generator=g)
+    bnk.set_backend("auto")
+    y = bnk.batch_norm(x, None, None, training=True, activation="relu", residual=r)
+    bnk.set_backend("reference")
+    want = bnk.batch_norm(x, None, None, training=True, activation="relu", residual=r)
+    assert torch.equal(y, want)
+    assert backends.select("batch_norm", x).name == "reference"  # set_backend("reference")
+    bnk.set_backend("cpu")
+    with pytest.raises(RuntimeError, match=r"cpu: op 'batch_norm\+residual' is not supported"):
+        bnk.batch_norm(x, None, None, training=True, residual=r)

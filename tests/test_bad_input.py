@@ -251,9 +251,12 @@ def test_module_momentum_outside_0_1(cls):
     assert int(m.num_batches_tracked) == 1
 
 
+@pytest.mark.parametrize("plan_backend", ["triton", "cpu"])
 @pytest.mark.parametrize("op", OPS)
-def test_triton_plan_checks_the_scalars_too(op):
-    use_backend("triton")
+def test_triton_plan_checks_the_scalars_too(op, plan_backend):
+    """A cached plan of the fast backends (Triton's; the cpu backend's C kernels) refuses bad
+    scalars as the first call does, buffers untouched."""
+    use_backend(plan_backend)
     x = torch.randn(4, C, 2)
     rm, rv = _buffers()
     _call(op, x, rm.clone(), rv.clone())

@@ -17,7 +17,7 @@ from bnkernels.backends.triton import common as triton_common
 
 # "triton" uses its own strategy per shape (one launch per direction on these small shapes);
 # "triton-split" forces the split reductions finalized by their last program.
-BACKENDS = ["triton", "triton-split", "reference"]
+BACKENDS = ["triton", "triton-split", "reference", "cpu"]
 
 # Odd sizes on purpose: non-powers of two everywhere, C=1, C above 64, N=1, 2-D and 3-D inputs.
 SHAPES = [
@@ -97,7 +97,7 @@ def check_against_torch(case, device, backend, **kw):
 
 # Every case on the default strategy and the reference; every other case on the forced split.
 MATRIX = ([(c, "triton") for c in CASES] + [(c, "triton-split") for c in CASES[1::2]]
-          + [(c, "reference") for c in CASES])
+          + [(c, "reference") for c in CASES] + [(c, "cpu") for c in CASES])
 
 
 @pytest.mark.parametrize(("case", "backend"), MATRIX, ids=lambda v: str(v))
@@ -105,7 +105,7 @@ def test_training_matches_torch(case, backend, device):
     check_against_torch(case, device, backend, training=True)
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("backend", ["triton", "reference", "cpu"])
 @pytest.mark.parametrize("case", CASES[::2], ids=str)
 def test_eval_matches_torch(case, backend, device):
     check_against_torch(case, device, backend, training=False)

@@ -95,10 +95,39 @@ def test_runner_writes_json_markdown_and_plots(smoke):
     assert "## Targets" in md and "## Host time per call" in md and "## Training step" in md
 
 
+def test_cpu_section(smoke):
+    """The cpu section: on a CPU, step rows of every network and op rows of every site, with
+    their ratios and the targets (not judged in a quick run); on a GPU, left out with the
+    reason."""
+    _, files, result = smoke
+    if GPU:
+        assert result["cpu"] == {}
+        assert any(s.get("section") == "cpu" for s in result["skipped"])
+        return
+    from bnkernels.benchmarking import cpu_path as C
+
+    steps, ops = result["cpu"]["steps"], result["cpu"]["ops"]
+    assert {(r["network"], r["backend"]) for r in steps} == {
+        (n, b or "-") for n, b in C.STEP_CONFIGS}
+    for r in steps:
+        assert 0 < r["min_ms"] <= r["median_ms"] <= r["max_ms"]
+        base = next(q for q in steps if q["network"] == "torch" and q["layout"] == r["layout"])
+        assert r["ratio_vs_torch"] == pytest.approx(r["median_ms"] / base["median_ms"])
+    assert {(r["op"], r["pass"]) for r in ops} == {
+        (k, p) for k in C.OP_KINDS for p in ("fwd", "fwd+bwd")}
+    assert {tuple(r["shape"])[1:] for r in ops} == {
+        (8, 32, 32), (16, 16, 16), (32, 8, 8), (64, 4, 4), (64, 2, 2)}
+    cpu_targets = [t for t in result["targets"] if t["section"] == "cpu"]
+    assert {t["name"] for t in cpu_targets} == {f"cpu {n} step NCHW" for n in C.LIMITS}
+    assert all(t["met"] is None and t["value"] > 0 for t in cpu_targets)  # quick: not judged
+    md = next(f for f in files if f.suffix == ".md").read_text()
+    assert "## The CPU path (cpu)" in md and "## The CPU path, per op (cpu)" in md
+
+
 def test_schema(smoke):
     _, _, result = smoke
     assert TOP_KEYS <= set(result), TOP_KEYS - set(result)
-    assert result["sections"] == ["overhead", "e2e", "kernels"]
+    assert result["sections"] == ["overhead", "e2e", "cpu", "kernels"]
     if GPU:
         assert result["device"] == torch.cuda.get_device_name(DEVICE)
     else:
@@ -270,6 +299,8 @@ def test_targets_follow_the_rows(smoke):
     expected = {"host fwd+bwd per call", "host fwd per call"}
     expected |= {f"{m.name} step {d} {lay}" for m, d, lay in opts.configs()}
     expected |= {f"kernels {g['goal']}" for g in result["summary"]["goals"]}
+    if not GPU:  # the cpu section's (see test_cpu_section)
+        expected |= {t["name"] for t in result["targets"] if t["section"] == "cpu"}
     assert set(tg) == expected
     assert all(t["met"] is None for t in tg.values())  # smoke run: nothing judged
     for pass_, limit in targets.OVERHEAD_LIMITS.items():

@@ -23,6 +23,7 @@ import torch
 
 import bnkernels
 from bnkernels.cli import main
+from bnkernels.experiments.batch import PORTABLE_CPU_ENV, run_many
 from bnkernels.experiments.runfiles import (
     CheckpointError,
     FolderLockedError,
@@ -34,10 +35,8 @@ from bnkernels.experiments.runfiles import (
 from bnkernels.experiments.stopping import Interrupted
 from bnkernels.experiments.train import (
     CONFIGS,
-    PORTABLE_CPU_ENV,
     MetricsWriter,
     read_metrics,
-    run_many,
     train,
 )
 
@@ -66,10 +65,11 @@ def run_cli(*args, timeout=300, **env) -> subprocess.CompletedProcess:
 
 
 def test_demo_runs_on_a_cpu_from_a_fresh_process():
-    """`bnkernels demo` with nothing set: bnkernels' CPU path, matching torch."""
+    """`bnkernels demo` with nothing set: bnkernels' CPU path (the cpu backend), matching
+    torch."""
     out = run_cli("demo", "--steps", "2")
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    assert "backend 'reference'" in out.stdout and "MATCH" in out.stdout
+    assert "backend 'cpu' (its CPU path" in out.stdout and "MATCH" in out.stdout
     assert "Traceback" not in out.stderr
 
 
@@ -83,7 +83,7 @@ def test_demo_runs_the_triton_kernels_in_the_interpreter_on_a_cpu():
 
 def test_interpreter_switched_on_too_late_is_a_clear_error():
     """TRITON_INTERPRET=1 set after triton was imported: the triton backend says so (and what
-    to do) instead of failing inside a kernel; "auto" keeps to the reference backend."""
+    to do) instead of failing inside a kernel; "auto" keeps to the CPU path (cpu backend)."""
     code = (
         "import os, torch, bnkernels as bnk\n"
         "os.environ['TRITON_INTERPRET'] = '1'\n"
@@ -98,7 +98,7 @@ def test_interpreter_switched_on_too_late_is_a_clear_error():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env=cpu_env(), timeout=120, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "auto ok reference" in out.stdout
+    assert "auto ok cpu" in out.stdout
     assert "error:" in out.stdout and "set TRITON_INTERPRET=1 before the process" in out.stdout
 
 
@@ -169,13 +169,23 @@ def _corrupt(path: Path, how: str, tmp_path: Path) -> None:
         torch.save(state, path)
     elif how == "not a checkpoint":
         torch.save({"weight": torch.ones(3)}, path)
+    elif how == "flipped tensor byte":  # one running_mean value changed; still unpickles
+        state = torch.load(path, weights_only=True)
+        key = next(k for k in state["model"] if k.endswith("running_mean"))
+        data = state["model"][key].numpy().tobytes()
+        at = good.find(data)
+        assert at > 0 and good.find(data, at + 1) < 0
+        path.write_bytes(good[:at + 1] + bytes([good[at + 1] ^ 0x10]) + good[at + 2:])
+        assert not torch.equal(torch.load(path, weights_only=True)["model"][key],
+                               state["model"][key])
 
 
 CORRUPTIONS = ["truncated", "empty", "random bytes", "malicious pickle", "another run",
-               "not a checkpoint"]
+               "not a checkpoint", "flipped tensor byte"]
 WHY = {"truncated": "not a readable torch checkpoint", "empty": "is empty",
        "random bytes": "not a readable torch checkpoint", "malicious pickle": "was refused",
-       "another run": "another run config", "not a checkpoint": "not a bnkernels run checkpoint"}
+       "another run": "another run config", "not a checkpoint": "not a bnkernels run checkpoint",
+       "flipped tensor byte": "fails its checksum"}
 
 
 @pytest.mark.parametrize("how", CORRUPTIONS)
@@ -223,6 +233,7 @@ def test_checkpoints_are_written_atomically(tmp_path):
     """A write cut short leaves the old file whole and no temporary file."""
     path = tmp_path / "step_2.pt"
     save_checkpoint(path, {"step": 2})
+    assert "checksum" in torch.load(path, weights_only=True)
     before = path.read_bytes()
 
     def fail(f):
@@ -287,9 +298,10 @@ def test_a_run_folder_in_use_is_refused(tmp_path):
 
 
 def test_sigterm_stops_a_run_at_its_last_checkpoint(tmp_path, full_run):
-    """In one process (run_many with one job): SIGTERM mid-run raises Interrupted, the folder
-    holds the metrics up to its last checkpoint and nothing after, and a rerun finishes with
-    the uninterrupted run's metrics."""
+    """run_many with one job (one worker process): SIGTERM to the caller mid-run raises
+    Interrupted, the folder holds the metrics up to its last checkpoint and nothing after,
+    and a rerun finishes with the uninterrupted run's metrics (also trained by run_many: in
+    this process, without the workers' floating-point environment, they would differ)."""
     run = tmp_path / "run"
     ckpts = run / "checkpoints"
     slow = dataclasses.replace(TINY, hessian_every=1)  # long enough steps to land in one
@@ -300,7 +312,8 @@ def test_sigterm_stops_a_run_at_its_last_checkpoint(tmp_path, full_run):
             time.sleep(0.01)
         os.kill(os.getpid(), signal.SIGTERM)
 
-    full = train(slow, tmp_path / "full", progress=False)
+    full = tmp_path / "full"
+    run_many([(slow, full)], jobs=1, device="cpu", progress=False)
     killer = threading.Thread(target=kill_after_first_checkpoint)
     killer.start()
     try:
@@ -369,10 +382,9 @@ its costliest measurements (Hessian, the DLN's landscape)."""
 
 @pytest.fixture(scope="module")
 def uninterrupted_suite(tmp_path_factory):
-    """SUITE run without interruption, its runs one after another in the parent process
-    (no worker to start): with the environment run_many gives its workers set for every
-    process (PORTABLE_CPU_ENV, see cpu_env) and one thread per run, it trains exactly as the
-    workers do."""
+    """SUITE run without interruption with --jobs 1 (one worker process, its runs one after
+    another): every run trains in a worker with PORTABLE_CPU_ENV and one thread, so this
+    matches the --jobs 2 runs bit for bit."""
     out = tmp_path_factory.mktemp("uninterrupted") / "suite"
     r = run_cli(*[a if a != "2" else "1" for a in SUITE], "--out", str(out), timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -22,7 +22,7 @@ import bnkernels as bnk
 from bnkernels import autograd
 from bnkernels.library import OpPlan
 
-BACKENDS = ["reference", "triton"]
+BACKENDS = ["reference", "triton", "cpu"]
 DT = torch.float64
 
 

@@ -16,14 +16,15 @@ from helpers import assert_close
 from torch import nn
 
 import bnkernels
-from bnkernels.experiments import data, ics, landscape, models, noisy, report
+from bnkernels.experiments import claims_landscape, data, ics, landscape, models, noisy, report
 from bnkernels.experiments.activations import (
     ActivationSampler,
     activation_site,
     moment_changes,
     sample_activations,
 )
-from bnkernels.experiments.train import RunConfig, choose_dist_backend, place
+from bnkernels.experiments.batch import place
+from bnkernels.experiments.train import RunConfig, choose_dist_backend
 
 needs_modules = pytest.mark.skipif(not hasattr(bnkernels, "LpNorm2d"),
                                    reason="modules issue pending")
@@ -283,10 +284,11 @@ def test_hessian_top_eigenvalue_of_quadratics_is_the_closed_form():
     top = landscape.hessian_top_eigenvalue(model, _half_sse, X, y, iters=500, tol=1e-12)
     _assert_same_state(before, _state(model))
     assert top.value == pytest.approx(float(torch.linalg.eigvalsh(X.T @ X)[-1]), rel=1e-8)
-    value, iterations = top  # unpacks as (value, iterations used)
-    assert 1 < iterations < 500 and value == top.value
-    # An indefinite Hessian whose eigenvalue of largest magnitude is negative: power iteration
-    # returns it, signed (PyHessian's "top eigenvalue"; |value| is the spectral norm).
+    value, iterations, largest, smallest, converged = top
+    assert 1 < iterations < 500 and value == top.value == largest and converged
+    assert smallest == pytest.approx(float(torch.linalg.eigvalsh(X.T @ X)[0]), rel=1e-8)
+    # An indefinite Hessian whose eigenvalue of largest magnitude is negative: returned
+    # signed (|value| is the spectral norm), with both ends of the spectrum.
     q = torch.linalg.qr(torch.randn(3, 3, generator=torch.Generator().manual_seed(0),
                                     dtype=torch.float64))[0]
     A = q @ torch.diag(torch.tensor([-5.0, 1.0, 3.0], dtype=torch.float64)) @ q.T
@@ -294,6 +296,7 @@ def test_hessian_top_eigenvalue_of_quadratics_is_the_closed_form():
     top = landscape.hessian_top_eigenvalue(point, _quadratic_form, None, A, iters=500,
                                            tol=1e-13)
     assert top.value == pytest.approx(-5.0, rel=1e-9)
+    assert (top.smallest, top.largest) == (pytest.approx(-5.0), pytest.approx(3.0))
     with pytest.raises(ValueError):
         landscape.hessian_top_eigenvalue(point, _quadratic_form, None, A, iters=0)
 
@@ -707,7 +710,7 @@ def test_claim_causes_are_computed_from_the_runs():
                    "vgg-batchnorm-lr0.05": _run("b", bn, norm="batchnorm", lr=lr)}}
     row = {"per_seed": [{"seed": 0, "held": "not held"}], "held_in": 0, "measured_in": 1}
     loss_band = report.CLAIMS[7]
-    assert loss_band.check is report._c_loss_band
+    assert loss_band.check is claims_landscape._c_loss_band
     why = report.explain(loss_band, row, by_seed, s)
     assert why.startswith("(a) scale") and "at chance loss in 2 of 4 probes" in why
     assert "loss-band width is 2.25 vs BN's 0.01" in why

@@ -63,7 +63,7 @@ import bnkernels as bnk
 EXAMPLES = int(os.environ.get("BNKERNELS_FUZZ_EXAMPLES", "12"))
 BASE_SEED = int(os.environ.get("BNKERNELS_FUZZ_SEED", "0"))
 OPS = ("batch_norm", "noisy", "lp")
-BACKENDS = ("reference", "triton", "triton-split")
+BACKENDS = ("reference", "cpu", "triton", "triton-split")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 INF = math.inf
 NAN = math.nan
@@ -658,6 +658,8 @@ def test_default_draws_cover_every_class():
 @pytest.mark.parametrize(("op", "backend", "index"), CASES,
                          ids=[f"{op}-{be}-{i}" for op, be, i in CASES])
 def test_fuzz_against_torch(op, backend, index, device):
+    if backend == "cpu" and device.type != "cpu":
+        pytest.skip("the cpu backend runs CPU tensors")
     d = draw(op, index)
     use_backend(backend)
     check(d, device)

@@ -29,7 +29,7 @@ from bnkernels.functional import lp_norm
 
 # "triton": its own strategy per shape (one launch per direction here); "triton-split": the
 # split reductions finalized by their last program.
-BACKENDS = ["triton", "triton-split", "reference"]
+BACKENDS = ["triton", "triton-split", "reference", "cpu"]
 INF = math.inf
 PS = [1, 2, INF]
 P_IDS = {1: "l1", 2: "l2", INF: "linf"}
@@ -176,7 +176,8 @@ def check(case, device, backend, p, **kw):
     return ours
 
 
-TRAIN_MATRIX = ([(c, p, k, be) for be in ("triton", "reference") for c, p, k in TRAIN_CASES]
+TRAIN_MATRIX = ([(c, p, k, be) for be in ("triton", "reference", "cpu")
+                 for c, p, k in TRAIN_CASES]
                 + [(c, p, k, "triton-split") for c, p, k in TRAIN_CASES[1::2]])
 
 
@@ -191,7 +192,7 @@ def test_training_matches_oracle(case, p, centered, backend, device):
 EVAL_CASES = [(c, *MODES[i % len(MODES)]) for i, c in enumerate(CASES[::2])]
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("backend", ["triton", "reference", "cpu"])
 @pytest.mark.parametrize("case,p,centered", EVAL_CASES,
                          ids=[f"{c}-{_mode_id(p, k)}" for c, p, k in EVAL_CASES])
 def test_eval_matches_oracle(case, p, centered, backend, device):

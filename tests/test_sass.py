@@ -172,6 +172,52 @@ def test_access_summary_attributes_ptx_to_arguments():
     assert got["unmatched_ptx_accesses"] == 1
 
 
+LOOP_PTX = """
+\t.file\t1 "/k/bn.py"
+\t.loc\t1 20 9
+\tld.global.b32 %r1, [%rd1];
+$L__BB0_1:
+\t.loc\t1 20 9
+\t@%p1 ld.global.v4.b32 { %r8, %r9, %r10, %r11 }, [ %rd6 + 0 ];
+\t@%p1 ld.global.v4.b32 { %r12, %r13, %r14, %r15 }, [ %rd7 + 0 ];
+\tsetp.lt.s32 %p2, %r3, %r4;
+\t@%p2 bra.uni $L__BB0_1;
+\t@%p3 bra $L__BB0_2;
+$L__BB0_2:
+\tret;
+"""
+
+
+def test_ptx_loops_and_tile_bytes_in_flight():
+    """A loop is a label and a backward branch to it (a forward branch is not); a thread's
+    tile bytes in flight are those of one iteration of the loop that loads most, else (no
+    loop loads tiles) the whole kernel's."""
+    assert P.ptx_loops(LOOP_PTX) == [(4, 9)]
+    got = P.parse_ptx(LOOP_PTX)
+    assert [a["loop"] for a in got] == [None, (4, 9), (4, 9)]
+    ttir = P.parse_ttir(TTIR, ["x_ptr", "w_ptr", "S"])
+    assert P.access_summary(got, ttir)["tile_load_bytes_per_thread"] == 2 * 16
+    straight = [dict(a, loop=None) for a in got]  # an elementwise pass: every tile load
+    assert P.access_summary(straight, ttir)["tile_load_bytes_per_thread"] == 4 + 2 * 16
+
+
+def test_tile_loads_of_one_loop_body_are_one_sweep():
+    """Two tile loads of x in one loop body (a loop taking two units an iteration) sweep x
+    once between them; the bytes model counts sweeps."""
+    paired = TTIR.replace(
+        "      %v = tt.load %p : tensor<16x64x!tt.ptr<bf16>> loc(#loc1)\n",
+        "      %v = tt.load %p : tensor<16x64x!tt.ptr<bf16>> loc(#loc1)\n"
+        "      %v2 = tt.load %p : tensor<16x64x!tt.ptr<bf16>> loc(#loc1)\n")
+    assert paired != TTIR
+    ptx = [{"kind": "load", "bits": 128, "loc": (("/k/bn.py", 20, 9), None), "loop": (1, 3)}]
+    for ir in (TTIR, paired):
+        got = P.access_summary(ptx, P.parse_ttir(ir, ["x_ptr", "w_ptr", "S"]))
+        assert got["params"]["x_ptr"]["tile_loads"] == 1
+    ops = P.parse_ttir(paired, ["x_ptr", "w_ptr", "S"])["ops"]
+    assert ops[0]["loop"] is not None and ops[0]["loop"] == ops[1]["loop"]
+    assert ops[2]["loop"] is None  # w's load, after the loop
+
+
 @pytest.mark.parametrize("regs,smem,warps,blocks,limiter", [
     (26, 0, 8, 8, "warps"),          # 64 warps resident
     (39, 1152, 8, 6, "registers"),   # 1280 regs/warp: 12 warps per sub-partition

@@ -1,6 +1,6 @@
 """Backend registry and selection, and :func:`make_plan`, the cold path of every call.
 
-A backend (one folder each: ``reference/``, ``triton/``, ``cuda/``) is an object with a
+A backend (one folder each: ``reference/``, ``triton/``, ``cuda/``, ``cpu/``) is an object with a
 ``name``, ``unavailable_reasons()`` (why it cannot run at all on this machine),
 ``not_supported_reasons(op, x)`` (why it cannot take this input), ``plan(sig)``, which
 resolves everything about a call that depends only on its signature into a
@@ -11,7 +11,9 @@ picks the fastest backend that fits the input and raises, listing every backend'
 when none does. "auto" on a CUDA tensor orders cuda and triton by the measured-speed table
 (:mod:`bnkernels.backends.speed`, ``cuda_speed.json``), triton first where nothing was
 measured; it considers the cuda backend only once its extension is built, so "auto" never
-starts a compile (``set_backend("cuda")`` builds it on first use).
+starts a CUDA compile (``set_backend("cuda")`` builds it on first use). "auto" on a CPU tensor
+takes triton when the Triton interpreter is on (the tests), else the cpu backend (C kernels,
+built once per machine in seconds and cached), else the reference.
 
 The hot path never selects: :func:`make_plan` runs once per :class:`~.plan.Signature` and
 puts its plan in :data:`~.plan.PLANS`. ``set_backend`` clears that cache; the environment
@@ -27,13 +29,15 @@ import os
 import torch
 
 from . import speed
+from .cpu import CpuBackend
 from .cuda import CudaBackend
 from .family import Family, family_of
 from .plan import PLANS, ContiguousChannels, Signature
 from .reference import ReferenceBackend
 from .triton import TritonBackend
 
-_BACKENDS = {b.name: b for b in (TritonBackend(), CudaBackend(), ReferenceBackend())}
+_BACKENDS = {b.name: b for b in (TritonBackend(), CudaBackend(), CpuBackend(),
+                                  ReferenceBackend())}
 _CHOICES = ("auto", *_BACKENDS)
 _selected: str | None = None  # None: read BNKERNELS_BACKEND
 GENERATION = 0  # incremented whenever the selection may change (read by compiled graphs)
@@ -89,8 +93,11 @@ def _auto_order(x: torch.Tensor, op: str = "batch_norm") -> list[str]:
         if speed.faster(op, x) == "cuda":
             return ["cuda", "triton", "reference"]
         return ["triton", "cuda", "reference"]
-    # On the CPU the Triton interpreter is a correctness tool, chosen only when it is switched on.
-    return ["triton", "reference"] if _BACKENDS["triton"].interpreting() else ["reference"]
+    # On the CPU the Triton interpreter is a correctness tool, chosen only when it is switched
+    # on; otherwise the cpu backend's C kernels, and the reference where they cannot be built.
+    if _BACKENDS["triton"].interpreting():
+        return ["triton", "cpu", "reference"]
+    return ["cpu", "reference"]
 
 
 def select(op: str, x: torch.Tensor, name: str | None = None, family: Family | None = None):

@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 DEFAULT_OUT = "benchmarks/results"
-SECTIONS = ("overhead", "e2e", "kernels")  # as bnkernels.benchmarking.suite.SECTIONS
+SECTIONS = ("overhead", "e2e", "cpu", "kernels")  # as bnkernels.benchmarking.suite.SECTIONS
 QUICK_TIME_LIMIT = 180.0  # seconds: sizes --quick on a GPU for ~3-4 minutes (untimed yet)
 KERNEL_RESERVE = 60.0  # seconds of a time limit kept for the kernel section
 
@@ -213,6 +213,9 @@ def options(args: argparse.Namespace):
         time_limit = QUICK_TIME_LIMIT
     overhead = OVH.OverheadOptions.for_device(device, smoke, requested)
     e2e = E2E.E2EOptions.for_device(device, quick=args.quick, smoke=smoke, requested=requested)
+    from . import cpu_path as CPU
+
+    cpu_opts = CPU.CpuPathOptions.for_run(quick=quick, smoke=smoke)
     return RunOptions(
         device=device, shapes=tuple(shapes),
         dtypes=S.choose(args.dtypes or suite.dtypes, S.DTYPES, "dtypes"),
@@ -231,7 +234,7 @@ def options(args: argparse.Namespace):
         suite=",".join(args.shapes) if args.shapes else suite_name + (" (smoke)" if smoke
                                                                       else ""),
         sections=S.choose(args.sections or SECTIONS, SECTIONS, "sections"),
-        smoke=smoke, overhead=overhead, e2e=e2e,
+        smoke=smoke, overhead=overhead, e2e=e2e, cpu=cpu_opts,
         stack=STACK.StackOptions.for_run(smoke, quick=args.quick))
 
 

@@ -100,8 +100,10 @@ def markdown(result: dict, plots: dict | None = None) -> str:
         lines += ["> **Smoke run: no performance claims.** Tiny sizes; on the CPU Triton runs in "
                   "its interpreter and times are CPU wall-clock. This checks the runner, not "
                   "the kernels.", ""]
+    from .cpu_path import markdown as cpu_markdown
+
     lines += (_targets_md(result) + _overhead_md(result) + _stack_md(result)
-              + _e2e_md(result))
+              + _e2e_md(result) + cpu_markdown(result, _table))
     if plots:
         lines += [f"![{k}]({v})" if k != "error" else v for k, v in plots.items()] + [""]
     if "kernels" not in result.get("sections", ["kernels"]):

@@ -2,6 +2,8 @@
 
 * ``overhead`` (:mod:`.overhead`): host time per call on a small tensor, every provider;
 * ``e2e`` (:mod:`.e2e`): VGG-16 and ResNet-50 training steps, torch's BatchNorm vs bnkernels';
+* ``cpu`` (:mod:`.cpu_path`, CPU runs only): the cpu backend at the main job's shapes, per op
+  and per training step, beside torch's BatchNorm, with its targets;
 * ``kernels``: every (op, pass, provider, shape, dtype, layout) in each timing mode ("eager":
   CUDA events around eager calls; "graph": CUDA-graph replays, kernel time without launch
   overhead), with bandwidths, speedups, and the project's kernel goals.
@@ -41,6 +43,7 @@ from typing import Callable
 
 import torch
 
+from . import cpu_path as CPU
 from . import e2e as E2E
 from . import overhead as OVH
 from . import stack as STACK
@@ -63,7 +66,7 @@ from .shapes import DTYPES, Shape, combo_order, layout_name, memory_format
 from .timing import COPY_REPS, COPY_WARMUP, Timer, copy_bandwidth, copy_method
 
 SCHEMA_VERSION = 2  # 2: sections overhead/e2e, targets, a "mode" per kernel row
-SECTIONS = ("overhead", "e2e", "kernels")  # in the order they run
+SECTIONS = ("overhead", "e2e", "cpu", "kernels")  # in the order they run
 MODES = ("eager", "graph")  # kernel timing: eager calls / CUDA-graph replays
 LARGE_BYTES = 2**28  # "large tensor" for the bandwidth goals: x of 256 MiB or more
 
@@ -111,6 +114,7 @@ class RunOptions:
     overhead: OVH.OverheadOptions | None = None  # None: the device's defaults
     stack: STACK.StackOptions | None = None  # None: the defaults (smoke: a few short loops)
     e2e: E2E.E2EOptions | None = None
+    cpu: CPU.CpuPathOptions | None = None  # None: the full section (CPU runs only)
     log: Callable[[str], None] = field(default=print)
     # Called with the result document so far after each section (the bench command writes it
     # to a partial file, so a run killed later keeps the finished sections).
@@ -240,6 +244,7 @@ def _run(opts: RunOptions) -> dict:
         "overhead": [],
         "stack": [],
         "e2e": [],
+        "cpu": {},
     }
     skipped = doc["skipped"]
 
@@ -278,6 +283,16 @@ def _run(opts: RunOptions) -> dict:
         if cut:
             truncated.append(f"e2e: {cut}")
         section_done("e2e")
+
+    if "cpu" in opts.sections:
+        why = CPU.unavailable(device)
+        if why:
+            skipped.append({"section": "cpu", "provider": "bnkernels-cpu", "reason": why})
+        else:
+            c = opts.cpu or CPU.CpuPathOptions()
+            doc["cpu_timing"] = CPU.settings(c)
+            doc["cpu"] = CPU.run(device, c, log)
+        section_done("cpu")
 
     if "kernels" in opts.sections:
         timers = {m: Timer(device, reps=opts.reps, warmup=opts.warmup, flush=opts.flush,

@@ -59,6 +59,10 @@ def evaluate(doc: dict) -> list[dict]:
                 f"training step time, bnkernels (default backend) / torch.nn.BatchNorm2d "
                 f"({E2E_BASELINE})", row and row["ratio_vs_torch"], E2E_LIMITS[c["arch"]],
                 "<=", claims, f"{c['model']} {c['dtype']} {c['layout']}"))
+    if "cpu" in sections and doc.get("cpu"):
+        from .cpu_path import targets as cpu_targets
+
+        out += cpu_targets(doc, _target)
     if "kernels" in sections:
         mode = doc["summary"].get("mode")
         for g in doc["summary"]["goals"]:

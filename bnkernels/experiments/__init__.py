@@ -7,8 +7,8 @@ train        run configs, the training loop, runs/<id>/ with metrics.jsonl and r
 runfiles     atomic writes, checkpoints read without running code (weights_only), folder locks
 stopping     SIGINT/SIGTERM stop runs and worker processes, folders left at a checkpoint
 ics          internal covariate shift (Definition 2.1)
-landscape    loss / gradient-predictiveness / effective beta-smoothness probes; the top Hessian
-             eigenvalue (power iteration on Hessian-vector products) and trace (Hutchinson)
+landscape    loss / gradient-predictiveness / effective beta-smoothness probes; both ends of
+             the Hessian's spectrum (Lanczos on Hessian-vector products) and trace (Hutchinson)
 activations  activation distributions and step-to-step moment changes
 noisy        test accuracy of noisy-BatchNorm networks: eval mode vs consistent evaluations
 plots        the paper's figures, drawn from saved runs only (median and range over seeds)

@@ -6,6 +6,12 @@ output; for noisy BatchNorm, after the noise). A few random units (channels) per
 fixed once from a seed; for each, the distribution over the batch (batch, height and width for
 conv layers) is summarized by its mean, variance and quantiles. Recorded at two successive
 steps, the records give the step-to-step change of the first two moments (Fig. 8).
+
+With ``inputs=True`` the sampler also records, as kind "act_in", the same units at the
+normalization's input (the weight layer's output, before the normalization): the distribution
+of layer inputs "as considered in [10]" (Ioffe and Szegedy), where a normalization layer
+cannot fix the moments itself. In the standard network both sites are the same and only
+"act" is recorded.
 """
 
 from __future__ import annotations
@@ -66,6 +72,7 @@ class ActivationSampler:
     layers: Sequence[int]
     units: int = 3
     seed: int = 0
+    inputs: bool = False  # also record the normalization's input (kind "act_in")
 
     def __post_init__(self):
         n = len(weight_layers(self.model))
@@ -81,11 +88,16 @@ class ActivationSampler:
             k = min(self.units, channels)
             self.unit_ids[i] = sorted(torch.randperm(channels, generator=g)[:k].tolist())
             self._handles.append(site.register_forward_hook(self._hook(i)))
+            layer = weight_layers(self.model)[i - 1]
+            if self.inputs and site is not layer:
+                self._handles.append(layer.register_forward_hook(self._hook(i, "act_in")))
 
-    def _hook(self, layer: int):
+    def _hook(self, layer: int, kind: str | None = None):
         def hook(module, args, out):
             if self.armed:
                 rec = {"layer": layer, "units": self.unit_ids[layer]}
+                if kind is not None:
+                    rec["kind"] = kind
                 rec.update(summarize(unit_values(out, self.unit_ids[layer])))
                 self._records.append(rec)
         return hook

@@ -12,8 +12,9 @@ points), the gradient-predictiveness band (min, max of grad_diff), and the "effe
 beta-smoothness max_eta beta(eta). Not a training step: the model is left exactly as found
 (weights, buffers, modes, RNG), and every evaluation sees the buffers as found.
 
-Curvature (not in the paper; PyHessian's measurements): :func:`hessian_top_eigenvalue` (power
-iteration on Hessian-vector products) and :func:`hessian_trace` (Hutchinson's estimator).
+Curvature (not in the paper): :func:`hessian_top_eigenvalue` (both ends of the Hessian's
+spectrum by Lanczos on Hessian-vector products) and :func:`hessian_trace` (Hutchinson's
+estimator, as PyHessian computes it).
 """
 
 from __future__ import annotations
@@ -110,7 +111,10 @@ class TopEigen(NamedTuple):
     """The result of :func:`hessian_top_eigenvalue`."""
 
     value: float  # the Hessian eigenvalue of largest magnitude (|value|: the spectral norm)
-    iterations: int  # Hessian-vector products used (< iters when it converged to tol)
+    iterations: int  # Hessian-vector products used
+    largest: float = math.nan  # the largest (algebraic) eigenvalue
+    smallest: float = math.nan  # the smallest (algebraic) eigenvalue
+    converged: bool = True  # both ends converged to tol (else: the Ritz values reached)
 
 
 class HessianTrace(NamedTuple):
@@ -165,7 +169,7 @@ def _eager_lp_norm(self, x: torch.Tensor) -> torch.Tensor:
 
 
 _NOISY = (bnk.NoisyBatchNorm1d, bnk.NoisyBatchNorm2d, bnk.NoisyBatchNorm3d)
-_BN = (bnk.BatchNorm1d, bnk.BatchNorm2d, bnk.BatchNorm3d, *_NOISY)
+_BN = (bnk.BatchNorm1d, bnk.BatchNorm2d, bnk.BatchNorm3d, bnk.SyncBatchNorm, *_NOISY)
 _LPN = (bnk.LpNorm1d, bnk.LpNorm2d, bnk.LpNorm3d)
 
 
@@ -173,10 +177,12 @@ def twice_differentiable_copy(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` (same parameters' values, buffers, modes, noise steps) in
     which every bnkernels normalization layer computes its forward with the reference
     formulas as ordinary autograd-traced torch ops, so that double backward (Hessian-vector
-    products) works. The function computed is the same: on the CPU the reference backend is
-    what the layers run anyway (bit-identical), elsewhere it is the oracle the fast backends
-    are tested against. bnkernels.SyncBatchNorm is not replaced (it is single-process
-    BatchNorm only outside a multi-process group); torch's own layers need nothing."""
+    products) works. The function computed is the same up to rounding: the reference formulas
+    are the oracle every fast backend (cpu, triton, cuda) is tested against.
+    bnkernels.SyncBatchNorm becomes BatchNorm on this process's own input: under data-parallel
+    training the copy is the network of one process's slice of the batch (the Hessian of that
+    slice's loss, a local definition: no collective in its products, so the ranks cannot hang
+    on one another). torch's own layers need nothing."""
     twin = copy.deepcopy(model)
     for m in twin.modules():
         if isinstance(m, _BN):
@@ -210,43 +216,86 @@ def _dot(a, b) -> float:
     return float(sum((x.double() * y.double()).sum() for x, y in zip(a, b)))
 
 
+DENSE_BELOW = 64
+"""Below this many parameters the Hessian is formed whole (one product per coordinate) and
+diagonalized exactly; above, Lanczos."""
+
+
 def hessian_top_eigenvalue(model: nn.Module, loss_fn, inputs: torch.Tensor,
                            targets: torch.Tensor, iters: int = 100, tol: float = 1e-3,
                            seed: int = 0) -> TopEigen:
-    """The top eigenvalue of the Hessian of ``loss_fn(model(inputs), targets)`` with respect
-    to every parameter that requires a gradient, by power iteration on Hessian-vector
-    products, as PyHessian computes it: v <- H v / ||H v|| from a Gaussian start drawn from
-    ``seed``, until the Rayleigh quotient v^T H v changes by less than ``tol`` relative to its
-    size (|new - old| / (|old| + 1e-6) < tol) or ``iters`` products were taken.
+    """Both ends of the spectrum of the Hessian of ``loss_fn(model(inputs), targets)`` with
+    respect to every parameter that requires a gradient, and its eigenvalue of largest
+    magnitude (``value``: signed; ``|value|`` is the Hessian's spectral norm, the local
+    smoothness constant beta).
 
-    Power iteration finds the eigenvalue of largest magnitude, so ``value`` is signed: its
-    absolute value is the Hessian's spectral norm, the local smoothness constant (beta) of
-    the loss; it is negative where negative curvature dominates (as in BatchNorm networks at
-    initialization). Returns ``TopEigen(value, iterations)``. The model is evaluated in its
-    current train/eval mode with its buffers as found (so batch statistics and the noise of
-    noisy BatchNorm are those of a training step at this point) and left exactly as found:
-    the products are taken on :func:`twice_differentiable_copy`."""
+    Implicitly restarted Lanczos (ARPACK through ``scipy.sparse.linalg.eigsh``, ``which="BE"``:
+    the largest and the smallest eigenvalue together) on Hessian-vector products in float64,
+    from a Gaussian start vector drawn from ``seed``, to relative accuracy ``tol``, with at
+    most about ``iters`` products (ARPACK restarts in whole cycles; ``iterations`` is the
+    count taken). Unlike power iteration, which returns a mixture when two eigenvalues of
+    opposite sign have nearly the same magnitude (+833 and -838: any value between), Lanczos
+    resolves both ends. When the budget runs out before either end converges, it is tried once
+    more with four times the restarts at 1% accuracy; ``converged`` is then False and only
+    the eigenvalues ARPACK converged are returned (one of them: taken as the largest if positive,
+    the smallest if negative, the other end NaN; none: NaN). Models with fewer than
+    :data:`DENSE_BELOW` parameters get the exact spectrum of the whole Hessian.
+
+    The model is evaluated in its current train/eval mode with its buffers as found (so batch
+    statistics and the noise of noisy BatchNorm are those of a training step at this point)
+    and left exactly as found: the products are taken on :func:`twice_differentiable_copy`."""
+    import numpy as np
+    from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
+
     if iters < 1:
         raise ValueError(f"hessian_top_eigenvalue: iters must be >= 1, got {iters}")
     if not tol >= 0:
         raise ValueError(f"hessian_top_eigenvalue: tol must be >= 0, got {tol}")
     params, grads = _hessian_setup(model, loss_fn, inputs, targets)
-    gen = torch.Generator().manual_seed(seed)
-    v = [torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p) for p in params]
-    norm = math.sqrt(_dot(v, v))
-    v = [x / norm for x in v]
-    eig = math.nan
-    for it in range(1, iters + 1):
-        hv = _hvp(params, grads, v)
-        new = _dot(v, hv)  # the Rayleigh quotient at the unit vector v
-        norm = math.sqrt(_dot(hv, hv))
-        if norm == 0 or not math.isfinite(norm):
-            return TopEigen(new, it)
-        v = [x / norm for x in hv]
-        if it > 1 and abs(new - eig) / (abs(eig) + 1e-6) < tol:
-            return TopEigen(new, it)
-        eig = new
-    return TopEigen(eig, iters)
+    sizes = [p.numel() for p in params]
+    n = sum(sizes)
+    count = 0
+
+    def matvec(x):
+        nonlocal count
+        count += 1
+        flat = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64).reshape(-1))
+        v = [c.view_as(p).to(p) for c, p in zip(torch.split(flat, sizes), params)]
+        return torch.cat([h.reshape(-1).double().cpu() for h in _hvp(params, grads, v)]).numpy()
+
+    converged = True
+    if n < DENSE_BELOW:
+        H = np.stack([matvec(e) for e in np.eye(n)], axis=1)
+        eig = np.linalg.eigvalsh(0.5 * (H + H.T))
+        lo, hi = float(eig[0]), float(eig[-1])
+    else:
+        gen = torch.Generator().manual_seed(seed)
+        v0 = torch.randn(n, generator=gen, dtype=torch.float64).numpy()
+        ncv = min(n, max(8, min(20, iters)))
+        maxiter = max(1, math.ceil(max(0, iters - ncv) / (ncv - 2)))
+        op = LinearOperator((n, n), matvec=matvec, dtype=np.float64)
+        try:
+            eig = eigsh(op, k=2, which="BE", v0=v0, ncv=ncv, tol=tol, maxiter=maxiter,
+                        return_eigenvectors=False)
+        except ArpackNoConvergence as e:
+            converged, eig = False, e.eigenvalues
+        if len(eig) == 0:  # once more, with four times the restarts and at least 1% accuracy
+            try:
+                eig = eigsh(op, k=2, which="BE", v0=v0, ncv=ncv, tol=max(tol, 1e-2),
+                            maxiter=4 * maxiter, return_eigenvectors=False)
+                converged = tol >= 1e-2
+            except ArpackNoConvergence as e:
+                eig = e.eigenvalues if len(e.eigenvalues) > len(eig) else eig
+        eig = np.sort(np.asarray(eig, dtype=np.float64))
+        if eig.size == 0:
+            return TopEigen(math.nan, count, math.nan, math.nan, False)
+        if eig.size == 1:  # one end converged: by its sign, the largest or the smallest
+            v = float(eig[0])
+            return TopEigen(v, count, v if v >= 0 else math.nan, v if v < 0 else math.nan,
+                            False)
+        lo, hi = float(eig[0]), float(eig[-1])
+    value = hi if abs(hi) >= abs(lo) else lo
+    return TopEigen(value, count, hi, lo, converged)
 
 
 def hessian_trace(model: nn.Module, loss_fn, inputs: torch.Tensor, targets: torch.Tensor,

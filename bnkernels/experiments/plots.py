@@ -24,7 +24,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from .activations import QUANTILES, moment_changes  # noqa: E402
-from .train import RunConfig, read_metrics  # noqa: E402
+from .config import RunConfig  # noqa: E402
+from .train import read_metrics  # noqa: E402
 
 LABELS = {"none": "Standard", "batchnorm": "Standard + BatchNorm", "noisy": 'Standard + "Noisy" BN',
           "l1": "l1 norm", "l2": "l2 norm", "linf": "l_inf norm", "torch": "torch BatchNorm"}
@@ -244,6 +245,12 @@ def fig2(runs, out: Path) -> Path | None:
     return _save(fig, out / "fig2.png")
 
 
+def _loss_at(run: Run, step: int) -> float:
+    """The training loss logged last at or before ``step``."""
+    before = [r for r in run.of("train") if r["step"] <= step] or run.of("train")[:1]
+    return before[-1]["loss"] if before else math.nan
+
+
 def _ics_axes(axes, sel, layers, title):
     for k, layer in enumerate(layers):
         for n, group in sel:
@@ -251,6 +258,15 @@ def _ics_axes(axes, sel, layers, title):
                    match={"layer": layer})
             _curve(axes[1][k], group, "ics", "l2", COLORS[n], LABELS[n],
                    match={"layer": layer})
+            pts = [(_loss_at(run, r["step"]), r["cosine"]) for run in group
+                   for r in run.of("ics", layer=layer)]
+            pts = [(a, b) for a, b in pts if math.isfinite(a) and a > 0 and math.isfinite(b)]
+            if pts:
+                axes[2][k].scatter(*zip(*pts), s=9, color=COLORS[n], label=LABELS[n],
+                                   alpha=0.7)
+        axes[2][k].set(title=f"{title}: layer #{layer}, cos(G, G') at matched loss",
+                       xlabel="training loss (training goes left)", xscale="log")
+        axes[2][k].invert_xaxis()
         axes[0][k].set(title=f"{title}: layer #{layer}, cos(G, G')", xlabel="step")
         axes[1][k].set(title=f"{title}: layer #{layer}, ||G - G'||", xlabel="step", yscale="log")
         axes[0][k].legend(fontsize=7)
@@ -272,11 +288,10 @@ def fig3(runs, out: Path) -> Path | None:
     if not panels:
         return None
     ncol = sum(len(p[1]) for p in panels)
-    fig, axes = plt.subplots(2, ncol, figsize=(4.2 * ncol, 6.5), squeeze=False)
+    fig, axes = plt.subplots(3, ncol, figsize=(4.2 * ncol, 9.8), squeeze=False)
     c = 0
     for sel, layers, title in panels:
-        sub = [[axes[0][c + k] for k in range(len(layers))],
-               [axes[1][c + k] for k in range(len(layers))]]
+        sub = [[axes[row][c + k] for k in range(len(layers))] for row in range(3)]
         _ics_axes(sub, sel, layers, title)
         c += len(layers)
     return _save(fig, out / "fig3.png")
@@ -312,14 +327,42 @@ def _landscape_axes(axes, sel, direction="gradient"):
             ax.legend(fontsize=7)
 
 
+def _matched_axes(axes, sel, direction="gradient"):
+    """The control beside the per-step panels: every probe's loss band, gradient-difference
+    upper band and effective beta against the loss at the probed weights (all seeds), so
+    that networks are compared where their training losses agree."""
+    for n, group in sel:
+        recs = [r for run in group for r in run.of("landscape", direction=direction)]
+        if not recs:
+            continue
+        x = [r["loss"] for r in recs]
+        for ax, key in zip(axes, ("loss_band", "grad_diff_max", "beta_smoothness")):
+            y = [(r["loss_max"] - r["loss_min"]) if key == "loss_band" else r[key]
+                 for r in recs]
+            xs, ys = _finite(x, y)
+            keep = [(a, b) for a, b in zip(xs, ys) if a > 0 and b > 0]
+            if keep:
+                ax.scatter(*zip(*keep), s=9, color=COLORS[n], label=LABELS[n], alpha=0.7)
+    titles = ("(a') loss band (max - min)", "(b') gradient-difference upper band",
+              "(c') effective beta")
+    for ax, t in zip(axes, titles):
+        ax.set(title=f"{t} at matched loss", xlabel="training loss at w (training goes left)",
+               xscale="log", yscale="log")
+        ax.invert_xaxis()
+        if ax.collections:
+            ax.legend(fontsize=7)
+
+
 def _landscape_fig(sel, path: Path, suptitle: str, directions=("gradient",)) -> Path:
-    fig, axes = plt.subplots(len(directions), 3, figsize=(14, 3.8 * len(directions)),
+    fig, axes = plt.subplots(2 * len(directions), 3, figsize=(14, 7.4 * len(directions)),
                              squeeze=False)
-    for row, d in zip(axes, directions):
-        _landscape_axes(row, sel, d)
+    for k, d in enumerate(directions):
+        _landscape_axes(axes[2 * k], sel, d)
+        _matched_axes(axes[2 * k + 1], sel, d)
         if len(directions) > 1:
-            row[0].set_ylabel(f"{d} direction: loss")
-    fig.suptitle(suptitle, fontsize=10)
+            axes[2 * k][0].set_ylabel(f"{d} direction: loss")
+    fig.suptitle(suptitle + ": per step (the paper's protocol) and against the training loss "
+                 "(the matched-loss control)", fontsize=10)
     return _save(fig, path)
 
 

@@ -7,7 +7,10 @@
   and optimizer state_dicts, RNG states as uint8 tensors, the run config as a dict), so it is
   read with ``torch.load(weights_only=True)``, whose unpickler builds nothing else: a crafted
   file cannot run code (:func:`load_checkpoint`). A file that cannot be read, or is not a
-  checkpoint of this run, raises :class:`CheckpointError` naming the file and why.
+  checkpoint of this run, raises :class:`CheckpointError` naming the file and why. Each
+  checkpoint carries a SHA-256 of its contents (:func:`state_digest`: every tensor's dtype,
+  shape and bytes, every other value's repr), checked at load: a changed byte of tensor data
+  that still unpickles is caught like any other corrupt file.
 - :func:`folder_lock` holds an exclusive lock (``flock``) on a folder's ``.lock`` file while a
   process writes there, so a second process asking for the same folder is refused instead of
   racing the first; the lock dies with its process, so a killed run never leaves a stale one.
@@ -16,6 +19,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import os
 import re
@@ -26,7 +30,7 @@ from pathlib import Path
 import torch
 
 CHECKPOINT_KEYS = {"step": int, "model": dict, "optimizer": dict, "metrics_bytes": int,
-                   "torch_rng": torch.Tensor, "config": dict}
+                   "torch_rng": torch.Tensor, "config": dict, "checksum": str}
 """What every checkpoint holds (besides elapsed times and CUDA RNG states), and its type."""
 
 
@@ -85,8 +89,36 @@ def checkpoint_step(path: Path) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def _feed(h, obj) -> None:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().to("cpu").contiguous().reshape(-1)
+        h.update(f"T{t.dtype}{tuple(obj.shape)}:".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    elif isinstance(obj, dict):
+        h.update(f"D{len(obj)}:".encode())
+        for k in sorted(obj, key=repr):
+            _feed(h, k)
+            _feed(h, obj[k])
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"L{len(obj)}:".encode())
+        for x in obj:
+            _feed(h, x)
+    else:
+        h.update(f"V{obj!r}:".encode())
+
+
+def state_digest(state: dict) -> str:
+    """SHA-256 (hex) of a checkpoint's contents except its ``checksum``: every tensor's dtype,
+    shape and bytes (wherever it lives), every other value's repr, dict keys in a fixed order."""
+    h = hashlib.sha256()
+    _feed(h, {k: v for k, v in state.items() if k != "checksum"})
+    return h.hexdigest()
+
+
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
-    """``torch.save(state)`` to ``path``, atomically (see :func:`atomic_write`)."""
+    """``torch.save(state)`` with its :func:`state_digest` as ``checksum`` to ``path``,
+    atomically (see :func:`atomic_write`)."""
+    state = {**state, "checksum": state_digest(state)}
     atomic_write(path, lambda f: torch.save(state, f))
 
 
@@ -156,6 +188,9 @@ def load_checkpoint(path: str | os.PathLike, map_location=None,
                       if config.get(k) != state["config"].get(k))
         raise CheckpointError(f"checkpoint {path} belongs to another run config (differs in "
                               f"{', '.join(diff)})")
+    if state_digest(state) != state["checksum"]:
+        raise CheckpointError(f"checkpoint {path} fails its checksum: its contents changed "
+                              "after it was written (corrupt)")
     return state
 
 

@@ -8,7 +8,7 @@ signals while stopping are ignored, so one Ctrl-C is enough and a second cannot 
 cleanup short. A section that must not be cut (writing a checkpoint and recording its length)
 runs :func:`uninterrupted`: a signal there is raised when it ends.
 
-Worker processes of :func:`bnkernels.experiments.train.run_many` start with
+Worker processes of :func:`bnkernels.experiments.batch.run_many` start with
 :func:`init_worker`: a signal raises only while a run trains (:func:`armed`); an idle worker
 records it and refuses the runs it is given afterwards. A worker also watches its parent: when
 the parent dies (killed outright), it stops its run as on SIGTERM, leaving the folder

@@ -13,7 +13,8 @@ metrics.jsonl kinds: "train" (per-minibatch loss and accuracy of step t, before 
 "test" (test loss and accuracy after ``step`` updates; noisy BatchNorm networks add two
 consistent evaluations, see :mod:`.noisy`), "ics" (Definition 2.1 at step t, one line per
 layer), "landscape" (one probe at step t), "hessian" (top Hessian eigenvalue, optionally the
-trace, at step t), "act" (activation summaries at step t).
+trace, at step t), "act" (activation summaries at step t, at the normalization's output),
+"act_in" (the same units at the normalization's input, where it differs).
 
 Resume: a checkpoint holds the byte length metrics.jsonl had when it was written; the file is
 cut back to it and the run goes on from the checkpoint's step. RNG states are saved (CPU, and
@@ -40,7 +41,6 @@ every process of a node has its own GPU, else gloo on the CPU (:func:`choose_dis
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import platform
@@ -48,7 +48,6 @@ import subprocess
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -60,7 +59,21 @@ import bnkernels as bnk
 
 from . import ics, landscape, noisy, stopping
 from .activations import ActivationSampler
+from .config import (  # noqa: F401  (re-exported: the run configurations live in .config)
+    CONFIGS,
+    LOSSES,
+    PAPER_DLN,
+    PAPER_VGG,
+    RunConfig,
+    config_with,
+    half_sum_squared_loss,
+    make_loss,
+    pick_device,
+    run_id,
+    sum_squared_loss,
+)
 from .data import Dataset, DigitsConfig, DLNDataConfig, batch_indices, load_dataset
+from .distributed import _DDP, DIST_BACKENDS, DistBackendError, _Dist, choose_dist_backend  # noqa: F401
 from .models import NormOptions, build_model
 from .runfiles import (
     CheckpointError,
@@ -70,151 +83,6 @@ from .runfiles import (
     load_checkpoint,
     save_checkpoint,
 )
-
-LOSSES = ("cross_entropy", "sum_squared", "half_sum_squared")
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    """Everything that defines one training run. Defaults: the paper's VGG on CIFAR-10."""
-
-    # --- the network
-    model: str = "vgg"  # "vgg" (image classifier) or "dln" (deep linear network)
-    arch: str = "vgg16"  # VGG depth: vgg11 | vgg13 | vgg16 | vgg19 (13 conv layers for vgg16)
-    width: float = 1.0  # VGG channel multiplier (1.0: 64..512 channels)
-    depth: int = 25  # DLN: number of square linear layers
-    dim: int = 10  # DLN: layer width = input = output dimension
-    norm: str = "batchnorm"  # none | batchnorm | noisy | l1 | l2 | linf | torch
-    centered: bool = False  # l_p norms: scale of x - mean instead of x
-    # --- the data
-    dataset: str = "cifar10"  # cifar10 | digits (bundled, offline) | gaussian (DLN regression)
-    data_dir: str | None = None  # CIFAR-10 folder (holding cifar-10-batches-py/)
-    image_size: int = 32  # digits: pixels per side after upsampling the 8x8 images
-    num_samples: int = 1000  # gaussian: samples in the (full) batch
-    # --- optimization (plain SGD)
-    loss: str = "cross_entropy"  # cross_entropy (batch mean) | sum_squared | half_sum_squared
-    batch_size: int = 128  # samples per step; >= the dataset size means full-batch GD
-    lr: float = 0.1  # SGD step size
-    momentum: float = 0.0  # SGD momentum (the paper: none)
-    weight_decay: float = 0.0  # L2 penalty (the paper: none)
-    steps: int = 15_000  # optimizer steps (15k = ~38 CIFAR-10 epochs at batch 128)
-    seed: int = 0  # initialization, data order, noise, probe directions
-    # --- logging and measurements (every = 0 turns one off)
-    log_every: int = 100  # steps between per-minibatch loss/accuracy records
-    test_every: int = 1_000  # steps between test evaluations (also after the last step)
-    ics_every: int = 100  # steps between ICS measurements (Definition 2.1)
-    ics_layers: tuple[int, ...] = (5, 10)  # weight layers measured (from 1, forward order)
-    landscape_every: int = 100  # steps between landscape probes
-    landscape_steps: tuple[float, ...] = (0.05, 0.1, 0.2, 0.4)  # step lengths eta (absolute)
-    landscape_directions: tuple[str, ...] = ("gradient",)  # each probed: gradient | random
-    hessian_every: int = 0  # steps between top-Hessian-eigenvalue measurements (not in paper)
-    hessian_iters: int = 20  # Hessian-vector products per power iteration, at most
-    hessian_tol: float = 1e-3  # power iteration stops at this relative change (PyHessian's)
-    hessian_trace_samples: int = 0  # Hutchinson samples of tr(H) per measurement (0: none)
-    act_every: int = 100  # steps t at which activations are sampled (at t and t + 1)
-    act_layers: tuple[int, ...] = (2, 7, 12)  # weight layers sampled (early / middle / late)
-    act_units: int = 3  # random channels sampled per layer
-    checkpoint_every: int = 1_000  # steps between checkpoints (also after the last step)
-    keep_checkpoints: int = 2  # most recent checkpoints kept
-
-    def __post_init__(self):
-        if self.model not in ("vgg", "dln"):
-            raise ValueError(f"RunConfig.model must be 'vgg' or 'dln', got {self.model!r}")
-        if self.loss not in LOSSES:
-            raise ValueError(f"RunConfig.loss must be one of {LOSSES}, got {self.loss!r}")
-        bad = set(self.landscape_directions) - set(landscape.DIRECTIONS)
-        if bad:
-            raise ValueError("RunConfig.landscape_directions must be among "
-                             f"{landscape.DIRECTIONS}, got {sorted(bad)}")
-        for name in ("steps", "batch_size", "checkpoint_every", "keep_checkpoints",
-                     "image_size", "hessian_iters"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"RunConfig.{name} must be >= 1")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> RunConfig:
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"RunConfig: unknown fields {sorted(unknown)}")
-        d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
-        return cls(**d)
-
-    def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-
-# The paper's setups (EXPERIMENTS.md) and the small ones used by `--quick` and the tests.
-PAPER_VGG = RunConfig()
-PAPER_DLN = RunConfig(
-    model="dln", norm="none", dataset="gaussian", loss="sum_squared", batch_size=1000,
-    lr=1e-6, steps=10_000, log_every=50, test_every=0, ics_every=50, ics_layers=(9, 17),
-    landscape_every=50, landscape_steps=(1e-8, 1e-7, 1e-6, 1e-5, 10 ** -4.5), act_every=50,
-    act_layers=(9, 17), checkpoint_every=1_000)
-
-CONFIGS: dict[str, RunConfig] = {
-    # VGG-16 on CIFAR-10, 15k steps of SGD, batch 128, lr 0.1 (Figs. 1-4, 7, 10, 11, 13, 14).
-    "vgg": PAPER_VGG,
-    # the 25-layer 10x10 deep linear network, full-batch GD, lr 1e-6, 10k steps (Figs. 3, 9, 12).
-    "dln": PAPER_DLN,
-    # what `reproduce --quick` runs on a 2-core CPU: VGG-11 at 1/8 width on the bundled digits,
-    # batch 64 (the paper: 128; half the cost of a step, so that three seeds fit), lr 0.05:
-    # at this scale the standard network is stable at 0.05 and not at 0.1 (it leaves its
-    # chance-level plateau and falls back to it), as the paper's is at 0.1 and not at 0.5.
-    # VGG-11 rather than VGG-13: its standard network leaves the plateau within ~20-90
-    # steps instead of ~50-150, so the landscape probes see it train. ICS at conv layers #3
-    # and #6, the relative depths of the paper's #5 and #10 in a 13-conv stack. Landscape
-    # probes every 15 steps at the paper's step lengths relative to the lr, [1/2, 4] x lr.
-    "vgg-quick": replace(PAPER_VGG, arch="vgg11", width=0.125, dataset="digits",
-                         batch_size=64, lr=0.05, steps=300, log_every=10, test_every=50,
-                         ics_every=20, ics_layers=(3, 6), landscape_every=15,
-                         landscape_steps=(0.025, 0.05, 0.1, 0.2),
-                         landscape_directions=("gradient", "random"), hessian_every=100,
-                         hessian_tol=1e-2, act_every=10, act_layers=(2, 5, 8),
-                         checkpoint_every=100),
-    # the full-size DLN for 1,000 steps (the paper: 10,000), probed every 50 steps as the
-    # paper does.
-    "dln-quick": replace(PAPER_DLN, steps=1_000, log_every=20, ics_every=50,
-                         landscape_every=50, hessian_every=250, hessian_tol=1e-2,
-                         act_every=50, checkpoint_every=500),
-    # seconds-long runs for smoke tests.
-    "tiny": replace(PAPER_VGG, arch="vgg11", width=1 / 32, dataset="digits", image_size=16,
-                    batch_size=16, steps=6, log_every=1, test_every=3, ics_every=3,
-                    ics_layers=(2, 3), landscape_every=3, hessian_every=3, hessian_iters=3,
-                    act_every=3, act_layers=(1, 2), checkpoint_every=2),
-    "dln-tiny": replace(PAPER_DLN, steps=6, log_every=1, ics_every=3, landscape_every=3,
-                        hessian_every=3, hessian_iters=3, act_every=3, checkpoint_every=2),
-}
-
-
-# ----------------------------------------------------------------------------- helpers
-
-
-def sum_squared_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """sum over samples and outputs of (out - target)^2: the DLN's ||f(x) - A x||^2 summed."""
-    return (out - target).square().sum()
-
-
-def half_sum_squared_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Half of :func:`sum_squared_loss` (TensorFlow's ``l2_loss`` convention; the paper's
-    plotted DLN losses start near 3.5e4-5.6e4, about half of E||A x||^2 * 1000 = 1e5)."""
-    return 0.5 * (out - target).square().sum()
-
-
-def make_loss(name: str):
-    if name == "cross_entropy":
-        return nn.CrossEntropyLoss()
-    if name == "sum_squared":
-        return sum_squared_loss
-    if name == "half_sum_squared":
-        return half_sum_squared_loss
-    raise ValueError(f"unknown loss {name!r}; choose one of {LOSSES}")
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def versions(device: torch.device) -> dict:
@@ -318,98 +186,6 @@ def _checkpoints(run_dir: Path) -> list[Path]:
 def _atomic_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
-
-DIST_BACKENDS = ("auto", "nccl", "gloo")
-
-
-class DistBackendError(ValueError):
-    """No process-group backend fits the processes, GPUs and devices asked for."""
-
-
-def choose_dist_backend(local_world_size: int, visible_gpus: int, requested: str = "auto",
-                        device: str = "auto") -> tuple[str, str]:
-    """(process-group backend, device type) for data-parallel training.
-
-    ``local_world_size``: processes on this node; ``visible_gpus``: the GPUs they can see;
-    ``requested``: "auto", "nccl" or "gloo"; ``device``: "auto", "cpu" or "cuda". NCCL needs a
-    GPU of its own per process (two ranks on one GPU fail). gloo trains on the CPU: it cannot
-    all_gather CUDA tensors, which SyncBatchNorm needs. "auto" takes NCCL when every process
-    has its own GPU, else gloo on the CPU (with a warning when GPUs are there). Impossible
-    combinations raise :class:`DistBackendError`, saying why."""
-    if requested not in DIST_BACKENDS:
-        raise DistBackendError(f"distributed backend must be one of {DIST_BACKENDS}, got "
-                               f"{requested!r}")
-    dev = device.split(":")[0]
-    if dev not in ("auto", "cpu", "cuda"):
-        raise DistBackendError(f"distributed training runs on 'cpu' or 'cuda', got {device!r}")
-    enough = visible_gpus >= local_world_size
-    why = (f"{local_world_size} processes on this node but {visible_gpus} visible GPU(s); "
-           "NCCL needs one GPU per process")
-    if requested == "nccl" or (dev == "cuda" and requested == "auto"):
-        if dev == "cpu":
-            raise DistBackendError("NCCL needs CUDA devices: use --dist-backend gloo with "
-                                   "--device cpu")
-        if not enough:
-            raise DistBackendError(f"cannot train with NCCL on CUDA: {why}. Start at most "
-                                   f"{visible_gpus} processes per node, or train on the CPU "
-                                   "with --dist-backend gloo (or --device cpu)")
-        return "nccl", "cuda"
-    if requested == "gloo":
-        if dev == "cuda":
-            raise DistBackendError("gloo cannot all_gather CUDA tensors (SyncBatchNorm needs "
-                                   "it): use --dist-backend nccl on CUDA, or gloo with "
-                                   "--device cpu")
-        return "gloo", "cpu"
-    if dev == "cpu":
-        return "gloo", "cpu"
-    if visible_gpus > 0 and enough:
-        return "nccl", "cuda"
-    if visible_gpus > 0:
-        warnings.warn(f"training on the CPU with gloo: {why}", stacklevel=3)
-    return "gloo", "cpu"
-
-
-@dataclass
-class _Dist:
-    world: int = 1
-    rank: int = 0
-    local_rank: int = 0
-    owns_group: bool = False
-    device: str = "cpu"  # the device type the processes train on
-
-    @classmethod
-    def from_env(cls, backend: str = "auto", device: str = "auto") -> _Dist:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world <= 1:
-            return cls()
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
-        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        name, dev = choose_dist_backend(local_world, gpus, backend, device)
-        owns = False
-        if not dist.is_initialized():
-            dist.init_process_group(name)
-            owns = True
-        return cls(dist.get_world_size(), dist.get_rank(),
-                   int(os.environ.get("LOCAL_RANK", "0")), owns, dev)
-
-    def all_sum(self, values: list[float], device) -> list[float]:
-        if self.world == 1:
-            return values
-        t = torch.tensor(values, dtype=torch.float64, device=device)
-        dist.all_reduce(t)
-        return t.tolist()
-
-
-class _DDP(nn.parallel.DistributedDataParallel):
-    """DistributedDataParallel that lets bnkernels.SyncBatchNorm run on CPU (gloo) processes.
-
-    torch's DDP refuses every nn.SyncBatchNorm in a CPU module, because torch's own is
-    CUDA-only; bnkernels' subclass all-gathers with any backend, so only torch's is refused."""
-
-    def _passing_sync_batchnorm_handle(self, module):
-        if any(isinstance(m, nn.SyncBatchNorm) and not isinstance(m, bnk.SyncBatchNorm)
-               for m in module.modules()):
-            super()._passing_sync_batchnorm_handle(module)
 
 
 def rng_state() -> dict:
@@ -617,7 +393,7 @@ def _train(cfg: RunConfig, data: Dataset, run_dir: Path, ddp: _Dist, dev: torch.
     # A summed loss over a slice is 1/world of the global one after DDP's gradient average.
     loss_scale = float(ddp.world) if shard and cfg.loss.endswith("sum_squared") else 1.0
     writer = MetricsWriter(metrics_path, enabled=rank0)
-    sampler = (ActivationSampler(base, cfg.act_layers, cfg.act_units, cfg.seed)
+    sampler = (ActivationSampler(base, cfg.act_layers, cfg.act_units, cfg.seed, inputs=True)
                if cfg.act_every else None)
     train_x, train_y = data.train_x, data.train_y
     classify = data.num_classes is not None
@@ -731,7 +507,9 @@ def measure_hessian(model: nn.Module, loss_fn, x, y, cfg: RunConfig, step: int) 
     top = landscape.hessian_top_eigenvalue(model, loss_fn, x, y, cfg.hessian_iters,
                                            cfg.hessian_tol, seed=seed)
     rec = {"kind": "hessian", "step": step, "top_eigenvalue": top.value,
-           "iterations": top.iterations, "max_iterations": cfg.hessian_iters}
+           "max_eigenvalue": top.largest, "min_eigenvalue": top.smallest,
+           "converged": top.converged, "iterations": top.iterations,
+           "max_iterations": cfg.hessian_iters}
     if cfg.hessian_trace_samples:
         tr = landscape.hessian_trace(model, loss_fn, x, y, cfg.hessian_trace_samples, seed)
         rec.update(trace=tr.value, trace_stderr=tr.stderr)
@@ -755,201 +533,3 @@ def evaluate(model: nn.Module, data, loss_fn, device, batch_size: int = 1000) ->
     return {"loss": total_loss / max(n, 1), "acc": correct / max(n, 1)}
 
 
-def run_id(name: str, cfg: RunConfig) -> str:
-    """A readable, deterministic folder name: <config>-<norm>-lr<lr>-seed<seed>."""
-    return f"{name}-{cfg.norm}-lr{cfg.lr:g}-seed{cfg.seed}"
-
-
-def config_with(cfg: RunConfig, **overrides) -> RunConfig:
-    """``cfg`` with the non-None ``overrides`` applied (tuples from lists / comma strings)."""
-    types = {f.name: f for f in dataclasses.fields(cfg)}
-    clean = {}
-    for k, v in overrides.items():
-        if v is None:
-            continue
-        if k not in types:
-            raise ValueError(f"unknown config field {k!r}")
-        if isinstance(getattr(cfg, k), tuple) and not isinstance(v, tuple):
-            v = tuple(v) if isinstance(v, list) else v
-        clean[k] = v
-    return replace(cfg, **clean)
-
-
-# ----------------------------------------------------------------------------- many runs
-
-RUN_THREADS = 1
-"""torch threads per run in :func:`run_many`: fixed, so a run's numbers do not depend on how
-many cores the machine has (intra-op reductions split by thread count round differently);
-runs are parallel across processes instead."""
-
-PORTABLE_CPU_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
-                    "MKL_CBWR": "AVX2", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-"""Environment of :func:`run_many`'s CPU worker processes on x86-64: torch's vectorized
-kernels, oneDNN's convolutions and MKL's BLAS all held to AVX2 code paths, which every recent
-x86-64 CPU runs, so that two machines (AVX2 or AVX-512, Intel or AMD) take the same
-floating-point paths (best effort: the libraries do not promise bit-identical results across
-CPU models). Variables already set by the user are kept."""
-
-
-@contextlib.contextmanager
-def _worker_env(env: dict[str, str]):
-    """Set ``env`` (where not set already) in this process while worker processes are
-    started; this process's own libraries read it only at their import, long before."""
-    added = {k: v for k, v in env.items() if k not in os.environ}
-    os.environ.update(added)
-    try:
-        yield
-    finally:
-        for k in added:
-            os.environ.pop(k, None)
-
-
-def place(cfg: RunConfig, device: str = "auto", dln_device: str = "cpu") -> str:
-    """The device a run of a batch trains on. The deep linear network (25 layers of 10x10 on
-    1000 samples) is pure per-call overhead on a GPU, so it goes to ``dln_device`` (the CPU
-    unless told otherwise; "same" follows ``device``); VGG goes to ``device`` ("auto": the
-    GPU when there is one)."""
-    if cfg.model == "dln" and dln_device != "same":
-        return str(pick_device(dln_device))
-    return str(pick_device(device))
-
-
-def default_jobs(device: str = "auto") -> int:
-    """CPU processes training at once: one per core (each run takes :data:`RUN_THREADS`
-    threads)."""
-    del device  # GPU runs get their own workers (see run_many)
-    return max(1, os.cpu_count() or 1)
-
-
-def default_gpu_jobs() -> int:
-    """Processes sharing each GPU: small runs leave a GPU idle between one process's kernel
-    launches, so a few processes per device keep it busy."""
-    return 4 * max(1, torch.cuda.device_count() if torch.cuda.is_available() else 1)
-
-
-STOP_SECONDS = 30.0
-"""How long :func:`run_many` waits for its workers to stop after a signal or a failed run
-(each stops within a step and cuts its run folder back to its last checkpoint) before it
-kills the ones left."""
-
-
-def _run_worker(cfg_dict: dict, run_dir: str, device: str, threads: int) -> tuple[str, float]:
-    torch.set_num_threads(threads)
-    t0 = time.time()
-    try:
-        with stopping.armed():  # a signal stops this run (its folder back to a checkpoint)
-            train(RunConfig.from_dict(cfg_dict), run_dir, resume=True, device=device,
-                  progress=False)
-    except stopping.Interrupted as e:
-        if not stopping.parent_alive():
-            os._exit(e.exit_code)  # nobody is waiting for the result
-        raise
-    return run_dir, time.time() - t0
-
-
-def _stop_workers(pools, futures) -> None:
-    """Stop every worker process of ``pools`` (concurrent.futures process pools): runs not
-    started are cancelled; running ones get SIGTERM, stop within a step, cut their folders
-    back to their last checkpoints, report and exit. A run that has not reported after
-    :data:`STOP_SECONDS` is killed where it is (its folder is then cut back by the next
-    resume). Returns when no worker is left."""
-    import concurrent.futures as cf
-    import signal
-
-    for f in futures:
-        f.cancel()
-    # the pool's worker processes (concurrent.futures keeps them in ``_processes``, pid ->
-    # multiprocessing.Process, in every CPython 3.x; it has no public way to signal them)
-    procs = [p for pool in pools for p in dict(getattr(pool, "_processes", None) or {}).values()]
-    for pool in pools:
-        pool.shutdown(wait=False, cancel_futures=True)
-    for p in procs:
-        if p.is_alive():
-            with contextlib.suppress(ProcessLookupError, TypeError):
-                os.kill(p.pid, signal.SIGTERM)
-    cf.wait([f for f in futures if not f.done()], timeout=STOP_SECONDS)
-    deadline = time.monotonic() + 5.0  # the workers exit at once (stopping._exit_now...)
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join(10)
-    for pool in pools:
-        pool.shutdown(wait=True)
-
-
-def run_many(jobs_list: list[tuple[RunConfig, Path]], jobs: int | None = None,
-             device: str = "auto", progress: bool = True, *, gpu_jobs: int | None = None,
-             dln_device: str = "cpu", threads: int = RUN_THREADS) -> dict[str, float]:
-    """Train (or resume, or skip when finished) every (config, run folder) pair and return the
-    seconds each run took in this call.
-
-    Each run is placed by :func:`place` (the DLN on the CPU, VGG on the GPU when there is
-    one). CPU runs go to ``jobs`` processes (default: one per core, minus the GPU workers),
-    GPU runs to ``gpu_jobs`` processes sharing the device(s) (default 4 per GPU); both pools
-    work at the same time, each run with ``threads`` torch threads. With one worker in all
-    (``jobs=1`` and no GPU run), runs train in this process, one after another.
-
-    SIGINT (one Ctrl-C) or SIGTERM stops every run within a step or so, each folder cut back
-    to its last checkpoint, and raises :class:`~.stopping.Interrupted` once no worker is left;
-    so does a run that fails (its error is raised). Called again, the runs resume."""
-    from tqdm.auto import tqdm
-
-    placed = [(cfg, Path(run_dir), place(cfg, device, dln_device))
-              for cfg, run_dir in jobs_list]
-    on_gpu = [j for j in placed if j[2] != "cpu"]
-    on_cpu = [j for j in placed if j[2] == "cpu"]
-    n_gpu = min(len(on_gpu), gpu_jobs or default_gpu_jobs()) if on_gpu else 0
-    n_cpu = min(len(on_cpu), jobs or max(1, default_jobs() - n_gpu)) if on_cpu else 0
-    seconds: dict[str, float] = {}
-    if n_gpu == 0 and n_cpu <= 1:
-        before = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            with stopping.stop_on_signals():
-                for cfg, run_dir, dev in placed:
-                    t0 = time.time()
-                    train(cfg, run_dir, resume=True, device=dev, progress=progress)
-                    seconds[str(run_dir)] = time.time() - t0
-        finally:
-            torch.set_num_threads(before)
-        return seconds
-    import concurrent.futures as cf
-    import multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    portable = PORTABLE_CPU_ENV if platform.machine().lower() in ("x86_64", "amd64") else {}
-    pools: list = []
-    futures: list = []
-    # Workers are spawned as tasks arrive and inherit the environment then; the GPU workers
-    # get it too (their CPU work is small).
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(stopping.stop_on_signals())
-        stack.enter_context(_worker_env(portable if n_cpu else {}))
-        bar = stack.enter_context(tqdm(total=len(placed), desc="runs", disable=not progress))
-        try:
-            by_kind = {kind: cf.ProcessPoolExecutor(
-                           max_workers=n, mp_context=ctx, initializer=stopping.init_worker,
-                           initargs=(os.getpid(),))
-                       for kind, n in (("cpu", n_cpu), ("gpu", n_gpu)) if n}
-            pools.extend(by_kind.values())
-            for cfg, run_dir, dev in placed:
-                futures.append(by_kind["gpu" if dev != "cpu" else "cpu"].submit(
-                    _run_worker, cfg.to_dict(), str(run_dir), dev, threads))
-            pending = set(futures)
-            while pending:
-                # wake up now and then: a signal that landed on another thread runs its
-                # handler only when this one executes Python code
-                done, pending = cf.wait(pending, timeout=0.5, return_when=cf.FIRST_COMPLETED)
-                for fut in done:
-                    run_dir, secs = fut.result()
-                    seconds[run_dir] = secs
-                    bar.set_postfix_str(f"{Path(run_dir).name} {secs:.0f}s", refresh=False)
-                    bar.update(1)
-        except BaseException:
-            _stop_workers(pools, futures)
-            raise
-        for pool in pools:
-            pool.shutdown(wait=True)
-    return seconds

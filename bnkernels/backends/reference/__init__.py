@@ -1,4 +1,5 @@
-"""The eager PyTorch backend: the correctness oracle of every kernel, and the CPU path.
+"""The eager PyTorch backend: the correctness oracle of every kernel (the CPU path for real work
+is the cpu backend; "auto" falls back to this one where the cpu backend cannot be built).
 
 The formulas live in :mod:`.formulas` (re-exported here); this module holds the backend object
 and its plans, which only bind the call's flags (there is nothing to launch-plan in eager

@@ -94,6 +94,29 @@ def pick_block(extent: int, cap: int, floor: int = 32) -> int:
         b //= 2
 
 
+def _fill(total: int, rows: int) -> int:
+    """The narrowest block along a row that still fills a tile of ``total`` values with
+    ``rows`` rows (at least 32: one warp's lanes)."""
+    return min(total, max(32, total // triton.next_power_of_2(max(rows, 1))))
+
+
+# What a GPU launches: at most 2^31 - 1 programs on grid x, 65535 on y and z. The reductions'
+# grid is (channel groups, SPLIT), SPLIT clamped to 65535; the elementwise grid puts its
+# larger side on x (:func:`ew_grid`).
+GRID_X_MAX = 2**31 - 1
+GRID_YZ_MAX = 65535
+
+
+def check_grid(grid: tuple, what: str) -> tuple:
+    """``grid``, after checking it is within a GPU's limits (a clear error instead of the
+    driver's "invalid argument")."""
+    limits = (GRID_X_MAX, GRID_YZ_MAX, GRID_YZ_MAX)
+    if len(grid) > 3 or any(not 1 <= g <= lim for g, lim in zip(grid, limits)):
+        raise ValueError(f"{what}: grid {grid} exceeds a GPU's launch limits (x < 2^31, "
+                         f"y, z <= 65535): the input is too large for these kernels")
+    return grid
+
+
 @dataclass(frozen=True)
 class ReduceConfig:
     """Launch of a per-channel split reduction: each of ``split`` programs per channel (or
@@ -133,23 +156,26 @@ def reduce_config(lay: Layout, fused: bool = False, itemsize: int = 4) -> Reduce
     if lay.kind == "ncs":
         total = _OVERRIDES.get("block_m", 4096 if big else gpu_total)
         # Fewest masked lanes on a GPU; in the interpreter, fewest (largest) tiles.
-        block_s = pick_block(lay.S, total, floor=total if big else min(32, total))
+        block_s = pick_block(lay.S, total, floor=total if big else _fill(total, lay.N))
         block_n = max(1, min(triton.next_power_of_2(lay.N), total // block_s))
         s_blocks = triton.cdiv(lay.S, block_s)
         units = triton.cdiv(lay.N, block_n) * s_blocks
         split = _OVERRIDES.get("split", triton.cdiv(_target_programs(lay.device), groups))
-        split = 1 if fused else max(1, min(split, units))
+        split = 1 if fused else max(1, min(split, units, GRID_YZ_MAX))
         chunk = triton.cdiv(units, split)
         split = triton.cdiv(units, chunk)
         num_warps = _num_warps(block_n * block_s, itemsize, 4 if block_n * block_s <= 512 else 8)
         return ReduceConfig(split, chunk, block_n, block_s, num_warps, s_blocks, units, lay.C)
-    block_c = _OVERRIDES.get("block_c", min(triton.next_power_of_2(lay.C), 256 if big else 32))
+    # 32 channels a program on a GPU; more when there are few rows (M < 32), so that a tile
+    # still holds gpu_total values (else a 2-D (2, 2^24) input runs 2^19 one-warp programs).
+    block_c = _OVERRIDES.get("block_c", min(triton.next_power_of_2(lay.C),
+                                            256 if big else _fill(gpu_total, lay.M)))
     block_m = min(triton.next_power_of_2(lay.M), max(1, (8192 if big else gpu_total) // block_c))
     block_m = _OVERRIDES.get("block_m", block_m)
     groups = triton.cdiv(lay.C, block_c)
     tiles = triton.cdiv(lay.M, block_m)
     split = _OVERRIDES.get("split", triton.cdiv(_target_programs(lay.device), groups))
-    split = 1 if fused else max(1, min(split, tiles))
+    split = 1 if fused else max(1, min(split, tiles, GRID_YZ_MAX))
     chunk = triton.cdiv(tiles, split)
     split = triton.cdiv(tiles, chunk)
     num_warps = _num_warps(block_m * block_c, itemsize, 4 if block_m * block_c <= 512 else 8)
@@ -180,19 +206,41 @@ def apply_config(lay: Layout, itemsize: int = 4, heavy: bool = False) -> ApplyCo
     """Tile of an elementwise pass over the ``[rows, cols]`` matrix of ``itemsize``-byte
     elements. ``heavy``: per-element work dominates (noisy BatchNorm's Philox and Box-Muller):
     one 16-byte vector per thread (4 KB tiles of 8 warps) keeps registers low, where plain
-    passes take 2048 values a tile (two vectors a thread in fp32)."""
+    passes take 8 KB tiles (2048 fp32 or 4096 fp16/bf16 values: two 16-byte vectors a thread,
+    for bytes in flight) where rows are 16-byte aligned."""
     big = INTERPRET or lay.device.type != "cuda"
-    total = 16384 if big else (max(256, 4096 // itemsize) if heavy else 2048)
-    if lay.kind == "ncs":  # cols = S: the block that wastes fewest lanes at the row ends
-        block_k = pick_block(lay.cols, total, floor=total if big else 32)
+    # 8 KB tiles where rows allow 16-byte accesses (two a thread); else 2048 values, whose
+    # narrow accesses each take a register for their address.
+    wide = lay.cols * itemsize % 16 == 0
+    total = 16384 if big else (max(256, 4096 // itemsize) if heavy else
+                               max(2048, 8192 // itemsize) if wide else 2048)
+    if lay.kind == "ncs":  # cols = S: the block that wastes fewest lanes at the row ends ...
+        # ... among those that still fill a tile of `total` values when there are few rows
+        # (N*C): else an odd S gives 32-wide blocks, and a long row of a small batch becomes
+        # tens of thousands of one-warp programs.
+        block_k = pick_block(lay.cols, total, floor=total if big else _fill(total, lay.rows))
     else:
-        block_k = min(triton.next_power_of_2(lay.cols), 128)
+        # 128 channels a tile; more when there are few rows (a 2-D input with a small batch)
+        block_k = min(triton.next_power_of_2(lay.cols),
+                      128 if big else max(128, _fill(total, lay.rows)))
     block_k = _OVERRIDES.get("block_k", block_k)
     block_r = max(1, min(triton.next_power_of_2(lay.rows), total // block_k))
     block_r = _OVERRIDES.get("block_r", block_r)
     most = 8 if heavy or block_r * block_k > 1024 else 4
     num_warps = _num_warps(block_r * block_k, itemsize, most)
     return ApplyConfig(block_r, block_k, num_warps)
+
+
+def ew_grid(lay: Layout, cfg: ApplyConfig) -> tuple[tuple, bool]:
+    """(grid, COLS_ON_X) of an elementwise launch: (row blocks, column blocks), or, when there
+    are more than 65535 column blocks (a long row: S above 65535 * BLOCK_K), (column blocks,
+    row blocks) with the kernels' COLS_ON_X (see ``tile_ids``). Both over 65535 would take
+    over 2^32 tiles: not a tensor that fits a GPU."""
+    n_r = triton.cdiv(lay.rows, cfg.block_r)
+    n_k = triton.cdiv(lay.cols, cfg.block_k)
+    cols_on_x = n_k > GRID_YZ_MAX
+    grid = (n_k, n_r) if cols_on_x else (n_r, n_k)
+    return check_grid(grid, "elementwise launch"), cols_on_x
 
 
 # ----------------------------------------------------------------------------- jit helpers
@@ -252,16 +300,42 @@ def aligned(n, ALIGN: tl.constexpr):
 
 
 @triton.jit
+def program(axis: tl.constexpr, INT64: tl.constexpr):
+    """``tl.program_id(axis)``, widened to 64 bits in the INT64 variants *before* any
+    arithmetic: a product such as ``program_id * CHUNK`` made in 32 bits wraps at 2^31, and
+    the wrapped offsets pass the masks (tests/int64_offsets_check.py checks the IR)."""
+    pid = tl.program_id(axis)
+    if INT64:
+        pid = pid.to(tl.int64)
+    return pid
+
+
+@triton.jit
+def tile_ids(INT64: tl.constexpr, COLS_ON_X: tl.constexpr = False):
+    """(row block, column block) of this program of an elementwise launch: the grid is
+    (row blocks, column blocks), or (column blocks, row blocks) when COLS_ON_X (a GPU allows
+    2^31 - 1 programs on grid x but only 65535 on y; see :func:`ew_grid`)."""
+    if COLS_ON_X:
+        pr = program(1, INT64)
+        pk = program(0, INT64)
+    else:
+        pr = program(0, INT64)
+        pk = program(1, INT64)
+    return pr, pk
+
+
+@triton.jit
 def tile(ROWS, COLS, C, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-         CHAN_ON_ROWS: tl.constexpr, INT64: tl.constexpr, ALIGN: tl.constexpr = 1):
+         CHAN_ON_ROWS: tl.constexpr, INT64: tl.constexpr, ALIGN: tl.constexpr = 1,
+         COLS_ON_X: tl.constexpr = False):
     """This program's tile: (rows, cols, channel per row or column, its mask, element offsets,
     tile mask). Channel = row % C in the "ncs" layout (CHAN_ON_ROWS), = column in "mc".
-    ALIGN: a power of two dividing COLS (see :func:`aligned`)."""
+    ALIGN: a power of two dividing COLS (see :func:`aligned`). INT64: rows and columns are
+    64-bit from the program id on (see :func:`program`)."""
     COLS = aligned(COLS, ALIGN)
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    if INT64:
-        rows = rows.to(tl.int64)
+    pr, pk = tile_ids(INT64, COLS_ON_X)
+    rows = pr * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = pk * BLOCK_K + tl.arange(0, BLOCK_K)
     rmask = rows < ROWS
     kmask = cols < COLS
     if CHAN_ON_ROWS:
@@ -302,7 +376,11 @@ def ncs_unit(c, u, N, C, S, S_BLOCKS, BLOCK_N: tl.constexpr, BLOCK_S: tl.constex
              INT64: tl.constexpr):
     """Offsets and mask of work unit ``u`` of channel ``c`` of an (N, C, S)-contiguous tensor:
     a [BLOCK_N, BLOCK_S] tile of batch rows n and positions s (unit u covers row block
-    u // S_BLOCKS and position block u % S_BLOCKS; no per-element division)."""
+    u // S_BLOCKS and position block u % S_BLOCKS; no per-element division). A unit number
+    is below UNITS < 2^31 (tiles, not elements): the INT64 variants, whose ``u`` is 64-bit
+    (from a widened program id), divide it in 32 bits and widen the rows n."""
+    if INT64:
+        u = tl.cast(u, tl.int32)  # (u: a Python int in the interpreter's fused loops)
     nb = u // S_BLOCKS
     n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
     s = (u - nb * S_BLOCKS) * BLOCK_S + tl.arange(0, BLOCK_S)

@@ -3,14 +3,17 @@ it) against the minimum its op and pass need, and the time each takes at the cop
 
 The model reads the compiled kernels, not a table: a kernel's *tile loads* of a big tensor
 (x, y, dy, dx: x's size) are the tt.load operations of 2-D pointer blocks in its Triton IR that
-reach the PTX; each sweeps the tensor once over the launch's grid (every kernel here tiles its
-big tensors exactly once per such load). Likewise for tile stores. Whether a sweep after the
-first comes from DRAM or from L2 is decided by :data:`ASSUMPTIONS`.
+reach the PTX; those of one loop body sweep the tensor once together over the launch's grid (a
+loop taking two units an iteration loads half of it with each), and each outside a loop sweeps
+it once (every kernel here tiles its big tensors so). Likewise for tile stores. Whether a
+sweep after the first comes from DRAM or from L2 is decided by :data:`ASSUMPTIONS`.
 """
 
 from __future__ import annotations
 
 import math
+
+from .tables import fmt_table, md_table
 
 # Compulsory traffic of each pass, in tensors of x's size (read, written): a training forward
 # reads x and writes y; the backward (dx, dweight, dbias) reads dy and x and writes dx; eval
@@ -29,9 +32,10 @@ def minimum_of(case) -> tuple[int, int]:
     return table[case.pass_]
 
 ASSUMPTIONS = [
-    "bytes model: a tile load or store of a big tensor (x, y, dy, dx; the residual, the output "
-    "read for the ReLU's mask and d(residual) with a residual add) in a kernel's Triton IR "
-    "sweeps that tensor once; the first sweep of a tensor comes from DRAM, every store goes to "
+    "bytes model: the tile loads (stores) of a big tensor (x, y, dy, dx; the residual, the "
+    "output read for the ReLU's mask and d(residual) with a residual add) in one loop body of "
+    "a kernel's Triton IR sweep that tensor once, as does each outside a loop; the first "
+    "sweep of a tensor comes from DRAM, every store goes to "
     "DRAM (write-back), per-channel vectors, workspace partials and tickets count once per "
     "launch that touches them",
     "L2 reuse: a sweep of a tensor already swept in the same launch (a fused kernel re-reading "
@@ -169,8 +173,6 @@ TEXT_ROWS_MAX = 160  # the text report lists every row up to this many (files li
 
 
 def text_table(doc: dict) -> list[str]:
-    from .report import fmt_table
-
     lines = fmt_table(strategy_table(doc), STRATEGY_COLUMNS)
     rows = row_table(doc)
     if len(rows) <= TEXT_ROWS_MAX:
@@ -181,8 +183,6 @@ def text_table(doc: dict) -> list[str]:
 
 
 def markdown(doc: dict) -> list[str]:
-    from .report import md_table
-
     lines = ["Per launch sequence (`vs_min`: modeled DRAM bytes over the minimum, with L2 "
              "reuse as assumed below; `no_reuse_vs_min`: every sweep from DRAM):", ""]
     lines += md_table(strategy_table(doc), STRATEGY_COLUMNS)

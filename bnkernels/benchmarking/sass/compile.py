@@ -360,6 +360,10 @@ def analyze(spec: Specialization, device: Device = H200) -> dict:
         **parse.access_summary(ptx, ttir),
     }
     out["occupancy"] = occupancy(out["regs"], out["smem"], num_warps, device)
+    # Little's law: bytes in flight per SM = independent tile loads per iteration x width x
+    # threads x resident blocks (an H100/H200 needs about 25-30 KB per SM near copy bandwidth).
+    out["inflight_per_sm"] = (out["tile_load_bytes_per_thread"] * out["threads"]
+                              * out["occupancy"]["blocks_per_sm"])
     path = _cache_dir() / f"{spec.kernel}-{spec.key}.json"
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(out, indent=1))

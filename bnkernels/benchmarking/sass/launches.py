@@ -113,9 +113,14 @@ def gpu_host(sms: int = SMS):
     patches = [(torch.cuda, "get_device_properties", lambda *a, **k: props),
                (torch.cuda, "current_device", lambda: 0),
                (torch.cuda, "device_count", lambda: 1),
+               (torch.cuda, "is_current_stream_capturing", lambda: False),
                (JITFunction, "run", record)]
     if hasattr(torch._C, "_cuda_getCurrentRawStream"):
         patches.append((torch._C, "_cuda_getCurrentRawStream", lambda index: 0))
+    from ...backends.triton import launch as triton_launch  # its device guard asks the driver
+
+    if hasattr(triton_launch, "_get_device"):
+        patches.append((triton_launch, "_get_device", lambda: 0))
     saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
     try:
         for obj, name, value in patches:

@@ -161,8 +161,9 @@ def parse_ptx(text: str) -> list[dict]:
     and the source location they come from (innermost (file, line, column) and the one it is
     inlined at, from the ``.loc`` before the instruction)."""
     files = {m.group(1): m.group(2) for m in map(_PTX_FILE.match, text.splitlines()) if m}
+    loops = ptx_loops(text)
     out, loc, in_asm = [], None, False
-    for line in text.splitlines():
+    for index, line in enumerate(text.splitlines()):
         if "begin inline asm" in line or "end inline asm" in line:
             # Inside an inline-asm block LLVM numbers the block's own lines from the statement's
             # .loc on (a 4-element load's asm reads as 4 source lines): keep the .loc before it.
@@ -183,7 +184,25 @@ def parse_ptx(text: str) -> list[dict]:
         vec = next((int(t[1:]) for t in mods if t in ("v2", "v4", "v8")), 1)
         bits = next((_PTX_BITS[t] for t in reversed(mods) if t in _PTX_BITS), 32)
         kind = {"ld": "load", "st": "store"}.get(op, "atomic")
-        out.append({"kind": kind, "bits": vec * bits, "loc": loc})
+        loop = min((lp for lp in loops if lp[0] < index < lp[1]),
+                   key=lambda lp: lp[1] - lp[0], default=None)
+        out.append({"kind": kind, "bits": vec * bits, "loc": loc, "loop": loop})
+    return out
+
+
+_PTX_LABEL = re.compile(r"^\s*(\$L__\w+):")
+_PTX_BRA = re.compile(r"\bbra(?:\.uni)?\s+(\$L__\w+);")
+
+
+def ptx_loops(text: str) -> list[tuple[int, int]]:
+    """The loops of a PTX listing as (line of the label, line of the backward branch to it)."""
+    lines = text.splitlines()
+    labels = {m.group(1): i for i, m in enumerate(map(_PTX_LABEL.match, lines)) if m}
+    out = []
+    for i, line in enumerate(lines):
+        m = _PTX_BRA.search(line)
+        if m and labels.get(m.group(1), i) < i:
+            out.append((labels[m.group(1)], i))
     return out
 
 
@@ -248,14 +267,17 @@ def parse_ttir(text: str, arg_names: list[str]) -> dict:
     # names in sibling regions); loop-carried values start from their initial values (a loop
     # step derives from them); region results collect what their regions yield.
     stack: list[list[str]] = []  # the results of the region-holding ops we are inside
-    for line in lines[start + 1:]:
+    loops: list = []  # per open region: the line of the innermost scf.for holding it, or None
+    for index, line in enumerate(lines[start + 1:]):
         code = line.split(" loc(")[0]
         stripped = code.strip()
         if stripped.startswith("}"):
             if stack:
                 top = stack.pop()
+                loop = loops.pop()
                 if stripped.endswith("{"):  # "} else {": the same op's next region
                     stack.append(top)
+                    loops.append(loop)
             continue
         m = _TTIR_DEF.match(code)
         results, rhs = [], stripped
@@ -279,6 +301,7 @@ def parse_ttir(text: str, arg_names: list[str]) -> dict:
                 deps.setdefault(r, set()).update(src)
         if stripped.endswith("{"):
             stack.append(results)
+            loops.append(index if "scf.for" in rhs else (loops[-1] if loops else None))
         mem = _TTIR_MEMOP.search(rhs)
         if not mem:
             continue
@@ -290,7 +313,8 @@ def parse_ttir(text: str, arg_names: list[str]) -> dict:
         lm = re.search(r"loc\((#loc\d*)\)\s*$", line)
         ops.append({"kind": {"load": "load", "store": "store"}.get(mem.group(1), "atomic"),
                     "params": sorted(deps.get(ptr, set())), "rank": rank,
-                    "loc": _resolve_loc(lm.group(1), locs) if lm else None})
+                    "loc": _resolve_loc(lm.group(1), locs) if lm else None,
+                    "loop": loops[-1] if loops else None})
     return {"args": args, "ops": ops}
 
 
@@ -314,6 +338,7 @@ def access_summary(ptx: list[dict], ttir: dict) -> dict:
 
     reached = set()
     unmatched = 0
+    tile_bytes: dict = {}  # loop (or None: straight-line code) -> tile bytes loaded a thread
     for acc in ptx:
         loc = acc["loc"]
         cands = [op for op in (by_loc.get(loc) or by_inner.get(loc[0] if loc else None) or [])
@@ -321,6 +346,9 @@ def access_summary(ptx: list[dict], ttir: dict) -> dict:
         if not cands:
             unmatched += 1
             continue
+        if acc["kind"] == "load" and any(op["rank"] >= 2 for op in cands):
+            group = acc.get("loop")
+            tile_bytes[group] = tile_bytes.get(group, 0) + acc["bits"] // 8
         for op in cands:
             reached.add(id(op))
             for name in op["params"] or ["?"]:
@@ -330,11 +358,25 @@ def access_summary(ptx: list[dict], ttir: dict) -> dict:
                     continue
                 key = ("tile_" if op["rank"] >= 2 else "") + acc["kind"] + "_bits"
                 s[key][acc["bits"]] = s[key].get(acc["bits"], 0) + 1
+    # Sweeps: tile accesses of a tensor in one loop body split the loop's units between them
+    # (a loop taking two units an iteration loads each half of the tensor once): one sweep per
+    # loop, and one per tile access outside loops.
+    sweeps: dict = {}
     for op in ttir["ops"]:
         if op["rank"] >= 2 and op["kind"] in ("load", "store") and id(op) in reached:
+            group = op.get("loop")
             for name in op["params"]:
-                slot(name)["tile_" + op["kind"] + "s"] += 1
+                sweeps.setdefault((name, op["kind"]), set()).add(
+                    ("loop", group) if group is not None else ("op", id(op)))
+    for (name, kind), groups in sweeps.items():
+        slot(name)["tile_" + kind + "s"] = len(groups)
     for s in params.values():
         for k in ("tile_load_bits", "tile_store_bits", "load_bits", "store_bits"):
             s[k] = {str(b): n for b, n in sorted(s[k].items())}
-    return {"params": params, "unmatched_ptx_accesses": unmatched}
+    # Bytes of tile loads a thread has in flight at once: those of one loop iteration (the
+    # loop that loads most; a fused kernel's loops run one after the other), or of the whole
+    # kernel where no loop loads tiles (an elementwise pass).
+    in_loops = [n for g, n in tile_bytes.items() if g is not None]
+    per_thread = max(in_loops) if in_loops else tile_bytes.get(None, 0)
+    return {"params": params, "unmatched_ptx_accesses": unmatched,
+            "tile_load_bytes_per_thread": per_thread}

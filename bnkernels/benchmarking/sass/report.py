@@ -12,14 +12,10 @@ from pathlib import Path
 from .. import shapes as S
 from . import bytes_model
 from .launches import LP_PS, OPS, PASSES, cases
+from .tables import access_widths as _widths
+from .tables import fmt_table, md_table
 
 # ----------------------------------------------------------------------------- tables
-
-
-def _widths(bits: dict) -> str:
-    """{"128": 2, "32": 5} -> "128x2/32x5" (widest first)."""
-    return "/".join(f"{b}x{n}" for b, n in sorted(bits.items(), key=lambda kv: -int(kv[0]))) \
-        or "-"
 
 
 _SHOWN = ("BLOCK_N", "BLOCK_S", "BLOCK_M", "BLOCK_C", "BLOCK_R", "BLOCK_K", "FUSED", "TRAINING",
@@ -58,6 +54,7 @@ def kernel_table(doc: dict, rows=None) -> list[dict]:
             "stg": _widths(k["sass"]["STG"]), "tile_ld": _widths(tile_ld),
             "tile_st": _widths(tile_st), "allowed": allowed,
             "blocks_sm": occ["blocks_per_sm"], "occupancy": occ["occupancy"],
+            "inflight_kb": k.get("inflight_per_sm", 0) / 1024,
             "limiter": occ["limiter"], "uses": len(where),
             "example": f"{first['op']}{'(p=' + first['p'] + ')' if first['p'] else ''} "
                        f"{first['pass']} {first['shape_name']} {first['dtype']} "
@@ -73,25 +70,9 @@ KERNEL_COLUMNS = [("kernel", "{}"), ("warps", "{}"), ("regs", "{}"), ("spills", 
                   ("frame", "{}"), ("smem", "{}"), ("insts", "{}"), ("ldg", "{}"),
                   ("stg", "{}"),
                   ("tile_ld", "{}"), ("tile_st", "{}"), ("allowed", "{}"), ("blocks_sm", "{}"),
-                  ("occupancy", "{:.0%}"), ("limiter", "{}"), ("uses", "{}"),
+                  ("occupancy", "{:.0%}"), ("inflight_kb", "{:.0f}"), ("limiter", "{}"),
+                  ("uses", "{}"),
                   ("example", "{}")]
-
-
-def fmt_table(rows: list[dict], columns) -> list[str]:
-    """Fixed-width text lines, a header first."""
-    cells = [[c for c, _ in columns]] + [[fmt.format(r[c]) if r[c] is not None else "-"
-                                          for c, fmt in columns] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
-    return ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in cells]
-
-
-def md_table(rows: list[dict], columns) -> list[str]:
-    head = [c for c, _ in columns]
-    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        out.append("| " + " | ".join(fmt.format(r[c]) if r[c] is not None else "-"
-                                     for c, fmt in columns) + " |")
-    return out
 
 
 def summary(doc: dict) -> dict:
@@ -100,8 +81,15 @@ def summary(doc: dict) -> dict:
     table = kernel_table(doc)
     spills = [r for r in table if r["spills"]]
     narrow = [r for r in table if any("alignment allows" in p for p in r["problems"])]
+    # A target, reported (not yet required): 32 KB of tile loads in flight per SM.
+    low = [r for r in table if r["inflight_kb"] < INFLIGHT_TARGET_KB]
     return {"kernels": len(table), "with_spills": len(spills),
-            "narrower_than_alignment": len(narrow), "met": not spills and not narrow}
+            "narrower_than_alignment": len(narrow),
+            f"below_{INFLIGHT_TARGET_KB}kb_in_flight": len(low),
+            "met": not spills and not narrow}
+
+
+INFLIGHT_TARGET_KB = 32
 
 
 def text_report(doc: dict) -> str:
@@ -115,7 +103,11 @@ def text_report(doc: dict) -> str:
     lines += fmt_table(table, KERNEL_COLUMNS)
     lines += ["", f"requirements: {s['with_spills']} of {s['kernels']} kernels spill; "
                   f"{s['narrower_than_alignment']} have tile accesses narrower than alignment "
-                  f"allows -> {'MET' if s['met'] else 'NOT MET'}"]
+                  f"allows -> {'MET' if s['met'] else 'NOT MET'}",
+              f"target: {s[f'below_{INFLIGHT_TARGET_KB}kb_in_flight']} of {s['kernels']} "
+              f"kernels keep under {INFLIGHT_TARGET_KB} KB of tile loads in flight per SM "
+              "(inflight_kb: tile bytes a thread loads per loop iteration x threads x "
+              "resident blocks)"]
     for r in table:
         for p in r["problems"]:
             lines.append(f"  {r['kernel']} ({r['example']}): {p}")
@@ -135,6 +127,10 @@ def markdown(doc: dict) -> str:
              f"- no spills: {s['kernels'] - s['with_spills']} of {s['kernels']} kernels",
              f"- tile accesses of x, y, dy, dx as wide as alignment allows: "
              f"{s['kernels'] - s['narrower_than_alignment']} of {s['kernels']} kernels",
+             f"- (target) at least {INFLIGHT_TARGET_KB} KB of tile loads in flight per SM "
+             "(`inflight_kb`: tile bytes a thread loads per loop iteration x threads x "
+             f"resident blocks): {s['kernels'] - s[f'below_{INFLIGHT_TARGET_KB}kb_in_flight']}"
+             f" of {s['kernels']} kernels",
              f"- **{'met' if s['met'] else 'not met'}**", ""]
     table = kernel_table(doc)
     problems = [(r, p) for r in table for p in r["problems"]]

@@ -72,8 +72,10 @@ from ..common import (
     div_rn,
     group,
     last_of_group,
+    program,
     sqrt_rn,
     tile,
+    tile_ids,
     two_sum_err,
     unit,
     unit_end,
@@ -409,13 +411,14 @@ def _bn_fwd_kernel(
     INT64: tl.constexpr,
     ALIGN: tl.constexpr = 1,  # a power of two dividing the rows (S or C)
     HAS_RES: tl.constexpr = False,  # add the residual before the activation
+    PAIR: tl.constexpr = False,  # two units a loop iteration (bytes in flight; 4-byte x)
 ):
     if CL:
         C = aligned(C, ALIGN)
     else:
         S = aligned(S, ALIGN)
-    pid = tl.program_id(0)
-    p = tl.program_id(1)
+    pid = program(0, INT64)
+    p = program(1, INT64)
     _count_batch(nbt_ptr, (pid == 0) & (p == 0), COUNT)
     ch, cm = group(pid, C, BLOCK_B, CL)
     shift = _shift(x_ptr, ch, cm, S, CL, ACC, INT64)
@@ -423,12 +426,25 @@ def _bn_fwd_kernel(
     m2 = tl.zeros([BLOCK_A, BLOCK_B], ACC)
     cnt = tl.zeros([BLOCK_A, BLOCK_B], ACC)
     total = tl.zeros([BLOCK_A, BLOCK_B], ACC)  # plain sum of x: tells special values apart
-    for u in range(p * CHUNK, unit_end(p * CHUNK, CHUNK, UNITS, CL), BLOCK_A if CL else 1):
+    # PAIR: two units an iteration, both loads issued before either update (twice the bytes
+    # in flight, no more accumulators); each lane still takes its units in order (same bits).
+    end = unit_end(p * CHUNK, CHUNK, UNITS, CL)
+    for u in range(p * CHUNK, end, (2 if PAIR else 1) * (BLOCK_A if CL else 1)):
         ptrs, mask = unit_ptrs(x_ptr, u, ch, cm, N, C, S, S_BLOCKS, UNITS, BLOCK_A, BLOCK_B, CL,
                                INT64)
-        x = tl.load(ptrs, mask=mask, other=0.0).to(ACC)
+        x = tl.load(ptrs, mask=mask, other=0.0)
+        if PAIR:
+            u2 = u + (BLOCK_A if CL else 1)
+            ptrs2, mask2 = unit_ptrs(x_ptr, u2, ch, cm, N, C, S, S_BLOCKS, UNITS, BLOCK_A,
+                                     BLOCK_B, CL, INT64)
+            mask2 = mask2 & (u2 < end)
+            x2 = tl.load(ptrs2, mask=mask2, other=0.0).to(ACC)
+        x = x.to(ACC)
         total += x
         mean, m2, cnt = _welford_update(mean, m2, cnt, x - chan_bcast(shift, CL), mask)
+        if PAIR:
+            total += x2
+            mean, m2, cnt = _welford_update(mean, m2, cnt, x2 - chan_bcast(shift, CL), mask2)
     mean, m2, cnt = _welford_chan(mean, m2, cnt, CL, ACC)
     total = chan_sum(total, CL)
     if FUSED:
@@ -514,14 +530,16 @@ def _bn_apply_kernel(
     INT64: tl.constexpr,
     ALIGN: tl.constexpr = 1,  # a power of two dividing the rows (S or C)
     HAS_RES: tl.constexpr = False,  # add the residual before the activation
+    COLS_ON_X: tl.constexpr = False,  # grid (column blocks, row blocks): see common.ew_grid
 ):
     rows, cols, ch, cm, offs, mask = tile(ROWS, COLS, C, BLOCK_R, BLOCK_K, CHAN_ON_ROWS, INT64,
-                                          ALIGN)
+                                          ALIGN, COLS_ON_X)
     if SAVE_STATS:  # the programs holding each channel's first row (or column block 0)
+        pr, pk = tile_ids(INT64, COLS_ON_X)
         if CHAN_ON_ROWS:
-            first = cm & (rows < C) & (tl.program_id(1) == 0)
+            first = cm & (rows < C) & (pk == 0)
         else:
-            first = cm & (tl.program_id(0) == 0)
+            first = cm & (pr == 0)
         tl.store(save_mean_ptr + ch, tl.load(mean_ptr + ch, mask=first, other=0.0).to(ACC),
                  mask=first)
         tl.store(save_invstd_ptr + ch, _invstd_from(
@@ -627,8 +645,8 @@ def _bn_bwd_kernel(
         C = aligned(C, ALIGN)
     else:
         S = aligned(S, ALIGN)
-    pid = tl.program_id(0)
-    p = tl.program_id(1)
+    pid = program(0, INT64)
+    p = program(1, INT64)
     ch, cm = group(pid, C, BLOCK_B, CL)
     mu = 0.0
     sigma = 1.0
@@ -732,9 +750,10 @@ def _bn_bwd_dx_kernel(
     INT64: tl.constexpr,
     ALIGN: tl.constexpr = 1,  # a power of two dividing the rows (S or C)
     OUT_MASK: tl.constexpr = False,  # ReLU after a residual add: mask from out, write dres
+    COLS_ON_X: tl.constexpr = False,  # grid (column blocks, row blocks): see common.ew_grid
 ):
     rows, cols, ch, cm, offs, mask = tile(ROWS, COLS, C, BLOCK_R, BLOCK_K, CHAN_ON_ROWS, INT64,
-                                          ALIGN)
+                                          ALIGN, COLS_ON_X)
     mean = chan_load(mean_ptr, ch, cm, 0.0, CHAN_ON_ROWS, ACC)
     invstd = _invstd_from(chan_load(scale_ptr, ch, cm, 1.0, CHAN_ON_ROWS, ACC), eps, SCALE_FROM,
                           ACC)

@@ -6,10 +6,18 @@ from __future__ import annotations
 import functools
 
 import torch
-import triton
 
 from ...plan import BasePlan, Signature, Workspaces
-from ..common import apply_config, reduce_config, reduce_shape, row_align, strategy, tl_dtype
+from ..common import (
+    apply_config,
+    check_grid,
+    ew_grid,
+    reduce_config,
+    reduce_shape,
+    row_align,
+    strategy,
+    tl_dtype,
+)
 from ..launch import Launch
 from ..noise import STEP_INT, STEP_TENSOR
 from .kernels import (
@@ -90,11 +98,11 @@ class BatchNormPlan(BasePlan):
             r_mu=None if cfg_noise is None else float(cfg_noise.r_mu),
             r_sigma=None if cfg_noise is None else float(cfg_noise.r_sigma))
         self.shape = reduce_shape(lay, cfg)
-        self.reduce_grid = (cfg.groups, cfg.split)
+        self.reduce_grid = check_grid((cfg.groups, cfg.split), "reduction launch")
         acfg = apply_config(lay, itemsize=sig.dtype.itemsize, heavy=sig.is_noisy)
-        self.ew_grid = (triton.cdiv(lay.rows, acfg.block_r), triton.cdiv(lay.cols, acfg.block_k))
+        self.ew_grid, cols_on_x = ew_grid(lay, acfg)
         self.ew = dict(ROWS=lay.rows, COLS=lay.cols, C=lay.C, S=lay.S, BLOCK_R=acfg.block_r,
-                       BLOCK_K=acfg.block_k, CHAN_ON_ROWS=self.ncs)
+                       BLOCK_K=acfg.block_k, CHAN_ON_ROWS=self.ncs, COLS_ON_X=cols_on_x)
         self.ew_warps = acfg.num_warps
         self.workspaces = Workspaces(lay.device, lambda: _Workspace(lay, cfg, acc))
         self._bwd_launches: dict = {}
@@ -126,7 +134,8 @@ class BatchNormPlan(BasePlan):
         return Launch(kernel, grid, num_warps, consts, call, device=self.lay.device)
 
     def _reduce_fwd_launch(self, **meta):
-        consts = dict(self.flags, **self.noise_consts, **self.shape, HAS_RES=self.res)
+        consts = dict(self.flags, **self.noise_consts, **self.shape, HAS_RES=self.res,
+                      PAIR=self.sig.dtype.itemsize >= 4)
         consts.update(meta)
         return self._launch(_bn_fwd_kernel, self.reduce_grid, self.cfg.num_warps, _FWD_CALL,
                             consts)

@@ -72,6 +72,7 @@ from ..common import (
     div_rn,
     group,
     last_of_group,
+    program,
     sqrt_rn,
     tile,
     unit,
@@ -173,19 +174,31 @@ def _lp_finalize_scale(ch, cm, stat, M, scale_ptr, rscale_ptr, momentum, eps,
 @triton.jit
 def _lp_pass(x_ptr, ch, cm, u_start, u_end, mu, C, S, N, S_BLOCKS, BLOCK_A: tl.constexpr,
              BLOCK_B: tl.constexpr, P: tl.constexpr, STAT: tl.constexpr, CL: tl.constexpr,
-             ACC: tl.constexpr, INT64: tl.constexpr):
+             ACC: tl.constexpr, INT64: tl.constexpr, PAIR: tl.constexpr = False):
     """Per channel (sum(x), stat(x - mu)) over units u_start..u_end-1 of channels ``ch`` (stat
     0 if not STAT; ``mu`` broadcast against the tile; channels last, rows from u_end on are
     masked)."""
     sum_x = tl.zeros([BLOCK_A, BLOCK_B], ACC)
     stat = tl.zeros([BLOCK_A, BLOCK_B], ACC)
-    for u in range(u_start, u_end, BLOCK_A if CL else 1):
+    # PAIR: two units an iteration, both loads first (see _bn_fwd_kernel): the same sums.
+    for u in range(u_start, u_end, (2 if PAIR else 1) * (BLOCK_A if CL else 1)):
         ptrs, mask = unit_ptrs(x_ptr, u, ch, cm, N, C, S, S_BLOCKS, u_end, BLOCK_A, BLOCK_B, CL,
                                INT64)
-        x = tl.load(ptrs, mask=mask, other=0.0).to(ACC)
+        x = tl.load(ptrs, mask=mask, other=0.0)
+        if PAIR:
+            u2 = u + (BLOCK_A if CL else 1)
+            ptrs2, mask2 = unit_ptrs(x_ptr, u2, ch, cm, N, C, S, S_BLOCKS, u_end, BLOCK_A,
+                                     BLOCK_B, CL, INT64)
+            mask2 = mask2 & (u2 < u_end)
+            x2 = tl.load(ptrs2, mask=mask2, other=0.0).to(ACC)
+        x = x.to(ACC)
         sum_x += x
         if STAT:
             stat = _lp_stat_update(stat, x - mu, mask, P)
+        if PAIR:
+            sum_x += x2
+            if STAT:
+                stat = _lp_stat_update(stat, x2 - mu, mask2, P)
     sum_x = chan_sum(sum_x, CL)
     if CL:
         stat = _lp_stat_lanes(stat, 0, P)
@@ -234,26 +247,27 @@ def _lp_fwd_kernel(
     COUNT: tl.constexpr,
     INT64: tl.constexpr,
     ALIGN: tl.constexpr = 1,  # a power of two dividing the rows (S or C)
+    PAIR: tl.constexpr = False,  # two units a loop iteration (bytes in flight; 4-byte x)
 ):
     if CL:
         C = aligned(C, ALIGN)
     else:
         S = aligned(S, ALIGN)
-    pid = tl.program_id(0)
-    p = tl.program_id(1)
+    pid = program(0, INT64)
+    p = program(1, INT64)
     _count_batch(nbt_ptr, (pid == 0) & (p == 0) & (PHASE != 2), COUNT)
     ch, cm = group(pid, C, BLOCK_B, CL)
     if FUSED:
         if CENTERED:
             sum_x, _ = _lp_pass(x_ptr, ch, cm, 0, UNITS, 0.0, C, S, N, S_BLOCKS, BLOCK_A,
-                                BLOCK_B, P, False, CL, ACC, INT64)
+                                BLOCK_B, P, False, CL, ACC, INT64, PAIR)
             mean = _lp_finalize_mean(ch, cm, sum_x, M_F, mean_ptr, rmean_ptr, momentum, ACC,
                                      UPDATE)
             _, stat = _lp_pass(x_ptr, ch, cm, 0, UNITS, chan_bcast(mean, CL), C, S, N, S_BLOCKS,
-                               BLOCK_A, BLOCK_B, P, True, CL, ACC, INT64)
+                               BLOCK_A, BLOCK_B, P, True, CL, ACC, INT64, PAIR)
         else:
             sum_x, stat = _lp_pass(x_ptr, ch, cm, 0, UNITS, 0.0, C, S, N, S_BLOCKS, BLOCK_A,
-                                   BLOCK_B, P, True, CL, ACC, INT64)
+                                   BLOCK_B, P, True, CL, ACC, INT64, PAIR)
             mean = _lp_finalize_mean(ch, cm, sum_x, M_F, mean_ptr, rmean_ptr, momentum, ACC,
                                      UPDATE)
         _, inv = _lp_finalize_scale(ch, cm, stat, M_F, scale_ptr, rscale_ptr, momentum, eps, P,
@@ -273,7 +287,7 @@ def _lp_fwd_kernel(
             mu = chan_bcast(chan_get(mean_ptr, ch, cm, 0.0, CL, ACC), CL)
         sum_x, stat = _lp_pass(x_ptr, ch, cm, p * CHUNK, tl.minimum(p * CHUNK + CHUNK, UNITS),
                                mu, C, S, N, S_BLOCKS, BLOCK_A, BLOCK_B, P, PHASE != 1, CL, ACC,
-                               INT64)
+                               INT64, PAIR)
         part = ws_ptr + ch * SPLIT + p
         chan_put(part, 0, cm, sum_x, CL)
         chan_put(part, C * SPLIT, cm, stat, CL)
@@ -395,8 +409,8 @@ def _lp_bwd_kernel(
         C = aligned(C, ALIGN)
     else:
         S = aligned(S, ALIGN)
-    pid = tl.program_id(0)
-    p = tl.program_id(1)
+    pid = program(0, INT64)
+    p = program(1, INT64)
     ch, cm = group(pid, C, BLOCK_B, CL)
     mean_c = chan_get(mean_ptr, ch, cm, 0.0, CL, ACC)
     s_c = chan_get(scale_ptr, ch, cm, 0.0, CL, ACC)
@@ -477,9 +491,10 @@ def _lp_bwd_dx_kernel(
     ACC: tl.constexpr,
     INT64: tl.constexpr,
     ALIGN: tl.constexpr = 1,  # a power of two dividing the rows (S or C)
+    COLS_ON_X: tl.constexpr = False,  # grid (column blocks, row blocks): see common.ew_grid
 ):
     _, _, ch, cm, offs, mask = tile(ROWS, COLS, C, BLOCK_R, BLOCK_K, CHAN_ON_ROWS, INT64,
-                                    ALIGN)
+                                    ALIGN, COLS_ON_X)
     mean = chan_load(mean_ptr, ch, cm, 0.0, CHAN_ON_ROWS, ACC)
     s = chan_load(scale_ptr, ch, cm, 0.0, CHAN_ON_ROWS, ACC)
     k1 = chan_load(coef_ptr, ch, cm, 0.0, CHAN_ON_ROWS, ACC)

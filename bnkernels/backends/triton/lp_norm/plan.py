@@ -6,13 +6,21 @@ from __future__ import annotations
 import functools
 
 import torch
-import triton
 
 from ...plan import BasePlan, Signature, Workspaces
 from ..batch_norm.kernels import FROM_LP_SCALE, INVSTD, _bn_apply_kernel, _bn_bwd_dx_kernel
 from ..batch_norm.plan import _APPLY_CALL as _BN_APPLY_CALL
 from ..batch_norm.plan import _DX_CALL as _BN_DX_CALL
-from ..common import apply_config, reduce_config, reduce_shape, row_align, strategy, tl_dtype
+from ..common import (
+    apply_config,
+    check_grid,
+    ew_grid,
+    reduce_config,
+    reduce_shape,
+    row_align,
+    strategy,
+    tl_dtype,
+)
 from ..launch import Launch
 from .kernels import (
     _lp_bwd_dx_kernel,
@@ -56,10 +64,10 @@ class LpNormPlan(BasePlan):
         lay, acc = self._resolve(sig)
         self.ncs = lay.kind == "ncs"
         acfg = apply_config(lay, itemsize=sig.dtype.itemsize)
-        self.ew_grid = (triton.cdiv(lay.rows, acfg.block_r), triton.cdiv(lay.cols, acfg.block_k))
+        self.ew_grid, cols_on_x = ew_grid(lay, acfg)
         self.ew = dict(ROWS=lay.rows, COLS=lay.cols, C=lay.C, BLOCK_R=acfg.block_r,
                        BLOCK_K=acfg.block_k, CHAN_ON_ROWS=self.ncs, ACC=tl_dtype(acc),
-                       INT64=lay.int64, ALIGN=row_align(lay.cols))
+                       INT64=lay.int64, ALIGN=row_align(lay.cols), COLS_ON_X=cols_on_x)
         self.ew_warps = acfg.num_warps
         self.has = dict(HAS_W=sig.has_weight, HAS_B=sig.has_bias)
         self._bwd_launches: dict = {}
@@ -72,11 +80,12 @@ class LpNormPlan(BasePlan):
         self.centered = bool(sig.centered)
         self.P = _p_code(sig.p)
         self.shape = reduce_shape(lay, cfg)
-        self.grid = (cfg.groups, cfg.split)
+        self.grid = check_grid((cfg.groups, cfg.split), "reduction launch")
         flags = dict(P=self.P, FUSED=self.fused, CENTERED=self.centered, ACC=tl_dtype(acc),
                      INT64=lay.int64, ALIGN=row_align(lay.cols), M_F=float(lay.M))
         self.common = dict(flags, **self.shape)
-        fwd = dict(flags, **self.shape, UPDATE=sig.has_running, COUNT=sig.counter, **self.has)
+        fwd = dict(flags, **self.shape, UPDATE=sig.has_running, COUNT=sig.counter, **self.has,
+                   PAIR=True)
         if self.fused:
             self.k_fwd = [self._launch(_lp_fwd_kernel, self.grid, cfg.num_warps, _FWD_CALL,
                                        dict(fwd, PHASE=0))]

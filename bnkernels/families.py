@@ -24,12 +24,13 @@ from .library import BatchNormOpPlan, LpNormOpPlan, register_family_ops
 
 
 def _builtin(name, reference, plan_class, running, saved, op_plan, grads, doc):
-    """A family with plans on the reference, Triton (``backends/triton/<name>/plan.py``) and
-    CUDA (``backends/cuda/plans.py``) backends."""
+    """A family with plans on the reference, Triton (``backends/triton/<name>/plan.py``), CUDA
+    (``backends/cuda/plans.py``) and cpu (``backends/cpu``) backends."""
     return Family(name=name, plans={
         "reference": reference,
         "triton": f"bnkernels.backends.triton.{name}.plan:{plan_class}",
         "cuda": f"bnkernels.backends.cuda.plans:{plan_class}",
+        "cpu": f"bnkernels.backends.cpu:{name}_plan",
     }, running=running, saved=saved, op_plan=op_plan, grads=grads, doc=doc)
 
 

@@ -1,5 +1,5 @@
-"""The autograd Functions: one for every op family on a :class:`~.backends.plan.Plan`, and
-SyncBatchNorm's.
+"""The autograd Function: one for every op family on a :class:`~.backends.plan.Plan`
+(SyncBatchNorm's included: :mod:`bnkernels.sync`).
 
 :class:`NormFunction` is what a training step runs for BatchNorm, noisy BatchNorm and l_p
 normalization alike: a plain ``torch.autograd.Function`` whose forward and backward call the
@@ -11,11 +11,11 @@ dispatcher in between); under torch.compile, export, fake tensors or a dispatch 
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import torch
-import torch.distributed as dist
 
 from . import double_backward
-from .backends.plan import acc_dtype
 
 _grad_enabled = torch.is_grad_enabled
 
@@ -25,12 +25,29 @@ def _needs(ctx, weight, bias) -> tuple[bool, bool, bool]:
     return (bool(n[0]), bool(n[1]) and weight is not None, bool(n[2]) and bias is not None)
 
 
+class Call(NamedTuple):
+    """What :class:`NormFunction` takes besides x, weight and bias: one argument, so that
+    autograd looks at three tensors per call, not ten (the running buffers never get
+    gradients). The eager hot path passes its fields in this order as a plain tuple (nothing
+    built per call for the structure); the traced routes build a Call."""
+
+    running_mean: Any  # Tensor or None
+    running_var: Any  # the family's second running buffer (l_p: running_scale), or None
+    plan: Any  # the call's Plan: a backend's, or the traced route's
+    momentum: float
+    eps: float
+    noise: Any  # None, or (NoiseConfig, seed, step) for noisy BatchNorm
+    counter: Any  # a module's num_batches_tracked (incremented by the forward), or None
+
+
+def _detach(t):
+    return None if t is None else t.detach()
+
+
 class NormFunction(torch.autograd.Function):
     """y = plan.forward(x, ...); its backward is ``plan.backward`` with what the forward saved.
 
-    ``call`` = (running_mean, running_var, plan, momentum, eps, noise, counter): one argument,
-    so that autograd looks at three tensors per call, not ten (the running buffers never get
-    gradients; ``running_var`` is the running scale for l_p).
+    ``call``: a :class:`Call` (running buffers, plan, momentum, eps, noise, counter).
 
     Training: the plan saves the batch statistics (BatchNorm: mean and 1/sqrt(var + eps); l_p:
     mean and s_p). Eval: it saves snapshots of the statistics this forward used, so the
@@ -44,9 +61,13 @@ class NormFunction(torch.autograd.Function):
     is caught).
 
     Double backward: when a graph of the gradient is asked for (create_graph=True, grad mode on
-    in the backward), the backward runs :func:`bnkernels.double_backward.grads` -- the same
-    gradients as differentiable torch ops, the batch statistics recomputed from x -- in place
-    of the plan's kernels, which serve every other backward.
+    in the backward), the backward runs :func:`bnkernels.double_backward.grads` -- the op
+    family's gradients as differentiable torch ops, the batch statistics recomputed from x --
+    for the graph, and the plan's own backward (the backend's kernels) for the values: each
+    gradient is ``graph + (kernels - graph).detach()``, the kernels' value with the formulas'
+    derivative. So the first derivatives a create_graph backward returns are the backend's,
+    and gradgradcheck compares the formulas' second derivatives with finite differences of the
+    kernels' first derivatives (two independent computations).
     """
 
     @staticmethod
@@ -64,11 +85,12 @@ class NormFunction(torch.autograd.Function):
         plan, eps, noise, a, b = ctx.state
         needs = _needs(ctx, weight, bias)
         if _grad_enabled():  # create_graph=True: a backward autograd can differentiate
-            a, b, used = plan.split_saved(a, b, None)  # a step the plan kept with its stats
-            if used is not None:
-                noise = (noise[0], noise[1], used)
-            dx, dw, db = double_backward.grads(plan, dy, x, weight, bias, a, b, eps, needs,
-                                               noise)
+            graph = double_backward.grads(plan, dy, x, weight, bias, a, b, eps, needs, noise)
+            with torch.no_grad():
+                values = plan.backward(dy.detach(), x.detach(), a, b, _detach(weight),
+                                       _detach(bias), eps, needs, noise)
+            dx, dw, db = (g if v is None or g is None else g + (v - g).detach()
+                          for g, v in zip(graph, values))
         else:
             dx, dw, db = plan.backward(dy, x, a, b, weight, bias, eps, needs, noise)
         return (dx if needs[0] else None, dw if needs[1] else None, db if needs[2] else None,
@@ -102,9 +124,6 @@ class ResidualNormFunction(torch.autograd.Function):
         n = ctx.needs_input_grad
         needs = (*_needs(ctx, weight, bias), bool(n[3]))
         if _grad_enabled():  # create_graph=True: a backward autograd can differentiate
-            a, b, used = plan.split_saved(a, b, None)
-            if used is not None:
-                noise = (noise[0], noise[1], used)
             g = double_backward.residual_grad(dy, out, getattr(plan, "sig", plan).activation)
             dx, dw, db = double_backward.grads(plan, g, x, weight, bias, a, b, eps, needs[:3],
                                                noise, activation=None)
@@ -115,78 +134,4 @@ class ResidualNormFunction(torch.autograd.Function):
                 dz if needs[3] else None, None)
 
 
-class SyncBatchNormFunction(torch.autograd.Function):
-    """BatchNorm over the union of the batches of all processes in ``group``, on a plan's
-    :class:`~.backends.plan.SyncStages`.
-
-    Forward: each process computes its per-channel (count n_r, mean_r, biased var_r); they are
-    all-gathered and merged (Chan et al.): n = sum n_r, mean = sum n_r mean_r / n,
-    var = (sum n_r var_r + sum n_r (mean_r - mean)^2) / n. Running statistics get the unbiased
-    n / (n - 1) var. Backward: the per-channel sums [sum(g), sum(g (x - mean))] are all-reduced
-    and divided by n for dx; weight and bias gradients are each process's own sums (DDP then
-    reduces them), as in torch.nn.SyncBatchNorm. Everything stays on the device.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum, group, world,
-                plan):
-        acc = acc_dtype(x.dtype)
-        C = x.shape[1]
-        count = x.numel() // C
-        if count > 0:
-            mean, var = plan.stats(x)
-        else:
-            mean = var = torch.zeros(C, device=x.device, dtype=acc)
-        local = torch.cat([torch.full((1,), float(count), device=x.device, dtype=acc),
-                           mean, var])
-        gathered = [torch.empty_like(local) for _ in range(world)]
-        dist.all_gather(gathered, local, group=group)
-        stats = torch.stack(gathered)  # [world, 1 + 2C]
-        n_r, mean_r, var_r = stats[:, :1], stats[:, 1:C + 1], stats[:, C + 1:]
-        n = n_r.sum(0)
-        mean = (n_r * mean_r).sum(0) / n
-        m2 = (n_r * var_r).sum(0) + (n_r * (mean_r - mean).square()).sum(0)
-        invstd = torch.rsqrt(m2 / n + eps)
-        if running_mean is not None:
-            unbiased = m2 / (n - 1).clamp_min(1)
-            running_mean.copy_(momentum * mean + (1 - momentum) * running_mean.to(acc))
-            running_var.copy_(momentum * unbiased + (1 - momentum) * running_var.to(acc))
-        y = plan.apply(x, mean, invstd, weight, bias, None) if count > 0 else torch.empty_like(x)
-        ctx.save_for_backward(x, weight, bias, mean, invstd, n)
-        ctx.group, ctx.plan = group, plan
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        if _grad_enabled():
-            raise double_backward.no_double_backward(
-                "SyncBatchNorm (across processes)",
-                "its statistics merge every process's batch, which a differentiable local "
-                "recomputation cannot see",
-                "Take second derivatives in one process (bnkernels.BatchNorm*d, or "
-                "SyncBatchNorm outside a multi-process group).")
-        return SyncBatchNormFunction._backward(ctx, dy)
-
-    @staticmethod
-    @torch.no_grad()
-    def _backward(ctx, dy):
-        x, weight, bias, mean, invstd, n = ctx.saved_tensors
-        plan = ctx.plan
-        if x.numel() > 0:
-            sums = plan.bwd_reduce(dy, x, mean, invstd, weight, bias, None)
-        else:
-            sums = torch.zeros((2, x.shape[1]), device=x.device, dtype=mean.dtype)
-        dw = (sums[1] * invstd).to(weight.dtype) if ctx.needs_input_grad[1] else None
-        db = sums[0].to(bias.dtype) if ctx.needs_input_grad[2] else None
-        dx = None
-        if ctx.needs_input_grad[0]:
-            total = sums.clone()
-            dist.all_reduce(total, group=ctx.group)
-            if x.numel() > 0:
-                dx = plan.bwd_dx(dy, x, mean, invstd, weight, bias, total / n, None)
-            else:
-                dx = torch.zeros_like(x)
-        return dx, dw, db, None, None, None, None, None, None, None
-
-
-__all__ = ["NormFunction", "ResidualNormFunction", "SyncBatchNormFunction"]
+__all__ = ["Call", "NormFunction", "ResidualNormFunction"]

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import torch
 
+from .backends.family import family_of
 from .backends.reference import formulas as R
 
 
@@ -43,21 +44,43 @@ _KEEP = object()
 def grads(plan, dy, x, weight, bias, saved_a, saved_b, eps, needs, noise=None,
           activation=_KEEP):
     """(dx, dweight, dbias) of the call ``plan`` ran (None where ``needs`` says so),
-    differentiable in dy, x, weight and bias. ``saved_a``/``saved_b``: what the plan's forward
-    saved; only an eval forward's are used (the mean and the inverse scale it applied:
-    1/sqrt(var + eps), or 1/(s_p + eps) for l_p), constants, as the running statistics are.
-    ``activation``: the call's unless given (None for a residual call, whose dy arrives
+    differentiable in dy, x, weight and bias: the op family's ``grads`` (its descriptor), or
+    the error of a family that declines. ``saved_a``/``saved_b``: what the plan's forward
+    saved. ``activation``: the call's unless given (None for a residual call, whose dy arrives
     masked by :func:`residual_grad`)."""
     flags = getattr(plan, "sig", plan)  # a backend's plan: its Signature; an OpPlan: itself
-    training = flags.training
+    family = family_of(flags.op)
+    if family.grads is None:
+        raise no_double_backward(family.label or family.name, family.no_grads, family.instead)
     if activation is _KEEP:
-        activation = getattr(flags, "activation", None)
-    if not training:  # every op: out = act(w * (x - mean) * inv + b), mean and inv constant
-        return R.batch_norm_reference_bwd(dy, x, saved_a.detach(), saved_b.detach(), weight,
-                                          bias, False, activation, needs, noise)
-    if flags.op == "lp_norm":
-        return lp_norm_grads(dy, x, flags.p, weight, bias, flags.centered, eps, needs)
+        return family.grads(flags, dy, x, weight, bias, saved_a, saved_b, eps, needs, noise)
+    return family.grads(flags, dy, x, weight, bias, saved_a, saved_b, eps, needs, noise,
+                        activation=activation)
+
+
+def _eval_grads(dy, x, weight, bias, saved_a, saved_b, needs, noise, activation):
+    """Every built-in family in eval: out = act(w * (x - mean) * inv + b), mean and inv the
+    constants the forward saved (the mean and 1/sqrt(var + eps), or 1/(s_p + eps) for l_p)."""
+    return R.batch_norm_reference_bwd(dy, x, saved_a.detach(), saved_b.detach(), weight, bias,
+                                      False, activation, needs, noise)
+
+
+def batch_norm_family_grads(flags, dy, x, weight, bias, saved_a, saved_b, eps, needs,
+                            noise=None, activation=_KEEP):
+    """BatchNorm's (and noisy BatchNorm's) descriptor ``grads``."""
+    if activation is _KEEP:
+        activation = flags.activation
+    if not flags.training:
+        return _eval_grads(dy, x, weight, bias, saved_a, saved_b, needs, noise, activation)
     return batch_norm_grads(dy, x, weight, bias, activation, eps, needs, noise)
+
+
+def lp_norm_family_grads(flags, dy, x, weight, bias, saved_a, saved_b, eps, needs,
+                         noise=None, activation=None):
+    """l_p normalization's descriptor ``grads`` (no activation)."""
+    if not flags.training:
+        return _eval_grads(dy, x, weight, bias, saved_a, saved_b, needs, None, None)
+    return lp_norm_grads(dy, x, flags.p, weight, bias, flags.centered, eps, needs)
 
 
 def residual_grad(dy, out, activation):
@@ -100,5 +123,5 @@ def no_double_backward(op: str, why: str, instead: str) -> RuntimeError:
         f"{instead}")
 
 
-__all__ = ["batch_norm_grads", "grads", "lp_norm_grads", "no_double_backward",
-           "residual_grad"]
+__all__ = ["batch_norm_family_grads", "batch_norm_grads", "grads", "lp_norm_family_grads",
+           "lp_norm_grads", "no_double_backward", "residual_grad"]

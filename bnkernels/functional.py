@@ -22,10 +22,10 @@ import torch
 from torch import Tensor
 
 from . import backends
-from .autograd import NormFunction, ResidualNormFunction
-from .backends.plan import FLOAT_DTYPES, PLANS, Signature, step_entry
+from .autograd import Call, NormFunction, ResidualNormFunction
+from .backends.plan import FLOAT_DTYPES, PLANS, Signature, signature, step_entry
 from .errors import ValidationError, ValidationTypeError
-from .library import OpPlan
+from .families import BATCH_NORM, LP_NORM, family_of
 from .noise import NoiseConfig
 
 ACTIVATIONS = (None, "relu")
@@ -38,7 +38,8 @@ _INF = math.inf
 _is_compiling = torch.compiler.is_compiling
 _dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 0)
 _grad_enabled = torch.is_grad_enabled
-_new = tuple.__new__  # a Signature from a plain tuple, without NamedTuple's __new__
+_new = tuple.__new__  # a NamedTuple from a plain tuple, without NamedTuple's __new__
+_signature = signature
 _plan_get = PLANS.get  # PLANS is cleared in place, never replaced
 _channels = Signature.channels_of
 _step_entry = step_entry
@@ -194,12 +195,12 @@ def _batch_norm(x, running_mean, running_var, weight, bias, training, momentum, 
         return _batch_norm_traced(x, running_mean, running_var, weight, bias, training,
                                   momentum, eps, activation, noise, counter, residual)
     try:
-        sig = _new(Signature, (
-            "batch_norm", x.shape, x.stride(), x.dtype, x.device, training, activation,
-            None if noise is None else (noise[0], _step_entry(noise[2])), None, None,
-            counter is not None, _channels(weight, bias, running_mean, running_var),
-            None if residual is None else (residual.dtype, residual.device, residual.shape),
-            None))
+        sig = _signature("batch_norm", x, training, activation,
+                         None if noise is None else (noise[0], _step_entry(noise[2])), None,
+                         None, counter is not None,
+                         _channels(weight, bias, running_mean, running_var),
+                         None if residual is None else (residual.dtype, residual.device,
+                                                        residual.shape))
         plan = _plan_get(sig) or _batch_norm_plan(sig, x, running_mean, running_var, weight,
                                                    bias, training, momentum, eps, activation,
                                                    noise, residual)
@@ -223,6 +224,7 @@ def _run(plan, x, running_mean, running_var, weight, bias, momentum, eps, noise,
         return _empty_batch(x, weight, bias, None, counter)  # no values: no activation
     if _grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
                             or (bias is not None and bias.requires_grad)):
+        # a Call's fields, in order, as a plain tuple: nothing is built for the structure
         return NormFunction.apply(x, weight, bias, (running_mean, running_var, plan, momentum,
                                                     eps, noise, counter))
     return plan.forward(x, running_mean, running_var, weight, bias, momentum, eps, noise, False,
@@ -248,18 +250,23 @@ def _bn_name(noise):
 
 
 def _validate_batch_norm(op, x, running_mean, running_var, weight, bias, training, momentum,
-                         eps, activation, var_name="running_var", residual=None):
-    """Everything about a call that its signature's first call checks (``var_name``: what the
-    second running buffer is called, running_scale for l_p)."""
+                         eps, activation, running=BATCH_NORM.running, residual=None):
+    """Everything about a call that its signature's first call checks (``running``: the names
+    of the family's running buffers, e.g. running_scale for l_p; a family may have only
+    running_mean)."""
     _check_input(op, x)
     _check_residual(op, x, residual)
-    _check_per_channel(op, x, running_mean=running_mean, **{var_name: running_var},
+    _check_per_channel(op, x, **dict(zip(running, (running_mean, running_var))),
                        weight=weight, bias=bias)
     _check_scalars(op, momentum, eps, activation)
-    if (running_mean is None) != (running_var is None):
-        raise ValidationError(f"{op}: pass both running_mean and {var_name}, or neither")
+    if len(running) == 1:
+        if running_var is not None:
+            raise ValidationError(f"{op}: takes one running buffer ({running[0]}), got a "
+                                  "second")
+    elif (running_mean is None) != (running_var is None):
+        raise ValidationError(f"{op}: pass both running_mean and {running[1]}, or neither")
     if not training and running_mean is None:
-        raise ValidationError(f"{op}: running_mean and {var_name} must be given in eval mode "
+        raise ValidationError(f"{op}: {' and '.join(running)} must be given in eval mode "
                               "(training=False)")
     if training:
         _check_training_size(x, op)
@@ -288,18 +295,19 @@ def _batch_norm_traced(x, running_mean, running_var, weight, bias, training, mom
     name = backends.backend_name_for_compile(
         op if residual is None else op + backends.RESIDUAL, str(x.device),
         str(x.dtype).replace("torch.", ""), backends.GENERATION)
-    plan = OpPlan("batch_norm", training, activation, None, None, name,
-                  residual=residual is not None)
-    call = (running_mean, running_var, plan, float(momentum), float(eps), noise, counter)
+    plan = BATCH_NORM.op_plan("batch_norm", training, activation, None, None, name,
+                              residual=residual is not None)
+    call = Call(running_mean, running_var, plan, float(momentum), float(eps), noise, counter)
     if residual is not None:
         return ResidualNormFunction.apply(x, weight, bias, residual, call)
     return NormFunction.apply(x, weight, bias, call)
 
 
-def sync_plan(x, running_mean, running_var, weight, bias, activation):
-    """The plan of a SyncBatchNorm training call (its stages), from the cache."""
+def sync_plan(x, running_mean, running_var, weight, bias, activation, backend=None):
+    """The BatchNorm plan whose stages a SyncBatchNorm training call runs, from the cache
+    (validated when its signature is new; ``backend``: the one a traced graph fixed)."""
     sig = Signature.of("batch_norm", x, True, activation=activation, weight=weight, bias=bias,
-                       running_mean=running_mean, running_var=running_var)
+                       running_mean=running_mean, running_var=running_var, backend=backend)
     plan = PLANS.get(sig)
     if plan is None:
         _validate_batch_norm("batch_norm", x, running_mean, running_var, weight, bias, True, 0.1,
@@ -467,10 +475,9 @@ def _lp_norm(x, p, running_mean, running_scale, weight, bias, training, momentum
         return _lp_norm_traced(x, p, running_mean, running_scale, weight, bias, training,
                                momentum, eps, centered, counter)
     try:
-        sig = _new(Signature, (
-            "lp_norm", x.shape, x.stride(), x.dtype, x.device, training, None, None, _P[p],
-            centered, counter is not None, _channels(weight, bias, running_mean, running_scale),
-            None, None))
+        sig = _signature("lp_norm", x, training, None, None, _P[p], centered,
+                         counter is not None,
+                         _channels(weight, bias, running_mean, running_scale))
         plan = _plan_get(sig) or _lp_norm_plan(sig, x, p, running_mean, running_scale, weight,
                                                 bias, training, momentum, eps)
         momentum, eps = float(momentum), float(eps)
@@ -489,7 +496,7 @@ def _validate_lp_norm(op, x, p, running_mean, running_scale, weight, bias, train
     _check_input(op, x)  # before p: a wrong input is the first thing to say
     p = _check_p(op, p)
     _validate_batch_norm(op, x, running_mean, running_scale, weight, bias, training, momentum,
-                         eps, None, "running_scale")
+                         eps, None, LP_NORM.running)
     return p
 
 
@@ -512,6 +519,47 @@ def _lp_norm_traced(x, p, running_mean, running_scale, weight, bias, training, m
     name = backends.backend_name_for_compile("lp_norm", str(x.device),
                                              str(x.dtype).replace("torch.", ""),
                                              backends.GENERATION)
-    plan = OpPlan("lp_norm", training, None, p, bool(centered), name)
-    return NormFunction.apply(x, weight, bias, (running_mean, running_scale, plan,
-                                                float(momentum), float(eps), None, counter))
+    plan = LP_NORM.op_plan("lp_norm", training, None, p, bool(centered), name)
+    return NormFunction.apply(x, weight, bias, Call(
+        running_mean, running_scale, plan, float(momentum), float(eps), None, counter))
+
+
+# ----------------------------------------------------------------------------- any family
+
+
+def norm(op: str, x: torch.Tensor, running_mean: torch.Tensor | None = None,
+         running_var: torch.Tensor | None = None, weight: torch.Tensor | None = None,
+         bias: torch.Tensor | None = None, training: bool = False, momentum: float = 0.1,
+         eps: float = 1e-5) -> torch.Tensor:
+    """The functional op of the registered op family ``op`` (see :mod:`bnkernels.families`)
+    for calls whose only flag is ``training``: ``running_var`` is the family's second running
+    buffer, if it has one. BatchNorm's and l_p's own entry points (:func:`batch_norm`,
+    :func:`lp_norm`) take their flags. Raises for an op no family names."""
+    return _norm(family_of(op), x, running_mean, running_var, weight, bias, training, momentum,
+                 eps, None)
+
+
+def _norm(family, x, running_mean, running_var, weight, bias, training, momentum, eps, counter):
+    op = family.name
+    if type(x) not in _PLAIN or _is_compiling() or _dispatch_modes():
+        _validate_batch_norm(op, x, running_mean, running_var, weight, bias, training,
+                             momentum, eps, None, family.running)
+        if x.numel() == 0:
+            return _empty_batch(x, weight, bias, None, counter)
+        name = backends.backend_name_for_compile(op, str(x.device),
+                                                 str(x.dtype).replace("torch.", ""),
+                                                 backends.GENERATION, op)
+        plan = family.op_plan(op, training, None, None, None, name)
+        return NormFunction.apply(x, weight, bias, Call(
+            running_mean, running_var, plan, float(momentum), float(eps), None, counter))
+    sig = _signature(op, x, training, None, None, None, None, counter is not None,
+                     _channels(weight, bias, running_mean, running_var))
+    plan = _plan_get(sig)
+    if plan is None:
+        _validate_batch_norm(op, x, running_mean, running_var, weight, bias, training,
+                             momentum, eps, None, family.running)
+        plan = PLANS.put(sig, _EMPTY) if x.numel() == 0 else backends.make_plan(sig, x)
+    momentum, eps = float(momentum), float(eps)
+    if not (0.0 <= momentum <= 1.0 and 0.0 < eps < _INF):
+        _check_scalars(op, momentum, eps)
+    return _run(plan, x, running_mean, running_var, weight, bias, momentum, eps, None, counter)

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from . import backends
+from .backends.family import family_of
 from .backends.plan import BasePlan, Signature, acc_dtype
 from .noise import NoiseConfig
 
@@ -53,7 +54,25 @@ def _saved_or_empty(x, a, b):
     if a is None:
         acc = acc_dtype(x.dtype)
         return _empty(x, acc), _empty(x, acc)
+    if isinstance(a, tuple):  # the cpu plans keep a noisy call's noise beside its mean
+        a = a[0]
     return a, b
+
+
+def _forward(plan, x, running_mean, running_var, weight, bias, momentum, eps, counter):
+    """(y, saved_a, saved_b) of a plan's forward without noise, as the forward ops return
+    them."""
+    y, a, b, _ = plan.forward(x, running_mean, running_var, weight, bias, momentum, eps, None,
+                              True, counter)
+    return (y, *_saved_or_empty(x, a, b))
+
+
+def forward_like(x: Tensor, *args, **kwargs) -> Tuple[Tensor, Tensor, Tensor]:
+    """The fake (meta) implementation of a forward op whose first argument is x: y like x,
+    two (C,) statistics."""
+    acc = acc_dtype(x.dtype)
+    C = x.shape[1]
+    return torch.empty_like(x), x.new_empty((C,), dtype=acc), x.new_empty((C,), dtype=acc)
 
 
 # ----------------------------------------------------------------------------- BatchNorm
@@ -79,7 +98,6 @@ def batch_norm_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                  running_mean, running_var, backend, residual)
     y, a, b, used = plan.forward(x, running_mean, running_var, weight, bias, momentum, eps, nz,
                                  True, counter, *(() if residual is None else (residual,)))
-    a, b, used = plan.split_saved(a, b, used)
     a, b = _saved_or_empty(x, a, b)
     if step_tensor is None:
         used = _empty(x, torch.int64)
@@ -125,7 +143,7 @@ def batch_norm_backward_op(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor,
             db if db is not None else _empty(x), dz if dz is not None else _empty(x))
 
 
-def _grads_like(x, weight, bias, needs):
+def grads_like(x, weight, bias, needs):
     return (torch.empty_like(x) if needs[0] else _empty(x),
             torch.empty_like(weight) if needs[1] and weight is not None else _empty(x),
             torch.empty_like(bias) if needs[2] and bias is not None else _empty(x))
@@ -135,7 +153,7 @@ def _grads_like(x, weight, bias, needs):
 def _(dy, x, mean, invstd, weight, bias, training, activation, needs, noise, seed, step,
       step_tensor, backend, residual=False, out=None):
     dz = torch.empty_like(x) if residual and needs[3] else _empty(x)
-    return (*_grads_like(x, weight, bias, needs), dz)
+    return (*grads_like(x, weight, bias, needs), dz)
 
 
 # ----------------------------------------------------------------------------- l_p norm
@@ -155,18 +173,10 @@ def lp_norm_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     running mean and 1/(running_scale + eps) used in eval."""
     plan = _plan("lp_norm", x, training, None, None, _p(p), centered, counter, weight, bias,
                  running_mean, running_scale, backend)
-    y, a, b, _ = plan.forward(x, running_mean, running_scale, weight, bias, momentum, eps,
-                              None, True, counter)
-    a, b = _saved_or_empty(x, a, b)
-    return y, a, b
+    return _forward(plan, x, running_mean, running_scale, weight, bias, momentum, eps, counter)
 
 
-@lp_norm_op.register_fake
-def _(x, weight, bias, running_mean, running_scale, counter, p, training, momentum, eps,
-      centered, backend):
-    acc = acc_dtype(x.dtype)
-    C = x.shape[1]
-    return torch.empty_like(x), x.new_empty((C,), dtype=acc), x.new_empty((C,), dtype=acc)
+lp_norm_op.register_fake(forward_like)
 
 
 @torch.library.custom_op("bnkernels::lp_norm_backward", mutates_args=())
@@ -185,18 +195,27 @@ def lp_norm_backward_op(dy: Tensor, x: Tensor, mean: Tensor, scale: Tensor,
 
 @lp_norm_backward_op.register_fake
 def _(dy, x, mean, scale, weight, bias, p, training, centered, eps, needs, backend):
-    return _grads_like(x, weight, bias, needs)
+    return grads_like(x, weight, bias, needs)
 
 
-# ----------------------------------------------------------------------------- the plan
+# ----------------------------------------------------------------------------- the plans
 
 
 class OpPlan(BasePlan):
-    """The plan of the traced route: :class:`~.backends.plan.Plan` on the registered ops,
-    for one call's flags and the backend its graph fixed."""
+    """The plan of the traced route: :class:`~.backends.plan.Plan` on a family's registered
+    ops, for one call's flags and the backend its graph fixed. ``OpPlan(op, ...)`` gives the
+    op family's own subclass (its descriptor's ``op_plan``)."""
 
-    def __init__(self, op: str, training: bool, activation, p, centered, backend: str,
-                 residual: bool = False):
+    def __new__(cls, op: str, *args, **kwargs):
+        if cls is OpPlan:
+            cls = family_of(op).op_plan
+            if cls is None:
+                raise RuntimeError(f"bnkernels: the {op!r} op family has no traced route "
+                                   "(its descriptor names no op_plan)")
+        return object.__new__(cls)
+
+    def __init__(self, op: str, training: bool, activation=None, p=None, centered=None,
+                 backend: str = "reference", residual: bool = False):
         self.op = op
         self.residual = residual
         self.training = bool(training)
@@ -205,13 +224,17 @@ class OpPlan(BasePlan):
         self.centered = centered
         self.backend = backend
 
+    @staticmethod
+    def _grads(dx, dw, db, needs):
+        return (dx if needs[0] else None, dw if needs[1] else None, db if needs[2] else None)
+
+
+class BatchNormOpPlan(OpPlan):
+    """BatchNorm's (and noisy BatchNorm's) traced route: ``bnkernels::batch_norm`` and
+    ``bnkernels::batch_norm_backward``."""
+
     def forward(self, x, running_mean, running_var, weight, bias, momentum, eps, noise,
                 need_saved=True, counter=None, residual=None):
-        if self.op == "lp_norm":
-            y, a, b = lp_norm_op(x, weight, bias, running_mean, running_var, counter,
-                                 float(self.p), self.training, momentum, eps,
-                                 bool(self.centered), self.backend)
-            return y, a, b, None
         cfg, seed, step, step_tensor = _flat_noise(noise)
         y, a, b, used = batch_norm_op(x, weight, bias, running_mean, running_var, counter,
                                       self.training, momentum, eps, self.activation, cfg, seed,
@@ -220,26 +243,95 @@ class OpPlan(BasePlan):
 
     def backward(self, dy, x, a, b, weight, bias, eps, needs, noise, out=None):
         needs = [bool(n) for n in needs]
+        cfg, seed, step, step_tensor = _flat_noise(noise)
         if self.residual:
-            cfg, seed, step, step_tensor = _flat_noise(noise)
             relu = self.activation == "relu"  # else d(residual) is dy itself
             dx, dw, db, dz = batch_norm_backward_op(
                 dy, x, a, b, weight, bias, self.training, self.activation,
                 needs[:3] + [needs[3] and relu], cfg, seed, step, step_tensor, self.backend,
                 True, out)
-            return (dx if needs[0] else None, dw if needs[1] else None,
-                    db if needs[2] else None, (dz if relu else dy) if needs[3] else None)
-        if self.op == "lp_norm":
-            dx, dw, db = lp_norm_backward_op(dy, x, a, b, weight, bias, float(self.p),
-                                             self.training, bool(self.centered), eps, needs,
-                                             self.backend)
-        else:
-            cfg, seed, step, step_tensor = _flat_noise(noise)
-            dx, dw, db, _ = batch_norm_backward_op(dy, x, a, b, weight, bias, self.training,
-                                                   self.activation, needs, cfg, seed, step,
-                                                   step_tensor, self.backend)
-        return (dx if needs[0] else None, dw if needs[1] else None,
-                db if needs[2] else None)
+            return (*self._grads(dx, dw, db, needs), (dz if relu else dy) if needs[3] else None)
+        return self._grads(*batch_norm_backward_op(
+            dy, x, a, b, weight, bias, self.training, self.activation, needs, cfg, seed, step,
+            step_tensor, self.backend)[:3], needs)
+
+
+class LpNormOpPlan(OpPlan):
+    """l_p normalization's traced route: ``bnkernels::lp_norm`` and
+    ``bnkernels::lp_norm_backward``."""
+
+    def forward(self, x, running_mean, running_var, weight, bias, momentum, eps, noise=None,
+                need_saved=True, counter=None):
+        y, a, b = lp_norm_op(x, weight, bias, running_mean, running_var, counter, float(self.p),
+                             self.training, momentum, eps, bool(self.centered), self.backend)
+        return y, a, b, None
+
+    def backward(self, dy, x, a, b, weight, bias, eps, needs, noise=None):
+        needs = [bool(n) for n in needs]
+        return self._grads(*lp_norm_backward_op(dy, x, a, b, weight, bias, float(self.p),
+                                                self.training, bool(self.centered), eps, needs,
+                                                self.backend), needs)
+
+
+# ----------------------------------------------------------------------------- other families
+
+
+_FAMILY_OPS: dict = {}  # family name -> (forward op, backward op, traced-route plan class)
+
+
+def register_family_ops(name: str):
+    """Register ``bnkernels::<name>`` and ``bnkernels::<name>_backward`` for an op family
+    whose calls have no flags but ``training`` (a family a user registers: see
+    :func:`bnkernels.families.register`); gives its traced route's plan class. The ops look
+    the backend's plan up as the built-in families' do."""
+    if name in _FAMILY_OPS:  # a family registered again: the same ops
+        return _FAMILY_OPS[name][2]
+
+    @torch.library.custom_op(f"bnkernels::{name}",
+                             mutates_args=("running_mean", "running_var", "counter"))
+    def forward_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                   running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                   counter: Optional[Tensor], training: bool, momentum: float, eps: float,
+                   backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+        plan = _plan(name, x, training, None, None, None, None, counter, weight, bias,
+                     running_mean, running_var, backend)
+        return _forward(plan, x, running_mean, running_var, weight, bias, momentum, eps,
+                        counter)
+
+    forward_op.register_fake(forward_like)
+
+    @torch.library.custom_op(f"bnkernels::{name}_backward", mutates_args=())
+    def backward_op(dy: Tensor, x: Tensor, a: Tensor, b: Tensor, weight: Optional[Tensor],
+                    bias: Optional[Tensor], training: bool, eps: float, needs: List[bool],
+                    backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+        plan = _plan(name, x, training, None, None, None, None, None, weight, bias, None, None,
+                     backend)
+        dx, dw, db = plan.backward(dy, x, a, b, weight, bias, eps, tuple(needs), None)
+        return (dx if dx is not None else _empty(x), dw if dw is not None else _empty(x),
+                db if db is not None else _empty(x))
+
+    @backward_op.register_fake
+    def _(dy, x, a, b, weight, bias, training, eps, needs, backend):
+        return grads_like(x, weight, bias, needs)
+
+    class FamilyOpPlan(OpPlan):
+        __doc__ = f"The traced route of {name!r}: bnkernels::{name} and its backward."
+
+        def forward(self, x, running_mean, running_var, weight, bias, momentum, eps,
+                    noise=None, need_saved=True, counter=None):
+            y, a, b = _FAMILY_OPS[self.op][0](x, weight, bias, running_mean, running_var,
+                                              counter, self.training, momentum, eps,
+                                              self.backend)
+            return y, a, b, None
+
+        def backward(self, dy, x, a, b, weight, bias, eps, needs, noise=None):
+            needs = [bool(n) for n in needs]
+            return self._grads(*_FAMILY_OPS[self.op][1](dy, x, a, b, weight, bias,
+                                                        self.training, eps, needs,
+                                                        self.backend), needs)
+
+    _FAMILY_OPS[name] = (forward_op, backward_op, FamilyOpPlan)
+    return FamilyOpPlan
 
 
 def _flat_noise(noise):
@@ -253,5 +345,5 @@ def _flat_noise(noise):
     return cfg.as_list(), int(seed), int(step), None
 
 
-__all__ = ["OpPlan", "batch_norm_backward_op", "batch_norm_op", "lp_norm_backward_op",
-           "lp_norm_op"]
+__all__ = ["BatchNormOpPlan", "LpNormOpPlan", "OpPlan", "batch_norm_backward_op",
+           "batch_norm_op", "lp_norm_backward_op", "lp_norm_op", "register_family_ops"]

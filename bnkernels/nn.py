@@ -15,18 +15,19 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .autograd import SyncBatchNormFunction
 from .errors import ValidationError, ValidationTypeError
+from .families import family_of
 from .functional import (
     ACTIVATIONS,
     _batch_norm,
     _check_p,
     _check_scalars,
     _lp_norm,
+    _norm,
     expected_noise_affine,
-    sync_plan,
 )
 from .noise import NoiseConfig
+from .sync import sync_batch_norm
 
 
 def _check_activation(module, activation):
@@ -71,6 +72,12 @@ def _running(module, input, running_mean, running_var):
     if counter is not None and momentum is None:
         factor = 1.0 / (float(counter) + 1.0)
     return running_mean, running_var, True, factor, counter
+
+
+def _check_momentum(module, momentum):
+    if momentum is not None and not 0.0 <= momentum <= 1.0:
+        raise ValidationError(f"{type(module).__name__}: momentum must be in [0, 1] or None, "
+                              f"got {momentum}")
 
 
 def _check_eps(module, eps):
@@ -153,9 +160,7 @@ class _BatchNormMixin:
 
     def _init_extra(self, num_features, momentum, activation, eps=1e-5):
         _check_num_features(type(self), num_features)
-        if momentum is not None and not 0.0 <= momentum <= 1.0:
-            raise ValidationError(f"{type(self).__name__}: momentum must be in [0, 1] or None, "
-                                  f"got {momentum}")
+        _check_momentum(self, momentum)
         _check_eps(self, eps)
         self.activation = _check_activation(self, activation)
 
@@ -281,51 +286,52 @@ _LP_DOC = """l_p normalization of {shape} input, per channel (Section 3.3 of San
     Shape: {shape} in, the same out (and the same memory format)."""
 
 
-class _LpNorm(nn.Module):
-    """l_p normalization per channel (Section 3.3 of the paper), BatchNorm's conventions:
-    parameters ``weight``/``bias`` (if ``affine``), buffers ``running_mean``,
-    ``running_scale`` and ``num_batches_tracked`` (if ``track_running_stats``), ``momentum``
-    None for a cumulative average. See :func:`bnkernels.lp_norm` for the math."""
+class FamilyNorm(nn.Module):
+    """The module of a registered op family (:mod:`bnkernels.families`), BatchNorm's
+    conventions: parameters ``weight``/``bias`` (if ``affine``), the family's running buffers
+    (``running_mean``, and its second one if it has one, initialized to ones) and
+    ``num_batches_tracked`` (if ``track_running_stats``), ``momentum`` None for a cumulative
+    average. Subclass it naming ``family`` (and ``_expected_dims``, the input dims it takes;
+    empty: any of 2 or more)."""
 
+    family: str = ""
     _expected_dims: tuple = ()
 
-    def __init__(self, num_features: int, p=2, eps: float = 1e-5, momentum: float | None = 0.1,
-                 affine: bool = True, track_running_stats: bool = True, centered: bool = False,
-                 device=None, dtype=None):
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, device=None,
+                 dtype=None):
         super().__init__()
         _check_num_features(type(self), num_features)
-        self.p = _check_p(type(self).__name__, p)
+        self._family = family_of(self.family)
         _check_eps(self, eps)
-        if momentum is not None and not 0.0 <= momentum <= 1.0:
-            raise ValidationError(f"{type(self).__name__}: momentum must be in [0, 1] or None, "
-                                  f"got {momentum}")
+        _check_momentum(self, momentum)
         factory = dict(device=device, dtype=dtype)
         self.num_features = num_features
         self.eps = eps
         self.momentum = momentum
         self.affine = affine
         self.track_running_stats = track_running_stats
-        self.centered = bool(centered)
         if affine:
             self.weight = nn.Parameter(torch.ones(num_features, **factory))
             self.bias = nn.Parameter(torch.zeros(num_features, **factory))
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
-        if track_running_stats:
-            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
-            self.register_buffer("running_scale", torch.ones(num_features, **factory))
-            self.register_buffer("num_batches_tracked",
-                                 torch.tensor(0, dtype=torch.long, device=device))
-        else:
-            self.register_buffer("running_mean", None)
-            self.register_buffer("running_scale", None)
-            self.register_buffer("num_batches_tracked", None)
+        for i, name in enumerate(self._family.running):
+            self.register_buffer(name, (torch.zeros if i == 0 else torch.ones)(
+                num_features, **factory) if track_running_stats else None)
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long,
+                                                                 device=device)
+                             if track_running_stats else None)
+
+    def _running_buffers(self):
+        names = self._family.running
+        return (getattr(self, names[0]), getattr(self, names[1]) if len(names) > 1 else None)
 
     def reset_running_stats(self) -> None:
         if self.track_running_stats:
-            self.running_mean.zero_()
-            self.running_scale.fill_(1)
+            for i, name in enumerate(self._family.running):
+                getattr(self, name).fill_(0 if i == 0 else 1)
             self.num_batches_tracked.zero_()
 
     def reset_parameters(self) -> None:
@@ -335,15 +341,43 @@ class _LpNorm(nn.Module):
             nn.init.zeros_(self.bias)
 
     def extra_repr(self) -> str:
-        return (f"{self.num_features}, p={self.p}, eps={self.eps}, momentum={self.momentum}, "
-                f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
-                f"centered={self.centered}")
+        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+                f"affine={self.affine}, track_running_stats={self.track_running_stats}")
 
     def _check_input_dim(self, x: torch.Tensor) -> None:
-        if x.dim() not in self._expected_dims:
+        if self._expected_dims and x.dim() not in self._expected_dims:
             want = " or ".join(f"{d}D" for d in self._expected_dims)
             raise ValidationError(f"{type(self).__name__}: expected {want} input (got {x.dim()}D "
                                   "input)")
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        rm, rs, bn_training, factor, counter = _running(self, input, *self._running_buffers())
+        return _norm(self._family, input, rm, rs, self.weight, self.bias, bn_training, factor,
+                     self.eps, counter)
+
+
+class _LpNorm(FamilyNorm):
+    """l_p normalization per channel (Section 3.3 of the paper), BatchNorm's conventions:
+    parameters ``weight``/``bias`` (if ``affine``), buffers ``running_mean``,
+    ``running_scale`` and ``num_batches_tracked`` (if ``track_running_stats``), ``momentum``
+    None for a cumulative average. See :func:`bnkernels.lp_norm` for the math."""
+
+    family = "lp_norm"
+
+    def __init__(self, num_features: int, p=2, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, centered: bool = False,
+                 device=None, dtype=None):
+        _check_num_features(type(self), num_features)
+        p = _check_p(type(self).__name__, p)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device,
+                         dtype)
+        self.p = p
+        self.centered = bool(centered)
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_features}, p={self.p}, eps={self.eps}, momentum={self.momentum}, "
+                f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
+                f"centered={self.centered}")
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         rm, rs, bn_training, factor, counter = _running(self, input, self.running_mean,
@@ -425,12 +459,8 @@ class SyncBatchNorm(_BatchNormMixin, nn.SyncBatchNorm):
         if input.numel() // input.shape[1] == 0 and input.numel() != 0:
             raise ValidationError("SyncBatchNorm: empty channels")
         _check_scalars("SyncBatchNorm", factor, self.eps, self.activation)  # every call
-        plan = sync_plan(input, rm, rv, self.weight, self.bias, self.activation)
-        y = SyncBatchNormFunction.apply(input, self.weight, self.bias, rm, rv, self.eps, factor,
-                                        group, world, plan)
-        if counter is not None:  # the stages count nothing: count here (once they succeeded)
-            counter.add_(1)
-        return y
+        return sync_batch_norm(input, rm, rv, self.weight, self.bias, factor, self.eps,
+                               self.activation, group, world, counter)
 
 
 # ----------------------------------------------------------------------------- convert

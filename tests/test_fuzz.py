@@ -484,24 +484,22 @@ class _OneProcess:
 def _sync_stages(x, w, b, rm, rv, d: Draw):
     """SyncBatchNorm's multi-process path (statistics, merge, apply; gradient sums, dx), in a
     one-process group (``_one_process_group`` must be active through the backward too)."""
-    from bnkernels import autograd, functional
+    from bnkernels import sync
 
-    plan = functional.sync_plan(x, rm, rv, w, b, d.activation)
-    return autograd.SyncBatchNormFunction.apply(x, w, b, rm, rv, d.eps, d.momentum, None, 1,
-                                                plan)
+    return sync.sync_batch_norm(x, rm, rv, w, b, d.momentum, d.eps, d.activation, None, 1)
 
 
 @contextlib.contextmanager
 def _one_process_group(active: bool):
-    from bnkernels import autograd
+    from bnkernels import sync
 
-    dist = autograd.dist
+    dist = sync.dist
     if active:
-        autograd.dist = _OneProcess
+        sync.dist = _OneProcess
     try:
         yield
     finally:
-        autograd.dist = dist
+        sync.dist = dist
 
 
 # ----------------------------------------------------------------------------- comparison

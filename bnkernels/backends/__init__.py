@@ -31,6 +31,7 @@ import torch
 from . import speed
 from .cpu import CpuBackend
 from .cuda import CudaBackend
+from .family import Family, family_of
 from .plan import PLANS, ContiguousChannels, Signature
 from .reference import ReferenceBackend
 from .triton import TritonBackend
@@ -99,16 +100,18 @@ def _auto_order(x: torch.Tensor, op: str = "batch_norm") -> list[str]:
     return ["cpu", "reference"]
 
 
-def select(op: str, x: torch.Tensor, name: str | None = None):
+def select(op: str, x: torch.Tensor, name: str | None = None, family: Family | None = None):
     """The backend that runs ``op`` on ``x`` (``name``, else the selection); raises listing
-    every reason when none fits. Not for the hot path (it may read the environment and look
-    for the CUDA extension)."""
+    every reason when none fits. ``family``: the op family the backend must have a plan for.
+    Not for the hot path (it may read the environment and look for the CUDA extension)."""
     name = name or get_backend()
     names = _auto_order(x, op) if name == "auto" else [name]
     reasons = {}
     for n in names:
         b = _BACKENDS[n]
         why = b.unavailable_reasons() + b.not_supported_reasons(op, x)
+        if family is not None and not family.supports(n):
+            why.append(f"the {family.name!r} op family has no {n} plan")
         if not why:
             return b
         reasons[n] = why
@@ -119,10 +122,11 @@ def select(op: str, x: torch.Tensor, name: str | None = None):
 def make_plan(sig: Signature, x: torch.Tensor):
     """The plan of ``sig`` (``x`` is a tensor of that signature), made by the backend the
     signature names or the selection picks, and cached in :data:`~.plan.PLANS`."""
+    family = family_of(sig.op)
     op = "noisy_batch_norm" if sig.noisy is not None else sig.op
     if sig.residual is not None:
         op += RESIDUAL
-    plan = select(op, x, sig.backend).plan(sig)
+    plan = family.make_plan(select(op, x, sig.backend, family).name, sig)
     if not sig.channels_contiguous:
         plan = ContiguousChannels(plan)
     return PLANS.put(sig, plan)
@@ -135,7 +139,8 @@ def plan_of(sig: Signature, x: torch.Tensor):
 
 
 @torch.compiler.assume_constant_result
-def backend_name_for_compile(op: str, device: str, dtype_name: str, generation: int) -> str:
+def backend_name_for_compile(op: str, device: str, dtype_name: str, generation: int,
+                             family: str | None = None) -> str:
     """The backend a compiled graph calls (through the registered ops), decided once when the
     graph is traced: dynamo runs this function instead of tracing it and keeps its result as a
     constant. ``generation`` is :data:`GENERATION`, which the caller reads as a module global:
@@ -144,7 +149,7 @@ def backend_name_for_compile(op: str, device: str, dtype_name: str, generation: 
     entry for the smallest inputs."""
     del generation  # only there to be guarded on
     x = torch.empty(0, device=device, dtype=getattr(torch, dtype_name))
-    return select(op, x).name
+    return select(op, x, family=None if family is None else family_of(family)).name
 
 
 __all__ = ["available_backends", "backend", "backend_name_for_compile", "clear_plans",

@@ -79,13 +79,12 @@ class Signature(NamedTuple):
     def of(cls, op: str, x: torch.Tensor, training: bool, *, activation=None, noise=None,
            p=None, centered=None, counter=False, weight=None, bias=None, running_mean=None,
            running_var=None, residual=None, backend: str | None = None) -> Signature:
-        """The signature of a call (the readable spelling; the hot path builds the same tuple
-        inline). ``noise``: None or (NoiseConfig, seed, step)."""
+        """The signature of a call, by keyword (the hot path calls :func:`signature` with
+        the same values). ``noise``: None or (NoiseConfig, seed, step)."""
         noisy = None if noise is None else (noise[0], step_entry(noise[2]))
-        return cls(op, x.shape, x.stride(), x.dtype, x.device, bool(training), activation,
-                   noisy, p, centered, bool(counter),
-                   cls.channels_of(weight, bias, running_mean, running_var),
-                   cls.residual_of(residual), backend)
+        return signature(op, x, bool(training), activation, noisy, p, centered, bool(counter),
+                         cls.channels_of(weight, bias, running_mean, running_var),
+                         cls.residual_of(residual), backend)
 
     @staticmethod
     def residual_of(residual) -> tuple | None:
@@ -124,6 +123,17 @@ class Signature(NamedTuple):
         return all(c is None or c[3] for c in self.channels)
 
 
+_new = tuple.__new__
+
+
+def signature(op, x, training, activation, noisy, p, centered, counter, channels,
+              residual=None, backend=None):
+    """The one spelling of a call's :class:`Signature` (positional: the hot path calls it per
+    call; ``tuple.__new__`` skips NamedTuple's constructor)."""
+    return _new(Signature, (op, x.shape, x.stride(), x.dtype, x.device, training, activation,
+                            noisy, p, centered, counter, channels, residual, backend))
+
+
 def step_entry(step):
     """The signature's entry of a noise step: None for an int, (dtype, device, numel) for a
     tensor (read on the device)."""
@@ -140,13 +150,9 @@ class Plan(Protocol):
     and s_p) in training; in eval, snapshots of the statistics this forward used, so the
     backward is that of this forward whatever happens to the running buffers in between. Both
     None when ``need_saved`` is False (no backward will come). ``step_used``: the noise step
-    the forward used when it was given as a tensor (a 1-element int64 tensor), else None (also
-    when the plan keeps it inside what it saved: see ``split_saved``). ``counter``: a module's
-    ``num_batches_tracked``, incremented by this call (training with running statistics).
-
-    ``split_saved(saved_a, saved_b, step_used) -> (mean, second, step_used)``: what the forward
-    saved, apart: (C,) statistics and the step as a tensor (or None), as the registered op
-    returns them (:class:`BasePlan`: as they are).
+    the forward used when it was given as a tensor (a 1-element int64 tensor, the one form on
+    every backend), else None. ``counter``: a module's ``num_batches_tracked``, incremented by
+    this call (training with running statistics).
 
     ``backward(dy, x, saved_a, saved_b, weight, bias, eps, needs, noise) -> (dx, dw, db)``:
     None where ``needs`` (3 booleans) says a gradient is not wanted.
@@ -171,12 +177,9 @@ class Plan(Protocol):
 
     def backward(self, dy, x, saved_a, saved_b, weight, bias, eps, needs, noise, out=None): ...
 
-    def split_saved(self, saved_a, saved_b, step_used): ...
-
 
 class BasePlan:
-    """What most plans share: the fields resolved from the signature alone (``_resolve``) and
-    ``split_saved`` for plans that save their statistics and step apart already."""
+    """What most plans share: the fields resolved from the signature alone (``_resolve``)."""
 
     def _resolve(self, sig: Signature):
         """``sig``, the input's layout view ``lay``, the accumulation dtype ``acc``, ``C``,
@@ -189,9 +192,6 @@ class BasePlan:
         self.training = sig.training
         self.copy = lay.copy
         return lay, acc
-
-    def split_saved(self, saved_a, saved_b, step_used):
-        return saved_a, saved_b, step_used
 
 
 class SyncStages(Protocol):
@@ -328,9 +328,6 @@ class ContiguousChannels(BasePlan):
         return self.plan.backward(dy, x, a.contiguous(), b.contiguous(), _contiguous(weight),
                                   _contiguous(bias), *args)
 
-    def split_saved(self, saved_a, saved_b, step_used):
-        return self.plan.split_saved(saved_a, saved_b, step_used)
-
     # SyncBatchNorm's stages (BatchNorm plans)
 
     def stats(self, x):
@@ -353,4 +350,5 @@ def _contiguous(t):
 
 
 __all__ = ["FLOAT_DTYPES", "PLANS", "BasePlan", "ContiguousChannels", "Plan", "PlanCache",
-           "Signature", "SyncStages", "Workspaces", "acc_dtype", "overriding", "step_entry"]
+           "Signature", "SyncStages", "Workspaces", "acc_dtype", "overriding", "signature",
+           "step_entry"]

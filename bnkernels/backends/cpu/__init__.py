@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from ..family import family_of
 from ..layout import layout_of
 from ..plan import FLOAT_DTYPES, acc_dtype
 from ..reference import BatchNormPlan as _ReferenceBatchNormPlan
@@ -182,11 +183,6 @@ class BatchNormPlan(_Common, _ReferenceBatchNormPlan):
             sa = _Kept((sa, ns, nm))
         return y, sa, sb, _step_snapshot(noise)
 
-    def split_saved(self, saved_a, saved_b, step_used):
-        if isinstance(saved_a, tuple):
-            saved_a = saved_a[0]
-        return saved_a, saved_b, step_used
-
     def backward(self, dy, x, mean, invstd, weight, bias, eps, needs, noise):
         ns = nm = None
         if isinstance(mean, tuple):
@@ -228,9 +224,6 @@ class LpNormPlan(_Common):
         if not need_saved:
             return y, None, None, None
         return y, sa, sb, None
-
-    def split_saved(self, saved_a, saved_b, step_used):
-        return saved_a, saved_b, step_used
 
     def backward(self, dy, x, a, b, weight, bias, eps, needs, noise=None):
         if not self.training:  # constant statistics: BatchNorm's eval backward, invstd = b
@@ -277,13 +270,28 @@ class CpuBackend:
         return reasons
 
     def plan(self, sig):
-        lib = build.library()
-        if isinstance(lib, str):
-            raise RuntimeError(f"bnkernels: the cpu backend is unavailable: {lib}")
-        return LpNormPlan(sig, lib) if sig.op == "lp_norm" else BatchNormPlan(sig, lib)
+        """The plan of ``sig``: its op family's cpu plan."""
+        return family_of(sig.op).make_plan(self.name, sig)
 
     def noise(self, x, noise):
         lib = build.library()
         if isinstance(lib, str):
             return _ref.noisy_bn_noise_reference(x, noise)
         return noise_of(lib, x.cpu(), noise)
+
+
+def _with_library(cls):
+    """A family's cpu plan factory (its descriptor's ``plans["cpu"]``): the plan on the loaded
+    C kernels."""
+
+    def make(sig):
+        lib = build.library()
+        if isinstance(lib, str):
+            raise RuntimeError(f"bnkernels: the cpu backend is unavailable: {lib}")
+        return cls(sig, lib)
+
+    return make
+
+
+batch_norm_plan = _with_library(BatchNormPlan)
+lp_norm_plan = _with_library(LpNormPlan)

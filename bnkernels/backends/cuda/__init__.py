@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from ..family import family_of
 from ..plan import FLOAT_DTYPES
 from . import loader
 
@@ -46,9 +47,8 @@ class CudaBackend:
         return reasons
 
     def plan(self, sig):
-        from . import plans
-
-        return plans.LpNormPlan(sig) if sig.op == "lp_norm" else plans.BatchNormPlan(sig)
+        """The plan of ``sig``: its op family's CUDA plan."""
+        return family_of(sig.op).make_plan(self.name, sig)
 
     def noise(self, x, noise):
         from . import plans

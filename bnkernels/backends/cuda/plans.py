@@ -194,30 +194,27 @@ class BatchNormPlan(BasePlan):
                           res)
         return lay.restore(y, x), mean, invstd, None
 
-    def backward(self, dy, x, a, b, weight, bias, eps, needs, noise, out=None,
-                 scale_from=_INVSTD):
-        """``a, b``: the mean and invstd the forward saved (or, with ``scale_from``, the
-        variance or l_p scale the invstd is made from, in eval mode). With a residual,
-        ``needs`` has a fourth entry, d(residual), ``out`` is the forward's output (a ReLU's
-        mask) and it returns ``(dx, dw, db, dresidual)``: d(residual) = dy where out > 0, else
-        0 (threshold_backward's mask, so a NaN output passes dy), or dy itself without the
+    def backward(self, dy, x, a, b, weight, bias, eps, needs, noise, out=None):
+        """``a, b``: the mean and invstd the forward saved. With a residual, ``needs`` has a
+        fourth entry, d(residual), ``out`` is the forward's output (a ReLU's mask) and it
+        returns ``(dx, dw, db, dresidual)``: d(residual) = dy where out > 0, else 0
+        (threshold_backward's mask, so a NaN output passes dy), or dy itself without the
         ReLU; the kernels then take it as the dy of bn(x), without the activation."""
         if self.res:
             g = dy.masked_fill(out <= 0, 0) if self.relu else dy
             if any(needs[:3]):
-                dx, dw, db = self._backward(g, x, a, b, weight, bias, eps, needs[:3], noise,
-                                            scale_from)
+                dx, dw, db = self._backward(g, x, a, b, weight, bias, eps, needs[:3], noise)
             else:
                 dx = dw = db = None
             return dx, dw, db, (g if needs[3] else None)
-        return self._backward(dy, x, a, b, weight, bias, eps, needs, noise, scale_from)
+        return self._backward(dy, x, a, b, weight, bias, eps, needs, noise)
 
-    def _backward(self, dy, x, a, b, weight, bias, eps, needs, noise, scale_from):
+    def _backward(self, dy, x, a, b, weight, bias, eps, needs, noise):
         need_dx, need_dw, need_db = needs
         dx, args = _backward_io(self.lay, dy, x, need_dx)
         ws, tickets = self.workspaces.get()
         dw, db = self.ext.bn_backward(
-            *args, a, b, scale_from, eps, weight, bias, self.training, self.bwd_relu,
+            *args, a, b, _INVSTD, eps, weight, bias, self.training, self.bwd_relu,
             bool(need_dw and weight is not None), bool(need_db and bias is not None),
             *_noise_args(noise, x.device), ws, tickets, self.split, self.path)
         return (self.lay.restore(dx, x) if need_dx else None), dw, db
@@ -291,13 +288,11 @@ class LpNormPlan(BasePlan):
                           weight, bias, False, *_NO_NOISE, *saved, None)
         return lay.restore(y, x), saved[0], saved[1], None
 
-    def backward(self, dy, x, a, b, weight, bias, eps, needs, noise=None, out=None,
-                 scale_from=_INVSTD):
+    def backward(self, dy, x, a, b, weight, bias, eps, needs, noise=None, out=None):
         """``a, b``: the forward's saved (mean, s_p) in training; in eval mode its snapshots
-        (mean, invstd), or with ``scale_from`` the running scale itself."""
+        (mean, invstd)."""
         if not self.training:
-            return self.bn.backward(dy, x, a, b, weight, bias, eps, needs, None,
-                                    scale_from=scale_from)
+            return self.bn.backward(dy, x, a, b, weight, bias, eps, needs, None)
         need_dx, need_dw, need_db = needs
         dx, args = _backward_io(self.lay, dy, x, need_dx)
         ws, tickets = self.workspaces.get()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from ..family import family_of
 from ..plan import FLOAT_DTYPES, BasePlan, acc_dtype
 from . import formulas as F
 from .formulas import *  # noqa: F401,F403  (the formulas, as bnkernels.backends.reference.*)
@@ -122,7 +123,8 @@ class ReferenceBackend:
         return []
 
     def plan(self, sig):
-        return LpNormPlan(sig) if sig.op == "lp_norm" else BatchNormPlan(sig)
+        """The plan of ``sig``: its op family's reference plan."""
+        return family_of(sig.op).make_plan(self.name, sig)
 
     def noise(self, x, noise):
         return F.noisy_bn_noise_reference(x, noise)

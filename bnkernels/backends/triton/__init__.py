@@ -15,6 +15,7 @@ import importlib.util
 import os
 import sys
 
+from ..family import family_of
 from ..plan import FLOAT_DTYPES
 
 _COMMON = f"{__name__}.common"
@@ -84,13 +85,9 @@ class TritonBackend:
         return reasons
 
     def plan(self, sig):
-        if sig.op == "lp_norm":
-            from .lp_norm.plan import LpNormPlan
-
-            return LpNormPlan(sig)
-        from .batch_norm.plan import BatchNormPlan
-
-        return BatchNormPlan(sig)
+        """The plan of ``sig``: its op family's Triton plan (raises for an op no family
+        names, or a family with no Triton plan)."""
+        return family_of(sig.op).make_plan(self.name, sig)
 
     def noise(self, x, noise):
         from .noise import noisy_batch_norm_noise

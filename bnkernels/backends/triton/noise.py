@@ -78,10 +78,9 @@ def element_noise(idx, mu, sigma, seed, step, r_mu, r_sigma, INT64: tl.constexpr
     return s, m
 
 
-# How a kernel gets the noise step (constexpr STEP_PTR): an int argument, a 1-element int
-# tensor read on device (CUDA-graph safe), or the snapshot a forward left at the tail of the
-# statistics it saved (see bnkernels.backends.triton.batch_norm.kernels._save_step).
-STEP_INT, STEP_TENSOR, STEP_SAVED = 0, 1, 2
+# How a kernel gets the noise step (constexpr STEP_PTR): an int argument, or a 1-element int
+# tensor read on device (CUDA-graph safe; the step a forward used comes back in one).
+STEP_INT, STEP_TENSOR = 0, 1
 
 
 @triton.jit

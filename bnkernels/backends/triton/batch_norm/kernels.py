@@ -352,26 +352,12 @@ def _count_batch(nbt_ptr, first, COUNT: tl.constexpr):
 
 
 @triton.jit
-def _save_step(stats_ptr, C, step, first, SAVE_STEP: tl.constexpr):
-    """The first program records the noise step it used, for the backward: at the tail of the
-    statistics the forward saves (``stats_ptr`` = its invstd, C + 2 long), as two 16-bit halves
-    (exact in any float; Philox reads the step mod 2^32), so a noisy forward allocates nothing
-    more for it."""
+def _save_step(used_ptr, step, first, SAVE_STEP: tl.constexpr):
+    """The first program records the noise step it used, for the backward, in ``used_ptr`` (a
+    1-element int64 tensor: the one form every backend saves it in)."""
     if SAVE_STEP:
         if first:
-            tl.store(stats_ptr + C, (step & 0xFFFF).to(stats_ptr.dtype.element_ty))
-            tl.store(stats_ptr + C + 1, ((step >> 16) & 0xFFFF).to(stats_ptr.dtype.element_ty))
-
-
-@triton.jit
-def _step_of(step, C, STEP_PTR: tl.constexpr):
-    """The noise step of a backward: an int, a 1-element tensor, or (STEP_SAVED) the forward's
-    snapshot at the tail of the saved invstd ``step`` (see :func:`_save_step`)."""
-    if STEP_PTR == 2:
-        out = (tl.load(step + C + 1).to(tl.int64) * 65536 + tl.load(step + C).to(tl.int64))
-    else:
-        out = load_step(step, STEP_PTR)
-    return out
+            tl.store(used_ptr, step.to(tl.int64))
 
 
 # ----------------------------------------------------------------------------- forward kernels
@@ -391,7 +377,7 @@ def _bn_fwd_kernel(
     ws_ptr,  # ACC workspace (split): [4, C, SPLIT] partials, then [C] mean_lo
     ticket_ptr,  # int32 [groups] (split): programs of each channel group done, reset by the last
     step,  # noise step: a 1-element int tensor (STEP_PTR) or an int
-    used_ptr,  # ACC [C + 2]: the saved invstd, whose tail gets the step used (SAVE_STEP)
+    used_ptr,  # int64 [1]: gets the noise step used (SAVE_STEP)
     nbt_ptr,  # int64 [] num_batches_tracked, incremented once per call (COUNT)
     C,
     S,  # spatial size (channels last: the logical index of the noise)
@@ -473,7 +459,7 @@ def _bn_fwd_kernel(
             step = load_step(step, STEP_PTR)
             mu, sigma = channel_noise(ch, seed, step, n_mu, n_sigma)
             mu, sigma = chan_bcast(mu, CL), chan_bcast(sigma, CL)
-            _save_step(used_ptr, C, step, pid == 0, SAVE_STEP)
+            _save_step(used_ptr, step, pid == 0, SAVE_STEP)
         hi, lo, invstd = chan_bcast(hi, CL), chan_bcast(lo, CL), chan_bcast(invstd, CL)
         for u in range(0, UNITS, BLOCK_A if CL else 1):
             offs, mask = unit(u, ch, cm, N, C, S, S_BLOCKS, UNITS, BLOCK_A, BLOCK_B, CL,
@@ -515,7 +501,7 @@ def _bn_apply_kernel(
     w_ptr,  # [C] or dummy
     b_ptr,  # [C] or dummy
     step,  # noise step: a 1-element int tensor (STEP_PTR) or an int
-    used_ptr,  # ACC [C + 2]: the saved invstd, whose tail gets the step used (SAVE_STEP)
+    used_ptr,  # int64 [1]: gets the noise step used (SAVE_STEP)
     save_mean_ptr,  # [C] ACC out (SAVE_STATS): the mean used, for the backward
     save_invstd_ptr,  # [C] ACC out (SAVE_STATS): the invstd used
     ROWS,
@@ -572,7 +558,7 @@ def _bn_apply_kernel(
         step = load_step(step, STEP_PTR)
         ns, nm = _tile_noise(rows, cols, ch, offs, C, S, seed, step, n_mu, n_sigma, r_mu,
                              r_sigma, CHAN_ON_ROWS, INT64)
-        _save_step(used_ptr, C, step, (tl.program_id(0) == 0) & (tl.program_id(1) == 0),
+        _save_step(used_ptr, step, (tl.program_id(0) == 0) & (tl.program_id(1) == 0),
                    SAVE_STEP)
     r = _res_load(res_ptr, offs, mask, ACC, HAS_RES)
     y = _bn_out(_bn_affine(x, mean, lo, invstd, w, b, HAS_LO), ns, nm, RELU, NOISY, r, HAS_RES)
@@ -665,7 +651,7 @@ def _bn_bwd_kernel(
     mu = 0.0
     sigma = 1.0
     if NOISY:
-        step = _step_of(step, C, STEP_PTR)
+        step = load_step(step, STEP_PTR)
         mu, sigma = channel_noise(ch, seed, step, n_mu, n_sigma)
         mu, sigma = chan_bcast(mu, CL), chan_bcast(sigma, CL)
     mean_c = chan_get(mean_ptr, ch, cm, 0.0, CL, ACC)
@@ -783,7 +769,7 @@ def _bn_bwd_dx_kernel(
     ns = 1.0
     nm = 0.0
     if NOISY:
-        step = _step_of(step, C, STEP_PTR)
+        step = load_step(step, STEP_PTR)
         ns, nm = _tile_noise(rows, cols, ch, offs, C, S, seed, step, n_mu, n_sigma, r_mu,
                              r_sigma, CHAN_ON_ROWS, INT64)
     g = _out_mask(g, out_ptr, offs, mask, OUT_MASK)

@@ -19,7 +19,7 @@ from ..common import (
     tl_dtype,
 )
 from ..launch import Launch
-from ..noise import STEP_INT, STEP_SAVED, STEP_TENSOR
+from ..noise import STEP_INT, STEP_TENSOR
 from .kernels import (
     _WS_ROWS,
     FROM_VAR,
@@ -145,16 +145,15 @@ class BatchNormPlan(BasePlan):
         consts.update(meta)
         return self._launch(_bn_apply_kernel, self.ew_grid, self.ew_warps, _APPLY_CALL, consts)
 
-    def _bwd_launch(self, need_dx: bool, need_dw: bool, need_db: bool, raw: bool = False,
-                    step_mode: int | None = None):
+    def _bwd_launch(self, need_dx: bool, need_dw: bool, need_db: bool, raw: bool = False):
         """The reduction launch of the backward for the gradients wanted (made on first use;
         ``raw``: SyncBatchNorm's sums). With ``need_dx`` in the split training backward it
         writes dx's coefficients to the workspace (the dx launch follows)."""
-        key = (need_dx, need_dw, need_db, raw, step_mode)
+        key = (need_dx, need_dw, need_db, raw)
         launch = self._bwd_launches.get(key)
         if launch is None:
             consts = dict(self.flags, **self.noise_consts, **self.shape,
-                          STEP_PTR=self.step_mode if step_mode is None else step_mode,
+                          STEP_PTR=self.step_mode,
                           FUSED=self.fused, TRAINING=self.training or raw,
                           SCALE_FROM=INVSTD, WRITE_DX=need_dx, WRITE_DW=need_dw,
                           WRITE_DB=need_db, DW_RAW=raw, M_F=float(self.lay.M), eps=None,
@@ -167,11 +166,6 @@ class BatchNormPlan(BasePlan):
     def k_dx(self):
         """The elementwise dx launch (split training backward, eval dx alone, SyncBN)."""
         return self._dx_launch(self.step_mode)
-
-    @functools.cached_property
-    def k_dx_saved(self):
-        """k_dx reading the noise step its forward saved (see :meth:`forward`)."""
-        return self._dx_launch(STEP_SAVED)
 
     def _dx_launch(self, step_mode):
         # A residual's training dx pass reads the masked dy its reduction wrote (d(residual)):
@@ -197,13 +191,10 @@ class BatchNormPlan(BasePlan):
 
     def forward(self, x, running_mean, running_var, weight, bias, momentum, eps, noise,
                 need_saved=True, counter=None, residual=None):
-        """``(y, mean, invstd, None)``: the batch statistics in training; in eval mode
-        snapshots of the mean and invstd used (None unless ``need_saved``).
-
-        A noisy training forward with a tensor step snapshots the step it used at the tail of
-        the saved invstd (C + 2 long; :func:`.kernels._save_step`) instead of in a tensor of
-        its own: one allocation fewer per call. The backward reads it from there;
-        :meth:`split_saved` gives the registered op its (mean, invstd, step) apart."""
+        """``(y, mean, invstd, used)``: the batch statistics in training; in eval mode
+        snapshots of the mean and invstd used (None unless ``need_saved``). ``used``: the step
+        a noisy training forward with a tensor step used (1-element int64, written by its
+        kernel), else None."""
         xc = x.contiguous() if self.copy else x
         y = torch.empty_like(xc)
         seed, step = (None, None) if noise is None else (noise[1], noise[2])
@@ -224,8 +215,8 @@ class BatchNormPlan(BasePlan):
                     save_mean_ptr=None, save_invstd_ptr=None, eps=eps, seed=seed)
             return (y if not self.copy else self._restore(y, x)), mean, invstd, None
         mean = xc.new_empty(self.C, dtype=self.acc)
-        invstd = xc.new_empty(self.C + 2 if self.save_step else self.C, dtype=self.acc)
-        used = invstd if self.save_step else None
+        invstd = xc.new_empty(self.C, dtype=self.acc)
+        used = xc.new_empty(1, dtype=torch.int64) if self.save_step else None
         if self.fused:
             self.k_fwd.run(
                 x_ptr=xc, y_ptr=y, res_ptr=res, mean_ptr=mean, invstd_ptr=invstd,
@@ -246,15 +237,7 @@ class BatchNormPlan(BasePlan):
                 lo_ptr=ws.vec if not self.recompute else None,
                 scale_ptr=invstd, w_ptr=weight, b_ptr=bias, step=step, used_ptr=used,
                 save_mean_ptr=None, save_invstd_ptr=None, eps=eps, seed=seed)
-        return (y if not self.copy else self._restore(y, x)), mean, invstd, None
-
-    def split_saved(self, mean, invstd, used):
-        """What the forward saved as the registered op returns it: (mean, invstd, the step
-        used as a 1-element int64 tensor or None), the step taken from invstd's tail."""
-        if invstd is None or invstd.numel() == self.C:
-            return mean, invstd, used
-        tail = invstd[self.C:].to(torch.int64)
-        return mean, invstd[:self.C], (tail[1] * 65536 + tail[0]).reshape(1)
+        return (y if not self.copy else self._restore(y, x)), mean, invstd, used
 
     def _restore(self, out, x):
         return self.lay.restore(out, x)
@@ -298,11 +281,6 @@ class BatchNormPlan(BasePlan):
         dyc = dy if dy.stride() == x.stride() else self.lay.like(dy, x)
         out, dres = (None, None) if res is None else res
         seed, step = (None, None) if noise is None else (noise[1], noise[2])
-        # The step its forward saved at invstd's tail (eager calls; the registered op passes
-        # it apart, as a tensor).
-        saved_step = self.save_step and invstd.numel() != self.C
-        if saved_step:
-            step = invstd
         dx = torch.empty_like(x) if need_dx else None
         if not (need_dw or need_db or (need_dx and self.training)):
             if need_dx:  # eval, dx alone: one elementwise pass
@@ -314,15 +292,14 @@ class BatchNormPlan(BasePlan):
         db = torch.empty_like(bias) if need_db else None
         split_dx = need_dx and self.training and not self.fused
         ws = None if self.fused else self.workspaces.get()
-        self._bwd_launch(need_dx, need_dw, need_db,
-                         step_mode=STEP_SAVED if saved_step else None).run(
+        self._bwd_launch(need_dx, need_dw, need_db).run(
             dy_ptr=dyc, x_ptr=x, dx_ptr=None if split_dx else dx, out_ptr=out,
             dres_ptr=dres, mean_ptr=mean,
             scale_ptr=invstd, w_ptr=weight, b_ptr=bias, dw_ptr=dw, db_ptr=db,
             ws_ptr=ws.buf if ws is not None else None,
             ticket_ptr=ws.ticket if ws is not None else None, step=step, seed=seed)
         if split_dx:  # with a residual and a ReLU, dy is the masked dy the reduction wrote
-            (self.k_dx_saved if saved_step else self.k_dx).run(
+            self.k_dx.run(
                 dy_ptr=dyc if dres is None else dres, x_ptr=x, dx_ptr=dx, out_ptr=None,
                 dres_ptr=None, mean_ptr=mean,
                 scale_ptr=invstd, w_ptr=weight,

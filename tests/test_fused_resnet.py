@@ -7,8 +7,12 @@ contiguous tensors and on the Triton kernels with channels_last ones. Inputs are
 at 32x32) so the interpreted kernels stay quick; see test_resnet18.py for why the comparison
 is against fp64 rather than between the two fp32 results.
 
-Gradients: each parameter's error (relative to its gradient's size) is bounded by twice torch's
-worst such error over the model. At this size layer4's BatchNorms normalize 4 values per
+Gradients: in fp32, the error of the whole gradient (all parameters, relative to its norm) is
+bounded by twice torch's own; in fp64, every parameter's gradient equals torch's to 1e-7 of its
+size (the implementation itself, free of rounding's amplification). Per-parameter fp32 bounds
+are not used, and the fp32 bound says little for ResNet-50 here: torch's own fp32 gradient is
+10-40% off the fp64 one at this size (measured 0.099 contiguous, 0.42 channels_last), and a
+per-parameter bound failed by chance on a fresh machine. At this size layer4's BatchNorms normalize 4 values per
 channel (batch 4, 1x1), which amplifies each implementation's rounding into the gradients of
 the layers around them: the per-parameter errors of two fp32 computations are two samples of
 that amplification. Measured on ResNet-18 (Triton, channels_last): torch's own error on
@@ -99,13 +103,31 @@ def test_fused_resnet_as_close_to_fp64_as_torch(net, backend, channels_last, mod
     assert set(our_grads) == set(their_grads)
     if not training:
         return
-    rel = {n: _err(g, exact_grads[n]) / max(1.0, float(exact_grads[n].abs().max()))
-           for n, g in our_grads.items()}
-    torch_worst = max(_err(g, exact_grads[n]) / max(1.0, float(exact_grads[n].abs().max()))
-                      for n, g in their_grads.items())
-    bound = 2 * torch_worst + TOLERANCES[torch.float32]["atol"]
-    bad = {n: f"{e:.3g}" for n, e in rel.items() if e > bound}
-    assert not bad, f"gradients beyond 2 x torch's worst {torch_worst:.3g}: {bad}"
+    names = sorted(exact_grads)
+    truth = torch.cat([exact_grads[n].flatten() for n in names])
+
+    def whole(grads):  # the error of the whole gradient, relative to its norm
+        g = torch.cat([grads[n].double().flatten() for n in names])
+        return float((g - truth).norm() / truth.norm())
+
+    ours_e, torch_e = whole(our_grads), whole(their_grads)
+    assert ours_e <= 2 * torch_e + TOLERANCES[torch.float32]["atol"], (
+        f"gradient error {ours_e:.3g} against torch's own fp32 {torch_e:.3g}")
+
+
+def test_fused_resnet_gradients_equal_torchs_in_fp64(net):
+    """The implementation itself, free of fp32 rounding's amplification: the converted and
+    fused model in fp64 (reference backend) gives torch's fp64 logits and every parameter's
+    gradient to 1e-7 of that gradient's size."""
+    _, model, x, dy, _ = net
+    exact, exact_grads = _torch(net, True, False, torch.float64)
+    use_backend("reference")
+    fused = bnk.fuse(bnk.convert(copy.deepcopy(model).train(True)), fold=False)
+    ours, grads = _run(fused, x, dy, True, False, torch.float64)
+    assert _err(ours, exact) <= 1e-9 * max(1.0, float(exact.abs().max()))
+    bad = {n: f"{_err(g, exact_grads[n]):.3g}" for n, g in grads.items()
+           if _err(g, exact_grads[n]) > 1e-7 * max(1e-3, float(exact_grads[n].abs().max()))}
+    assert not bad, f"fp64 gradients differ from torch's: {bad}"
 
 
 def test_fuse_keeps_the_original_state_dict_and_reports():

@@ -13,11 +13,11 @@ size (the implementation itself, free of rounding's amplification). Per-paramete
 are not used, and the fp32 bound says little for ResNet-50 here: torch's own fp32 gradient is
 10-40% off the fp64 one at this size (measured 0.099 contiguous, 0.42 channels_last), and a
 per-parameter bound failed by chance on a fresh machine. At this size layer4's BatchNorms
-normalize 4 values per channel (batch 4, 1x1), which amplifies each implementation's
-rounding into the gradients of the layers around them: the per-parameter errors of two fp32 computations are two samples of
-that amplification. Measured on ResNet-18 (Triton, channels_last): torch's own error on
-layer4.0.conv1.weight is 0.0029 (0.0038 contiguous), bnkernels.convert without any fusion
-0.0073, fused 0.0068; over the whole model the worst relative errors are torch 2.3e-4,
+normalize 4 values per channel (batch 4, 1x1), which amplifies each implementation's rounding
+into the gradients of the layers around them: the per-parameter errors of two fp32 computations
+are two samples of that amplification. Measured on ResNet-18 (Triton, channels_last): torch's
+own error on layer4.0.conv1.weight is 0.0029 (0.0038 contiguous), bnkernels.convert without any
+fusion 0.0073, fused 0.0068; over the whole model the worst relative errors are torch 2.3e-4,
 converted 2.8e-4, fused 2.6e-4."""
 
 from __future__ import annotations

@@ -62,7 +62,7 @@ def h200(monkeypatch):
 def _launches(plan) -> list[Launch]:
     """Every launch the plan makes (those made on first use too)."""
     bn = isinstance(plan, BatchNormPlan)
-    names = ("k_dx", "k_dx_saved", "k_sync_stats", "k_sync_apply") if bn else \
+    names = ("k_dx", "k_sync_stats", "k_sync_apply") if bn else \
         ("k_dx",) if plan.training else ("k_eval_dx",)
     for name in names:
         getattr(plan, name)

@@ -47,4 +47,14 @@ def _compile_worker(rank, world, init_file, backend):
 def test_sync_batch_norm_compiles_fullgraph_in_two_gloo_processes(backend, tmp_path):
     import torch.multiprocessing as mp
 
-    mp.spawn(_compile_worker, args=(2, str(tmp_path / "init"), backend), nprocs=2, join=True)
+    # A worker killed by a signal (seen once in a full CI run: SIGABRT, "terminate called
+    # without an active exception", from gloo's teardown; not reproduced alone) is retried
+    # once; a worker that raises (wrong numbers) fails at once.
+    for attempt in range(2):
+        try:
+            mp.spawn(_compile_worker, args=(2, str(tmp_path / f"init{attempt}"), backend),
+                     nprocs=2, join=True)
+            return
+        except mp.ProcessExitedException:
+            if attempt:
+                raise

@@ -2,7 +2,9 @@
 
 The CPU test run executes the kernels in the Triton interpreter, which accepts some code the
 compiler rejects; this script runs Triton's real compiler (to PTX and cubin) on each kernel with
-every boolean flag on and then off, so such code fails the tests here rather than on a GPU.
+every boolean flag on and every optional tensor given, then every flag off and every optional
+tensor None (the kernels read a tensor's presence from its pointer), so such code fails the
+tests here rather than on a GPU.
 Run as a script (the interpreter must be off): tests/test_triton_gpu_compile.py does.
 """
 
@@ -21,7 +23,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-MODULES = ["batch_norm.kernels", "noise", "lp_norm.kernels"]
+MODULES = ["affine", "batch_norm.kernels", "noise", "lp_norm.kernels"]
 DATA_PTRS = {"x_ptr", "y_ptr", "dy_ptr", "dx_ptr", "res_ptr", "out_ptr", "dres_ptr"}  # fp16 here
 FLOATS = {"eps", "momentum", "n_mu", "n_sigma", "r_mu", "r_sigma", "inv_m", "M_F"}
 WIDE_INTS = {"seed"}
@@ -42,6 +44,22 @@ def _arg_type(kernel, name, values):
 
 
 ENUMS = ("P", "SCALE_FROM", "PHASE", "STEP_PTR")  # integer constexprs taking 0, 1 and 2
+# Tensors a kernel takes as None when absent (a constexpr None: the variant without them).
+OPTIONAL_PTRS = {"res_ptr", "lo_ptr", "w_ptr", "b_ptr", "save_mean_ptr", "save_invstd_ptr",
+                 "used_ptr", "nbt_ptr", "rmean_ptr", "rvar_ptr", "rscale_ptr", "out_ptr",
+                 "dres_ptr", "dw_ptr", "db_ptr"}
+# ... and those optional in some kernels only: dx in a backward reduction (asked for dweight
+# and dbias alone), the coefficients in the shared dx kernel (eval)
+OPTIONAL_IN = {"bwd_kernel": {"dx_ptr"}, "affine_dx_kernel": {"coef_ptr"}}
+
+
+def absent(kernel, values, flag_value):
+    """``values`` with every optional tensor of ``kernel`` None when ``flag_value`` is False."""
+    if not flag_value:
+        optional = OPTIONAL_PTRS.union(*(v for k, v in OPTIONAL_IN.items()
+                                         if kernel.__name__.endswith(k)))
+        values.update({n: None for n in kernel.arg_names if n in optional})
+    return values
 
 
 def _variants(kernel):
@@ -57,7 +75,7 @@ def _variants(kernel):
             values.update({n: e for n in enums})
             if "STEP_PTR" in values and "bwd" not in kernel.__name__:
                 values["STEP_PTR"] = min(e, 1)  # only a backward reads a saved step (2)
-            yield values
+            yield absent(kernel, values, flag_value)
 
 
 def main() -> int:

@@ -24,7 +24,7 @@ assert os.environ.get("TRITON_INTERPRET", "0") != "1", "run with the interpreter
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
-from compile_for_gpu import BLOCKS, ENUMS, MODULES, _arg_type  # noqa: E402
+from compile_for_gpu import BLOCKS, ENUMS, MODULES, _arg_type, absent  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
@@ -96,7 +96,8 @@ def narrow_pid_products(ir_text: str) -> list[str]:
 
 
 def _int64_variants(kernel):
-    """INT64=True with every other boolean flag on, then off; one value of each enum (0)."""
+    """INT64=True with every other boolean flag on (every optional tensor given), then off
+    (every optional tensor None); one value of each enum (0)."""
     names = [p.name for p in kernel.params if p.is_constexpr]
     flags = [n for n in names if n not in BLOCKS and n not in ("ACC", *ENUMS)]
     for flag_value in (True, False):
@@ -106,7 +107,7 @@ def _int64_variants(kernel):
         if "ACC" in names:
             values["ACC"] = tl.float32
         values.update({n: 0 for n in names if n in ENUMS})
-        yield values
+        yield absent(kernel, values, flag_value)
 
 
 def main() -> int:

@@ -524,3 +524,48 @@ def chan_put(ptr, off, cm, v, CL: tl.constexpr):
         tl.store(ptr + off, v, mask=cm)
     else:
         tl.store(ptr + off, v)
+
+
+@triton.jit
+def reduce_ids(C, S, ALIGN: tl.constexpr, CL: tl.constexpr, INT64: tl.constexpr):
+    """The start of a reduction kernel: (C, S) with the row length a known multiple of ALIGN
+    (C channels last, S in "ncs"; see :func:`aligned`), and this program's channel group and
+    split index (64-bit in the INT64 variants, see :func:`program`)."""
+    if CL:
+        C = aligned(C, ALIGN)
+    else:
+        S = aligned(S, ALIGN)
+    return C, S, program(0, INT64), program(1, INT64)
+
+
+@triton.jit
+def unit_loads(x_ptr, u, end, ch, cm, N, C, S, S_BLOCKS, UNITS, BLOCK_A: tl.constexpr,
+               BLOCK_B: tl.constexpr, CL: tl.constexpr, ACC: tl.constexpr, INT64: tl.constexpr,
+               PAIR: tl.constexpr):
+    """(x, mask, x2, mask2): x at unit ``u`` (:func:`unit_ptrs`) in ACC and, with PAIR, the
+    next unit's (masked from ``end`` on), both loads issued before either value is used: twice
+    the bytes in flight for no more accumulators (x2 is x without PAIR)."""
+    ptrs, mask = unit_ptrs(x_ptr, u, ch, cm, N, C, S, S_BLOCKS, UNITS, BLOCK_A, BLOCK_B, CL, INT64)
+    x = tl.load(ptrs, mask=mask, other=0.0)
+    x2 = x
+    mask2 = mask
+    if PAIR:
+        u2 = u + (BLOCK_A if CL else 1)
+        ptrs2, mask2 = unit_ptrs(x_ptr, u2, ch, cm, N, C, S, S_BLOCKS, UNITS, BLOCK_A, BLOCK_B,
+                                 CL, INT64)
+        mask2 = mask2 & (u2 < end)
+        x2 = tl.load(ptrs2, mask=mask2, other=0.0)
+    return x.to(ACC), mask, x2.to(ACC), mask2
+
+
+@triton.jit
+def put_partials(ws_ptr, ch, cm, p, C, SPLIT, CL: tl.constexpr, a, b, c=None, d=None):
+    """Program ``p``'s partials of channels ``ch`` (split reductions): ``a``, ``b`` (and ``c``,
+    ``d`` where given) into rows 0, 1 (2, 3) of the [rows, C, SPLIT] workspace at ws_ptr."""
+    part = ws_ptr + ch * SPLIT + p
+    chan_put(part, 0, cm, a, CL)
+    chan_put(part, C * SPLIT, cm, b, CL)
+    if c is not None:
+        chan_put(part, 2 * C * SPLIT, cm, c, CL)
+    if d is not None:
+        chan_put(part, 3 * C * SPLIT, cm, d, CL)

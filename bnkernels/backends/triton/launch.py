@@ -308,44 +308,44 @@ class _EmulatedKernel:
                           kernel_signature=b"")
 
 
-class emulate_launches:
+class _LaunchMode:
+    """Context manager: this module's flag ``_flag`` set inside it; every launch (made before
+    or inside it) binds again on its next call, on entry and on exit."""
+
+    _flag = ""
+
+    def __enter__(self):
+        globals()[self._flag] = True
+        self._unbind()
+        return self
+
+    def __exit__(self, *exc):
+        globals()[self._flag] = False
+        self._unbind()
+        return False
+
+    @staticmethod
+    def _unbind() -> None:
+        for launch in list(_ALL):
+            launch.run, launch.direct, launch.compiled = launch._first, False, None
+
+
+class emulate_launches(_LaunchMode):
     """Context manager: every Triton launch takes the direct path, guards and all, with the
     launcher's C entry a no-op and the current-device and stream calls C builtins of like
     cost: the Python a warm direct launch costs, measurable without a GPU (``bnkernels bench
     --device cpu``'s stack rows). Results are garbage inside it."""
 
-    def __enter__(self):
-        global _emulated
-        _emulated = True
-        for launch in list(_ALL):
-            launch.run, launch.direct, launch.compiled = launch._first, False, None
-        return self
-
-    def __exit__(self, *exc):
-        global _emulated
-        _emulated = False
-        for launch in list(_ALL):
-            launch.run, launch.direct, launch.compiled = launch._first, False, None
-        return False
+    _flag = "_emulated"
 
 
-class jit_only:
+class jit_only(_LaunchMode):
     """Context manager: every Triton launch goes through the JIT (``kernel[grid](...)``), as
     with ``BNKERNELS_TRITON_LAUNCH=jit``; after it, launches bind the direct path again on
     their next call. For measuring what the direct path saves (``bnkernels bench``'s
     ``bnkernels-triton-jit`` overhead rows)."""
 
-    def __enter__(self):
-        global _jit_only
-        _jit_only = True
-        for launch in list(_ALL):
-            launch.run, launch.direct, launch.compiled = launch._first, False, None
-        return self
-
-    def __exit__(self, *exc):
-        global _jit_only
-        _jit_only = False
-        return False
+    _flag = "_jit_only"
 
 
 class stub_launches:

@@ -34,6 +34,8 @@ import triton
 import triton.language as tl
 
 from ..layout import view_layout
+from .affine import INVSTD, activate, affine_params, bn_affine, out_mask, res_load
+from .common import bcast, tile
 
 STREAM_ELEMENT = 0
 STREAM_CHANNEL = 1
@@ -106,9 +108,7 @@ def _noise_kernel(
     n_sigma,
     r_mu,
     r_sigma,
-    BLOCK: tl.constexpr,
-    STEP_PTR: tl.constexpr,
-    INT64: tl.constexpr,
+    BLOCK: tl.constexpr, STEP_PTR: tl.constexpr, INT64: tl.constexpr,
 ):
     pid = tl.program_id(0)
     if INT64:  # widened before the product (see ..common.program)
@@ -143,3 +143,107 @@ def noisy_batch_norm_noise(x: torch.Tensor, noise) -> tuple[torch.Tensor, torch.
         r_sigma=float(cfg.r_sigma), BLOCK=block, STEP_PTR=isinstance(step, torch.Tensor),
         INT64=lay.int64)
     return s, m
+
+
+# ----------------------------------------------------------------------------- noisy BatchNorm
+# Its elementwise work, in kernels of its own (the statistics, the gradient sums and dx are
+# the plain BatchNorm kernels'): forward, out = act(s * a + m [+ residual]) from the batch
+# statistics; backward, dL/da = s * dL/dout (masked by the activation), which the plain
+# reduction and dx kernels then take as their dy. Every multiply-add is an explicit fma, so
+# the noisy output and gradient are the same bits in every variant (int or tensor step).
+
+# Seed and step are never specialized on, so a new step does not recompile anything.
+_NOISE_NO_SPEC = ["seed", "step"]
+_INVSTD = tl.constexpr(INVSTD)  # the statistics are the batch's mean and invstd
+
+
+@triton.jit
+def _logical_index_mc(rows, cols, C, S):
+    """NCHW-logical index of element (row = n*S + s, channel col) of a channels-last tensor."""
+    n = rows // S
+    return (n[:, None] * C + cols[None, :]) * S + (rows - n * S)[:, None]
+
+
+@triton.jit
+def tile_noise(rows, cols, ch, offs, C, S, seed, step, n_mu, n_sigma, r_mu, r_sigma,
+               CHAN_ON_ROWS: tl.constexpr, INT64: tl.constexpr):
+    """(s, m) of the elements of an elementwise tile (see the module docstring)."""
+    mu, sigma = channel_noise(ch, seed, step, n_mu, n_sigma)
+    if CHAN_ON_ROWS:
+        idx = offs
+    else:
+        idx = _logical_index_mc(rows, cols, C, S)
+    return element_noise(idx, bcast(mu, CHAN_ON_ROWS), bcast(sigma, CHAN_ON_ROWS), seed, step,
+                         r_mu, r_sigma, INT64)
+
+
+@triton.jit(do_not_specialize=_NOISE_NO_SPEC)
+def noisy_apply_kernel(
+    x_ptr,  # [ROWS, COLS] contiguous
+    y_ptr,  # [ROWS, COLS] out, x's dtype
+    res_ptr,  # [ROWS, COLS]: the residual added before the activation (None: none)
+    mean_ptr,  # [C] ACC batch mean (mean_hi)
+    lo_ptr,  # [C] ACC mean_lo (None: none)
+    invstd_ptr,  # [C] ACC
+    w_ptr, b_ptr,  # [C] weight and bias (None: absent)
+    step,  # noise step: a 1-element int tensor (STEP_PTR) or an int
+    used_ptr,  # int64 [1]: gets the noise step used (None: not saved)
+    ROWS, COLS, C, S,
+    seed, n_mu, n_sigma, r_mu, r_sigma,  # noise: Philox key and the NoiseConfig
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, CHAN_ON_ROWS: tl.constexpr,  # see ..common.tile
+    RELU: tl.constexpr, STEP_PTR: tl.constexpr, ACC: tl.constexpr, INT64: tl.constexpr,
+    ALIGN: tl.constexpr = 1,  # a power of two dividing the rows (S or C)
+    COLS_ON_X: tl.constexpr = False,  # grid (column blocks, row blocks): see common.ew_grid
+):
+    rows, cols, ch, cm, offs, mask = tile(ROWS, COLS, C, BLOCK_R, BLOCK_K, CHAN_ON_ROWS, INT64,
+                                          ALIGN, COLS_ON_X)
+    mean, lo, invstd, w, b = affine_params(mean_ptr, lo_ptr, invstd_ptr, w_ptr, b_ptr, ch, cm,
+                                           0.0, CHAN_ON_ROWS, _INVSTD, ACC)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+    step = load_step(step, STEP_PTR)
+    ns, nm = tile_noise(rows, cols, ch, offs, C, S, seed, step, n_mu, n_sigma, r_mu, r_sigma,
+                        CHAN_ON_ROWS, INT64)
+    if used_ptr is not None:  # the first program records the step it used, for the backward
+        if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
+            tl.store(used_ptr, step.to(tl.int64))
+    r = res_load(res_ptr, offs, mask, ACC)
+    a = tl.math.fma(ns, bn_affine(x, mean, lo, invstd, w, b, lo_ptr is not None), nm)
+    y = activate(a, r, res_ptr is not None, RELU)
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=_NOISE_NO_SPEC)
+def noisy_grad_kernel(
+    dy_ptr,  # [ROWS, COLS] contiguous, x's layout
+    x_ptr,
+    g_ptr,  # [ROWS, COLS] ACC out: dL/da, x's layout
+    out_ptr,  # the forward's output, for the ReLU's mask after a residual (None: no mask)
+    dres_ptr,  # out: d(residual), the masked dy (None: not wanted)
+    mean_ptr, invstd_ptr,  # [C] ACC: the batch statistics
+    w_ptr, b_ptr,  # [C] weight and bias (None: absent)
+    step,  # noise step: a 1-element int tensor (STEP_PTR) or an int
+    ROWS, COLS, C, S,
+    seed, n_mu, n_sigma, r_mu, r_sigma,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    CHAN_ON_ROWS: tl.constexpr,
+    RELU: tl.constexpr,  # recompute the output for the ReLU's mask
+    STEP_PTR: tl.constexpr, ACC: tl.constexpr, INT64: tl.constexpr,
+    ALIGN: tl.constexpr = 1,  # a power of two dividing the rows (S or C)
+    COLS_ON_X: tl.constexpr = False,  # grid (column blocks, row blocks): see common.ew_grid
+):
+    """g = dL/da for a = w * xhat + b, out = act(s * a + m): the output recomputed exactly as
+    the forward computed it for the ReLU's mask (dropped where out <= 0, so NaN passes, as
+    torch's threshold_backward), then times s."""
+    rows, cols, ch, cm, offs, mask = tile(ROWS, COLS, C, BLOCK_R, BLOCK_K, CHAN_ON_ROWS, INT64,
+                                          ALIGN, COLS_ON_X)
+    mean, _, invstd, w, b = affine_params(mean_ptr, None, invstd_ptr, w_ptr, b_ptr, ch, cm, 0.0,
+                                          CHAN_ON_ROWS, _INVSTD, ACC)
+    g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+    ns, nm = tile_noise(rows, cols, ch, offs, C, S, seed, load_step(step, STEP_PTR), n_mu,
+                        n_sigma, r_mu, r_sigma, CHAN_ON_ROWS, INT64)
+    g = out_mask(g, out_ptr, dres_ptr, offs, mask)
+    if RELU:
+        out = tl.math.fma(ns, bn_affine(x, mean, 0.0, invstd, w, b, False), nm)
+        g = tl.where(out <= 0.0, 0.0, g)
+    tl.store(g_ptr + offs, (g * ns).to(g_ptr.dtype.element_ty), mask=mask)

@@ -8,42 +8,37 @@ import functools
 import torch
 
 from ...plan import BasePlan, Signature, Workspaces
-from ..common import (
-    apply_config,
-    check_grid,
-    ew_grid,
-    reduce_config,
-    reduce_shape,
-    row_align,
-    strategy,
-    tl_dtype,
-)
+from .. import common as tc
+from ..affine import FROM_VAR, INVSTD, affine_apply_kernel, affine_dx_kernel
 from ..launch import Launch
-from ..noise import STEP_INT, STEP_TENSOR
+from ..noise import STEP_INT, STEP_TENSOR, noisy_apply_kernel, noisy_grad_kernel
 from .kernels import (
     _WS_ROWS,
-    FROM_VAR,
-    INVSTD,
-    _bn_apply_kernel,
-    _bn_bwd_dx_kernel,
-    _bn_bwd_kernel,
-    _bn_fwd_kernel,
+    _bn_fused_bwd_kernel,
+    _bn_fused_fwd_kernel,
+    _bn_split_bwd_kernel,
+    _bn_stats_kernel,
 )
 
 # The per-call arguments of each kernel (everything else is fixed by the plan). Absent tensors
-# (no weight, no running statistics, no noise) are passed as None: Triton takes a None
-# argument as a constexpr, so the kernel variant of a plan never sees a placeholder.
-_FWD_CALL = ("x_ptr", "y_ptr", "res_ptr", "mean_ptr", "invstd_ptr", "rmean_ptr", "rvar_ptr",
-             "w_ptr", "b_ptr", "ws_ptr", "ticket_ptr", "step", "used_ptr", "nbt_ptr", "momentum",
-             "eps", "seed")
-_APPLY_CALL = ("x_ptr", "y_ptr", "res_ptr", "mean_ptr", "lo_ptr", "scale_ptr", "w_ptr", "b_ptr",
-               "step", "used_ptr", "save_mean_ptr", "save_invstd_ptr", "eps", "seed")
+# (no weight, no running statistics, no residual, no statistics to save) are passed as None:
+# Triton takes a None argument as a constexpr, and the kernels read a tensor's presence from
+# its pointer, so the kernel variant of a plan never sees a placeholder.
+_STATS_CALL = ("x_ptr", "mean_ptr", "invstd_ptr", "rmean_ptr", "rvar_ptr", "ws_ptr",
+               "ticket_ptr", "nbt_ptr", "momentum", "eps")
+_FUSED_FWD_CALL = ("x_ptr", "y_ptr", "res_ptr", "mean_ptr", "invstd_ptr", "rmean_ptr",
+                   "rvar_ptr", "w_ptr", "b_ptr", "nbt_ptr", "momentum", "eps")
+APPLY_CALL = ("x_ptr", "y_ptr", "res_ptr", "mean_ptr", "lo_ptr", "scale_ptr", "w_ptr", "b_ptr",
+              "save_mean_ptr", "save_invstd_ptr", "eps")
+_NOISY_APPLY_CALL = ("x_ptr", "y_ptr", "res_ptr", "mean_ptr", "lo_ptr", "invstd_ptr", "w_ptr",
+                     "b_ptr", "step", "used_ptr", "seed")
 _BWD_CALL = ("dy_ptr", "x_ptr", "dx_ptr", "out_ptr", "dres_ptr", "mean_ptr", "scale_ptr",
-             "w_ptr", "b_ptr", "dw_ptr",
-             "db_ptr", "ws_ptr", "ticket_ptr", "step", "seed")
-_DX_CALL = ("dy_ptr", "x_ptr", "dx_ptr", "out_ptr", "dres_ptr", "mean_ptr", "scale_ptr",
-            "w_ptr", "b_ptr", "coef_ptr",
-            "step", "seed")
+             "w_ptr", "b_ptr", "dw_ptr", "db_ptr")
+_SPLIT_BWD_CALL = _BWD_CALL + ("ws_ptr", "ticket_ptr")
+DX_CALL = ("dy_ptr", "x_ptr", "dx_ptr", "out_ptr", "dres_ptr", "mean_ptr", "scale_ptr", "w_ptr",
+           "b_ptr", "coef_ptr")
+_NOISY_GRAD_CALL = ("dy_ptr", "x_ptr", "g_ptr", "out_ptr", "dres_ptr", "mean_ptr", "invstd_ptr",
+                    "w_ptr", "b_ptr", "step", "seed")
 # Every per-call pointer is checked for the alignment its kernel variant assumes (see
 # ..launch): the user's tensors, and the plan's own too (running_mean is passed as mean_ptr in
 # eval, SyncBatchNorm's sums[1] and the workspace's tail sit at offsets of C elements).
@@ -75,117 +70,127 @@ class BatchNormPlan(BasePlan):
 
     def __init__(self, sig: Signature):
         lay, acc = self._resolve(sig)
-        self.fused = strategy(lay) == "fused"
-        self.cfg = cfg = reduce_config(lay, fused=self.fused, itemsize=sig.dtype.itemsize)
+        self.fused = tc.strategy(lay) == "fused"
+        self.cfg = cfg = tc.reduce_config(lay, fused=self.fused, itemsize=sig.dtype.itemsize)
         self.ncs = lay.kind == "ncs"
         self.relu = sig.activation == "relu"
-        # A residual: the forward adds it before the activation (HAS_RES); with a ReLU, the
-        # backward reads the forward's output for the mask (OUT_MASK) and writes d(residual)
-        # with dx, instead of recomputing bn(x) + residual (see docs/fused-ops.md).
+        # A residual: the forward adds it before the activation; with a ReLU, the backward
+        # reads the forward's output for the mask (out_ptr) and writes d(residual) with dx,
+        # instead of recomputing bn(x) + residual (see docs/fused-ops.md).
         self.res = sig.has_residual
         self.out_mask = self.res and self.relu
         self.recompute = self.relu and not self.res  # the backward recomputes the output
+        # Noisy: the statistics kernel and the noisy apply kernel forward (two launches, fused
+        # or split); backward, the noise kernel writes dL/da, which the plain kernels take as
+        # dy (no activation left for them).
+        self.noisy = sig.is_noisy
         cfg_noise = sig.noisy[0] if sig.is_noisy else None
         self.step_tensor = sig.step_tensor
         self.save_step = self.step_tensor and sig.training
         self.step_mode = STEP_TENSOR if self.step_tensor else STEP_INT
-        self.flags = dict(HAS_W=sig.has_weight, HAS_B=sig.has_bias, RELU=self.relu,
-                          NOISY=sig.is_noisy, STEP_PTR=self.step_mode, ACC=tl_dtype(acc),
-                          INT64=lay.int64, ALIGN=row_align(lay.cols))
-        self.noise_consts = dict(
-            n_mu=None if cfg_noise is None else float(cfg_noise.n_mu),
-            n_sigma=None if cfg_noise is None else float(cfg_noise.n_sigma),
-            r_mu=None if cfg_noise is None else float(cfg_noise.r_mu),
-            r_sigma=None if cfg_noise is None else float(cfg_noise.r_sigma))
-        self.shape = reduce_shape(lay, cfg)
-        self.reduce_grid = check_grid((cfg.groups, cfg.split), "reduction launch")
-        acfg = apply_config(lay, itemsize=sig.dtype.itemsize, heavy=sig.is_noisy)
-        self.ew_grid, cols_on_x = ew_grid(lay, acfg)
-        self.ew = dict(ROWS=lay.rows, COLS=lay.cols, C=lay.C, S=lay.S, BLOCK_R=acfg.block_r,
+        self.flags = dict(ACC=tc.tl_dtype(acc), INT64=lay.int64, ALIGN=tc.row_align(lay.cols))
+        self.noise_consts = {} if cfg_noise is None else dict(
+            n_mu=float(cfg_noise.n_mu), n_sigma=float(cfg_noise.n_sigma),
+            r_mu=float(cfg_noise.r_mu), r_sigma=float(cfg_noise.r_sigma),
+            STEP_PTR=self.step_mode, S=lay.S)
+        self.shape = tc.reduce_shape(lay, cfg)
+        # the one-pass kernels take a channel group's units whole
+        self.fused_shape = {k: v for k, v in self.shape.items() if k != "SPLIT"}
+        self.reduce_grid = tc.check_grid((cfg.groups, cfg.split), "reduction launch")
+        acfg = tc.apply_config(lay, itemsize=sig.dtype.itemsize, heavy=sig.is_noisy)
+        self.ew_grid, cols_on_x = tc.ew_grid(lay, acfg)
+        self.ew = dict(self.flags, ROWS=lay.rows, COLS=lay.cols, C=lay.C, BLOCK_R=acfg.block_r,
                        BLOCK_K=acfg.block_k, CHAN_ON_ROWS=self.ncs, COLS_ON_X=cols_on_x)
         self.ew_warps = acfg.num_warps
         self.workspaces = Workspaces(lay.device, lambda: _Workspace(lay, cfg, acc))
         self._bwd_launches: dict = {}
+        self.pair = sig.dtype.itemsize >= 4
         # The launches every call of this signature makes (the others are made on first use).
         if sig.training:
-            if self.fused:
-                self.k_fwd = self._reduce_fwd_launch(FUSED=True, UPDATE=sig.has_running,
-                                                     OUT_VAR=False,
-                                                     HAS_LO=not self.recompute,
-                                                     SAVE_STEP=self.save_step,
-                                                     COUNT=sig.counter)
+            if self.fused and not self.noisy:
+                self.k_fwd = self._launch(
+                    _bn_fused_fwd_kernel, self.reduce_grid, cfg.num_warps, _FUSED_FWD_CALL,
+                    dict(self.flags, **self.fused_shape, HAS_LO=not self.recompute,
+                         RELU=self.relu, PAIR=self.pair))
             else:
-                self.k_stats = self._reduce_fwd_launch(
-                    FUSED=False, UPDATE=sig.has_running, OUT_VAR=False,
-                    HAS_LO=not self.recompute, SAVE_STEP=False, COUNT=sig.counter, NOISY=False,
-                    STEP_PTR=STEP_INT, HAS_W=False, HAS_B=False, RELU=False, HAS_RES=False)
-                self.k_apply = self._apply_launch(SCALE_FROM=INVSTD,
-                                                  HAS_LO=not self.recompute,
-                                                  SAVE_STEP=self.save_step, SAVE_STATS=False)
+                self.k_stats = self._stats_launch(OUT_VAR=False)
+                if self.noisy:
+                    self.k_apply = self._launch(
+                        noisy_apply_kernel, self.ew_grid, self.ew_warps, _NOISY_APPLY_CALL,
+                        dict(self.ew, **self.noise_consts, RELU=self.relu))
+                else:
+                    self.k_apply = self._apply_launch(SCALE_FROM=INVSTD)
         else:
-            self.k_eval = self._apply_launch(SCALE_FROM=FROM_VAR, HAS_LO=False, SAVE_STEP=False,
-                                             SAVE_STATS=False)
-            self.k_eval_save = self._apply_launch(SCALE_FROM=FROM_VAR, HAS_LO=False,
-                                                  SAVE_STEP=False, SAVE_STATS=True)
+            self.k_eval = self._apply_launch(SCALE_FROM=FROM_VAR)
+            self.k_eval_save = self._apply_launch(SCALE_FROM=FROM_VAR)
 
     # -- launches
 
     def _launch(self, kernel, grid, num_warps, call, consts):
         return Launch(kernel, grid, num_warps, consts, call, device=self.lay.device)
 
-    def _reduce_fwd_launch(self, **meta):
-        consts = dict(self.flags, **self.noise_consts, **self.shape, HAS_RES=self.res,
-                      PAIR=self.sig.dtype.itemsize >= 4)
-        consts.update(meta)
-        return self._launch(_bn_fwd_kernel, self.reduce_grid, self.cfg.num_warps, _FWD_CALL,
-                            consts)
+    def _stats_launch(self, OUT_VAR):
+        return self._launch(_bn_stats_kernel, self.reduce_grid, self.cfg.num_warps, _STATS_CALL,
+                            dict(self.flags, **self.shape, OUT_VAR=OUT_VAR, PAIR=self.pair))
 
-    def _apply_launch(self, **meta):
-        consts = dict(self.flags, **self.noise_consts, **self.ew, HAS_RES=self.res)
-        consts.update(meta)
-        return self._launch(_bn_apply_kernel, self.ew_grid, self.ew_warps, _APPLY_CALL, consts)
+    def _apply_launch(self, SCALE_FROM, RELU=None):
+        consts = dict(self.ew, SCALE_FROM=SCALE_FROM, RELU=self.relu if RELU is None else RELU)
+        return self._launch(affine_apply_kernel, self.ew_grid, self.ew_warps, APPLY_CALL, consts)
 
     def _bwd_launch(self, need_dx: bool, need_dw: bool, need_db: bool, raw: bool = False):
         """The reduction launch of the backward for the gradients wanted (made on first use;
-        ``raw``: SyncBatchNorm's sums). With ``need_dx`` in the split training backward it
-        writes dx's coefficients to the workspace (the dx launch follows)."""
+        ``raw``: SyncBatchNorm's sums). In the split training backward it writes dx's
+        coefficients to the workspace (the dx launch follows)."""
         key = (need_dx, need_dw, need_db, raw)
         launch = self._bwd_launches.get(key)
         if launch is None:
-            consts = dict(self.flags, **self.noise_consts, **self.shape,
-                          STEP_PTR=self.step_mode,
-                          FUSED=self.fused, TRAINING=self.training or raw,
-                          SCALE_FROM=INVSTD, WRITE_DX=need_dx, WRITE_DW=need_dw,
-                          WRITE_DB=need_db, DW_RAW=raw, M_F=float(self.lay.M), eps=None,
-                          RELU=self.recompute, OUT_MASK=self.out_mask)
+            # noisy: the noise kernel's dL/da is the dy, with the activation's mask in it
+            consts = dict(self.flags, TRAINING=self.training or raw, DW_RAW=raw,
+                          RELU=self.recompute and not self.noisy)
+            if self.fused:
+                kernel, call, consts = _bn_fused_bwd_kernel, _BWD_CALL, dict(consts,
+                                                                             **self.fused_shape)
+            else:
+                kernel, call, consts = _bn_split_bwd_kernel, _SPLIT_BWD_CALL, dict(consts,
+                                                                                   **self.shape)
             launch = self._bwd_launches[key] = self._launch(
-                _bn_bwd_kernel, self.reduce_grid, self.cfg.num_warps, _BWD_CALL, consts)
+                kernel, self.reduce_grid, self.cfg.num_warps, call, dict(consts, M_F=float(
+                    self.lay.M)))
         return launch
 
     @functools.cached_property
     def k_dx(self):
         """The elementwise dx launch (split training backward, eval dx alone, SyncBN)."""
-        return self._dx_launch(self.step_mode)
+        consts = dict(self.ew, SCALE_FROM=INVSTD, eps=None,
+                      RELU=self.recompute and not self.noisy)
+        return self._launch(affine_dx_kernel, self.ew_grid, self.ew_warps, DX_CALL, consts)
 
-    def _dx_launch(self, step_mode):
-        # A residual's training dx pass reads the masked dy its reduction wrote (d(residual)):
-        # no mask there; eval's one pass masks and writes d(residual) itself.
-        consts = dict(self.flags, **self.noise_consts, **self.ew, TRAINING=self.training,
-                      SCALE_FROM=INVSTD, eps=None, STEP_PTR=step_mode, RELU=self.recompute,
-                      OUT_MASK=self.out_mask and not self.training)
-        return self._launch(_bn_bwd_dx_kernel, self.ew_grid, self.ew_warps, _DX_CALL, consts)
+    @functools.cached_property
+    def k_noise_grad(self):
+        """Noisy: dL/da = s * dL/dout, masked by the activation (the backward's first launch)."""
+        consts = dict(self.ew, **self.noise_consts, RELU=self.recompute)
+        return self._launch(noisy_grad_kernel, self.ew_grid, self.ew_warps, _NOISY_GRAD_CALL,
+                            consts)
+
+    def _noise_grad(self, dy, x, mean, invstd, weight, bias, noise, out=None, dres=None):
+        """dL/da (ACC, x's layout) of a noisy plan, d(residual) written to ``dres``."""
+        g = torch.empty_like(x, dtype=self.acc)
+        self.k_noise_grad.run(dy_ptr=dy, x_ptr=x, g_ptr=g, out_ptr=out, dres_ptr=dres,
+                              mean_ptr=mean, invstd_ptr=invstd, w_ptr=weight, b_ptr=bias,
+                              step=noise[2], seed=noise[1])
+        return g
 
     @functools.cached_property
     def k_sync_stats(self):
-        return self._reduce_fwd_launch(FUSED=False, UPDATE=False, OUT_VAR=True, HAS_LO=False,
-                                       SAVE_STEP=False, COUNT=False, NOISY=False,
-                                       STEP_PTR=False, HAS_W=False, HAS_B=False, RELU=False,
-                                       HAS_RES=False)
+        return self._stats_launch(OUT_VAR=True)
 
     @functools.cached_property
     def k_sync_apply(self):
-        return self._apply_launch(SCALE_FROM=INVSTD, HAS_LO=False, SAVE_STEP=False,
-                                  SAVE_STATS=False, HAS_RES=False)
+        if self.noisy:
+            return self._launch(noisy_apply_kernel, self.ew_grid, self.ew_warps,
+                                _NOISY_APPLY_CALL, dict(self.ew, **self.noise_consts,
+                                                        RELU=self.relu))
+        return self._apply_launch(SCALE_FROM=INVSTD)
 
     # -- forward
 
@@ -205,38 +210,39 @@ class BatchNormPlan(BasePlan):
                 invstd = xc.new_empty(self.C, dtype=self.acc)
                 self.k_eval_save.run(
                     x_ptr=xc, y_ptr=y, res_ptr=res, mean_ptr=running_mean, lo_ptr=None,
-                    scale_ptr=running_var, w_ptr=weight, b_ptr=bias, step=step, used_ptr=None,
-                    save_mean_ptr=mean, save_invstd_ptr=invstd, eps=eps, seed=seed)
+                    scale_ptr=running_var, w_ptr=weight, b_ptr=bias, save_mean_ptr=mean,
+                    save_invstd_ptr=invstd, eps=eps)
             else:
                 mean = invstd = None
                 self.k_eval.run(
                     x_ptr=xc, y_ptr=y, res_ptr=res, mean_ptr=running_mean, lo_ptr=None,
-                    scale_ptr=running_var, w_ptr=weight, b_ptr=bias, step=step, used_ptr=None,
-                    save_mean_ptr=None, save_invstd_ptr=None, eps=eps, seed=seed)
+                    scale_ptr=running_var, w_ptr=weight, b_ptr=bias, save_mean_ptr=None,
+                    save_invstd_ptr=None, eps=eps)
             return (y if not self.copy else self._restore(y, x)), mean, invstd, None
         mean = xc.new_empty(self.C, dtype=self.acc)
         invstd = xc.new_empty(self.C, dtype=self.acc)
         used = xc.new_empty(1, dtype=torch.int64) if self.save_step else None
-        if self.fused:
+        if self.fused and not self.noisy:
             self.k_fwd.run(
                 x_ptr=xc, y_ptr=y, res_ptr=res, mean_ptr=mean, invstd_ptr=invstd,
-                rmean_ptr=running_mean,
-                rvar_ptr=running_var, w_ptr=weight, b_ptr=bias, ws_ptr=None, ticket_ptr=None,
-                step=step, used_ptr=used, nbt_ptr=counter, momentum=momentum, eps=eps,
-                seed=seed)
+                rmean_ptr=running_mean, rvar_ptr=running_var, w_ptr=weight, b_ptr=bias,
+                nbt_ptr=counter, momentum=momentum, eps=eps)
         else:
             ws = self.workspaces.get()
             self.k_stats.run(
-                x_ptr=xc, y_ptr=None, res_ptr=None, mean_ptr=mean, invstd_ptr=invstd,
-                rmean_ptr=running_mean,
-                rvar_ptr=running_var, w_ptr=None, b_ptr=None, ws_ptr=ws.buf,
-                ticket_ptr=ws.ticket, step=None, used_ptr=None, nbt_ptr=counter,
-                momentum=momentum, eps=eps, seed=None)
-            self.k_apply.run(
-                x_ptr=xc, y_ptr=y, res_ptr=res, mean_ptr=mean,
-                lo_ptr=ws.vec if not self.recompute else None,
-                scale_ptr=invstd, w_ptr=weight, b_ptr=bias, step=step, used_ptr=used,
-                save_mean_ptr=None, save_invstd_ptr=None, eps=eps, seed=seed)
+                x_ptr=xc, mean_ptr=mean, invstd_ptr=invstd, rmean_ptr=running_mean,
+                rvar_ptr=running_var, ws_ptr=ws.buf, ticket_ptr=ws.ticket, nbt_ptr=counter,
+                momentum=momentum, eps=eps)
+            lo = ws.vec if not self.recompute else None
+            if self.noisy:
+                self.k_apply.run(
+                    x_ptr=xc, y_ptr=y, res_ptr=res, mean_ptr=mean, lo_ptr=lo, invstd_ptr=invstd,
+                    w_ptr=weight, b_ptr=bias, step=step, used_ptr=used, seed=seed)
+            else:
+                self.k_apply.run(
+                    x_ptr=xc, y_ptr=y, res_ptr=res, mean_ptr=mean, lo_ptr=lo, scale_ptr=invstd,
+                    w_ptr=weight, b_ptr=bias, save_mean_ptr=None, save_invstd_ptr=None,
+                    eps=eps)
         return (y if not self.copy else self._restore(y, x)), mean, invstd, used
 
     def _restore(self, out, x):
@@ -280,30 +286,34 @@ class BatchNormPlan(BasePlan):
             x = x.contiguous()
         dyc = dy if dy.stride() == x.stride() else self.lay.like(dy, x)
         out, dres = (None, None) if res is None else res
-        seed, step = (None, None) if noise is None else (noise[1], noise[2])
         dx = torch.empty_like(x) if need_dx else None
         if not (need_dw or need_db or (need_dx and self.training)):
             if need_dx:  # eval, dx alone: one elementwise pass
                 self.k_dx.run(dy_ptr=dyc, x_ptr=x, dx_ptr=dx, out_ptr=out, dres_ptr=dres,
-                              mean_ptr=mean, scale_ptr=invstd,
-                              w_ptr=weight, b_ptr=bias, coef_ptr=None, step=step, seed=seed)
+                              mean_ptr=mean, scale_ptr=invstd, w_ptr=weight, b_ptr=bias,
+                              coef_ptr=None)
             return dx, None, None
+        if self.noisy:  # dL/da (d(residual) written beside it): the dy of the plain kernels
+            dyc = self._noise_grad(dyc, x, mean, invstd, weight, bias, noise, out, dres)
+            out = dres = None
         dw = torch.empty_like(weight) if need_dw else None
         db = torch.empty_like(bias) if need_db else None
         split_dx = need_dx and self.training and not self.fused
-        ws = None if self.fused else self.workspaces.get()
+        if self.fused:
+            self._bwd_launch(need_dx, need_dw, need_db).run(
+                dy_ptr=dyc, x_ptr=x, dx_ptr=dx, out_ptr=out, dres_ptr=dres, mean_ptr=mean,
+                scale_ptr=invstd, w_ptr=weight, b_ptr=bias, dw_ptr=dw, db_ptr=db)
+            return dx, dw, db
+        ws = self.workspaces.get()
         self._bwd_launch(need_dx, need_dw, need_db).run(
-            dy_ptr=dyc, x_ptr=x, dx_ptr=None if split_dx else dx, out_ptr=out,
-            dres_ptr=dres, mean_ptr=mean,
-            scale_ptr=invstd, w_ptr=weight, b_ptr=bias, dw_ptr=dw, db_ptr=db,
-            ws_ptr=ws.buf if ws is not None else None,
-            ticket_ptr=ws.ticket if ws is not None else None, step=step, seed=seed)
+            dy_ptr=dyc, x_ptr=x, dx_ptr=None if split_dx else dx, out_ptr=out, dres_ptr=dres,
+            mean_ptr=mean, scale_ptr=invstd, w_ptr=weight, b_ptr=bias, dw_ptr=dw, db_ptr=db,
+            ws_ptr=ws.buf, ticket_ptr=ws.ticket)
         if split_dx:  # with a residual and a ReLU, dy is the masked dy the reduction wrote
             self.k_dx.run(
                 dy_ptr=dyc if dres is None else dres, x_ptr=x, dx_ptr=dx, out_ptr=None,
-                dres_ptr=None, mean_ptr=mean,
-                scale_ptr=invstd, w_ptr=weight,
-                b_ptr=bias, coef_ptr=ws.vec, step=step, seed=seed)
+                dres_ptr=None, mean_ptr=mean, scale_ptr=invstd, w_ptr=weight, b_ptr=bias,
+                coef_ptr=ws.vec)
         return dx, dw, db
 
     # -- SyncBatchNorm's stages (training plans)
@@ -315,55 +325,57 @@ class BatchNormPlan(BasePlan):
         var = xc.new_empty(self.C, dtype=self.acc)
         ws = self.workspaces.get()
         self.k_sync_stats.run(
-            x_ptr=xc, y_ptr=None, res_ptr=None, mean_ptr=mean, invstd_ptr=var, rmean_ptr=None,
-            rvar_ptr=None,
-            w_ptr=None, b_ptr=None, ws_ptr=ws.buf, ticket_ptr=ws.ticket, step=None,
-            used_ptr=None, nbt_ptr=None, momentum=0.0, eps=0.0, seed=None)
+            x_ptr=xc, mean_ptr=mean, invstd_ptr=var, rmean_ptr=None, rvar_ptr=None,
+            ws_ptr=ws.buf, ticket_ptr=ws.ticket, nbt_ptr=None, momentum=0.0, eps=0.0)
         return mean, var
 
     def apply(self, x, mean, invstd, weight, bias, noise):
         """y = act(w * (x - mean) * invstd + b) with given statistics."""
         xc = x.contiguous() if self.copy else x
         y = torch.empty_like(xc)
-        seed, step = noise_call(noise)
-        self.k_sync_apply.run(
-            x_ptr=xc, y_ptr=y, res_ptr=None, mean_ptr=mean.to(self.acc).contiguous(),
-            lo_ptr=None,
-            scale_ptr=invstd.to(self.acc).contiguous(), w_ptr=weight, b_ptr=bias, step=step,
-            used_ptr=None, save_mean_ptr=None, save_invstd_ptr=None, eps=0.0, seed=seed)
+        mean, invstd = mean.to(self.acc).contiguous(), invstd.to(self.acc).contiguous()
+        if self.noisy:
+            seed, step = noise_call(noise)
+            self.k_sync_apply.run(x_ptr=xc, y_ptr=y, res_ptr=None, mean_ptr=mean, lo_ptr=None,
+                                  invstd_ptr=invstd, w_ptr=weight, b_ptr=bias, step=step,
+                                  used_ptr=None, seed=seed)
+        else:
+            self.k_sync_apply.run(x_ptr=xc, y_ptr=y, res_ptr=None, mean_ptr=mean, lo_ptr=None,
+                                  scale_ptr=invstd, w_ptr=weight, b_ptr=bias,
+                                  save_mean_ptr=None, save_invstd_ptr=None, eps=0.0)
         return y if not self.copy else self._restore(y, x)
 
-    def bwd_reduce(self, dy, x, mean, invstd, weight, bias, noise):
-        """[sum(g), sum(g * (x - mean))] per channel ([2, C])."""
+    def _sync_grad(self, dy, x, mean, invstd, weight, bias, noise):
+        """(dy in x's layout, or a noisy plan's dL/da; x; mean and invstd in ACC)."""
         if self.copy:
             x = x.contiguous()
         dyc = dy if dy.stride() == x.stride() else self.lay.like(dy, x)
+        mean, invstd = mean.to(self.acc).contiguous(), invstd.to(self.acc).contiguous()
+        if self.noisy:
+            dyc = self._noise_grad(dyc, x, mean, invstd, weight, bias, noise)
+        return dyc, x, mean, invstd
+
+    def bwd_reduce(self, dy, x, mean, invstd, weight, bias, noise):
+        """[sum(g), sum(g * (x - mean))] per channel ([2, C])."""
+        dyc, x, mean, invstd = self._sync_grad(dy, x, mean, invstd, weight, bias, noise)
         sums = x.new_empty((2, self.C), dtype=self.acc)
-        seed, step = noise_call(noise)
-        ws = None if self.fused else self.workspaces.get()
-        self._bwd_launch(False, True, True, raw=True).run(
-            dy_ptr=dyc, x_ptr=x, dx_ptr=None, out_ptr=None, dres_ptr=None,
-            mean_ptr=mean.to(self.acc).contiguous(),
-            scale_ptr=invstd.to(self.acc).contiguous(), w_ptr=weight, b_ptr=bias,
-            dw_ptr=sums[1], db_ptr=sums[0],
-            ws_ptr=ws.buf if ws is not None else None,
-            ticket_ptr=ws.ticket if ws is not None else None, step=step, seed=seed)
+        args = dict(dy_ptr=dyc, x_ptr=x, dx_ptr=None, out_ptr=None, dres_ptr=None,
+                    mean_ptr=mean, scale_ptr=invstd, w_ptr=weight, b_ptr=bias, dw_ptr=sums[1],
+                    db_ptr=sums[0])
+        if not self.fused:
+            ws = self.workspaces.get()
+            args.update(ws_ptr=ws.buf, ticket_ptr=ws.ticket)
+        self._bwd_launch(False, True, True, raw=True).run(**args)
         return sums
 
     def bwd_dx(self, dy, x, mean, invstd, weight, bias, mean_sums, noise):
         """Training dx given [mean(g), mean(g * (x - mean))] over the whole batch."""
+        dyc, x, mean, invstd = self._sync_grad(dy, x, mean, invstd, weight, bias, noise)
         acc = self.acc
-        if self.copy:
-            x = x.contiguous()
-        dyc = dy if dy.stride() == x.stride() else self.lay.like(dy, x)
-        mean, invstd = mean.to(acc).contiguous(), invstd.to(acc).contiguous()
         coef = torch.stack([mean_sums[0].to(acc), mean_sums[1].to(acc) * invstd * invstd])
         dx = torch.empty_like(x)
-        seed, step = noise_call(noise)
         self.k_dx.run(dy_ptr=dyc, x_ptr=x, dx_ptr=dx, out_ptr=None, dres_ptr=None, mean_ptr=mean,
-                      scale_ptr=invstd,
-                      w_ptr=weight, b_ptr=bias, coef_ptr=coef.contiguous(), step=step,
-                      seed=seed)
+                      scale_ptr=invstd, w_ptr=weight, b_ptr=bias, coef_ptr=coef.contiguous())
         return dx
 
 

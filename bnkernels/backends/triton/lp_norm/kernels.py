@@ -16,17 +16,19 @@ layouts through a constexpr CL (channels last).
 
 forward (training)::
 
-    _lp_fwd_kernel              sum(x) and stat(z) (sum|z|, sum z^2 or max|z|) per channel ->
-                                mean, s, 1/(s + eps); running_mean/running_scale updated in
-                                place (no host sync); fused: y written by the same program
-    _bn_apply_kernel            (split; BatchNorm's) y = (x - mean) * (1/(s + eps)) * w + b
+    _lp_fused_fwd_kernel        (fused) sum(x) and stat(z) (sum|z|, sum z^2 or max|z|) per
+                                channel -> mean, s, 1/(s + eps); running_mean/running_scale
+                                updated in place (no host sync); y written by the same program
+    _lp_stats_kernel            (split) the same statistics, each channel over SPLIT programs
+    affine_apply_kernel         (split; shared with BatchNorm, :mod:`..affine`)
+                                y = (x - mean) * (1/(s + eps)) * w + b
 
   Uncentered, one pass gives both sum(x) and stat(x): 2 launches split, 1 fused. Centered, the
   stat needs the mean first (a two-pass, so s_2 is never E[x^2] - E[x]^2): split, pass 1
   reduces sum(x) to the mean and pass 2 stat(x - mean), 3 launches; fused, one program makes
   both passes and the output, 1 launch.
 
-forward (eval): ``_bn_apply_kernel`` alone, with 1/(running_scale + eps) computed in it.
+forward (eval): ``affine_apply_kernel`` alone, with 1/(running_scale + eps) computed in it.
 
 backward (training), with a = s + eps, d = x - mean, xhat = d / a, g = dy::
 
@@ -48,7 +50,8 @@ backward (training), with a = s + eps, d = x - mean, xhat = d / a, g = dy::
   on the split into programs.
 
 backward (eval): running_mean and running_scale are constants, so l_p normalization is BatchNorm
-with invstd = 1/(running_scale + eps): BatchNorm's eval backward runs as it is (one launch).
+with invstd = 1/(running_scale + eps): the shared ``affine_dx_kernel`` (dx alone) or
+BatchNorm's eval reduction runs as it is (one launch).
 
 Reductions are split over many programs per channel and merged in a fixed order, so one input
 always gives bit-identical results. Statistics accumulate in fp32 (fp64 for fp64 input).
@@ -61,24 +64,11 @@ import math
 import triton
 import triton.language as tl
 
-from ..batch_norm.kernels import _count_batch
-from ..common import (
-    aligned,
-    chan_bcast,
-    chan_get,
-    chan_load,
-    chan_put,
-    chan_sum,
-    div_rn,
-    group,
-    last_of_group,
-    program,
-    sqrt_rn,
-    tile,
-    unit,
-    unit_end,
-    unit_ptrs,
-)
+from ..affine import count_batch
+from ..common import chan_bcast, chan_get, chan_put, chan_sum, div_rn, group, last_of_group
+
+# isort: split
+from ..common import chan_load, put_partials, reduce_ids, sqrt_rn, tile, unit, unit_end, unit_loads
 
 # The kernels' constexpr P: 1, 2, or 0 for inf.
 _P_CODES = {1: 1, 2: 2, math.inf: 0}
@@ -140,12 +130,11 @@ def _lp_combine(a, b, P: tl.constexpr):
 
 
 @triton.jit
-def _lp_finalize_mean(ch, cm, sum_x, M, mean_ptr, rmean_ptr, momentum, ACC: tl.constexpr,
-                      UPDATE: tl.constexpr):
-    """mean = sum(x) / M, stored; running_mean updated in place if UPDATE."""
+def _lp_finalize_mean(ch, cm, sum_x, M, mean_ptr, rmean_ptr, momentum, ACC: tl.constexpr):
+    """mean = sum(x) / M, stored; running_mean updated in place (unless None)."""
     mean = div_rn(sum_x, M, ACC)
     tl.store(mean_ptr + ch, mean, mask=cm)
-    if UPDATE:
+    if rmean_ptr is not None:
         rm = tl.load(rmean_ptr + ch, mask=cm, other=0.0).to(ACC)
         rm = momentum * mean + (1.0 - momentum) * rm
         tl.store(rmean_ptr + ch, rm.to(rmean_ptr.dtype.element_ty), mask=cm)
@@ -154,9 +143,9 @@ def _lp_finalize_mean(ch, cm, sum_x, M, mean_ptr, rmean_ptr, momentum, ACC: tl.c
 
 @triton.jit
 def _lp_finalize_scale(ch, cm, stat, M, scale_ptr, rscale_ptr, momentum, eps,
-                       P: tl.constexpr, ACC: tl.constexpr, UPDATE: tl.constexpr):
+                       P: tl.constexpr, ACC: tl.constexpr):
     """s = stat / M (p=1), sqrt(stat / M) (p=2) or stat (p=inf), stored; running_scale updated
-    if UPDATE; returns (s, 1 / (s + eps))."""
+    (unless None); returns (s, 1 / (s + eps))."""
     if P == 1:
         s = div_rn(stat, M, ACC)
     elif P == 2:
@@ -164,7 +153,7 @@ def _lp_finalize_scale(ch, cm, stat, M, scale_ptr, rscale_ptr, momentum, eps,
     else:
         s = stat
     tl.store(scale_ptr + ch, s, mask=cm)
-    if UPDATE:
+    if rscale_ptr is not None:
         rs = tl.load(rscale_ptr + ch, mask=cm, other=0.0).to(ACC)
         rs = momentum * s + (1.0 - momentum) * rs
         tl.store(rscale_ptr + ch, rs.to(rscale_ptr.dtype.element_ty), mask=cm)
@@ -182,16 +171,8 @@ def _lp_pass(x_ptr, ch, cm, u_start, u_end, mu, C, S, N, S_BLOCKS, BLOCK_A: tl.c
     stat = tl.zeros([BLOCK_A, BLOCK_B], ACC)
     # PAIR: two units an iteration, both loads first (see _bn_fwd_kernel): the same sums.
     for u in range(u_start, u_end, (2 if PAIR else 1) * (BLOCK_A if CL else 1)):
-        ptrs, mask = unit_ptrs(x_ptr, u, ch, cm, N, C, S, S_BLOCKS, u_end, BLOCK_A, BLOCK_B, CL,
-                               INT64)
-        x = tl.load(ptrs, mask=mask, other=0.0)
-        if PAIR:
-            u2 = u + (BLOCK_A if CL else 1)
-            ptrs2, mask2 = unit_ptrs(x_ptr, u2, ch, cm, N, C, S, S_BLOCKS, u_end, BLOCK_A,
-                                     BLOCK_B, CL, INT64)
-            mask2 = mask2 & (u2 < u_end)
-            x2 = tl.load(ptrs2, mask=mask2, other=0.0).to(ACC)
-        x = x.to(ACC)
+        x, mask, x2, mask2 = unit_loads(x_ptr, u, u_end, ch, cm, N, C, S, S_BLOCKS, u_end,
+                                        BLOCK_A, BLOCK_B, CL, ACC, INT64, PAIR)
         sum_x += x
         if STAT:
             stat = _lp_stat_update(stat, x - mu, mask, P)
@@ -211,101 +192,94 @@ def _lp_pass(x_ptr, ch, cm, u_start, u_end, mu, C, S, N, S_BLOCKS, BLOCK_A: tl.c
 
 
 @triton.jit
-def _lp_fwd_kernel(
+def _lp_fused_fwd_kernel(
     x_ptr,  # (N, C, S) contiguous, or (M, C) channels last (CL)
-    y_ptr,  # x's shape, out (FUSED)
-    mean_ptr,  # [C] ACC out: mean (read in PHASE 2)
-    scale_ptr,  # [C] ACC out: s_p
-    rmean_ptr,  # [C] running_mean, updated in place if UPDATE
-    rscale_ptr,  # [C] running_scale, updated in place if UPDATE
-    w_ptr,
-    b_ptr,
-    ws_ptr,  # ACC workspace (split): [2, C, SPLIT] partials at 0, [C] 1/(s+eps) at 4*C*SPLIT
-    ticket_ptr,  # int32 [groups] (split)
-    nbt_ptr,  # int64 [] num_batches_tracked, incremented once per call (COUNT)
-    C,
-    S,
-    UNITS,  # work units of a channel group: [BLOCK_A, BLOCK_B] tiles ("ncs") or rows M (CL)
-    CHUNK,  # units per program (CL: a multiple of BLOCK_A)
-    SPLIT,  # programs per channel group
-    N,
-    S_BLOCKS,  # position blocks per batch-row block ("ncs"; 1 channels last)
+    y_ptr,  # x's shape, out
+    mean_ptr, scale_ptr,  # [C] ACC out: mean, s_p
+    rmean_ptr, rscale_ptr,  # [C] running statistics, updated in place (None: not tracked)
+    w_ptr, b_ptr,  # [C] weight and bias (None: absent)
+    nbt_ptr,  # int64 [] num_batches_tracked, incremented once per call (None: no count)
+    C, S, UNITS, N, S_BLOCKS,
     M_F,  # values per channel, as a float
-    momentum,
-    eps,
+    momentum, eps,
     BLOCK_A: tl.constexpr,  # tile rows: BLOCK_N ("ncs") or BLOCK_M (CL)
     BLOCK_B: tl.constexpr,  # tile columns: BLOCK_S ("ncs") or BLOCK_C, channels a program (CL)
     CL: tl.constexpr,  # channels last: x is (M, C); else (N, C, S), one channel a program
     P: tl.constexpr,  # 1, 2, or 0 for inf
-    PHASE: tl.constexpr,  # split: 0 sum and stat of x; 1 sum (centered); 2 stat of x - mean
-    FUSED: tl.constexpr,
-    CENTERED: tl.constexpr,
-    UPDATE: tl.constexpr,
-    HAS_W: tl.constexpr,
-    HAS_B: tl.constexpr,
-    ACC: tl.constexpr,
-    COUNT: tl.constexpr,
-    INT64: tl.constexpr,
+    CENTERED: tl.constexpr, ACC: tl.constexpr, INT64: tl.constexpr,
     ALIGN: tl.constexpr = 1,  # a power of two dividing the rows (S or C)
     PAIR: tl.constexpr = False,  # two units a loop iteration (bytes in flight; 4-byte x)
 ):
-    if CL:
-        C = aligned(C, ALIGN)
-    else:
-        S = aligned(S, ALIGN)
-    pid = program(0, INT64)
-    p = program(1, INT64)
-    _count_batch(nbt_ptr, (pid == 0) & (p == 0) & (PHASE != 2), COUNT)
+    """One program per channel group: the statistics (centered: two passes) and y."""
+    C, S, pid, _ = reduce_ids(C, S, ALIGN, CL, INT64)
+    count_batch(nbt_ptr, pid == 0)
     ch, cm = group(pid, C, BLOCK_B, CL)
-    if FUSED:
-        if CENTERED:
-            sum_x, _ = _lp_pass(x_ptr, ch, cm, 0, UNITS, 0.0, C, S, N, S_BLOCKS, BLOCK_A,
-                                BLOCK_B, P, False, CL, ACC, INT64, PAIR)
-            mean = _lp_finalize_mean(ch, cm, sum_x, M_F, mean_ptr, rmean_ptr, momentum, ACC,
-                                     UPDATE)
-            _, stat = _lp_pass(x_ptr, ch, cm, 0, UNITS, chan_bcast(mean, CL), C, S, N, S_BLOCKS,
-                               BLOCK_A, BLOCK_B, P, True, CL, ACC, INT64, PAIR)
-        else:
-            sum_x, stat = _lp_pass(x_ptr, ch, cm, 0, UNITS, 0.0, C, S, N, S_BLOCKS, BLOCK_A,
-                                   BLOCK_B, P, True, CL, ACC, INT64, PAIR)
-            mean = _lp_finalize_mean(ch, cm, sum_x, M_F, mean_ptr, rmean_ptr, momentum, ACC,
-                                     UPDATE)
-        _, inv = _lp_finalize_scale(ch, cm, stat, M_F, scale_ptr, rscale_ptr, momentum, eps, P,
-                                    ACC, UPDATE)
-        w = chan_bcast(chan_get(w_ptr, ch, cm, 1.0, CL, ACC, HAS_W), CL)
-        b = chan_bcast(chan_get(b_ptr, ch, cm, 0.0, CL, ACC, HAS_B), CL)
-        mean, inv = chan_bcast(mean, CL), chan_bcast(inv, CL)
-        for u in range(0, UNITS, BLOCK_A if CL else 1):
-            offs, mask = unit(u, ch, cm, N, C, S, S_BLOCKS, UNITS, BLOCK_A, BLOCK_B, CL,
-                              INT64)
-            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
-            y = (x - mean) * inv * w + b
-            tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    if CENTERED:
+        sum_x, _ = _lp_pass(x_ptr, ch, cm, 0, UNITS, 0.0, C, S, N, S_BLOCKS, BLOCK_A, BLOCK_B, P,
+                            False, CL, ACC, INT64, PAIR)
+        mean = _lp_finalize_mean(ch, cm, sum_x, M_F, mean_ptr, rmean_ptr, momentum, ACC)
+        _, stat = _lp_pass(x_ptr, ch, cm, 0, UNITS, chan_bcast(mean, CL), C, S, N, S_BLOCKS,
+                           BLOCK_A, BLOCK_B, P, True, CL, ACC, INT64, PAIR)
     else:
-        mu = 0.0
-        if PHASE == 2:
-            mu = chan_bcast(chan_get(mean_ptr, ch, cm, 0.0, CL, ACC), CL)
-        sum_x, stat = _lp_pass(x_ptr, ch, cm, p * CHUNK, tl.minimum(p * CHUNK + CHUNK, UNITS),
-                               mu, C, S, N, S_BLOCKS, BLOCK_A, BLOCK_B, P, PHASE != 1, CL, ACC,
-                               INT64, PAIR)
-        part = ws_ptr + ch * SPLIT + p
-        chan_put(part, 0, cm, sum_x, CL)
-        chan_put(part, C * SPLIT, cm, stat, CL)
-        if last_of_group(ticket_ptr, pid, SPLIT):
-            base = ws_ptr + ch * SPLIT
-            sum_x = chan_get(base, 0, cm, 0.0, CL, ACC, CG=True)
-            stat = chan_get(base, C * SPLIT, cm, 0.0, CL, ACC, CG=True)
-            for q in range(1, SPLIT):  # fixed order: deterministic
-                sum_x += chan_get(base, q, cm, 0.0, CL, ACC, CG=True)
-                stat = _lp_combine(stat, chan_get(base + C * SPLIT, q, cm, 0.0, CL, ACC,
-                                                  CG=True), P)
-            if PHASE != 2:
-                _lp_finalize_mean(ch, cm, sum_x, M_F, mean_ptr, rmean_ptr, momentum, ACC, UPDATE)
-            if PHASE != 1:
-                _, inv = _lp_finalize_scale(ch, cm, stat, M_F, scale_ptr, rscale_ptr, momentum,
-                                            eps, P, ACC, UPDATE)
-                chan_put(ws_ptr + 4 * C * SPLIT, ch, cm, inv, CL)
-            tl.store(ticket_ptr + pid, 0)
+        sum_x, stat = _lp_pass(x_ptr, ch, cm, 0, UNITS, 0.0, C, S, N, S_BLOCKS, BLOCK_A, BLOCK_B,
+                               P, True, CL, ACC, INT64, PAIR)
+        mean = _lp_finalize_mean(ch, cm, sum_x, M_F, mean_ptr, rmean_ptr, momentum, ACC)
+    _, inv = _lp_finalize_scale(ch, cm, stat, M_F, scale_ptr, rscale_ptr, momentum, eps, P, ACC)
+    w = chan_bcast(chan_get(w_ptr, ch, cm, 1.0, CL, ACC, w_ptr is not None), CL)
+    b = chan_bcast(chan_get(b_ptr, ch, cm, 0.0, CL, ACC, b_ptr is not None), CL)
+    mean, inv = chan_bcast(mean, CL), chan_bcast(inv, CL)
+    for u in range(0, UNITS, BLOCK_A if CL else 1):
+        offs, mask = unit(u, ch, cm, N, C, S, S_BLOCKS, UNITS, BLOCK_A, BLOCK_B, CL, INT64)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+        y = (x - mean) * inv * w + b
+        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _lp_stats_kernel(
+    x_ptr,  # (N, C, S) contiguous, or (M, C) channels last (CL)
+    mean_ptr,  # [C] ACC out: mean (read in PHASE 2)
+    scale_ptr,  # [C] ACC out: s_p
+    rmean_ptr, rscale_ptr,  # [C] running statistics, updated in place (None: not tracked)
+    ws_ptr,  # ACC workspace: [2, C, SPLIT] partials at 0, [C] 1/(s+eps) at 4*C*SPLIT
+    ticket_ptr,  # int32 [groups]
+    nbt_ptr,  # int64 [] num_batches_tracked, incremented once per call (None: no count)
+    C, S, UNITS, CHUNK, SPLIT, N, S_BLOCKS,
+    M_F,  # values per channel, as a float
+    momentum, eps,
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+    CL: tl.constexpr, P: tl.constexpr,
+    PHASE: tl.constexpr,  # 0 sum and stat of x; 1 sum (centered); 2 stat of x - mean
+    ACC: tl.constexpr, INT64: tl.constexpr,
+    ALIGN: tl.constexpr = 1,  # a power of two dividing the rows (S or C)
+    PAIR: tl.constexpr = False,  # two units a loop iteration (bytes in flight; 4-byte x)
+):
+    """The split reduction: SPLIT programs per channel group write partials; the last to
+    finish (an atomic ticket) merges them in a fixed order and finalizes its phase."""
+    C, S, pid, p = reduce_ids(C, S, ALIGN, CL, INT64)
+    if PHASE != 2:
+        count_batch(nbt_ptr, (pid == 0) & (p == 0))
+    ch, cm = group(pid, C, BLOCK_B, CL)
+    mu = 0.0
+    if PHASE == 2:
+        mu = chan_bcast(chan_get(mean_ptr, ch, cm, 0.0, CL, ACC), CL)
+    sum_x, stat = _lp_pass(x_ptr, ch, cm, p * CHUNK, tl.minimum(p * CHUNK + CHUNK, UNITS), mu, C,
+                           S, N, S_BLOCKS, BLOCK_A, BLOCK_B, P, PHASE != 1, CL, ACC, INT64, PAIR)
+    put_partials(ws_ptr, ch, cm, p, C, SPLIT, CL, sum_x, stat)
+    if last_of_group(ticket_ptr, pid, SPLIT):
+        base = ws_ptr + ch * SPLIT
+        sum_x = chan_get(base, 0, cm, 0.0, CL, ACC, CG=True)
+        stat = chan_get(base, C * SPLIT, cm, 0.0, CL, ACC, CG=True)
+        for q in range(1, SPLIT):  # fixed order: deterministic
+            sum_x += chan_get(base, q, cm, 0.0, CL, ACC, CG=True)
+            stat = _lp_combine(stat, chan_get(base + C * SPLIT, q, cm, 0.0, CL, ACC, CG=True), P)
+        if PHASE != 2:
+            _lp_finalize_mean(ch, cm, sum_x, M_F, mean_ptr, rmean_ptr, momentum, ACC)
+        if PHASE != 1:
+            _, inv = _lp_finalize_scale(ch, cm, stat, M_F, scale_ptr, rscale_ptr, momentum, eps,
+                                        P, ACC)
+            chan_put(ws_ptr + 4 * C * SPLIT, ch, cm, inv, CL)
+        tl.store(ticket_ptr + pid, 0)
 
 
 # ----------------------------------------------------------------------------- backward kernels
@@ -328,8 +302,7 @@ def _lp_bwd_terms(g, x, mean, s, mask, P: tl.constexpr, CENTERED: tl.constexpr):
 @triton.jit
 def _lp_bwd_finalize(ch, cm, sum_g, sum_gd, sum_f, cnt, s, w, M, eps, coef_ptr, dw_ptr,
                      db_ptr, C, P: tl.constexpr, CENTERED: tl.constexpr, ACC: tl.constexpr,
-                     WRITE_COEF: tl.constexpr, WRITE_DW: tl.constexpr,
-                     WRITE_DB: tl.constexpr):
+                     WRITE_COEF: tl.constexpr):
     """dweight = sum(g d) / a, dbias = sum(g) and the coefficients of dx (module docstring):
     k1 = sum(g) / M, k2 = w / a, k3 = w sum(g xhat) / (a D), k4 = sum(f) / M or 0."""
     a = s + eps
@@ -352,9 +325,9 @@ def _lp_bwd_finalize(ch, cm, sum_g, sum_gd, sum_f, cnt, s, w, M, eps, coef_ptr, 
         tl.store(coef_ptr + C + ch, k2, mask=cm)
         tl.store(coef_ptr + 2 * C + ch, k3, mask=cm)
         tl.store(coef_ptr + 3 * C + ch, k4, mask=cm)
-    if WRITE_DW:
+    if dw_ptr is not None:
         tl.store(dw_ptr + ch, sum_gxhat.to(dw_ptr.dtype.element_ty), mask=cm)
-    if WRITE_DB:
+    if db_ptr is not None:
         tl.store(db_ptr + ch, sum_g.to(db_ptr.dtype.element_ty), mask=cm)
     return k1, k2, k3, k4
 
@@ -377,44 +350,24 @@ def _lp_bwd_kernel(
     dx_ptr,  # out (FUSED)
     mean_ptr,  # [C] ACC
     scale_ptr,  # [C] ACC: s_p
-    w_ptr,
-    dw_ptr,
-    db_ptr,
+    w_ptr,  # [C] (None: absent)
+    dw_ptr, db_ptr,  # [C] out (None: not wanted)
     ws_ptr,  # ACC workspace (split): [4, C, SPLIT] partials at 0, [4, C] coefficients at 4*C*SPLIT
     ticket_ptr,  # int32 [groups] (split)
-    C,
-    S,
-    UNITS,
-    CHUNK,
-    SPLIT,
-    N,
-    S_BLOCKS,
+    C, S, UNITS, CHUNK, SPLIT, N, S_BLOCKS,
     M_F,  # values per channel, as a float
     eps,
-    BLOCK_A: tl.constexpr,
-    BLOCK_B: tl.constexpr,
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
     CL: tl.constexpr,  # channels last: x is (M, C); else (N, C, S), one channel a program
-    P: tl.constexpr,
-    FUSED: tl.constexpr,
-    CENTERED: tl.constexpr,
-    HAS_W: tl.constexpr,
-    WRITE_DX: tl.constexpr,
-    WRITE_DW: tl.constexpr,
-    WRITE_DB: tl.constexpr,
-    ACC: tl.constexpr,
-    INT64: tl.constexpr,
+    P: tl.constexpr, FUSED: tl.constexpr, CENTERED: tl.constexpr, WRITE_DX: tl.constexpr,
+    ACC: tl.constexpr, INT64: tl.constexpr,
     ALIGN: tl.constexpr = 1,  # a power of two dividing the rows (S or C)
 ):
-    if CL:
-        C = aligned(C, ALIGN)
-    else:
-        S = aligned(S, ALIGN)
-    pid = program(0, INT64)
-    p = program(1, INT64)
+    C, S, pid, p = reduce_ids(C, S, ALIGN, CL, INT64)
     ch, cm = group(pid, C, BLOCK_B, CL)
     mean_c = chan_get(mean_ptr, ch, cm, 0.0, CL, ACC)
     s_c = chan_get(scale_ptr, ch, cm, 0.0, CL, ACC)
-    w_c = chan_get(w_ptr, ch, cm, 1.0, CL, ACC, HAS_W)
+    w_c = chan_get(w_ptr, ch, cm, 1.0, CL, ACC, w_ptr is not None)
     mean = chan_bcast(mean_c, CL)
     s = chan_bcast(s_c, CL)
     sum_g = tl.zeros([BLOCK_A, BLOCK_B], ACC)
@@ -437,8 +390,7 @@ def _lp_bwd_kernel(
     cnt = chan_sum(cnt, CL)
     if FUSED:
         k1, k2, k3, k4 = _lp_bwd_finalize(ch, cm, sum_g, sum_gd, sum_f, cnt, s_c, w_c, M_F, eps,
-                                          ws_ptr, dw_ptr, db_ptr, C, P, CENTERED, ACC, False,
-                                          WRITE_DW, WRITE_DB)
+                                          None, dw_ptr, db_ptr, C, P, CENTERED, ACC, False)
         if WRITE_DX:
             k1, k2 = chan_bcast(k1, CL), chan_bcast(k2, CL)
             k3, k4 = chan_bcast(k3, CL), chan_bcast(k4, CL)
@@ -450,11 +402,7 @@ def _lp_bwd_kernel(
                 dx = _lp_dx(g, x, mean, s, k1, k2, k3, k4, P, CENTERED)
                 tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
     else:
-        part = ws_ptr + ch * SPLIT + p
-        chan_put(part, 0, cm, sum_g, CL)
-        chan_put(part, C * SPLIT, cm, sum_gd, CL)
-        chan_put(part, 2 * C * SPLIT, cm, sum_f, CL)
-        chan_put(part, 3 * C * SPLIT, cm, cnt, CL)
+        put_partials(ws_ptr, ch, cm, p, C, SPLIT, CL, sum_g, sum_gd, sum_f, cnt)
         if last_of_group(ticket_ptr, pid, SPLIT):
             base = ws_ptr + ch * SPLIT
             sum_g = chan_get(base, 0, cm, 0.0, CL, ACC, CG=True)
@@ -468,7 +416,7 @@ def _lp_bwd_kernel(
                 cnt += chan_get(base + 3 * C * SPLIT, q, cm, 0.0, CL, ACC, CG=True)
             _lp_bwd_finalize(ch, cm, sum_g, sum_gd, sum_f, cnt, s_c, w_c, M_F, eps,
                              ws_ptr + 4 * C * SPLIT, dw_ptr, db_ptr, C, P, CENTERED, ACC,
-                             WRITE_DX, WRITE_DW, WRITE_DB)
+                             WRITE_DX)
             tl.store(ticket_ptr + pid, 0)
 
 
@@ -483,13 +431,8 @@ def _lp_bwd_dx_kernel(
     ROWS,
     COLS,
     C,
-    BLOCK_R: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    CHAN_ON_ROWS: tl.constexpr,
-    P: tl.constexpr,
-    CENTERED: tl.constexpr,
-    ACC: tl.constexpr,
-    INT64: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, CHAN_ON_ROWS: tl.constexpr, P: tl.constexpr,
+    CENTERED: tl.constexpr, ACC: tl.constexpr, INT64: tl.constexpr,
     ALIGN: tl.constexpr = 1,  # a power of two dividing the rows (S or C)
     COLS_ON_X: tl.constexpr = False,  # grid (column blocks, row blocks): see common.ew_grid
 ):

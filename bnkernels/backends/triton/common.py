@@ -544,7 +544,7 @@ def unit_loads(x_ptr, u, end, ch, cm, N, C, S, S_BLOCKS, UNITS, BLOCK_A: tl.cons
                PAIR: tl.constexpr):
     """(x, mask, x2, mask2): x at unit ``u`` (:func:`unit_ptrs`) in ACC and, with PAIR, the
     next unit's (masked from ``end`` on), both loads issued before either value is used: twice
-    the bytes in flight for no more accumulators (x2 is x without PAIR)."""
+    the bytes in flight for no more accumulators (x2: unused without PAIR)."""
     ptrs, mask = unit_ptrs(x_ptr, u, ch, cm, N, C, S, S_BLOCKS, UNITS, BLOCK_A, BLOCK_B, CL, INT64)
     x = tl.load(ptrs, mask=mask, other=0.0)
     x2 = x
@@ -554,8 +554,8 @@ def unit_loads(x_ptr, u, end, ch, cm, N, C, S, S_BLOCKS, UNITS, BLOCK_A: tl.cons
         ptrs2, mask2 = unit_ptrs(x_ptr, u2, ch, cm, N, C, S, S_BLOCKS, UNITS, BLOCK_A, BLOCK_B,
                                  CL, INT64)
         mask2 = mask2 & (u2 < end)
-        x2 = tl.load(ptrs2, mask=mask2, other=0.0)
-    return x.to(ACC), mask, x2.to(ACC), mask2
+        x2 = tl.load(ptrs2, mask=mask2, other=0.0).to(ACC)
+    return x.to(ACC), mask, x2, mask2
 
 
 @triton.jit

@@ -105,9 +105,10 @@ class BatchNormPlan(BasePlan):
         self.workspaces = Workspaces(lay.device, lambda: _Workspace(lay, cfg, acc))
         self._bwd_launches: dict = {}
         self.pair = sig.dtype.itemsize >= 4
+        self.one_pass = self.fused and not self.noisy  # the training forward's one launch
         # The launches every call of this signature makes (the others are made on first use).
         if sig.training:
-            if self.fused and not self.noisy:
+            if self.one_pass:
                 self.k_fwd = self._launch(
                     _bn_fused_fwd_kernel, self.reduce_grid, cfg.num_warps, _FUSED_FWD_CALL,
                     dict(self.flags, **self.fused_shape, HAS_LO=not self.recompute,
@@ -222,7 +223,7 @@ class BatchNormPlan(BasePlan):
         mean = xc.new_empty(self.C, dtype=self.acc)
         invstd = xc.new_empty(self.C, dtype=self.acc)
         used = xc.new_empty(1, dtype=torch.int64) if self.save_step else None
-        if self.fused and not self.noisy:
+        if self.one_pass:
             self.k_fwd.run(
                 x_ptr=xc, y_ptr=y, res_ptr=res, mean_ptr=mean, invstd_ptr=invstd,
                 rmean_ptr=running_mean, rvar_ptr=running_var, w_ptr=weight, b_ptr=bias,

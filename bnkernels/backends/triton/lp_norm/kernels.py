@@ -211,8 +211,8 @@ def _lp_fused_fwd_kernel(
     PAIR: tl.constexpr = False,  # two units a loop iteration (bytes in flight; 4-byte x)
 ):
     """One program per channel group: the statistics (centered: two passes) and y."""
-    C, S, pid, _ = reduce_ids(C, S, ALIGN, CL, INT64)
-    count_batch(nbt_ptr, pid == 0)
+    C, S, pid, p = reduce_ids(C, S, ALIGN, CL, INT64)  # (p = 0: a grid of one split)
+    count_batch(nbt_ptr, (pid == 0) & (p == 0))
     ch, cm = group(pid, C, BLOCK_B, CL)
     if CENTERED:
         sum_x, _ = _lp_pass(x_ptr, ch, cm, 0, UNITS, 0.0, C, S, N, S_BLOCKS, BLOCK_A, BLOCK_B, P,

@@ -22,8 +22,8 @@ import torch
 from torch import Tensor
 
 from . import backends
-from .autograd import Call, NormFunction, ResidualNormFunction
-from .backends.plan import FLOAT_DTYPES, PLANS, Signature, signature, step_entry
+from .autograd import NormFunction
+from .backends.plan import FLOAT_DTYPES, PLANS, Call, Signature, signature, step_entry
 from .errors import ValidationError, ValidationTypeError
 from .families import BATCH_NORM, LP_NORM, family_of
 from .noise import NoiseConfig
@@ -227,22 +227,22 @@ def _run(plan, x, running_mean, running_var, weight, bias, momentum, eps, noise,
         # a Call's fields, in order, as a plain tuple: nothing is built for the structure
         return NormFunction.apply(x, weight, bias, (running_mean, running_var, plan, momentum,
                                                     eps, noise, counter))
-    return plan.forward(x, running_mean, running_var, weight, bias, momentum, eps, noise, False,
-                        counter)[0]
+    return plan.forward(x, weight, bias, (running_mean, running_var, plan, momentum, eps, noise,
+                                          counter), False)[0]
 
 
 def _run_residual(plan, x, running_mean, running_var, weight, bias, momentum, eps, noise,
                   counter, residual, activation):
-    """:func:`_run` with a residual (its own autograd Function: four differentiable inputs)."""
+    """:func:`_run` with a residual (a fourth differentiable input of the autograd Function)."""
     if plan is _EMPTY:
         return _empty_batch(x, weight, bias, activation, counter, residual)
     if _grad_enabled() and (x.requires_grad or residual.requires_grad
                             or (weight is not None and weight.requires_grad)
                             or (bias is not None and bias.requires_grad)):
-        return ResidualNormFunction.apply(x, weight, bias, residual, (
-            running_mean, running_var, plan, momentum, eps, noise, counter))
-    return plan.forward(x, running_mean, running_var, weight, bias, momentum, eps, noise, False,
-                        counter, residual)[0]
+        return NormFunction.apply(x, weight, bias, (
+            running_mean, running_var, plan, momentum, eps, noise, counter), residual)
+    return plan.forward(x, weight, bias, (running_mean, running_var, plan, momentum, eps, noise,
+                                          counter), False, residual)[0]
 
 
 def _bn_name(noise):
@@ -299,7 +299,7 @@ def _batch_norm_traced(x, running_mean, running_var, weight, bias, training, mom
                               residual=residual is not None)
     call = Call(running_mean, running_var, plan, float(momentum), float(eps), noise, counter)
     if residual is not None:
-        return ResidualNormFunction.apply(x, weight, bias, residual, call)
+        return NormFunction.apply(x, weight, bias, call, residual)
     return NormFunction.apply(x, weight, bias, call)
 
 

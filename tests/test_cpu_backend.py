@@ -61,10 +61,10 @@ def test_kept_noise_backward_equals_the_regenerated_one(channels_last, activatio
     bnk.noisy_batch_norm(x, None, None, w, b, training=True, activation=activation, seed=5,
                          step=8)
     plan = next(p for s, p in P.PLANS.items() if s.noisy is not None)
-    y, a, inv, _ = plan.forward(x, None, None, w, b, 0.1, 1e-5, noise)
+    y, a, inv, _ = plan.forward(x, w, b, P.Call(None, None, plan, 0.1, 1e-5, noise, None))
     assert isinstance(a, tuple)  # (mean, s, m)
-    kept = plan.backward(dy, x, a, inv, w, b, 1e-5, (True, True, True), noise)
-    regen = plan.backward(dy, x, a[0], inv, w, b, 1e-5, (True, True, True), noise)
+    kept = plan.backward(dy, x, w, b, P.Saved(a, inv, 1e-5, noise), (True, True, True))
+    regen = plan.backward(dy, x, w, b, P.Saved(a[0], inv, 1e-5, noise), (True, True, True))
     for k, r in zip(kept, regen):
         assert torch.equal(k, r)
     from bnkernels.library import _saved_or_empty  # what the registered op returns

@@ -9,7 +9,7 @@ import torch
 
 import bnkernels as bnk
 from bnkernels import backends, families
-from bnkernels.backends.plan import Signature
+from bnkernels.backends.plan import Saved, Signature
 from bnkernels.functional import norm
 
 OP = "test_mean_center"
@@ -30,8 +30,8 @@ class MeanCenterPlan:
         self.sig = sig
         self.training = sig.training
 
-    def forward(self, x, running_mean, running_var, weight, bias, momentum, eps, noise=None,
-                need_saved=True, counter=None):
+    def forward(self, x, weight, bias, call, need_saved=True, residual=None):
+        running_mean, _, _, momentum, _, _, counter = call
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         if counter is not None:
             counter.add_(1)
@@ -48,7 +48,8 @@ class MeanCenterPlan:
             y = y + _chan(bias.to(acc), x)
         return y.to(x.dtype), mean, torch.ones_like(mean), None
 
-    def backward(self, dy, x, mean, scale, weight, bias, eps, needs, noise=None):
+    def backward(self, dy, x, weight, bias, saved, needs):
+        mean = saved[0]
         acc = mean.dtype
         g = dy.to(acc)
         dims = _dims(x)
@@ -177,8 +178,8 @@ def test_unknown_op_is_an_error_everywhere():
         backends.make_plan(sig, x)
     from bnkernels import double_backward
     with pytest.raises(families.UnknownOpError):
-        double_backward.grads(type("P", (), {"sig": sig})(), x, x, w, b, None, None, 1e-5,
-                              (True, True, True))
+        double_backward.grads(type("P", (), {"sig": sig})(), x, x, w, b,
+                              Saved(None, None, 1e-5, None), (True, True, True))
     from bnkernels.library import OpPlan
     with pytest.raises(families.UnknownOpError):
         OpPlan("nope", True)

@@ -15,6 +15,11 @@ from .providers import BNKERNELS, COMPILE_BASELINE, OPS, PASSES, PROVIDERS
 from .suite import row_key
 
 
+def _ops(rows) -> tuple:
+    """The built-in ops in their order, then any other family's ops the rows have."""
+    return OPS + tuple(sorted({r["op"] for r in rows} - set(OPS)))
+
+
 def device_slug(name: str) -> str:
     """"NVIDIA H100 80GB HBM3" -> "nvidia-h100-80gb-hbm3"; a CPU run -> "cpu"."""
     if name.startswith("cpu"):
@@ -138,7 +143,7 @@ def markdown(result: dict, plots: dict | None = None) -> str:
               "noisy_batch_norm and lp_norm the cudnn, torch-native and torch-compile columns "
               "are plain BatchNorm on the same input.", ""]
     modes = [m for m in ("eager", "graph") if any(r.get("mode", "eager") == m for r in rows)]
-    tables = [(op, p, pass_, mode) for op in OPS
+    tables = [(op, p, pass_, mode) for op in _ops(rows)
               for p in sorted({r["p"] for r in rows if r["op"] == op},
                               key=lambda v: (v is None, v))
               for pass_ in PASSES for mode in modes]
@@ -325,9 +330,9 @@ def plot_speedup(result: dict, path: Path) -> None:
     plt = _pyplot()
     rows, mode = _kernel_rows(result)
     baseline = "cudnn" if any(r["provider"] == "cudnn" for r in rows) else "torch-native"
-    panels = [(op, pass_) for op in OPS for pass_ in PASSES
+    panels = [(op, pass_) for op in _ops(rows) for pass_ in PASSES
               if any(r["op"] == op and r["pass"] == pass_ for r in rows)]
-    ops = [op for op in OPS if any(op == o for o, _ in panels)]
+    ops = [op for op in _ops(rows) if any(op == o for o, _ in panels)]
     passes = [p for p in PASSES if any(p == q for _, q in panels)]
     fig, axes = plt.subplots(max(1, len(ops)), max(1, len(passes)), squeeze=False,
                              figsize=(4.2 * max(1, len(passes)), 3.6 * max(1, len(ops))))

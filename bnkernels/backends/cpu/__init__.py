@@ -155,8 +155,8 @@ class BatchNormPlan(_Common, _ReferenceBatchNormPlan):
             nm = nm.contiguous(memory_format=self.noise_format)
         return ns, nm
 
-    def forward(self, x, running_mean, running_var, weight, bias, momentum, eps, noise,
-                need_saved=True, counter=None):
+    def forward(self, x, weight, bias, call, need_saved=True, residual=None):  # no residual
+        running_mean, running_var, _, momentum, eps, noise, counter = call
         if counter is not None:
             counter.add_(1)
         xk = self._input(x)
@@ -183,7 +183,8 @@ class BatchNormPlan(_Common, _ReferenceBatchNormPlan):
             sa = _Kept((sa, ns, nm))
         return y, sa, sb, _step_snapshot(noise)
 
-    def backward(self, dy, x, mean, invstd, weight, bias, eps, needs, noise):
+    def backward(self, dy, x, weight, bias, saved, needs):
+        mean, invstd, noise = saved[0], saved[1], saved[3]
         ns = nm = None
         if isinstance(mean, tuple):
             mean, ns, nm = mean
@@ -202,8 +203,8 @@ class LpNormPlan(_Common):
         self.p = 0 if sig.p == float("inf") else int(sig.p)
         self.centered = int(bool(sig.centered))
 
-    def forward(self, x, running_mean, running_scale, weight, bias, momentum, eps, noise=None,
-                need_saved=True, counter=None):
+    def forward(self, x, weight, bias, call, need_saved=True, residual=None):  # no residual
+        running_mean, running_scale, _, momentum, eps, _, counter = call
         if counter is not None:
             counter.add_(1)
         xk = self._input(x)
@@ -225,7 +226,8 @@ class LpNormPlan(_Common):
             return y, None, None, None
         return y, sa, sb, None
 
-    def backward(self, dy, x, a, b, weight, bias, eps, needs, noise=None):
+    def backward(self, dy, x, weight, bias, saved, needs):
+        a, b, eps = saved[0], saved[1], saved[2]
         if not self.training:  # constant statistics: BatchNorm's eval backward, invstd = b
             return self._bwd_eval(dy, x, a, b, weight, bias, needs)
         xk = self._input(x)

@@ -87,36 +87,32 @@ class NormFunction(torch.autograd.Function):
     def backward(ctx, dy):
         plan, saved = ctx.state
         tensors = ctx.saved_tensors
-        if len(tensors) == 4:
-            return _residual_backward(ctx, plan, saved, tensors, dy)
-        x, weight, bias = tensors
-        needs = _needs(ctx, weight, bias)
-        if _grad_enabled():  # create_graph=True: a backward autograd can differentiate
-            graph = double_backward.grads(plan, dy, x, weight, bias, saved, needs)
-            with torch.no_grad():
-                values = plan.backward(dy.detach(), x.detach(), _detach(weight), _detach(bias),
-                                       saved, needs)
-            dx, dw, db = (g if v is None or g is None else g + (v - g).detach()
-                          for g, v in zip(graph, values))
+        if len(tensors) == 3:
+            x, weight, bias = tensors
+            needs = _needs(ctx, weight, bias)
+            if _grad_enabled():  # create_graph=True: a backward autograd can differentiate
+                graph = double_backward.grads(plan, dy, x, weight, bias, saved, needs)
+                with torch.no_grad():
+                    values = plan.backward(dy.detach(), x.detach(), _detach(weight),
+                                           _detach(bias), saved, needs)
+                dx, dw, db = (g if v is None or g is None else g + (v - g).detach()
+                              for g, v in zip(graph, values))
+            else:
+                dx, dw, db = plan.backward(dy, x, weight, bias, saved, needs)
+            return (dx if needs[0] else None, dw if needs[1] else None,
+                    db if needs[2] else None, None)
+        # with a residual: (dx, dw, db, None, dresidual)
+        x, weight, bias, out = tensors
+        needs = (*_needs(ctx, weight, bias), bool(ctx.needs_input_grad[4]))
+        if _grad_enabled():
+            g = double_backward.residual_grad(dy, out, getattr(plan, "sig", plan).activation)
+            dx, dw, db = double_backward.grads(plan, g, x, weight, bias, saved, needs[:3],
+                                               activation=None)
+            dz = g
         else:
-            dx, dw, db = plan.backward(dy, x, weight, bias, saved, needs)
+            dx, dw, db, dz = plan.backward(dy, x, weight, bias, (*saved[:4], out), needs)
         return (dx if needs[0] else None, dw if needs[1] else None, db if needs[2] else None,
-                None)
-
-
-def _residual_backward(ctx, plan, saved, tensors, dy):
-    """:meth:`NormFunction.backward` of a call with a residual: (dx, dw, db, None, dres)."""
-    x, weight, bias, out = tensors
-    needs = (*_needs(ctx, weight, bias), bool(ctx.needs_input_grad[4]))
-    if _grad_enabled():  # create_graph=True: a backward autograd can differentiate
-        g = double_backward.residual_grad(dy, out, getattr(plan, "sig", plan).activation)
-        dx, dw, db = double_backward.grads(plan, g, x, weight, bias, saved, needs[:3],
-                                           activation=None)
-        dz = g
-    else:
-        dx, dw, db, dz = plan.backward(dy, x, weight, bias, (*saved[:4], out), needs)
-    return (dx if needs[0] else None, dw if needs[1] else None, db if needs[2] else None,
-            None, dz if needs[3] else None)
+                None, dz if needs[3] else None)
 
 
 __all__ = ["Call", "NormFunction", "Saved"]

@@ -183,3 +183,32 @@ def test_unknown_op_is_an_error_everywhere():
     from bnkernels.library import OpPlan
     with pytest.raises(families.UnknownOpError):
         OpPlan("nope", True)
+
+
+def test_benchmark_providers_dispatch_through_the_descriptor():
+    """The benchmarks' providers serve the new family with no edit under bnkernels/: the
+    bnkernels providers run its functional op (checked against fp64 eager math), the torch
+    baselines plain BatchNorm, the eager composites skip it (it names none); an op no family
+    names raises UnknownOpError."""
+    from bnkernels.benchmarking import providers as P
+
+    x, w, b = _inputs()
+    rm = torch.randn(3)
+    ref = P.PROVIDERS["bnkernels-reference"]
+    assert OP in ref.ops and OP in P.ops() and OP not in P.OPS
+    with ref.context():
+        y = ref.forward(OP)(x, rm.clone(), None, w, b, True)
+    torch.testing.assert_close(y.double(), _expected(x, rm, w, b, True)[0], rtol=1e-5,
+                               atol=1e-5)
+    assert P.PROVIDERS["torch-native"].computes(OP) == "batch_norm"
+    eager = P.PROVIDERS["eager"]
+    assert OP not in eager.ops
+    assert eager.unavailable(torch.device("cpu"), OP) == f"eager does not implement {OP}"
+    assert P.COMPILE_BASELINE[OP] == "torch-compile"
+    assert P.oracle(OP, None, P.make_inputs((4, 3, 5), torch.float32, torch.contiguous_format,
+                                            torch.device("cpu")), True) is None
+    for call in (lambda: ref.forward("nope"), lambda: ref.computes("nope"),
+                 lambda: eager.unavailable(torch.device("cpu"), "nope"),
+                 lambda: P.oracle("nope", None, None, True), lambda: P.COMPILE_BASELINE["nope"]):
+        with pytest.raises(families.UnknownOpError, match="'nope'"):
+            call()

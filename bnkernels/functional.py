@@ -72,6 +72,16 @@ def _check_input(op: str, x: torch.Tensor) -> None:
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
+def _check_tensor_beside(op: str, name: str, t, x: torch.Tensor, move: str) -> None:
+    """``t`` (not None) is a tensor on x's device; ``move`` says how to put it there."""
+    if not isinstance(t, torch.Tensor):
+        raise ValidationTypeError(f"{op}: {name} must be a tensor or None, got {type(t).__name__}")
+    if t.device != x.device:
+        raise ValidationError(
+            f"{op}: {name} is on {t.device} but the input is on {x.device}; all tensors must be "
+            f"on the same device ({move})")
+
+
 def _check_per_channel(op: str, x: torch.Tensor, **tensors) -> None:
     """Per-channel tensors: on x's device, one element per channel, and, as torch's BatchNorm
     requires, all of one floating dtype: x's, or float32 for a float16/bfloat16 x (mixed
@@ -82,14 +92,8 @@ def _check_per_channel(op: str, x: torch.Tensor, **tensors) -> None:
     for name, t in tensors.items():
         if t is None:
             continue
-        if not isinstance(t, torch.Tensor):
-            raise ValidationTypeError(
-                f"{op}: {name} must be a tensor or None, got {type(t).__name__}")
-        if t.device != x.device:
-            raise ValidationError(
-                f"{op}: {name} is on {t.device} but the input is on {x.device}; "
-                f"all tensors must be on the same device (move it with {name}.to(x.device), "
-                "or the module with module.to(device))")
+        _check_tensor_beside(op, name, t, x, f"move it with {name}.to(x.device), or the module "
+                             "with module.to(device)")
         if not t.is_floating_point():
             raise ValidationTypeError(
                 f"{op}: {name} must be a floating-point tensor, got {t.dtype} "
@@ -130,18 +134,12 @@ def _check_residual(op: str, x: torch.Tensor, residual) -> None:
     dtype and device (any strides)."""
     if residual is None:
         return
-    if not isinstance(residual, torch.Tensor):
-        raise ValidationTypeError(
-            f"{op}: residual must be a tensor or None, got {type(residual).__name__}")
+    _check_tensor_beside(op, "residual", residual, x, "move it with residual.to(x.device)")
     if residual.shape != x.shape:
         raise ValidationError(
             f"{op}: residual has shape {tuple(residual.shape)} but the input has shape "
             f"{tuple(x.shape)}; the residual is added elementwise to the normalized input and "
             "must have its shape (no broadcasting)")
-    if residual.device != x.device:
-        raise ValidationError(
-            f"{op}: residual is on {residual.device} but the input is on {x.device} (move it "
-            "with residual.to(x.device))")
     if residual.dtype != x.dtype:
         raise ValidationTypeError(
             f"{op}: residual is {residual.dtype} but the input is {x.dtype}; convert it with "

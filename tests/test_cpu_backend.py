@@ -102,6 +102,38 @@ def test_the_library_is_cached_and_loaded_without_compiling(monkeypatch):
     assert not isinstance(lib, str) and lib.bnk_bn_fwd_f32 is not None
 
 
+def test_the_cache_hash_covers_every_file_the_kernels_include(monkeypatch, tmp_path):
+    """build.SOURCES are kernels.c and the files it includes, transitively (the Philox header
+    it shares with the reference among them), and an edit to any of them names another
+    library (a cached library never outlives a change of its sources)."""
+    import re
+    import shutil
+
+    here = build._HERE
+    seen, todo = set(), [here / "kernels.c"]
+    while todo:
+        f = todo.pop().resolve()
+        if f not in seen:
+            seen.add(f)
+            todo += [f.parent / inc for inc in
+                     re.findall(r'^#include "([^"]+)"', f.read_text(), re.M)]
+    assert seen == {(here / s).resolve() for s in build.SOURCES}
+    cpu = tmp_path / "backends" / "cpu"
+    for s in build.SOURCES:
+        (cpu / s).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(here / s, cpu / s)
+    monkeypatch.setattr(build, "_HERE", cpu)
+    cc = ["cc"]
+    first = build.library_path(cc)
+    assert first == build.library_path(cc)
+    for s in build.SOURCES:
+        text = (cpu / s).read_text()
+        (cpu / s).write_text(text + "\n")
+        assert build.library_path(cc) != first, s
+        (cpu / s).write_text(text)
+    assert build.library_path(cc) == first
+
+
 def test_a_failed_build_is_a_reason(monkeypatch, tmp_path):
     """A compiler that fails: the reason names it and its error; nothing is cached."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))

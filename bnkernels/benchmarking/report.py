@@ -251,11 +251,29 @@ def _stack_md(result: dict) -> list[str]:
         f"{info.get('dtype', '')} on {info.get('device', '')}. Goals: module <= "
         f"{limits.get('module')}x torch's module, functional <= "
         f"{limits.get('functional')}x F.batch_norm (a CPU proxy: the GPU "
-        "launch itself is not in it).",
-        ["api", "op", "pass", "us/call", "torch us/call", "ratio", "goal"],
+        "launch itself is not in it). Emulated: every launch through the direct launch path "
+        "(guards, addresses, the launcher's C entry called, itself a no-op), the goal the "
+        "same; launches: per call; us/launch: one warm direct launch of the row's first "
+        "kernel alone, median [min, max].",
+        ["api", "op", "pass", "us/call", "torch us/call", "ratio", "goal", "emulated us/call",
+         "emulated ratio", "launches", "us/launch"],
         [[r["api"], r["op"], r["pass"], f"{r['us_per_call']:.1f}",
           f"{r['torch_us_per_call']:.1f}", f"{r['ratio_vs_torch']:.2f}",
-          f"<= {r['limit']} {'met' if r['met'] else 'NOT MET'}"] for r in rows])
+          f"<= {r['limit']} {'met' if r['met'] else 'NOT MET'}", *_stack_emulated(r)]
+         for r in rows])
+
+
+def _stack_emulated(r: dict) -> list[str]:
+    """The emulated-launch cells of a stack row ('-' in results written before them)."""
+    if r.get("us_per_call_emulated") is None:
+        return ["-"] * 4
+    spread = r.get("us_per_launch_spread") or [None, None]
+    launch = _num(r.get("us_per_launch"), "{:.2f}")
+    if None not in spread:
+        launch += f" [{spread[0]:.2f}, {spread[1]:.2f}]"
+    return [f"{r['us_per_call_emulated']:.1f}",
+            f"{r['ratio_emulated']:.2f} {'met' if r['met_emulated'] else 'NOT MET'}",
+            _num(r.get("launches"), "{}"), launch]
 
 
 def _e2e_md(result: dict) -> list[str]:

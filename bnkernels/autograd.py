@@ -11,11 +11,10 @@ dispatcher in between); under torch.compile, export, fake tensors or a dispatch 
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
-
 import torch
 
 from . import double_backward
+from .backends.plan import Call, Saved
 
 _grad_enabled = torch.is_grad_enabled
 
@@ -25,29 +24,18 @@ def _needs(ctx, weight, bias) -> tuple[bool, bool, bool]:
     return (bool(n[0]), bool(n[1]) and weight is not None, bool(n[2]) and bias is not None)
 
 
-class Call(NamedTuple):
-    """What :class:`NormFunction` takes besides x, weight and bias: one argument, so that
-    autograd looks at three tensors per call, not ten (the running buffers never get
-    gradients). The eager hot path passes its fields in this order as a plain tuple (nothing
-    built per call for the structure); the traced routes build a Call."""
-
-    running_mean: Any  # Tensor or None
-    running_var: Any  # the family's second running buffer (l_p: running_scale), or None
-    plan: Any  # the call's Plan: a backend's, or the traced route's
-    momentum: float
-    eps: float
-    noise: Any  # None, or (NoiseConfig, seed, step) for noisy BatchNorm
-    counter: Any  # a module's num_batches_tracked (incremented by the forward), or None
-
-
 def _detach(t):
     return None if t is None else t.detach()
 
 
 class NormFunction(torch.autograd.Function):
-    """y = plan.forward(x, ...); its backward is ``plan.backward`` with what the forward saved.
+    """y = plan.forward(x, weight, bias, call[, residual]); its backward is ``plan.backward``
+    with what the forward saved (a :class:`~.backends.plan.Saved`).
 
-    ``call``: a :class:`Call` (running buffers, plan, momentum, eps, noise, counter).
+    ``call``: a :class:`~.backends.plan.Call` (running buffers, plan, momentum, eps, noise,
+    counter), or the plain tuple of its fields (the eager hot path). ``residual``: None, or a
+    tensor added before the activation, out = act(bn(x) + residual) (BatchNorm): a fourth
+    differentiable input, d(residual) the activation-masked dy.
 
     Training: the plan saves the batch statistics (BatchNorm: mean and 1/sqrt(var + eps); l_p:
     mean and s_p). Eval: it saves snapshots of the statistics this forward used, so the
@@ -60,6 +48,14 @@ class NormFunction(torch.autograd.Function):
     and bias go through ``save_for_backward`` (an in-place change to them before the backward
     is caught).
 
+    With a residual and a fused ReLU the backward needs to know where the ReLU was active: it
+    reads the forward's output (out > 0 there, as torch's own ReLU backward reads its result)
+    rather than recomputing bn(x) + residual, which would read the residual instead: the same
+    bytes, but the output is the next layer's input, which that layer keeps anyway, while a
+    residual may be a tensor nothing else keeps (a downsampling branch's). Without an
+    activation the output is not saved: d(residual) is dy itself. ``docs/fused-ops.md``
+    counts the bytes.
+
     Double backward: when a graph of the gradient is asked for (create_graph=True, grad mode on
     in the backward), the backward runs :func:`bnkernels.double_backward.grads` -- the op
     family's gradients as differentiable torch ops, the batch statistics recomputed from x --
@@ -67,71 +63,56 @@ class NormFunction(torch.autograd.Function):
     gradient is ``graph + (kernels - graph).detach()``, the kernels' value with the formulas'
     derivative. So the first derivatives a create_graph backward returns are the backend's,
     and gradgradcheck compares the formulas' second derivatives with finite differences of the
-    kernels' first derivatives (two independent computations).
+    kernels' first derivatives (two independent computations). With a residual, the graph's
+    values are returned as they are (d(residual) is the masked dy).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, call):
-        running_mean, running_var, plan, momentum, eps, noise, counter = call
-        y, a, b, used = plan.forward(x, running_mean, running_var, weight, bias, momentum, eps,
-                                     noise, True, counter)
-        ctx.save_for_backward(x, weight, bias)
-        ctx.state = (plan, eps, noise if used is None else (noise[0], noise[1], used), a, b)
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, bias = ctx.saved_tensors
-        plan, eps, noise, a, b = ctx.state
-        needs = _needs(ctx, weight, bias)
-        if _grad_enabled():  # create_graph=True: a backward autograd can differentiate
-            graph = double_backward.grads(plan, dy, x, weight, bias, a, b, eps, needs, noise)
-            with torch.no_grad():
-                values = plan.backward(dy.detach(), x.detach(), a, b, _detach(weight),
-                                       _detach(bias), eps, needs, noise)
-            dx, dw, db = (g if v is None or g is None else g + (v - g).detach()
-                          for g, v in zip(graph, values))
+    def forward(ctx, x, weight, bias, call, residual=None):
+        plan = call[2]
+        if residual is None:
+            y, a, b, used = plan.forward(x, weight, bias, call)
+            ctx.save_for_backward(x, weight, bias)
         else:
-            dx, dw, db = plan.backward(dy, x, a, b, weight, bias, eps, needs, noise)
-        return (dx if needs[0] else None, dw if needs[1] else None, db if needs[2] else None,
-                None)
-
-
-class ResidualNormFunction(torch.autograd.Function):
-    """out = act(bn(x) + residual): :class:`NormFunction` with a fourth differentiable input.
-
-    The backward needs to know where a fused ReLU was active: it reads the forward's output
-    (out > 0 there, as torch's own ReLU backward reads its result) rather than recomputing
-    bn(x) + residual, which would read the residual instead: the same bytes, but the output is
-    the next layer's input, which that layer keeps anyway, while a residual may be a tensor
-    nothing else keeps (a downsampling branch's). Without an activation the output is not
-    saved: d(residual) is dy itself. ``docs/fused-ops.md`` counts the bytes."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, residual, call):
-        running_mean, running_var, plan, momentum, eps, noise, counter = call
-        y, a, b, used = plan.forward(x, running_mean, running_var, weight, bias, momentum, eps,
-                                     noise, True, counter, residual)
-        relu = getattr(plan, "sig", plan).activation == "relu"  # an OpPlan: itself
-        ctx.save_for_backward(x, weight, bias, y if relu else None)
-        ctx.state = (plan, eps, noise if used is None else (noise[0], noise[1], used), a, b)
+            y, a, b, used = plan.forward(x, weight, bias, call, True, residual)
+            relu = getattr(plan, "sig", plan).activation == "relu"  # an OpPlan: itself
+            ctx.save_for_backward(x, weight, bias, y if relu else None)
+        noise = call[5]
+        # a Saved's fields, in order, as a plain tuple (nothing built for the structure)
+        ctx.state = (plan, (a, b, call[4], noise if used is None else
+                            (noise[0], noise[1], used), None))
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, bias, out = ctx.saved_tensors
-        plan, eps, noise, a, b = ctx.state
-        n = ctx.needs_input_grad
-        needs = (*_needs(ctx, weight, bias), bool(n[3]))
-        if _grad_enabled():  # create_graph=True: a backward autograd can differentiate
+        plan, saved = ctx.state
+        tensors = ctx.saved_tensors
+        if len(tensors) == 3:
+            x, weight, bias = tensors
+            needs = _needs(ctx, weight, bias)
+            if _grad_enabled():  # create_graph=True: a backward autograd can differentiate
+                graph = double_backward.grads(plan, dy, x, weight, bias, saved, needs)
+                with torch.no_grad():
+                    values = plan.backward(dy.detach(), x.detach(), _detach(weight),
+                                           _detach(bias), saved, needs)
+                dx, dw, db = (g if v is None or g is None else g + (v - g).detach()
+                              for g, v in zip(graph, values))
+            else:
+                dx, dw, db = plan.backward(dy, x, weight, bias, saved, needs)
+            return (dx if needs[0] else None, dw if needs[1] else None,
+                    db if needs[2] else None, None)
+        # with a residual: (dx, dw, db, None, dresidual)
+        x, weight, bias, out = tensors
+        needs = (*_needs(ctx, weight, bias), bool(ctx.needs_input_grad[4]))
+        if _grad_enabled():
             g = double_backward.residual_grad(dy, out, getattr(plan, "sig", plan).activation)
-            dx, dw, db = double_backward.grads(plan, g, x, weight, bias, a, b, eps, needs[:3],
-                                               noise, activation=None)
+            dx, dw, db = double_backward.grads(plan, g, x, weight, bias, saved, needs[:3],
+                                               activation=None)
             dz = g
         else:
-            dx, dw, db, dz = plan.backward(dy, x, a, b, weight, bias, eps, needs, noise, out)
+            dx, dw, db, dz = plan.backward(dy, x, weight, bias, (*saved[:4], out), needs)
         return (dx if needs[0] else None, dw if needs[1] else None, db if needs[2] else None,
-                dz if needs[3] else None, None)
+                None, dz if needs[3] else None)
 
 
-__all__ = ["Call", "NormFunction", "ResidualNormFunction"]
+__all__ = ["Call", "NormFunction", "Saved"]

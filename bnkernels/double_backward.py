@@ -41,46 +41,43 @@ def _chan(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 _KEEP = object()
 
 
-def grads(plan, dy, x, weight, bias, saved_a, saved_b, eps, needs, noise=None,
-          activation=_KEEP):
+def grads(plan, dy, x, weight, bias, saved, needs, activation=_KEEP):
     """(dx, dweight, dbias) of the call ``plan`` ran (None where ``needs`` says so),
     differentiable in dy, x, weight and bias: the op family's ``grads`` (its descriptor), or
-    the error of a family that declines. ``saved_a``/``saved_b``: what the plan's forward
-    saved. ``activation``: the call's unless given (None for a residual call, whose dy arrives
-    masked by :func:`residual_grad`)."""
+    the error of a family that declines. ``saved``: what the forward kept (a
+    :class:`~.backends.plan.Saved`, or the plain tuple of its fields). ``activation``: the
+    call's unless given (None for a residual call, whose dy arrives masked by
+    :func:`residual_grad`)."""
     flags = getattr(plan, "sig", plan)  # a backend's plan: its Signature; an OpPlan: itself
     family = family_of(flags.op)
     if family.grads is None:
         raise no_double_backward(family.label or family.name, family.no_grads, family.instead)
     if activation is _KEEP:
-        return family.grads(flags, dy, x, weight, bias, saved_a, saved_b, eps, needs, noise)
-    return family.grads(flags, dy, x, weight, bias, saved_a, saved_b, eps, needs, noise,
-                        activation=activation)
+        return family.grads(flags, dy, x, weight, bias, saved, needs)
+    return family.grads(flags, dy, x, weight, bias, saved, needs, activation=activation)
 
 
-def _eval_grads(dy, x, weight, bias, saved_a, saved_b, needs, noise, activation):
+def _eval_grads(dy, x, weight, bias, saved, needs, activation):
     """Every built-in family in eval: out = act(w * (x - mean) * inv + b), mean and inv the
     constants the forward saved (the mean and 1/sqrt(var + eps), or 1/(s_p + eps) for l_p)."""
-    return R.batch_norm_reference_bwd(dy, x, saved_a.detach(), saved_b.detach(), weight, bias,
-                                      False, activation, needs, noise)
+    return R.batch_norm_reference_bwd(dy, x, saved[0].detach(), saved[1].detach(), weight,
+                                      bias, False, activation, needs, saved[3])
 
 
-def batch_norm_family_grads(flags, dy, x, weight, bias, saved_a, saved_b, eps, needs,
-                            noise=None, activation=_KEEP):
+def batch_norm_family_grads(flags, dy, x, weight, bias, saved, needs, activation=_KEEP):
     """BatchNorm's (and noisy BatchNorm's) descriptor ``grads``."""
     if activation is _KEEP:
         activation = flags.activation
     if not flags.training:
-        return _eval_grads(dy, x, weight, bias, saved_a, saved_b, needs, noise, activation)
-    return batch_norm_grads(dy, x, weight, bias, activation, eps, needs, noise)
+        return _eval_grads(dy, x, weight, bias, saved, needs, activation)
+    return batch_norm_grads(dy, x, weight, bias, activation, saved[2], needs, saved[3])
 
 
-def lp_norm_family_grads(flags, dy, x, weight, bias, saved_a, saved_b, eps, needs,
-                         noise=None, activation=None):
+def lp_norm_family_grads(flags, dy, x, weight, bias, saved, needs, activation=None):
     """l_p normalization's descriptor ``grads`` (no activation)."""
     if not flags.training:
-        return _eval_grads(dy, x, weight, bias, saved_a, saved_b, needs, None, None)
-    return lp_norm_grads(dy, x, flags.p, weight, bias, flags.centered, eps, needs)
+        return _eval_grads(dy, x, weight, bias, saved, needs, None)
+    return lp_norm_grads(dy, x, flags.p, weight, bias, flags.centered, saved[2], needs)
 
 
 def residual_grad(dy, out, activation):

@@ -22,8 +22,8 @@ import torch
 from torch import Tensor
 
 from . import backends
-from .autograd import Call, NormFunction, ResidualNormFunction
-from .backends.plan import FLOAT_DTYPES, PLANS, Signature, signature, step_entry
+from .autograd import NormFunction
+from .backends.plan import FLOAT_DTYPES, PLANS, Call, Signature, signature, step_entry
 from .errors import ValidationError, ValidationTypeError
 from .families import BATCH_NORM, LP_NORM, family_of
 from .noise import NoiseConfig
@@ -72,6 +72,16 @@ def _check_input(op: str, x: torch.Tensor) -> None:
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
+def _check_tensor_beside(op: str, name: str, t, x: torch.Tensor, move: str) -> None:
+    """``t`` (not None) is a tensor on x's device; ``move`` says how to put it there."""
+    if not isinstance(t, torch.Tensor):
+        raise ValidationTypeError(f"{op}: {name} must be a tensor or None, got {type(t).__name__}")
+    if t.device != x.device:
+        raise ValidationError(
+            f"{op}: {name} is on {t.device} but the input is on {x.device}; all tensors must be "
+            f"on the same device ({move})")
+
+
 def _check_per_channel(op: str, x: torch.Tensor, **tensors) -> None:
     """Per-channel tensors: on x's device, one element per channel, and, as torch's BatchNorm
     requires, all of one floating dtype: x's, or float32 for a float16/bfloat16 x (mixed
@@ -82,14 +92,8 @@ def _check_per_channel(op: str, x: torch.Tensor, **tensors) -> None:
     for name, t in tensors.items():
         if t is None:
             continue
-        if not isinstance(t, torch.Tensor):
-            raise ValidationTypeError(
-                f"{op}: {name} must be a tensor or None, got {type(t).__name__}")
-        if t.device != x.device:
-            raise ValidationError(
-                f"{op}: {name} is on {t.device} but the input is on {x.device}; "
-                f"all tensors must be on the same device (move it with {name}.to(x.device), "
-                "or the module with module.to(device))")
+        _check_tensor_beside(op, name, t, x, f"move it with {name}.to(x.device), or the module "
+                             "with module.to(device)")
         if not t.is_floating_point():
             raise ValidationTypeError(
                 f"{op}: {name} must be a floating-point tensor, got {t.dtype} "
@@ -130,18 +134,12 @@ def _check_residual(op: str, x: torch.Tensor, residual) -> None:
     dtype and device (any strides)."""
     if residual is None:
         return
-    if not isinstance(residual, torch.Tensor):
-        raise ValidationTypeError(
-            f"{op}: residual must be a tensor or None, got {type(residual).__name__}")
+    _check_tensor_beside(op, "residual", residual, x, "move it with residual.to(x.device)")
     if residual.shape != x.shape:
         raise ValidationError(
             f"{op}: residual has shape {tuple(residual.shape)} but the input has shape "
             f"{tuple(x.shape)}; the residual is added elementwise to the normalized input and "
             "must have its shape (no broadcasting)")
-    if residual.device != x.device:
-        raise ValidationError(
-            f"{op}: residual is on {residual.device} but the input is on {x.device} (move it "
-            "with residual.to(x.device))")
     if residual.dtype != x.dtype:
         raise ValidationTypeError(
             f"{op}: residual is {residual.dtype} but the input is {x.dtype}; convert it with "
@@ -227,22 +225,22 @@ def _run(plan, x, running_mean, running_var, weight, bias, momentum, eps, noise,
         # a Call's fields, in order, as a plain tuple: nothing is built for the structure
         return NormFunction.apply(x, weight, bias, (running_mean, running_var, plan, momentum,
                                                     eps, noise, counter))
-    return plan.forward(x, running_mean, running_var, weight, bias, momentum, eps, noise, False,
-                        counter)[0]
+    return plan.forward(x, weight, bias, (running_mean, running_var, plan, momentum, eps, noise,
+                                          counter), False)[0]
 
 
 def _run_residual(plan, x, running_mean, running_var, weight, bias, momentum, eps, noise,
                   counter, residual, activation):
-    """:func:`_run` with a residual (its own autograd Function: four differentiable inputs)."""
+    """:func:`_run` with a residual (a fourth differentiable input of the autograd Function)."""
     if plan is _EMPTY:
         return _empty_batch(x, weight, bias, activation, counter, residual)
     if _grad_enabled() and (x.requires_grad or residual.requires_grad
                             or (weight is not None and weight.requires_grad)
                             or (bias is not None and bias.requires_grad)):
-        return ResidualNormFunction.apply(x, weight, bias, residual, (
-            running_mean, running_var, plan, momentum, eps, noise, counter))
-    return plan.forward(x, running_mean, running_var, weight, bias, momentum, eps, noise, False,
-                        counter, residual)[0]
+        return NormFunction.apply(x, weight, bias, (
+            running_mean, running_var, plan, momentum, eps, noise, counter), residual)
+    return plan.forward(x, weight, bias, (running_mean, running_var, plan, momentum, eps, noise,
+                                          counter), False, residual)[0]
 
 
 def _bn_name(noise):
@@ -299,7 +297,7 @@ def _batch_norm_traced(x, running_mean, running_var, weight, bias, training, mom
                               residual=residual is not None)
     call = Call(running_mean, running_var, plan, float(momentum), float(eps), noise, counter)
     if residual is not None:
-        return ResidualNormFunction.apply(x, weight, bias, residual, call)
+        return NormFunction.apply(x, weight, bias, call, residual)
     return NormFunction.apply(x, weight, bias, call)
 
 

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from . import backends
 from .backends.family import family_of
-from .backends.plan import BasePlan, Signature, acc_dtype
+from .backends.plan import BasePlan, Call, Saved, Signature, acc_dtype
 from .noise import NoiseConfig
 
 
@@ -62,8 +62,8 @@ def _saved_or_empty(x, a, b):
 def _forward(plan, x, running_mean, running_var, weight, bias, momentum, eps, counter):
     """(y, saved_a, saved_b) of a plan's forward without noise, as the forward ops return
     them."""
-    y, a, b, _ = plan.forward(x, running_mean, running_var, weight, bias, momentum, eps, None,
-                              True, counter)
+    y, a, b, _ = plan.forward(x, weight, bias,
+                              Call(running_mean, running_var, plan, momentum, eps, None, counter))
     return (y, *_saved_or_empty(x, a, b))
 
 
@@ -96,8 +96,8 @@ def batch_norm_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     nz = _noise(noise, seed, step, step_tensor)
     plan = _plan("batch_norm", x, training, activation, nz, None, None, counter, weight, bias,
                  running_mean, running_var, backend, residual)
-    y, a, b, used = plan.forward(x, running_mean, running_var, weight, bias, momentum, eps, nz,
-                                 True, counter, *(() if residual is None else (residual,)))
+    y, a, b, used = plan.forward(x, weight, bias, Call(running_mean, running_var, plan, momentum,
+                                                       eps, nz, counter), True, residual)
     a, b = _saved_or_empty(x, a, b)
     if step_tensor is None:
         used = _empty(x, torch.int64)
@@ -131,13 +131,13 @@ def batch_norm_backward_op(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor,
     nz = _noise(noise, seed, step, step_tensor)
     plan = _plan("batch_norm", x, training, activation, nz, None, None, None, weight, bias,
                  None, None, backend, x if residual else None)
+    saved = Saved(mean, invstd, 0.0, nz, out)
     if residual:
-        dx, dw, db, dz = plan.backward(dy, x, mean, invstd, weight, bias, 0.0, tuple(needs), nz,
-                                       out)
+        dx, dw, db, dz = plan.backward(dy, x, weight, bias, saved, tuple(needs))
         if dz is dy:  # no activation: d(residual) = dy, which an op's output may not alias
             dz = dy.clone()
     else:
-        dx, dw, db = plan.backward(dy, x, mean, invstd, weight, bias, 0.0, tuple(needs), nz)
+        dx, dw, db = plan.backward(dy, x, weight, bias, saved, tuple(needs))
         dz = None
     return (dx if dx is not None else _empty(x), dw if dw is not None else _empty(x),
             db if db is not None else _empty(x), dz if dz is not None else _empty(x))
@@ -188,7 +188,7 @@ def lp_norm_backward_op(dy: Tensor, x: Tensor, mean: Tensor, scale: Tensor,
     not in ``needs``."""
     plan = _plan("lp_norm", x, training, None, None, _p(p), centered, None, weight, bias, None,
                  None, backend)
-    dx, dw, db = plan.backward(dy, x, mean, scale, weight, bias, eps, tuple(needs), None)
+    dx, dw, db = plan.backward(dy, x, weight, bias, Saved(mean, scale, eps, None), tuple(needs))
     return (dx if dx is not None else _empty(x), dw if dw is not None else _empty(x),
             db if db is not None else _empty(x))
 
@@ -233,15 +233,16 @@ class BatchNormOpPlan(OpPlan):
     """BatchNorm's (and noisy BatchNorm's) traced route: ``bnkernels::batch_norm`` and
     ``bnkernels::batch_norm_backward``."""
 
-    def forward(self, x, running_mean, running_var, weight, bias, momentum, eps, noise,
-                need_saved=True, counter=None, residual=None):
+    def forward(self, x, weight, bias, call, need_saved=True, residual=None):
+        running_mean, running_var, _, momentum, eps, noise, counter = call
         cfg, seed, step, step_tensor = _flat_noise(noise)
         y, a, b, used = batch_norm_op(x, weight, bias, running_mean, running_var, counter,
                                       self.training, momentum, eps, self.activation, cfg, seed,
                                       step, step_tensor, self.backend, residual)
         return y, a, b, used if step_tensor is not None else None
 
-    def backward(self, dy, x, a, b, weight, bias, eps, needs, noise, out=None):
+    def backward(self, dy, x, weight, bias, saved, needs):
+        a, b, _, noise, out = saved
         needs = [bool(n) for n in needs]
         cfg, seed, step, step_tensor = _flat_noise(noise)
         if self.residual:
@@ -260,16 +261,17 @@ class LpNormOpPlan(OpPlan):
     """l_p normalization's traced route: ``bnkernels::lp_norm`` and
     ``bnkernels::lp_norm_backward``."""
 
-    def forward(self, x, running_mean, running_var, weight, bias, momentum, eps, noise=None,
-                need_saved=True, counter=None):
+    def forward(self, x, weight, bias, call, need_saved=True, residual=None):  # no residual
+        running_mean, running_var, _, momentum, eps, _, counter = call
         y, a, b = lp_norm_op(x, weight, bias, running_mean, running_var, counter, float(self.p),
                              self.training, momentum, eps, bool(self.centered), self.backend)
         return y, a, b, None
 
-    def backward(self, dy, x, a, b, weight, bias, eps, needs, noise=None):
+    def backward(self, dy, x, weight, bias, saved, needs):
         needs = [bool(n) for n in needs]
-        return self._grads(*lp_norm_backward_op(dy, x, a, b, weight, bias, float(self.p),
-                                                self.training, bool(self.centered), eps, needs,
+        return self._grads(*lp_norm_backward_op(dy, x, saved[0], saved[1], weight, bias,
+                                                float(self.p), self.training,
+                                                bool(self.centered), saved[2], needs,
                                                 self.backend), needs)
 
 
@@ -306,7 +308,7 @@ def register_family_ops(name: str):
                     backend: str) -> Tuple[Tensor, Tensor, Tensor]:
         plan = _plan(name, x, training, None, None, None, None, None, weight, bias, None, None,
                      backend)
-        dx, dw, db = plan.backward(dy, x, a, b, weight, bias, eps, tuple(needs), None)
+        dx, dw, db = plan.backward(dy, x, weight, bias, Saved(a, b, eps, None), tuple(needs))
         return (dx if dx is not None else _empty(x), dw if dw is not None else _empty(x),
                 db if db is not None else _empty(x))
 
@@ -317,17 +319,17 @@ def register_family_ops(name: str):
     class FamilyOpPlan(OpPlan):
         __doc__ = f"The traced route of {name!r}: bnkernels::{name} and its backward."
 
-        def forward(self, x, running_mean, running_var, weight, bias, momentum, eps,
-                    noise=None, need_saved=True, counter=None):
+        def forward(self, x, weight, bias, call, need_saved=True, residual=None):
+            running_mean, running_var, _, momentum, eps, _, counter = call
             y, a, b = _FAMILY_OPS[self.op][0](x, weight, bias, running_mean, running_var,
                                               counter, self.training, momentum, eps,
                                               self.backend)
             return y, a, b, None
 
-        def backward(self, dy, x, a, b, weight, bias, eps, needs, noise=None):
+        def backward(self, dy, x, weight, bias, saved, needs):
             needs = [bool(n) for n in needs]
-            return self._grads(*_FAMILY_OPS[self.op][1](dy, x, a, b, weight, bias,
-                                                        self.training, eps, needs,
+            return self._grads(*_FAMILY_OPS[self.op][1](dy, x, saved[0], saved[1], weight, bias,
+                                                        self.training, saved[2], needs,
                                                         self.backend), needs)
 
     _FAMILY_OPS[name] = (forward_op, backward_op, FamilyOpPlan)

@@ -26,9 +26,9 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import backends
-from .autograd import Call, NormFunction
+from .autograd import NormFunction
 from .backends.family import Family, register
-from .backends.plan import acc_dtype
+from .backends.plan import Call, Saved, acc_dtype
 from .functional import _validate_batch_norm
 from .functional import sync_plan as stage_plan
 from .library import forward_like, grads_like
@@ -56,8 +56,8 @@ class SyncPlan:
     def __init__(self, stages, group, world: int):
         self.stages, self.group, self.world = stages, group, world
 
-    def forward(self, x, running_mean, running_var, weight, bias, momentum, eps, noise=None,
-                need_saved=True, counter=None):
+    def forward(self, x, weight, bias, call, need_saved=True, residual=None):  # no residual
+        running_mean, running_var, _, momentum, eps, _, counter = call
         acc = acc_dtype(x.dtype)
         C = x.shape[1]
         count = x.numel() // C
@@ -86,7 +86,8 @@ class SyncPlan:
         return y, mean, invstd, None
 
     @torch.no_grad()
-    def backward(self, dy, x, mean, invstd, weight, bias, eps, needs, noise=None):
+    def backward(self, dy, x, weight, bias, saved, needs):
+        mean, invstd = saved[0], saved[1]
         C = x.shape[1]
         count = x.numel() // C
         if count > 0:
@@ -124,8 +125,9 @@ def sync_batch_norm_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tenso
     """(y, mean, invstd): SyncBatchNorm's training forward over the process group named
     ``group``; mean and invstd are the merged statistics, for the backward."""
     stages = stage_plan(x, running_mean, running_var, weight, bias, activation, backend)
-    y, mean, invstd, _ = SyncPlan(stages, _group(group), world).forward(
-        x, running_mean, running_var, weight, bias, momentum, eps, None, True, counter)
+    plan = SyncPlan(stages, _group(group), world)
+    y, mean, invstd, _ = plan.forward(x, weight, bias, Call(running_mean, running_var, plan,
+                                                            momentum, eps, None, counter))
     return y, mean, invstd
 
 
@@ -139,7 +141,7 @@ def sync_batch_norm_backward_op(dy: Tensor, x: Tensor, mean: Tensor, invstd: Ten
                                 world: int, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     stages = stage_plan(x, None, None, weight, bias, activation, backend)
     dx, dw, db = SyncPlan(stages, _group(group), world).backward(
-        dy, x, mean, invstd, weight, bias, 0.0, tuple(needs))
+        dy, x, weight, bias, Saved(mean, invstd, 0.0, None), tuple(needs))
     empty = x.new_empty((0,))
     return (dx if dx is not None else empty, dw if dw is not None else empty,
             db if db is not None else empty)
@@ -159,16 +161,16 @@ class SyncOpPlan:
     def __init__(self, activation, group: str, world: int, backend: str):
         self.activation, self.group, self.world, self.backend = activation, group, world, backend
 
-    def forward(self, x, running_mean, running_var, weight, bias, momentum, eps, noise=None,
-                need_saved=True, counter=None):
+    def forward(self, x, weight, bias, call, need_saved=True, residual=None):  # no residual
+        running_mean, running_var, _, momentum, eps, _, counter = call
         y, mean, invstd = sync_batch_norm_op(x, weight, bias, running_mean, running_var,
                                              counter, momentum, eps, self.activation,
                                              self.group, self.world, self.backend)
         return y, mean, invstd, None
 
-    def backward(self, dy, x, mean, invstd, weight, bias, eps, needs, noise=None):
+    def backward(self, dy, x, weight, bias, saved, needs):
         needs = [bool(n) for n in needs]
-        dx, dw, db = sync_batch_norm_backward_op(dy, x, mean, invstd, weight, bias,
+        dx, dw, db = sync_batch_norm_backward_op(dy, x, saved[0], saved[1], weight, bias,
                                                  self.activation, needs, self.group,
                                                  self.world, self.backend)
         return (dx if needs[0] else None, dw if needs[1] else None, db if needs[2] else None)
@@ -187,6 +189,7 @@ SYNC_BATCH_NORM = register(Family(
     instead=("Take second derivatives in one process (bnkernels.BatchNorm*d, or "
              "SyncBatchNorm outside a multi-process group)."),
     doc="BatchNorm over the batches of every process in a group",
+    bench={},  # needs a process group: benchmarked as BatchNorm
 ))
 
 

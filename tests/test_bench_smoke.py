@@ -575,3 +575,26 @@ def test_e2e_norm_bytes_of_resnet50_sites():
     fused_elems = sum(n for k, n in sites if k != "bn")
     assert E.norm_bytes(sites, 2, False) - E.norm_bytes(sites, 2, True) == 5 * 2 * fused_elems
     assert E.norm_bytes(sites, 4, False) == 2 * E.norm_bytes(sites, 2, False)
+
+
+def test_report_renders_the_stack_rows_emulated_fields():
+    """The stack table shows what stack.measure writes beside the stubbed times (emulated
+    launches: time, ratio and its verdict; launches per call; one launch's median and spread),
+    and '-' in those columns for rows written before those fields existed."""
+    from bnkernels.benchmarking import report
+
+    new = {"api": "functional", "op": "lp_norm", "pass": "fwd", "us_per_call": 9.7,
+           "torch_us_per_call": 8.1, "ratio_vs_torch": 1.2, "limit": 1.2, "met": True,
+           "us_per_call_emulated": 31.25, "ratio_emulated": 3.86, "met_emulated": False,
+           "launches": 2, "us_per_launch": 10.5, "us_per_launch_spread": [9.75, 12.0]}
+    old = {k: new[k] for k in ("api", "op", "pass", "us_per_call", "torch_us_per_call",
+                               "ratio_vs_torch", "limit", "met")}
+    md = "\n".join(report._stack_md({"stack": [new, old], "stack_timing": {}}))
+    head = next(line for line in md.splitlines() if line.startswith("| api"))
+    assert [c.strip() for c in head.strip("|").split("|")][-4:] == [
+        "emulated us/call", "emulated ratio", "launches", "us/launch"]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in md.splitlines()
+            if line.startswith("| functional")]
+    assert rows[0][-4:] == ["31.2", "3.86 NOT MET", "2", "10.50 [9.75, 12.00]"]
+    assert rows[1][-4:] == ["-", "-", "-", "-"]
+    assert rows[0][:7] == rows[1][:7]

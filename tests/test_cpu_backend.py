@@ -61,10 +61,10 @@ def test_kept_noise_backward_equals_the_regenerated_one(channels_last, activatio
     bnk.noisy_batch_norm(x, None, None, w, b, training=True, activation=activation, seed=5,
                          step=8)
     plan = next(p for s, p in P.PLANS.items() if s.noisy is not None)
-    y, a, inv, _ = plan.forward(x, None, None, w, b, 0.1, 1e-5, noise)
+    y, a, inv, _ = plan.forward(x, w, b, P.Call(None, None, plan, 0.1, 1e-5, noise, None))
     assert isinstance(a, tuple)  # (mean, s, m)
-    kept = plan.backward(dy, x, a, inv, w, b, 1e-5, (True, True, True), noise)
-    regen = plan.backward(dy, x, a[0], inv, w, b, 1e-5, (True, True, True), noise)
+    kept = plan.backward(dy, x, w, b, P.Saved(a, inv, 1e-5, noise), (True, True, True))
+    regen = plan.backward(dy, x, w, b, P.Saved(a[0], inv, 1e-5, noise), (True, True, True))
     for k, r in zip(kept, regen):
         assert torch.equal(k, r)
     from bnkernels.library import _saved_or_empty  # what the registered op returns
@@ -100,6 +100,38 @@ def test_the_library_is_cached_and_loaded_without_compiling(monkeypatch):
     monkeypatch.setattr(build, "_compile", lambda *a: pytest.fail("compiled again"))
     lib = build._load()
     assert not isinstance(lib, str) and lib.bnk_bn_fwd_f32 is not None
+
+
+def test_the_cache_hash_covers_every_file_the_kernels_include(monkeypatch, tmp_path):
+    """build.SOURCES are kernels.c and the files it includes, transitively (the Philox header
+    it shares with the reference among them), and an edit to any of them names another
+    library (a cached library never outlives a change of its sources)."""
+    import re
+    import shutil
+
+    here = build._HERE
+    seen, todo = set(), [here / "kernels.c"]
+    while todo:
+        f = todo.pop().resolve()
+        if f not in seen:
+            seen.add(f)
+            todo += [f.parent / inc for inc in
+                     re.findall(r'^#include "([^"]+)"', f.read_text(), re.M)]
+    assert seen == {(here / s).resolve() for s in build.SOURCES}
+    cpu = tmp_path / "backends" / "cpu"
+    for s in build.SOURCES:
+        (cpu / s).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(here / s, cpu / s)
+    monkeypatch.setattr(build, "_HERE", cpu)
+    cc = ["cc"]
+    first = build.library_path(cc)
+    assert first == build.library_path(cc)
+    for s in build.SOURCES:
+        text = (cpu / s).read_text()
+        (cpu / s).write_text(text + "\n")
+        assert build.library_path(cc) != first, s
+        (cpu / s).write_text(text)
+    assert build.library_path(cc) == first
 
 
 def test_a_failed_build_is_a_reason(monkeypatch, tmp_path):

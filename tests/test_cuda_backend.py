@@ -49,7 +49,7 @@ from bnkernels.backends.cuda import build_config as cuda_build
 from bnkernels.backends.cuda import loader as cuda_loader
 from bnkernels.backends.cuda import plans as cuda
 from bnkernels.backends.layout import view_layout
-from bnkernels.backends.plan import FLOAT_DTYPES, Signature
+from bnkernels.backends.plan import FLOAT_DTYPES, Call, Saved, Signature
 
 GPU = torch.cuda.is_available()
 gpu_only = pytest.mark.skipif(not GPU, reason="needs a CUDA device (the emulator is no GPU)")
@@ -496,33 +496,37 @@ def test_launches_per_call(_kernel_module, dev):
     for path, n_train in (("multipass", 2), ("persistent", 1)):
         with cuda.override_config(path=path):
             bn, _ = plan(True)
-            assert count(bn.forward, x, rm, rv, w, b, 0.1, 1e-5, None) == n_train
-            _, mean, invstd, _ = bn.forward(x, rm, rv, w, b, 0.1, 1e-5, None)
-            assert count(bn.backward, dy, x, mean, invstd, w, b, 1e-5, all_grads,
-                                             None) == n_train
+            assert count(bn.forward, x, w, b, Call(rm, rv, bn, 0.1, 1e-5, None, None)) == n_train
+            _, mean, invstd, _ = bn.forward(x, w, b, Call(rm, rv, bn, 0.1, 1e-5, None, None))
+            assert count(bn.backward, dy, x, w, b, Saved(mean, invstd, 1e-5, None),
+                         all_grads) == n_train
     bn, lp = plan(False)
-    assert count(bn.forward, x, rm, rv, w, b, 0.1, 1e-5, None) == 1
-    assert count(bn.forward, x, rm, rv, w, b, 0.1, 1e-5, None, need_saved=False) == 1
-    _, mean, invstd, _ = bn.forward(x, rm, rv, w, b, 0.1, 1e-5, None)
-    assert count(bn.backward, dy, x, mean, invstd, w, b, 1e-5, (True, False, False),
-                                     None) == 1
-    assert count(bn.backward, dy, x, mean, invstd, w, b, 1e-5, all_grads, None) == 2
-    assert count(lp.forward, x, rm, rv, w, b, 0.1, 1e-5) == 1
-    _, mean, inv, _ = lp.forward(x, rm, rv, w, b, 0.1, 1e-5)
-    assert count(lp.backward, dy, x, mean, inv, w, b, 1e-5, (True, False, False)) == 1
+    call = Call(rm, rv, bn, 0.1, 1e-5, None, None)
+    assert count(bn.forward, x, w, b, call) == 1
+    assert count(bn.forward, x, w, b, call, need_saved=False) == 1
+    _, mean, invstd, _ = bn.forward(x, w, b, call)
+    saved = Saved(mean, invstd, 1e-5, None)
+    assert count(bn.backward, dy, x, w, b, saved, (True, False, False)) == 1
+    assert count(bn.backward, dy, x, w, b, saved, all_grads) == 2
+    call = Call(rm, rv, lp, 0.1, 1e-5, None, None)
+    assert count(lp.forward, x, w, b, call) == 1
+    _, mean, inv, _ = lp.forward(x, w, b, call)
+    assert count(lp.backward, dy, x, w, b, Saved(mean, inv, 1e-5, None), (True, False, False)) == 1
     # Noisy, with the step as a device tensor (snapshotted for the backward by the apply).
     bn, _ = plan(True, noise=noise)
-    assert count(bn.forward, x, rm, rv, w, b, 0.1, 1e-5, noise) == 2
-    _, mean, invstd, used = bn.forward(x, rm, rv, w, b, 0.1, 1e-5, noise)
+    call = Call(rm, rv, bn, 0.1, 1e-5, noise, None)
+    assert count(bn.forward, x, w, b, call) == 2
+    _, mean, invstd, used = bn.forward(x, w, b, call)
     assert torch.equal(used, step)
-    assert count(bn.backward, dy, x, mean, invstd, w, b, 1e-5, all_grads, noise) == 2
+    assert count(bn.backward, dy, x, w, b, Saved(mean, invstd, 1e-5, noise), all_grads) == 2
     # l_p: 2 launches uncentered, 3 centered (the mean first); backward 2.
     for centered, n_fwd in ((False, 2), (True, 3)):
         for p in (1.0, 2.0, math.inf):
             _, lp = plan(True, p=p, centered=centered)
-            assert count(lp.forward, x, rm, rv, w, b, 0.1, 1e-5) == n_fwd
-            _, mean, scale, _ = lp.forward(x, rm, rv, w, b, 0.1, 1e-5)
-            assert count(lp.backward, dy, x, mean, scale, w, b, 1e-5, all_grads) == 2
+            call = Call(rm, rv, lp, 0.1, 1e-5, None, None)
+            assert count(lp.forward, x, w, b, call) == n_fwd
+            _, mean, scale, _ = lp.forward(x, w, b, call)
+            assert count(lp.backward, dy, x, w, b, Saved(mean, scale, 1e-5, None), all_grads) == 2
     # SyncBatchNorm's stages: one launch each.
     be, _ = plan(True)
     mean, var = be.stats(x)
@@ -552,9 +556,9 @@ def test_ticket_finalize_with_many_splits(case, dev, monkeypatch):
             w = inp["weight"].clone().requires_grad_()
             b = inp["bias"].clone().requires_grad_()
             rm, rv = inp["running_mean"].clone(), inp["running_var"].clone()
-            y, mean, invstd, _ = plan.forward(xr, rm, rv, w, b, 0.1, 1e-5, None)
-            dx, dw, db = plan.backward(inp["dy"], xr, mean, invstd, w, b, 1e-5,
-                                       (True, True, True), None)
+            y, mean, invstd, _ = plan.forward(xr, w, b, Call(rm, rv, plan, 0.1, 1e-5, None, None))
+            dx, dw, db = plan.backward(inp["dy"], xr, w, b, Saved(mean, invstd, 1e-5, None),
+                                       (True, True, True))
             return dict(y=y, dx=dx, dweight=dw, dbias=db, running_mean=rm, running_var=rv,
                         mean=mean, invstd=invstd)
 
@@ -578,16 +582,19 @@ def test_ticket_finalize_with_many_splits(case, dev, monkeypatch):
         # Noisy and l_p through the same kind of workspace.
         noise = (CFG, 5, 9)
         nplan = cuda.BatchNormPlan(Signature.of("batch_norm", x, True, noise=noise))
-        y1, m1, i1, _ = nplan.forward(x, None, None, None, None, 0.1, 1e-5, noise)
-        y2, m2, i2, _ = nplan.forward(x, None, None, None, None, 0.1, 1e-5, noise)
+        ncall = Call(None, None, nplan, 0.1, 1e-5, noise, None)
+        y1, m1, i1, _ = nplan.forward(x, None, None, ncall)
+        y2, m2, i2, _ = nplan.forward(x, None, None, ncall)
         assert torch.equal(y1, y2) and torch.equal(m1, m2) and torch.equal(i1, i2)
         assert int(nplan.workspaces.get()[1].abs().sum()) == 0
         for centered in (False, True):
             lsig = Signature.of("lp_norm", x, True, p=2.0, centered=centered)
             lplan = cuda.LpNormPlan(lsig)
-            outs = [lplan.forward(x, None, None, None, None, 0.1, 1e-5) for _ in range(2)]
+            lcall = Call(None, None, lplan, 0.1, 1e-5, None, None)
+            outs = [lplan.forward(x, None, None, lcall) for _ in range(2)]
             assert all(torch.equal(a, b) for a, b in zip(outs[0][:3], outs[1][:3]))
-            dxs = [lplan.backward(inp["dy"], x, outs[0][1], outs[0][2], None, None, 1e-5,
+            dxs = [lplan.backward(inp["dy"], x, None, None,
+                                  Saved(outs[0][1], outs[0][2], 1e-5, None),
                                   (True, False, False))[0] for _ in range(2)]
             assert torch.equal(dxs[0], dxs[1])
             assert int(lplan.workspaces.get()[1].abs().sum()) == 0
@@ -610,9 +617,10 @@ def test_workspaces_under_emulated_cuda_graphs(dev):
         plan = cuda.BatchNormPlan(Signature.of("batch_norm", x, True))
 
         def call():
-            y, mean, invstd, _ = plan.forward(x, None, None, None, None, 0.1, 1e-5, None)
-            dx = plan.backward(inp["dy"], x, mean, invstd, None, None, 1e-5,
-                               (True, False, False), None)[0]
+            y, mean, invstd, _ = plan.forward(x, None, None,
+                                              Call(None, None, plan, 0.1, 1e-5, None, None))
+            dx = plan.backward(inp["dy"], x, None, None, Saved(mean, invstd, 1e-5, None),
+                               (True, False, False))[0]
             return y, dx
 
         eager = call()

@@ -9,7 +9,7 @@ import torch
 
 import bnkernels as bnk
 from bnkernels import backends, families
-from bnkernels.backends.plan import Signature
+from bnkernels.backends.plan import Saved, Signature
 from bnkernels.functional import norm
 
 OP = "test_mean_center"
@@ -30,8 +30,8 @@ class MeanCenterPlan:
         self.sig = sig
         self.training = sig.training
 
-    def forward(self, x, running_mean, running_var, weight, bias, momentum, eps, noise=None,
-                need_saved=True, counter=None):
+    def forward(self, x, weight, bias, call, need_saved=True, residual=None):
+        running_mean, _, _, momentum, _, _, counter = call
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         if counter is not None:
             counter.add_(1)
@@ -48,7 +48,8 @@ class MeanCenterPlan:
             y = y + _chan(bias.to(acc), x)
         return y.to(x.dtype), mean, torch.ones_like(mean), None
 
-    def backward(self, dy, x, mean, scale, weight, bias, eps, needs, noise=None):
+    def backward(self, dy, x, weight, bias, saved, needs):
+        mean = saved[0]
         acc = mean.dtype
         g = dy.to(acc)
         dims = _dims(x)
@@ -177,8 +178,37 @@ def test_unknown_op_is_an_error_everywhere():
         backends.make_plan(sig, x)
     from bnkernels import double_backward
     with pytest.raises(families.UnknownOpError):
-        double_backward.grads(type("P", (), {"sig": sig})(), x, x, w, b, None, None, 1e-5,
-                              (True, True, True))
+        double_backward.grads(type("P", (), {"sig": sig})(), x, x, w, b,
+                              Saved(None, None, 1e-5, None), (True, True, True))
     from bnkernels.library import OpPlan
     with pytest.raises(families.UnknownOpError):
         OpPlan("nope", True)
+
+
+def test_benchmark_providers_dispatch_through_the_descriptor():
+    """The benchmarks' providers serve the new family with no edit under bnkernels/: the
+    bnkernels providers run its functional op (checked against fp64 eager math), the torch
+    baselines plain BatchNorm, the eager composites skip it (it names none); an op no family
+    names raises UnknownOpError."""
+    from bnkernels.benchmarking import providers as P
+
+    x, w, b = _inputs()
+    rm = torch.randn(3)
+    ref = P.PROVIDERS["bnkernels-reference"]
+    assert OP in ref.ops and OP in P.ops() and OP not in P.OPS
+    with ref.context():
+        y = ref.forward(OP)(x, rm.clone(), None, w, b, True)
+    torch.testing.assert_close(y.double(), _expected(x, rm, w, b, True)[0], rtol=1e-5,
+                               atol=1e-5)
+    assert P.PROVIDERS["torch-native"].computes(OP) == "batch_norm"
+    eager = P.PROVIDERS["eager"]
+    assert OP not in eager.ops
+    assert eager.unavailable(torch.device("cpu"), OP) == f"eager does not implement {OP}"
+    assert P.COMPILE_BASELINE[OP] == "torch-compile"
+    assert P.oracle(OP, None, P.make_inputs((4, 3, 5), torch.float32, torch.contiguous_format,
+                                            torch.device("cpu")), True) is None
+    for call in (lambda: ref.forward("nope"), lambda: ref.computes("nope"),
+                 lambda: eager.unavailable(torch.device("cpu"), "nope"),
+                 lambda: P.oracle("nope", None, None, True), lambda: P.COMPILE_BASELINE["nope"]):
+        with pytest.raises(families.UnknownOpError, match="'nope'"):
+            call()

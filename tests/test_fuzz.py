@@ -341,6 +341,37 @@ class _LpOracle(nn.Module):
         return y
 
 
+def _lp_dx_torch_order(d: Draw, x, dy, w):
+    """l_p's training dx by its closed form, in fp64, in the order of operations of torch's own
+    BatchNorm backward (aten: dx = (dy - mean(dy) - xhat * mean(dy * xhat)) * invstd * w),
+    carried over to l_p (ds/dz = f / D: f = sign(z), z or sign(z) at the ties of max|z|)::
+
+        dx = w / a * (dy - mean(dy)) - w * sum(dy * xhat) / (a * D) * (f - [centered] mean(f))
+
+    with a = s + eps and xhat = (x - mean) / a. Where dy is not finite, the places of NaN and
+    of +-inf in dx are a matter of that order (an inf - inf is NaN in one order and not in
+    another), and autograd through the definition (``_LpOracle``) takes another: it subtracts
+    the mean of (dy / a + the scale's term), so one infinite dy makes its whole channel NaN,
+    where torch's BatchNorm (the same structure) leaves +-inf at about half of the channel.
+    The oracle for those channels is this one, torch's order."""
+    dims, M = _dims(x), x.numel() // x.shape[1]
+    mean, s = _lp_stats(x, d)
+    a = s + d.eps
+    z = x - _chan(mean, x) if d.centered else x
+    if d.p == 1:
+        f, D = torch.sign(z), torch.full_like(s, float(M))
+    elif d.p == 2:
+        f, D = z, M * s
+    else:
+        tie = z.abs() == _chan(s, x)
+        f, D = torch.where(tie, torch.sign(z), 0.0), tie.sum(dims).to(x.dtype)
+    wa = (w if w is not None else torch.ones_like(a)) / a
+    xhat = (x - _chan(mean, x)) / _chan(a, x)
+    k = wa * (dy * xhat).sum(dims) / D
+    fc = f - _chan(f.mean(dims), x) if d.centered else f
+    return _chan(wa, x) * (dy - _chan(dy.mean(dims), x)) - _chan(k, x) * fc
+
+
 def _torch_bn_module(d: Draw, w, b, rm, rv):
     cls = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
     m = cls[len(d.shape)](d.shape[1], d.eps, d.momentum, d.affine, d.track, dtype=w.dtype)
@@ -394,6 +425,11 @@ def _oracle(d: Draw, x64, dy, w, b, rm, rv, noise, exact=True):
     y = y.to(xd)
     out = dict(y=y.detach(), running_mean=buffers[0], running_second=buffers[1], count=count)
     _backward(out, d, y, dy.to(xd), x, params)
+    if d.op == "lp" and d.batch_stats and "dx" in out:
+        rows = torch.isfinite(dy).transpose(0, 1).reshape(dy.shape[1], -1).all(1)
+        if not bool(rows.all()):  # a channel with a non-finite dy: torch's order (see above)
+            ordered = _lp_dx_torch_order(d, x.detach(), dy.to(xd), params[0])
+            out["dx"] = torch.where(_chan(rows, x), out["dx"], ordered.to(out["dx"].dtype))
     return out
 
 

@@ -65,7 +65,8 @@ def test_sdist_has_license_sources_and_builds(dists):
     for name in ("LICENSE", "README.md", "pyproject.toml", "setup.py", "MANIFEST.in",
                  "CHANGELOG.md", "CONTRIBUTING.md", "CITATION.cff",
                  "bnkernels/_version.py", "bnkernels/py.typed",
-                 "bnkernels/backends/reference/philox.c", "bnkernels/backends/cpu/kernels.c",
+                 "bnkernels/backends/reference/philox.c", "bnkernels/backends/reference/philox.h",
+                 "bnkernels/backends/cpu/kernels.c",
                  "bnkernels/backends/cpu/kernels_impl.h", *(f"csrc/{f}" for f in CSRC)):
         assert name in names, f"{name} missing from the sdist"
     assert not any(n.endswith((".so", ".pyc")) for n in names)
@@ -81,7 +82,8 @@ def test_wheel_has_license_sources_and_metadata(dists):
 
     assert wheel.name.startswith(f"bnkernels-{bnkernels.__version__}-py3-none-any")
     for name in ("bnkernels/py.typed", "bnkernels/backends/cuda_speed.json",
-                 "bnkernels/backends/reference/philox.c", "bnkernels/backends/cpu/kernels.c",
+                 "bnkernels/backends/reference/philox.c", "bnkernels/backends/reference/philox.h",
+                 "bnkernels/backends/cpu/kernels.c",
                  "bnkernels/backends/cpu/kernels_impl.h", "bnkernels/experiments/criteria.json",
                  *(f"bnkernels/csrc/{f}" for f in CSRC)):
         assert name in names, f"{name} missing from the wheel"

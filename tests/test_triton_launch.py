@@ -53,7 +53,7 @@ def test_split_workspaces_under_emulated_cuda_graphs():
 
     from cuda_emulator.graphs import EmulatedGraph
 
-    from bnkernels.backends.plan import GRAPH_WORKSPACES, PLANS, Signature
+    from bnkernels.backends.plan import GRAPH_WORKSPACES, PLANS, Call, Saved, Signature
     from bnkernels.backends.triton.batch_norm.plan import BatchNormPlan
     from bnkernels.backends.triton.common import override_config
 
@@ -63,9 +63,10 @@ def test_split_workspaces_under_emulated_cuda_graphs():
         plan = BatchNormPlan(Signature.of("batch_norm", x, True))
 
         def call():
-            y, mean, invstd, _ = plan.forward(x, None, None, None, None, 0.1, 1e-5, None)
-            dx = plan.backward(dy, x, mean, invstd, None, None, 1e-5, (True, False, False),
-                               None)[0]
+            y, mean, invstd, _ = plan.forward(x, None, None,
+                                              Call(None, None, plan, 0.1, 1e-5, None, None))
+            dx = plan.backward(dy, x, None, None, Saved(mean, invstd, 1e-5, None),
+                               (True, False, False))[0]
             return y, dx
 
         eager = call()

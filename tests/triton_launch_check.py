@@ -221,7 +221,7 @@ def main() -> int:
         return 0
     install()
 
-    from bnkernels.backends.plan import Signature
+    from bnkernels.backends.plan import Call, Saved, Signature
     from bnkernels.backends.triton import launch
     from bnkernels.backends.triton.batch_norm.plan import BatchNormPlan
     from bnkernels.backends.triton.common import override_config
@@ -291,14 +291,15 @@ def main() -> int:
                         saved = {}
 
                         def fwd():
-                            out = plan.forward(t["x"], t["rm"], t["rv"], t["w"], t["b"], 0.1,
-                                               1e-5, None, True, t["nbt"] if training else None)
+                            out = plan.forward(t["x"], t["w"], t["b"], Call(
+                                t["rm"], t["rv"], plan, 0.1, 1e-5, None,
+                                t["nbt"] if training else None))
                             saved["a"], saved["b"] = out[1], out[2]
 
                         twice(fwd, ins)
-                        twice(lambda: plan.backward(t["dy"], t["x"], saved["a"], saved["b"],
-                                                    t["w"], t["b"], 1e-5, (True, True, True),
-                                                    None),
+                        twice(lambda: plan.backward(t["dy"], t["x"], t["w"], t["b"],
+                                                    Saved(saved["a"], saved["b"], 1e-5, None),
+                                                    (True, True, True)),
                               ins + [saved["a"], saved["b"]])
                     # a residual add and ReLU: forward, then the backward reading the output
                     for training in (True, False):
@@ -309,14 +310,13 @@ def main() -> int:
                         rsaved = {}
 
                         def rfwd():
-                            out = rplan.forward(t["x"], t["rm"], t["rv"], t["w"], t["b"], 0.1,
-                                                1e-5, None, True, None, t["dy"])
+                            out = rplan.forward(t["x"], t["w"], t["b"], Call(
+                                t["rm"], t["rv"], rplan, 0.1, 1e-5, None, None), True, t["dy"])
                             rsaved["y"], rsaved["a"], rsaved["b"] = out[0], out[1], out[2]
 
                         twice(rfwd, ins)
-                        twice(lambda: rplan.backward(t["dy"], t["x"], rsaved["a"], rsaved["b"],
-                                                     t["w"], t["b"], 1e-5, (True,) * 4, None,
-                                                     rsaved["y"]),
+                        twice(lambda: rplan.backward(t["dy"], t["x"], t["w"], t["b"], Saved(
+                                rsaved["a"], rsaved["b"], 1e-5, None, rsaved["y"]), (True,) * 4),
                               ins + [rsaved["y"], rsaved["a"], rsaved["b"]])
                     # noisy, with a tensor step and with an int step
                     for step in (t["step"], 5):
@@ -324,16 +324,16 @@ def main() -> int:
                         nsig = Signature.of("batch_norm", t["x"], True, activation="relu",
                                             noise=noise, weight=t["w"], bias=t["b"])
                         nplan = BatchNormPlan(nsig)
-                        twice(lambda: nplan.forward(t["x"], None, None, t["w"], t["b"], 0.1,
-                                                    1e-5, noise, True, None), ins)
+                        twice(lambda: nplan.forward(t["x"], t["w"], t["b"], Call(
+                            None, None, nplan, 0.1, 1e-5, noise, None)), ins)
                     # l_p
                     for training in (True, False):
                         lsig = Signature.of("lp_norm", t["x"], training, p=1, centered=True,
                                             weight=t["w"], bias=t["b"], running_mean=t["rm"],
                                             running_var=t["rv"])
                         lplan = LpNormPlan(lsig)
-                        twice(lambda: lplan.forward(t["x"], t["rm"], t["rv"], t["w"], t["b"],
-                                                    0.1, 1e-5, None, True, None), ins)
+                        twice(lambda: lplan.forward(t["x"], t["w"], t["b"], Call(
+                            t["rm"], t["rv"], lplan, 0.1, 1e-5, None, None)), ins)
 
     # 2. The fuzz harness's draws, every launch checked by the fake driver: each draw's calls
     # (forward, backward) with aligned tensors (the direct path binds), then again with each
@@ -374,10 +374,10 @@ def main() -> int:
 
                 def call(u):
                     n = (cfg, 7, u["step"]) if noisy else None
-                    y, a, b, _ = plan.forward(u["x"], u["rm"], u["rv"], u["w"], u["b"], 0.1,
-                                              d.eps, n, True, None)
-                    plan.backward(u["dy"], u["x"], a, b, u["w"], u["b"], d.eps,
-                                  (True, d.affine, d.affine), n)
+                    y, a, b, _ = plan.forward(u["x"], u["w"], u["b"],
+                                              Call(u["rm"], u["rv"], plan, 0.1, d.eps, n, None))
+                    plan.backward(u["dy"], u["x"], u["w"], u["b"], Saved(a, b, d.eps, n),
+                                  (True, d.affine, d.affine))
                     assert CURRENT[0] == devices[1], "the current device changed"
 
                 for _ in range(2):  # the first call binds, the second goes direct
@@ -398,12 +398,12 @@ def main() -> int:
     t = new_inputs((4, 3, 5, 6))
     plan = BatchNormPlan(Signature.of("batch_norm", t["x"], True, weight=t["w"], bias=t["b"]))
     for _ in range(2):
-        plan.forward(t["x"], None, None, t["w"], t["b"], 0.1, 1e-5, None, True, None)
+        plan.forward(t["x"], t["w"], t["b"], Call(None, None, plan, 0.1, 1e-5, None, None))
     for kernel in {launch_.kernel for launch_ in list(launch._ALL)}:
         kernel.device_caches.clear()
     gc.collect()
     del CALLS[:]
-    plan.forward(t["x"], None, None, t["w"], t["b"], 0.1, 1e-5, None, True, None)
+    plan.forward(t["x"], t["w"], t["b"], Call(None, None, plan, 0.1, 1e-5, None, None))
     assert CALLS and not CALLS[-1][4], "not direct"
 
     # 4. The guards: each takes the JIT path and the results agree.
@@ -412,7 +412,7 @@ def main() -> int:
 
     def fwd(x):
         del CALLS[:]
-        plan.forward(x, None, None, t["w"], t["b"], 0.1, 1e-5, None, True, None)
+        plan.forward(x, t["w"], t["b"], Call(None, None, plan, 0.1, 1e-5, None, None))
         return CALLS[-1][4]  # True: through the JIT
 
     fwd(t["x"])
@@ -439,7 +439,8 @@ def main() -> int:
 
     def noisy_call(seed):
         del CALLS[:]
-        nplan.forward(t["x"], None, None, None, None, 0.1, 1e-5, (cfg, seed, 5), True, None)
+        nplan.forward(t["x"], None, None, Call(None, None, nplan, 0.1, 1e-5, (cfg, seed, 5),
+                                               None))
         return CALLS[-1][4]
 
     noisy_call(3)

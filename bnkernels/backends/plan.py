@@ -17,7 +17,7 @@ This module imports nothing else from bnkernels: the backends import it, never t
 from __future__ import annotations
 
 import contextlib
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 
@@ -140,26 +140,58 @@ def step_entry(step):
     return (step.dtype, step.device, step.numel()) if isinstance(step, torch.Tensor) else None
 
 
+class Call(NamedTuple):
+    """A forward's per-call state: what a plan's ``forward`` takes besides x, weight, bias
+    (and a residual). The values that change from call to call; the plan holds the rest.
+
+    The eager hot path passes its fields in this order as a plain tuple (nothing built per
+    call for the structure); the traced routes and the registered ops build a Call."""
+
+    running_mean: Any  # Tensor or None
+    running_var: Any  # the family's second running buffer (l_p: running_scale), or None
+    plan: Any  # the call's Plan (what :class:`~bnkernels.autograd.NormFunction` runs); a plan
+    #            given a Call ignores this field
+    momentum: float
+    eps: float
+    noise: Any  # None, or (NoiseConfig, seed, step) for noisy BatchNorm
+    counter: Any  # a module's num_batches_tracked (incremented by the forward), or None
+
+
+class Saved(NamedTuple):
+    """What a forward keeps for its backward: a plan's ``backward`` takes it besides dy, x,
+    weight and bias (:class:`~bnkernels.autograd.NormFunction` builds it from the forward's
+    result; the registered backward ops from their arguments)."""
+
+    a: Any  # the forward's first saved statistic (BatchNorm, l_p: the mean)
+    b: Any  # its second (BatchNorm: 1/sqrt(var + eps); l_p: s_p; eval: the snapshots)
+    eps: float
+    noise: Any  # None, or (NoiseConfig, seed, step) with the step the forward used
+    out: Any = None  # the forward's output where the backward reads it (a ReLU fused after a
+    #                  residual add: its mask), else None
+
+
 class Plan(Protocol):
     """The calls of one signature (every backend, every op family).
 
-    ``forward(x, running_mean, running_var, weight, bias, momentum, eps, noise,
-    need_saved=True, counter=None) -> (y, saved_a, saved_b, step_used)``: updates the running
-    buffers in training (``running_var`` is the running scale for l_p). ``saved_a, saved_b``
-    are what this plan's backward takes: the batch mean and 1/sqrt(var + eps) (l_p: the mean
-    and s_p) in training; in eval, snapshots of the statistics this forward used, so the
-    backward is that of this forward whatever happens to the running buffers in between. Both
-    None when ``need_saved`` is False (no backward will come). ``step_used``: the noise step
-    the forward used when it was given as a tensor (a 1-element int64 tensor, the one form on
-    every backend), else None. ``counter``: a module's ``num_batches_tracked``, incremented by
-    this call (training with running statistics).
+    ``forward(x, weight, bias, call, need_saved=True, residual=None) -> (y, saved_a, saved_b,
+    step_used)``; ``call``: a :class:`Call` (or the plain tuple of its fields). It updates the
+    running buffers in training (``running_var`` is the running scale for l_p). ``saved_a,
+    saved_b`` are what this plan's backward takes (:class:`Saved` ``a`` and ``b``): the batch
+    mean and 1/sqrt(var + eps) (l_p: the mean and s_p) in training; in eval, snapshots of the
+    statistics this forward used, so the backward is that of this forward whatever happens to
+    the running buffers in between. Both None when ``need_saved`` is False (no backward will
+    come). ``step_used``: the noise step the forward used when it was given as a tensor (a
+    1-element int64 tensor, the one form on every backend), else None; it becomes the step of
+    :class:`Saved` ``noise``. ``call.counter``: a module's ``num_batches_tracked``,
+    incremented by this call (training with running statistics).
 
-    ``backward(dy, x, saved_a, saved_b, weight, bias, eps, needs, noise) -> (dx, dw, db)``:
-    None where ``needs`` (3 booleans) says a gradient is not wanted.
+    ``backward(dy, x, weight, bias, saved, needs) -> (dx, dw, db)``; ``saved``: a
+    :class:`Saved` (or the plain tuple of its fields). None where ``needs`` (3 booleans) says
+    a gradient is not wanted.
 
-    BatchNorm with a residual (``sig.residual``): ``forward(..., counter, residual)`` computes
-    out = act(bn(x) + residual) (noisy: act(s * a + m + residual)); ``backward(..., noise,
-    out)`` takes the forward's output (where a fused ReLU was active: out > 0, as torch's
+    BatchNorm with a residual (``sig.residual``): ``forward(..., residual)`` computes
+    out = act(bn(x) + residual) (noisy: act(s * a + m + residual)); ``backward`` reads
+    ``saved.out``, the forward's output (where a fused ReLU was active: out > 0, as torch's
     threshold_backward reads it), ``needs`` has a fourth boolean, d(residual), and it returns
     ``(dx, dw, db, dresidual)``: d(residual) is the activation-masked dy (dy itself without
     an activation), written by the pass that writes dx.
@@ -172,10 +204,9 @@ class Plan(Protocol):
 
     sig: Signature
 
-    def forward(self, x, running_mean, running_var, weight, bias, momentum, eps, noise,
-                need_saved=True, counter=None, residual=None): ...
+    def forward(self, x, weight, bias, call, need_saved=True, residual=None): ...
 
-    def backward(self, dy, x, saved_a, saved_b, weight, bias, eps, needs, noise, out=None): ...
+    def backward(self, dy, x, weight, bias, saved, needs): ...
 
 
 class BasePlan:
@@ -315,18 +346,20 @@ class ContiguousChannels(BasePlan):
         self.plan = plan
         self.sig = plan.sig
 
-    def forward(self, x, running_mean, running_var, weight, bias, *args, **kwargs):
+    def forward(self, x, weight, bias, call, need_saved=True, residual=None):
+        running_mean, running_var = call[0], call[1]
         c = [t if t is None else t.contiguous() for t in (running_mean, running_var)]
-        out = self.plan.forward(x, c[0], c[1], _contiguous(weight), _contiguous(bias), *args,
-                                **kwargs)
+        out = self.plan.forward(x, _contiguous(weight), _contiguous(bias),
+                                (c[0], c[1], *call[2:]), need_saved, residual)
         for orig, copy in zip((running_mean, running_var), c):
             if orig is not None and copy is not orig:
                 orig.copy_(copy)
         return out
 
-    def backward(self, dy, x, a, b, weight, bias, *args):
-        return self.plan.backward(dy, x, a.contiguous(), b.contiguous(), _contiguous(weight),
-                                  _contiguous(bias), *args)
+    def backward(self, dy, x, weight, bias, saved, needs):
+        return self.plan.backward(dy, x, _contiguous(weight), _contiguous(bias),
+                                  (saved[0].contiguous(), saved[1].contiguous(), *saved[2:]),
+                                  needs)
 
     # SyncBatchNorm's stages (BatchNorm plans)
 
@@ -349,6 +382,6 @@ def _contiguous(t):
     return t if t is None else t.contiguous()
 
 
-__all__ = ["FLOAT_DTYPES", "PLANS", "BasePlan", "ContiguousChannels", "Plan", "PlanCache",
-           "Signature", "SyncStages", "Workspaces", "acc_dtype", "overriding", "signature",
-           "step_entry"]
+__all__ = ["FLOAT_DTYPES", "PLANS", "BasePlan", "Call", "ContiguousChannels", "Plan",
+           "PlanCache", "Saved", "Signature", "SyncStages", "Workspaces", "acc_dtype",
+           "overriding", "signature", "step_entry"]

@@ -220,7 +220,7 @@ def options(args: argparse.Namespace):
         device=device, shapes=tuple(shapes),
         dtypes=S.choose(args.dtypes or suite.dtypes, S.DTYPES, "dtypes"),
         layouts=S.choose(args.layouts or suite.layouts, S.LAYOUTS, "layouts"),
-        ops=S.choose(args.ops or P.OPS, P.OPS, "ops"),
+        ops=S.choose(args.ops or P.OPS, P.ops(), "ops"),
         passes=S.choose(args.passes or P.PASSES, P.PASSES, "passes"),
         providers=providers, requested=requested,
         lp_ps=S.choose(args.lp_ps or suite.lp_ps, P.LP_PS, "l_p norms"),

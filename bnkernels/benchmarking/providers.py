@@ -2,6 +2,11 @@
 
 Every provider gives, for an op, a forward ``f(x, running_mean, running_var_or_scale, weight,
 bias, training) -> y`` and a context (cuDNN flags, bnkernels backend) active while it runs.
+The ops are those the registered op families name for the benchmarks (their descriptors'
+``bench``: :class:`bnkernels.backends.family.BenchOp`): the bnkernels providers run each op's
+``run``, the eager ones its ``eager`` composite, the correctness check its ``oracle``; an op no
+family names raises :class:`~bnkernels.backends.family.UnknownOpError`. The built-in
+families' makers are below (:func:`bnkernels_batch_norm`, ...).
 
 | provider            | batch_norm                  | noisy_batch_norm / lp_norm                   |
 |---------------------|-----------------------------|----------------------------------------------|
@@ -31,9 +36,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from ..backends.family import UnknownOpError, bench_op, bench_ops, resolve
+from ..families import BATCH_NORM, LP_NORM
 from ..noise import NoiseConfig
 
-OPS = ("batch_norm", "noisy_batch_norm", "lp_norm")
 PASSES = ("fwd-train", "fwd-eval", "bwd", "fwd+bwd")
 MOMENTUM, EPS = 0.1, 1e-5
 NOISE = NoiseConfig()  # the paper's constants
@@ -98,6 +104,95 @@ def lp_norm_eager(x, running_mean, running_scale, weight, bias, training, p=2,
     return (y + _per_channel(bias, x)).to(x.dtype)
 
 
+# ----------------------------------------------------------------------------- the built-in ops
+# Makers ``(p) -> f(x, running_mean, running_var_or_scale, weight, bias, training)`` named by
+# the built-in families' descriptors (bnkernels.families).
+
+
+def bnkernels_batch_norm(p=None):
+    import bnkernels
+
+    def f(x, rm, rv, w, b, t):
+        return bnkernels.batch_norm(x, rm, rv, w, b, t, MOMENTUM, EPS)
+    return f
+
+
+def bnkernels_noisy_batch_norm(p=None):
+    import bnkernels
+
+    def f(x, rm, rv, w, b, t):
+        return bnkernels.noisy_batch_norm(x, rm, rv, w, b, t, MOMENTUM, EPS, noise=NOISE,
+                                          seed=0, step=0)
+    return f
+
+
+def bnkernels_lp_norm(p):
+    import bnkernels
+
+    pv = LP_PS[p]
+
+    def f(x, rm, rs, w, b, t):
+        return bnkernels.lp_norm(x, pv, rm, rs, w, b, t, MOMENTUM, EPS)
+    return f
+
+
+def _family_norm(op):
+    """The default ``run`` of a family's benchmark op: its functional op."""
+    def make(p=None):
+        from ..functional import norm
+
+        def f(x, rm, rv, w, b, t):
+            return norm(op, x, rm, rv, w, b, t, MOMENTUM, EPS)
+        return f
+    return make
+
+
+def noisy_batch_norm_eager_of(p=None):
+    return noisy_batch_norm_eager
+
+
+def lp_norm_eager_of(p):
+    pv = LP_PS[p]
+
+    def f(x, rm, rs, w, b, t):
+        return lp_norm_eager(x, rm, rs, w, b, t, p=pv)
+    return f
+
+
+def batch_norm_oracle(p=None):
+    def f(x, rm, rv, w, b, t):
+        return F.batch_norm(x, rm, rv, w, b, t, MOMENTUM, EPS)
+    return f
+
+
+def lp_norm_oracle(p):
+    from ..backends.reference import lp_norm_reference_fwd
+
+    pv = LP_PS[p]
+
+    def f(x, rm, rs, w, b, t):
+        return lp_norm_reference_fwd(x, pv, rm, rs, w, b, t, MOMENTUM, EPS, False)[0]
+    return f
+
+
+def ops() -> tuple[str, ...]:
+    """The benchmark ops of every registered op family (their descriptors' ``bench``)."""
+    return tuple(bench_ops())
+
+
+# The built-in families' ops: the default op list (a family registered later is benchmarked
+# when asked for by name: ops() lists it).
+OPS = tuple(op for fam in (BATCH_NORM, LP_NORM) for op in fam.bench)
+
+
+class _CompileBaseline(dict):
+    """Which provider a row's ``speedup_vs_compile`` compares against, per op: the compiled
+    eager composite where the op has one, else torch.compile(F.batch_norm)."""
+
+    def __missing__(self, op):
+        return "eager-compile" if bench_op(op)[1].eager is not None else "torch-compile"
+
+
 # ----------------------------------------------------------------------------- providers
 
 
@@ -132,7 +227,6 @@ class Provider:
     Args:
         name: the provider's name in results.
         description: what it runs, for the result file.
-        ops: the ops it serves.
         kind: "torch" (F.batch_norm, the plain-BN baseline for every op), "eager" (the op's
             torch composite) or "bnkernels".
         cudnn: cuDNN enabled while it runs (torch and eager kinds).
@@ -143,7 +237,6 @@ class Provider:
 
     name: str
     description: str
-    ops: tuple[str, ...]
     kind: str
     cudnn: bool = True
     compiled: bool = False
@@ -153,13 +246,22 @@ class Provider:
     jit_launch: bool = False  # Triton launches through the JIT, not the direct path
 
 
+    @property
+    def ops(self) -> tuple[str, ...]:
+        """The ops it serves, of every registered family: the torch baselines and bnkernels
+        every op, the eager composites those that have one."""
+        return tuple(op for op, (_, b) in bench_ops().items()
+                     if self.kind != "eager" or b.eager is not None)
+
     def computes(self, op: str) -> str:
         """The op this provider actually runs for ``op`` (the torch baselines run plain BN)."""
+        bench_op(op)  # an op no family names: UnknownOpError
         return "batch_norm" if self.kind == "torch" else op
 
     def unavailable(self, device: torch.device, op: str | None = None) -> str | None:
         """Why this provider cannot run on ``device`` (and ``op``), or None."""
         if op is not None and op not in self.ops:
+            bench_op(op)  # an op no family names: UnknownOpError
             return f"{self.name} does not implement {op}"
         if self.name == "cudnn":
             if device.type != "cuda":
@@ -183,8 +285,6 @@ class Provider:
                 # It would build on first use: minutes inside a warm-up. Build it first.
                 return ("the CUDA extension is not built (python -m bnkernels.backends.cuda "
                         "build; make gpu-check does)")
-            if op == "lp_norm" and not hasattr(bnkernels.functional, "lp_norm"):
-                return "bnkernels.functional has no lp_norm yet"
         return None
 
     def context(self):
@@ -196,70 +296,56 @@ class Provider:
                 ) -> Forward:
         """``f(x, running_mean, running_var_or_scale, weight, bias, training) -> y``."""
         op = self.computes(op)
+        _, bench = bench_op(op)
         if self.kind == "bnkernels":
-            import bnkernels
-            import bnkernels.functional
-
-            if op == "batch_norm":
-                return lambda x, rm, rv, w, b, t: bnkernels.batch_norm(
-                    x, rm, rv, w, b, t, MOMENTUM, EPS)
-            if op == "noisy_batch_norm":
-                return lambda x, rm, rv, w, b, t: bnkernels.noisy_batch_norm(
-                    x, rm, rv, w, b, t, MOMENTUM, EPS, noise=NOISE, seed=0, step=0)
-            lp_norm = bnkernels.functional.lp_norm
-            return lambda x, rm, rs, w, b, t: lp_norm(x, LP_PS[p], rm, rs, w, b, t, MOMENTUM,
-                                                      EPS)
-        if op == "batch_norm":
+            return resolve(bench.run)(p) if bench.run is not None else _family_norm(op)(p)
+        if self.kind == "torch":
             fn = batch_norm_eager
-        elif op == "noisy_batch_norm":
-            fn = noisy_batch_norm_eager
+        elif bench.eager is None:
+            raise UnknownOpError(f"{self.name}: {op!r} has no eager composite (its family's "
+                                 "BenchOp names none)")
         else:
-            pv = LP_PS[p]
-
-            def fn(x, rm, rs, w, b, t):
-                return lp_norm_eager(x, rm, rs, w, b, t, p=pv)
+            fn = resolve(bench.eager)(p)
         if self.compiled:
             return torch.compile(fn, dynamic=False, mode=compile_mode)
         return fn
 
 
-_ALL = ("batch_norm", "noisy_batch_norm", "lp_norm")
-_COMPOSITE = ("noisy_batch_norm", "lp_norm")
-
 PROVIDERS: dict[str, Provider] = {p.name: p for p in (
     Provider("cudnn", "torch.nn.functional.batch_norm with cuDNN enabled (plain BatchNorm for "
-             "every op)", _ALL, "torch", cudnn=True),
+             "every op)", "torch", cudnn=True),
     Provider("torch-native", "torch.nn.functional.batch_norm with cuDNN disabled (PyTorch's "
-             "native kernels; plain BatchNorm for every op)", _ALL, "torch", cudnn=False),
-    Provider("torch-compile", "torch.compile(F.batch_norm) (plain BatchNorm for every op)", _ALL,
+             "native kernels; plain BatchNorm for every op)", "torch", cudnn=False),
+    Provider("torch-compile", "torch.compile(F.batch_norm) (plain BatchNorm for every op)",
              "torch", compiled=True, default_on_cpu=False),
     Provider("eager", "the op as a torch composite: F.batch_norm plus torch-generated noise "
-             "(noisy BN); the eager l_p formula (l_p)", _COMPOSITE, "eager"),
-    Provider("eager-compile", "torch.compile of the eager composite", _COMPOSITE, "eager",
+             "(noisy BN); the eager l_p formula (l_p)", "eager"),
+    Provider("eager-compile", "torch.compile of the eager composite", "eager",
              compiled=True, default_on_cpu=False),
     Provider("bnkernels-triton", "bnkernels with the triton backend (interpreted on the CPU)",
-             _ALL, "bnkernels", backend="triton"),
-    Provider("bnkernels-cuda", "bnkernels with the CUDA C++ backend", _ALL, "bnkernels",
+             "bnkernels", backend="triton"),
+    Provider("bnkernels-cuda", "bnkernels with the CUDA C++ backend", "bnkernels",
              backend="cuda", default_on_cpu=False),
     Provider("bnkernels-reference", "bnkernels with the eager reference backend (the oracle)",
-             _ALL, "bnkernels", backend="reference", default_on_cuda=False),
+             "bnkernels", backend="reference", default_on_cuda=False),
 )}
 
 # bnkernels as a user gets it: no set_backend call, the default ("auto") choice per input. The
 # overhead and e2e sections time it (their targets are about the default); the kernel suite
 # times the backends one by one instead.
 AUTO = Provider("bnkernels-auto", "bnkernels with its default backend (\"auto\": what a user "
-                "gets without set_backend)", _ALL, "bnkernels", backend="auto")
+                "gets without set_backend)", "bnkernels", backend="auto")
 
 # Which provider each speedup column compares against: speedup_vs_<key> = t(that) / t(row).
-COMPILE_BASELINE = {"batch_norm": "torch-compile", "noisy_batch_norm": "eager-compile",
-                    "lp_norm": "eager-compile"}
+COMPILE_BASELINE = _CompileBaseline()
+for _op in OPS:
+    COMPILE_BASELINE[_op] = COMPILE_BASELINE[_op]  # the built-in ops listed (the report's)
 BNKERNELS = ("bnkernels-triton", "bnkernels-cuda")  # the fast paths (not the reference)
 # The overhead section's: Triton through its JIT on every launch (what the direct launch
 # path saves, measured beside bnkernels-triton).
 TRITON_JIT = Provider("bnkernels-triton-jit", "bnkernels with the triton backend, every launch "
                       "through Triton's JIT (kernel[grid]) instead of the direct launch path",
-                      _ALL, "bnkernels", backend="triton", default_on_cpu=False,
+                      "bnkernels", backend="triton", default_on_cpu=False,
                       jit_launch=True)
 
 
@@ -368,18 +454,13 @@ def oracle(op: str, p: str | None, inp: Inputs, training: bool) -> torch.Tensor 
     fp64 and kept in fp32 (half the memory, far below every tolerance), or None where outputs
     are not comparable across providers (noisy BN: each draws its own noise). BatchNorm:
     PyTorch itself; l_p: bnkernels' reference formulas."""
+    make = bench_op(op)[1].oracle
+    if make is None:
+        return None
     rm, rv = (t.double() for t in inp.fresh_stats())
     w, b = inp.weight.detach().double(), inp.bias.detach().double()
-    x = inp.x.double()
     with torch.no_grad():
-        if op == "batch_norm":
-            return F.batch_norm(x, rm, rv, w, b, training, MOMENTUM, EPS).float()
-        if op == "lp_norm":
-            from ..backends.reference import lp_norm_reference_fwd
-
-            return lp_norm_reference_fwd(x, LP_PS[p], rm, rv, w, b, training, MOMENTUM, EPS,
-                                         False)[0].float()
-    return None
+        return resolve(make)(p)(inp.x.double(), rm, rv, w, b, training).float()
 
 
 def max_error(f: Forward, inp: Inputs, training: bool, expected: torch.Tensor) -> float:
@@ -393,5 +474,8 @@ def max_error(f: Forward, inp: Inputs, training: bool, expected: torch.Tensor) -
 
 __all__ = ["AUTO", "BNKERNELS", "CHECK_TOL", "COMPILE_BASELINE", "EPS", "LP_PS", "MOMENTUM",
            "TRITON_JIT", "NOISE", "OPS", "PASSES", "PROVIDERS", "TRAFFIC", "Inputs", "Provider",
-           "batch_norm_eager", "default_providers", "first_line", "lp_norm_eager", "make_inputs",
-           "max_error", "noisy_batch_norm_eager", "not_default_reason", "oracle", "pass_builder"]
+           "batch_norm_eager", "batch_norm_oracle", "bnkernels_batch_norm", "bnkernels_lp_norm",
+           "bnkernels_noisy_batch_norm", "default_providers", "first_line", "lp_norm_eager",
+           "lp_norm_eager_of", "lp_norm_oracle", "make_inputs", "max_error",
+           "noisy_batch_norm_eager", "noisy_batch_norm_eager_of", "not_default_reason", "ops",
+           "oracle", "pass_builder"]

@@ -15,6 +15,11 @@ from .providers import BNKERNELS, COMPILE_BASELINE, OPS, PASSES, PROVIDERS
 from .suite import row_key
 
 
+def _ops(rows) -> tuple:
+    """The built-in ops in their order, then any other family's ops the rows have."""
+    return OPS + tuple(sorted({r["op"] for r in rows} - set(OPS)))
+
+
 def device_slug(name: str) -> str:
     """"NVIDIA H100 80GB HBM3" -> "nvidia-h100-80gb-hbm3"; a CPU run -> "cpu"."""
     if name.startswith("cpu"):
@@ -138,7 +143,7 @@ def markdown(result: dict, plots: dict | None = None) -> str:
               "noisy_batch_norm and lp_norm the cudnn, torch-native and torch-compile columns "
               "are plain BatchNorm on the same input.", ""]
     modes = [m for m in ("eager", "graph") if any(r.get("mode", "eager") == m for r in rows)]
-    tables = [(op, p, pass_, mode) for op in OPS
+    tables = [(op, p, pass_, mode) for op in _ops(rows)
               for p in sorted({r["p"] for r in rows if r["op"] == op},
                               key=lambda v: (v is None, v))
               for pass_ in PASSES for mode in modes]
@@ -246,11 +251,29 @@ def _stack_md(result: dict) -> list[str]:
         f"{info.get('dtype', '')} on {info.get('device', '')}. Goals: module <= "
         f"{limits.get('module')}x torch's module, functional <= "
         f"{limits.get('functional')}x F.batch_norm (a CPU proxy: the GPU "
-        "launch itself is not in it).",
-        ["api", "op", "pass", "us/call", "torch us/call", "ratio", "goal"],
+        "launch itself is not in it). Emulated: every launch through the direct launch path "
+        "(guards, addresses, the launcher's C entry called, itself a no-op), the goal the "
+        "same; launches: per call; us/launch: one warm direct launch of the row's first "
+        "kernel alone, median [min, max].",
+        ["api", "op", "pass", "us/call", "torch us/call", "ratio", "goal", "emulated us/call",
+         "emulated ratio", "launches", "us/launch"],
         [[r["api"], r["op"], r["pass"], f"{r['us_per_call']:.1f}",
           f"{r['torch_us_per_call']:.1f}", f"{r['ratio_vs_torch']:.2f}",
-          f"<= {r['limit']} {'met' if r['met'] else 'NOT MET'}"] for r in rows])
+          f"<= {r['limit']} {'met' if r['met'] else 'NOT MET'}", *_stack_emulated(r)]
+         for r in rows])
+
+
+def _stack_emulated(r: dict) -> list[str]:
+    """The emulated-launch cells of a stack row ('-' in results written before them)."""
+    if r.get("us_per_call_emulated") is None:
+        return ["-"] * 4
+    spread = r.get("us_per_launch_spread") or [None, None]
+    launch = _num(r.get("us_per_launch"), "{:.2f}")
+    if None not in spread:
+        launch += f" [{spread[0]:.2f}, {spread[1]:.2f}]"
+    return [f"{r['us_per_call_emulated']:.1f}",
+            f"{r['ratio_emulated']:.2f} {'met' if r['met_emulated'] else 'NOT MET'}",
+            _num(r.get("launches"), "{}"), launch]
 
 
 def _e2e_md(result: dict) -> list[str]:
@@ -325,9 +348,9 @@ def plot_speedup(result: dict, path: Path) -> None:
     plt = _pyplot()
     rows, mode = _kernel_rows(result)
     baseline = "cudnn" if any(r["provider"] == "cudnn" for r in rows) else "torch-native"
-    panels = [(op, pass_) for op in OPS for pass_ in PASSES
+    panels = [(op, pass_) for op in _ops(rows) for pass_ in PASSES
               if any(r["op"] == op and r["pass"] == pass_ for r in rows)]
-    ops = [op for op in OPS if any(op == o for o, _ in panels)]
+    ops = [op for op in _ops(rows) if any(op == o for o, _ in panels)]
     passes = [p for p in PASSES if any(p == q for _, q in panels)]
     fig, axes = plt.subplots(max(1, len(ops)), max(1, len(passes)), squeeze=False,
                              figsize=(4.2 * max(1, len(passes)), 3.6 * max(1, len(ops))))

@@ -113,23 +113,49 @@ class _Common:
             y = y.to(x.dtype)
         return self.lay.restore(y, x) if self.copy else y
 
+    def _forward_call(self, x, running_mean, running_stat, weight, bias, momentum, eps, head,
+                      tail, need_saved):
+        """(y, saved_a, saved_b) of the family's forward kernel, called once:
+        ``fwd(x, y, *dims, training, *head, w, b, eps, momentum, running_mean, running_stat,
+        saved_a, saved_b, *tail)`` (saved None where nothing is kept; float16 parameters go in
+        as float32 copies, the running buffers copied back after a training step)."""
+        xk = self._input(x)
+        rm, rs, w, b = running_mean, running_stat, weight, bias
+        if self.cast_params:
+            rm, rs, w, b = _f32(rm), _f32(rs), _f32(w), _f32(b)
+        y = torch.empty_like(xk)
+        keep = self.training or need_saved
+        sa = torch.empty(self.C, dtype=self.acc) if keep else None
+        sb = torch.empty(self.C, dtype=self.acc) if keep else None
+        self._fwd(xk.data_ptr(), y.data_ptr(), *self.dims, int(self.training), *head, _ptr(w),
+                  _ptr(b), eps, momentum, _ptr(rm), _ptr(rs), _ptr(sa), _ptr(sb), *tail)
+        if self.cast_params and running_mean is not None and self.training:
+            running_mean.copy_(rm)
+            running_stat.copy_(rs)
+        return self._output(y, x), sa, sb
+
+    def _grad_call(self, kernel, dy, x, weight, bias, needs, args):
+        """(dx, dw, db) of a backward kernel, called once:
+        ``kernel(dy, x, dx, *dims, *args, dw, db)`` (None for what ``needs`` declines)."""
+        xk = self._input(x)
+        dyk = self._grad_input(dy, xk)
+        dx = torch.empty_like(xk) if needs[0] else None
+        dw = torch.empty(self.C, dtype=self.acc) if needs[1] else None
+        db = torch.empty(self.C, dtype=self.acc) if needs[2] else None
+        kernel(dyk.data_ptr(), xk.data_ptr(), _ptr(dx), *self.dims, *args, _ptr(dw), _ptr(db))
+        return (None if dx is None else self._output(dx, x),
+                None if dw is None else dw.to(weight.dtype),
+                None if db is None else db.to(bias.dtype))
+
     def _bwd_eval(self, dy, x, mean, invstd, weight, bias, needs, relu=0, ns=None, nm=None):
         """The eval backward (statistics constant): BatchNorm's kernel, training off."""
         return self._bn_backward(dy, x, mean, invstd, weight, bias, needs, 0, relu, ns, nm)
 
     def _bn_backward(self, dy, x, mean, invstd, weight, bias, needs, training, relu, ns, nm):
-        xk = self._input(x)
-        dyk = self._grad_input(dy, xk)
         w, b = (_f32(weight), _f32(bias)) if self.cast_params else (weight, bias)
-        dx = torch.empty_like(xk) if needs[0] else None
-        dw = torch.empty(self.C, dtype=self.acc) if needs[1] else None
-        db = torch.empty(self.C, dtype=self.acc) if needs[2] else None
-        self._bn_bwd(dyk.data_ptr(), xk.data_ptr(), _ptr(dx), *self.dims, training,
-                     mean.data_ptr(), invstd.data_ptr(), _ptr(w), _ptr(b), relu, _ptr(ns),
-                     _ptr(nm), _ptr(dw), _ptr(db))
-        return (None if dx is None else self._output(dx, x),
-                None if dw is None else dw.to(weight.dtype),
-                None if db is None else db.to(bias.dtype))
+        return self._grad_call(self._bn_bwd, dy, x, weight, bias, needs, (
+            training, mean.data_ptr(), invstd.data_ptr(), _ptr(w), _ptr(b), relu, _ptr(ns),
+            _ptr(nm)))
 
 
 class BatchNormPlan(_Common, _ReferenceBatchNormPlan):
@@ -155,35 +181,23 @@ class BatchNormPlan(_Common, _ReferenceBatchNormPlan):
             nm = nm.contiguous(memory_format=self.noise_format)
         return ns, nm
 
-    def forward(self, x, running_mean, running_var, weight, bias, momentum, eps, noise,
-                need_saved=True, counter=None):
+    def forward(self, x, weight, bias, call, need_saved=True, residual=None):  # no residual
+        running_mean, running_var, _, momentum, eps, noise, counter = call
         if counter is not None:
             counter.add_(1)
-        xk = self._input(x)
-        rm, rv, w, b = running_mean, running_var, weight, bias
-        if self.cast_params:
-            rm, rv, w, b = _f32(rm), _f32(rv), _f32(w), _f32(b)
-        y = torch.empty_like(xk)
-        keep = self.training or need_saved
-        sa = torch.empty(self.C, dtype=self.acc) if keep else None
-        sb = torch.empty(self.C, dtype=self.acc) if keep else None
         ns = nm = None
         if noise is not None:
             ns, nm = self._noise(x, noise)
-        self._fwd(xk.data_ptr(), y.data_ptr(), *self.dims, int(self.training), _ptr(w),
-                  _ptr(b), eps, momentum, _ptr(rm), _ptr(rv), _ptr(sa), _ptr(sb), _ptr(ns),
-                  _ptr(nm), self.relu)
-        if self.cast_params and running_mean is not None and self.training:
-            running_mean.copy_(rm)
-            running_var.copy_(rv)
-        y = self._output(y, x)
+        y, sa, sb = self._forward_call(x, running_mean, running_var, weight, bias, momentum, eps,
+                                       (), (_ptr(ns), _ptr(nm), self.relu), need_saved)
         if not need_saved:
             return y, None, None, None
         if ns is not None:
             sa = _Kept((sa, ns, nm))
         return y, sa, sb, _step_snapshot(noise)
 
-    def backward(self, dy, x, mean, invstd, weight, bias, eps, needs, noise):
+    def backward(self, dy, x, weight, bias, saved, needs):
+        mean, invstd, noise = saved[0], saved[1], saved[3]
         ns = nm = None
         if isinstance(mean, tuple):
             mean, ns, nm = mean
@@ -201,44 +215,25 @@ class LpNormPlan(_Common):
         self._bind(sig, lib, "lp")
         self.p = 0 if sig.p == float("inf") else int(sig.p)
         self.centered = int(bool(sig.centered))
+        self._head = (self.p, self.centered)  # the forward kernel's arguments after training
 
-    def forward(self, x, running_mean, running_scale, weight, bias, momentum, eps, noise=None,
-                need_saved=True, counter=None):
+    def forward(self, x, weight, bias, call, need_saved=True, residual=None):  # no residual
+        running_mean, running_scale, _, momentum, eps, _, counter = call
         if counter is not None:
             counter.add_(1)
-        xk = self._input(x)
-        rm, rs, w, b = running_mean, running_scale, weight, bias
-        if self.cast_params:
-            rm, rs, w, b = _f32(rm), _f32(rs), _f32(w), _f32(b)
-        y = torch.empty_like(xk)
-        keep = self.training or need_saved
-        sa = torch.empty(self.C, dtype=self.acc) if keep else None
-        sb = torch.empty(self.C, dtype=self.acc) if keep else None
-        self._fwd(xk.data_ptr(), y.data_ptr(), *self.dims, int(self.training), self.p,
-                  self.centered, _ptr(w), _ptr(b), eps, momentum, _ptr(rm), _ptr(rs),
-                  _ptr(sa), _ptr(sb))
-        if self.cast_params and running_mean is not None and self.training:
-            running_mean.copy_(rm)
-            running_scale.copy_(rs)
-        y = self._output(y, x)
+        y, sa, sb = self._forward_call(x, running_mean, running_scale, weight, bias, momentum,
+                                       eps, self._head, (), need_saved)
         if not need_saved:
             return y, None, None, None
         return y, sa, sb, None
 
-    def backward(self, dy, x, a, b, weight, bias, eps, needs, noise=None):
+    def backward(self, dy, x, weight, bias, saved, needs):
+        a, b, eps = saved[0], saved[1], saved[2]
         if not self.training:  # constant statistics: BatchNorm's eval backward, invstd = b
             return self._bwd_eval(dy, x, a, b, weight, bias, needs)
-        xk = self._input(x)
-        dyk = self._grad_input(dy, xk)
         w = _f32(weight) if self.cast_params else weight
-        dx = torch.empty_like(xk) if needs[0] else None
-        dw = torch.empty(self.C, dtype=self.acc) if needs[1] else None
-        db = torch.empty(self.C, dtype=self.acc) if needs[2] else None
-        self._bwd(dyk.data_ptr(), xk.data_ptr(), _ptr(dx), *self.dims, self.p, self.centered,
-                  a.data_ptr(), b.data_ptr(), _ptr(w), eps, _ptr(dw), _ptr(db))
-        return (None if dx is None else self._output(dx, x),
-                None if dw is None else dw.to(weight.dtype),
-                None if db is None else db.to(bias.dtype))
+        return self._grad_call(self._bwd, dy, x, weight, bias, needs,
+                               (*self._head, a.data_ptr(), b.data_ptr(), _ptr(w), eps))
 
 
 class CpuBackend:

@@ -1,7 +1,7 @@
 """Builds and loads the cpu backend's C kernels (``kernels.c``): compiled once with the system
 C compiler (``-O3 -march=native``, ~3 s) into ``$XDG_CACHE_HOME/bnkernels/cpu-<hash>.so``
-(default ``~/.cache/bnkernels``), the hash covering the sources, the compiler command and the
-machine (its CPU's flags: the code is built for this CPU); a cached library is loaded with
+(default ``~/.cache/bnkernels``), the hash covering the sources (:data:`SOURCES`), the compiler
+command and the machine (its CPU's flags: the code is built for this CPU); a cached library is loaded with
 ctypes at once. Every library is checked against the reference formulas on a small input
 before it is used; any failure (no compiler, a failed compile, load or check) is a reason the
 backend gives (``available_backends()``), and "auto" then takes the reference backend."""
@@ -21,7 +21,9 @@ import threading
 from pathlib import Path
 
 _HERE = Path(__file__).resolve().parent
-SOURCES = ("kernels.c", "kernels_impl.h")
+SOURCES = ("kernels.c", "kernels_impl.h", "../reference/philox.h")
+"""The files the library is built from (relative to this folder; the cache's hash covers them
+all): ``kernels.c`` includes the other two (the Philox rounds are the reference's)."""
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-ffp-contract=off", "-std=gnu11")
 
 _LOCK = threading.Lock()

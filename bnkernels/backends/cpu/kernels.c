@@ -16,6 +16,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "../reference/philox.h"
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
@@ -42,33 +44,13 @@ typedef float vf __attribute__((vector_size(LANES * sizeof(float))));
 
 /* ----------------------------------------------------------------------------- noisy BatchNorm
  * The noise of Algorithm 1 up to its transcendental functions, from the same Philox4x32-10
- * stream as every backend (see backends/reference/formulas.py and philox.c): per channel j,
- * counters (j, 0, step, 1) give mu_j = n_mu (2 u - 1) and sigma_j = 1 + (n_sigma - 1) u';
- * element i (logical (n, c, s) order), counters (i mod 2^32, i >> 32, step, 0) give u0, u1,
- * u2. Written: m = (2 u0 - 1) r_mu + mu_j (final), u1 and 2 pi u2, in float with the
+ * stream as every backend (its rounds are the reference's, ../reference/philox.h): per
+ * channel j, counters (j, 0, step, 1) give mu_j = n_mu (2 u - 1) and
+ * sigma_j = 1 + (n_sigma - 1) u'; element i (logical (n, c, s) order), counters
+ * (i mod 2^32, i >> 32, step, 0) give u0, u1, u2. Written: m = (2 u0 - 1) r_mu + mu_j (final), u1 and 2 pi u2, in float with the
  * reference's operations in its order (this file is built with -ffp-contract=off), so that the
  * caller's log/sqrt/cos (torch's, as the reference's) finish s = sigma_j + r_sigma z,
  * z = sqrt(-2 log u1) cos(2 pi u2), bit-identical to the reference. */
-static inline void philox10(uint32_t c[4], uint64_t seed) {
-  const uint32_t KA = 0x9E3779B9u, KB = 0xBB67AE85u, RA = 0xD2511F53u, RB = 0xCD9E8D57u;
-  uint32_t c0 = c[0], c1 = c[1], c2 = c[2], c3 = c[3];
-  uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
-  for (int r = 0; r < 10; ++r) {
-    uint64_t pa = (uint64_t)c0 * RA, pb = (uint64_t)c2 * RB;
-    uint32_t n0 = (uint32_t)(pb >> 32) ^ c1 ^ k0, n2 = (uint32_t)(pa >> 32) ^ c3 ^ k1;
-    c1 = (uint32_t)pb;
-    c3 = (uint32_t)pa;
-    c0 = n0;
-    c2 = n2;
-    k0 += KA;
-    k1 += KB;
-  }
-  c[0] = c0;
-  c[1] = c1;
-  c[2] = c2;
-  c[3] = c3;
-}
-
 static inline float uniform24(uint32_t r) { return ((float)(r >> 8) + 0.5f) * 0x1p-24f; }
 
 void bnk_noise_prep(uint64_t seed, uint32_t step, int64_t N, int64_t C, int64_t S, double n_mu,
@@ -79,7 +61,7 @@ void bnk_noise_prep(uint64_t seed, uint32_t step, int64_t N, int64_t C, int64_t 
   const float two_pi = (float)6.283185307179586;
   for (int64_t j = 0; j < C; ++j) {
     uint32_t c[4] = {(uint32_t)j, (uint32_t)((uint64_t)j >> 32), step, 1};
-    philox10(c, seed);
+    bnk_philox10(c, seed);
     mu[j] = fn_mu * (2.0f * uniform24(c[0]) - 1.0f);
     sigma[j] = 1.0f + fsig1 * uniform24(c[1]);
   }
@@ -93,7 +75,7 @@ void bnk_noise_prep(uint64_t seed, uint32_t step, int64_t N, int64_t C, int64_t 
       /* 16 counters at a time: 32-bit words in the low halves of 64-bit lanes (two vectors of
        * 8), _mm512_mul_epu32 giving the 64-bit products; the high halves may hold garbage
        * (nothing reads them but the shifts of the products). The same bits as below. */
-      const __m512i RA = _mm512_set1_epi64(0xD2511F53u), RB = _mm512_set1_epi64(0xCD9E8D57u);
+      const __m512i RA = _mm512_set1_epi64(BNK_PHILOX_RA), RB = _mm512_set1_epi64(BNK_PHILOX_RB);
       const __m512i stepv = _mm512_set1_epi64(step), lanes = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
       const __m512 half = _mm512_set1_ps(0.5f), scale = _mm512_set1_ps(0x1p-24f);
       const __m512 two = _mm512_set1_ps(2.0f), one = _mm512_set1_ps(1.0f);
@@ -119,8 +101,8 @@ void bnk_noise_prep(uint64_t seed, uint32_t step, int64_t N, int64_t C, int64_t 
             c0[h] = n0;
             c2[h] = n2;
           }
-          k0 += 0x9E3779B9u;
-          k1 += 0xBB67AE85u;
+          k0 += BNK_PHILOX_KA;
+          k1 += BNK_PHILOX_KB;
         }
         /* the low 32 bits of each lane, 16 lanes into one vector of 32-bit words */
         __m512i w0 = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi64_epi32(c0[0])),
@@ -140,21 +122,11 @@ void bnk_noise_prep(uint64_t seed, uint32_t step, int64_t N, int64_t C, int64_t 
 #endif
       for (; s < S; ++s) {
         uint64_t i = base + (uint64_t)s;
-        uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
-        uint32_t c0 = (uint32_t)i, c1 = (uint32_t)(i >> 32), c2 = step, c3 = 0;
-        for (int r = 0; r < 10; ++r) {
-          uint64_t pa = (uint64_t)c0 * 0xD2511F53u, pb = (uint64_t)c2 * 0xCD9E8D57u;
-          uint32_t n0 = (uint32_t)(pb >> 32) ^ c1 ^ k0, n2 = (uint32_t)(pa >> 32) ^ c3 ^ k1;
-          c1 = (uint32_t)pb;
-          c3 = (uint32_t)pa;
-          c0 = n0;
-          c2 = n2;
-          k0 += 0x9E3779B9u;
-          k1 += 0xBB67AE85u;
-        }
-        mo[s] = (uniform24(c0) * 2.0f - 1.0f) * fr_mu + mj;
-        uo[s] = uniform24(c1);
-        ao[s] = uniform24(c2) * two_pi;
+        uint32_t c[4] = {(uint32_t)i, (uint32_t)(i >> 32), step, 0};
+        bnk_philox10(c, seed);
+        mo[s] = (uniform24(c[0]) * 2.0f - 1.0f) * fr_mu + mj;
+        uo[s] = uniform24(c[1]);
+        ao[s] = uniform24(c[2]) * two_pi;
       }
     }
   free(mu);

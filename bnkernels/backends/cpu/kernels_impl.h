@@ -188,6 +188,34 @@ static void FN(apply_)(const T *restrict x, T *restrict y, int64_t N, int64_t C,
   }
 }
 
+/* The apply's constants of channel c (see apply_): the mean as a pair of T (mh + ml: a batch
+ * mean of 1e4 keeps the digits of a std of 1e-2; a running mean is one T, ml = 0),
+ * a = inv [* w], b [or 0]. */
+static inline __attribute__((always_inline)) void FN(coeffs_)(int64_t c, T mh, T ml, T inv,
+                                                          const T *w, const T *b, T *hi,
+                                                          T *lo, T *a, T *bb) {
+  hi[c] = mh;
+  lo[c] = ml;
+  a[c] = w ? inv * w[c] : inv;
+  bb[c] = b ? b[c] : (T)0;
+}
+
+/* Eval (both families): the running statistics are constants. inv = 1 / sqrt(rs + eps) (root:
+ * BatchNorm's running variance) or 1 / (rs + eps) (l_p's running scale); saved (if save_a):
+ * the running mean and inv, snapshots as the reference saves them. */
+static void FN(eval_coeffs_)(int64_t C, const T *rm, const T *rs, double eps, int root,
+                             const T *w, const T *b, T *save_a, T *save_b, T *hi, T *lo, T *a,
+                             T *bb) {
+  for (int64_t c = 0; c < C; ++c) {
+    T inv = root ? (T)1 / (T)sqrt((double)(rs[c] + (T)eps)) : (T)1 / (rs[c] + (T)eps);
+    if (save_a) {
+      save_a[c] = rm[c];
+      save_b[c] = inv;
+    }
+    FN(coeffs_)(c, rm[c], 0, inv, w, b, hi, lo, a, bb);
+  }
+}
+
 /* BatchNorm forward. Training: batch statistics (saved: mean and 1/sqrt(var + eps)), running
  * buffers (if rm) updated with the unbiased variance; eval: the running statistics (saved:
  * snapshots of them, as the reference). ns/nm: the noise or NULL. */
@@ -224,23 +252,10 @@ void FN(bnk_bn_fwd_)(const T *x, T *y, int64_t N, int64_t C, int64_t S, int mc, 
         rm[c] = mom * mt + keep * rm[c];
         rv[c] = mom * (vt * unb) + keep * rv[c];
       }
-      hi[c] = mt;
-      lo[c] = (T)(mean[c] - (double)mt);
-      a[c] = w ? inv * w[c] : inv;
-      bb[c] = b ? b[c] : (T)0;
+      FN(coeffs_)(c, mt, (T)(mean[c] - (double)mt), inv, w, b, hi, lo, a, bb);
     }
   } else {
-    for (int64_t c = 0; c < C; ++c) {
-      T inv = (T)1 / (T)sqrt((double)(rv[c] + (T)eps));
-      if (save_mean) {
-        save_mean[c] = rm[c];
-        save_invstd[c] = inv;
-      }
-      hi[c] = rm[c];
-      lo[c] = 0;
-      a[c] = w ? inv * w[c] : inv;
-      bb[c] = b ? b[c] : (T)0;
-    }
+    FN(eval_coeffs_)(C, rm, rv, eps, 1, w, b, save_mean, save_invstd, hi, lo, a, bb);
   }
   FN(apply_)(x, y, N, C, S, mc, hi, lo, a, bb, ns, nm, relu);
   free(buf);
@@ -574,24 +589,11 @@ void FN(bnk_lp_fwd_)(const T *x, T *y, int64_t N, int64_t C, int64_t S, int mc, 
         rm[c] = mom * mt[c] + keep * rm[c];
         rs[c] = mom * s + keep * rs[c];
       }
-      T inv = (T)1 / (s + (T)eps);
-      hi[c] = mt[c];
-      lo[c] = (T)(mean[c] - (double)mt[c]);
-      a[c] = w ? inv * w[c] : inv;
-      bb[c] = b ? b[c] : (T)0;
+      FN(coeffs_)(c, mt[c], (T)(mean[c] - (double)mt[c]), (T)1 / (s + (T)eps), w, b, hi, lo,
+                  a, bb);
     }
   } else {
-    for (int64_t c = 0; c < C; ++c) {
-      T inv = (T)1 / (rs[c] + (T)eps);
-      if (save_a) {
-        save_a[c] = rm[c];
-        save_b[c] = inv;
-      }
-      hi[c] = rm[c];
-      lo[c] = 0;
-      a[c] = w ? inv * w[c] : inv;
-      bb[c] = b ? b[c] : (T)0;
-    }
+    FN(eval_coeffs_)(C, rm, rs, eps, 0, w, b, save_a, save_b, hi, lo, a, bb);
   }
   FN(apply_)(x, y, N, C, S, mc, hi, lo, a, bb, NULL, NULL, 0);
   free(buf);

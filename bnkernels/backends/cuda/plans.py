@@ -166,8 +166,8 @@ class BatchNormPlan(BasePlan):
         xc = self.lay.prepare(x)
         return self.lay, xc, torch.empty_like(xc)
 
-    def forward(self, x, running_mean, running_var, weight, bias, momentum, eps, noise,
-                need_saved=True, counter=None, residual=None):
+    def forward(self, x, weight, bias, call, need_saved=True, residual=None):
+        running_mean, running_var, _, momentum, eps, noise, counter = call
         lay, xc, y = self._start(x, counter)
         view = lay.kernel_view
         res = None if residual is None else view(lay.like(residual, xc))
@@ -194,12 +194,14 @@ class BatchNormPlan(BasePlan):
                           res)
         return lay.restore(y, x), mean, invstd, None
 
-    def backward(self, dy, x, a, b, weight, bias, eps, needs, noise, out=None):
-        """``a, b``: the mean and invstd the forward saved. With a residual, ``needs`` has a
-        fourth entry, d(residual), ``out`` is the forward's output (a ReLU's mask) and it
-        returns ``(dx, dw, db, dresidual)``: d(residual) = dy where out > 0, else 0
-        (threshold_backward's mask, so a NaN output passes dy), or dy itself without the
-        ReLU; the kernels then take it as the dy of bn(x), without the activation."""
+    def backward(self, dy, x, weight, bias, saved, needs):
+        """``saved``: the mean and invstd the forward saved, eps, the noise. With a residual,
+        ``needs`` has a fourth entry, d(residual), ``saved.out`` is the forward's output (a
+        ReLU's mask) and it returns ``(dx, dw, db, dresidual)``: d(residual) = dy where
+        out > 0, else 0 (threshold_backward's mask, so a NaN output passes dy), or dy itself
+        without the ReLU; the kernels then take it as the dy of bn(x), without the
+        activation."""
+        a, b, eps, noise, out = saved
         if self.res:
             g = dy.masked_fill(out <= 0, 0) if self.relu else dy
             if any(needs[:3]):
@@ -270,8 +272,8 @@ class LpNormPlan(BasePlan):
         self.centered = bool(sig.centered)
         self.workspaces = self.bn.workspaces
 
-    def forward(self, x, running_mean, running_scale, weight, bias, momentum, eps, noise=None,
-                need_saved=True, counter=None, residual=None):  # l_p has no residual
+    def forward(self, x, weight, bias, call, need_saved=True, residual=None):  # no residual
+        running_mean, running_scale, _, momentum, eps, _, counter = call
         lay, xc, y = self.bn._start(x, counter)
         view = lay.kernel_view
         if self.training:
@@ -288,11 +290,12 @@ class LpNormPlan(BasePlan):
                           weight, bias, False, *_NO_NOISE, *saved, None)
         return lay.restore(y, x), saved[0], saved[1], None
 
-    def backward(self, dy, x, a, b, weight, bias, eps, needs, noise=None, out=None):
-        """``a, b``: the forward's saved (mean, s_p) in training; in eval mode its snapshots
-        (mean, invstd)."""
+    def backward(self, dy, x, weight, bias, saved, needs):
+        """``saved``: the forward's (mean, s_p) in training; in eval mode its snapshots
+        (mean, invstd); then eps."""
+        a, b, eps = saved[0], saved[1], saved[2]
         if not self.training:
-            return self.bn.backward(dy, x, a, b, weight, bias, eps, needs, None)
+            return self.bn._backward(dy, x, a, b, weight, bias, eps, needs, None)
         need_dx, need_dw, need_db = needs
         dx, args = _backward_io(self.lay, dy, x, need_dx)
         ws, tickets = self.workspaces.get()

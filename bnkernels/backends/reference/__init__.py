@@ -33,8 +33,8 @@ class BatchNormPlan(BasePlan):
         self.training = sig.training
         self.activation = sig.activation
 
-    def forward(self, x, running_mean, running_var, weight, bias, momentum, eps, noise,
-                need_saved=True, counter=None, residual=None):
+    def forward(self, x, weight, bias, call, need_saved=True, residual=None):
+        running_mean, running_var, _, momentum, eps, noise, counter = call
         if counter is not None:
             counter.add_(1)
         y, mean, invstd = F.batch_norm_reference_fwd(
@@ -48,7 +48,8 @@ class BatchNormPlan(BasePlan):
                     1.0 / torch.sqrt(running_var.to(acc) + eps), None)
         return y, mean, invstd, _step_used(noise)
 
-    def backward(self, dy, x, mean, invstd, weight, bias, eps, needs, noise, out=None):
+    def backward(self, dy, x, weight, bias, saved, needs):
+        mean, invstd, _, noise, out = saved
         if not self.sig.has_residual:
             return F.batch_norm_reference_bwd(dy, x, mean, invstd, weight, bias, self.training,
                                               self.activation, needs, noise)
@@ -86,8 +87,8 @@ class LpNormPlan(BasePlan):
         self.p = sig.p
         self.centered = sig.centered
 
-    def forward(self, x, running_mean, running_scale, weight, bias, momentum, eps, noise=None,
-                need_saved=True, counter=None, residual=None):  # l_p has no residual
+    def forward(self, x, weight, bias, call, need_saved=True, residual=None):  # no residual
+        running_mean, running_scale, _, momentum, eps, _, counter = call
         if counter is not None:
             counter.add_(1)
         y, mean, scale = F.lp_norm_reference_fwd(
@@ -101,7 +102,8 @@ class LpNormPlan(BasePlan):
                     1.0 / (running_scale.to(acc) + eps), None)
         return y, mean, scale, None
 
-    def backward(self, dy, x, a, b, weight, bias, eps, needs, noise=None, out=None):
+    def backward(self, dy, x, weight, bias, saved, needs):
+        a, b, eps = saved[0], saved[1], saved[2]
         if not self.training:  # constant statistics: BatchNorm's eval backward, invstd = b
             return F.batch_norm_reference_bwd(dy, x, a, b, weight, bias, False, None, needs)
         return F.lp_norm_reference_bwd(dy, x, self.p, a, b, weight, bias, self.training,

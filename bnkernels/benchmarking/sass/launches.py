@@ -166,6 +166,7 @@ def launches_of(op: str, sig, direction: str) -> list[LaunchSpec]:
     that saved its statistics). ``sig.device`` is a CUDA device; the plan runs under
     :func:`gpu_host`, which records the launches (a plan's pre-bound launches go through
     ``kernel[grid](...)`` on their first call, which is what is recorded)."""
+    from ...backends.plan import Call, Saved
     from ...backends.triton import TritonBackend
 
     with gpu_host() as recorded:
@@ -174,18 +175,18 @@ def launches_of(op: str, sig, direction: str) -> list[LaunchSpec]:
         plan = TritonBackend().plan(sig)
         noise = (sig.noisy[0], 0, 0) if op == "noisy_batch_norm" else None
         backward = direction == "backward"
-        res = () if sig.residual is None else (torch.empty_like(x),)
-        y, a, s, used = plan.forward(x, rm, rv, w, b, 0.1, 1e-5, noise,
-                                     backward or sig.training, None, *res)
+        res = None if sig.residual is None else torch.empty_like(x)
+        y, a, s, used = plan.forward(x, w, b, Call(rm, rv, plan, 0.1, 1e-5, noise, None),
+                                     backward or sig.training, res)
         if not backward:
             return list(recorded)
         recorded.clear()
         if used is not None:
             noise = (noise[0], noise[1], used)
-        if res:  # d(residual) too, the ReLU's mask read from the output
-            plan.backward(torch.empty_like(x), x, a, s, w, b, 1e-5, (True,) * 4, noise, y)
-        else:
-            plan.backward(torch.empty_like(x), x, a, s, w, b, 1e-5, (True, True, True), noise)
+        # with a residual: d(residual) too, the ReLU's mask read from the output
+        plan.backward(torch.empty_like(x), x, w, b,
+                      Saved(a, s, 1e-5, noise, None if res is None else y),
+                      (True,) * (3 if res is None else 4))
         return list(recorded)
 
 

@@ -195,12 +195,12 @@ class BatchNormPlan(BasePlan):
 
     # -- forward
 
-    def forward(self, x, running_mean, running_var, weight, bias, momentum, eps, noise,
-                need_saved=True, counter=None, residual=None):
+    def forward(self, x, weight, bias, call, need_saved=True, residual=None):
         """``(y, mean, invstd, used)``: the batch statistics in training; in eval mode
         snapshots of the mean and invstd used (None unless ``need_saved``). ``used``: the step
         a noisy training forward with a tensor step used (1-element int64, written by its
         kernel), else None."""
+        running_mean, running_var, _, momentum, eps, noise, counter = call
         xc = x.contiguous() if self.copy else x
         y = torch.empty_like(xc)
         seed, step = (None, None) if noise is None else (noise[1], noise[2])
@@ -251,11 +251,12 @@ class BatchNormPlan(BasePlan):
 
     # -- backward
 
-    def backward(self, dy, x, mean, invstd, weight, bias, eps, needs, noise, out=None):
+    def backward(self, dy, x, weight, bias, saved, needs):
         """``(dx, dweight, dbias)``, None where ``needs`` says so; ``mean, invstd``: what the
         forward saved (the batch statistics, or the eval snapshots). With a residual,
         ``(dx, dweight, dbias, dresidual)`` (``needs`` has four entries; ``out``: the
         forward's output, read for a ReLU's mask)."""
+        mean, invstd, eps, noise, out = saved
         if self.res:
             return self._backward_res(dy, x, mean, invstd, weight, bias, eps, needs, noise, out)
         return self._backward(dy, x, mean, invstd, weight, bias, eps, needs, noise)

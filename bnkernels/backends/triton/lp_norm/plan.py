@@ -124,11 +124,11 @@ class LpNormPlan(BasePlan):
         return BatchNormPlan(self.sig._replace(op="batch_norm", p=None, centered=None,
                                                counter=False))
 
-    def forward(self, x, running_mean, running_scale, weight, bias, momentum, eps, noise=None,
-                need_saved=True, counter=None):
+    def forward(self, x, weight, bias, call, need_saved=True, residual=None):  # no residual
         """``(y, a, b, None)``: the batch mean and s_p in training; in eval mode snapshots of
         running_mean and 1/(running_scale + eps) (if ``need_saved``), for BatchNorm's eval
         backward."""
+        running_mean, running_scale, _, momentum, eps, _, counter = call
         xc = x.contiguous() if self.copy else x
         y = torch.empty_like(xc)
         if not self.training:
@@ -159,9 +159,10 @@ class LpNormPlan(BasePlan):
                              b_ptr=bias, save_mean_ptr=None, save_invstd_ptr=None, eps=eps)
         return (y if not self.copy else self.lay.restore(y, x)), mean, scale, None
 
-    def backward(self, dy, x, a, b, weight, bias, eps, needs, noise=None):
+    def backward(self, dy, x, weight, bias, saved, needs):
         """``(dx, dweight, dbias)``; ``a, b``: the saved mean and s_p, or (eval) the saved mean
         and 1/(s_p + eps)."""
+        a, b, eps = saved[0], saved[1], saved[2]
         need_dx, need_dw, need_db = needs
         need_dw = need_dw and weight is not None
         need_db = need_db and bias is not None
@@ -169,7 +170,7 @@ class LpNormPlan(BasePlan):
             return None, None, None
         if not self.training:
             if need_dw or need_db:
-                return self.eval_bn.backward(dy, x, a, b, weight, bias, eps, needs, None)
+                return self.eval_bn.backward(dy, x, weight, bias, saved, needs)
             if self.copy:
                 x = x.contiguous()
             dyc = dy if dy.stride() == x.stride() else self.lay.like(dy, x)

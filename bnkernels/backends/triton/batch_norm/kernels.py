@@ -250,6 +250,23 @@ def _welford_pass(x_ptr, ch, cm, start, end, shift, N, C, S, S_BLOCKS, UNITS,
     return mean, m2, cnt, chan_sum(total, CL)
 
 
+@triton.jit
+def _bn_fwd_sweep(x_ptr, nbt_ptr, C, S, UNITS, CHUNK, N, S_BLOCKS, BLOCK_A: tl.constexpr,
+                  BLOCK_B: tl.constexpr, CL: tl.constexpr, ACC: tl.constexpr,
+                  INT64: tl.constexpr, ALIGN: tl.constexpr, PAIR: tl.constexpr):
+    """The forward reductions' sweep: (C, S, pid, p, ch, cm, the channels' shift, and the
+    per-channel Welford summary and plain sum of this program's CHUNK units); the first
+    program counts the batch (``nbt_ptr``, unless None)."""
+    C, S, pid, p = reduce_ids(C, S, ALIGN, CL, INT64)
+    count_batch(nbt_ptr, (pid == 0) & (p == 0))
+    ch, cm = group(pid, C, BLOCK_B, CL)
+    shift = _shift(x_ptr, ch, cm, S, CL, ACC, INT64)
+    mean, m2, cnt, total = _welford_pass(x_ptr, ch, cm, p * CHUNK,
+                                         unit_end(p * CHUNK, CHUNK, UNITS, CL), shift, N, C, S,
+                                         S_BLOCKS, UNITS, BLOCK_A, BLOCK_B, CL, ACC, INT64, PAIR)
+    return C, S, pid, p, ch, cm, shift, mean, m2, cnt, total
+
+
 # ----------------------------------------------------------------------------- forward kernels
 
 
@@ -274,13 +291,9 @@ def _bn_stats_kernel(
     CHUNK units to a (count, mean, M2, sum) partial; the last to finish merges them in a
     fixed order and finalizes (mean, invstd or var, mean_lo into the workspace, running
     statistics)."""
-    C, S, pid, p = reduce_ids(C, S, ALIGN, CL, INT64)
-    count_batch(nbt_ptr, (pid == 0) & (p == 0))
-    ch, cm = group(pid, C, BLOCK_B, CL)
-    shift = _shift(x_ptr, ch, cm, S, CL, ACC, INT64)
-    mean, m2, cnt, total = _welford_pass(x_ptr, ch, cm, p * CHUNK,
-                                         unit_end(p * CHUNK, CHUNK, UNITS, CL), shift, N, C, S,
-                                         S_BLOCKS, UNITS, BLOCK_A, BLOCK_B, CL, ACC, INT64, PAIR)
+    C, S, pid, p, ch, cm, shift, mean, m2, cnt, total = _bn_fwd_sweep(
+        x_ptr, nbt_ptr, C, S, UNITS, CHUNK, N, S_BLOCKS, BLOCK_A, BLOCK_B, CL, ACC, INT64, ALIGN,
+        PAIR)
     put_partials(ws_ptr, ch, cm, p, C, SPLIT, CL, cnt, mean, m2, total)
     if last_of_group(ticket_ptr, pid, SPLIT):
         mean, m2, cnt, total = _merge_partials(ws_ptr + ch * SPLIT, C * SPLIT, SPLIT, cm, ACC)
@@ -311,13 +324,9 @@ def _bn_fused_fwd_kernel(
 ):
     """One program per channel group: reduces its values, finalizes the statistics and writes
     y = act(w * (x - mean) * invstd + b [+ residual]), re-reading its values from cache."""
-    C, S, pid, p = reduce_ids(C, S, ALIGN, CL, INT64)  # (p = 0: a grid of one split)
-    count_batch(nbt_ptr, (pid == 0) & (p == 0))
-    ch, cm = group(pid, C, BLOCK_B, CL)
-    shift = _shift(x_ptr, ch, cm, S, CL, ACC, INT64)
-    mean, m2, cnt, total = _welford_pass(x_ptr, ch, cm, p * CHUNK,
-                                         unit_end(p * CHUNK, CHUNK, UNITS, CL), shift, N, C, S,
-                                         S_BLOCKS, UNITS, BLOCK_A, BLOCK_B, CL, ACC, INT64, PAIR)
+    C, S, _, _, ch, cm, shift, mean, m2, cnt, total = _bn_fwd_sweep(  # (a grid of one split)
+        x_ptr, nbt_ptr, C, S, UNITS, CHUNK, N, S_BLOCKS, BLOCK_A, BLOCK_B, CL, ACC, INT64, ALIGN,
+        PAIR)
     hi, lo, invstd = _bn_finalize(ch, cm, mean, m2, cnt, shift, total, mean_ptr, invstd_ptr,
                                   rmean_ptr, rvar_ptr, momentum, eps, ACC, False)
     w = chan_bcast(chan_get(w_ptr, ch, cm, 1.0, CL, ACC, w_ptr is not None), CL)
@@ -357,17 +366,6 @@ def _bn_bwd_finalize(ch, cm, sum_g, sum_gx, invstd, coef_ptr, dw_ptr, db_ptr, C,
 
 
 @triton.jit
-def _bn_bwd_params(mean_ptr, scale_ptr, w_ptr, b_ptr, ch, cm, CL: tl.constexpr,
-                   ACC: tl.constexpr):
-    """(mean, invstd) per channel, and (mean, invstd, w, b) broadcast against a tile."""
-    mean_c = chan_get(mean_ptr, ch, cm, 0.0, CL, ACC)
-    invstd_c = chan_get(scale_ptr, ch, cm, 1.0, CL, ACC)
-    w = chan_bcast(chan_get(w_ptr, ch, cm, 1.0, CL, ACC, w_ptr is not None), CL)
-    b = chan_bcast(chan_get(b_ptr, ch, cm, 0.0, CL, ACC, b_ptr is not None), CL)
-    return mean_c, invstd_c, chan_bcast(mean_c, CL), chan_bcast(invstd_c, CL), w, b
-
-
-@triton.jit
 def _bn_bwd_sums(dy_ptr, x_ptr, dx_ptr, out_ptr, dres_ptr, ch, cm, start, end, mean, invstd, w,
                  b, N, C, S, S_BLOCKS, UNITS, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
                  CL: tl.constexpr, RELU: tl.constexpr, TRAINING: tl.constexpr,
@@ -388,6 +386,28 @@ def _bn_bwd_sums(dy_ptr, x_ptr, dx_ptr, out_ptr, dres_ptr, ch, cm, start, end, m
         if dx_ptr is not None and not TRAINING:  # eval: dx needs no sums
             tl.store(dx_ptr + offs, (g * invstd * w).to(dx_ptr.dtype.element_ty), mask=mask)
     return chan_sum(sum_g, CL), chan_sum(sum_gx, CL)
+
+
+@triton.jit
+def _bn_bwd_sweep(dy_ptr, x_ptr, dx_ptr, out_ptr, dres_ptr, mean_ptr, scale_ptr, w_ptr, b_ptr, C,
+                  S, UNITS, CHUNK, N, S_BLOCKS, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+                  CL: tl.constexpr, RELU: tl.constexpr, TRAINING: tl.constexpr,
+                  ACC: tl.constexpr, INT64: tl.constexpr, ALIGN: tl.constexpr):
+    """The first sweep of a backward reduction: (C, S, pid, p, ch, cm, invstd per channel,
+    then mean, invstd, w, b broadcast against a tile, and this program's sum(g) and
+    sum(g (x - mean)) over its CHUNK units, :func:`_bn_bwd_sums`)."""
+    C, S, pid, p = reduce_ids(C, S, ALIGN, CL, INT64)
+    ch, cm = group(pid, C, BLOCK_B, CL)
+    mean = chan_bcast(chan_get(mean_ptr, ch, cm, 0.0, CL, ACC), CL)
+    invstd_c = chan_get(scale_ptr, ch, cm, 1.0, CL, ACC)
+    invstd = chan_bcast(invstd_c, CL)
+    w = chan_bcast(chan_get(w_ptr, ch, cm, 1.0, CL, ACC, w_ptr is not None), CL)
+    b = chan_bcast(chan_get(b_ptr, ch, cm, 0.0, CL, ACC, b_ptr is not None), CL)
+    sum_g, sum_gx = _bn_bwd_sums(dy_ptr, x_ptr, dx_ptr, out_ptr, dres_ptr, ch, cm, p * CHUNK,
+                                 unit_end(p * CHUNK, CHUNK, UNITS, CL), mean, invstd, w, b, N, C,
+                                 S, S_BLOCKS, UNITS, BLOCK_A, BLOCK_B, CL, RELU, TRAINING, ACC,
+                                 INT64)
+    return C, S, pid, p, ch, cm, invstd_c, mean, invstd, w, b, sum_g, sum_gx
 
 
 @triton.jit
@@ -413,14 +433,9 @@ def _bn_fused_bwd_kernel(
 ):
     """One program per channel group: the gradient sums, dweight/dbias, and dx (training: a
     second sweep, re-reading dy and x from cache; eval: in the first)."""
-    C, S, pid, p = reduce_ids(C, S, ALIGN, CL, INT64)  # (p = 0: a grid of one split)
-    ch, cm = group(pid, C, BLOCK_B, CL)
-    _, invstd_c, mean, invstd, w, b = _bn_bwd_params(mean_ptr, scale_ptr, w_ptr, b_ptr, ch, cm,
-                                                     CL, ACC)
-    sum_g, sum_gx = _bn_bwd_sums(dy_ptr, x_ptr, dx_ptr, out_ptr, dres_ptr, ch, cm, p * CHUNK,
-                                 unit_end(p * CHUNK, CHUNK, UNITS, CL), mean, invstd, w, b, N, C,
-                                 S, S_BLOCKS, UNITS, BLOCK_A, BLOCK_B, CL, RELU, TRAINING, ACC,
-                                 INT64)
+    C, S, _, _, ch, cm, invstd_c, mean, invstd, w, b, sum_g, sum_gx = _bn_bwd_sweep(
+        dy_ptr, x_ptr, dx_ptr, out_ptr, dres_ptr, mean_ptr, scale_ptr, w_ptr, b_ptr, C, S, UNITS,
+        CHUNK, N, S_BLOCKS, BLOCK_A, BLOCK_B, CL, RELU, TRAINING, ACC, INT64, ALIGN)
     k1, k2 = _bn_bwd_finalize(ch, cm, sum_g, sum_gx, invstd_c, None, dw_ptr, db_ptr, C, M_F,
                               ACC, DW_RAW)
     if dx_ptr is not None and TRAINING:
@@ -455,14 +470,9 @@ def _bn_split_bwd_kernel(
     """SPLIT programs per channel group, each summing CHUNK units into a partial; the last
     to finish (an atomic ticket) adds them in a fixed order and writes dweight, dbias and, in
     training, the coefficients of dx (for the elementwise dx pass that follows)."""
-    C, S, pid, p = reduce_ids(C, S, ALIGN, CL, INT64)
-    ch, cm = group(pid, C, BLOCK_B, CL)
-    _, invstd_c, mean, invstd, w, b = _bn_bwd_params(mean_ptr, scale_ptr, w_ptr, b_ptr, ch, cm,
-                                                     CL, ACC)
-    sum_g, sum_gx = _bn_bwd_sums(dy_ptr, x_ptr, dx_ptr, out_ptr, dres_ptr, ch, cm, p * CHUNK,
-                                 unit_end(p * CHUNK, CHUNK, UNITS, CL), mean, invstd, w, b, N, C,
-                                 S, S_BLOCKS, UNITS, BLOCK_A, BLOCK_B, CL, RELU, TRAINING, ACC,
-                                 INT64)
+    C, S, pid, p, ch, cm, invstd_c, _, _, _, _, sum_g, sum_gx = _bn_bwd_sweep(
+        dy_ptr, x_ptr, dx_ptr, out_ptr, dres_ptr, mean_ptr, scale_ptr, w_ptr, b_ptr, C, S, UNITS,
+        CHUNK, N, S_BLOCKS, BLOCK_A, BLOCK_B, CL, RELU, TRAINING, ACC, INT64, ALIGN)
     put_partials(ws_ptr, ch, cm, p, C, SPLIT, CL, sum_g, sum_gx)
     if last_of_group(ticket_ptr, pid, SPLIT):
         sum_g, sum_gx = _sum_partials(ws_ptr + ch * SPLIT, C * SPLIT, SPLIT, cm)

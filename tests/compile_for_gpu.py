@@ -25,7 +25,7 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 
 MODULES = ["affine", "batch_norm.kernels", "noise", "lp_norm.kernels"]
 DATA_PTRS = {"x_ptr", "y_ptr", "dy_ptr", "dx_ptr", "res_ptr", "out_ptr", "dres_ptr"}  # fp16 here
-FLOATS = {"eps", "momentum", "n_mu", "n_sigma", "r_mu", "r_sigma", "inv_m", "M_F"}
+FLOATS = {"eps", "momentum", "inv_m", "M_F"}
 WIDE_INTS = {"seed"}
 INT64_PTRS = {"used_ptr", "nbt_ptr"}
 BLOCKS = {"BLOCK": 256, "BLOCK_M": 32, "BLOCK_C": 16, "BLOCK_R": 4, "BLOCK_K": 64, "BLOCK_N": 4,
@@ -33,9 +33,9 @@ BLOCKS = {"BLOCK": 256, "BLOCK_M": 32, "BLOCK_C": 16, "BLOCK_R": 4, "BLOCK_K": 6
           "ALIGN": 4}  # ALIGN: a power of two dividing the rows
 
 
-def _arg_type(kernel, name, values):
-    if name == "step":  # an int (STEP_PTR 0), a 1-element tensor (1), a saved invstd (2)
-        return {1: "*i64", 2: "*fp32"}.get(int(values.get("STEP_PTR", 0)), "i64")
+def _arg_type(kernel, name, step_ptr):
+    if name == "step":  # the noise step: an int, or a 1-element int tensor (read on device)
+        return "*i64" if step_ptr else "i64"
     if name.endswith("_ptr"):
         return "*fp16" if name in DATA_PTRS else "*i64" if name in INT64_PTRS else "*fp32"
     if name in FLOATS or (name == "M" and "finalize" in kernel.__name__):
@@ -43,7 +43,7 @@ def _arg_type(kernel, name, values):
     return "i64" if name in WIDE_INTS else "i32"
 
 
-ENUMS = ("P", "SCALE_FROM", "PHASE", "STEP_PTR")  # integer constexprs taking 0, 1 and 2
+ENUMS = ("P", "SCALE_FROM", "PHASE")  # integer constexprs taking 0, 1 and 2
 # Tensors a kernel takes as None when absent (a constexpr None: the variant without them).
 OPTIONAL_PTRS = {"res_ptr", "lo_ptr", "w_ptr", "b_ptr", "save_mean_ptr", "save_invstd_ptr",
                  "used_ptr", "nbt_ptr", "rmean_ptr", "rvar_ptr", "rscale_ptr", "out_ptr",
@@ -51,6 +51,10 @@ OPTIONAL_PTRS = {"res_ptr", "lo_ptr", "w_ptr", "b_ptr", "save_mean_ptr", "save_i
 # ... and those optional in some kernels only: dx in a backward reduction (asked for dweight
 # and dbias alone), the coefficients in the shared dx kernel (eval)
 OPTIONAL_IN = {"bwd_kernel": {"dx_ptr"}, "affine_dx_kernel": {"coef_ptr"}}
+# The one-pass BatchNorm kernels take the noise optionally: a plain plan passes the noise
+# tensor, seed and step as None (the variant without noise).
+NOISE_OPTIONAL = {"_bn_fused_fwd_kernel", "_bn_fused_bwd_kernel"}
+NOISE_ARGS = ("noise_ptr", "seed", "step")
 
 
 def absent(kernel, values, flag_value):
@@ -58,6 +62,8 @@ def absent(kernel, values, flag_value):
     if not flag_value:
         optional = OPTIONAL_PTRS.union(*(v for k, v in OPTIONAL_IN.items()
                                          if kernel.__name__.endswith(k)))
+        if kernel.__name__ in NOISE_OPTIONAL:
+            optional = optional.union(NOISE_ARGS)
         values.update({n: None for n in kernel.arg_names if n in optional})
     return values
 
@@ -73,9 +79,11 @@ def _variants(kernel):
             if "ACC" in names:
                 values["ACC"] = tl.float32
             values.update({n: e for n in enums})
-            if "STEP_PTR" in values and "bwd" not in kernel.__name__:
-                values["STEP_PTR"] = min(e, 1)  # only a backward reads a saved step (2)
-            yield absent(kernel, values, flag_value)
+            values = absent(kernel, values, flag_value)
+            # the step as an int and as a tensor, where the variant reads one
+            for step_ptr in ((0, 1) if "step" in kernel.arg_names and "step" not in values
+                             else (0,)):
+                yield values, step_ptr
 
 
 def main() -> int:
@@ -87,8 +95,8 @@ def main() -> int:
                    if isinstance(obj, JITFunction) and name.endswith("_kernel")
                    and obj.__module__ == m.__name__]
         for kernel in kernels:
-            for values in _variants(kernel):
-                signature = {n: ("constexpr" if n in values else _arg_type(kernel, n, values))
+            for values, step_ptr in _variants(kernel):
+                signature = {n: ("constexpr" if n in values else _arg_type(kernel, n, step_ptr))
                              for n in kernel.arg_names}
                 constexprs = {(kernel.arg_names.index(n),): v for n, v in values.items()}
                 try:

@@ -121,7 +121,7 @@ def main() -> int:
             if "INT64" not in kernel.arg_names:
                 continue
             for values in _int64_variants(kernel):
-                signature = {n: ("constexpr" if n in values else _arg_type(kernel, n, values))
+                signature = {n: ("constexpr" if n in values else _arg_type(kernel, n, 0))
                              for n in kernel.arg_names}
                 constexprs = {(kernel.arg_names.index(n),): v for n, v in values.items()}
                 bad = narrow_pid_products(ttir(kernel, signature, constexprs))

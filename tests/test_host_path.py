@@ -74,12 +74,12 @@ def _bn_launches(backend, training, affine=True, channels_last=False, noisy=Fals
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("noisy", [False, True])
 def test_batch_norm_launch_counts(channels_last, noisy):
-    # One launch per direction where a channel fits a program ...
-    fused, split = _bn_launches("triton-fused", True, channels_last=channels_last, noisy=noisy), \
-        _bn_launches("triton-split", True, channels_last=channels_last, noisy=noisy)
-    # ... and at most two otherwise: the reduction's last program finalizes. Noisy: the
-    # statistics, then the noisy apply kernel forward; backward the noise kernel's dL/da first.
-    assert (fused, split) == (((2, 2), (2, 3)) if noisy else ((1, 1), (2, 2)))
+    # One launch per direction where a channel fits a program (noisy too: the one-pass
+    # kernels generate the noise) ...
+    assert _bn_launches("triton-fused", True, channels_last=channels_last, noisy=noisy) == (1, 1)
+    # ... and at most two otherwise: the reduction's last program finalizes (noisy: the
+    # noisy apply kernel forward, the noisy dx kernel backward).
+    assert _bn_launches("triton-split", True, channels_last=channels_last, noisy=noisy) == (2, 2)
     if not noisy:
         for backend in ("triton-fused", "triton-split"):
             # Eval: the forward is one elementwise pass; the backward one pass too, dx written

@@ -110,8 +110,8 @@ class Launch:
     """One kernel launch of a plan (see the module docstring).
 
     ``grid``, ``num_warps``, ``consts`` (constexprs, and the per-plan values of non-constexpr
-    parameters) are fixed; ``call`` names the per-call parameters, which ``run`` takes as
-    keyword-only arguments. ``device``: the plan's device; its launches run there whichever
+    parameters, a tensor the plan owns included) are fixed; ``call`` names the per-call
+    parameters, which ``run`` takes as keyword-only arguments. ``device``: the plan's device; its launches run there whichever
     device is current (as torch's own ops do).
     """
 
@@ -226,8 +226,10 @@ class Launch:
             if per_call:
                 segments[-1][1].append(f"_p_{name}" if isinstance(args[name], torch.Tensor)
                                        else name)
-            else:
-                segments[-1][1].append(self.consts[name])
+            else:  # a plan-owned tensor (noisy BatchNorm's noise scalars) by its address
+                value = self.consts[name]
+                segments[-1][1].append(value.data_ptr() if isinstance(value, torch.Tensor)
+                                       else value)
         parts = []
         for i, (per_call, items) in enumerate(segments):
             if per_call:

@@ -34,8 +34,8 @@ import triton
 import triton.language as tl
 
 from ..layout import view_layout
-from .affine import INVSTD, activate, affine_params, bn_affine, out_mask, res_load
-from .common import bcast, tile
+from .affine import INVSTD, activate, affine_params, bn_affine, res_load
+from .common import bcast, chan_bcast, chan_load, tile, unit_rows
 
 STREAM_ELEMENT = 0
 STREAM_CHANNEL = 1
@@ -80,42 +80,51 @@ def element_noise(idx, mu, sigma, seed, step, r_mu, r_sigma, INT64: tl.constexpr
     return s, m
 
 
-# How a kernel gets the noise step (constexpr STEP_PTR): an int argument, or a 1-element int
-# tensor read on device (CUDA-graph safe; the step a forward used comes back in one).
-STEP_INT, STEP_TENSOR = 0, 1
-
-
 @triton.jit
-def load_step(step, STEP_PTR: tl.constexpr):
-    """The step of an int (STEP_INT) or a 1-element tensor (STEP_TENSOR)."""
-    if STEP_PTR == 1:
+def load_step(step):
+    """The noise step as int64: ``step`` itself (an int argument) or the value of a 1-element
+    int tensor (read on device: CUDA-graph safe), told apart by the argument's type at compile
+    time."""
+    if step.dtype.is_ptr():
         out = tl.load(step).to(tl.int64)
     else:
         out = step.to(tl.int64)
     return out
 
 
+@triton.jit
+def noise_params(noise_ptr):
+    """(n_mu, n_sigma, r_mu, r_sigma): the call's NoiseConfig, an fp32 [4] tensor the plan
+    builds once (:func:`noise_tensor`)."""
+    return (tl.load(noise_ptr), tl.load(noise_ptr + 1), tl.load(noise_ptr + 2),
+            tl.load(noise_ptr + 3))
+
+
+def noise_tensor(cfg, device) -> torch.Tensor:
+    """A NoiseConfig's four scalars as the fp32 [4] tensor the kernels read (``noise_ptr``):
+    the same fp32 values a float argument of a Triton kernel would have been, so the noise is
+    the same bits. A plan builds it once: the NoiseConfig is part of its Signature."""
+    return torch.tensor([float(cfg.n_mu), float(cfg.n_sigma), float(cfg.r_mu),
+                         float(cfg.r_sigma)], dtype=torch.float32, device=device)
+
+
 @triton.jit(do_not_specialize=["seed", "step"])
 def _noise_kernel(
     s_ptr,  # (N, C, S) contiguous out: multiplicative noise
     m_ptr,  # (N, C, S) contiguous out: additive noise
+    noise_ptr,  # fp32 [4]: n_mu, n_sigma, r_mu, r_sigma
     seed,
-    step,  # a 1-element int tensor (STEP_PTR) or an int
-    total,
-    C,
-    S,
-    n_mu,
-    n_sigma,
-    r_mu,
-    r_sigma,
-    BLOCK: tl.constexpr, STEP_PTR: tl.constexpr, INT64: tl.constexpr,
+    step,  # an int, or a 1-element int tensor read on device
+    total, C, S,
+    BLOCK: tl.constexpr, INT64: tl.constexpr,
 ):
     pid = tl.program_id(0)
     if INT64:  # widened before the product (see ..common.program)
         pid = pid.to(tl.int64)
     idx = pid * BLOCK + tl.arange(0, BLOCK)
     mask = idx < total
-    stp = load_step(step, STEP_PTR)
+    stp = load_step(step)
+    n_mu, n_sigma, r_mu, r_sigma = noise_params(noise_ptr)
     ch = (idx // S) % C
     mu, sigma = channel_noise(ch, seed, stp, n_mu, n_sigma)
     s, m = element_noise(idx, mu, sigma, seed, stp, r_mu, r_sigma, INT64)
@@ -138,21 +147,22 @@ def noisy_batch_norm_noise(x: torch.Tensor, noise) -> tuple[torch.Tensor, torch.
     total = s.numel()
     block = 1024
     _noise_kernel[(triton.cdiv(total, block),)](
-        s_ptr=s, m_ptr=m, seed=int(seed), step=step_arg(step), total=total, C=lay.C, S=lay.S,
-        n_mu=float(cfg.n_mu), n_sigma=float(cfg.n_sigma), r_mu=float(cfg.r_mu),
-        r_sigma=float(cfg.r_sigma), BLOCK=block, STEP_PTR=isinstance(step, torch.Tensor),
-        INT64=lay.int64)
+        s_ptr=s, m_ptr=m, noise_ptr=noise_tensor(cfg, x.device), seed=int(seed),
+        step=step_arg(step), total=total, C=lay.C, S=lay.S, BLOCK=block, INT64=lay.int64)
     return s, m
 
 
 # ----------------------------------------------------------------------------- noisy BatchNorm
-# Its elementwise work, in kernels of its own (the statistics, the gradient sums and dx are
-# the plain BatchNorm kernels'): forward, out = act(s * a + m [+ residual]) from the batch
-# statistics; backward, dL/da = s * dL/dout (masked by the activation), which the plain
-# reduction and dx kernels then take as their dy. Every multiply-add is an explicit fma, so
-# the noisy output and gradient are the same bits in every variant (int or tensor step).
+# The noise of the BatchNorm kernels. The reductions (:mod:`.batch_norm.kernels`) generate it
+# themselves where they take a ``noise_ptr`` (the one-pass forward and backward, the split
+# backward's reduction); the elementwise passes of the split forward and backward are the
+# kernels here. out = act(s * a + m [+ residual]), a = w * xhat + b; backward,
+# dL/da = s * dL/dout (masked by the activation). Every multiply-add is an explicit fma, so
+# the noisy output and gradient are the same bits in every kernel and variant (int or tensor
+# step, fused or split). The NoiseConfig's four scalars are one fp32 [4] tensor the plan
+# builds once (``noise_ptr``); the seed and the step are per-call arguments, never
+# specialized on, so a new step recompiles nothing.
 
-# Seed and step are never specialized on, so a new step does not recompile anything.
 _NOISE_NO_SPEC = ["seed", "step"]
 _INVSTD = tl.constexpr(INVSTD)  # the statistics are the batch's mean and invstd
 
@@ -165,9 +175,10 @@ def _logical_index_mc(rows, cols, C, S):
 
 
 @triton.jit
-def tile_noise(rows, cols, ch, offs, C, S, seed, step, n_mu, n_sigma, r_mu, r_sigma,
-               CHAN_ON_ROWS: tl.constexpr, INT64: tl.constexpr):
+def tile_noise(rows, cols, ch, offs, C, S, seed, step, noise_ptr, CHAN_ON_ROWS: tl.constexpr,
+               INT64: tl.constexpr):
     """(s, m) of the elements of an elementwise tile (see the module docstring)."""
+    n_mu, n_sigma, r_mu, r_sigma = noise_params(noise_ptr)
     mu, sigma = channel_noise(ch, seed, step, n_mu, n_sigma)
     if CHAN_ON_ROWS:
         idx = offs
@@ -175,6 +186,55 @@ def tile_noise(rows, cols, ch, offs, C, S, seed, step, n_mu, n_sigma, r_mu, r_si
         idx = _logical_index_mc(rows, cols, C, S)
     return element_noise(idx, bcast(mu, CHAN_ON_ROWS), bcast(sigma, CHAN_ON_ROWS), seed, step,
                          r_mu, r_sigma, INT64)
+
+
+@triton.jit
+def chan_noise(ch, seed, step, noise_ptr, CL: tl.constexpr):
+    """A reduction's per-channel noise: (mu_j, sigma_j) broadcast against its tile, and
+    (r_mu, r_sigma) for :func:`unit_noise`."""
+    n_mu, n_sigma, r_mu, r_sigma = noise_params(noise_ptr)
+    mu, sigma = channel_noise(ch, seed, step, n_mu, n_sigma)
+    return chan_bcast(mu, CL), chan_bcast(sigma, CL), r_mu, r_sigma
+
+
+@triton.jit
+def unit_noise(offs, u, ch, mu, sigma, C, S, seed, step, r_mu, r_sigma,
+               BLOCK_A: tl.constexpr, CL: tl.constexpr, INT64: tl.constexpr):
+    """(s, m) of the elements of reduction unit ``u`` (offsets ``offs``; see ..common.unit):
+    the logical index is the offset in "ncs", the NCHW index of (row, channel) channels
+    last."""
+    if CL:
+        idx = _logical_index_mc(unit_rows(u, BLOCK_A, INT64), ch, C, S)
+    else:
+        idx = offs
+    return element_noise(idx, mu, sigma, seed, step, r_mu, r_sigma, INT64)
+
+
+@triton.jit
+def noisy_out(a, s, m):
+    """s * a + m, one rounding: the noisy BatchNorm's output before the residual and the
+    activation (the forward and the backward's recomputation alike)."""
+    return tl.math.fma(s, a, m)
+
+
+@triton.jit
+def noisy_grad(g, x, mean, invstd, w, b, s, m, RELU: tl.constexpr):
+    """dL/da for a = w * xhat + b, given g = dL/dout, out = act(s * a + m): the output
+    recomputed exactly as the forward computed it for the ReLU's mask (dropped where
+    out <= 0, so NaN passes, as torch's threshold_backward), then times s."""
+    if RELU:
+        out = noisy_out(bn_affine(x, mean, 0.0, invstd, w, b, False), s, m)
+        g = tl.where(out <= 0.0, 0.0, g)
+    return g * s
+
+
+@triton.jit
+def save_step(used_ptr, step, first):
+    """The first program records the noise step it used, for the backward, in ``used_ptr`` (a
+    1-element int64 tensor; None: not saved)."""
+    if used_ptr is not None:
+        if first:
+            tl.store(used_ptr, step.to(tl.int64))
 
 
 @triton.jit(do_not_specialize=_NOISE_NO_SPEC)
@@ -186,64 +246,62 @@ def noisy_apply_kernel(
     lo_ptr,  # [C] ACC mean_lo (None: none)
     invstd_ptr,  # [C] ACC
     w_ptr, b_ptr,  # [C] weight and bias (None: absent)
-    step,  # noise step: a 1-element int tensor (STEP_PTR) or an int
+    noise_ptr,  # fp32 [4]: n_mu, n_sigma, r_mu, r_sigma
+    seed,  # Philox key
+    step,  # noise step: an int, or a 1-element int tensor read on device
     used_ptr,  # int64 [1]: gets the noise step used (None: not saved)
     ROWS, COLS, C, S,
-    seed, n_mu, n_sigma, r_mu, r_sigma,  # noise: Philox key and the NoiseConfig
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, CHAN_ON_ROWS: tl.constexpr,  # see ..common.tile
-    RELU: tl.constexpr, STEP_PTR: tl.constexpr, ACC: tl.constexpr, INT64: tl.constexpr,
+    RELU: tl.constexpr, ACC: tl.constexpr, INT64: tl.constexpr,
     ALIGN: tl.constexpr = 1,  # a power of two dividing the rows (S or C)
     COLS_ON_X: tl.constexpr = False,  # grid (column blocks, row blocks): see common.ew_grid
 ):
+    """The split forward's elementwise pass: out = act(s * a + m [+ residual])."""
     rows, cols, ch, cm, offs, mask = tile(ROWS, COLS, C, BLOCK_R, BLOCK_K, CHAN_ON_ROWS, INT64,
                                           ALIGN, COLS_ON_X)
     mean, lo, invstd, w, b = affine_params(mean_ptr, lo_ptr, invstd_ptr, w_ptr, b_ptr, ch, cm,
                                            0.0, CHAN_ON_ROWS, _INVSTD, ACC)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
-    step = load_step(step, STEP_PTR)
-    ns, nm = tile_noise(rows, cols, ch, offs, C, S, seed, step, n_mu, n_sigma, r_mu, r_sigma,
-                        CHAN_ON_ROWS, INT64)
-    if used_ptr is not None:  # the first program records the step it used, for the backward
-        if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
-            tl.store(used_ptr, step.to(tl.int64))
+    step = load_step(step)
+    ns, nm = tile_noise(rows, cols, ch, offs, C, S, seed, step, noise_ptr, CHAN_ON_ROWS, INT64)
+    save_step(used_ptr, step, (tl.program_id(0) == 0) & (tl.program_id(1) == 0))
     r = res_load(res_ptr, offs, mask, ACC)
-    a = tl.math.fma(ns, bn_affine(x, mean, lo, invstd, w, b, lo_ptr is not None), nm)
+    a = noisy_out(bn_affine(x, mean, lo, invstd, w, b, lo_ptr is not None), ns, nm)
     y = activate(a, r, res_ptr is not None, RELU)
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=_NOISE_NO_SPEC)
-def noisy_grad_kernel(
-    dy_ptr,  # [ROWS, COLS] contiguous, x's layout
+def noisy_dx_kernel(
+    dy_ptr,  # [ROWS, COLS] contiguous, x's layout (after a residual and a ReLU: the masked dy)
     x_ptr,
-    g_ptr,  # [ROWS, COLS] ACC out: dL/da, x's layout
-    out_ptr,  # the forward's output, for the ReLU's mask after a residual (None: no mask)
-    dres_ptr,  # out: d(residual), the masked dy (None: not wanted)
+    dx_ptr,  # out, x's dtype
     mean_ptr, invstd_ptr,  # [C] ACC: the batch statistics
     w_ptr, b_ptr,  # [C] weight and bias (None: absent)
-    step,  # noise step: a 1-element int tensor (STEP_PTR) or an int
+    coef_ptr,  # [2, C] ACC: mean(g), mean(g * (x - mean)) * invstd^2
+    noise_ptr,  # fp32 [4]: n_mu, n_sigma, r_mu, r_sigma
+    seed,
+    step,  # noise step: an int, or a 1-element int tensor read on device
     ROWS, COLS, C, S,
-    seed, n_mu, n_sigma, r_mu, r_sigma,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     CHAN_ON_ROWS: tl.constexpr,
     RELU: tl.constexpr,  # recompute the output for the ReLU's mask
-    STEP_PTR: tl.constexpr, ACC: tl.constexpr, INT64: tl.constexpr,
+    ACC: tl.constexpr, INT64: tl.constexpr,
     ALIGN: tl.constexpr = 1,  # a power of two dividing the rows (S or C)
     COLS_ON_X: tl.constexpr = False,  # grid (column blocks, row blocks): see common.ew_grid
 ):
-    """g = dL/da for a = w * xhat + b, out = act(s * a + m): the output recomputed exactly as
-    the forward computed it for the ReLU's mask (dropped where out <= 0, so NaN passes, as
-    torch's threshold_backward), then times s."""
+    """The split backward's (and SyncBatchNorm's) dx pass: dx = (g - k1 - (x - mean) k2)
+    invstd w with g = dL/da regenerated from the noise (:func:`noisy_grad`)."""
     rows, cols, ch, cm, offs, mask = tile(ROWS, COLS, C, BLOCK_R, BLOCK_K, CHAN_ON_ROWS, INT64,
                                           ALIGN, COLS_ON_X)
     mean, _, invstd, w, b = affine_params(mean_ptr, None, invstd_ptr, w_ptr, b_ptr, ch, cm, 0.0,
                                           CHAN_ON_ROWS, _INVSTD, ACC)
+    k1 = chan_load(coef_ptr, ch, cm, 0.0, CHAN_ON_ROWS, ACC)
+    k2 = chan_load(coef_ptr + C, ch, cm, 0.0, CHAN_ON_ROWS, ACC)
     g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
-    ns, nm = tile_noise(rows, cols, ch, offs, C, S, seed, load_step(step, STEP_PTR), n_mu,
-                        n_sigma, r_mu, r_sigma, CHAN_ON_ROWS, INT64)
-    g = out_mask(g, out_ptr, dres_ptr, offs, mask)
-    if RELU:
-        out = tl.math.fma(ns, bn_affine(x, mean, 0.0, invstd, w, b, False), nm)
-        g = tl.where(out <= 0.0, 0.0, g)
-    tl.store(g_ptr + offs, (g * ns).to(g_ptr.dtype.element_ty), mask=mask)
+    ns, nm = tile_noise(rows, cols, ch, offs, C, S, seed, load_step(step), noise_ptr,
+                        CHAN_ON_ROWS, INT64)
+    g = noisy_grad(g, x, mean, invstd, w, b, ns, nm, RELU)
+    dx = (g - k1 - (x - mean) * k2) * invstd * w
+    tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)

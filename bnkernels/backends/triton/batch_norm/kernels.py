@@ -85,11 +85,14 @@ from ..common import (
     unit_end,
     unit_loads,
 )
+from ..noise import chan_noise, load_step, noisy_grad, noisy_out, save_step, unit_noise
 
 # Rows of partials in a split reduction's workspace ([count, mean, M2, sum] of the forward;
 # the backward uses two): the per-channel results start at _WS_VEC * C * SPLIT.
 _WS_ROWS = 4
 _WS_VEC = tl.constexpr(_WS_ROWS)
+# The noise's seed and step are never specialized on: a new step recompiles nothing.
+_NOISE_NO_SPEC = ["seed", "step"]
 
 # ----------------------------------------------------------------------------- jit helpers
 
@@ -303,7 +306,7 @@ def _bn_stats_kernel(
         tl.store(ticket_ptr + pid, 0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NOISE_NO_SPEC)
 def _bn_fused_fwd_kernel(
     x_ptr,  # (N, C, S) contiguous, or (M, C) channels last (CL)
     y_ptr,  # x's shape, out
@@ -312,31 +315,43 @@ def _bn_fused_fwd_kernel(
     rmean_ptr, rvar_ptr,  # [C] running statistics, updated in place (None: not tracked)
     w_ptr, b_ptr,  # [C] weight and bias (None: absent)
     nbt_ptr,  # int64 [] num_batches_tracked, incremented once per call (None: no count)
+    noise_ptr,  # fp32 [4]: noisy BatchNorm's n_mu, n_sigma, r_mu, r_sigma (None: no noise)
+    seed, step,  # the noise's Philox key and step (an int or a 1-element int tensor)
+    used_ptr,  # int64 [1]: gets the noise step used (None: not saved)
     C, S, UNITS,
     CHUNK,  # UNITS, rounded up to BLOCK_A channels last (the one program's units)
     N, S_BLOCKS, momentum, eps,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
-    CL: tl.constexpr,
-    HAS_LO: tl.constexpr,  # normalize x - mean as (x - mean_hi) - mean_lo
-    RELU: tl.constexpr, ACC: tl.constexpr, INT64: tl.constexpr,
+    CL: tl.constexpr, RELU: tl.constexpr, ACC: tl.constexpr, INT64: tl.constexpr,
     ALIGN: tl.constexpr = 1,  # a power of two dividing the rows (S or C)
     PAIR: tl.constexpr = False,  # two units a loop iteration (bytes in flight; 4-byte x)
 ):
     """One program per channel group: reduces its values, finalizes the statistics and writes
-    y = act(w * (x - mean) * invstd + b [+ residual]), re-reading its values from cache."""
-    C, S, _, _, ch, cm, shift, mean, m2, cnt, total = _bn_fwd_sweep(  # (a grid of one split)
+    y = act(w * (x - mean) * invstd + b [+ residual]) (noisy: act(s * a + m [+ residual])),
+    re-reading its values from cache. x - mean is (x - mean_hi) - mean_lo unless a ReLU
+    follows without a residual (the backward then recomputes the output without mean_lo)."""
+    C, S, pid, _, ch, cm, shift, mean, m2, cnt, total = _bn_fwd_sweep(  # (a grid of one split)
         x_ptr, nbt_ptr, C, S, UNITS, CHUNK, N, S_BLOCKS, BLOCK_A, BLOCK_B, CL, ACC, INT64, ALIGN,
         PAIR)
     hi, lo, invstd = _bn_finalize(ch, cm, mean, m2, cnt, shift, total, mean_ptr, invstd_ptr,
                                   rmean_ptr, rvar_ptr, momentum, eps, ACC, False)
     w = chan_bcast(chan_get(w_ptr, ch, cm, 1.0, CL, ACC, w_ptr is not None), CL)
     b = chan_bcast(chan_get(b_ptr, ch, cm, 0.0, CL, ACC, b_ptr is not None), CL)
+    if noise_ptr is not None:
+        step = load_step(step)
+        mu, sigma, r_mu, r_sigma = chan_noise(ch, seed, step, noise_ptr, CL)
+        save_step(used_ptr, step, pid == 0)
     hi, lo, invstd = chan_bcast(hi, CL), chan_bcast(lo, CL), chan_bcast(invstd, CL)
     for u in range(0, UNITS, BLOCK_A if CL else 1):
         offs, mask = unit(u, ch, cm, N, C, S, S_BLOCKS, UNITS, BLOCK_A, BLOCK_B, CL, INT64)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
         r = res_load(res_ptr, offs, mask, ACC)
-        y = activate(bn_affine(x, hi, lo, invstd, w, b, HAS_LO), r, res_ptr is not None, RELU)
+        a = bn_affine(x, hi, lo, invstd, w, b, res_ptr is not None or not RELU)
+        if noise_ptr is not None:
+            ns, nm = unit_noise(offs, u, ch, mu, sigma, C, S, seed, step, r_mu, r_sigma, BLOCK_A,
+                                CL, INT64)
+            a = noisy_out(a, ns, nm)
+        y = activate(a, r, res_ptr is not None, RELU)
         tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -366,13 +381,33 @@ def _bn_bwd_finalize(ch, cm, sum_g, sum_gx, invstd, coef_ptr, dw_ptr, db_ptr, C,
 
 
 @triton.jit
-def _bn_bwd_sums(dy_ptr, x_ptr, dx_ptr, out_ptr, dres_ptr, ch, cm, start, end, mean, invstd, w,
-                 b, N, C, S, S_BLOCKS, UNITS, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
-                 CL: tl.constexpr, RELU: tl.constexpr, TRAINING: tl.constexpr,
-                 ACC: tl.constexpr, INT64: tl.constexpr):
+def _bn_bwd_g(g, x, mean, invstd, w, b, offs, u, ch, mu, sigma, C, S, seed, step, r_mu, r_sigma,
+              noise_ptr, BLOCK_A: tl.constexpr, CL: tl.constexpr, RELU: tl.constexpr,
+              INT64: tl.constexpr):
+    """g = dL/da of reduction unit ``u`` from its (masked) dy: the ReLU's mask on the
+    recomputed output, and noisy BatchNorm's s (its noise regenerated: the channels' mu and
+    sigma given) unless ``noise_ptr`` is None."""
+    if noise_ptr is not None:
+        ns, nm = unit_noise(offs, u, ch, mu, sigma, C, S, seed, step, r_mu, r_sigma, BLOCK_A, CL,
+                            INT64)
+        g = noisy_grad(g, x, mean, invstd, w, b, ns, nm, RELU)
+    else:
+        g = relu_grad(g, x, mean, invstd, w, b, RELU)
+    return g
+
+
+@triton.jit
+def _bn_bwd_sums(dy_ptr, x_ptr, dx_ptr, out_ptr, dres_ptr, noise_ptr, seed, step, ch, cm, start,
+                 end, mean, invstd, w, b, N, C, S, S_BLOCKS, UNITS, BLOCK_A: tl.constexpr,
+                 BLOCK_B: tl.constexpr, CL: tl.constexpr, RELU: tl.constexpr,
+                 TRAINING: tl.constexpr, ACC: tl.constexpr, INT64: tl.constexpr):
     """Per channel (sum(g), sum(g (x - mean))) over units start..end-1, g = dL/da; masks dy
     by the forward's output and writes d(residual) when ``out_ptr`` is given; in eval writes
-    dx = g invstd w in the same pass (unless ``dx_ptr`` is None)."""
+    dx = g invstd w in the same pass (unless ``dx_ptr`` is None). Noisy (``noise_ptr``): g
+    is s times the masked dy, the noise of (seed, step) regenerated."""
+    mu, sigma, r_mu, r_sigma = 0.0, 1.0, 0.0, 0.0
+    if noise_ptr is not None:
+        mu, sigma, r_mu, r_sigma = chan_noise(ch, seed, step, noise_ptr, CL)
     sum_g = tl.zeros([BLOCK_A, BLOCK_B], ACC)
     sum_gx = tl.zeros([BLOCK_A, BLOCK_B], ACC)
     for u in range(start, end, BLOCK_A if CL else 1):
@@ -380,7 +415,9 @@ def _bn_bwd_sums(dy_ptr, x_ptr, dx_ptr, out_ptr, dres_ptr, ch, cm, start, end, m
         g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
         g = out_mask(g, out_ptr, dres_ptr, offs, mask)  # the split dx pass reads dres as dy
-        g = tl.where(mask, relu_grad(g, x, mean, invstd, w, b, RELU), 0.0)
+        g = tl.where(mask, _bn_bwd_g(g, x, mean, invstd, w, b, offs, u, ch, mu, sigma, C, S,
+                                     seed, step, r_mu, r_sigma, noise_ptr, BLOCK_A, CL, RELU,
+                                     INT64), 0.0)
         sum_g += g
         sum_gx += g * tl.where(mask, x - mean, 0.0)
         if dx_ptr is not None and not TRAINING:  # eval: dx needs no sums
@@ -389,13 +426,15 @@ def _bn_bwd_sums(dy_ptr, x_ptr, dx_ptr, out_ptr, dres_ptr, ch, cm, start, end, m
 
 
 @triton.jit
-def _bn_bwd_sweep(dy_ptr, x_ptr, dx_ptr, out_ptr, dres_ptr, mean_ptr, scale_ptr, w_ptr, b_ptr, C,
-                  S, UNITS, CHUNK, N, S_BLOCKS, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
-                  CL: tl.constexpr, RELU: tl.constexpr, TRAINING: tl.constexpr,
-                  ACC: tl.constexpr, INT64: tl.constexpr, ALIGN: tl.constexpr):
+def _bn_bwd_sweep(dy_ptr, x_ptr, dx_ptr, out_ptr, dres_ptr, mean_ptr, scale_ptr, w_ptr, b_ptr,
+                  noise_ptr, seed, step, C, S, UNITS, CHUNK, N, S_BLOCKS, BLOCK_A: tl.constexpr,
+                  BLOCK_B: tl.constexpr, CL: tl.constexpr, RELU: tl.constexpr,
+                  TRAINING: tl.constexpr, ACC: tl.constexpr, INT64: tl.constexpr,
+                  ALIGN: tl.constexpr):
     """The first sweep of a backward reduction: (C, S, pid, p, ch, cm, invstd per channel,
     then mean, invstd, w, b broadcast against a tile, and this program's sum(g) and
-    sum(g (x - mean)) over its CHUNK units, :func:`_bn_bwd_sums`)."""
+    sum(g (x - mean)) over its CHUNK units, :func:`_bn_bwd_sums`; noisy where ``noise_ptr``
+    is given, ``step`` then the step itself)."""
     C, S, pid, p = reduce_ids(C, S, ALIGN, CL, INT64)
     ch, cm = group(pid, C, BLOCK_B, CL)
     mean = chan_bcast(chan_get(mean_ptr, ch, cm, 0.0, CL, ACC), CL)
@@ -403,14 +442,14 @@ def _bn_bwd_sweep(dy_ptr, x_ptr, dx_ptr, out_ptr, dres_ptr, mean_ptr, scale_ptr,
     invstd = chan_bcast(invstd_c, CL)
     w = chan_bcast(chan_get(w_ptr, ch, cm, 1.0, CL, ACC, w_ptr is not None), CL)
     b = chan_bcast(chan_get(b_ptr, ch, cm, 0.0, CL, ACC, b_ptr is not None), CL)
-    sum_g, sum_gx = _bn_bwd_sums(dy_ptr, x_ptr, dx_ptr, out_ptr, dres_ptr, ch, cm, p * CHUNK,
-                                 unit_end(p * CHUNK, CHUNK, UNITS, CL), mean, invstd, w, b, N, C,
-                                 S, S_BLOCKS, UNITS, BLOCK_A, BLOCK_B, CL, RELU, TRAINING, ACC,
-                                 INT64)
+    sum_g, sum_gx = _bn_bwd_sums(dy_ptr, x_ptr, dx_ptr, out_ptr, dres_ptr, noise_ptr, seed, step,
+                                 ch, cm, p * CHUNK, unit_end(p * CHUNK, CHUNK, UNITS, CL), mean,
+                                 invstd, w, b, N, C, S, S_BLOCKS, UNITS, BLOCK_A, BLOCK_B, CL,
+                                 RELU, TRAINING, ACC, INT64)
     return C, S, pid, p, ch, cm, invstd_c, mean, invstd, w, b, sum_g, sum_gx
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NOISE_NO_SPEC)
 def _bn_fused_bwd_kernel(
     dy_ptr,  # (N, C, S) contiguous, or (M, C) channels last (CL)
     x_ptr,  # dy's layout
@@ -421,6 +460,8 @@ def _bn_fused_bwd_kernel(
     scale_ptr,  # [C] invstd (training) or its eval snapshot
     w_ptr, b_ptr,  # [C] (None: absent)
     dw_ptr, db_ptr,  # [C] out, the weight's and bias's dtype (None: not wanted)
+    noise_ptr,  # fp32 [4]: noisy BatchNorm's n_mu, n_sigma, r_mu, r_sigma (None: no noise)
+    seed, step,  # the noise's Philox key and step (an int or a 1-element int tensor)
     C, S, UNITS,
     CHUNK,  # UNITS, rounded up to BLOCK_A channels last (the one program's units)
     N, S_BLOCKS,
@@ -433,20 +474,27 @@ def _bn_fused_bwd_kernel(
 ):
     """One program per channel group: the gradient sums, dweight/dbias, and dx (training: a
     second sweep, re-reading dy and x from cache; eval: in the first)."""
+    if noise_ptr is not None:
+        step = load_step(step)
     C, S, _, _, ch, cm, invstd_c, mean, invstd, w, b, sum_g, sum_gx = _bn_bwd_sweep(
-        dy_ptr, x_ptr, dx_ptr, out_ptr, dres_ptr, mean_ptr, scale_ptr, w_ptr, b_ptr, C, S, UNITS,
-        CHUNK, N, S_BLOCKS, BLOCK_A, BLOCK_B, CL, RELU, TRAINING, ACC, INT64, ALIGN)
+        dy_ptr, x_ptr, dx_ptr, out_ptr, dres_ptr, mean_ptr, scale_ptr, w_ptr, b_ptr, noise_ptr,
+        seed, step, C, S, UNITS, CHUNK, N, S_BLOCKS, BLOCK_A, BLOCK_B, CL, RELU, TRAINING, ACC,
+        INT64, ALIGN)
     k1, k2 = _bn_bwd_finalize(ch, cm, sum_g, sum_gx, invstd_c, None, dw_ptr, db_ptr, C, M_F,
                               ACC, DW_RAW)
     if dx_ptr is not None and TRAINING:
         k1 = chan_bcast(k1, CL)
         k2 = chan_bcast(k2, CL)
+        mu, sigma, r_mu, r_sigma = 0.0, 1.0, 0.0, 0.0
+        if noise_ptr is not None:
+            mu, sigma, r_mu, r_sigma = chan_noise(ch, seed, step, noise_ptr, CL)
         for u in range(0, UNITS, BLOCK_A if CL else 1):
             offs, mask = unit(u, ch, cm, N, C, S, S_BLOCKS, UNITS, BLOCK_A, BLOCK_B, CL, INT64)
             g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
             x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
             g = out_mask(g, out_ptr, None, offs, mask)  # re-read from cache
-            g = relu_grad(g, x, mean, invstd, w, b, RELU)
+            g = _bn_bwd_g(g, x, mean, invstd, w, b, offs, u, ch, mu, sigma, C, S, seed, step,
+                          r_mu, r_sigma, noise_ptr, BLOCK_A, CL, RELU, INT64)
             dx = (g - k1 - (x - mean) * k2) * invstd * w
             tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
@@ -471,12 +519,47 @@ def _bn_split_bwd_kernel(
     to finish (an atomic ticket) adds them in a fixed order and writes dweight, dbias and, in
     training, the coefficients of dx (for the elementwise dx pass that follows)."""
     C, S, pid, p, ch, cm, invstd_c, _, _, _, _, sum_g, sum_gx = _bn_bwd_sweep(
-        dy_ptr, x_ptr, dx_ptr, out_ptr, dres_ptr, mean_ptr, scale_ptr, w_ptr, b_ptr, C, S, UNITS,
-        CHUNK, N, S_BLOCKS, BLOCK_A, BLOCK_B, CL, RELU, TRAINING, ACC, INT64, ALIGN)
+        dy_ptr, x_ptr, dx_ptr, out_ptr, dres_ptr, mean_ptr, scale_ptr, w_ptr, b_ptr, None, None,
+        None, C, S, UNITS, CHUNK, N, S_BLOCKS, BLOCK_A, BLOCK_B, CL, RELU, TRAINING, ACC, INT64,
+        ALIGN)
     put_partials(ws_ptr, ch, cm, p, C, SPLIT, CL, sum_g, sum_gx)
     if last_of_group(ticket_ptr, pid, SPLIT):
         sum_g, sum_gx = _sum_partials(ws_ptr + ch * SPLIT, C * SPLIT, SPLIT, cm)
         _bn_bwd_finalize(ch, cm, sum_g, sum_gx, invstd_c,
                          ws_ptr + _WS_VEC * C * SPLIT if TRAINING else None, dw_ptr, db_ptr, C,
                          M_F, ACC, DW_RAW)
+        tl.store(ticket_ptr + pid, 0)
+
+
+@triton.jit(do_not_specialize=_NOISE_NO_SPEC)
+def _bn_noisy_split_bwd_kernel(
+    dy_ptr, x_ptr,  # (N, C, S) contiguous, or (M, C) channels last (CL)
+    out_ptr, dres_ptr,  # as _bn_fused_bwd_kernel's: the dx pass reads dres as its dy
+    mean_ptr, scale_ptr, w_ptr, b_ptr, dw_ptr, db_ptr,  # as _bn_fused_bwd_kernel's
+    ws_ptr,  # ACC workspace: [2, C, SPLIT] partials, [2, C] coefficients at 4*C*SPLIT
+    ticket_ptr,  # int32 [groups]
+    noise_ptr,  # fp32 [4]: n_mu, n_sigma, r_mu, r_sigma
+    seed, step,  # the noise's Philox key and step (an int or a 1-element int tensor)
+    C, S, UNITS, CHUNK, SPLIT, N, S_BLOCKS,
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+    CL: tl.constexpr, DW_RAW: tl.constexpr, RELU: tl.constexpr, ACC: tl.constexpr,
+    INT64: tl.constexpr,
+    ALIGN: tl.constexpr = 1,  # a power of two dividing the rows (S or C)
+):
+    """Noisy BatchNorm's split backward reduction: :func:`_bn_split_bwd_kernel` with g = s
+    times the masked dy (the noise regenerated), in training (noisy BatchNorm trains only):
+    the last program writes dx's coefficients for the noisy dx pass
+    (:func:`..noise.noisy_dx_kernel`), which regenerates the noise too. No dx in this pass
+    and no TRAINING flag; M = N * S is converted here as the host converts M_F (int to fp32,
+    one rounding)."""
+    C, S, pid, p, ch, cm, invstd_c, _, _, _, _, sum_g, sum_gx = _bn_bwd_sweep(
+        dy_ptr, x_ptr, None, out_ptr, dres_ptr, mean_ptr, scale_ptr, w_ptr, b_ptr, noise_ptr,
+        seed, load_step(step), C, S, UNITS, CHUNK, N, S_BLOCKS, BLOCK_A, BLOCK_B, CL, RELU, True,
+        ACC, INT64, ALIGN)
+    put_partials(ws_ptr, ch, cm, p, C, SPLIT, CL, sum_g, sum_gx)
+    if last_of_group(ticket_ptr, pid, SPLIT):
+        sum_g, sum_gx = _sum_partials(ws_ptr + ch * SPLIT, C * SPLIT, SPLIT, cm)
+        m_f = (tl.cast(N, tl.int64) * S).to(tl.float32)
+        _bn_bwd_finalize(ch, cm, sum_g, sum_gx, invstd_c, ws_ptr + _WS_VEC * C * SPLIT, dw_ptr,
+                         db_ptr, C, m_f, ACC, DW_RAW)
         tl.store(ticket_ptr + pid, 0)

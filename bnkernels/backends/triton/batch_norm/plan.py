@@ -11,11 +11,12 @@ from ...plan import BasePlan, Signature, Workspaces
 from .. import common as tc
 from ..affine import FROM_VAR, INVSTD, affine_apply_kernel, affine_dx_kernel
 from ..launch import Launch
-from ..noise import STEP_INT, STEP_TENSOR, noisy_apply_kernel, noisy_grad_kernel
+from ..noise import noise_tensor, noisy_apply_kernel, noisy_dx_kernel
 from .kernels import (
     _WS_ROWS,
     _bn_fused_bwd_kernel,
     _bn_fused_fwd_kernel,
+    _bn_noisy_split_bwd_kernel,
     _bn_split_bwd_kernel,
     _bn_stats_kernel,
 )
@@ -31,14 +32,20 @@ _FUSED_FWD_CALL = ("x_ptr", "y_ptr", "res_ptr", "mean_ptr", "invstd_ptr", "rmean
 APPLY_CALL = ("x_ptr", "y_ptr", "res_ptr", "mean_ptr", "lo_ptr", "scale_ptr", "w_ptr", "b_ptr",
               "save_mean_ptr", "save_invstd_ptr", "eps")
 _NOISY_APPLY_CALL = ("x_ptr", "y_ptr", "res_ptr", "mean_ptr", "lo_ptr", "invstd_ptr", "w_ptr",
-                     "b_ptr", "step", "used_ptr", "seed")
+                     "b_ptr", "seed", "step", "used_ptr")
 _BWD_CALL = ("dy_ptr", "x_ptr", "dx_ptr", "out_ptr", "dres_ptr", "mean_ptr", "scale_ptr",
              "w_ptr", "b_ptr", "dw_ptr", "db_ptr")
 _SPLIT_BWD_CALL = _BWD_CALL + ("ws_ptr", "ticket_ptr")
 DX_CALL = ("dy_ptr", "x_ptr", "dx_ptr", "out_ptr", "dres_ptr", "mean_ptr", "scale_ptr", "w_ptr",
            "b_ptr", "coef_ptr")
-_NOISY_GRAD_CALL = ("dy_ptr", "x_ptr", "g_ptr", "out_ptr", "dres_ptr", "mean_ptr", "invstd_ptr",
-                    "w_ptr", "b_ptr", "step", "seed")
+_NOISY_DX_CALL = ("dy_ptr", "x_ptr", "dx_ptr", "mean_ptr", "invstd_ptr", "w_ptr", "b_ptr",
+                  "coef_ptr", "seed", "step")
+_NOISY_SPLIT_BWD_CALL = tuple(n for n in _SPLIT_BWD_CALL if n != "dx_ptr")
+# Noisy plans pass the noise's seed and step per call (and the step used, forward): the
+# NoiseConfig's scalars are the plan's fp32 tensor (``noise_ptr``, fixed), and plain plans fix
+# all four as None (their kernel variant has no noise).
+_NOISE_CALL = ("seed", "step")
+_NO_NOISE = dict(noise_ptr=None, seed=None, step=None)
 # Every per-call pointer is checked for the alignment its kernel variant assumes (see
 # ..launch): the user's tensors, and the plan's own too (running_mean is passed as mean_ptr in
 # eval, SyncBatchNorm's sums[1] and the workspace's tail sit at offsets of C elements).
@@ -80,19 +87,23 @@ class BatchNormPlan(BasePlan):
         self.res = sig.has_residual
         self.out_mask = self.res and self.relu
         self.recompute = self.relu and not self.res  # the backward recomputes the output
-        # Noisy: the statistics kernel and the noisy apply kernel forward (two launches, fused
-        # or split); backward, the noise kernel writes dL/da, which the plain kernels take as
-        # dy (no activation left for them).
+        # Noisy (training only): the reductions generate the noise themselves (fused: one
+        # launch a direction; split: the statistics and the noisy apply kernel forward, the
+        # noisy reduction and the noisy dx kernel backward). The NoiseConfig's four scalars
+        # are one fp32 tensor made here (it is part of the signature); the seed and the step
+        # come per call.
         self.noisy = sig.is_noisy
-        cfg_noise = sig.noisy[0] if sig.is_noisy else None
         self.step_tensor = sig.step_tensor
         self.save_step = self.step_tensor and sig.training
-        self.step_mode = STEP_TENSOR if self.step_tensor else STEP_INT
+        # where a forward with no backward to come writes the step it used: the kernel variant
+        # that saves it, with nothing allocated per call (write-only, so calls may share it)
+        self.used_scratch = (torch.empty(1, device=lay.device, dtype=torch.int64)
+                             if self.save_step else None)
         self.flags = dict(ACC=tc.tl_dtype(acc), INT64=lay.int64, ALIGN=tc.row_align(lay.cols))
-        self.noise_consts = {} if cfg_noise is None else dict(
-            n_mu=float(cfg_noise.n_mu), n_sigma=float(cfg_noise.n_sigma),
-            r_mu=float(cfg_noise.r_mu), r_sigma=float(cfg_noise.r_sigma),
-            STEP_PTR=self.step_mode, S=lay.S)
+        self.noise_t = noise_tensor(sig.noisy[0], lay.device) if self.noisy else None
+        # the reductions' noise arguments fixed by the plan, and the per-call names added
+        self.noise_fixed = dict(noise_ptr=self.noise_t) if self.noisy else _NO_NOISE
+        self.noise_call = _NOISE_CALL if self.noisy else ()
         self.shape = tc.reduce_shape(lay, cfg)
         # the one-pass kernels take a channel group's units whole
         self.fused_shape = {k: v for k, v in self.shape.items() if k != "SPLIT"}
@@ -105,22 +116,21 @@ class BatchNormPlan(BasePlan):
         self.workspaces = Workspaces(lay.device, lambda: _Workspace(lay, cfg, acc))
         self._bwd_launches: dict = {}
         self.pair = sig.dtype.itemsize >= 4
-        self.one_pass = self.fused and not self.noisy  # the training forward's one launch
         # The launches every call of this signature makes (the others are made on first use).
         if sig.training:
-            if self.one_pass:
+            if self.fused:
+                # (the used step: per call where saved, else fixed as None)
+                used = ("used_ptr",) if self.save_step else ()
+                fixed = dict(self.noise_fixed, **({} if self.save_step else dict(used_ptr=None)))
                 self.k_fwd = self._launch(
-                    _bn_fused_fwd_kernel, self.reduce_grid, cfg.num_warps, _FUSED_FWD_CALL,
-                    dict(self.flags, **self.fused_shape, HAS_LO=not self.recompute,
-                         RELU=self.relu, PAIR=self.pair))
+                    _bn_fused_fwd_kernel, self.reduce_grid, cfg.num_warps,
+                    _FUSED_FWD_CALL + self.noise_call + used,
+                    dict(self.flags, **self.fused_shape, **fixed, RELU=self.relu,
+                         PAIR=self.pair))
             else:
                 self.k_stats = self._stats_launch(OUT_VAR=False)
-                if self.noisy:
-                    self.k_apply = self._launch(
-                        noisy_apply_kernel, self.ew_grid, self.ew_warps, _NOISY_APPLY_CALL,
-                        dict(self.ew, **self.noise_consts, RELU=self.relu))
-                else:
-                    self.k_apply = self._apply_launch(SCALE_FROM=INVSTD)
+                self.k_apply = (self._noisy_apply_launch() if self.noisy
+                                else self._apply_launch(SCALE_FROM=INVSTD))
         else:
             self.k_eval = self._apply_launch(SCALE_FROM=FROM_VAR)
             self.k_eval_save = self._apply_launch(SCALE_FROM=FROM_VAR)
@@ -134,6 +144,10 @@ class BatchNormPlan(BasePlan):
         return self._launch(_bn_stats_kernel, self.reduce_grid, self.cfg.num_warps, _STATS_CALL,
                             dict(self.flags, **self.shape, OUT_VAR=OUT_VAR, PAIR=self.pair))
 
+    def _noisy_apply_launch(self):
+        return self._launch(noisy_apply_kernel, self.ew_grid, self.ew_warps, _NOISY_APPLY_CALL,
+                            dict(self.ew, S=self.lay.S, noise_ptr=self.noise_t, RELU=self.relu))
+
     def _apply_launch(self, SCALE_FROM, RELU=None):
         consts = dict(self.ew, SCALE_FROM=SCALE_FROM, RELU=self.relu if RELU is None else RELU)
         return self._launch(affine_apply_kernel, self.ew_grid, self.ew_warps, APPLY_CALL, consts)
@@ -145,41 +159,32 @@ class BatchNormPlan(BasePlan):
         key = (need_dx, need_dw, need_db, raw)
         launch = self._bwd_launches.get(key)
         if launch is None:
-            # noisy: the noise kernel's dL/da is the dy, with the activation's mask in it
-            consts = dict(self.flags, TRAINING=self.training or raw, DW_RAW=raw,
-                          RELU=self.recompute and not self.noisy)
+            consts = dict(self.flags, DW_RAW=raw, RELU=self.recompute)
+            m_f = dict(M_F=float(self.lay.M))
             if self.fused:
-                kernel, call, consts = _bn_fused_bwd_kernel, _BWD_CALL, dict(consts,
-                                                                             **self.fused_shape)
+                kernel, call = _bn_fused_bwd_kernel, _BWD_CALL + self.noise_call
+                consts.update(self.fused_shape, **self.noise_fixed, **m_f,
+                              TRAINING=self.training or raw)
+            elif self.noisy:  # training: dx is the noisy dx pass's; M_F made in the kernel
+                kernel, call = _bn_noisy_split_bwd_kernel, _NOISY_SPLIT_BWD_CALL + _NOISE_CALL
+                consts.update(self.shape, noise_ptr=self.noise_t)
             else:
-                kernel, call, consts = _bn_split_bwd_kernel, _SPLIT_BWD_CALL, dict(consts,
-                                                                                   **self.shape)
+                kernel, call = _bn_split_bwd_kernel, _SPLIT_BWD_CALL
+                consts.update(self.shape, **m_f, TRAINING=self.training or raw)
             launch = self._bwd_launches[key] = self._launch(
-                kernel, self.reduce_grid, self.cfg.num_warps, call, dict(consts, M_F=float(
-                    self.lay.M)))
+                kernel, self.reduce_grid, self.cfg.num_warps, call, consts)
         return launch
 
     @functools.cached_property
     def k_dx(self):
-        """The elementwise dx launch (split training backward, eval dx alone, SyncBN)."""
-        consts = dict(self.ew, SCALE_FROM=INVSTD, eps=None,
-                      RELU=self.recompute and not self.noisy)
+        """The elementwise dx launch (split training backward, eval dx alone, SyncBN); noisy:
+        the noisy dx kernel (its noise regenerated)."""
+        if self.noisy:
+            return self._launch(noisy_dx_kernel, self.ew_grid, self.ew_warps, _NOISY_DX_CALL,
+                                dict(self.ew, S=self.lay.S, noise_ptr=self.noise_t,
+                                     RELU=self.recompute))
+        consts = dict(self.ew, SCALE_FROM=INVSTD, eps=None, RELU=self.recompute)
         return self._launch(affine_dx_kernel, self.ew_grid, self.ew_warps, DX_CALL, consts)
-
-    @functools.cached_property
-    def k_noise_grad(self):
-        """Noisy: dL/da = s * dL/dout, masked by the activation (the backward's first launch)."""
-        consts = dict(self.ew, **self.noise_consts, RELU=self.recompute)
-        return self._launch(noisy_grad_kernel, self.ew_grid, self.ew_warps, _NOISY_GRAD_CALL,
-                            consts)
-
-    def _noise_grad(self, dy, x, mean, invstd, weight, bias, noise, out=None, dres=None):
-        """dL/da (ACC, x's layout) of a noisy plan, d(residual) written to ``dres``."""
-        g = torch.empty_like(x, dtype=self.acc)
-        self.k_noise_grad.run(dy_ptr=dy, x_ptr=x, g_ptr=g, out_ptr=out, dres_ptr=dres,
-                              mean_ptr=mean, invstd_ptr=invstd, w_ptr=weight, b_ptr=bias,
-                              step=noise[2], seed=noise[1])
-        return g
 
     @functools.cached_property
     def k_sync_stats(self):
@@ -188,9 +193,7 @@ class BatchNormPlan(BasePlan):
     @functools.cached_property
     def k_sync_apply(self):
         if self.noisy:
-            return self._launch(noisy_apply_kernel, self.ew_grid, self.ew_warps,
-                                _NOISY_APPLY_CALL, dict(self.ew, **self.noise_consts,
-                                                        RELU=self.relu))
+            return self._noisy_apply_launch()
         return self._apply_launch(SCALE_FROM=INVSTD)
 
     # -- forward
@@ -199,7 +202,8 @@ class BatchNormPlan(BasePlan):
         """``(y, mean, invstd, used)``: the batch statistics in training; in eval mode
         snapshots of the mean and invstd used (None unless ``need_saved``). ``used``: the step
         a noisy training forward with a tensor step used (1-element int64, written by its
-        kernel), else None."""
+        kernel; with no backward to come, ``need_saved`` False, the plan's scratch), else
+        None."""
         running_mean, running_var, _, momentum, eps, noise, counter = call
         xc = x.contiguous() if self.copy else x
         y = torch.empty_like(xc)
@@ -222,12 +226,25 @@ class BatchNormPlan(BasePlan):
             return (y if not self.copy else self._restore(y, x)), mean, invstd, None
         mean = xc.new_empty(self.C, dtype=self.acc)
         invstd = xc.new_empty(self.C, dtype=self.acc)
-        used = xc.new_empty(1, dtype=torch.int64) if self.save_step else None
-        if self.one_pass:
-            self.k_fwd.run(
-                x_ptr=xc, y_ptr=y, res_ptr=res, mean_ptr=mean, invstd_ptr=invstd,
-                rmean_ptr=running_mean, rvar_ptr=running_var, w_ptr=weight, b_ptr=bias,
-                nbt_ptr=counter, momentum=momentum, eps=eps)
+        used = (xc.new_empty(1, dtype=torch.int64) if need_saved and self.save_step
+                else self.used_scratch)
+        if self.fused:
+            if not self.noisy:
+                self.k_fwd.run(
+                    x_ptr=xc, y_ptr=y, res_ptr=res, mean_ptr=mean, invstd_ptr=invstd,
+                    rmean_ptr=running_mean, rvar_ptr=running_var, w_ptr=weight, b_ptr=bias,
+                    nbt_ptr=counter, momentum=momentum, eps=eps)
+            elif used is None:
+                self.k_fwd.run(
+                    x_ptr=xc, y_ptr=y, res_ptr=res, mean_ptr=mean, invstd_ptr=invstd,
+                    rmean_ptr=running_mean, rvar_ptr=running_var, w_ptr=weight, b_ptr=bias,
+                    nbt_ptr=counter, momentum=momentum, eps=eps, seed=seed, step=step)
+            else:
+                self.k_fwd.run(
+                    x_ptr=xc, y_ptr=y, res_ptr=res, mean_ptr=mean, invstd_ptr=invstd,
+                    rmean_ptr=running_mean, rvar_ptr=running_var, w_ptr=weight, b_ptr=bias,
+                    nbt_ptr=counter, momentum=momentum, eps=eps, seed=seed, step=step,
+                    used_ptr=used)
         else:
             ws = self.workspaces.get()
             self.k_stats.run(
@@ -238,7 +255,7 @@ class BatchNormPlan(BasePlan):
             if self.noisy:
                 self.k_apply.run(
                     x_ptr=xc, y_ptr=y, res_ptr=res, mean_ptr=mean, lo_ptr=lo, invstd_ptr=invstd,
-                    w_ptr=weight, b_ptr=bias, step=step, used_ptr=used, seed=seed)
+                    w_ptr=weight, b_ptr=bias, seed=seed, step=step, used_ptr=used)
             else:
                 self.k_apply.run(
                     x_ptr=xc, y_ptr=y, res_ptr=res, mean_ptr=mean, lo_ptr=lo, scale_ptr=invstd,
@@ -295,12 +312,12 @@ class BatchNormPlan(BasePlan):
                               mean_ptr=mean, scale_ptr=invstd, w_ptr=weight, b_ptr=bias,
                               coef_ptr=None)
             return dx, None, None
-        if self.noisy:  # dL/da (d(residual) written beside it): the dy of the plain kernels
-            dyc = self._noise_grad(dyc, x, mean, invstd, weight, bias, noise, out, dres)
-            out = dres = None
         dw = torch.empty_like(weight) if need_dw else None
         db = torch.empty_like(bias) if need_db else None
         split_dx = need_dx and self.training and not self.fused
+        if self.noisy:
+            return self._backward_noisy(dyc, x, dx, mean, invstd, weight, bias, dw, db, noise,
+                                        out, dres, (need_dx, need_dw, need_db))
         if self.fused:
             self._bwd_launch(need_dx, need_dw, need_db).run(
                 dy_ptr=dyc, x_ptr=x, dx_ptr=dx, out_ptr=out, dres_ptr=dres, mean_ptr=mean,
@@ -316,6 +333,28 @@ class BatchNormPlan(BasePlan):
                 dy_ptr=dyc if dres is None else dres, x_ptr=x, dx_ptr=dx, out_ptr=None,
                 dres_ptr=None, mean_ptr=mean, scale_ptr=invstd, w_ptr=weight, b_ptr=bias,
                 coef_ptr=ws.vec)
+        return dx, dw, db
+
+    def _backward_noisy(self, dyc, x, dx, mean, invstd, weight, bias, dw, db, noise, out, dres,
+                        key):
+        """Noisy BatchNorm's training backward: the one-pass kernel (fused), or the noisy
+        reduction and the noisy dx pass (split), each regenerating the noise."""
+        seed, step = noise[1], noise[2]
+        if self.fused:
+            self._bwd_launch(*key).run(
+                dy_ptr=dyc, x_ptr=x, dx_ptr=dx, out_ptr=out, dres_ptr=dres, mean_ptr=mean,
+                scale_ptr=invstd, w_ptr=weight, b_ptr=bias, dw_ptr=dw, db_ptr=db, seed=seed,
+                step=step)
+            return dx, dw, db
+        ws = self.workspaces.get()
+        self._bwd_launch(*key).run(
+            dy_ptr=dyc, x_ptr=x, out_ptr=out, dres_ptr=dres, mean_ptr=mean, scale_ptr=invstd,
+            w_ptr=weight, b_ptr=bias, dw_ptr=dw, db_ptr=db, ws_ptr=ws.buf, ticket_ptr=ws.ticket,
+            seed=seed, step=step)
+        if dx is not None:  # with a residual and a ReLU, dy is the masked dy the reduction wrote
+            self.k_dx.run(dy_ptr=dyc if dres is None else dres, x_ptr=x, dx_ptr=dx,
+                          mean_ptr=mean, invstd_ptr=invstd, w_ptr=weight, b_ptr=bias,
+                          coef_ptr=ws.vec, seed=seed, step=step)
         return dx, dw, db
 
     # -- SyncBatchNorm's stages (training plans)
@@ -339,45 +378,53 @@ class BatchNormPlan(BasePlan):
         if self.noisy:
             seed, step = noise_call(noise)
             self.k_sync_apply.run(x_ptr=xc, y_ptr=y, res_ptr=None, mean_ptr=mean, lo_ptr=None,
-                                  invstd_ptr=invstd, w_ptr=weight, b_ptr=bias, step=step,
-                                  used_ptr=None, seed=seed)
+                                  invstd_ptr=invstd, w_ptr=weight, b_ptr=bias, seed=seed,
+                                  step=step, used_ptr=None)
         else:
             self.k_sync_apply.run(x_ptr=xc, y_ptr=y, res_ptr=None, mean_ptr=mean, lo_ptr=None,
                                   scale_ptr=invstd, w_ptr=weight, b_ptr=bias,
                                   save_mean_ptr=None, save_invstd_ptr=None, eps=0.0)
         return y if not self.copy else self._restore(y, x)
 
-    def _sync_grad(self, dy, x, mean, invstd, weight, bias, noise):
-        """(dy in x's layout, or a noisy plan's dL/da; x; mean and invstd in ACC)."""
+    def _sync_grad(self, dy, x, mean, invstd):
+        """(dy in x's layout; x; mean and invstd in ACC)."""
         if self.copy:
             x = x.contiguous()
         dyc = dy if dy.stride() == x.stride() else self.lay.like(dy, x)
         mean, invstd = mean.to(self.acc).contiguous(), invstd.to(self.acc).contiguous()
-        if self.noisy:
-            dyc = self._noise_grad(dyc, x, mean, invstd, weight, bias, noise)
         return dyc, x, mean, invstd
 
     def bwd_reduce(self, dy, x, mean, invstd, weight, bias, noise):
-        """[sum(g), sum(g * (x - mean))] per channel ([2, C])."""
-        dyc, x, mean, invstd = self._sync_grad(dy, x, mean, invstd, weight, bias, noise)
+        """[sum(g), sum(g * (x - mean))] per channel ([2, C]); noisy: g = dL/da, the noise
+        regenerated in the same launch."""
+        dyc, x, mean, invstd = self._sync_grad(dy, x, mean, invstd)
         sums = x.new_empty((2, self.C), dtype=self.acc)
-        args = dict(dy_ptr=dyc, x_ptr=x, dx_ptr=None, out_ptr=None, dres_ptr=None,
-                    mean_ptr=mean, scale_ptr=invstd, w_ptr=weight, b_ptr=bias, dw_ptr=sums[1],
-                    db_ptr=sums[0])
+        args = dict(dy_ptr=dyc, x_ptr=x, out_ptr=None, dres_ptr=None, mean_ptr=mean,
+                    scale_ptr=invstd, w_ptr=weight, b_ptr=bias, dw_ptr=sums[1], db_ptr=sums[0])
+        if self.fused or not self.noisy:
+            args.update(dx_ptr=None)
         if not self.fused:
             ws = self.workspaces.get()
             args.update(ws_ptr=ws.buf, ticket_ptr=ws.ticket)
+        if self.noisy:
+            args.update(seed=noise[1], step=noise[2])
         self._bwd_launch(False, True, True, raw=True).run(**args)
         return sums
 
     def bwd_dx(self, dy, x, mean, invstd, weight, bias, mean_sums, noise):
         """Training dx given [mean(g), mean(g * (x - mean))] over the whole batch."""
-        dyc, x, mean, invstd = self._sync_grad(dy, x, mean, invstd, weight, bias, noise)
+        dyc, x, mean, invstd = self._sync_grad(dy, x, mean, invstd)
         acc = self.acc
         coef = torch.stack([mean_sums[0].to(acc), mean_sums[1].to(acc) * invstd * invstd])
         dx = torch.empty_like(x)
-        self.k_dx.run(dy_ptr=dyc, x_ptr=x, dx_ptr=dx, out_ptr=None, dres_ptr=None, mean_ptr=mean,
-                      scale_ptr=invstd, w_ptr=weight, b_ptr=bias, coef_ptr=coef.contiguous())
+        if self.noisy:
+            self.k_dx.run(dy_ptr=dyc, x_ptr=x, dx_ptr=dx, mean_ptr=mean, invstd_ptr=invstd,
+                          w_ptr=weight, b_ptr=bias, coef_ptr=coef.contiguous(), seed=noise[1],
+                          step=noise[2])
+        else:
+            self.k_dx.run(dy_ptr=dyc, x_ptr=x, dx_ptr=dx, out_ptr=None, dres_ptr=None,
+                          mean_ptr=mean, scale_ptr=invstd, w_ptr=weight, b_ptr=bias,
+                          coef_ptr=coef.contiguous())
         return dx
 
 

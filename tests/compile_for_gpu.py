@@ -25,7 +25,7 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 
 MODULES = ["affine", "batch_norm.kernels", "noise", "lp_norm.kernels"]
 DATA_PTRS = {"x_ptr", "y_ptr", "dy_ptr", "dx_ptr", "res_ptr", "out_ptr", "dres_ptr"}  # fp16 here
-FLOATS = {"eps", "momentum", "inv_m", "M_F"}
+FLOATS = {"eps", "momentum", "n_mu", "n_sigma", "r_mu", "r_sigma", "inv_m", "M_F"}
 WIDE_INTS = {"seed"}
 INT64_PTRS = {"used_ptr", "nbt_ptr"}
 BLOCKS = {"BLOCK": 256, "BLOCK_M": 32, "BLOCK_C": 16, "BLOCK_R": 4, "BLOCK_K": 64, "BLOCK_N": 4,

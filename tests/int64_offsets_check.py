@@ -65,9 +65,20 @@ def _is_i32(type_text: str) -> bool:
     return t == "i32" or bool(re.search(r"tensor<[\dx]*xi32(,|>)", t))
 
 
+# Philox4x32's round multipliers (0xD2511F53, 0xCD9E8D57) as i32: its rounds multiply 32-bit
+# counter words modulo 2^32 by design, and a channel index (the noise's counter, < 2^31) may
+# come straight from a program id. Such a product is no offset.
+_PHILOX_MULTIPLIERS = {"-766435501", "-845247145"}
+_NAME = re.compile(r"%[\w#.-]+")  # an SSA name whole (a constant's may hold a minus sign)
+_CONST = re.compile(r"^\s*(?P<res>%[\w#.-]+)\s*=\s*arith\.constant\s+(?:dense<)?"
+                    r"(?P<v>-?\d+)>?\s*:")
+
+
 def narrow_pid_products(ir_text: str) -> list[str]:
-    """The i32 multiplies (and left shifts) of values computed from a program id in i32."""
+    """The i32 multiplies (and left shifts) of values computed from a program id in i32, other
+    than Philox's round multiplies."""
     tainted: set[str] = set()
+    philox: set[str] = set()  # the constants holding a Philox multiplier
     bad = []
     for line in ir_text.splitlines():
         code = line.split(" loc(")[0]
@@ -76,6 +87,9 @@ def narrow_pid_products(ir_text: str) -> list[str]:
             if m["lb"] in tainted and code.rstrip().endswith(": i32"):
                 tainted.add(m["iv"])
             continue
+        c = _CONST.match(code)
+        if c and c["v"] in _PHILOX_MULTIPLIERS:
+            philox.add(c["res"])
         m = _OP.match(code)
         if not m:
             continue
@@ -89,7 +103,8 @@ def narrow_pid_products(ir_text: str) -> list[str]:
             continue  # widened (or not an i32 result): the taint ends here
         operands = _VAL.findall(rest)
         if any(v in tainted for v in operands):
-            if op in ("arith.muli", "arith.shli"):
+            if op in ("arith.muli", "arith.shli") and not (
+                    op == "arith.muli" and any(v in philox for v in _NAME.findall(rest))):
                 bad.append(code.strip())
             tainted.update(results)
     return bad

@@ -349,3 +349,31 @@ def test_hot_path_signature_is_signature_of(monkeypatch):
         Signature.of("batch_norm", x, True, noise=(bnk.NoiseConfig(), 3, step), bias=b),
         Signature.of("lp_norm", x, False, p=2, centered=True, weight=w, running_mean=rm,
                      running_var=rv)]
+
+
+@pytest.mark.parametrize("backend", ["triton-fused", "triton-split"])
+def test_noisy_sync_stages_are_one_launch_each(backend):
+    """SyncBatchNorm's stages of a noisy plan regenerate the noise in the launch that needs it
+    (apply, gradient sums, dx: one launch each, as a plain plan's), and give the plan's own
+    backward: dweight, dbias and dx from the forward's statistics."""
+    from bnkernels.backends.plan import Signature
+
+    use_backend(backend)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    inp = make_inputs(Case((4, 3, 5, 6)), dev)
+    x, w, b, dy = inp["x"], inp["weight"], inp["bias"], inp["dy"]
+    noise = (bnk.NoiseConfig(), 7, torch.full((1,), 3, dtype=torch.long, device=dev))
+    plan = backends.make_plan(Signature.of("batch_norm", x, True, activation="relu",
+                                           noise=noise, weight=w, bias=b), x)
+    _, mean, invstd, used = plan.forward(x, w, b, (None, None, plan, 0.1, 1e-5, noise, None))
+    saved_noise = (noise[0], noise[1], used)
+    dx, dw, db = plan.backward(dy, x, w, b, (mean, invstd, 1e-5, saved_noise, None),
+                               (True, True, True))
+    with count_launches() as calls:
+        plan.apply(x, mean, invstd, w, b, noise)
+        sums = plan.bwd_reduce(dy, x, mean, invstd, w, b, noise)
+        dx_sync = plan.bwd_dx(dy, x, mean, invstd, w, b, sums / (4 * 5 * 6), noise)
+    assert len(calls) == 3, calls
+    assert_close(sums[0], db, torch.float32, "dbias")
+    assert_close(sums[1] * invstd, dw, torch.float32, "dweight")
+    assert_close(dx_sync, dx, torch.float32, "dx")

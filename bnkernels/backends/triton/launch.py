@@ -111,8 +111,8 @@ class Launch:
 
     ``grid``, ``num_warps``, ``consts`` (constexprs, and the per-plan values of non-constexpr
     parameters, a tensor the plan owns included) are fixed; ``call`` names the per-call
-    parameters, which ``run`` takes as keyword-only arguments. ``device``: the plan's device; its launches run there whichever
-    device is current (as torch's own ops do).
+    parameters, which ``run`` takes as keyword-only arguments. ``device``: the plan's device;
+    its launches run there whichever device is current (as torch's own ops do).
     """
 
     def __init__(self, kernel, grid, num_warps: int, consts: dict, call: tuple[str, ...],

@@ -101,21 +101,28 @@ def noise_params(noise_ptr):
 
 
 def noise_tensor(cfg, device) -> torch.Tensor:
-    """A NoiseConfig's four scalars as the fp32 [4] tensor the kernels read (``noise_ptr``):
-    the same fp32 values a float argument of a Triton kernel would have been, so the noise is
-    the same bits. A plan builds it once: the NoiseConfig is part of its Signature."""
-    return torch.tensor([float(cfg.n_mu), float(cfg.n_sigma), float(cfg.r_mu),
-                         float(cfg.r_sigma)], dtype=torch.float32, device=device)
+    """A NoiseConfig's four scalars as the fp32 [4] tensor the reductions read (``noise_ptr``):
+    the same fp32 values as the float arguments of the elementwise kernels
+    (:func:`noise_floats`), so the noise is the same bits. A plan builds it once: the
+    NoiseConfig is part of its Signature."""
+    return torch.tensor(list(noise_floats(cfg).values()), dtype=torch.float32, device=device)
+
+
+def noise_floats(cfg) -> dict:
+    """A NoiseConfig's four scalars as the float arguments of the elementwise kernels (fp32 in
+    the kernel). There, as arguments, they cost no register to hold (a loaded copy took up to
+    17 more in the noisy apply kernel); the reductions, short of parameters, load them."""
+    return dict(n_mu=float(cfg.n_mu), n_sigma=float(cfg.n_sigma), r_mu=float(cfg.r_mu),
+                r_sigma=float(cfg.r_sigma))
 
 
 @triton.jit(do_not_specialize=["seed", "step"])
 def _noise_kernel(
     s_ptr,  # (N, C, S) contiguous out: multiplicative noise
     m_ptr,  # (N, C, S) contiguous out: additive noise
-    noise_ptr,  # fp32 [4]: n_mu, n_sigma, r_mu, r_sigma
     seed,
     step,  # an int, or a 1-element int tensor read on device
-    total, C, S,
+    total, C, S, n_mu, n_sigma, r_mu, r_sigma,
     BLOCK: tl.constexpr, INT64: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -124,7 +131,6 @@ def _noise_kernel(
     idx = pid * BLOCK + tl.arange(0, BLOCK)
     mask = idx < total
     stp = load_step(step)
-    n_mu, n_sigma, r_mu, r_sigma = noise_params(noise_ptr)
     ch = (idx // S) % C
     mu, sigma = channel_noise(ch, seed, stp, n_mu, n_sigma)
     s, m = element_noise(idx, mu, sigma, seed, stp, r_mu, r_sigma, INT64)
@@ -147,8 +153,8 @@ def noisy_batch_norm_noise(x: torch.Tensor, noise) -> tuple[torch.Tensor, torch.
     total = s.numel()
     block = 1024
     _noise_kernel[(triton.cdiv(total, block),)](
-        s_ptr=s, m_ptr=m, noise_ptr=noise_tensor(cfg, x.device), seed=int(seed),
-        step=step_arg(step), total=total, C=lay.C, S=lay.S, BLOCK=block, INT64=lay.int64)
+        s_ptr=s, m_ptr=m, seed=int(seed), step=step_arg(step), total=total, C=lay.C, S=lay.S,
+        **noise_floats(cfg), BLOCK=block, INT64=lay.int64)
     return s, m
 
 
@@ -159,9 +165,10 @@ def noisy_batch_norm_noise(x: torch.Tensor, noise) -> tuple[torch.Tensor, torch.
 # kernels here. out = act(s * a + m [+ residual]), a = w * xhat + b; backward,
 # dL/da = s * dL/dout (masked by the activation). Every multiply-add is an explicit fma, so
 # the noisy output and gradient are the same bits in every kernel and variant (int or tensor
-# step, fused or split). The NoiseConfig's four scalars are one fp32 [4] tensor the plan
-# builds once (``noise_ptr``); the seed and the step are per-call arguments, never
-# specialized on, so a new step recompiles nothing.
+# step, fused or split). The NoiseConfig's four scalars are float arguments of the
+# elementwise kernels here, and one fp32 [4] tensor the plan builds once (``noise_ptr``) for
+# the reductions; the seed and the step are per-call arguments, never specialized on, so a
+# new step recompiles nothing.
 
 _NOISE_NO_SPEC = ["seed", "step"]
 _INVSTD = tl.constexpr(INVSTD)  # the statistics are the batch's mean and invstd
@@ -175,10 +182,9 @@ def _logical_index_mc(rows, cols, C, S):
 
 
 @triton.jit
-def tile_noise(rows, cols, ch, offs, C, S, seed, step, noise_ptr, CHAN_ON_ROWS: tl.constexpr,
-               INT64: tl.constexpr):
+def tile_noise(rows, cols, ch, offs, C, S, seed, step, n_mu, n_sigma, r_mu, r_sigma,
+               CHAN_ON_ROWS: tl.constexpr, INT64: tl.constexpr):
     """(s, m) of the elements of an elementwise tile (see the module docstring)."""
-    n_mu, n_sigma, r_mu, r_sigma = noise_params(noise_ptr)
     mu, sigma = channel_noise(ch, seed, step, n_mu, n_sigma)
     if CHAN_ON_ROWS:
         idx = offs
@@ -246,11 +252,11 @@ def noisy_apply_kernel(
     lo_ptr,  # [C] ACC mean_lo (None: none)
     invstd_ptr,  # [C] ACC
     w_ptr, b_ptr,  # [C] weight and bias (None: absent)
-    noise_ptr,  # fp32 [4]: n_mu, n_sigma, r_mu, r_sigma
     seed,  # Philox key
     step,  # noise step: an int, or a 1-element int tensor read on device
     used_ptr,  # int64 [1]: gets the noise step used (None: not saved)
     ROWS, COLS, C, S,
+    n_mu, n_sigma, r_mu, r_sigma,  # the NoiseConfig (fp32)
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, CHAN_ON_ROWS: tl.constexpr,  # see ..common.tile
     RELU: tl.constexpr, ACC: tl.constexpr, INT64: tl.constexpr,
     ALIGN: tl.constexpr = 1,  # a power of two dividing the rows (S or C)
@@ -263,7 +269,8 @@ def noisy_apply_kernel(
                                            0.0, CHAN_ON_ROWS, _INVSTD, ACC)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
     step = load_step(step)
-    ns, nm = tile_noise(rows, cols, ch, offs, C, S, seed, step, noise_ptr, CHAN_ON_ROWS, INT64)
+    ns, nm = tile_noise(rows, cols, ch, offs, C, S, seed, step, n_mu, n_sigma, r_mu, r_sigma,
+                        CHAN_ON_ROWS, INT64)
     save_step(used_ptr, step, (tl.program_id(0) == 0) & (tl.program_id(1) == 0))
     r = res_load(res_ptr, offs, mask, ACC)
     a = noisy_out(bn_affine(x, mean, lo, invstd, w, b, lo_ptr is not None), ns, nm)
@@ -279,10 +286,10 @@ def noisy_dx_kernel(
     mean_ptr, invstd_ptr,  # [C] ACC: the batch statistics
     w_ptr, b_ptr,  # [C] weight and bias (None: absent)
     coef_ptr,  # [2, C] ACC: mean(g), mean(g * (x - mean)) * invstd^2
-    noise_ptr,  # fp32 [4]: n_mu, n_sigma, r_mu, r_sigma
     seed,
     step,  # noise step: an int, or a 1-element int tensor read on device
     ROWS, COLS, C, S,
+    n_mu, n_sigma, r_mu, r_sigma,  # the NoiseConfig (fp32)
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     CHAN_ON_ROWS: tl.constexpr,
     RELU: tl.constexpr,  # recompute the output for the ReLU's mask
@@ -300,8 +307,8 @@ def noisy_dx_kernel(
     k2 = chan_load(coef_ptr + C, ch, cm, 0.0, CHAN_ON_ROWS, ACC)
     g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
-    ns, nm = tile_noise(rows, cols, ch, offs, C, S, seed, load_step(step), noise_ptr,
-                        CHAN_ON_ROWS, INT64)
+    ns, nm = tile_noise(rows, cols, ch, offs, C, S, seed, load_step(step), n_mu, n_sigma, r_mu,
+                        r_sigma, CHAN_ON_ROWS, INT64)
     g = noisy_grad(g, x, mean, invstd, w, b, ns, nm, RELU)
     dx = (g - k1 - (x - mean) * k2) * invstd * w
     tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)

@@ -1,5 +1,5 @@
 """BatchNorm in Triton: training/eval forward and backward, with optional fused ReLU and the
-paper's noise (noisy BatchNorm's elementwise work has its own kernels, :mod:`..noise`).
+paper's noise (its split forward's and backward's elementwise passes are in :mod:`..noise`).
 
 Every tensor is viewed as a 2-D, row-major *matrix* ``[ROWS, COLS]`` in one of two layouts
 (see :func:`bnkernels.backends.triton.common.layout_of`):
@@ -38,9 +38,11 @@ Two strategies, chosen once per input signature by :class:`BatchNormPlan`:
 
 Kernels are split by role, so each takes only the arguments its role reads: the statistics
 kernel no y, residual, weight, bias or activation; the one-pass kernels no workspace. Noisy
-BatchNorm runs the statistics kernel (with SPLIT = 1 where the plan is fused) and its own
-noisy apply kernel forward; backward, its noise kernel writes dL/da (the noise and the
-activation's mask applied) and the plain reduction and dx kernels take it as their dy.
+BatchNorm (training only) keeps the launch counts: the one-pass kernels take its noise
+optionally (``noise_ptr``, the seed and the step; None in a plain plan's variant) and
+regenerate it where they read x; split, the forward is the statistics kernel and the noisy
+apply kernel (:mod:`..noise`), the backward ``_bn_noisy_split_bwd_kernel`` (the split
+reduction with the noise) and the noisy dx kernel.
 
 The reduction kernels take both layouts, resolved at
 compile time by their constexpr CL (channels last): "ncs", a program per channel, tiles

@@ -11,7 +11,7 @@ from ...plan import BasePlan, Signature, Workspaces
 from .. import common as tc
 from ..affine import FROM_VAR, INVSTD, affine_apply_kernel, affine_dx_kernel
 from ..launch import Launch
-from ..noise import noise_tensor, noisy_apply_kernel, noisy_dx_kernel
+from ..noise import noise_floats, noise_tensor, noisy_apply_kernel, noisy_dx_kernel
 from .kernels import (
     _WS_ROWS,
     _bn_fused_bwd_kernel,
@@ -90,8 +90,8 @@ class BatchNormPlan(BasePlan):
         # Noisy (training only): the reductions generate the noise themselves (fused: one
         # launch a direction; split: the statistics and the noisy apply kernel forward, the
         # noisy reduction and the noisy dx kernel backward). The NoiseConfig's four scalars
-        # are one fp32 tensor made here (it is part of the signature); the seed and the step
-        # come per call.
+        # are one fp32 tensor made here for the reductions (it is part of the signature) and
+        # float arguments of the elementwise kernels; the seed and the step come per call.
         self.noisy = sig.is_noisy
         self.step_tensor = sig.step_tensor
         self.save_step = self.step_tensor and sig.training
@@ -101,6 +101,7 @@ class BatchNormPlan(BasePlan):
                              if self.save_step else None)
         self.flags = dict(ACC=tc.tl_dtype(acc), INT64=lay.int64, ALIGN=tc.row_align(lay.cols))
         self.noise_t = noise_tensor(sig.noisy[0], lay.device) if self.noisy else None
+        self.noise_floats = noise_floats(sig.noisy[0]) if self.noisy else {}
         # the reductions' noise arguments fixed by the plan, and the per-call names added
         self.noise_fixed = dict(noise_ptr=self.noise_t) if self.noisy else _NO_NOISE
         self.noise_call = _NOISE_CALL if self.noisy else ()
@@ -146,7 +147,7 @@ class BatchNormPlan(BasePlan):
 
     def _noisy_apply_launch(self):
         return self._launch(noisy_apply_kernel, self.ew_grid, self.ew_warps, _NOISY_APPLY_CALL,
-                            dict(self.ew, S=self.lay.S, noise_ptr=self.noise_t, RELU=self.relu))
+                            dict(self.ew, **self.noise_floats, S=self.lay.S, RELU=self.relu))
 
     def _apply_launch(self, SCALE_FROM, RELU=None):
         consts = dict(self.ew, SCALE_FROM=SCALE_FROM, RELU=self.relu if RELU is None else RELU)
@@ -181,7 +182,7 @@ class BatchNormPlan(BasePlan):
         the noisy dx kernel (its noise regenerated)."""
         if self.noisy:
             return self._launch(noisy_dx_kernel, self.ew_grid, self.ew_warps, _NOISY_DX_CALL,
-                                dict(self.ew, S=self.lay.S, noise_ptr=self.noise_t,
+                                dict(self.ew, **self.noise_floats, S=self.lay.S,
                                      RELU=self.recompute))
         consts = dict(self.ew, SCALE_FROM=INVSTD, eps=None, RELU=self.recompute)
         return self._launch(affine_dx_kernel, self.ew_grid, self.ew_warps, DX_CALL, consts)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import pathlib
 import sys
 import time
 
@@ -23,7 +24,19 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-MODULES = ["affine", "batch_norm.kernels", "noise", "lp_norm.kernels"]
+_TRITON = pathlib.Path(__file__).resolve().parents[1] / "bnkernels" / "backends" / "triton"
+
+
+def kernel_modules() -> list[str]:
+    """Every module of the Triton backend that defines @triton.jit functions: the shared ones
+    beside launch.py and each op family's ``<family>/kernels.py`` (a new family is found
+    without an edit here)."""
+    paths = sorted(_TRITON.glob("*.py")) + sorted(_TRITON.glob("*/kernels.py"))
+    return [".".join(p.relative_to(_TRITON).with_suffix("").parts) for p in paths
+            if p.name != "__init__.py" and "@triton.jit" in p.read_text()]
+
+
+MODULES = kernel_modules()
 DATA_PTRS = {"x_ptr", "y_ptr", "dy_ptr", "dx_ptr", "res_ptr", "out_ptr", "dres_ptr"}  # fp16 here
 FLOATS = {"eps", "momentum", "n_mu", "n_sigma", "r_mu", "r_sigma", "inv_m", "M_F"}
 WIDE_INTS = {"seed"}

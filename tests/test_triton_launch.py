@@ -86,3 +86,32 @@ def test_split_workspaces_under_emulated_cuda_graphs():
     assert plan.workspaces.get() is eager_ws and int(eager_ws.ticket.abs().sum()) == 0
     torch.testing.assert_close(eager[0], torch.nn.functional.batch_norm(x, None, None,
                                                                         training=True))
+
+
+def test_a_pointer_bound_as_a_tensor_may_come_as_none():
+    """A launch binds its direct path on its first call; an optional tensor that was given
+    then and is None on a later call (another compiled variant: Triton specializes on None)
+    goes to the JIT, which launches that variant, instead of failing on None.data_ptr()."""
+    from bnkernels.backends.triton import common
+    from bnkernels.backends.triton.affine import affine_apply_kernel
+    from bnkernels.backends.triton.launch import Launch, emulate_launches
+
+    rows, cols = 6, 8  # "ncs": rows = N * C, C = 3
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, cols, generator=g)
+    mean, scale = torch.randn(3, generator=g), torch.rand(3, generator=g) + 0.5
+    w, b = torch.randn(3, generator=g), torch.randn(3, generator=g)
+    call = ("x_ptr", "y_ptr", "w_ptr", "b_ptr")
+    consts = dict(res_ptr=None, mean_ptr=mean, lo_ptr=None, scale_ptr=scale, save_mean_ptr=None,
+                  save_invstd_ptr=None, ROWS=rows, COLS=cols, C=3, eps=0.0, BLOCK_R=8,
+                  BLOCK_K=8, CHAN_ON_ROWS=True, SCALE_FROM=0, RELU=False,
+                  ACC=common.tl_dtype(torch.float32), INT64=False, ALIGN=1, COLS_ON_X=False)
+    launch = Launch(affine_apply_kernel, (1, 1), 1, consts, call)
+    chan = torch.arange(rows) % 3
+    with emulate_launches():
+        launch.run(x_ptr=x, y_ptr=torch.empty_like(x), w_ptr=w, b_ptr=b)  # binds: a no-op
+        assert "try:" in launch.source
+        y = torch.full_like(x, float("nan"))
+        launch.run(x_ptr=x, y_ptr=y, w_ptr=None, b_ptr=b)  # the JIT's variant, computed
+    want = (x - mean[chan, None]) * scale[chan, None] + b[chan, None]
+    torch.testing.assert_close(y, want, rtol=1e-6, atol=1e-6)

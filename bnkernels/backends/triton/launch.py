@@ -164,7 +164,7 @@ class Launch:
         """A call the direct path does not take as it is: on another current device, the same
         launch with the plan's device made current; else the JIT."""
         index = self.device_index
-        if _get_device() != index:
+        if index is not None and _get_device() != index:
             with _device_guard(index):
                 return self.run(**args)
         return self.jit(**args)
@@ -258,8 +258,13 @@ class Launch:
         lines = [f"def run(*, {signature}):",
                  f"    if {guard}:",
                  f"        return _other({keywords})"]
-        # The addresses, passed as ints (Triton then asks the driver nothing per pointer).
-        lines += [f"    {a}" for a in addresses]
+        # The addresses, passed as ints (Triton then asks the driver nothing per pointer). A
+        # pointer bound as a tensor may come as None (an optional tensor absent this call):
+        # that is another compiled variant, the JIT's (a try costs nothing when nothing raises).
+        if addresses:
+            lines += ["    try:", *(f"        {a}" for a in addresses),
+                      "    except AttributeError:",
+                      f"        return _other({keywords})"]
         if aligned:
             lines += [f"    if ({' | '.join(aligned)}) & 15:",
                       f"        return _other({keywords})"]

@@ -41,9 +41,9 @@ DX_CALL = ("dy_ptr", "x_ptr", "dx_ptr", "out_ptr", "dres_ptr", "mean_ptr", "scal
 _NOISY_DX_CALL = ("dy_ptr", "x_ptr", "dx_ptr", "mean_ptr", "invstd_ptr", "w_ptr", "b_ptr",
                   "coef_ptr", "seed", "step")
 _NOISY_SPLIT_BWD_CALL = tuple(n for n in _SPLIT_BWD_CALL if n != "dx_ptr")
-# Noisy plans pass the noise's seed and step per call (and the step used, forward): the
-# NoiseConfig's scalars are the plan's fp32 tensor (``noise_ptr``, fixed), and plain plans fix
-# all four as None (their kernel variant has no noise).
+# Noisy plans pass the noise's seed and step per call (and the step used, forward); the
+# reductions' NoiseConfig scalars are the plan's fp32 tensor (``noise_ptr``, fixed). Plain
+# plans fix noise_ptr, seed and step as None (their kernel variant has no noise).
 _NOISE_CALL = ("seed", "step")
 _NO_NOISE = dict(noise_ptr=None, seed=None, step=None)
 # Every per-call pointer is checked for the alignment its kernel variant assumes (see

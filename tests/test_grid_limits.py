@@ -13,9 +13,11 @@ import torch
 
 from bnkernels.backends.plan import Signature
 from bnkernels.backends.triton import common
+from bnkernels.backends.triton.batch_norm import plan as bn_plan
 from bnkernels.backends.triton.batch_norm.plan import BatchNormPlan
 from bnkernels.backends.triton.launch import Launch
 from bnkernels.backends.triton.lp_norm.plan import LpNormPlan
+from bnkernels.backends.triton.noise import noise_tensor
 from bnkernels.noise import NoiseConfig
 
 CUDA = torch.device("cuda", 0)
@@ -54,6 +56,8 @@ def h200(monkeypatch):
     monkeypatch.setattr(common, "INTERPRET", False)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *a, **k: props)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    # a noisy plan's NoiseConfig tensor (4 floats, made with the plan): on the meta device here
+    monkeypatch.setattr(bn_plan, "noise_tensor", lambda cfg, device: noise_tensor(cfg, "meta"))
     common._num_sms.cache_clear()
     yield
     common._num_sms.cache_clear()

@@ -115,3 +115,19 @@ def test_a_pointer_bound_as_a_tensor_may_come_as_none():
         launch.run(x_ptr=x, y_ptr=y, w_ptr=None, b_ptr=b)  # the JIT's variant, computed
     want = (x - mean[chan, None]) * scale[chan, None] + b[chan, None]
     torch.testing.assert_close(y, want, rtol=1e-6, atol=1e-6)
+
+
+def test_a_noisy_plan_made_inside_a_graph_capture_asks_for_a_warm_up(monkeypatch):
+    """A noisy Triton plan copies its NoiseConfig to the device when it is made; made while a
+    CUDA graph is captured, that copy would fail or be replayed only, so it is a clear error
+    (torch.cuda.graphs asks for a warm-up iteration before capture anyway)."""
+    from bnkernels.backends.triton.noise import noise_tensor
+    from bnkernels.noise import NoiseConfig
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="before capturing"):
+        noise_tensor(NoiseConfig(), torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    t = noise_tensor(NoiseConfig(0.5, 1.25, 0.1, 0.2), "cpu")
+    assert t.dtype == torch.float32 and t.tolist() == [0.5, 1.25, 0.10000000149011612,
+                                                       0.20000000298023224]

@@ -104,7 +104,14 @@ def noise_tensor(cfg, device) -> torch.Tensor:
     """A NoiseConfig's four scalars as the fp32 [4] tensor the reductions read (``noise_ptr``):
     the same fp32 values as the float arguments of the elementwise kernels
     (:func:`noise_floats`), so the noise is the same bits. A plan builds it once: the
-    NoiseConfig is part of its Signature."""
+    NoiseConfig is part of its Signature. Not inside a CUDA graph capture (a host-to-device
+    copy there would fail or be replayed only): a clear error asks for a warm-up call first,
+    as torch.cuda.graphs does."""
+    if torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "noisy_batch_norm: the first call for an input signature (shape, dtype, layout, "
+            "noise) cannot be made while a CUDA graph is being captured; run it once before "
+            "capturing (a warm-up iteration, as torch.cuda.graphs asks)")
     return torch.tensor(list(noise_floats(cfg).values()), dtype=torch.float32, device=device)
 
 

@@ -131,3 +131,7 @@ def test_a_noisy_plan_made_inside_a_graph_capture_asks_for_a_warm_up(monkeypatch
     t = noise_tensor(NoiseConfig(0.5, 1.25, 0.1, 0.2), "cpu")
     assert t.dtype == torch.float32 and t.tolist() == [0.5, 1.25, 0.10000000149011612,
                                                        0.20000000298023224]
+    # one per NoiseConfig and device, kept for the process (a captured graph keeps its
+    # address after the plan is gone)
+    assert noise_tensor(NoiseConfig(0.5, 1.25, 0.1, 0.2), torch.device("cpu")) is t
+    assert noise_tensor(NoiseConfig(), "cpu") is not t

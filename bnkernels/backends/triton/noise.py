@@ -100,19 +100,42 @@ def noise_params(noise_ptr):
             tl.load(noise_ptr + 3))
 
 
+# Device tensors plans launch with (held in their launches' fixed arguments), kept for the
+# process: a CUDA graph that captured a launch keeps their addresses after the plan is gone
+# (PLANS.clear(), eviction), as GRAPH_WORKSPACES keeps the workspaces made in captures. A few
+# bytes per NoiseConfig and device.
+_NOISE_TENSORS: dict = {}
+_STEP_SCRATCH: dict = {}
+
+
 def noise_tensor(cfg, device) -> torch.Tensor:
     """A NoiseConfig's four scalars as the fp32 [4] tensor the reductions read (``noise_ptr``):
     the same fp32 values as the float arguments of the elementwise kernels
-    (:func:`noise_floats`), so the noise is the same bits. A plan builds it once: the
-    NoiseConfig is part of its Signature. Not inside a CUDA graph capture (a host-to-device
-    copy there would fail or be replayed only): a clear error asks for a warm-up call first,
-    as torch.cuda.graphs does."""
-    if torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing():
-        raise RuntimeError(
-            "noisy_batch_norm: the first call for an input signature (shape, dtype, layout, "
-            "noise) cannot be made while a CUDA graph is being captured; run it once before "
-            "capturing (a warm-up iteration, as torch.cuda.graphs asks)")
-    return torch.tensor(list(noise_floats(cfg).values()), dtype=torch.float32, device=device)
+    (:func:`noise_floats`), so the noise is the same bits. Made once per NoiseConfig and device
+    (the NoiseConfig is part of a plan's Signature), and kept for the process. Not made inside
+    a CUDA graph capture (a host-to-device copy there would fail or be replayed only): a clear
+    error asks for a warm-up call first, as torch.cuda.graphs does."""
+    device = torch.device(device)
+    t = _NOISE_TENSORS.get((cfg, device))
+    if t is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "noisy_batch_norm: the first call for an input signature (shape, dtype, "
+                "layout, noise) cannot be made while a CUDA graph is being captured; run it "
+                "once before capturing (a warm-up iteration, as torch.cuda.graphs asks)")
+        t = _NOISE_TENSORS[(cfg, device)] = torch.tensor(
+            list(noise_floats(cfg).values()), dtype=torch.float32, device=device)
+    return t
+
+
+def step_scratch(device) -> torch.Tensor:
+    """A 1-element int64 tensor a forward with no backward to come writes its step to: written,
+    never read, so every plan on the device shares it; kept for the process (see above)."""
+    device = torch.device(device)
+    t = _STEP_SCRATCH.get(device)
+    if t is None:
+        t = _STEP_SCRATCH[device] = torch.empty(1, device=device, dtype=torch.int64)
+    return t
 
 
 def noise_floats(cfg) -> dict:

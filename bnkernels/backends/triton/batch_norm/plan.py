@@ -11,7 +11,13 @@ from ...plan import BasePlan, Signature, Workspaces
 from .. import common as tc
 from ..affine import FROM_VAR, INVSTD, affine_apply_kernel, affine_dx_kernel
 from ..launch import Launch
-from ..noise import noise_floats, noise_tensor, noisy_apply_kernel, noisy_dx_kernel
+from ..noise import (
+    noise_floats,
+    noise_tensor,
+    noisy_apply_kernel,
+    noisy_dx_kernel,
+    step_scratch,
+)
 from .kernels import (
     _WS_ROWS,
     _bn_fused_bwd_kernel,
@@ -97,8 +103,7 @@ class BatchNormPlan(BasePlan):
         self.save_step = self.step_tensor and sig.training
         # where a forward with no backward to come writes the step it used: the kernel variant
         # that saves it, with nothing allocated per call (write-only, so calls may share it)
-        self.used_scratch = (torch.empty(1, device=lay.device, dtype=torch.int64)
-                             if self.save_step else None)
+        self.used_scratch = step_scratch(lay.device) if self.save_step else None
         self.flags = dict(ACC=tc.tl_dtype(acc), INT64=lay.int64, ALIGN=tc.row_align(lay.cols))
         self.noise_t = noise_tensor(sig.noisy[0], lay.device) if self.noisy else None
         self.noise_floats = noise_floats(sig.noisy[0]) if self.noisy else {}

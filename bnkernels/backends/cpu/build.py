@@ -1,8 +1,8 @@
 """Builds and loads the cpu backend's C kernels (``kernels.c``): compiled once with the system
 C compiler (``-O3 -march=native``, ~3 s) into ``$XDG_CACHE_HOME/bnkernels/cpu-<hash>.so``
 (default ``~/.cache/bnkernels``), the hash covering the sources (:data:`SOURCES`), the compiler
-command and the machine (its CPU's flags: the code is built for this CPU); a cached library is loaded with
-ctypes at once. Every library is checked against the reference formulas on a small input
+command and the machine (its CPU's flags: the code is built for this CPU); a cached library is
+loaded with ctypes at once. Every library is checked against the reference formulas on a small input
 before it is used; any failure (no compiler, a failed compile, load or check) is a reason the
 backend gives (``available_backends()``), and "auto" then takes the reference backend."""
 

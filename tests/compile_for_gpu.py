@@ -37,6 +37,17 @@ def kernel_modules() -> list[str]:
 
 
 MODULES = kernel_modules()
+
+
+def kernels():
+    """Every ``*_kernel`` JITFunction the modules define (not those they import)."""
+    for mod in MODULES:
+        m = importlib.import_module(f"bnkernels.backends.triton.{mod}")
+        yield from (obj for name, obj in vars(m).items()
+                    if isinstance(obj, JITFunction) and name.endswith("_kernel")
+                    and obj.__module__ == m.__name__)
+
+
 DATA_PTRS = {"x_ptr", "y_ptr", "dy_ptr", "dx_ptr", "res_ptr", "out_ptr", "dres_ptr"}  # fp16 here
 FLOATS = {"eps", "momentum", "n_mu", "n_sigma", "r_mu", "r_sigma", "inv_m", "M_F"}
 WIDE_INTS = {"seed"}
@@ -102,23 +113,19 @@ def _variants(kernel):
 def main() -> int:
     target = GPUTarget("cuda", 90, 32)
     count, start = 0, time.time()
-    for mod in MODULES:
-        m = importlib.import_module(f"bnkernels.backends.triton.{mod}")
-        kernels = [obj for name, obj in vars(m).items()
-                   if isinstance(obj, JITFunction) and name.endswith("_kernel")
-                   and obj.__module__ == m.__name__]
-        for kernel in kernels:
-            for values, step_ptr in _variants(kernel):
-                signature = {n: ("constexpr" if n in values else _arg_type(kernel, n, step_ptr))
-                             for n in kernel.arg_names}
-                constexprs = {(kernel.arg_names.index(n),): v for n, v in values.items()}
-                try:
-                    triton.compile(ASTSource(fn=kernel, signature=signature,
-                                             constexprs=constexprs), target=target)
-                except Exception as err:  # report which kernel and flags, then fail
-                    print(f"FAILED {mod}.{kernel.__name__} {values}: {err}", file=sys.stderr)
-                    return 1
-                count += 1
+    for kernel in kernels():
+        mod = kernel.__module__.removeprefix("bnkernels.backends.triton.")
+        for values, step_ptr in _variants(kernel):
+            signature = {n: ("constexpr" if n in values else _arg_type(kernel, n, step_ptr))
+                         for n in kernel.arg_names}
+            constexprs = {(kernel.arg_names.index(n),): v for n, v in values.items()}
+            try:
+                triton.compile(ASTSource(fn=kernel, signature=signature,
+                                         constexprs=constexprs), target=target)
+            except Exception as err:  # report which kernel and flags, then fail
+                print(f"FAILED {mod}.{kernel.__name__} {values}: {err}", file=sys.stderr)
+                return 1
+            count += 1
     print(f"compiled {count} kernel variants for sm_90 in {time.time() - start:.1f}s")
     return 0
 

@@ -14,7 +14,6 @@ one line per offending kernel variant (and exits 1), or a summary.
 
 from __future__ import annotations
 
-import importlib
 import os
 import re
 import sys
@@ -24,10 +23,9 @@ assert os.environ.get("TRITON_INTERPRET", "0") != "1", "run with the interpreter
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
-from compile_for_gpu import BLOCKS, ENUMS, MODULES, _arg_type, absent  # noqa: E402
+from compile_for_gpu import BLOCKS, ENUMS, _arg_type, absent, kernels  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
-from triton.runtime.jit import JITFunction  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 _OP = re.compile(r"^\s*(?P<res>(?:%[\w#.]+(?::\d+)?(?:,\s*)?)+)\s*=\s*(?P<op>[\w.]+)"
@@ -127,24 +125,20 @@ def _int64_variants(kernel):
 
 def main() -> int:
     count, failures, start = 0, [], time.time()
-    for mod in MODULES:
-        m = importlib.import_module(f"bnkernels.backends.triton.{mod}")
-        kernels = [obj for name, obj in vars(m).items()
-                   if isinstance(obj, JITFunction) and name.endswith("_kernel")
-                   and obj.__module__ == m.__name__]
-        for kernel in kernels:
-            if "INT64" not in kernel.arg_names:
-                continue
-            for values in _int64_variants(kernel):
-                signature = {n: ("constexpr" if n in values else _arg_type(kernel, n, 0))
-                             for n in kernel.arg_names}
-                constexprs = {(kernel.arg_names.index(n),): v for n, v in values.items()}
-                bad = narrow_pid_products(ttir(kernel, signature, constexprs))
-                count += 1
-                if bad:
-                    on = sorted(k for k, v in values.items() if v is True)
-                    failures.append(f"{mod}.{kernel.__name__} ({', '.join(on) or 'INT64'}): "
-                                    f"{len(bad)} i32 product(s) of a program id, e.g. {bad[0]}")
+    for kernel in kernels():
+        mod = kernel.__module__.removeprefix("bnkernels.backends.triton.")
+        if "INT64" not in kernel.arg_names:
+            continue
+        for values in _int64_variants(kernel):
+            signature = {n: ("constexpr" if n in values else _arg_type(kernel, n, 0))
+                         for n in kernel.arg_names}
+            constexprs = {(kernel.arg_names.index(n),): v for n, v in values.items()}
+            bad = narrow_pid_products(ttir(kernel, signature, constexprs))
+            count += 1
+            if bad:
+                on = sorted(k for k, v in values.items() if v is True)
+                failures.append(f"{mod}.{kernel.__name__} ({', '.join(on) or 'INT64'}): "
+                                f"{len(bad)} i32 product(s) of a program id, e.g. {bad[0]}")
     for f in failures:
         print(f"FAILED {f}", file=sys.stderr)
     print(f"checked {count} INT64 kernel variants in {time.time() - start:.1f}s: "
